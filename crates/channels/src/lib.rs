@@ -1,0 +1,16 @@
+//! herald's delivery channels. Each takes a rendered message and answers sent, or failed
+//! transiently (retry later) or permanently (stop). Where the message goes when no provider is
+//! configured, the dev mailbox, is decided by the engine, which stores the copy in the database.
+
+pub mod email;
+
+/// Why a send did not go through, classified for the retry policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// May pass later (SMTP 4xx, timeouts, connection errors): retried with backoff.
+    #[error("temporary failure: {0}")]
+    Transient(String),
+    /// Will not pass (SMTP 5xx, an invalid address): failed at once.
+    #[error("permanent failure: {0}")]
+    Permanent(String),
+}

@@ -1,0 +1,70 @@
+//! Command-line interface (SPEC §7).
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "Workflow automation for online-course businesses")]
+pub struct Cli {
+    /// Configuration file (default: herald.toml in the working folder, if present).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the HTTP server and the workers in one process.
+    Serve {
+        /// Development mode: generate (and keep in herald-dev.secret) a webhook secret if none is set.
+        #[arg(long)]
+        dev: bool,
+    },
+    /// Run the workers only, without HTTP.
+    Worker,
+    /// Check workflows and templates; errors name file, line and column.
+    Check,
+    /// Render every send step of a workflow for an event, sending nothing.
+    Preview {
+        /// Workflow id (its file name without .yaml).
+        workflow: String,
+        /// A CloudEvents JSON file.
+        #[arg(long)]
+        event: PathBuf,
+    },
+    /// Sign and post events (a JSON object or array), as a course platform would.
+    SendEvent {
+        file: PathBuf,
+        /// Base URL of herald (default: HERALD_PUBLIC_URL).
+        #[arg(long)]
+        url: Option<String>,
+    },
+    /// Magic links: regenerate a learner's, or show the site's user (staff) link.
+    Links {
+        #[command(subcommand)]
+        action: LinksAction,
+    },
+    /// Apply database migrations and exit.
+    Migrate,
+    /// List the dev mailbox.
+    Mailbox {
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum LinksAction {
+    /// Mint a new learner link for a contact; every older one stops working.
+    Regenerate {
+        #[arg(long, value_name = "ID")]
+        contact: String,
+    },
+    /// Print the user (staff) magic link.
+    User {
+        /// Replace it; the old one stops working.
+        #[arg(long)]
+        regenerate: bool,
+    },
+}

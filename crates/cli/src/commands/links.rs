@@ -1,0 +1,25 @@
+//! `herald links regenerate --contact ID` and `herald links user [--regenerate]`.
+
+use super::serve::engine_config;
+use crate::cli::LinksAction;
+use crate::config::Config;
+use anyhow::{Result, bail};
+use herald_engine::Clock;
+use std::process::ExitCode;
+
+pub async fn links(config: &Config, action: LinksAction) -> Result<ExitCode> {
+    let store = herald_store::Store::connect(&config.database_url).await?;
+    let policy = engine_config(config)?.links;
+    let now_ms = Clock::System.now_ms();
+    let url = match action {
+        LinksAction::Regenerate { contact } => {
+            if store.contact(contact.clone()).await?.is_none() {
+                bail!("no contact {contact:?}: herald learns contacts from course events");
+            }
+            policy.regenerate_learner(&store, &contact, now_ms).await?
+        }
+        LinksAction::User { regenerate } => policy.user_link(&store, regenerate, now_ms).await?,
+    };
+    println!("{url}");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,35 @@
+//! One module per command.
+
+mod check;
+mod links;
+mod mailbox;
+mod preview;
+mod send_event;
+mod serve;
+
+use crate::cli::{Cli, Command};
+use crate::config::Config;
+use anyhow::Result;
+use std::process::ExitCode;
+
+/// Where `serve --dev` keeps the webhook secret it generated, so that restarts and
+/// `herald send-event` use the same one.
+pub const DEV_SECRET_FILE: &str = "herald-dev.secret";
+
+pub async fn run(cli: Cli) -> Result<ExitCode> {
+    let config = Config::load(cli.config.as_deref())?;
+    match cli.command {
+        Command::Serve { dev } => serve::serve(config, dev).await,
+        Command::Worker => serve::worker(config).await,
+        Command::Check => check::check(&config),
+        Command::Preview { workflow, event } => preview::preview(&config, &workflow, &event),
+        Command::SendEvent { file, url } => send_event::send_event(&config, &file, url).await,
+        Command::Links { action } => links::links(&config, action).await,
+        Command::Migrate => {
+            herald_store::Store::connect(&config.database_url).await?;
+            println!("database {} is migrated", herald_server::redact_url(&config.database_url));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Mailbox { limit } => mailbox::mailbox(&config, limit).await,
+    }
+}

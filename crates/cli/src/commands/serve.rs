@@ -1,0 +1,133 @@
+//! `herald serve` and `herald worker`.
+
+use super::DEV_SECRET_FILE;
+use crate::config::Config;
+use anyhow::{Context, Result, bail};
+use herald_channels::email::SmtpSender;
+use herald_core::signature::{WebhookSecret, parse_secrets};
+use herald_engine::{Clock, Engine, EngineConfig, Registry, Sources};
+use herald_server::{Application, Settings};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+pub async fn serve(config: Config, dev: bool) -> Result<ExitCode> {
+    let secrets = webhook_secrets(&config, dev)?;
+    let settings = Settings {
+        database_url: config.database_url.clone(),
+        listen: config.listen.clone(),
+        secrets,
+        sources: sources(&config),
+        engine: engine_config(&config)?,
+        clock: Clock::System,
+        run_engine: true,
+        admin_token: config.admin_token.clone(),
+        redeem_per_minute: 30,
+    };
+    let mailbox = settings.engine.smtp.is_none();
+    let app = Application::build(settings).await?;
+    tracing::info!(listen = %config.listen, public_url = %config.public_url(), "herald is serving");
+    if mailbox {
+        eprintln!("No HERALD_SMTP_URL: emails go to the dev mailbox at {}/dev/mailbox", config.public_url());
+    }
+    app.run(shutdown_signal()).await?;
+    tracing::info!("herald stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub async fn worker(config: Config) -> Result<ExitCode> {
+    let store = herald_store::Store::connect(&config.database_url).await?;
+    let engine_config = engine_config(&config)?;
+    let custom = engine_config.custom_values.keys().cloned().collect();
+    let registry = Arc::new(Registry::load(sources(&config), custom, store.clone(), Clock::System.now_ms()).await?);
+    let engine = Engine::start(store, registry, engine_config, Clock::System);
+    tracing::info!("herald worker running");
+    shutdown_signal().await;
+    engine.shutdown().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sources(config: &Config) -> Sources {
+    Sources { workflows: config.workflows.clone(), templates: config.templates.clone() }
+}
+
+pub fn engine_config(config: &Config) -> Result<EngineConfig> {
+    let mut engine = EngineConfig::new(config.public_url());
+    engine.email_from = config.email_from.clone();
+    engine.default_timezone = config.timezone()?;
+    engine.custom_values = config.custom_values.clone();
+    engine.links.learner_ttl = config.learner_link_ttl.to_std();
+    engine.links.learner_uses = i64::from(config.learner_link_uses.max(1));
+    engine.smtp = config
+        .smtp_url
+        .as_deref()
+        .map(SmtpSender::from_url)
+        .transpose()
+        .context("HERALD_SMTP_URL")?;
+    if config.sms_url.is_some() {
+        tracing::warn!("HERALD_SMS_URL is set but the SMS provider channel is not available yet: SMS go to the dev mailbox");
+    }
+    Ok(engine)
+}
+
+/// The configured secrets; with `--dev` and none configured, the one kept in
+/// [`DEV_SECRET_FILE`] (generated on first use).
+fn webhook_secrets(config: &Config, dev: bool) -> Result<Vec<WebhookSecret>> {
+    if let Some(list) = &config.webhook_secret {
+        let secrets = parse_secrets(list).context("HERALD_WEBHOOK_SECRET")?;
+        if secrets.is_empty() {
+            bail!("HERALD_WEBHOOK_SECRET is empty: set one or more whsec_… secrets, comma-separated");
+        }
+        return Ok(secrets);
+    }
+    if !dev {
+        bail!(
+            "HERALD_WEBHOOK_SECRET is not set: herald refuses unsigned events. Set it to a whsec_… secret shared \
+             with your course platform, or run `herald serve --dev` to generate one for local use"
+        );
+    }
+    let secret = match std::fs::read_to_string(DEV_SECRET_FILE) {
+        Ok(s) => WebhookSecret::parse(&s).with_context(|| format!("{DEV_SECRET_FILE} holds no valid secret; delete it"))?,
+        Err(_) => {
+            let mut key = vec![0u8; 32];
+            getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("OS random source failed: {e}"))?;
+            let secret = WebhookSecret::from_bytes(key)?;
+            write_private(DEV_SECRET_FILE, &secret.to_whsec())?;
+            secret
+        }
+    };
+    eprintln!(
+        "Development webhook secret (kept in {DEV_SECRET_FILE}, used by `herald send-event`):\n  HERALD_WEBHOOK_SECRET={}",
+        secret.to_whsec()
+    );
+    Ok(vec![secret])
+}
+
+fn write_private(path: &str, contents: &str) -> Result<()> {
+    use std::io::Write;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(path).with_context(|| format!("cannot create {path}"))?;
+    f.write_all(contents.as_bytes())?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
+    tracing::info!("shutting down: finishing requests and batches in flight");
+}

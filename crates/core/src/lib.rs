@@ -1,0 +1,14 @@
+//! The pure domain of herald: what a course event is, what a workflow is, how the two match, how
+//! messages render and how webhooks are signed. Nothing here touches the network, the disk or a
+//! clock: every function takes what it needs, so all of it is unit-testable and reusable by the
+//! CLI (`herald check`, `herald preview`) without a database.
+
+pub mod duration;
+pub mod event;
+pub mod signature;
+pub mod template;
+pub mod workflow;
+
+pub use duration::Duration;
+pub use event::{CourseEvent, EventError, EventType};
+pub use workflow::{CompiledWorkflow, Diagnostic, WorkflowBundle};

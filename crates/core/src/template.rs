@@ -1,0 +1,600 @@
+//! Message templates: handlebars with separate escaping for HTML (escaped) and for subject, text
+//! and SMS (not HTML-escaped), a `default` helper, and `<<name>>` custom values resolved as part of
+//! the template (never by scanning rendered text).
+//!
+//! A custom value is rewritten, in the parsed template, from literal text into a lookup of a
+//! reserved root key ([`CUSTOM_VALUES_KEY`]) that only the renderer fills. So `<<login_url>>`
+//! written by the marketer becomes a link, while a contact whose first name is the text
+//! `<<login_url>>` is rendered as that text.
+
+use handlebars::template::{Parameter, Template, TemplateElement};
+use handlebars::{
+    Context, Handlebars, Helper, HelperDef, Path, PathSeg, RenderContext, ScopedJson, html_escape, no_escape,
+};
+use regex::Regex;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::sync::LazyLock;
+
+/// Values for `<<name>>` placeholders at render time: the configured `[custom_values]` plus the
+/// built-ins the engine supplies per message (`login_url`, `unsubscribe_url`).
+pub type CustomValues = BTreeMap<String, String>;
+
+/// The root key of the render context under which custom values are looked up. Whatever an event
+/// carries under this key is overwritten at render time.
+pub const CUSTOM_VALUES_KEY: &str = "__custom";
+
+/// Helpers herald templates may call: handlebars' built-ins plus `default`.
+pub const KNOWN_HELPERS: [&str; 18] = [
+    "if", "unless", "each", "with", "lookup", "raw", "log", "eq", "ne", "gt", "gte", "lt", "lte", "and", "or", "not",
+    "len", "default",
+];
+
+/// Block helpers whose body sees another context (an element, an object) rather than the event.
+const SCOPING_HELPERS: [&str; 2] = ["each", "with"];
+
+/// `<<name>>` with a name as configuration keys are written.
+static CUSTOM_VALUE: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"<<([A-Za-z_][A-Za-z0-9_]*)>>").expect("a valid regex literal"));
+
+/// A rendered email.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RenderedEmail {
+    /// One line: line breaks from values are removed.
+    pub subject: String,
+    pub html: Option<String>,
+    pub text: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("template {template}: {message}")]
+pub struct RenderError {
+    pub template: String,
+    pub message: String,
+}
+
+/// A 1-based line and column inside a template's source text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TemplatePos {
+    pub line: usize,
+    pub column: usize,
+}
+
+/// A name a template refers to, with where: a merge field (`lesson.title`), a custom value
+/// (`login_url`) or, for [`ParsedTemplate::unsupported`], a description of the construct.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TemplateRef {
+    pub name: String,
+    pub pos: TemplatePos,
+}
+
+/// A template source that is not valid handlebars.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct TemplateSyntaxError {
+    pub message: String,
+    /// Where the parser gave up, when it says.
+    pub pos: Option<TemplatePos>,
+}
+
+/// A parsed template with its custom values rewritten, and what it refers to, for checking.
+#[derive(Debug, Clone)]
+pub struct ParsedTemplate {
+    template: Template,
+    /// Merge fields read from the event context, as dotted paths (`contact.first_name`). Paths
+    /// inside `{{#each}}`/`{{#with}}` bodies are relative to another value and are not listed.
+    pub fields: Vec<TemplateRef>,
+    /// `<<name>>` custom values.
+    pub custom_values: Vec<TemplateRef>,
+    /// Constructs herald cannot render: partials, decorators, unknown helpers.
+    pub unsupported: Vec<TemplateRef>,
+}
+
+impl ParsedTemplate {
+    /// Parses `source` and rewrites its `<<name>>` custom values.
+    pub fn parse(source: &str) -> Result<Self, TemplateSyntaxError> {
+        let mut template = Template::compile(source).map_err(|e| TemplateSyntaxError {
+            message: e.reason().to_string(),
+            pos: e.pos().map(|(line, column)| TemplatePos { line, column }),
+        })?;
+        let mut walker = Walker::new(source);
+        walker.template(&mut template, false, TemplatePos { line: 1, column: 1 })?;
+        let Walker { fields, custom_values, unsupported, .. } = walker;
+        Ok(Self { template, fields, custom_values, unsupported })
+    }
+
+    /// Whether the template uses the custom value `<<name>>`.
+    pub fn uses_custom_value(&self, name: &str) -> bool {
+        self.custom_values.iter().any(|r| r.name == name)
+    }
+}
+
+/// Walks a parsed template: collects what it refers to and rewrites custom values in its text.
+struct Walker<'s> {
+    source: &'s str,
+    /// Byte offset from which the next custom value is searched in `source`, to report positions.
+    search_from: usize,
+    fields: Vec<TemplateRef>,
+    custom_values: Vec<TemplateRef>,
+    unsupported: Vec<TemplateRef>,
+}
+
+impl<'s> Walker<'s> {
+    fn new(source: &'s str) -> Self {
+        Self { source, search_from: 0, fields: Vec::new(), custom_values: Vec::new(), unsupported: Vec::new() }
+    }
+
+    /// `scoped`: inside an `each`/`with` body, where relative paths do not name event fields.
+    fn template(&mut self, t: &mut Template, scoped: bool, outer: TemplatePos) -> Result<(), TemplateSyntaxError> {
+        // Chained `{{else if}}` bodies come without positions; keep mappings only when aligned.
+        let aligned = t.mapping.len() == t.elements.len();
+        let mut elements = Vec::with_capacity(t.elements.len());
+        let mut mapping = Vec::with_capacity(t.mapping.len());
+        for (i, mut element) in std::mem::take(&mut t.elements).into_iter().enumerate() {
+            let at = t.mapping.get(i).filter(|_| aligned);
+            let pos = at.map_or(outer, |m| TemplatePos { line: m.0, column: m.1 });
+            match element {
+                TemplateElement::RawString(text) => {
+                    for (piece, piece_pos) in self.raw_text(text, pos)? {
+                        elements.push(piece);
+                        if let Some(m) = at {
+                            let mut m = m.clone();
+                            (m.0, m.1) = (piece_pos.line, piece_pos.column);
+                            mapping.push(m);
+                        }
+                    }
+                    continue;
+                }
+                TemplateElement::Expression(ref ht) | TemplateElement::HtmlExpression(ref ht) => {
+                    self.expression(&ht.name, &ht.params, ht.hash.values(), scoped, pos);
+                }
+                TemplateElement::HelperBlock(ref mut ht) => {
+                    self.expression(&ht.name, &ht.params, ht.hash.values(), scoped, pos);
+                    let scopes = ht.name.as_name().is_some_and(|n| SCOPING_HELPERS.contains(&n));
+                    if let Some(body) = ht.template.as_mut() {
+                        self.template(body, scoped || scopes, pos)?;
+                    }
+                    if let Some(inverse) = ht.inverse.as_mut() {
+                        self.template(inverse, scoped, pos)?;
+                    }
+                }
+                TemplateElement::DecoratorExpression(_) | TemplateElement::DecoratorBlock(_) => {
+                    self.unsupported.push(TemplateRef { name: "decorators are not supported".into(), pos });
+                }
+                TemplateElement::PartialExpression(_) | TemplateElement::PartialBlock(_) => {
+                    self.unsupported.push(TemplateRef {
+                        name: "partials are not supported: a herald template is self-contained".into(),
+                        pos,
+                    });
+                }
+                // Comments (and element kinds a later handlebars may add) read nothing.
+                _ => {}
+            }
+            elements.push(element);
+            if let Some(m) = at {
+                mapping.push(m.clone());
+            }
+        }
+        t.elements = elements;
+        t.mapping = mapping;
+        Ok(())
+    }
+
+    /// Splits literal text around its `<<name>>` custom values, each becoming a lookup of
+    /// `__custom.name`, and records where they are.
+    fn raw_text(
+        &mut self,
+        text: String,
+        pos: TemplatePos,
+    ) -> Result<Vec<(TemplateElement, TemplatePos)>, TemplateSyntaxError> {
+        if !CUSTOM_VALUE.is_match(&text) {
+            return Ok(vec![(TemplateElement::RawString(text), pos)]);
+        }
+        let mut pieces = Vec::new();
+        let mut rest_start = 0;
+        for found in CUSTOM_VALUE.captures_iter(&text) {
+            let (whole, name) = (&found[0], &found[1]);
+            let start = found.get(0).map_or(0, |m| m.start());
+            if start > rest_start {
+                pieces.push((TemplateElement::RawString(text[rest_start..start].to_owned()), pos));
+            }
+            let at = self.locate(whole, pos);
+            self.custom_values.push(TemplateRef { name: name.to_owned(), pos: at });
+            let lookup = Template::compile(&format!("{{{{{CUSTOM_VALUES_KEY}.{name}}}}}"))
+                .map_err(|e| TemplateSyntaxError { message: e.reason().to_string(), pos: Some(at) })?;
+            pieces.extend(lookup.elements.into_iter().map(|e| (e, at)));
+            rest_start = start + whole.len();
+        }
+        if rest_start < text.len() {
+            pieces.push((TemplateElement::RawString(text[rest_start..].to_owned()), pos));
+        }
+        Ok(pieces)
+    }
+
+    /// The position of the next occurrence of `needle` in the source, from the start of the line
+    /// where its text element begins (handlebars may trim the element's leading whitespace).
+    fn locate(&mut self, needle: &str, element: TemplatePos) -> TemplatePos {
+        let line_start = self.source.split_inclusive('\n').take(element.line.saturating_sub(1)).map(str::len).sum();
+        let from = self.search_from.max(line_start);
+        match self.source.get(from..).and_then(|rest| rest.find(needle)) {
+            Some(offset) => {
+                let at = from + offset;
+                self.search_from = at + needle.len();
+                let before = &self.source[..at];
+                let line = before.matches('\n').count() + 1;
+                let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+                TemplatePos { line, column }
+            }
+            None => element,
+        }
+    }
+
+    /// A `{{...}}`: a value lookup, or a helper call with parameters.
+    fn expression<'a>(
+        &mut self,
+        name: &Parameter,
+        params: &'a [Parameter],
+        hash: impl Iterator<Item = &'a Parameter>,
+        scoped: bool,
+        pos: TemplatePos,
+    ) {
+        match name {
+            Parameter::Name(helper) if !KNOWN_HELPERS.contains(&helper.as_str()) => {
+                self.unsupported.push(TemplateRef {
+                    name: format!("unknown helper `{helper}`: available are {}", KNOWN_HELPERS.join(", ")),
+                    pos,
+                });
+            }
+            Parameter::Path(path) if params.is_empty() => self.path(path, scoped, pos),
+            Parameter::Path(path) => {
+                self.unsupported.push(TemplateRef { name: format!("unknown helper `{}`", path_text(path)), pos });
+            }
+            _ => {}
+        }
+        for param in params.iter().chain(hash) {
+            self.parameter(param, scoped, pos);
+        }
+    }
+
+    fn parameter(&mut self, param: &Parameter, scoped: bool, pos: TemplatePos) {
+        match param {
+            Parameter::Path(path) => self.path(path, scoped, pos),
+            Parameter::Subexpression(sub) => {
+                if let TemplateElement::Expression(ht) = sub.as_element() {
+                    self.expression(&ht.name, &ht.params, ht.hash.values(), scoped, pos);
+                }
+            }
+            // Helper names and literals read nothing from the event.
+            _ => {}
+        }
+    }
+
+    fn path(&mut self, path: &Path, scoped: bool, pos: TemplatePos) {
+        if let Some(name) = event_field(path, scoped) {
+            self.fields.push(TemplateRef { name, pos });
+        }
+    }
+}
+
+/// The event field a path reads, as a dotted path; `None` for paths that read something else:
+/// `@index` and other locals, `../x`, `this`, and relative paths inside a scoping block.
+fn event_field(path: &Path, scoped: bool) -> Option<String> {
+    let Path::Relative((segs, raw)) = path else { return None };
+    let rooted = raw.starts_with("@root");
+    if segs.iter().any(|s| matches!(s, PathSeg::Ruled(_))) && !rooted || scoped && !rooted {
+        return None;
+    }
+    let names: Vec<&str> = segs
+        .iter()
+        .filter_map(|s| match s {
+            PathSeg::Named(n) => Some(n.as_str()),
+            _ => None,
+        })
+        .collect();
+    (!names.is_empty()).then(|| names.join("."))
+}
+
+fn path_text(path: &Path) -> String {
+    match path {
+        Path::Relative((_, raw)) => raw.clone(),
+        Path::Local((_, _, raw)) => raw.clone(),
+    }
+}
+
+/// `{{default value "fallback"}}`: the value when present and not blank, else the fallback.
+/// Returned as a value (not written), so the registry's escaping applies to it like to `{{value}}`.
+struct DefaultHelper;
+
+impl HelperDef for DefaultHelper {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        _: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, handlebars::RenderError> {
+        let blank = |v: &Value| v.is_null() || v.as_str().is_some_and(|s| s.trim().is_empty());
+        let value = h.param(0).map(|p| p.value()).filter(|v| !blank(v));
+        let chosen = value.or_else(|| h.param(1).map(|p| p.value()));
+        Ok(ScopedJson::Derived(chosen.cloned().unwrap_or(Value::Null)))
+    }
+}
+
+fn registry(escape: fn(&str) -> String) -> Handlebars<'static> {
+    let mut r = Handlebars::new();
+    // Missing fields render empty: `herald check` has already refused fields an event can never
+    // carry, and an optional one being absent must not stop a message.
+    r.set_strict_mode(false);
+    r.register_escape_fn(escape);
+    r.register_helper("default", Box::new(DefaultHelper));
+    r
+}
+
+/// What kind of message the templates at one program counter make.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum MessageKind {
+    Email { html: bool, text: bool },
+    Sms,
+}
+
+/// The compiled templates of one workflow version, keyed by the program counter of their step.
+///
+/// Two registries, because escaping is per registry: HTML bodies escape values; subject, text and
+/// SMS do not (handlebars' HTML escaping would also turn `=` in URLs into `&#x3D;`).
+#[derive(Debug)]
+pub struct TemplateSet {
+    escaped: Handlebars<'static>,
+    plain: Handlebars<'static>,
+    messages: BTreeMap<usize, MessageKind>,
+}
+
+impl Default for TemplateSet {
+    fn default() -> Self {
+        Self { escaped: registry(html_escape), plain: registry(no_escape), messages: BTreeMap::new() }
+    }
+}
+
+/// The parts of one email, each already parsed; at least one of `html` and `text` is present.
+#[derive(Debug, Clone)]
+pub struct EmailTemplates {
+    pub subject: ParsedTemplate,
+    pub html: Option<ParsedTemplate>,
+    pub text: Option<ParsedTemplate>,
+}
+
+impl EmailTemplates {
+    /// Every part, for checking.
+    pub fn parts(&self) -> impl Iterator<Item = &ParsedTemplate> {
+        std::iter::once(&self.subject).chain(&self.html).chain(&self.text)
+    }
+}
+
+impl TemplateSet {
+    /// Adds the email of the send step at `pc`.
+    pub fn insert_email(&mut self, pc: usize, email: EmailTemplates) {
+        let kind = MessageKind::Email { html: email.html.is_some(), text: email.text.is_some() };
+        self.plain.register_template(&part_name(pc, "subject"), email.subject.template);
+        if let Some(html) = email.html {
+            self.escaped.register_template(&part_name(pc, "html"), html.template);
+        }
+        if let Some(text) = email.text {
+            self.plain.register_template(&part_name(pc, "text"), text.template);
+        }
+        self.messages.insert(pc, kind);
+    }
+
+    /// Adds the SMS body of the send step at `pc`.
+    pub fn insert_sms(&mut self, pc: usize, body: ParsedTemplate) {
+        self.plain.register_template(&part_name(pc, "sms"), body.template);
+        self.messages.insert(pc, MessageKind::Sms);
+    }
+
+    /// Renders the email of the send step at `pc` for an event context (see
+    /// [`crate::CourseEvent::template_context`]) and the message's custom values.
+    pub fn render_email(&self, pc: usize, context: &Value, custom: &CustomValues) -> Result<RenderedEmail, RenderError> {
+        let Some(&MessageKind::Email { html, text }) = self.messages.get(&pc) else {
+            return Err(self.not_a(pc, "an email"));
+        };
+        let context = with_custom_values(context, custom);
+        let subject = self.render(&self.plain, pc, "subject", &context)?;
+        Ok(RenderedEmail {
+            subject: one_line(&subject),
+            html: html.then(|| self.render(&self.escaped, pc, "html", &context)).transpose()?,
+            text: text.then(|| self.render(&self.plain, pc, "text", &context)).transpose()?,
+        })
+    }
+
+    /// Renders the SMS body of the send step at `pc`.
+    pub fn render_sms(&self, pc: usize, context: &Value, custom: &CustomValues) -> Result<String, RenderError> {
+        if self.messages.get(&pc) != Some(&MessageKind::Sms) {
+            return Err(self.not_a(pc, "an SMS"));
+        }
+        self.render(&self.plain, pc, "sms", &with_custom_values(context, custom))
+    }
+
+    fn render(&self, registry: &Handlebars<'static>, pc: usize, part: &str, context: &Value) -> Result<String, RenderError> {
+        let name = part_name(pc, part);
+        registry
+            .render(&name, context)
+            .map_err(|e| RenderError { template: format!("step {pc} {part}"), message: e.to_string() })
+    }
+
+    fn not_a(&self, pc: usize, what: &str) -> RenderError {
+        RenderError { template: format!("step {pc}"), message: format!("is not {what} step") }
+    }
+}
+
+/// Renders an email from template sources given at run time (the engine's built-in messages,
+/// such as the login-link email), with the same escaping, helpers and custom values as workflow
+/// emails.
+pub fn render_standalone_email(
+    subject_src: &str,
+    html_src: Option<&str>,
+    text_src: Option<&str>,
+    context: &Value,
+    custom: &CustomValues,
+) -> Result<RenderedEmail, RenderError> {
+    let parse = |part: &str, src: &str| {
+        ParsedTemplate::parse(src).map_err(|e| RenderError { template: part.to_owned(), message: e.to_string() })
+    };
+    let email = EmailTemplates {
+        subject: parse("subject", subject_src)?,
+        html: html_src.map(|s| parse("html", s)).transpose()?,
+        text: text_src.map(|s| parse("text", s)).transpose()?,
+    };
+    let mut set = TemplateSet::default();
+    set.insert_email(0, email);
+    set.render_email(0, context, custom)
+}
+
+fn part_name(pc: usize, part: &str) -> String {
+    format!("{pc}.{part}")
+}
+
+/// The render context: the event's, with the custom values under their reserved key.
+fn with_custom_values(context: &Value, custom: &CustomValues) -> Value {
+    let mut context = match context {
+        Value::Object(map) => map.clone(),
+        _ => serde_json::Map::new(),
+    };
+    let values = custom.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+    context.insert(CUSTOM_VALUES_KEY.to_owned(), Value::Object(values));
+    Value::Object(context)
+}
+
+/// A subject is one header line: every line break, with the blanks around it, becomes one space.
+fn one_line(s: &str) -> String {
+    s.split(['\r', '\n', '\u{85}', '\u{2028}', '\u{2029}'])
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn custom(pairs: &[(&str, &str)]) -> CustomValues {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn ctx() -> Value {
+        json!({
+            "contact": {"id": "c_1", "first_name": "Tom & Jerry <script>alert(1)</script>"},
+            "offer": {"id": "o_1", "title": "Rust\r\n  Pro"},
+            "event": {"type": "course.offer_access_granted"},
+        })
+    }
+
+    fn email(subject: &str, html: Option<&str>, text: Option<&str>, context: &Value) -> RenderedEmail {
+        render_standalone_email(subject, html, text, context, &custom(&[("login_url", "https://x.test/l/abc?a=1&b=2")]))
+            .unwrap()
+    }
+
+    #[test]
+    fn html_escapes_values_and_text_subject_do_not() {
+        let e = email("Hi {{contact.first_name}}", Some("<p>{{contact.first_name}}</p>"), Some("{{contact.first_name}}"), &ctx());
+        assert_eq!(e.html.as_deref(), Some("<p>Tom &amp; Jerry &lt;script&gt;alert(1)&lt;/script&gt;</p>"));
+        assert_eq!(e.text.as_deref(), Some("Tom & Jerry <script>alert(1)</script>"));
+        assert_eq!(e.subject, "Hi Tom & Jerry <script>alert(1)</script>");
+    }
+
+    #[test]
+    fn custom_values_resolve_in_the_template_not_in_values() {
+        let mut context = ctx();
+        context["contact"]["first_name"] = json!("<<login_url>>");
+        let e = email("{{contact.first_name}}", Some("<a href=\"<<login_url>>\">{{contact.first_name}}</a>"), Some("{{contact.first_name}}: <<login_url>>"), &context);
+        assert_eq!(e.text.as_deref(), Some("<<login_url>>: https://x.test/l/abc?a=1&b=2"));
+        assert_eq!(e.subject, "<<login_url>>");
+        // In HTML the link is attribute-escaped (browsers decode it) and the name stays text.
+        assert_eq!(
+            e.html.as_deref(),
+            Some("<a href=\"https://x.test/l/abc?a&#x3D;1&amp;b&#x3D;2\">&lt;&lt;login_url&gt;&gt;</a>")
+        );
+    }
+
+    #[test]
+    fn an_event_cannot_supply_custom_values() {
+        let mut context = ctx();
+        context[CUSTOM_VALUES_KEY] = json!({"login_url": "https://evil.test", "support_email": "evil@x"});
+        let e = email("s", None, Some("<<login_url>> <<support_email>>."), &context);
+        assert_eq!(e.text.as_deref(), Some("https://x.test/l/abc?a=1&b=2 ."));
+    }
+
+    #[test]
+    fn default_helper_falls_back_on_missing_and_blank_values() {
+        let text = "{{default contact.first_name \"there\"}}|{{default contact.last_name 'x'}}|{{default offer.title 'y'}}";
+        let mut context = ctx();
+        context["contact"]["first_name"] = json!("  ");
+        let e = email("s", None, Some(text), &context);
+        assert_eq!(e.text.as_deref(), Some("there|x|Rust\r\n  Pro"));
+        // The chosen value is escaped in HTML like any other.
+        context["contact"]["first_name"] = json!("A&B");
+        let e = email("s", Some("{{default contact.first_name 'there'}}"), None, &context);
+        assert_eq!(e.html.as_deref(), Some("A&amp;B"));
+    }
+
+    #[test]
+    fn subject_is_one_line() {
+        let e = email("  Welcome to {{offer.title}}\n\n  today\r\n", None, Some("x"), &ctx());
+        assert_eq!(e.subject, "Welcome to Rust Pro today");
+        assert_eq!(one_line("a\u{2028}b"), "a b");
+    }
+
+    #[test]
+    fn missing_fields_render_empty_and_bad_input_never_panics() {
+        let e = email("[{{lesson.title}}]", None, Some("{{#each offer.title}}{{this}}{{/each}}|{{lookup 5 6}}|"), &ctx());
+        assert_eq!(e.subject, "[]");
+        assert_eq!(e.text.as_deref(), Some("||"));
+        // A helper missing its argument is an error to record, not a crash.
+        let err = render_standalone_email("{{#each}}{{/each}}", None, Some("x"), &json!(null), &custom(&[])).unwrap_err();
+        assert_eq!(err.template, "step 0 subject");
+    }
+
+    #[test]
+    fn reports_syntax_errors_with_positions() {
+        let err = ParsedTemplate::parse("Hello\n  {{contact.first_name").unwrap_err();
+        assert_eq!(err.pos, Some(TemplatePos { line: 2, column: 23 }));
+        assert!(err.message.contains("invalid handlebars syntax"), "{}", err.message);
+        assert!(render_standalone_email("{{#if a}}", None, None, &ctx(), &custom(&[])).is_err());
+    }
+
+    #[test]
+    fn collects_fields_custom_values_and_unsupported_constructs() {
+        let src = "Hi {{default contact.first_name 'there'}},\n{{#if lesson}}{{lesson.title}}{{else if @root.offer}}{{/if}}\n\
+                   {{#each offer.product_ids}}{{this}} {{title}} {{@index}} {{../event.id}} {{@root.product.url}}{{/each}}\n\
+                   {{!-- <<not_a_value>> --}}  <<login_url>> and <<support_email>>, {{> footer}} {{shout contact.id}}";
+        let t = ParsedTemplate::parse(src).unwrap();
+        let fields: Vec<_> = t.fields.iter().map(|f| (f.name.as_str(), f.pos.line, f.pos.column)).collect();
+        assert_eq!(
+            fields,
+            [
+                ("contact.first_name", 1, 4),
+                ("lesson", 2, 1),
+                ("lesson.title", 2, 15),
+                ("offer", 2, 1),
+                ("offer.product_ids", 3, 1),
+                ("product.url", 3, 74),
+                ("contact.id", 4, 79),
+            ]
+        );
+        let customs: Vec<_> = t.custom_values.iter().map(|f| (f.name.as_str(), f.pos.line, f.pos.column)).collect();
+        assert_eq!(customs, [("login_url", 4, 29), ("support_email", 4, 47)]);
+        assert!(t.uses_custom_value("login_url"));
+        assert!(!t.uses_custom_value("not_a_value"));
+        let unsupported: Vec<_> = t.unsupported.iter().map(|u| (u.name.split(':').next().unwrap(), u.pos.line)).collect();
+        assert_eq!(unsupported, [("partials are not supported", 4), ("unknown helper `shout`", 4)]);
+    }
+
+    #[test]
+    fn template_set_renders_by_program_counter_and_refuses_the_wrong_kind() {
+        let mut set = TemplateSet::default();
+        set.insert_sms(3, ParsedTemplate::parse("Hi {{contact.id}} <<login_url>>").unwrap());
+        let c = custom(&[("login_url", "https://x.test/?a=b")]);
+        assert_eq!(set.render_sms(3, &ctx(), &c).unwrap(), "Hi c_1 https://x.test/?a=b");
+        assert!(set.render_email(3, &ctx(), &c).is_err());
+        assert!(set.render_sms(4, &ctx(), &c).is_err());
+    }
+}

@@ -1,0 +1,695 @@
+//! Checking a parsed workflow and compiling it: every value is given its meaning (trigger names,
+//! durations, time zones, field paths, templates), every problem becomes a [`Diagnostic`] with
+//! file, line and column, and the steps are flattened into the program the engine runs.
+//!
+//! Which fields a workflow may use: `event.id|source|type|time`, anything under `contact`, and
+//! the objects that at least one of its trigger's event types can carry
+//! ([`EventType::possible_objects`]). A multi-trigger workflow may thus use `lesson.title` when
+//! one of its triggers carries lessons; for the others it renders empty, so guard it with
+//! `{{#if lesson}}`. A guard does not make a field that no trigger carries acceptable: the guarded
+//! text could never appear, which is a mistake worth reporting.
+
+use super::bundle::{TEMPLATES_LABEL, email_template_files, is_valid_template_name, sms_template_file};
+use super::parse::{
+    At, ConditionDoc, EventNames, Node, Pos, STEP_KINDS, SendEmailDoc, SendSmsDoc, SendWindowDoc, StepDoc, StepKind,
+    TriggerDoc, WaitDoc, WhereDoc, parse_workflow,
+};
+use super::{
+    CompiledWorkflow, Condition, Diagnostic, EventMatcher, FieldFilter, FieldTest, Instr, SendWindow, Severity,
+    TimezoneChoice, Trigger, WaitSpec, WorkflowBundle,
+};
+use crate::Duration;
+use crate::event::EventType;
+use crate::template::{EmailTemplates, ParsedTemplate, TemplatePos, TemplateSet};
+use chrono::{NaiveTime, Weekday};
+use serde_json::Value;
+use serde_saphyr::Spanned;
+use std::collections::{BTreeMap, BTreeSet};
+use std::rc::Rc;
+
+/// Custom values every herald knows; others come from `[custom_values]`.
+pub const BUILTIN_CUSTOM_VALUES: [&str; 2] = ["login_url", "unsubscribe_url"];
+
+/// Checks and compiles a bundle. `custom_values` are the names configured under
+/// `[custom_values]` (the built-ins `login_url` and `unsubscribe_url` are always known).
+/// On success also returns the warnings.
+pub fn compile(
+    bundle: WorkflowBundle,
+    custom_values: &[String],
+) -> Result<(CompiledWorkflow, Vec<Diagnostic>), Vec<Diagnostic>> {
+    let doc = match parse_workflow(&bundle.yaml) {
+        Ok(doc) => doc,
+        Err(e) => return Err(vec![diagnostic(Severity::Error, &bundle.path, e.pos, e.message)]),
+    };
+    let mut c = Compiler::new(&bundle, custom_values);
+    let name = doc.name.value.trim().to_owned();
+    if name.is_empty() {
+        c.error(doc.name.pos(), "`name` must not be empty");
+    }
+    let trigger = c.trigger(&doc.trigger);
+    let exit_when = doc.exit_when.as_ref().map(|m| {
+        let events = c.event_names(&m.value.event);
+        let scope = (!events.is_empty()).then(|| FieldScope::of(&events));
+        let filters = c.filters(m.value.filters.as_ref(), scope.as_ref());
+        EventMatcher { events, filters }
+    });
+    c.default_from = doc.from.as_ref().and_then(|f| c.from_address(f));
+    let send_window = doc.send_window.as_ref().and_then(|w| c.send_window(w));
+    c.steps(&doc.steps, None);
+
+    if c.diagnostics.iter().any(|d| d.severity == Severity::Error) {
+        return Err(c.diagnostics);
+    }
+    let Compiler { diagnostics, program, templates, .. } = c;
+    let workflow = CompiledWorkflow {
+        id: bundle.id.clone(),
+        version: bundle.version(),
+        name,
+        enabled: doc.enabled,
+        trigger,
+        re_entry: doc.re_entry,
+        exit_when,
+        send_window,
+        program,
+        bundle,
+        templates,
+    };
+    Ok((workflow, diagnostics))
+}
+
+fn diagnostic(severity: Severity, file: &str, pos: Pos, message: impl Into<String>) -> Diagnostic {
+    Diagnostic { severity, file: file.to_owned(), line: pos.line, column: pos.column, message: message.into() }
+}
+
+/// The fields a set of event types can carry.
+struct FieldScope {
+    events: Vec<EventType>,
+    objects: BTreeSet<&'static str>,
+}
+
+impl FieldScope {
+    fn of(events: &[EventType]) -> Self {
+        let objects = events.iter().flat_map(|e| e.possible_objects().iter().copied()).collect();
+        Self { events: events.to_vec(), objects }
+    }
+
+    /// Why `path` can never hold a value for these events, if it cannot. `what` names the kind of
+    /// reference for the message ("merge field", "field").
+    fn problem(&self, path: &str, what: &str) -> Option<String> {
+        let mut parts = path.split('.');
+        let root = parts.next().unwrap_or_default();
+        let events = self.events.iter().map(|e| e.trigger_name()).collect::<Vec<_>>().join(", ");
+        let objects = self.objects.iter().copied().collect::<Vec<_>>().join(", ");
+        match root {
+            "event" => match (parts.next(), parts.next()) {
+                (None, _) | (Some("id" | "source" | "type" | "time"), None) => None,
+                _ => Some(format!("{what} `{path}` does not exist: event has id, source, type and time")),
+            },
+            "contact" => None,
+            _ if self.objects.contains(root) => None,
+            _ if EventType::ALL.iter().any(|t| t.possible_objects().contains(&root)) => Some(format!(
+                "{what} `{path}` can never be filled: {events} events carry {objects} (and event.*), never {root}"
+            )),
+            _ => Some(format!("unknown {what} `{path}`: fields start with event, {objects}")),
+        }
+    }
+}
+
+/// Where a template's text came from, to turn positions inside it into file positions.
+enum Origin {
+    /// A string in the workflow YAML.
+    Inline(Node),
+    /// A template file, by its label (`templates/welcome.html.hbs`).
+    File(String),
+}
+
+struct Compiler<'a> {
+    bundle: &'a WorkflowBundle,
+    known_custom_values: BTreeSet<&'a str>,
+    diagnostics: Vec<Diagnostic>,
+    /// What the trigger's events carry; `None` when the trigger is broken (its fields go unchecked
+    /// rather than each reported again).
+    trigger_scope: Option<Rc<FieldScope>>,
+    default_from: Option<String>,
+    /// Every step id so far, with where it was defined.
+    step_ids: BTreeMap<String, Pos>,
+    program: Vec<Instr>,
+    templates: TemplateSet,
+}
+
+impl<'a> Compiler<'a> {
+    fn new(bundle: &'a WorkflowBundle, custom_values: &'a [String]) -> Self {
+        let known_custom_values = BUILTIN_CUSTOM_VALUES.into_iter().chain(custom_values.iter().map(String::as_str)).collect();
+        Self {
+            bundle,
+            known_custom_values,
+            diagnostics: Vec::new(),
+            trigger_scope: None,
+            default_from: None,
+            step_ids: BTreeMap::new(),
+            program: Vec::new(),
+            templates: TemplateSet::default(),
+        }
+    }
+
+    fn error(&mut self, pos: impl Into<Pos>, message: impl Into<String>) {
+        let d = diagnostic(Severity::Error, &self.bundle.path, pos.into(), message);
+        self.diagnostics.push(d);
+    }
+
+    // --- trigger, filters, exit_when ---------------------------------------------------------
+
+    fn trigger(&mut self, trigger: &At<TriggerDoc>) -> Trigger {
+        let t = &trigger.value;
+        let mut events = Vec::new();
+        let mut filters = Vec::new();
+        if let Some(schedule) = &t.schedule {
+            self.error(schedule.referenced, "schedule triggers are not supported yet: use `event:`");
+        } else {
+            for (key, node) in [("timezone", &t.timezone), ("audience", &t.audience)] {
+                if let Some(node) = node {
+                    self.error(node.referenced, format!("`{key}` belongs to schedule triggers, not event triggers"));
+                }
+            }
+            match &t.event {
+                None => self.error(trigger.pos(), "a trigger needs `event:` (a trigger name or a list of them)"),
+                Some(names) => {
+                    events = self.event_names(names);
+                    if !events.is_empty() {
+                        self.trigger_scope = Some(Rc::new(FieldScope::of(&events)));
+                    }
+                    let scope = self.trigger_scope.clone();
+                    filters = self.filters(t.filters.as_ref(), scope.as_deref());
+                }
+            }
+        }
+        Trigger::Events(EventMatcher { events, filters })
+    }
+
+    /// The event types named; unknown names are reported (and left out).
+    fn event_names(&mut self, names: &Spanned<EventNames>) -> Vec<EventType> {
+        if names.value.0.is_empty() {
+            self.error(names.referenced, "list at least one event");
+        }
+        let mut events = Vec::new();
+        for (name, at) in &names.value.0 {
+            let event = self.event_type(name, at.unwrap_or(names.referenced).into());
+            if let Some(event) = event.filter(|e| !events.contains(e)) {
+                events.push(event);
+            }
+        }
+        events
+    }
+
+    fn event_type(&mut self, name: &str, pos: Pos) -> Option<EventType> {
+        let event = EventType::from_trigger_name(name);
+        if event.is_none() {
+            let valid = EventType::ALL.map(EventType::trigger_name).join(", ");
+            self.error(pos, format!("unknown trigger `{name}`: valid triggers are {valid}"));
+        }
+        event
+    }
+
+    /// `where:` filters. `scope` is `None` when the events are unknown (paths are then only
+    /// checked for syntax).
+    fn filters(&mut self, filters: Option<&WhereDoc>, scope: Option<&FieldScope>) -> Vec<FieldFilter> {
+        let mut out = Vec::new();
+        for (field, values) in filters.map(|w| &w.0[..]).unwrap_or_default() {
+            self.field_path(field, scope);
+            let pos = Pos::from(values.referenced);
+            if let Some(bad) = values.value.values.iter().find(|v| !is_scalar(v)) {
+                self.error(pos, format!("`where` values are strings, numbers or true/false, not {bad}"));
+            }
+            if values.value.values.is_empty() && !values.value.negated {
+                self.error(pos, "an empty list never matches: list at least one value");
+            }
+            out.push(FieldFilter {
+                field: field.value.clone(),
+                negated: values.value.negated,
+                values: values.value.values.clone(),
+            });
+        }
+        out
+    }
+
+    /// Checks a field path of a filter or condition: its syntax, and that the events can carry it.
+    fn field_path(&mut self, field: &Spanned<String>, scope: Option<&FieldScope>) {
+        let path = &field.value;
+        let well_formed = path
+            .split('.')
+            .all(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+        if !well_formed {
+            self.error(
+                field.referenced,
+                format!("`{path}` is not a field path: write dotted names such as offer.id or contact.custom_fields.company"),
+            );
+        } else if let Some(problem) = scope.and_then(|s| s.problem(path, "field")) {
+            self.error(field.referenced, problem);
+        }
+    }
+
+    // --- send window and times ---------------------------------------------------------------
+
+    fn send_window(&mut self, window: &At<SendWindowDoc>) -> Option<SendWindow> {
+        let w = &window.value;
+        let days = self.weekdays(w.days.as_ref());
+        let timezone = self.timezone(w.timezone.as_ref());
+        let [start, end] = &w.between.value[..] else {
+            self.error(w.between.referenced, "`between` takes two times: [\"09:00\", \"18:00\"]");
+            return None;
+        };
+        let (start, end) = (self.time_of_day(start)?, self.time_of_day(end)?);
+        if start >= end {
+            self.error(w.between.referenced, "the window must open before it closes (windows across midnight are not supported)");
+            return None;
+        }
+        Some(SendWindow { days, between: (start, end), timezone })
+    }
+
+    /// `days: [mon, fri]`; absent means every day.
+    fn weekdays(&mut self, days: Option<&Spanned<Vec<Spanned<String>>>>) -> Vec<Weekday> {
+        let Some(days) = days else { return Vec::new() };
+        if days.value.is_empty() {
+            self.error(days.referenced, "`days` lists no day: leave it out for every day");
+        }
+        let mut out = Vec::new();
+        for day in &days.value {
+            match parse_weekday(&day.value) {
+                Some(d) if !out.contains(&d) => out.push(d),
+                Some(_) => {}
+                None => self.error(
+                    day.referenced,
+                    format!("unknown weekday `{}`: use mon, tue, wed, thu, fri, sat, sun", day.value),
+                ),
+            }
+        }
+        out
+    }
+
+    fn time_of_day(&mut self, time: &Spanned<String>) -> Option<NaiveTime> {
+        let parsed = NaiveTime::parse_from_str(time.value.trim(), "%H:%M").ok();
+        if parsed.is_none() {
+            self.error(time.referenced, format!("`{}` is not a time of day: write HH:MM, e.g. \"09:00\"", time.value));
+        }
+        parsed
+    }
+
+    /// `timezone:` absent or `contact`: the contact's own; else an IANA name.
+    fn timezone(&mut self, tz: Option<&Spanned<String>>) -> TimezoneChoice {
+        match tz {
+            None => TimezoneChoice::Contact,
+            Some(tz) if tz.value == "contact" => TimezoneChoice::Contact,
+            Some(tz) => match tz.value.parse::<chrono_tz::Tz>() {
+                Ok(zone) => TimezoneChoice::Fixed(zone),
+                Err(_) => {
+                    self.error(
+                        tz.referenced,
+                        format!("unknown time zone `{}`: use an IANA name such as Europe/Berlin, or `contact`", tz.value),
+                    );
+                    TimezoneChoice::Contact
+                }
+            },
+        }
+    }
+
+    fn duration(&mut self, text: &str, pos: Pos) -> Option<Duration> {
+        text.parse().map_err(|e: crate::duration::DurationError| self.error(pos, e.to_string())).ok()
+    }
+
+    fn from_address(&mut self, from: &At<String>) -> Option<String> {
+        let text = from.value.trim();
+        if text.contains('@') && !text.chars().any(char::is_control) {
+            return Some(text.to_owned());
+        }
+        self.error(from.pos(), "`from` must be one email address, e.g. \"Ada <ada@school.example.com>\"");
+        None
+    }
+
+    // --- steps -------------------------------------------------------------------------------
+
+    /// Compiles a step list. `parent` is the position id of the enclosing branch (`2.then`).
+    fn steps(&mut self, steps: &[At<StepDoc>], parent: Option<&str>) {
+        for (i, step) in steps.iter().enumerate() {
+            let position = parent.map_or_else(|| i.to_string(), |p| format!("{p}.{i}"));
+            self.step(step, &position);
+        }
+    }
+
+    fn step(&mut self, step: &At<StepDoc>, position: &str) {
+        let s = &step.value;
+        let step_id = self.step_id(s.id.as_ref(), position, step.pos());
+        let Some(kind) = &s.kind else {
+            self.error(step.pos(), format!("a step needs one of {STEP_KINDS}"));
+            return;
+        };
+        if !matches!(kind.value, StepKind::If(_)) {
+            for (key, branch) in [("then", &s.then), ("else", &s.otherwise)] {
+                if let Some(branch) = branch {
+                    self.error(branch.pos(), format!("`{key}` belongs to an `if` step"));
+                }
+            }
+        }
+        let pc = self.program.len();
+        match &kind.value {
+            StepKind::SendEmail(email) => {
+                let uses_login_url = self.email(pc, email, kind.node);
+                let from = email.from.as_ref().and_then(|f| self.from_address(f)).or_else(|| self.default_from.clone());
+                self.program.push(Instr::SendEmail { step_id, from, uses_login_url });
+            }
+            StepKind::SendSms(sms) => {
+                let uses_login_url = self.sms(pc, sms, kind.node);
+                self.program.push(Instr::SendSms { step_id, uses_login_url });
+            }
+            StepKind::Wait(wait) => {
+                if let Some(wait) = self.wait(wait, kind.pos()) {
+                    self.program.push(Instr::Wait { step_id, wait });
+                }
+            }
+            StepKind::If(condition) => self.branch(step, step_id, condition, kind.pos(), position),
+        }
+    }
+
+    /// `if`: `Branch` (to the else part when false), the then-steps, a `Jump` over the
+    /// else-steps when there are any, then the else-steps.
+    fn branch(&mut self, step: &At<StepDoc>, step_id: String, condition: &ConditionDoc, pos: Pos, position: &str) {
+        let condition = self.condition(condition, pos).unwrap_or(Condition::All(Vec::new()));
+        let branch_pc = self.program.len();
+        self.program.push(Instr::Branch { step_id, condition, else_pc: branch_pc });
+        match &step.value.then {
+            Some(then) => self.steps(&then.value, Some(&format!("{position}.then"))),
+            None => self.error(pos, "an `if` step needs `then:` (a list of steps)"),
+        }
+        let otherwise = step.value.otherwise.as_ref().map(|o| &o.value[..]).unwrap_or_default();
+        let jump_pc = (!otherwise.is_empty()).then(|| {
+            self.program.push(Instr::Jump { to: 0 });
+            self.program.len() - 1
+        });
+        let else_pc = self.program.len();
+        self.steps(otherwise, Some(&format!("{position}.else")));
+        let end = self.program.len();
+        if let Some(Instr::Branch { else_pc: target, .. }) = self.program.get_mut(branch_pc) {
+            *target = else_pc;
+        }
+        if let Some(Instr::Jump { to }) = jump_pc.and_then(|pc| self.program.get_mut(pc)) {
+            *to = end;
+        }
+    }
+
+    /// The step's id: its `id:`, else its position. Ids must be unique within the workflow.
+    fn step_id(&mut self, id: Option<&At<String>>, position: &str, step_pos: Pos) -> String {
+        let (step_id, pos) = match id {
+            Some(id) => {
+                let valid =
+                    !id.value.is_empty() && id.value.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+                if !valid {
+                    self.error(id.pos(), format!("step id `{}` may hold only letters, digits, _, - and .", id.value));
+                }
+                (id.value.clone(), id.pos())
+            }
+            None => (position.to_owned(), step_pos),
+        };
+        if let Some(first) = self.step_ids.get(&step_id) {
+            let line = first.line;
+            self.error(pos, format!("step id `{step_id}` is already used by the step at line {line}"));
+        } else {
+            self.step_ids.insert(step_id.clone(), pos);
+        }
+        step_id
+    }
+
+    fn wait(&mut self, wait: &WaitDoc, pos: Pos) -> Option<WaitSpec> {
+        let m = match wait {
+            WaitDoc::For(text) => return self.duration(text, pos).map(WaitSpec::For),
+            WaitDoc::Map(m) => m,
+        };
+        match (&m.until, &m.event) {
+            (Some(until), None) => {
+                if let Some(timeout) = &m.timeout {
+                    self.error(timeout.referenced, "`timeout` belongs to waiting for an event");
+                }
+                let at = self.time_of_day(until);
+                let days = self.weekdays(m.days.as_ref());
+                let timezone = self.timezone(m.timezone.as_ref());
+                Some(WaitSpec::Until { at: at?, days, timezone })
+            }
+            (None, Some(event)) => {
+                let misplaced = [("days", m.days.as_ref().map(|d| d.referenced)), ("timezone", m.timezone.as_ref().map(|t| t.referenced))];
+                for (key, at) in misplaced {
+                    if let Some(at) = at {
+                        self.error(at, format!("`{key}` belongs to waiting until a time of day"));
+                    }
+                }
+                let event = self.event_type(&event.value, event.referenced.into());
+                let Some(timeout) = &m.timeout else {
+                    self.error(pos, "waiting for an event needs `timeout:` (e.g. 3d)");
+                    return None;
+                };
+                let timeout = self.duration(&timeout.value, timeout.referenced.into());
+                Some(WaitSpec::Event { event: event?, timeout: timeout? })
+            }
+            (Some(_), Some(_)) => {
+                self.error(pos, "wait either `until` a time or for an `event`, not both");
+                None
+            }
+            (None, None) => {
+                self.error(pos, "`wait` takes a duration (2d), {until: \"09:00\"} or {event: NAME, timeout: 3d}");
+                None
+            }
+        }
+    }
+
+    fn condition(&mut self, c: &ConditionDoc, pos: Pos) -> Option<Condition> {
+        let tests: Vec<FieldTest> = [
+            c.equals.clone().map(FieldTest::Equals),
+            c.not_equals.clone().map(FieldTest::NotEquals),
+            c.one_of.clone().map(FieldTest::In),
+            c.contains.clone().map(FieldTest::Contains),
+            c.exists.map(FieldTest::Exists),
+            c.gt.clone().map(FieldTest::Gt),
+            c.lt.clone().map(FieldTest::Lt),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        let group = match (&c.all, &c.any) {
+            (Some(_), Some(_)) => {
+                self.error(pos, "a condition takes `all` or `any`, not both: nest one inside the other");
+                return None;
+            }
+            (Some(list), None) => Some((list, true)),
+            (None, Some(list)) => Some((list, false)),
+            (None, None) => None,
+        };
+        if let Some((list, all)) = group {
+            if c.field.is_some() || !tests.is_empty() {
+                self.error(pos, "a condition is either `all`/`any` or `{field, test}`: put the test inside the list");
+            }
+            if list.is_empty() {
+                self.error(pos, "list at least one condition");
+            }
+            let children = list.iter().filter_map(|s| self.condition(&s.value, s.referenced.into())).collect();
+            return Some(if all { Condition::All(children) } else { Condition::Any(children) });
+        }
+        let Some(field) = &c.field else {
+            self.error(pos, "a condition needs `field` and a test (equals, not_equals, in, contains, exists, gt, lt), or `all`/`any`");
+            return None;
+        };
+        let scope = self.trigger_scope.clone();
+        self.field_path(field, scope.as_deref());
+        let test = match <[FieldTest; 1]>::try_from(tests) {
+            Ok([test]) => test,
+            Err(tests) => {
+                let n = tests.len();
+                self.error(pos, format!("a condition has exactly one test of equals, not_equals, in, contains, exists, gt, lt; this one has {n}"));
+                return None;
+            }
+        };
+        let bad_operand = match &test {
+            FieldTest::Gt(v) | FieldTest::Lt(v) => !(v.is_number() || v.is_string()),
+            FieldTest::Equals(v) | FieldTest::NotEquals(v) | FieldTest::Contains(v) => !is_scalar(v),
+            FieldTest::In(values) => values.iter().any(|v| !is_scalar(v)),
+            FieldTest::Exists(_) => false,
+        };
+        if bad_operand {
+            self.error(pos, "compare with strings, numbers or true/false (gt and lt: numbers, or strings such as dates)");
+        }
+        Some(Condition::Test { field: field.value.clone(), test })
+    }
+
+    // --- messages and templates --------------------------------------------------------------
+
+    /// Checks the templates of an email step and adds them at `pc`; returns whether they use
+    /// `<<login_url>>`.
+    ///
+    /// A part that is missing or does not parse is reported and left out; the workflow then does
+    /// not compile, so a partial set is never used.
+    fn email(&mut self, pc: usize, email: &SendEmailDoc, node: Node) -> bool {
+        let subject = self.inline_template(&email.subject);
+        let (html, text) = match (&email.template, &email.html, &email.text) {
+            (Some(name), None, None) => self.email_files(name),
+            (Some(name), _, _) => {
+                self.error(name.pos(), "use either `template` or inline `html`/`text`, not both");
+                return false;
+            }
+            (None, None, None) => {
+                self.error(node.pos, "an email needs `template`, or inline `html` and/or `text`");
+                return false;
+            }
+            (None, html, text) => (
+                html.as_ref().and_then(|h| self.inline_template(h)),
+                text.as_ref().and_then(|t| self.inline_template(t)),
+            ),
+        };
+        let Some(subject) = subject else { return false };
+        let email = EmailTemplates { subject, html, text };
+        let uses_login_url = email.parts().any(|p| p.uses_custom_value("login_url"));
+        self.templates.insert_email(pc, email);
+        uses_login_url
+    }
+
+    /// The bodies of `template: NAME`: `NAME.html.hbs` and/or `NAME.txt.hbs`, at least one.
+    fn email_files(&mut self, name: &At<String>) -> (Option<ParsedTemplate>, Option<ParsedTemplate>) {
+        if !self.valid_template_name(name) {
+            return (None, None);
+        }
+        let [html_file, text_file] = email_template_files(&name.value);
+        let (html_src, text_src) = (self.bundle.templates.get(&html_file), self.bundle.templates.get(&text_file));
+        if html_src.is_none() && text_src.is_none() {
+            self.error(
+                name.pos(),
+                format!("template `{0}` not found: create {TEMPLATES_LABEL}/{html_file} and/or {TEMPLATES_LABEL}/{text_file}", name.value),
+            );
+            return (None, None);
+        }
+        let html = html_src.and_then(|src| self.file_template(&html_file, src));
+        let text = text_src.and_then(|src| self.file_template(&text_file, src));
+        (html, text)
+    }
+
+    /// Checks the body of an SMS step and adds it at `pc`; returns whether it uses `<<login_url>>`.
+    fn sms(&mut self, pc: usize, sms: &SendSmsDoc, node: Node) -> bool {
+        let body = match (&sms.body, &sms.template) {
+            (Some(body), None) => self.inline_template(body),
+            (None, Some(name)) => {
+                if !self.valid_template_name(name) {
+                    return false;
+                }
+                let file = sms_template_file(&name.value);
+                match self.bundle.templates.get(&file) {
+                    Some(src) => self.file_template(&file, src),
+                    None => {
+                        self.error(name.pos(), format!("template `{}` not found: create {TEMPLATES_LABEL}/{file}", name.value));
+                        None
+                    }
+                }
+            }
+            (Some(_), Some(name)) => {
+                self.error(name.pos(), "use either `body` or `template`, not both");
+                None
+            }
+            (None, None) => {
+                self.error(node.pos, "an SMS needs `body` or `template`");
+                None
+            }
+        };
+        let Some(body) = body else { return false };
+        let uses_login_url = body.uses_custom_value("login_url");
+        self.templates.insert_sms(pc, body);
+        uses_login_url
+    }
+
+    fn valid_template_name(&mut self, name: &At<String>) -> bool {
+        let valid = is_valid_template_name(&name.value);
+        if !valid {
+            self.error(name.pos(), format!("`{}` is not a template name: use letters, digits, _ and - only", name.value));
+        }
+        valid
+    }
+
+    fn inline_template(&mut self, text: &At<String>) -> Option<ParsedTemplate> {
+        self.template(&text.value, &Origin::Inline(text.node))
+    }
+
+    fn file_template(&mut self, file: &str, source: &str) -> Option<ParsedTemplate> {
+        self.template(source, &Origin::File(format!("{TEMPLATES_LABEL}/{file}")))
+    }
+
+    /// Parses a template and checks what it refers to against the trigger and the custom values.
+    fn template(&mut self, source: &str, origin: &Origin) -> Option<ParsedTemplate> {
+        let parsed = match ParsedTemplate::parse(source) {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                self.template_diagnostic(Severity::Error, origin, e.pos, format!("template does not parse: {}", e.message));
+                return None;
+            }
+        };
+        for field in &parsed.fields {
+            if let Some(problem) = self.trigger_scope.as_deref().and_then(|s| s.problem(&field.name, "merge field")) {
+                self.template_diagnostic(Severity::Error, origin, Some(field.pos), problem);
+            }
+        }
+        let removal_trigger = self.trigger_scope.as_ref().is_some_and(|s| s.events.contains(&EventType::OfferAccessRemoved));
+        for value in &parsed.custom_values {
+            if !self.known_custom_values.contains(value.name.as_str()) {
+                let known = self.known_custom_values.iter().copied().collect::<Vec<_>>().join(", ");
+                let message = format!(
+                    "unknown custom value `<<{}>>`: known are {known} (configure others under [custom_values])",
+                    value.name
+                );
+                self.template_diagnostic(Severity::Error, origin, Some(value.pos), message);
+            } else if value.name == "login_url" && removal_trigger {
+                let message = "`<<login_url>>` in a workflow triggered by offer_access_removed: the contact may \
+                               hold no active offer any more, and a message whose link cannot work is skipped";
+                self.template_diagnostic(Severity::Warning, origin, Some(value.pos), message);
+            }
+        }
+        for unsupported in &parsed.unsupported {
+            self.template_diagnostic(Severity::Error, origin, Some(unsupported.pos), unsupported.name.clone());
+        }
+        Some(parsed)
+    }
+
+    fn template_diagnostic(
+        &mut self,
+        severity: Severity,
+        origin: &Origin,
+        pos: Option<TemplatePos>,
+        message: impl Into<String>,
+    ) {
+        let (file, pos) = match origin {
+            Origin::File(file) => (file.as_str(), pos.map_or(Pos::default(), |p| Pos { line: p.line, column: p.column })),
+            Origin::Inline(node) => (self.bundle.path.as_str(), inline_pos(*node, pos)),
+        };
+        let d = diagnostic(severity, file, pos, message);
+        self.diagnostics.push(d);
+    }
+}
+
+/// The file position of a position inside an inline template. Exact for one-line plain or quoted
+/// strings and for block scalars (`|`); approximate where YAML folded lines or processed escapes.
+fn inline_pos(node: Node, pos: Option<TemplatePos>) -> Pos {
+    match pos {
+        None => node.pos,
+        Some(p) if p.line == 1 => {
+            Pos { line: node.pos.line, column: node.pos.column + usize::from(node.quoted) + p.column - 1 }
+        }
+        Some(p) => Pos { line: node.pos.line + p.line - 1, column: node.pos.column + p.column - 1 },
+    }
+}
+
+fn parse_weekday(day: &str) -> Option<Weekday> {
+    Some(match day.to_ascii_lowercase().as_str() {
+        "mon" => Weekday::Mon,
+        "tue" => Weekday::Tue,
+        "wed" => Weekday::Wed,
+        "thu" => Weekday::Thu,
+        "fri" => Weekday::Fri,
+        "sat" => Weekday::Sat,
+        "sun" => Weekday::Sun,
+        _ => return None,
+    })
+}
+
+fn is_scalar(v: &Value) -> bool {
+    matches!(v, Value::String(_) | Value::Number(_) | Value::Bool(_))
+}

@@ -1,0 +1,225 @@
+//! Workflows as marketers write them (`workflows/*.yaml`), compiled into a form the engine runs.
+//!
+//! A [`WorkflowBundle`] is the source: the YAML text plus every template file it references. It is
+//! what gets stored with each version, so a run is pinned to exactly the text that started it.
+//! [`compile`] checks a bundle and produces a [`CompiledWorkflow`]: the trigger and filters, and
+//! the steps flattened into a small program ([`Instr`]) whose program counter is the run's cursor.
+//!
+//! Submodules: `parse` (the YAML schema), `compile` (checks and compilation), `bundle` (building
+//! bundles, version hash), `condition` (evaluating `if`), `time` (waits and send windows).
+
+mod bundle;
+mod compile;
+mod condition;
+mod parse;
+mod time;
+
+pub use bundle::{TEMPLATES_LABEL, bundle_from, email_template_files, sms_template_file};
+pub use compile::{BUILTIN_CUSTOM_VALUES, compile};
+pub use time::{add_duration, next_local_time, resolve_timezone};
+
+use crate::event::{CourseEvent, EventType};
+use crate::template::{CustomValues, RenderError, RenderedEmail, TemplateSet};
+use serde_json::Value;
+use std::collections::BTreeMap;
+
+/// The source of one workflow version: what `herald check` checks and what a run is pinned to.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WorkflowBundle {
+    /// The file name without `.yaml`: the workflow's id.
+    pub id: String,
+    /// Where the YAML came from (for diagnostics), e.g. `workflows/welcome.yaml`.
+    pub path: String,
+    pub yaml: String,
+    /// Template files this workflow references, by file name (`welcome.html.hbs`), with their
+    /// folder-relative contents. Templates are part of the version: editing one pins new runs only.
+    pub templates: BTreeMap<String, String>,
+}
+
+/// A problem found while checking a workflow, pointing at the file, line and column to fix.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Diagnostic {
+    pub severity: Severity,
+    /// File the problem is in (the workflow YAML or a template file).
+    pub file: String,
+    /// 1-based; 0 when the problem has no position (e.g. a missing file).
+    pub line: usize,
+    /// 1-based; 0 when unknown.
+    pub column: usize,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Severity {
+    Error,
+    Warning,
+}
+
+impl std::fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let sev = match self.severity {
+            Severity::Error => "error",
+            Severity::Warning => "warning",
+        };
+        if self.line > 0 {
+            write!(f, "{}:{}:{}: {sev}: {}", self.file, self.line, self.column, self.message)
+        } else {
+            write!(f, "{}: {sev}: {}", self.file, self.message)
+        }
+    }
+}
+
+/// A checked workflow version, ready to match events and run.
+#[derive(Debug)]
+pub struct CompiledWorkflow {
+    pub id: String,
+    /// Content hash of the bundle (hex): the version a run is pinned to.
+    pub version: String,
+    pub name: String,
+    /// `false`: a draft, loaded and checked but never triggered.
+    pub enabled: bool,
+    pub trigger: Trigger,
+    /// `true`: a contact may run this workflow again once an earlier run has ended.
+    pub re_entry: bool,
+    /// A matching event for the same contact ends the run (the goal was reached).
+    pub exit_when: Option<EventMatcher>,
+    pub send_window: Option<SendWindow>,
+    /// The steps, flattened; a run's cursor is an index into this.
+    pub program: Vec<Instr>,
+    /// The source, kept so the version can be stored and reloaded exactly.
+    pub bundle: WorkflowBundle,
+    /// The compiled templates of every send step of this version.
+    pub templates: TemplateSet,
+}
+
+/// What starts a run.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Trigger {
+    /// Any of these event types, when `filter` matches.
+    Events(EventMatcher),
+}
+
+/// A set of event types plus `where` filters.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventMatcher {
+    pub events: Vec<EventType>,
+    pub filters: Vec<FieldFilter>,
+}
+
+/// One `where` entry: `offer.id: [o_basic, o_pro]` or `product.id: {not: [p_free]}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FieldFilter {
+    pub field: String,
+    /// `false` for an any-of list, `true` for a `not` list.
+    pub negated: bool,
+    pub values: Vec<Value>,
+}
+
+/// `send_window`: sends outside it wait for its next opening.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SendWindow {
+    /// Allowed weekdays; empty means every day.
+    pub days: Vec<chrono::Weekday>,
+    /// Local opening and closing time (start < end).
+    pub between: (chrono::NaiveTime, chrono::NaiveTime),
+    pub timezone: TimezoneChoice,
+}
+
+/// Which time zone a time-of-day refers to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TimezoneChoice {
+    /// The contact's own, else the configured default.
+    Contact,
+    Fixed(chrono_tz::Tz),
+}
+
+/// One instruction of a compiled workflow. `step_id` is the YAML `id:` or the step's position
+/// (`1`, `3.then.0`), and with the run it keys the at-most-once send guarantee.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Instr {
+    SendEmail { step_id: String, from: Option<String>, uses_login_url: bool },
+    SendSms { step_id: String, uses_login_url: bool },
+    Wait { step_id: String, wait: WaitSpec },
+    /// Evaluate `condition`; when false, continue at `else_pc`.
+    Branch { step_id: String, condition: Condition, else_pc: usize },
+    /// Unconditional jump (the end of a `then` list skips the `else` list).
+    Jump { to: usize },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum WaitSpec {
+    /// `wait: 2d`.
+    For(crate::Duration),
+    /// `wait: {until: "09:00", days: [...], timezone: contact}`: the next such local time.
+    Until { at: chrono::NaiveTime, days: Vec<chrono::Weekday>, timezone: TimezoneChoice },
+    /// `wait: {event: lesson_completed, timeout: 3d}`: the contact's next such event, or the timeout.
+    Event { event: EventType, timeout: crate::Duration },
+}
+
+/// `if` conditions: `all`/`any` of field tests.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Condition {
+    All(Vec<Condition>),
+    Any(Vec<Condition>),
+    Test { field: String, test: FieldTest },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum FieldTest {
+    Equals(Value),
+    NotEquals(Value),
+    In(Vec<Value>),
+    Contains(Value),
+    Exists(bool),
+    Gt(Value),
+    Lt(Value),
+}
+
+impl CompiledWorkflow {
+    /// Whether `event` should start a run of this workflow (enabled, trigger and filters).
+    pub fn triggered_by(&self, event: &CourseEvent) -> bool {
+        let Trigger::Events(m) = &self.trigger;
+        self.enabled && m.matches(event)
+    }
+
+    /// Whether `event` ends a run of this workflow for its contact (`exit_when`).
+    pub fn exits_on(&self, event: &CourseEvent) -> bool {
+        self.exit_when.as_ref().is_some_and(|m| m.matches(event))
+    }
+
+    /// Renders the email of the send step at `pc` for an event context.
+    pub fn render_email(&self, pc: usize, context: &Value, custom: &CustomValues) -> Result<RenderedEmail, RenderError> {
+        self.templates.render_email(pc, context, custom)
+    }
+
+    /// Renders the SMS body of the send step at `pc`.
+    pub fn render_sms(&self, pc: usize, context: &Value, custom: &CustomValues) -> Result<String, RenderError> {
+        self.templates.render_sms(pc, context, custom)
+    }
+}
+
+impl EventMatcher {
+    /// Type in the list and every filter passes. A field the event does not carry fails an
+    /// any-of list and passes a `not` list (SPEC §3).
+    pub fn matches(&self, event: &CourseEvent) -> bool {
+        self.events.contains(&event.event_type) && self.filters.iter().all(|f| f.matches(event))
+    }
+}
+
+impl FieldFilter {
+    pub fn matches(&self, event: &CourseEvent) -> bool {
+        let found = event.field(&self.field).is_some_and(|v| self.values.iter().any(|want| loosely_equal(&v, want)));
+        found != self.negated
+    }
+}
+
+/// YAML `o_pro` and JSON `"o_pro"` are equal, and so are YAML `5` and JSON `"5"`: marketers
+/// should not have to think about quoting.
+pub fn loosely_equal(actual: &Value, expected: &Value) -> bool {
+    match (actual, expected) {
+        (Value::String(a), Value::Number(b)) | (Value::Number(b), Value::String(a)) => a == &b.to_string(),
+        (Value::String(a), Value::Bool(b)) | (Value::Bool(b), Value::String(a)) => a == &b.to_string(),
+        _ => actual == expected,
+    }
+}

@@ -1,0 +1,123 @@
+//! The dispatcher's planner: for a batch of newly stored events, decide which runs end
+//! (`exit_when`), which event waits are over, and who is enrolled where (the enrollment rules of
+//! SPEC §3), and run each new run's first steps. Pure: the store calls it inside the transaction
+//! that applies its plan.
+
+use crate::registry::Snapshot;
+use crate::runner::{self, RunContext};
+use herald_store::{DispatchInput, DispatchPlan, EnrollmentCounts, LiveRun, RunExit, RunState, RunWrite, StepRecord};
+use std::collections::HashMap;
+
+/// Enrollments of one contact in one workflow within [`LOOP_WINDOW_MS`] beyond which further
+/// enrollments are refused (loop protection, SPEC §3).
+pub const LOOP_LIMIT: i64 = 50;
+pub const LOOP_WINDOW_MS: i64 = 30 * 60 * 1000;
+
+pub struct Planner<'a> {
+    pub workflows: &'a Snapshot,
+    pub now_ms: i64,
+    pub default_timezone: chrono_tz::Tz,
+    pub message_host: &'a str,
+}
+
+impl Planner<'_> {
+    pub fn plan(&self, input: &DispatchInput) -> DispatchPlan {
+        let mut plan = DispatchPlan::default();
+        // Runs and counts as they stand after the events planned so far in this batch.
+        let mut live: Vec<LiveRun> = input.live_runs.clone();
+        let mut counts: HashMap<(String, String), EnrollmentCounts> = input.counts.clone();
+        let now = chrono::DateTime::from_timestamp_millis(self.now_ms).unwrap_or_default();
+
+        for (seq, event) in &input.events {
+            let contact = event.contact_id();
+            let trigger = event.event_type.trigger_name();
+
+            live.retain(|run| {
+                if run.contact_id != contact {
+                    return true;
+                }
+                let exits = self
+                    .workflows
+                    .version(&run.workflow_id, &run.workflow_version)
+                    .is_some_and(|wf| wf.exits_on(event));
+                if exits {
+                    plan.exits.push(RunExit { run_id: run.run_id.clone(), reason: format!("exit_when: {trigger}") });
+                    if let Some(c) = counts.get_mut(&(contact.to_owned(), run.workflow_id.clone())) {
+                        c.live = false;
+                    }
+                    return false;
+                }
+                if run.state == RunState::WaitingEvent && run.wait_event.as_deref() == Some(trigger) {
+                    plan.resumes.push(run.run_id.clone());
+                }
+                true
+            });
+            for run in live.iter_mut().filter(|r| plan.resumes.contains(&r.run_id)) {
+                run.state = RunState::Active;
+                run.wait_event = None;
+            }
+
+            for wf in self.workflows.current.values().filter(|wf| wf.triggered_by(event)) {
+                let key = (contact.to_owned(), wf.id.clone());
+                let c = counts.entry(key).or_default();
+                if c.live || (!wf.re_entry && c.total > 0) {
+                    continue;
+                }
+                let run_id = uuid::Uuid::now_v7().to_string();
+                let mut write = RunWrite {
+                    run_id: run_id.clone(),
+                    workflow_id: wf.id.clone(),
+                    workflow_version: wf.version.clone(),
+                    contact_id: contact.to_owned(),
+                    event_seq: *seq,
+                    state: RunState::Refused,
+                    reason: Some("loop_protection".into()),
+                    pc: 0,
+                    wait_event: None,
+                    due_ms: None,
+                    steps: vec![StepRecord {
+                        step_id: "enroll".into(),
+                        kind: "enroll".into(),
+                        outcome: format!("refused: more than {LOOP_LIMIT} enrollments within 30 minutes"),
+                        at_ms: self.now_ms,
+                    }],
+                    messages: Vec::new(),
+                };
+                if c.recent >= LOOP_LIMIT {
+                    tracing::warn!(workflow = %wf.id, contact = %contact, "enrollment refused by loop protection");
+                    plan.new_runs.push(write);
+                    continue;
+                }
+                let ctx = RunContext {
+                    event,
+                    now,
+                    default_timezone: self.default_timezone,
+                    message_host: self.message_host,
+                };
+                let advanced = runner::advance(wf, 0, &ctx);
+                write.state = advanced.state;
+                write.reason = None;
+                write.pc = advanced.pc as i64;
+                write.wait_event = advanced.wait_event.clone();
+                write.due_ms = advanced.due_ms;
+                write.steps = advanced.steps;
+                write.messages = advanced.messages;
+                c.total += 1;
+                c.recent += 1;
+                c.live = write.state.is_live();
+                if c.live {
+                    live.push(LiveRun {
+                        run_id,
+                        workflow_id: wf.id.clone(),
+                        workflow_version: wf.version.clone(),
+                        contact_id: contact.to_owned(),
+                        state: write.state,
+                        wait_event: write.wait_event.clone(),
+                    });
+                }
+                plan.new_runs.push(write);
+            }
+        }
+        plan
+    }
+}

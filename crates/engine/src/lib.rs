@@ -1,0 +1,262 @@
+//! herald's durable engine. Three loops share one store:
+//! - the **dispatcher** turns stored events into membership state, exits, resumed waits and new
+//!   runs (running each new run's first steps at once);
+//! - the **stepper** claims runs whose wait is over and advances them;
+//! - the **deliverer** claims queued messages, renders and sends them.
+//!
+//! Every claim is a lease committed before any network I/O; every result is written only while
+//! its lease holds. A process killed at any point leaves work that the next one (or, on
+//! PostgreSQL, another process) picks up once the lease runs out.
+
+pub mod clock;
+pub mod config;
+pub mod delivery;
+pub mod dispatch;
+pub mod links;
+pub mod registry;
+pub mod runner;
+
+pub use clock::Clock;
+pub use config::EngineConfig;
+pub use registry::{Registry, RegistryError, Sources};
+
+use herald_store::{RunAdvance, RunState, RunWrite, Store, StepRecord};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+
+/// Wakes the loops when there may be new work, so nothing waits for a poll tick.
+#[derive(Default)]
+pub struct Wakers {
+    dispatch: Notify,
+    steps: Notify,
+    delivery: Notify,
+}
+
+impl Wakers {
+    /// New events were stored.
+    pub fn events_stored(&self) {
+        self.dispatch.notify_one();
+    }
+    /// Something may be due now (e.g. a test moved the clock).
+    pub fn all(&self) {
+        self.dispatch.notify_one();
+        self.steps.notify_one();
+        self.delivery.notify_one();
+    }
+}
+
+/// The running engine.
+pub struct Engine {
+    wakers: Arc<Wakers>,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    store: Store,
+    registry: Arc<Registry>,
+    config: EngineConfig,
+    clock: Clock,
+    wakers: Arc<Wakers>,
+    delivery: delivery::Delivery,
+}
+
+impl Engine {
+    pub fn start(store: Store, registry: Arc<Registry>, config: EngineConfig, clock: Clock) -> Self {
+        let wakers = Arc::new(Wakers::default());
+        let (shutdown, rx) = watch::channel(false);
+        let shared = Arc::new(Shared {
+            delivery: delivery::Delivery {
+                config: config.clone(),
+                registry: registry.clone(),
+                clock: clock.clone(),
+                store: store.clone(),
+            },
+            store,
+            registry,
+            config,
+            clock,
+            wakers: wakers.clone(),
+        });
+        let poll = shared.config.poll_interval;
+        let tasks = vec![
+            spawn_loop("dispatcher", shared.clone(), rx.clone(), poll, |s| &s.wakers.dispatch, |s| async move { s.dispatch_once().await }),
+            spawn_loop("stepper", shared.clone(), rx.clone(), poll, |s| &s.wakers.steps, |s| async move { s.step_once().await }),
+            spawn_loop("deliverer", shared, rx, poll, |s| &s.wakers.delivery, |s| async move { s.deliver_once().await }),
+        ];
+        Self { wakers, shutdown, tasks }
+    }
+
+    pub fn wakers(&self) -> Arc<Wakers> {
+        self.wakers.clone()
+    }
+
+    /// Graceful stop: each loop finishes the batch in hand, then returns.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Dropping the engine without [`Engine::shutdown`] stops every loop where it stands, like a
+/// killed process: claims stay until their lease runs out (crash tests rely on this).
+impl Drop for Engine {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// One loop: do a batch; if it found work, go again at once; otherwise sleep until woken, the
+/// poll interval passes or shutdown.
+fn spawn_loop<F, Fut>(
+    name: &'static str,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    poll: std::time::Duration,
+    notify: fn(&Shared) -> &Notify,
+    work: F,
+) -> JoinHandle<()>
+where
+    F: Fn(Arc<Shared>) -> Fut + Send + 'static,
+    Fut: Future<Output = Result<usize, herald_store::StoreError>> + Send,
+{
+    tokio::spawn(async move {
+        loop {
+            if *shutdown.borrow() {
+                break;
+            }
+            let idle = match work(shared.clone()).await {
+                Ok(n) => n == 0,
+                Err(e) => {
+                    tracing::error!(loop_name = name, error = %e, "engine loop failed; retrying");
+                    true
+                }
+            };
+            if idle {
+                tokio::select! {
+                    _ = notify(&shared).notified() => {}
+                    _ = tokio::time::sleep(poll) => {}
+                    _ = shutdown.changed() => {}
+                }
+            }
+        }
+    })
+}
+
+impl Shared {
+    async fn dispatch_once(&self) -> Result<usize, herald_store::StoreError> {
+        let snapshot = self.registry.snapshot();
+        let now_ms = self.clock.now_ms();
+        let host = self.config.public_host();
+        let planner = dispatch::Planner {
+            workflows: &snapshot,
+            now_ms,
+            default_timezone: self.config.default_timezone,
+            message_host: &host,
+        };
+        let n = self
+            .store
+            .dispatch(self.config.batch_size, now_ms, now_ms - dispatch::LOOP_WINDOW_MS, &|input| planner.plan(input))
+            .await?;
+        if n > 0 {
+            self.wakers.delivery.notify_one();
+        }
+        Ok(n)
+    }
+
+    async fn step_once(&self) -> Result<usize, herald_store::StoreError> {
+        let now = self.clock.now();
+        let claimed = self
+            .store
+            .claim_runs(now.timestamp_millis(), self.config.batch_size, self.config.lease.as_millis() as i64)
+            .await?;
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        let snapshot = self.registry.snapshot();
+        let host = self.config.public_host();
+        let mut advances = Vec::with_capacity(claimed.len());
+        for run in &claimed {
+            let _span = tracing::info_span!("step", run = %run.run_id, workflow = %run.workflow_id, pc = run.pc).entered();
+            let mut write = RunWrite {
+                run_id: run.run_id.clone(),
+                workflow_id: run.workflow_id.clone(),
+                workflow_version: run.workflow_version.clone(),
+                contact_id: run.contact_id.clone(),
+                event_seq: run.event_seq,
+                state: run.state,
+                reason: None,
+                pc: run.pc,
+                wait_event: None,
+                due_ms: None,
+                steps: Vec::new(),
+                messages: Vec::new(),
+            };
+            match snapshot.version(&run.workflow_id, &run.workflow_version) {
+                None => {
+                    write.state = RunState::Failed;
+                    write.reason = Some(format!("workflow version {} is not loaded", run.workflow_version));
+                }
+                Some(_) if !snapshot.is_enabled(&run.workflow_id) => {
+                    // Disabled after the claim query ran: park it where it stands.
+                    write.state = RunState::Parked;
+                    write.due_ms = Some(now.timestamp_millis());
+                }
+                Some(wf) => {
+                    let event = runner::with_latest_contact(&run.event, &run.contact);
+                    let ctx = runner::RunContext {
+                        event: &event,
+                        now,
+                        default_timezone: self.config.default_timezone,
+                        message_host: &host,
+                    };
+                    let mut advanced = runner::advance(wf, run.pc as usize, &ctx);
+                    if run.state == RunState::WaitingEvent {
+                        let timed_out = StepRecord {
+                            step_id: "wait".into(),
+                            kind: "wait".into(),
+                            outcome: "timed out".into(),
+                            at_ms: now.timestamp_millis(),
+                        };
+                        advanced.steps.insert(0, timed_out);
+                    }
+                    write.state = advanced.state;
+                    write.pc = advanced.pc as i64;
+                    write.wait_event = advanced.wait_event;
+                    write.due_ms = advanced.due_ms;
+                    write.steps = advanced.steps;
+                    write.messages = advanced.messages;
+                }
+            }
+            advances.push(RunAdvance { lease_token: run.lease_token.clone(), write });
+        }
+        self.store.finish_runs(now.timestamp_millis(), advances).await?;
+        self.wakers.delivery.notify_one();
+        Ok(claimed.len())
+    }
+
+    async fn deliver_once(&self) -> Result<usize, herald_store::StoreError> {
+        use futures::StreamExt;
+        let claimed = self
+            .store
+            .claim_messages(self.clock.now_ms(), self.config.batch_size, self.config.lease.as_millis() as i64)
+            .await?;
+        let n = claimed.len();
+        if n == 0 {
+            return Ok(0);
+        }
+        let outcomes: Vec<_> = futures::stream::iter(claimed)
+            .map(|m| self.delivery.deliver(m))
+            .buffer_unordered(self.config.send_concurrency)
+            .collect()
+            .await;
+        self.store.complete_messages(self.clock.now_ms(), outcomes).await?;
+        Ok(n)
+    }
+}

@@ -1,0 +1,143 @@
+//! Magic-link tokens and session ids: 32 bytes from the OS CSPRNG, base64url (43 characters);
+//! only their SHA-256 is ever stored or looked up. The raw value exists in memory just long
+//! enough to be put into a message or a cookie, and is never logged.
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use herald_store::{LinkKind, NewLink, Store, StoreError};
+use sha2::{Digest, Sha256};
+
+/// A freshly generated secret and the hash under which it is stored.
+pub struct Minted {
+    /// The value for the URL or cookie. Deliberately not `Debug`.
+    pub raw: String,
+    pub hash: String,
+}
+
+/// 256 bits from the OS's CSPRNG.
+pub fn generate() -> Minted {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).expect("the OS random source is available");
+    let raw = URL_SAFE_NO_PAD.encode(bytes);
+    Minted { hash: hash(&raw), raw }
+}
+
+/// Hex SHA-256 of a token or session id: the only form stored and looked up.
+pub fn hash(raw: &str) -> String {
+    let digest = Sha256::digest(raw.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Whether a path segment can be a token at all (43 base64url characters); anything else is
+/// refused before touching the database.
+pub fn looks_like_token(s: &str) -> bool {
+    s.len() == 43 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+/// How learner links are minted (SPEC §8: `HERALD_LEARNER_LINK_TTL`, `HERALD_LEARNER_LINK_USES`).
+#[derive(Debug, Clone)]
+pub struct LinkPolicy {
+    pub public_url: String,
+    pub learner_ttl: std::time::Duration,
+    pub learner_uses: i64,
+}
+
+impl LinkPolicy {
+    pub fn url(&self, raw: &str) -> String {
+        format!("{}/l/{raw}", self.public_url.trim_end_matches('/'))
+    }
+
+    fn learner_link(&self, hash: String, contact_id: &str, message_id: Option<String>, now_ms: i64) -> NewLink {
+        NewLink {
+            token_hash: hash,
+            kind: LinkKind::Learner,
+            contact_id: Some(contact_id.to_owned()),
+            message_id,
+            max_uses: Some(self.learner_uses),
+            expires_ms: Some(now_ms + self.learner_ttl.as_millis() as i64),
+        }
+    }
+
+    /// Mints the link of one message (a retry of that message replaces it). Returns the URL.
+    pub async fn mint_for_message(&self, store: &Store, contact_id: &str, message_id: &str, now_ms: i64) -> Result<String, StoreError> {
+        let token = generate();
+        store.mint_link(self.learner_link(token.hash, contact_id, Some(message_id.to_owned()), now_ms), now_ms).await?;
+        Ok(self.url(&token.raw))
+    }
+
+    /// A new link for a contact that invalidates every older one (`links regenerate`, admin API).
+    pub async fn regenerate_learner(&self, store: &Store, contact_id: &str, now_ms: i64) -> Result<String, StoreError> {
+        let token = generate();
+        store.regenerate_link(self.learner_link(token.hash, contact_id, None, now_ms), now_ms).await?;
+        Ok(self.url(&token.raw))
+    }
+
+    /// A fresh link for a contact without revoking others ("Email me a new link").
+    pub async fn mint_learner(&self, store: &Store, contact_id: &str, now_ms: i64) -> Result<String, StoreError> {
+        let token = generate();
+        store.mint_link(self.learner_link(token.hash, contact_id, None, now_ms), now_ms).await?;
+        Ok(self.url(&token.raw))
+    }
+
+    /// The site's user (staff) link. It must be retrievable (`herald links user` prints it), so
+    /// its token is derived from a site key kept in the database and a generation number:
+    /// regenerating bumps the generation, revoking the old hash. Only the hash is in
+    /// `magic_links`, as for every link.
+    pub async fn user_link(&self, store: &Store, regenerate: bool, now_ms: i64) -> Result<String, StoreError> {
+        let key = store.site_value("user_link_key".into(), generate().raw).await?;
+        let current: u64 = store.site_value("user_link_generation".into(), "0".into()).await?.parse().unwrap_or(0);
+        let generation = if regenerate || current == 0 { current + 1 } else { current };
+        let raw = derive(&key, generation);
+        if generation != current {
+            let link = NewLink {
+                token_hash: hash(&raw),
+                kind: LinkKind::User,
+                contact_id: None,
+                message_id: None,
+                max_uses: None,
+                expires_ms: None,
+            };
+            store.regenerate_link(link, now_ms).await?;
+            store.set_site_value("user_link_generation".into(), generation.to_string()).await?;
+        }
+        Ok(self.url(&raw))
+    }
+}
+
+/// The user link token of a generation: base64url(SHA-256(key ‖ generation)), 43 characters.
+fn derive(key: &str, generation: u64) -> String {
+    let mut h = Sha256::new();
+    h.update(key.as_bytes());
+    h.update(b"/user-link/");
+    h.update(generation.to_be_bytes());
+    URL_SAFE_NO_PAD.encode(h.finalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_43_url_safe_chars_and_distinct() {
+        let a = generate();
+        let b = generate();
+        assert!(looks_like_token(&a.raw), "{}", a.raw.len());
+        assert_ne!(a.raw, b.raw);
+        assert_eq!(a.hash, hash(&a.raw));
+        assert_eq!(a.hash.len(), 64);
+        assert!(!a.hash.contains(&a.raw));
+    }
+
+    #[test]
+    fn derived_user_tokens_change_with_generation() {
+        assert_ne!(derive("k", 1), derive("k", 2));
+        assert!(looks_like_token(&derive("k", 1)));
+    }
+
+    #[test]
+    fn rejects_non_tokens() {
+        for s in ["", "abc", &"a".repeat(44), &format!("{}!", "a".repeat(42))] {
+            assert!(!looks_like_token(s), "{s}");
+        }
+    }
+}

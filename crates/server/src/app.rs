@@ -1,0 +1,132 @@
+//! Building and running the whole application.
+
+use crate::{AppState, routes};
+use herald_core::signature::WebhookSecret;
+use herald_engine::{Clock, Engine, EngineConfig, Registry, RegistryError, Sources};
+use herald_store::{Store, StoreError};
+use std::future::Future;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+
+/// Everything `Application::build` needs, already parsed and validated by the CLI.
+pub struct Settings {
+    /// `sqlite://PATH` or `postgres://…`.
+    pub database_url: String,
+    /// Address to bind; port 0 picks a free one (tests).
+    pub listen: String,
+    pub secrets: Vec<WebhookSecret>,
+    pub sources: Sources,
+    pub engine: EngineConfig,
+    pub clock: Clock,
+    /// Whether this process runs the engine's loops beside the HTTP server.
+    pub run_engine: bool,
+    /// `HERALD_ADMIN_TOKEN`; `None` turns the admin API off.
+    pub admin_token: Option<String>,
+    /// Magic-link redemption attempts allowed per client address and minute.
+    pub redeem_per_minute: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("database {url}: {source}")]
+    Store { url: String, source: StoreError },
+    #[error(transparent)]
+    Workflows(#[from] RegistryError),
+    #[error("cannot listen on {addr}: {source} (set HERALD_LISTEN to a free address)")]
+    Listen { addr: String, source: std::io::Error },
+}
+
+pub struct Application {
+    listener: TcpListener,
+    state: AppState,
+    /// `None` when the engine is not run in this process.
+    engine: Option<Engine>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Self, BuildError> {
+        let store = Store::connect(&settings.database_url)
+            .await
+            .map_err(|source| BuildError::Store { url: redact_url(&settings.database_url), source })?;
+        let custom: Vec<String> = settings.engine.custom_values.keys().cloned().collect();
+        let registry =
+            Arc::new(Registry::load(settings.sources.clone(), custom, store.clone(), settings.clock.now_ms()).await?);
+        let dev_mailbox = settings.engine.smtp.is_none();
+        let engine = settings
+            .run_engine
+            .then(|| Engine::start(store.clone(), registry.clone(), settings.engine.clone(), settings.clock.clone()));
+
+        let wakers = engine.as_ref().map(Engine::wakers).unwrap_or_default();
+        let listener = TcpListener::bind(&settings.listen)
+            .await
+            .map_err(|source| BuildError::Listen { addr: settings.listen.clone(), source })?;
+        let per_minute = std::num::NonZeroU32::new(settings.redeem_per_minute.max(1)).expect("at least 1");
+        let state = AppState {
+            store,
+            secrets: Arc::new(settings.secrets),
+            clock: settings.clock,
+            wakers,
+            registry,
+            dev_mailbox,
+            templates: settings.sources.templates.clone(),
+            engine: settings.engine,
+            admin_token: settings.admin_token.filter(|t| !t.is_empty()).map(Arc::from),
+            redeem_limiter: Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute))),
+        };
+        Ok(Self { listener, state, engine })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+    }
+
+    pub fn state(&self) -> &AppState {
+        &self.state
+    }
+
+    /// Serves until `shutdown` resolves, then stops taking requests, lets those in flight finish
+    /// and stops the engine after its current batches.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+        let app = routes::router(self.state.clone());
+        // The keyed limiter keeps a cell per client address; forget idle ones now and then.
+        let limiter = self.state.redeem_limiter.clone();
+        let cleanup = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                limiter.retain_recent();
+            }
+        });
+        let served = axum::serve(self.listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
+            .with_graceful_shutdown(shutdown)
+            .await;
+        cleanup.abort();
+        if let Some(engine) = self.engine {
+            engine.shutdown().await;
+        }
+        served
+    }
+}
+
+/// A database URL without its password, for error messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(super::redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(super::redact_url("sqlite://herald.db"), "sqlite://herald.db");
+    }
+}

@@ -1,0 +1,40 @@
+//! JSON errors: every refusal says what was wrong, where, and what to do.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+    /// Extra fields (e.g. `index` and `field` of a refused event).
+    pub detail: serde_json::Map<String, serde_json::Value>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self { status, message: message.into(), detail: Default::default() }
+    }
+    pub fn with(mut self, key: &str, value: impl serde::Serialize) -> Self {
+        self.detail.insert(key.into(), json!(value));
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = serde_json::Map::new();
+        body.insert("error".into(), json!(self.message));
+        body.extend(self.detail);
+        (self.status, Json(serde_json::Value::Object(body))).into_response()
+    }
+}
+
+impl From<herald_store::StoreError> for ApiError {
+    fn from(e: herald_store::StoreError) -> Self {
+        tracing::error!(error = %e, "store error while serving a request");
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "storage is unavailable; retry later")
+    }
+}

@@ -1,0 +1,40 @@
+//! The HTTP routes, one module per area.
+
+mod admin;
+mod events;
+mod health;
+mod links;
+mod login_mail;
+mod mailbox;
+mod portal;
+
+use crate::AppState;
+use axum::Router;
+use axum::routing::{get, post};
+use std::time::Duration;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+
+/// The whole HTTP surface; tests may call it without a socket.
+pub fn router(state: AppState) -> Router {
+    let admin = Router::new()
+        .route("/v1/contacts/{id}/magic-link", post(admin::regenerate_contact_link))
+        .route("/v1/links/user", get(admin::user_link))
+        .route("/v1/links/user/regenerate", post(admin::regenerate_user_link))
+        .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_token));
+    let mut router = Router::new()
+        .route("/v1/events", post(events::post_events))
+        .route("/healthz", get(health::healthz))
+        .route("/l/{token}", get(links::show).post(links::redeem))
+        .route("/l/{token}/new-link", post(links::new_link))
+        .route("/portal", get(portal::show))
+        .route("/portal/logout", post(portal::logout))
+        .merge(admin);
+    if state.dev_mailbox {
+        router = router.route("/dev/mailbox", get(mailbox::page)).route("/dev/mailbox.json", get(mailbox::json));
+    }
+    router
+        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, Duration::from_secs(30)))
+        .layer(CatchPanicLayer::new())
+        .with_state(state)
+}

@@ -1,0 +1,587 @@
+//! `POST /v1/events`: signatures, validation, deduplication, limits, and the membership
+//! projection the events feed (SPEC §2).
+
+use crate::helpers::*;
+use herald_core::signature::WebhookSecret;
+use serde_json::{Value, json};
+
+/// The published Standard Webhooks vector V1 (shared/vectors/standard-webhooks.txt).
+const V1_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+const V1_MSG_ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";
+const V1_TIMESTAMP: i64 = 1614265330;
+const V1_PAYLOAD: &str = r#"{"test": 2432232314}"#;
+const V1_SIGNATURE: &str = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
+const V1_NEGATIVE: &str = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OA=";
+const DECOY: &str = "Ceo5qEr07ixe2NLpvHk3FH9bwy/WavXrAFQ/9tdO6mc=";
+
+both_backends!(
+    single_event_is_accepted_and_projected,
+    batch_reports_status_per_event,
+    duplicate_event_has_no_further_effect,
+    concurrent_duplicates_are_stored_once,
+    unsigned_or_wrongly_signed_requests_get_401_and_change_nothing,
+    timestamp_tolerance_is_five_minutes,
+    published_vector_is_refused_as_a_foreign_secret,
+    one_valid_signature_among_several_passes,
+    malformed_json_gets_400,
+    missing_required_field_names_index_and_field,
+    unknown_type_gets_400,
+    wrong_field_type_gets_400,
+    bad_event_in_a_batch_rejects_the_whole_batch,
+    oversized_body_gets_413,
+    wrong_content_type_gets_415,
+    invalid_phone_does_not_invalidate_the_event,
+    grants_follow_event_time,
+    contact_latest_details_win,
+);
+
+async fn single_event_is_accepted_and_projected(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let ev = offer_granted(contact("c_single", "Ann"), "o_pro");
+    let response = app.post_event(&ev).await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body, json!({"events": [{"id": ev["id"], "source": SOURCE, "status": "new"}]}));
+
+    // `application/json` is the same as `application/cloudevents+json`.
+    let ev2 = new_signup(contact("c_single_json", "Bob"));
+    let statuses =
+        expect_202(app.post_signed(serde_json::to_vec(&ev2).unwrap(), "application/json; charset=utf-8").await).await;
+    assert_eq!(statuses, ["new"]);
+
+    app.settle().await;
+    let c = app.store.contact("c_single".into()).await.unwrap().expect("contact projected");
+    assert_eq!(c.email.as_deref(), Some("c_single@example.com"));
+    assert_eq!(c.first_name.as_deref(), Some("Ann"));
+    let grants = app.store.grants("c_single".into()).await.unwrap();
+    assert!(grants.iter().any(|g| g.kind == "offer" && g.item_id == "o_pro" && g.active), "{grants:?}");
+    assert!(app.store.contact("c_single_json".into()).await.unwrap().is_some());
+}
+
+async fn batch_reports_status_per_event(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let e1 = new_signup(contact("c_b1", "A"));
+    let e2 = new_signup(contact("c_b2", "B"));
+    let e3 = new_signup(contact("c_b3", "C"));
+    assert_eq!(app.accept(&e1).await, "new");
+
+    let response = app.post_batch(&[e2.clone(), e1.clone(), e3.clone(), e2.clone()]).await;
+    assert_eq!(response.status(), 202);
+    let body: Value = response.json().await.unwrap();
+    let listed = body["events"].as_array().unwrap();
+    let got: Vec<(&str, &str)> =
+        listed.iter().map(|e| (e["id"].as_str().unwrap(), e["status"].as_str().unwrap())).collect();
+    let id = |e: &Value| e["id"].as_str().unwrap().to_owned();
+    assert_eq!(
+        got,
+        [
+            (id(&e2).as_str(), "new"),
+            (id(&e1).as_str(), "duplicate"),
+            (id(&e3).as_str(), "new"),
+            (id(&e2).as_str(), "duplicate")
+        ]
+    );
+    assert!(listed.iter().all(|e| e["source"] == SOURCE));
+
+    // The same id from another source is another event.
+    let mut other = e3.clone();
+    other["source"] = json!("https://other-school.example.com");
+    assert_eq!(app.accept(&other).await, "new");
+}
+
+async fn duplicate_event_has_no_further_effect(backend: Backend) {
+    let opts =
+        TestOptions::new(backend).workflow("lesson", &one_email_workflow("lesson_completed", "Lesson done", true));
+    let Some(app) = spawn_app(opts).await else { return };
+    let ev = lesson_completed(contact("c_dup", "Ann"), "p_rust101", "Ownership");
+    assert_eq!(app.accept(&ev).await, "new");
+    app.wait_for_mails(1).await;
+
+    // Posted again, alone and inside a batch: success, no further effect.
+    assert_eq!(app.accept(&ev).await, "duplicate");
+    let other = lesson_completed(contact("c_dup_other", "Bob"), "p_rust101", "Borrowing");
+    assert_eq!(app.accept_batch(&[ev.clone(), other]).await, ["duplicate", "new"]);
+    app.wait_for_mails(2).await;
+    app.settle().await;
+
+    assert_eq!(app.runs_of("c_dup").await.len(), 1, "a duplicate started a second run");
+    assert_eq!(app.messages_of("c_dup").await.len(), 1, "a duplicate queued a second message");
+    let to_dup = app.sink().received().iter().filter(|m| m.rcpt_to == ["c_dup@example.com"]).count();
+    assert_eq!(to_dup, 1, "a duplicate sent a second email");
+    assert_eq!(app.sink().count(), 2);
+}
+
+async fn concurrent_duplicates_are_stored_once(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let events: Vec<Value> = (0..20).map(|i| new_signup(contact(&format!("c_conc_{i}"), "Ann"))).collect();
+    // Every event posted twice, all 40 requests at once.
+    let posts = events.iter().chain(events.iter()).map(|e| app.post_event(e));
+    let answers = futures::future::join_all(posts).await;
+    let mut new_ids = Vec::new();
+    let mut duplicates = 0;
+    for response in answers {
+        assert_eq!(response.status(), 202);
+        let body: Value = response.json().await.unwrap();
+        match body["events"][0]["status"].as_str().unwrap() {
+            "new" => new_ids.push(body["events"][0]["id"].as_str().unwrap().to_owned()),
+            "duplicate" => duplicates += 1,
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    new_ids.sort();
+    let mut expected: Vec<String> = events.iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect();
+    expected.sort();
+    assert_eq!(new_ids, expected, "each event must be new exactly once");
+    assert_eq!(duplicates, 20);
+}
+
+/// The body every refused request carries: were it accepted, contact `c_forged` would exist.
+fn forged_body() -> Vec<u8> {
+    serde_json::to_vec(&new_signup(contact("c_forged", "Mallory"))).unwrap()
+}
+
+async fn unsigned_or_wrongly_signed_requests_get_401_and_change_nothing(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let body = forged_body();
+    let good = app.signature_headers(&body);
+    let (id, ts, sig) = (good[0].1.clone(), good[1].1.clone(), good[2].1.clone());
+    let ct = ("content-type", CLOUDEVENT.to_owned());
+    let wrong_secret = WebhookSecret::parse(V1_SECRET).unwrap();
+    let now = app.clock.now().timestamp();
+    let tampered_sig = secret().sign(&id, now, b"{\"something\": \"else\"}");
+
+    let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
+        ("unsigned", vec![ct.clone()]),
+        ("missing webhook-id", vec![ct.clone(), ("webhook-timestamp", ts.clone()), ("webhook-signature", sig.clone())]),
+        ("missing webhook-timestamp", vec![ct.clone(), ("webhook-id", id.clone()), ("webhook-signature", sig.clone())]),
+        ("missing webhook-signature", vec![ct.clone(), ("webhook-id", id.clone()), ("webhook-timestamp", ts.clone())]),
+        (
+            "signed with another secret",
+            vec![
+                ct.clone(),
+                ("webhook-id", id.clone()),
+                ("webhook-timestamp", ts.clone()),
+                ("webhook-signature", wrong_secret.sign(&id, now, &body)),
+            ],
+        ),
+        (
+            "signature of another body",
+            vec![
+                ct.clone(),
+                ("webhook-id", id.clone()),
+                ("webhook-timestamp", ts.clone()),
+                ("webhook-signature", tampered_sig),
+            ],
+        ),
+        (
+            "signature for another webhook-id",
+            vec![
+                ct.clone(),
+                ("webhook-id", "msg_other".into()),
+                ("webhook-timestamp", ts.clone()),
+                ("webhook-signature", sig.clone()),
+            ],
+        ),
+        (
+            "just v1,",
+            vec![
+                ct.clone(),
+                ("webhook-id", id.clone()),
+                ("webhook-timestamp", ts.clone()),
+                ("webhook-signature", "v1,".into()),
+            ],
+        ),
+        (
+            "first 8 characters of a valid signature",
+            vec![
+                ct.clone(),
+                ("webhook-id", id.clone()),
+                ("webhook-timestamp", ts.clone()),
+                ("webhook-signature", sig[..8].into()),
+            ],
+        ),
+        (
+            "timestamp hello",
+            vec![
+                ct.clone(),
+                ("webhook-id", id.clone()),
+                ("webhook-timestamp", "hello".into()),
+                ("webhook-signature", sig.clone()),
+            ],
+        ),
+        (
+            "v2 scheme only",
+            vec![
+                ct.clone(),
+                ("webhook-id", id.clone()),
+                ("webhook-timestamp", ts.clone()),
+                ("webhook-signature", sig.replacen("v1,", "v2,", 1)),
+            ],
+        ),
+    ];
+    for (what, headers) in cases {
+        let response = app.post_raw(body.clone(), &headers).await;
+        let err = expect_error(response, 401).await;
+        assert!(!err.to_string().contains(&secret().to_whsec()), "{what}: the secret leaked into {err}");
+    }
+    // The correctly signed request really was acceptable: it was the signatures that failed.
+    let mut ok = good.clone();
+    ok.push(ct);
+    app.settle().await;
+    assert!(app.store.contact("c_forged".into()).await.unwrap().is_none(), "a refused request changed state");
+    assert_eq!(app.runs().await.len(), 0);
+    app.assert_healthy().await;
+    let statuses = expect_202(app.post_raw(body, &ok).await).await;
+    assert_eq!(statuses, ["new"]);
+}
+
+async fn timestamp_tolerance_is_five_minutes(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let body = forged_body();
+    let now = app.clock.now().timestamp();
+    let post_at = |ts: i64| {
+        let body = body.clone();
+        let app = &app;
+        async move {
+            let id = format!("msg_ts_{ts}");
+            let headers = [
+                ("content-type", CLOUDEVENT.to_owned()),
+                ("webhook-id", id.clone()),
+                ("webhook-timestamp", ts.to_string()),
+                ("webhook-signature", secret().sign(&id, ts, &body)),
+            ];
+            app.post_raw(body, &headers).await
+        }
+    };
+    expect_error(post_at(now - 301).await, 401).await;
+    expect_error(post_at(now + 301).await, 401).await;
+    expect_error(post_at(now - 3600).await, 401).await;
+    app.settle().await;
+    assert!(app.store.contact("c_forged".into()).await.unwrap().is_none());
+    // Within five minutes either way: accepted (the second is the same event: duplicate).
+    assert_eq!(expect_202(post_at(now - 200).await).await, ["new"]);
+    assert_eq!(expect_202(post_at(now + 200).await).await, ["duplicate"]);
+    app.assert_healthy().await;
+}
+
+async fn published_vector_is_refused_as_a_foreign_secret(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    // Our signer reproduces the published vector, so the harness signs like any platform would.
+    let v1 = WebhookSecret::parse(V1_SECRET).unwrap();
+    assert_eq!(v1.sign(V1_MSG_ID, V1_TIMESTAMP, V1_PAYLOAD.as_bytes()), V1_SIGNATURE);
+
+    // The vector request verbatim: years old and signed with a secret herald does not hold.
+    for signature in [V1_SIGNATURE, V1_NEGATIVE] {
+        let headers = [
+            ("content-type", CLOUDEVENT.to_owned()),
+            ("webhook-id", V1_MSG_ID.to_owned()),
+            ("webhook-timestamp", V1_TIMESTAMP.to_string()),
+            ("webhook-signature", signature.to_owned()),
+        ];
+        expect_error(app.post_raw(V1_PAYLOAD, &headers).await, 401).await;
+    }
+    // A fresh timestamp and a valid event, still under the vector's secret: refused.
+    let body = forged_body();
+    let now = app.clock.now().timestamp();
+    let headers = [
+        ("content-type", CLOUDEVENT.to_owned()),
+        ("webhook-id", V1_MSG_ID.to_owned()),
+        ("webhook-timestamp", now.to_string()),
+        ("webhook-signature", v1.sign(V1_MSG_ID, now, &body)),
+    ];
+    expect_error(app.post_raw(body, &headers).await, 401).await;
+    app.settle().await;
+    assert!(app.store.contact("c_forged".into()).await.unwrap().is_none());
+    app.assert_healthy().await;
+}
+
+async fn one_valid_signature_among_several_passes(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let ev = new_signup(contact("c_multi", "Ann"));
+    let body = serde_json::to_vec(&ev).unwrap();
+    let headers = app.signature_headers(&body);
+    let valid = headers[2].1.clone();
+    let with = |sig: String| {
+        let mut h = headers.clone();
+        h[2].1 = sig;
+        h.push(("content-type", CLOUDEVENT.to_owned()));
+        h
+    };
+    let without_valid = format!("v1,{DECOY} v2,{DECOY} v1,{DECOY}");
+    expect_error(app.post_raw(body.clone(), &with(without_valid)).await, 401).await;
+    let with_valid = format!("v1,{DECOY} v2,{DECOY} {valid} v1,{DECOY}");
+    assert_eq!(expect_202(app.post_raw(body, &with(with_valid)).await).await, ["new"]);
+}
+
+async fn malformed_json_gets_400(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let deep = "[".repeat(100_000);
+    let bodies: Vec<(&str, Vec<u8>, &str)> = vec![
+        ("truncated JSON", br#"{"specversion": "1.0", "id": "#.to_vec(), CLOUDEVENT),
+        ("not JSON at all", b"hello".to_vec(), CLOUDEVENT),
+        ("empty body", Vec::new(), CLOUDEVENT),
+        ("invalid UTF-8", vec![0xff, 0xfe, 0x7b, 0x7d], CLOUDEVENT),
+        ("deeply nested", deep.into_bytes(), CLOUDEVENT),
+        ("an array sent as a single event", b"[]".to_vec(), CLOUDEVENT),
+        ("an object sent as a batch", serde_json::to_vec(&new_signup(contact("c_x", "X"))).unwrap(), CLOUDEVENT_BATCH),
+        ("an empty batch", b"[]".to_vec(), CLOUDEVENT_BATCH),
+        ("a number", b"42".to_vec(), CLOUDEVENT),
+    ];
+    for (what, body, ct) in bodies {
+        let response = app.post_signed(body, ct).await;
+        let status = response.status();
+        let text = response.text().await.unwrap();
+        assert_eq!(status, 400, "{what}: {text}");
+        let err: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: not JSON: {text}"));
+        assert!(err["error"].is_string(), "{what}: {err}");
+    }
+    // Too many events in one batch.
+    let many: Vec<Value> = (0..1001).map(|i| new_signup(json!({"id": format!("c_many_{i}")}))).collect();
+    expect_error(app.post_batch(&many).await, 400).await;
+    app.settle().await;
+    assert!(app.store.contact("c_x".into()).await.unwrap().is_none());
+    assert!(app.store.contact("c_many_0".into()).await.unwrap().is_none());
+    app.assert_healthy().await;
+}
+
+async fn missing_required_field_names_index_and_field(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let full = lesson_completed(contact("c_missing", "Ann"), "p_rust101", "Ownership");
+    let without = |path: &[&str]| {
+        let mut ev = full.clone();
+        let (last, parents) = path.split_last().unwrap();
+        let mut at = &mut ev;
+        for p in parents {
+            at = &mut at[*p];
+        }
+        at.as_object_mut().unwrap().remove(*last);
+        ev
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (without(&["data", "lesson"]), "data.lesson"),
+        (without(&["data", "product"]), "data.product"),
+        (without(&["data", "contact"]), "data.contact"),
+        (without(&["data", "contact", "id"]), "data.contact.id"),
+        (without(&["data", "lesson", "id"]), "data.lesson.id"),
+        (without(&["data"]), "data"),
+        (without(&["id"]), "id"),
+        (without(&["source"]), "source"),
+        (without(&["type"]), "type"),
+        (without(&["specversion"]), "specversion"),
+        (
+            offer_granted(contact("c_missing", "Ann"), "o_pro")
+                .tap(|e| e["data"].as_object_mut().unwrap().remove("offer")),
+            "data.offer",
+        ),
+    ];
+    for (ev, field) in cases {
+        let err = expect_error(app.post_event(&ev).await, 400).await;
+        assert_eq!(err["index"], 0, "{field}: {err}");
+        assert_eq!(err["field"], field, "{err}");
+    }
+    // The category of a lesson event is optional.
+    assert_eq!(app.accept(&without(&["data", "category"])).await, "new");
+    app.assert_healthy().await;
+}
+
+async fn unknown_type_gets_400(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    for ty in ["course.lesson_exploded", "lesson_completed", "com.example.other", ""] {
+        let mut ev = new_signup(contact("c_type", "Ann"));
+        ev["type"] = json!(ty);
+        let err = expect_error(app.post_event(&ev).await, 400).await;
+        assert_eq!(err["index"], 0, "{err}");
+        assert_eq!(err["field"], "type", "{ty}: {err}");
+    }
+    app.settle().await;
+    assert!(app.store.contact("c_type".into()).await.unwrap().is_none());
+    app.assert_healthy().await;
+}
+
+async fn wrong_field_type_gets_400(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let base = lesson_completed(contact("c_wrong", "Ann"), "p_rust101", "Ownership");
+    let with = |path: &[&str], value: Value| {
+        let mut ev = base.clone();
+        let mut at = &mut ev;
+        for p in path {
+            at = &mut at[*p];
+        }
+        *at = value;
+        ev
+    };
+    let cases: Vec<(Value, &str)> = vec![
+        (with(&["data", "contact", "email"], json!(5)), "data.contact.email"),
+        (with(&["data", "contact", "id"], json!(123)), "data.contact.id"),
+        (with(&["data", "contact"], json!("c_wrong")), "data.contact"),
+        (with(&["data", "lesson"], json!(["l_own"])), "data.lesson"),
+        (with(&["data", "product", "title"], json!({"en": "Rust"})), "data.product.title"),
+        (with(&["data"], json!("a string")), "data"),
+        (with(&["time"], json!("yesterday")), "time"),
+        (with(&["time"], json!(1795514400)), "time"),
+        (with(&["id"], json!(7)), "id"),
+        (with(&["specversion"], json!("0.3")), "specversion"),
+    ];
+    for (ev, field) in cases {
+        let err = expect_error(app.post_event(&ev).await, 400).await;
+        assert_eq!(err["index"], 0, "{field}: {err}");
+        assert_eq!(err["field"], field, "{err}");
+    }
+    app.settle().await;
+    assert!(app.store.contact("c_wrong".into()).await.unwrap().is_none());
+    app.assert_healthy().await;
+}
+
+async fn bad_event_in_a_batch_rejects_the_whole_batch(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let good = new_signup(contact("c_batch_ok", "Ann"));
+    let mut bad = lesson_completed(contact("c_batch_bad", "Bob"), "p_rust101", "Ownership");
+    bad["data"].as_object_mut().unwrap().remove("lesson");
+    let third = new_signup(contact("c_batch_third", "Cy"));
+    let err = expect_error(app.post_batch(&[good.clone(), bad.clone(), third.clone()]).await, 400).await;
+    assert_eq!(err["index"], 1, "{err}");
+    assert_eq!(err["field"], "data.lesson", "{err}");
+
+    app.settle().await;
+    for c in ["c_batch_ok", "c_batch_bad", "c_batch_third"] {
+        assert!(app.store.contact(c.into()).await.unwrap().is_none(), "{c} was stored from a refused batch");
+    }
+    // Nothing of it was stored: once fixed, every event of the batch is new.
+    let fixed = lesson_completed(contact("c_batch_bad", "Bob"), "p_rust101", "Ownership");
+    assert_eq!(app.accept_batch(&[good, fixed, third]).await, ["new", "new", "new"]);
+    app.assert_healthy().await;
+}
+
+async fn oversized_body_gets_413(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let mut ev = new_signup(contact("c_big", "Ann"));
+    ev["data"]["contact"]["custom_fields"] = json!({"blob": "x".repeat(1024 * 1024)});
+    let body = serde_json::to_vec(&ev).unwrap();
+    assert!(body.len() > 1024 * 1024);
+    expect_error(app.post_signed(body, CLOUDEVENT).await, 413).await;
+
+    // A batch over 1 MiB made of small events.
+    let batch: Vec<Value> = (0..900)
+        .map(|i| {
+            let mut e = new_signup(contact(&format!("c_big_{i}"), "Ann"));
+            e["data"]["contact"]["custom_fields"] = json!({"notes": "y".repeat(1300)});
+            e
+        })
+        .collect();
+    let body = serde_json::to_vec(&batch).unwrap();
+    assert!(body.len() > 1024 * 1024);
+    expect_error(app.post_signed(body, CLOUDEVENT_BATCH).await, 413).await;
+
+    // Just under the limit is fine.
+    let mut ev = new_signup(contact("c_almost", "Ann"));
+    ev["data"]["contact"]["custom_fields"] = json!({"blob": ""});
+    let overhead = serde_json::to_vec(&ev).unwrap().len();
+    ev["data"]["contact"]["custom_fields"] = json!({"blob": "z".repeat(1024 * 1024 - overhead)});
+    assert_eq!(serde_json::to_vec(&ev).unwrap().len(), 1024 * 1024);
+    assert_eq!(app.accept(&ev).await, "new");
+
+    app.settle().await;
+    assert!(app.store.contact("c_big".into()).await.unwrap().is_none());
+    assert!(app.store.contact("c_big_0".into()).await.unwrap().is_none());
+    app.assert_healthy().await;
+}
+
+async fn wrong_content_type_gets_415(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let body = serde_json::to_vec(&new_signup(contact("c_ct", "Ann"))).unwrap();
+    for ct in ["text/plain", "application/xml", "multipart/form-data; boundary=x", "application/cloudevents+xml"] {
+        expect_error(app.post_signed(body.clone(), ct).await, 415).await;
+    }
+    // No Content-Type at all.
+    expect_error(app.post_raw(body.clone(), &app.signature_headers(&body)).await, 415).await;
+    app.settle().await;
+    assert!(app.store.contact("c_ct".into()).await.unwrap().is_none());
+    app.assert_healthy().await;
+}
+
+async fn invalid_phone_does_not_invalidate_the_event(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    for (i, phone) in ["12345", "+0123", "call me", ""].into_iter().enumerate() {
+        let id = format!("c_phone_{i}");
+        let mut c = contact(&id, "Ann");
+        c["phone"] = json!(phone);
+        assert_eq!(app.accept(&new_signup(c)).await, "new", "phone {phone:?}");
+    }
+    app.settle().await;
+    assert!(app.store.contact("c_phone_0".into()).await.unwrap().is_some());
+}
+
+async fn grants_follow_event_time(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let c = || contact("c_grants", "Ann");
+    let offer_active = async || {
+        app.settle().await;
+        let grants = app.store.grants("c_grants".into()).await.unwrap();
+        grants.iter().find(|g| g.kind == "offer" && g.item_id == "o_pro").map(|g| g.active)
+    };
+
+    assert_eq!(app.accept(&at(offer_granted(c(), "o_pro"), "2026-11-24T12:00:00Z")).await, "new");
+    assert_eq!(offer_active().await, Some(true));
+    // An older removal arriving late does not undo the newer grant.
+    assert_eq!(app.accept(&at(offer_removed(c(), "o_pro"), "2026-11-24T11:00:00Z")).await, "new");
+    assert_eq!(offer_active().await, Some(true), "a late, older removal removed a newer grant");
+    // A newer removal does.
+    assert_eq!(app.accept(&at(offer_removed(c(), "o_pro"), "2026-11-24T13:00:00Z")).await, "new");
+    assert_eq!(offer_active().await, Some(false));
+    // And an older grant arriving late does not restore it.
+    assert_eq!(app.accept(&at(offer_granted(c(), "o_pro"), "2026-11-24T12:30:00+00:00")).await, "new");
+    assert_eq!(offer_active().await, Some(false), "a late, older grant undid a newer removal");
+
+    // Product grants behave the same, also within one batch in reverse order.
+    let granted = at(
+        event("product_access_granted", json!({"contact": c(), "product": product("p_async", "Async")})),
+        "2026-11-25T10:00:00Z",
+    );
+    let removed = at(
+        event("product_access_removed", json!({"contact": c(), "product": product("p_async", "Async")})),
+        "2026-11-25T09:00:00Z",
+    );
+    assert_eq!(app.accept_batch(&[granted, removed]).await, ["new", "new"]);
+    app.settle().await;
+    let grants = app.store.grants("c_grants".into()).await.unwrap();
+    let p = grants.iter().find(|g| g.kind == "product" && g.item_id == "p_async").expect("product grant");
+    assert!(p.active, "{grants:?}");
+}
+
+async fn contact_latest_details_win(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let mut first = contact("c_latest", "Ann");
+    first["email"] = json!("ann@old.example.com");
+    assert_eq!(app.accept(&at(new_signup(first), "2026-11-24T10:00:00Z")).await, "new");
+    app.settle().await;
+    let c = app.store.contact("c_latest".into()).await.unwrap().unwrap();
+    assert_eq!(c.email.as_deref(), Some("ann@old.example.com"));
+
+    let mut newer = contact("c_latest", "Annie");
+    newer["email"] = json!("ann@new.example.com");
+    newer["timezone"] = json!("Europe/Berlin");
+    assert_eq!(app.accept(&at(new_signup(newer), "2026-11-24T12:00:00Z")).await, "new");
+    app.settle().await;
+    let c = app.store.contact("c_latest".into()).await.unwrap().unwrap();
+    assert_eq!(c.email.as_deref(), Some("ann@new.example.com"));
+    assert_eq!(c.first_name.as_deref(), Some("Annie"));
+    assert_eq!(c.timezone.as_deref(), Some("Europe/Berlin"));
+
+    // Details from an older event arriving late do not overwrite newer ones.
+    let mut stale = contact("c_latest", "Stale");
+    stale["email"] = json!("ann@stale.example.com");
+    assert_eq!(app.accept(&at(new_signup(stale), "2026-11-24T11:00:00Z")).await, "new");
+    app.settle().await;
+    let c = app.store.contact("c_latest".into()).await.unwrap().unwrap();
+    assert_eq!(c.email.as_deref(), Some("ann@new.example.com"), "a late, older event overwrote the email");
+    assert_eq!(c.first_name.as_deref(), Some("Annie"));
+}
+
+/// `value.tap(|v| ...)`: mutate a value inline.
+trait Tap: Sized {
+    fn tap(mut self, f: impl FnOnce(&mut Self) -> Option<Value>) -> Self {
+        let _ = f(&mut self);
+        self
+    }
+}
+impl Tap for Value {}

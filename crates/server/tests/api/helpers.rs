@@ -1,0 +1,631 @@
+//! The test harness: `spawn_app` builds the whole application on port 0 with its workflows in a
+//! temporary folder, its database on SQLite (a temp file) or PostgreSQL (a fresh schema), a real
+//! SMTP sink and, when asked, a manual clock; `TestApp` signs and posts events, waits for the
+//! engine, and reads the store for assertions.
+
+#![allow(dead_code)]
+
+use crate::smtp_sink::{ReceivedMail, SmtpSink};
+use herald_channels::email::SmtpSender;
+use herald_core::signature::WebhookSecret;
+use herald_engine::{Clock, EngineConfig, Sources};
+use herald_server::{AppState, Application, Settings};
+use herald_store::{ListFilter, MessageRow, MessageStatus, RunRow, Store};
+use serde_json::{Value, json};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tempfile::TempDir;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+/// Base of herald's links; its host names generated `Message-ID`s.
+pub const PUBLIC_URL: &str = "http://herald.test";
+/// The `source` of every event the tests post.
+pub const SOURCE: &str = "https://school.example.com";
+/// The configured default `From`.
+pub const EMAIL_FROM: &str = "Herald Test <noreply@herald.test>";
+/// The configured `[custom_values] support_email`.
+pub const SUPPORT_EMAIL: &str = "help@school.example.com";
+/// How long `wait_for` waits before failing the test.
+pub const WAIT: Duration = Duration::from_secs(15);
+/// 2026-11-24T10:00:00Z, where manual clocks start.
+pub const START_MS: i64 = 1_795_514_400_000;
+
+pub const CLOUDEVENT: &str = "application/cloudevents+json";
+pub const CLOUDEVENT_BATCH: &str = "application/cloudevents-batch+json";
+
+/// Generates a `sqlite` and a `postgres` test for each `async fn NAME(backend: Backend)`.
+macro_rules! both_backends {
+    ($($name:ident),+ $(,)?) => { $(
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn sqlite() {
+                super::$name($crate::helpers::Backend::Sqlite).await
+            }
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn postgres() {
+                super::$name($crate::helpers::Backend::Postgres).await
+            }
+        }
+    )+ };
+}
+
+/// The secret herald verifies with in these tests.
+pub fn secret() -> WebhookSecret {
+    WebhookSecret::from_bytes((0u8..32).map(|i| i.wrapping_mul(37).wrapping_add(11)).collect()).expect("valid key")
+}
+
+/// reqwest is built with `rustls-no-provider`: install ring once per process.
+pub fn install_crypto() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// The PostgreSQL server the tests use (each test in a schema of its own).
+pub fn pg_base_url() -> String {
+    std::env::var("HERALD_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+static SCHEMA_COUNTER: AtomicUsize = AtomicUsize::new(0);
+static SWEPT: AtomicBool = AtomicBool::new(false);
+
+/// Creates a fresh schema and returns the URL that selects it, or why PostgreSQL is unusable.
+async fn fresh_pg_schema() -> Result<String, String> {
+    use sqlx::Connection;
+    let base = pg_base_url();
+    let mut conn = tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&base))
+        .await
+        .map_err(|_| format!("connecting to {base} timed out"))?
+        .map_err(|e| format!("cannot connect to {base}: {e}"))?;
+    if !SWEPT.swap(true, Ordering::SeqCst) {
+        sweep_dead_schemas(&mut conn).await;
+    }
+    let schema = format!("herald_t_{}_{}", std::process::id(), SCHEMA_COUNTER.fetch_add(1, Ordering::SeqCst));
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}")))
+        .execute(&mut conn)
+        .await
+        .map_err(|e| format!("cannot create schema {schema}: {e}"))?;
+    let _ = conn.close().await;
+    let sep = if base.contains('?') { '&' } else { '?' };
+    Ok(format!("{base}{sep}options=-csearch_path%3D{schema}"))
+}
+
+/// Drops the schemas left by earlier test processes that are no longer running.
+async fn sweep_dead_schemas(conn: &mut sqlx::PgConnection) {
+    let Ok(names) =
+        sqlx::query_scalar::<_, String>("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'herald\\_t\\_%'")
+            .fetch_all(&mut *conn)
+            .await
+    else {
+        return;
+    };
+    for name in names {
+        let pid = name.strip_prefix("herald_t_").and_then(|r| r.split('_').next()).and_then(|p| p.parse::<u32>().ok());
+        let alive =
+            pid.is_some_and(|p| p == std::process::id() || std::path::Path::new(&format!("/proc/{p}")).exists());
+        if !alive {
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "SET lock_timeout = '2s'; DROP SCHEMA IF EXISTS {name} CASCADE"
+            )))
+            .execute(&mut *conn)
+            .await;
+        }
+    }
+}
+
+/// How a test wants its application.
+#[derive(Clone)]
+pub struct TestOptions {
+    pub backend: Backend,
+    /// `workflows/NAME` files (name with `.yaml`) and their text.
+    pub workflows: Vec<(String, String)>,
+    /// `templates/NAME` files.
+    pub templates: Vec<(String, String)>,
+    /// `false`: no SMTP, emails go to the dev mailbox.
+    pub smtp: bool,
+    /// `Some(start)`: a manual clock starting there.
+    pub manual_clock: Option<i64>,
+    pub lease: Duration,
+    pub retry_base: Duration,
+    pub retry_cap: Duration,
+    pub max_attempts: i64,
+    pub poll_interval: Duration,
+    pub custom_values: BTreeMap<String, String>,
+}
+
+impl TestOptions {
+    pub fn new(backend: Backend) -> Self {
+        Self {
+            backend,
+            workflows: Vec::new(),
+            templates: Vec::new(),
+            smtp: true,
+            manual_clock: None,
+            lease: Duration::from_secs(30),
+            retry_base: Duration::from_millis(20),
+            retry_cap: Duration::from_millis(200),
+            max_attempts: 8,
+            poll_interval: Duration::from_millis(20),
+            custom_values: BTreeMap::from([("support_email".to_owned(), SUPPORT_EMAIL.to_owned())]),
+        }
+    }
+
+    /// Adds `workflows/{id}.yaml`.
+    pub fn workflow(mut self, id: &str, yaml: &str) -> Self {
+        self.workflows.push((format!("{id}.yaml"), yaml.to_owned()));
+        self
+    }
+
+    /// Adds `templates/{file}` (e.g. `welcome.html.hbs`).
+    pub fn template(mut self, file: &str, text: &str) -> Self {
+        self.templates.push((file.to_owned(), text.to_owned()));
+        self
+    }
+
+    pub fn without_smtp(mut self) -> Self {
+        self.smtp = false;
+        self
+    }
+
+    pub fn manual_clock(mut self) -> Self {
+        self.manual_clock = Some(START_MS);
+        self
+    }
+
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    pub fn retries(mut self, base: Duration, cap: Duration, max_attempts: i64) -> Self {
+        self.retry_base = base;
+        self.retry_cap = cap;
+        self.max_attempts = max_attempts;
+        self
+    }
+}
+
+/// What outlives one process of the application: its folders and its database.
+pub struct Env {
+    pub root: TempDir,
+    pub workflows: PathBuf,
+    pub templates: PathBuf,
+    pub database_url: String,
+    pub backend: Backend,
+}
+
+/// A running application and handles to everything around it.
+pub struct TestApp {
+    /// `http://127.0.0.1:PORT`.
+    pub address: String,
+    pub port: u16,
+    pub client: reqwest::Client,
+    pub store: Store,
+    pub state: AppState,
+    pub clock: Clock,
+    /// The SMTP server herald sends to (`None` when the dev mailbox is used).
+    pub smtp: Option<SmtpSink>,
+    pub env: Arc<Env>,
+    pub options: TestOptions,
+    server: Option<JoinHandle<std::io::Result<()>>>,
+    shutdown: Option<oneshot::Sender<()>>,
+}
+
+/// What is left after [`TestApp::crash`]: enough to start the next process on the same database.
+pub struct Crashed {
+    pub env: Arc<Env>,
+    pub options: TestOptions,
+    pub smtp: Option<SmtpSink>,
+    pub clock: Clock,
+}
+
+impl Crashed {
+    /// Starts a new process on the same database, folders, SMTP sink and clock.
+    pub async fn restart(self) -> TestApp {
+        launch(self.env, self.options, self.smtp, self.clock).await
+    }
+}
+
+/// Builds and starts the application; `None` when the test must be skipped (PostgreSQL not
+/// reachable outside CI).
+pub async fn spawn_app(options: TestOptions) -> Option<TestApp> {
+    install_crypto();
+    let root = tempfile::tempdir().expect("temp dir");
+    let database_url = match options.backend {
+        Backend::Sqlite => format!("sqlite://{}", root.path().join("herald.db").display()),
+        Backend::Postgres => match fresh_pg_schema().await {
+            Ok(url) => url,
+            Err(reason) => {
+                if std::env::var("CI").is_ok_and(|v| v == "true") {
+                    panic!("PostgreSQL is required under CI=true but is unusable: {reason}");
+                }
+                eprintln!("skipping PostgreSQL test: {reason}");
+                return None;
+            }
+        },
+    };
+    let workflows = root.path().join("workflows");
+    let templates = root.path().join("templates");
+    std::fs::create_dir_all(&workflows).unwrap();
+    std::fs::create_dir_all(&templates).unwrap();
+    for (name, text) in &options.workflows {
+        std::fs::write(workflows.join(name), text).unwrap();
+    }
+    for (name, text) in &options.templates {
+        std::fs::write(templates.join(name), text).unwrap();
+    }
+    let env = Arc::new(Env { root, workflows, templates, database_url, backend: options.backend });
+    let smtp = if options.smtp { Some(SmtpSink::start().await) } else { None };
+    let clock = match options.manual_clock {
+        Some(start) => Clock::manual(start),
+        None => Clock::System,
+    };
+    Some(launch(env, options, smtp, clock).await)
+}
+
+async fn launch(env: Arc<Env>, options: TestOptions, smtp: Option<SmtpSink>, clock: Clock) -> TestApp {
+    let mut engine = EngineConfig::new(PUBLIC_URL);
+    engine.email_from = EMAIL_FROM.into();
+    engine.custom_values = options.custom_values.clone();
+    engine.smtp = smtp.as_ref().map(|s| SmtpSender::from_url(&s.url()).expect("sink URL"));
+    engine.lease = options.lease;
+    engine.retry_base = options.retry_base;
+    engine.retry_cap = options.retry_cap;
+    engine.max_attempts = options.max_attempts;
+    engine.poll_interval = options.poll_interval;
+    let settings = Settings {
+        database_url: env.database_url.clone(),
+        listen: "127.0.0.1:0".into(),
+        secrets: vec![secret()],
+        sources: Sources { workflows: env.workflows.clone(), templates: env.templates.clone() },
+        engine,
+        clock: clock.clone(),
+        run_engine: true,
+        admin_token: None,
+        redeem_per_minute: 60,
+    };
+    let app = match Application::build(settings).await {
+        Ok(app) => app,
+        Err(e) => panic!("Application::build failed: {e}"),
+    };
+    let port = app.port();
+    let state = app.state().clone();
+    let (tx, rx) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run(async move {
+        let _ = rx.await;
+    }));
+    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().expect("client");
+    TestApp {
+        address: format!("http://127.0.0.1:{port}"),
+        port,
+        client,
+        store: state.store.clone(),
+        state,
+        clock,
+        smtp,
+        env,
+        options,
+        server: Some(server),
+        shutdown: Some(tx),
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(s) = self.server.take() {
+            s.abort();
+        }
+    }
+}
+
+impl TestApp {
+    /// The SMTP sink (panics if the app uses the dev mailbox).
+    pub fn sink(&self) -> &SmtpSink {
+        self.smtp.as_ref().expect("this app was built without SMTP")
+    }
+
+    /// Kills the process: the server and the engine loops stop where they stand (claims stay
+    /// until their lease runs out), nothing is drained.
+    pub async fn crash(mut self) -> Crashed {
+        let server = self.server.take().expect("running");
+        server.abort();
+        let _ = server.await;
+        Crashed {
+            env: self.env.clone(),
+            options: self.options.clone(),
+            smtp: self.smtp.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
+    /// Graceful stop: in-flight requests finish and the engine completes its current batches.
+    pub async fn shutdown(mut self) -> Crashed {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let server = self.server.take().expect("running");
+        server.await.expect("server task").expect("server stopped cleanly");
+        Crashed {
+            env: self.env.clone(),
+            options: self.options.clone(),
+            smtp: self.smtp.clone(),
+            clock: self.clock.clone(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.address)
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client.get(self.url(path)).send().await.expect("GET")
+    }
+
+    /// Standard Webhooks headers for `body`, signed with [`secret`] at the app's current time.
+    pub fn signature_headers(&self, body: &[u8]) -> Vec<(&'static str, String)> {
+        let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
+        let ts = self.clock.now().timestamp();
+        vec![
+            ("webhook-id", id.clone()),
+            ("webhook-timestamp", ts.to_string()),
+            ("webhook-signature", secret().sign(&id, ts, body)),
+        ]
+    }
+
+    /// Posts `body` to `/v1/events` with exactly these headers.
+    pub async fn post_raw(&self, body: impl Into<Vec<u8>>, headers: &[(&str, String)]) -> reqwest::Response {
+        let mut req = self.client.post(self.url("/v1/events")).body(body.into());
+        for (name, value) in headers {
+            req = req.header(*name, value);
+        }
+        req.send().await.expect("POST /v1/events")
+    }
+
+    /// Posts a correctly signed body with this content type.
+    pub async fn post_signed(&self, body: impl Into<Vec<u8>>, content_type: &str) -> reqwest::Response {
+        let body = body.into();
+        let mut headers = self.signature_headers(&body);
+        headers.push(("content-type", content_type.to_owned()));
+        self.post_raw(body, &headers).await
+    }
+
+    pub async fn post_event(&self, event: &Value) -> reqwest::Response {
+        self.post_signed(serde_json::to_vec(event).unwrap(), CLOUDEVENT).await
+    }
+
+    pub async fn post_batch(&self, events: &[Value]) -> reqwest::Response {
+        self.post_signed(serde_json::to_vec(events).unwrap(), CLOUDEVENT_BATCH).await
+    }
+
+    /// Posts one event, asserts `202` and returns its status (`new` or `duplicate`).
+    pub async fn accept(&self, event: &Value) -> String {
+        let statuses = expect_202(self.post_event(event).await).await;
+        assert_eq!(statuses.len(), 1);
+        statuses.into_iter().next().unwrap()
+    }
+
+    /// Posts a batch, asserts `202` and returns the statuses in order.
+    pub async fn accept_batch(&self, events: &[Value]) -> Vec<String> {
+        let statuses = expect_202(self.post_batch(events).await).await;
+        assert_eq!(statuses.len(), events.len());
+        statuses
+    }
+
+    /// `/healthz` answers 200 and a fresh valid event is still accepted.
+    pub async fn assert_healthy(&self) {
+        let health = self.get("/healthz").await;
+        assert_eq!(health.status(), 200, "healthz after refusals");
+        let probe = event("new_signup", json!({"contact": {"id": format!("probe_{}", new_id())}}));
+        assert_eq!(self.accept(&probe).await, "new", "a valid event after refusals");
+    }
+
+    /// Moves a manual clock and wakes the engine.
+    pub fn advance(&self, by: Duration) {
+        self.clock.advance(by);
+        self.state.wakers.all();
+    }
+
+    pub async fn messages(&self) -> Vec<MessageRow> {
+        self.store.messages(ListFilter { limit: 1000, ..Default::default() }).await.expect("store.messages")
+    }
+
+    pub async fn messages_of(&self, contact_id: &str) -> Vec<MessageRow> {
+        self.store
+            .messages(ListFilter { contact_id: Some(contact_id.into()), limit: 1000, ..Default::default() })
+            .await
+            .expect("store.messages")
+    }
+
+    pub async fn runs(&self) -> Vec<RunRow> {
+        self.store.runs(ListFilter { limit: 1000, ..Default::default() }).await.expect("store.runs")
+    }
+
+    pub async fn runs_of(&self, contact_id: &str) -> Vec<RunRow> {
+        self.store
+            .runs(ListFilter { contact_id: Some(contact_id.into()), limit: 1000, ..Default::default() })
+            .await
+            .expect("store.runs")
+    }
+
+    /// Waits until nothing is due: every stored event dispatched, no run or queued message due
+    /// at the clock's "now" (a claimed job stays due until it is finished). Then negative
+    /// assertions ("no second message") are sound.
+    pub async fn settle(&self) {
+        self.state.wakers.all();
+        let mut last = String::new();
+        let ok = eventually(async || {
+            let undispatched = self.store.undispatched_count().await.expect("undispatched_count");
+            let next_due = self.store.next_due_ms().await.expect("next_due_ms");
+            let now = self.clock.now_ms();
+            last = format!("undispatched events {undispatched}, next due {next_due:?}, now {now}");
+            undispatched == 0 && next_due.is_none_or(|d| d > now)
+        })
+        .await;
+        if !ok {
+            panic!(
+                "the engine did not settle within {WAIT:?}: {last}\nmessages: {:#?}\nruns: {:#?}",
+                self.messages().await,
+                self.runs().await
+            );
+        }
+    }
+
+    /// Waits until the sink holds at least `n` messages; returns all of them.
+    pub async fn wait_for_mails(&self, n: usize) -> Vec<ReceivedMail> {
+        let sink = self.sink();
+        if !eventually(async || sink.count() >= n).await {
+            panic!(
+                "expected {n} emails at the SMTP sink, got {} within {WAIT:?}\nrefusals: {:?}\nmessages: {:#?}\nruns: {:#?}",
+                sink.count(),
+                sink.refusals().iter().map(|r| (r.stage, r.code)).collect::<Vec<_>>(),
+                self.messages().await,
+                self.runs().await
+            );
+        }
+        sink.received()
+    }
+
+    /// Waits until the store holds `n` messages in status `status`; returns every message.
+    pub async fn wait_for_status(&self, n: usize, status: MessageStatus) -> Vec<MessageRow> {
+        let mut rows = Vec::new();
+        let ok = eventually(async || {
+            rows = self.messages().await;
+            rows.iter().filter(|m| m.status == status).count() >= n
+        })
+        .await;
+        if !ok {
+            panic!(
+                "expected {n} messages {status:?} within {WAIT:?}; messages: {rows:#?}\nruns: {:#?}",
+                self.runs().await
+            );
+        }
+        rows
+    }
+}
+
+/// Asserts `202` and returns each event's status.
+pub async fn expect_202(response: reqwest::Response) -> Vec<String> {
+    let status = response.status();
+    let body: Value = response.json().await.expect("JSON answer");
+    assert_eq!(status, 202, "expected 202, got {status}: {body}");
+    body["events"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no events list in {body}"))
+        .iter()
+        .map(|e| e["status"].as_str().expect("status").to_owned())
+        .collect()
+}
+
+/// Asserts the status and returns the JSON error body.
+pub async fn expect_error(response: reqwest::Response, status: u16) -> Value {
+    let got = response.status();
+    let text = response.text().await.unwrap_or_default();
+    assert_eq!(got.as_u16(), status, "expected {status}, got {got}: {text}");
+    let body: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("error body is not JSON ({e}): {text}"));
+    assert!(body["error"].as_str().is_some_and(|s| !s.is_empty()), "error body without an `error` message: {body}");
+    body
+}
+
+/// Polls `check` every 10 ms for up to [`WAIT`]; whether it came true.
+pub async fn eventually(mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Polls `check` until it holds; fails the test naming `what` otherwise.
+pub async fn wait_for(what: &str, check: impl AsyncFnMut() -> bool) {
+    if !eventually(check).await {
+        panic!("timed out after {WAIT:?} waiting for {what}");
+    }
+}
+
+// ----- events -----
+
+pub fn new_id() -> String {
+    format!("evt_{}", uuid::Uuid::now_v7().simple())
+}
+
+/// A CloudEvents envelope of `course.{trigger}` with a fresh id; `time` is left out (herald then
+/// uses the time of receipt), set it with [`at`].
+pub fn event(trigger: &str, data: Value) -> Value {
+    json!({
+        "specversion": "1.0",
+        "id": new_id(),
+        "source": SOURCE,
+        "type": format!("course.{trigger}"),
+        "data": data,
+    })
+}
+
+/// Sets the event's `time`.
+pub fn at(mut event: Value, time: &str) -> Value {
+    event["time"] = json!(time);
+    event
+}
+
+/// A contact with an email address derived from its id and a first name.
+pub fn contact(id: &str, first_name: &str) -> Value {
+    json!({"id": id, "email": format!("{id}@example.com"), "first_name": first_name})
+}
+
+pub fn offer(id: &str, title: &str) -> Value {
+    json!({"id": id, "title": title, "product_ids": ["p_rust101", "p_async"]})
+}
+
+pub fn product(id: &str, title: &str) -> Value {
+    json!({"id": id, "title": title, "url": format!("https://school.example.com/p/{id}")})
+}
+
+pub fn offer_granted(contact: Value, offer_id: &str) -> Value {
+    event("offer_access_granted", json!({"contact": contact, "offer": offer(offer_id, "Rust Pro")}))
+}
+
+pub fn offer_removed(contact: Value, offer_id: &str) -> Value {
+    event("offer_access_removed", json!({"contact": contact, "offer": offer(offer_id, "Rust Pro")}))
+}
+
+pub fn lesson_completed(contact: Value, product_id: &str, lesson_title: &str) -> Value {
+    event(
+        "lesson_completed",
+        json!({
+            "contact": contact,
+            "product": product(product_id, "Rust 101"),
+            "category": {"id": "cat_w1", "title": "Week 1"},
+            "lesson": {"id": format!("l_{}", lesson_title.to_lowercase()), "title": lesson_title},
+        }),
+    )
+}
+
+pub fn product_completed(contact: Value, product_id: &str) -> Value {
+    event("product_completed", json!({"contact": contact, "product": product(product_id, "Rust 101")}))
+}
+
+pub fn new_signup(contact: Value) -> Value {
+    event("new_signup", json!({"contact": contact}))
+}
+
+/// A one-step workflow: an inline email on `trigger`.
+pub fn one_email_workflow(trigger: &str, subject: &str, re_entry: bool) -> String {
+    format!(
+        "name: One email\ntrigger:\n  event: {trigger}\nre_entry: {re_entry}\nsteps:\n  - id: only\n    send_email:\n      subject: \"{subject}\"\n      text: \"Hello {{{{default contact.first_name 'there'}}}}\"\n"
+    )
+}

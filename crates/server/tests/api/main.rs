@@ -1,0 +1,14 @@
+//! herald's HTTP-level test suite: one binary (STACK.md), one module per area. Each test runs the
+//! whole application in-process (`Application::build` on port 0) against SQLite and, when it is
+//! reachable, PostgreSQL, with a real SMTP server (`smtp_sink`) on loopback.
+
+#[macro_use]
+mod helpers;
+mod smtp_sink;
+
+mod delivery;
+mod durability;
+mod events;
+mod health;
+mod mailbox;
+mod workflows;

@@ -1,0 +1,359 @@
+//! Workflow semantics with a manual clock: waits, branches, enrollment rules, exits, event waits,
+//! drafts and loop protection (SPEC §3).
+
+use crate::helpers::*;
+use herald_store::RunState;
+use std::time::Duration;
+
+both_backends!(
+    wait_two_days_then_send,
+    if_then_else_branches,
+    re_entry_false_runs_once_true_runs_again,
+    live_run_blocks_re_enrollment,
+    exit_when_ends_a_waiting_run,
+    wait_for_event_resumes_on_the_event,
+    wait_for_event_times_out,
+    disabled_workflow_never_triggers,
+    loop_protection_refuses_the_51st_enrollment,
+);
+
+const MINUTE: Duration = Duration::from_secs(60);
+const DAY: Duration = Duration::from_secs(86_400);
+
+const WELCOME_THEN_WAIT: &str = r#"
+name: Welcome, then check in
+trigger:
+  event: offer_access_granted
+exit_when:
+  event: product_completed
+steps:
+  - id: welcome
+    send_email:
+      subject: "Welcome"
+      text: "Hi {{contact.first_name}}"
+  - wait: 2d
+  - id: check_in
+    send_email:
+      subject: "Two days in"
+      text: "How is it going, {{contact.first_name}}?"
+"#;
+
+fn subjects(app: &TestApp) -> Vec<(String, String)> {
+    app.sink().received().iter().map(|m| (m.rcpt_to.join(","), m.parse().subject)).collect()
+}
+
+async fn wait_two_days_then_send(backend: Backend) {
+    let opts = TestOptions::new(backend).manual_clock().workflow("welcome", WELCOME_THEN_WAIT);
+    let Some(app) = spawn_app(opts).await else { return };
+    app.accept(&offer_granted(contact("c_wait", "Ann"), "o_pro")).await;
+    app.wait_for_mails(1).await;
+    app.settle().await;
+    let runs = app.runs().await;
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].state, RunState::Active);
+    assert_eq!(runs[0].due_ms, Some(START_MS + 2 * 86_400_000), "the wait should end two days after the start");
+
+    app.advance(2 * DAY - MINUTE);
+    app.settle().await;
+    assert_eq!(app.sink().count(), 1, "the second email went before the wait was over");
+
+    app.advance(2 * MINUTE);
+    app.wait_for_mails(2).await;
+    app.settle().await;
+    let to = |s: &str| ("c_wait@example.com".to_owned(), s.to_owned());
+    assert_eq!(subjects(&app), [to("Welcome"), to("Two days in")]);
+    let ids: Vec<String> = app.sink().received().iter().map(|m| m.message_id()).collect();
+    assert_ne!(ids[0], ids[1], "two messages share a Message-ID");
+    let runs = app.runs().await;
+    assert_eq!(runs[0].state, RunState::Completed);
+    assert!(runs[0].ended_ms.is_some());
+}
+
+async fn if_then_else_branches(backend: Backend) {
+    let wf = r#"
+name: Branching
+trigger:
+  event: offer_access_granted
+steps:
+  - if:
+      all:
+        - { field: offer.id, equals: o_pro }
+        - { field: contact.phone, exists: true }
+    then:
+      - id: pro
+        send_email:
+          subject: "Pro with phone"
+          text: "x"
+    else:
+      - id: other
+        send_email:
+          subject: "Other"
+          text: "x"
+  - if:
+      any:
+        - { field: offer.id, in: [o_vip, o_gold] }
+        - { field: contact.first_name, equals: Zed }
+    then:
+      - id: vip
+        send_email:
+          subject: "VIP"
+          text: "x"
+  - id: after
+    send_email:
+      subject: "After the branches"
+      text: "x"
+"#;
+    let opts = TestOptions::new(backend).manual_clock().workflow("branching", wf);
+    let Some(app) = spawn_app(opts).await else { return };
+    let with_phone = |id: &str, name: &str| {
+        let mut c = contact(id, name);
+        c["phone"] = serde_json::json!("+15551234567");
+        c
+    };
+    app.accept(&offer_granted(with_phone("c_if1", "Ann"), "o_pro")).await;
+    app.accept(&offer_granted(contact("c_if2", "Bob"), "o_pro")).await;
+    app.accept(&offer_granted(with_phone("c_if3", "Cy"), "o_basic")).await;
+    app.accept(&offer_granted(contact("c_if4", "Di"), "o_gold")).await;
+    app.accept(&offer_granted(contact("c_if5", "Zed"), "o_basic")).await;
+    app.settle().await;
+
+    let mut got: Vec<(String, String)> = app.messages().await.into_iter().map(|m| (m.contact_id, m.step_id)).collect();
+    got.sort();
+    let expected = [
+        ("c_if1", "after"),
+        ("c_if1", "pro"),
+        ("c_if2", "after"),
+        ("c_if2", "other"),
+        ("c_if3", "after"),
+        ("c_if3", "other"),
+        ("c_if4", "after"),
+        ("c_if4", "other"),
+        ("c_if4", "vip"),
+        ("c_if5", "after"),
+        ("c_if5", "other"),
+        ("c_if5", "vip"),
+    ];
+    assert_eq!(got, expected.map(|(c, s)| (c.to_owned(), s.to_owned())));
+    let mails = app.wait_for_mails(12).await;
+    let to_ann: Vec<String> =
+        mails.iter().filter(|m| m.rcpt_to == ["c_if1@example.com"]).map(|m| m.parse().subject).collect();
+    assert_eq!(to_ann.len(), 2);
+    assert!(
+        to_ann.contains(&"Pro with phone".to_owned()) && to_ann.contains(&"After the branches".to_owned()),
+        "{to_ann:?}"
+    );
+    assert!(app.runs().await.iter().all(|r| r.state == RunState::Completed));
+}
+
+async fn re_entry_false_runs_once_true_runs_again(backend: Backend) {
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("once", &one_email_workflow("lesson_completed", "Once", false))
+        .workflow("again", &one_email_workflow("lesson_completed", "Again", true));
+    let Some(app) = spawn_app(opts).await else { return };
+    for lesson in ["Ownership", "Borrowing", "Lifetimes"] {
+        app.accept(&lesson_completed(contact("c_re", "Ann"), "p_rust101", lesson)).await;
+        app.settle().await;
+    }
+    let runs = app.runs_of("c_re").await;
+    let count = |wf: &str| runs.iter().filter(|r| r.workflow_id == wf).count();
+    assert_eq!(count("once"), 1, "re_entry: false enrolled a contact twice");
+    assert_eq!(count("again"), 3, "re_entry: true did not enroll again after the run ended");
+    app.wait_for_mails(4).await;
+    app.settle().await;
+    let mails = subjects(&app);
+    assert_eq!(mails.iter().filter(|(_, s)| s == "Once").count(), 1);
+    assert_eq!(mails.iter().filter(|(_, s)| s == "Again").count(), 3);
+}
+
+async fn live_run_blocks_re_enrollment(backend: Backend) {
+    let wf = r#"
+name: Re-entrant with a wait
+trigger:
+  event: lesson_completed
+re_entry: true
+steps:
+  - id: first
+    send_email:
+      subject: "First"
+      text: "x"
+  - wait: 1d
+  - id: second
+    send_email:
+      subject: "Second"
+      text: "x"
+"#;
+    let opts = TestOptions::new(backend).manual_clock().workflow("waiting", wf);
+    let Some(app) = spawn_app(opts).await else { return };
+    app.accept(&lesson_completed(contact("c_live", "Ann"), "p_rust101", "One")).await;
+    app.settle().await;
+    // Still in the first run: never enrolled twice at once, even with re_entry: true.
+    app.accept(&lesson_completed(contact("c_live", "Ann"), "p_rust101", "Two")).await;
+    app.settle().await;
+    assert_eq!(app.runs_of("c_live").await.len(), 1, "a contact was enrolled while its run was live");
+
+    app.advance(DAY + MINUTE);
+    app.wait_for_mails(2).await;
+    app.settle().await;
+    assert_eq!(app.runs_of("c_live").await[0].state, RunState::Completed);
+    // Ended: now it may enter again.
+    app.accept(&lesson_completed(contact("c_live", "Ann"), "p_rust101", "Three")).await;
+    app.wait_for_mails(3).await;
+    app.settle().await;
+    assert_eq!(app.runs_of("c_live").await.len(), 2);
+}
+
+async fn exit_when_ends_a_waiting_run(backend: Backend) {
+    let opts = TestOptions::new(backend).manual_clock().workflow("welcome", WELCOME_THEN_WAIT);
+    let Some(app) = spawn_app(opts).await else { return };
+    app.accept(&offer_granted(contact("c_exit", "Ann"), "o_pro")).await;
+    app.accept(&offer_granted(contact("c_stay", "Bob"), "o_pro")).await;
+    app.wait_for_mails(2).await;
+    app.settle().await;
+
+    // The goal is reached for one contact only.
+    app.accept(&product_completed(contact("c_exit", "Ann"), "p_rust101")).await;
+    app.settle().await;
+    let exited = &app.runs_of("c_exit").await[0];
+    assert_eq!(exited.state, RunState::Exited, "{exited:#?}");
+    assert!(exited.reason.as_deref().unwrap_or("").contains("product_completed"), "{:?}", exited.reason);
+    assert_eq!(app.runs_of("c_stay").await[0].state, RunState::Active);
+
+    app.advance(2 * DAY + MINUTE);
+    app.wait_for_mails(3).await;
+    app.settle().await;
+    let mails = subjects(&app);
+    assert_eq!(mails.len(), 3, "{mails:?}");
+    assert!(mails.contains(&("c_stay@example.com".into(), "Two days in".into())));
+    assert!(
+        !mails.contains(&("c_exit@example.com".into(), "Two days in".into())),
+        "an exited run sent its later email"
+    );
+    assert_eq!(app.messages_of("c_exit").await.len(), 1);
+}
+
+const WAIT_FOR_LESSON: &str = r#"
+name: Nudge until the first lesson
+trigger:
+  event: offer_access_granted
+steps:
+  - id: start
+    send_email:
+      subject: "Start lesson one"
+      text: "x"
+  - id: wait_lesson
+    wait: { event: lesson_completed, timeout: 3d }
+  - id: next
+    send_email:
+      subject: "On to lesson two"
+      text: "x"
+"#;
+
+async fn wait_for_event_resumes_on_the_event(backend: Backend) {
+    let opts = TestOptions::new(backend).manual_clock().workflow("nudge", WAIT_FOR_LESSON);
+    let Some(app) = spawn_app(opts).await else { return };
+    app.accept(&offer_granted(contact("c_we", "Ann"), "o_pro")).await;
+    app.accept(&offer_granted(contact("c_we_other", "Bob"), "o_pro")).await;
+    app.wait_for_mails(2).await;
+    app.settle().await;
+    let run = &app.runs_of("c_we").await[0];
+    assert_eq!(run.state, RunState::WaitingEvent);
+
+    // Another contact's lesson does not resume this run; this contact's does, at once.
+    app.accept(&lesson_completed(contact("c_someone", "Cy"), "p_rust101", "Ownership")).await;
+    app.accept(&lesson_completed(contact("c_we", "Ann"), "p_rust101", "Ownership")).await;
+    app.wait_for_mails(3).await;
+    app.settle().await;
+    let mails = subjects(&app);
+    assert!(mails.contains(&("c_we@example.com".into(), "On to lesson two".into())), "{mails:?}");
+    assert_eq!(mails.len(), 3, "{mails:?}");
+    assert_eq!(app.runs_of("c_we").await[0].state, RunState::Completed);
+    assert_eq!(app.runs_of("c_we_other").await[0].state, RunState::WaitingEvent);
+}
+
+async fn wait_for_event_times_out(backend: Backend) {
+    let opts = TestOptions::new(backend).manual_clock().workflow("nudge", WAIT_FOR_LESSON);
+    let Some(app) = spawn_app(opts).await else { return };
+    app.accept(&offer_granted(contact("c_to", "Ann"), "o_pro")).await;
+    app.wait_for_mails(1).await;
+    app.settle().await;
+    let run = &app.runs_of("c_to").await[0];
+    assert_eq!(run.state, RunState::WaitingEvent);
+    assert_eq!(run.due_ms, Some(START_MS + 3 * 86_400_000));
+
+    app.advance(3 * DAY - MINUTE);
+    app.settle().await;
+    assert_eq!(app.sink().count(), 1, "the wait ended before its timeout");
+    app.advance(2 * MINUTE);
+    app.wait_for_mails(2).await;
+    app.settle().await;
+    assert_eq!(subjects(&app)[1], ("c_to@example.com".into(), "On to lesson two".into()));
+    let run = &app.runs_of("c_to").await[0];
+    assert_eq!(run.state, RunState::Completed);
+    assert!(run.steps.iter().any(|s| s.outcome.contains("timed out")), "{:#?}", run.steps);
+
+    // An event after the run ended changes nothing.
+    app.accept(&lesson_completed(contact("c_to", "Ann"), "p_rust101", "Ownership")).await;
+    app.settle().await;
+    assert_eq!(app.sink().count(), 2);
+}
+
+async fn disabled_workflow_never_triggers(backend: Backend) {
+    let draft = r#"
+name: A draft
+enabled: false
+trigger:
+  event: new_signup
+steps:
+  - id: draft_mail
+    send_email:
+      subject: "Draft"
+      text: "x"
+"#;
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("draft", draft)
+        .workflow("live", &one_email_workflow("new_signup", "Live", false));
+    let Some(app) = spawn_app(opts).await else { return };
+    app.accept(&new_signup(contact("c_draft", "Ann"))).await;
+    app.accept_batch(&[new_signup(contact("c_draft2", "Bob")), new_signup(contact("c_draft3", "Cy"))]).await;
+    app.wait_for_mails(3).await;
+    app.settle().await;
+    let runs = app.runs().await;
+    assert_eq!(runs.len(), 3);
+    assert!(runs.iter().all(|r| r.workflow_id == "live"), "a disabled workflow started a run: {runs:#?}");
+    assert!(subjects(&app).iter().all(|(_, s)| s == "Live"));
+}
+
+async fn loop_protection_refuses_the_51st_enrollment(backend: Backend) {
+    let opts = TestOptions::new(backend)
+        .without_smtp()
+        .manual_clock()
+        .workflow("every_lesson", &one_email_workflow("lesson_completed", "Lesson {{lesson.title}}", true));
+    let Some(app) = spawn_app(opts).await else { return };
+    let events: Vec<_> =
+        (0..55).map(|i| lesson_completed(contact("c_loop", "Ann"), "p_rust101", &format!("L{i}"))).collect();
+    // Two batches, so the limit holds across dispatches too.
+    app.accept_batch(&events[..30]).await;
+    app.settle().await;
+    app.accept_batch(&events[30..]).await;
+    app.settle().await;
+    app.accept(&lesson_completed(contact("c_not_looping", "Bob"), "p_rust101", "L0")).await;
+    app.settle().await;
+
+    let runs = app.runs_of("c_loop").await;
+    let completed = runs.iter().filter(|r| r.state == RunState::Completed).count();
+    let refused: Vec<_> = runs.iter().filter(|r| r.state == RunState::Refused).collect();
+    assert_eq!(completed, 50, "at most 50 enrollments in 30 minutes");
+    assert_eq!(refused.len(), 5, "each refusal is recorded");
+    assert!(refused.iter().all(|r| r.reason.as_deref() == Some("loop_protection")), "{refused:#?}");
+    assert_eq!(app.messages_of("c_loop").await.len(), 50);
+    assert_eq!(app.runs_of("c_not_looping").await[0].state, RunState::Completed, "other contacts are not limited");
+
+    // Half an hour later the contact may be enrolled again.
+    app.advance(Duration::from_secs(31 * 60));
+    app.accept(&lesson_completed(contact("c_loop", "Ann"), "p_rust101", "Later")).await;
+    app.settle().await;
+    let runs = app.runs_of("c_loop").await;
+    assert_eq!(runs.iter().filter(|r| r.state == RunState::Completed).count(), 51);
+}

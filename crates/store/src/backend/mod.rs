@@ -1,0 +1,37 @@
+//! The backends. Each folder holds one, with the same methods and its own SQL.
+
+pub mod postgres;
+pub mod sqlite;
+
+use crate::{NewEvent, Result, StoreError};
+
+pub enum Backend {
+    Sqlite(sqlite::SqliteStore),
+    Postgres(postgres::PgStore),
+}
+
+impl Backend {
+    pub async fn connect(url: &str) -> Result<Self> {
+        if url.starts_with("sqlite:") {
+            Ok(Self::Sqlite(sqlite::SqliteStore::connect(url).await?))
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Ok(Self::Postgres(postgres::PgStore::connect(url).await?))
+        } else {
+            Err(StoreError::UnsupportedUrl(url.to_owned()))
+        }
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        match self {
+            Self::Sqlite(b) => b.migrate().await,
+            Self::Postgres(b) => b.migrate().await,
+        }
+    }
+
+    pub(crate) async fn insert_events(&self, events: &[&NewEvent]) -> Result<Vec<crate::Accepted>> {
+        match self {
+            Self::Sqlite(b) => b.insert_events(events).await,
+            Self::Postgres(b) => b.insert_events(events).await,
+        }
+    }
+}

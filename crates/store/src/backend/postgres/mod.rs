@@ -1,0 +1,139 @@
+//! PostgreSQL backend: for several herald processes on one database.
+//!
+//! Same methods and semantics as the SQLite backend, with SQL for PostgreSQL: `= ANY($1)` over a
+//! bound array instead of `json_each`, `GREATEST` instead of two-argument `MAX`, and batches
+//! written as one multi-row statement (`… FROM UNNEST($1::text[], …)`) rather than a statement per
+//! row, so a batch costs a handful of round trips whatever its size. Commits are durable (the
+//! server's default `synchronous_commit`).
+//!
+//! Several processes share the tables, so every claim locks its rows with `FOR UPDATE SKIP
+//! LOCKED` and dispatchers take a transaction-scoped advisory lock (see [`PgStore::dispatch`]).
+//! A transaction that PostgreSQL aborts as a deadlock victim or a serialization failure is rolled
+//! back whole and tried again (every write here is one transaction, so that is safe).
+//!
+//! The URL may choose a schema with libpq's `options` parameter, as the tests do:
+//! `postgres://user@host/db?options=-csearch_path%3Dmy_schema`. Tables, including sqlx's
+//! `_sqlx_migrations`, are then created in and read from that schema (it must exist).
+
+mod links;
+mod read;
+mod write;
+
+use crate::{Channel, ContactRow, DeliveryResult, MessageStatus, Result, RunState, StoreError};
+use herald_core::CourseEvent;
+use sqlx::PgPool;
+use sqlx::Row;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use std::str::FromStr;
+use std::time::Duration;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
+
+/// How often a transaction aborted by a deadlock or a serialization failure is tried in all.
+const MAX_TRIES: usize = 4;
+
+pub struct PgStore {
+    /// Shared by reads and writes; each write is one transaction on one pooled connection.
+    pool: PgPool,
+}
+
+impl PgStore {
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options = PgConnectOptions::from_str(url)?.application_name("herald");
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(30))
+            .connect_with(options)
+            .await?;
+        Ok(Self { pool })
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+/// Runs a write transaction (`$attempt`: an expression giving a fresh future each time), again
+/// when PostgreSQL chose it as a deadlock victim or refused it as a serialization failure: those
+/// roll back everything, so trying again is safe. (A macro rather than a function over an async
+/// closure, whose future the compiler cannot yet show to be `Send`.)
+macro_rules! retrying {
+    ($what:expr, $attempt:expr) => {{
+        let mut tries = 1;
+        loop {
+            let result: $crate::Result<_> = $attempt.await;
+            match result {
+                Err(e) if tries < $crate::backend::postgres::MAX_TRIES && $crate::backend::postgres::is_transient(&e) => {
+                    tracing::debug!(operation = $what, error = %e, tries, "transaction aborted by the database; trying again");
+                    tries += 1;
+                }
+                other => break other,
+            }
+        }
+    }};
+}
+use retrying;
+
+/// A deadlock or a serialization failure: the transaction was rolled back and may be tried again.
+fn is_transient(e: &StoreError) -> bool {
+    matches!(e, StoreError::Database(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("40P01" | "40001")))
+}
+
+/// `LIMIT` as SQLite reads it: a negative limit means no limit (PostgreSQL refuses a negative one
+/// and reads `LIMIT NULL` as none).
+fn sql_limit(limit: i64) -> Option<i64> {
+    (limit >= 0).then_some(limit)
+}
+
+/// Columns of a delivery outcome: status, reason, next due time, provider id, sent time.
+fn outcome_columns(
+    result: &DeliveryResult,
+    now_ms: i64,
+) -> (MessageStatus, Option<&str>, Option<i64>, Option<&str>, Option<i64>) {
+    match result {
+        DeliveryResult::Sent { provider_id } => (MessageStatus::Sent, None, None, provider_id.as_deref(), Some(now_ms)),
+        DeliveryResult::Retry { due_ms, reason } => (MessageStatus::Queued, Some(reason), Some(*due_ms), None, None),
+        DeliveryResult::Failed { reason } => (MessageStatus::Failed, Some(reason), None, None, None),
+        DeliveryResult::Skipped { reason } => (MessageStatus::Skipped, Some(reason), None, None, None),
+        DeliveryResult::Suppressed { reason } => (MessageStatus::Suppressed, Some(reason), None, None, None),
+    }
+}
+
+fn parse_stored_event(body: &str) -> Result<CourseEvent> {
+    let value: serde_json::Value = serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    // Stored events were validated on the way in; `time` is present, so the receipt time is unused.
+    herald_core::event::parse_event(0, value, chrono::DateTime::UNIX_EPOCH)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn run_state(s: &str) -> Result<RunState> {
+    RunState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown run state {s:?}")))
+}
+
+fn channel(s: &str) -> Result<Channel> {
+    Channel::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown channel {s:?}")))
+}
+
+fn message_status(s: &str) -> Result<MessageStatus> {
+    MessageStatus::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown message status {s:?}")))
+}
+
+/// The contact columns starting at `at` (id, email, phone, first, last, timezone, custom fields).
+fn contact_at(r: &PgRow, at: usize) -> ContactRow {
+    ContactRow {
+        id: r.get::<Option<String>, _>(at).unwrap_or_default(),
+        email: r.get(at + 1),
+        phone: r.get(at + 2),
+        first_name: r.get(at + 3),
+        last_name: r.get(at + 4),
+        timezone: r.get(at + 5),
+        custom_fields: r.get(at + 6),
+    }
+}

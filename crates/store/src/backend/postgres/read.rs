@@ -1,0 +1,188 @@
+//! Reads of the PostgreSQL backend.
+//!
+//! List queries order text ids with the database's collation, as the indexes do (so `ORDER BY id
+//! LIMIT n` walks an index). herald's own ids are lowercase UUIDv7 text, which every common
+//! collation orders like SQLite's byte order; grants, whose item ids come from the platform, are
+//! few per contact and sorted bytewise (`COLLATE "C"`) to match SQLite exactly.
+
+use super::{PgStore, channel, contact_at, message_status, run_state, sql_limit};
+use crate::{ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, Result, RunRow, StepRecord};
+use sqlx::Row;
+use std::collections::HashMap;
+
+impl PgStore {
+    pub async fn next_due_ms(&self) -> Result<Option<i64>> {
+        // LEAST ignores NULLs: the earlier of the two, or whichever exists.
+        let due: Option<i64> = sqlx::query_scalar(
+            "SELECT LEAST(
+               (SELECT MIN(due_ms) FROM runs WHERE state IN ('active', 'waiting_event')),
+               (SELECT MIN(due_ms) FROM messages WHERE status = 'queued'))",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(due)
+    }
+
+    pub async fn live_workflow_versions(&self) -> Result<Vec<(String, String, String)>> {
+        let rows = sqlx::query(
+            "SELECT v.workflow_id, v.version, v.bundle FROM workflow_versions v
+             WHERE EXISTS (SELECT 1 FROM runs r WHERE r.workflow_id = v.workflow_id AND r.workflow_version = v.version
+                           AND r.state IN ('active', 'waiting_event', 'parked'))
+                OR EXISTS (SELECT 1 FROM messages m JOIN runs r ON r.id = m.run_id
+                           WHERE m.status = 'queued' AND r.workflow_id = v.workflow_id AND r.workflow_version = v.version)",
+        )
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+    }
+
+    pub async fn mailbox(&self, limit: i64) -> Result<Vec<MailboxItem>> {
+        let rows = sqlx::query(
+            "SELECT id, message_id, channel, sender, recipient, subject, text_body, html_body, created_ms
+             FROM mailbox ORDER BY created_ms DESC, id DESC LIMIT $1",
+        )
+        .bind(sql_limit(limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(MailboxItem {
+                    id: r.get(0),
+                    message_id: r.get(1),
+                    channel: channel(r.get(2))?,
+                    sender: r.get(3),
+                    recipient: r.get(4),
+                    subject: r.get(5),
+                    text_body: r.get(6),
+                    html_body: r.get(7),
+                    created_ms: r.get(8),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn messages(&self, f: ListFilter) -> Result<Vec<MessageRow>> {
+        let rows = sqlx::query(
+            "SELECT id, run_id, step_id, workflow_id, contact_id, channel, recipient, subject, header_message_id,
+                    status, reason, attempts, due_ms, provider_id, created_ms, updated_ms, sent_ms
+             FROM messages
+             WHERE ($1::text IS NULL OR contact_id = $1) AND ($2::text IS NULL OR workflow_id = $2)
+               AND ($3::text IS NULL OR status = $3) AND ($4::text IS NULL OR id > $4)
+             ORDER BY id LIMIT $5",
+        )
+        .bind(&f.contact_id)
+        .bind(&f.workflow_id)
+        .bind(&f.status)
+        .bind(&f.after)
+        .bind(sql_limit(f.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(MessageRow {
+                    id: r.get(0),
+                    run_id: r.get(1),
+                    step_id: r.get(2),
+                    workflow_id: r.get(3),
+                    contact_id: r.get(4),
+                    channel: channel(r.get(5))?,
+                    recipient: r.get(6),
+                    subject: r.get(7),
+                    header_message_id: r.get(8),
+                    status: message_status(r.get(9))?,
+                    reason: r.get(10),
+                    attempts: r.get(11),
+                    due_ms: r.get(12),
+                    provider_id: r.get(13),
+                    created_ms: r.get(14),
+                    updated_ms: r.get(15),
+                    sent_ms: r.get(16),
+                })
+            })
+            .collect()
+    }
+
+    /// The runs and, in a second query for all of them at once, their steps.
+    pub async fn runs(&self, f: ListFilter) -> Result<Vec<RunRow>> {
+        let rows = sqlx::query(
+            "SELECT id, workflow_id, workflow_version, contact_id, state, reason, pc, due_ms, created_ms, updated_ms, ended_ms
+             FROM runs
+             WHERE ($1::text IS NULL OR contact_id = $1) AND ($2::text IS NULL OR workflow_id = $2)
+               AND ($3::text IS NULL OR state = $3) AND ($4::text IS NULL OR id > $4)
+             ORDER BY id LIMIT $5",
+        )
+        .bind(&f.contact_id)
+        .bind(&f.workflow_id)
+        .bind(&f.status)
+        .bind(&f.after)
+        .bind(sql_limit(f.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ids: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+        let mut steps: HashMap<String, Vec<StepRecord>> = HashMap::new();
+        for s in sqlx::query(
+            "SELECT run_id, step_id, kind, outcome, at_ms FROM run_steps WHERE run_id = ANY($1) ORDER BY run_id, seq",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?
+        {
+            steps.entry(s.get(0)).or_default().push(StepRecord {
+                step_id: s.get(1),
+                kind: s.get(2),
+                outcome: s.get(3),
+                at_ms: s.get(4),
+            });
+        }
+        rows.into_iter()
+            .map(|r| {
+                let id: String = r.get(0);
+                Ok(RunRow {
+                    steps: steps.remove(&id).unwrap_or_default(),
+                    id,
+                    workflow_id: r.get(1),
+                    workflow_version: r.get(2),
+                    contact_id: r.get(3),
+                    state: run_state(r.get(4))?,
+                    reason: r.get(5),
+                    pc: r.get(6),
+                    due_ms: r.get(7),
+                    created_ms: r.get(8),
+                    updated_ms: r.get(9),
+                    ended_ms: r.get(10),
+                })
+            })
+            .collect()
+    }
+
+    pub async fn contact(&self, id: String) -> Result<Option<ContactRow>> {
+        let row = sqlx::query(
+            "SELECT id, email, phone, first_name, last_name, timezone, custom_fields FROM contacts WHERE id = $1",
+        )
+        .bind(&id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| contact_at(&r, 0)))
+    }
+
+    pub async fn grants(&self, contact_id: String) -> Result<Vec<GrantRow>> {
+        let rows = sqlx::query(
+            "SELECT kind, item_id, active, changed_ms FROM grants WHERE contact_id = $1
+             ORDER BY kind COLLATE \"C\", item_id COLLATE \"C\"",
+        )
+        .bind(&contact_id)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| GrantRow { kind: r.get(0), item_id: r.get(1), active: r.get(2), changed_ms: r.get(3) })
+            .collect())
+    }
+
+    pub async fn undispatched_count(&self) -> Result<i64> {
+        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE NOT dispatched").fetch_one(&self.pool).await?)
+    }
+}

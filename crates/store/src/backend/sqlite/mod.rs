@@ -1,0 +1,60 @@
+//! SQLite backend: the embedded default. WAL with `synchronous=FULL`, so a committed event is on
+//! disk before its `202`. All writes go through one connection behind an async mutex (SQLite has
+//! one writer anyway; queueing here beats spinning on SQLITE_BUSY), every write transaction is
+//! `BEGIN IMMEDIATE`, and reads use a separate pool beside the writer.
+
+mod links;
+mod read;
+mod write;
+
+use crate::Result;
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{ConnectOptions, SqliteConnection};
+use std::str::FromStr;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
+
+pub struct SqliteStore {
+    /// The only connection that writes.
+    writer: Mutex<SqliteConnection>,
+    /// Connections for reads (admin API, mailbox, health); WAL lets them run beside the writer.
+    readers: SqlitePool,
+}
+
+impl SqliteStore {
+    pub async fn connect(url: &str) -> Result<Self> {
+        let options = SqliteConnectOptions::from_str(url)?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .busy_timeout(Duration::from_secs(10))
+            .foreign_keys(true)
+            .pragma("temp_store", "memory")
+            .pragma("cache_size", "-32000");
+        let writer = options.clone().connect().await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .min_connections(1)
+            .connect_with(options.read_only(true))
+            .await?;
+        Ok(Self { writer: Mutex::new(writer), readers })
+    }
+
+    pub async fn migrate(&self) -> Result<()> {
+        let mut conn = self.writer.lock().await;
+        MIGRATOR.run(&mut *conn).await?;
+        Ok(())
+    }
+
+    pub async fn ping(&self) -> Result<()> {
+        sqlx::query("SELECT 1").execute(&self.readers).await?;
+        Ok(())
+    }
+}
+
+/// A JSON array of strings, for `IN (SELECT value FROM json_each(?))`: one statement, any length.
+fn json_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
+    serde_json::Value::Array(items.into_iter().map(|s| serde_json::Value::String(s.to_owned())).collect()).to_string()
+}

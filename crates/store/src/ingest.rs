@@ -1,0 +1,69 @@
+//! Group commit for event intake. Request handlers hand their events to one task over a channel;
+//! it writes whatever has queued up (up to [`MAX_BATCH_EVENTS`]) in one transaction and answers
+//! every handler after that commit. Under load many posts share one fsync; when idle a single
+//! post is committed at once, without waiting for company.
+
+use crate::{Accepted, Backend, NewEvent, Result, StoreError};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot};
+
+/// Upper bound on the events of one commit: keeps a transaction short and its memory bounded.
+const MAX_BATCH_EVENTS: usize = 5_000;
+
+struct Request {
+    events: Vec<NewEvent>,
+    reply: oneshot::Sender<Result<Vec<Accepted>>>,
+}
+
+#[derive(Clone)]
+pub(crate) struct Ingestor {
+    /// Bounded, so a flood of posts waits here instead of growing memory without limit.
+    tx: mpsc::Sender<Request>,
+}
+
+impl Ingestor {
+    pub(crate) fn start(backend: Arc<Backend>) -> Self {
+        let (tx, rx) = mpsc::channel(4_096);
+        tokio::spawn(run(backend, rx));
+        Self { tx }
+    }
+
+    pub(crate) async fn accept(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>> {
+        let (reply, answer) = oneshot::channel();
+        self.tx.send(Request { events, reply }).await.map_err(|_| StoreError::Closed)?;
+        answer.await.map_err(|_| StoreError::Closed)?
+    }
+}
+
+async fn run(backend: Arc<Backend>, mut rx: mpsc::Receiver<Request>) {
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        let mut count = batch[0].events.len();
+        while count < MAX_BATCH_EVENTS {
+            match rx.try_recv() {
+                Ok(req) => {
+                    count += req.events.len();
+                    batch.push(req);
+                }
+                Err(_) => break,
+            }
+        }
+        let events: Vec<&NewEvent> = batch.iter().flat_map(|r| r.events.iter()).collect();
+        match backend.insert_events(&events).await {
+            Ok(results) => {
+                let mut results = results.into_iter();
+                for req in batch {
+                    let mine = results.by_ref().take(req.events.len()).collect();
+                    let _ = req.reply.send(Ok(mine));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, events = count, "event batch could not be stored");
+                let msg = e.to_string();
+                for req in batch {
+                    let _ = req.reply.send(Err(StoreError::Corrupt(msg.clone())));
+                }
+            }
+        }
+    }
+}

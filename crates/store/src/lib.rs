@@ -1,0 +1,142 @@
+//! herald's one storage API over two backends (SQLite by default, PostgreSQL for several
+//! processes), in the shape of Stalwart's store: an enum over backends with a folder per backend,
+//! hand-written SQL in each, and one conformance suite (`tests/conformance.rs`) run against both.
+//!
+//! Writes come in batches: single-event posts are group-committed by the [`ingest`] task, and the
+//! engine claims and completes runs and messages many at a time, so durability (an fsync or a
+//! commit per batch) is paid per batch rather than per event.
+
+pub mod backend;
+mod ingest;
+pub mod model;
+
+pub use backend::Backend;
+pub use model::*;
+
+use std::sync::Arc;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("could not apply database migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://USER@HOST/DB")]
+    UnsupportedUrl(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Cheap to clone; every clone shares the connections and the group-commit task.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<Backend>,
+    ingest: ingest::Ingestor,
+}
+
+/// The planner the dispatcher runs inside its transaction: pure, synchronous, given the batch
+/// and the current runs of its contacts.
+pub type Planner<'a> = &'a (dyn Fn(&DispatchInput) -> DispatchPlan + Send + Sync);
+
+impl Store {
+    /// Opens (creating a SQLite file if needed) and migrates the database at `url`.
+    pub async fn connect(url: &str) -> Result<Self> {
+        let backend = Arc::new(Backend::connect(url).await?);
+        backend.migrate().await?;
+        Ok(Self { ingest: ingest::Ingestor::start(backend.clone()), backend })
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// `true` for PostgreSQL: several processes may share the database.
+    pub fn is_shared(&self) -> bool {
+        matches!(*self.backend, Backend::Postgres(_))
+    }
+
+    /// Stores events durably; returns once committed, with each event's fate in order. Concurrent
+    /// callers share a commit.
+    pub async fn accept_events(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>> {
+        self.ingest.accept(events).await
+    }
+}
+
+/// Dispatches every method of the public API to the backend; the one place that knows both.
+macro_rules! delegate {
+    ($( $(#[$meta:meta])* fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+        impl Store {
+            $( $(#[$meta])* pub async fn $name(&self $(, $arg: $ty)*) -> Result<$ret> {
+                match &*self.backend {
+                    Backend::Sqlite(b) => b.$name($($arg),*).await,
+                    Backend::Postgres(b) => b.$name($($arg),*).await,
+                }
+            } )*
+        }
+    };
+}
+
+delegate! {
+    /// Checks that the database answers (for `/healthz`).
+    fn ping(&self) -> ();
+    /// Runs the planner over up to `limit` undispatched events and applies its plan together with
+    /// the membership projection, in one transaction. Returns how many events it dispatched.
+    fn dispatch(&self, limit: i64, now_ms: i64, window_start_ms: i64, planner: Planner<'_>) -> usize;
+    /// Claims up to `limit` runs due at `now_ms` under a lease of `lease_ms`.
+    fn claim_runs(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Vec<ClaimedRun>;
+    /// Writes advanced runs whose lease still holds; the others are dropped (the lease was lost).
+    fn finish_runs(&self, now_ms: i64, advances: Vec<RunAdvance>) -> ();
+    /// Claims up to `limit` queued messages due at `now_ms` under a lease of `lease_ms`.
+    fn claim_messages(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Vec<ClaimedMessage>;
+    /// Records delivery outcomes whose lease still holds.
+    fn complete_messages(&self, now_ms: i64, outcomes: Vec<MessageOutcome>) -> ();
+    /// The earliest due time of any run or queued message, to sleep until then.
+    fn next_due_ms(&self) -> Option<i64>;
+    /// Stores workflow versions (id, version, bundle JSON); existing ones are kept.
+    fn save_workflow_versions(&self, versions: Vec<(String, String, String)>, now_ms: i64) -> ();
+    /// The bundles (id, version, bundle JSON) of every version a live run is pinned to.
+    fn live_workflow_versions(&self) -> Vec<(String, String, String)>;
+    /// Parks (`true`) or resumes the live runs of a workflow.
+    fn set_workflow_parked(&self, workflow_id: String, parked: bool, now_ms: i64) -> u64;
+    /// The dev mailbox, newest first.
+    fn mailbox(&self, limit: i64) -> Vec<MailboxItem>;
+    fn messages(&self, filter: ListFilter) -> Vec<MessageRow>;
+    fn runs(&self, filter: ListFilter) -> Vec<RunRow>;
+    fn contact(&self, id: String) -> Option<ContactRow>;
+    fn grants(&self, contact_id: String) -> Vec<GrantRow>;
+    /// Events stored but not yet dispatched (for metrics and tests).
+    fn undispatched_count(&self) -> i64;
+
+    /// Whether the contact holds at least one active offer grant (what a learner link needs).
+    fn has_active_offer(&self, contact_id: String) -> bool;
+    /// Stores a freshly minted link (replacing the one of the same message) and audits the mint.
+    fn mint_link(&self, link: NewLink, now_ms: i64) -> ();
+    /// Revokes every live link of the contact (learner) or the site's user link (`None`), then
+    /// stores `link`: regeneration, in one transaction.
+    fn regenerate_link(&self, link: NewLink, now_ms: i64) -> ();
+    /// Read-only: would this link open the portal now? (GET /l/{token} changes nothing.)
+    fn check_link(&self, token_hash: String, now_ms: i64) -> Result<LinkHolder, (LinkRefusal, Option<String>)>;
+    /// Redeems a link atomically: validity, use count and entitlement are checked by the statement
+    /// that counts the use; on success a session starts and, for a learner, a `course.user_login`
+    /// event from `login_source` is stored in the same transaction. Refusals are audited.
+    fn redeem_link(&self, token_hash: String, now_ms: i64, session: NewSession, login_source: String) -> Result<LinkHolder, (LinkRefusal, Option<String>)>;
+    /// The live session with this id hash, if any.
+    fn session(&self, id_hash: String, now_ms: i64) -> Option<LinkHolder>;
+    fn end_session(&self, id_hash: String, now_ms: i64) -> ();
+    /// Products of the contact's active grants (offers' products plus direct product grants), or,
+    /// for `None` (staff), the whole catalogue.
+    fn portal_products(&self, contact_id: Option<String>) -> Vec<ProductRow>;
+    /// Records a request for a new link if the contact is under `max_short` requests since
+    /// `short_since_ms` and `max_day` since `day_since_ms`; returns whether it was allowed.
+    fn allow_link_resend(&self, contact_id: String, now_ms: i64, short_since_ms: i64, max_short: i64, day_since_ms: i64, max_day: i64) -> bool;
+    /// A site-wide value (e.g. the user link key), creating it with `default` if absent.
+    fn site_value(&self, name: String, default: String) -> String;
+    fn set_site_value(&self, name: String, value: String) -> ();
+    /// Puts a message straight into the dev mailbox (system emails outside a workflow run).
+    fn add_to_mailbox(&self, item: MailboxItem) -> ();
+    fn link_audit(&self, contact_id: Option<String>, limit: i64) -> Vec<LinkAuditRow>;
+}

@@ -1,0 +1,468 @@
+//! The rows herald stores and the batches its engine hands the store. Plain data: the store
+//! knows SQL, the engine knows the rules, and these types are the contract between them.
+
+use herald_core::CourseEvent;
+use std::collections::HashMap;
+
+/// An event accepted at the HTTP edge, about to be stored.
+#[derive(Debug, Clone)]
+pub struct NewEvent {
+    pub event: CourseEvent,
+    pub received_ms: i64,
+}
+
+/// The answer for one stored event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted {
+    New,
+    /// The same (source, id) was already stored: success, and no further effect.
+    Duplicate,
+}
+
+/// Latest known details of a contact (the membership projection).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ContactRow {
+    pub id: String,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub first_name: Option<String>,
+    pub last_name: Option<String>,
+    pub timezone: Option<String>,
+    /// JSON object text, as the platform sent it.
+    pub custom_fields: Option<String>,
+}
+
+/// Run states. `Active` runs are due at `due_ms`; `WaitingEvent` runs wait for an event or their
+/// timeout at `due_ms`; `Parked` runs belong to a disabled workflow. The rest are final.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunState {
+    Active,
+    WaitingEvent,
+    Parked,
+    Completed,
+    Exited,
+    Failed,
+    Refused,
+}
+
+impl RunState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Active => "active",
+            Self::WaitingEvent => "waiting_event",
+            Self::Parked => "parked",
+            Self::Completed => "completed",
+            Self::Exited => "exited",
+            Self::Failed => "failed",
+            Self::Refused => "refused",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [
+            Self::Active,
+            Self::WaitingEvent,
+            Self::Parked,
+            Self::Completed,
+            Self::Exited,
+            Self::Failed,
+            Self::Refused,
+        ]
+        .into_iter()
+        .find(|st| st.as_str() == s)
+    }
+    /// A live run blocks a second enrollment of its contact in the same workflow.
+    pub fn is_live(self) -> bool {
+        matches!(self, Self::Active | Self::WaitingEvent | Self::Parked)
+    }
+}
+
+/// A live run of a contact, as the dispatcher needs to see it (exits and event waits).
+#[derive(Debug, Clone)]
+pub struct LiveRun {
+    pub run_id: String,
+    pub workflow_id: String,
+    pub workflow_version: String,
+    pub contact_id: String,
+    pub state: RunState,
+    /// The trigger name a `WaitingEvent` run waits for.
+    pub wait_event: Option<String>,
+}
+
+/// How often a contact was enrolled in a workflow: what the enrollment rules need.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct EnrollmentCounts {
+    /// Runs ever started (refusals not counted).
+    pub total: i64,
+    /// Runs started since the loop-protection window began.
+    pub recent: i64,
+    /// Whether one of them is still live.
+    pub live: bool,
+}
+
+/// What the dispatcher's planner sees: a batch of undispatched events, in order, with the
+/// current run state of their contacts.
+#[derive(Debug)]
+pub struct DispatchInput {
+    pub events: Vec<(i64, CourseEvent)>,
+    pub live_runs: Vec<LiveRun>,
+    /// Keyed by (contact id, workflow id).
+    pub counts: HashMap<(String, String), EnrollmentCounts>,
+}
+
+/// What the planner decided for a batch; applied in the same transaction that marks the events
+/// dispatched, so a crash either applies all of it or none.
+#[derive(Debug, Default)]
+pub struct DispatchPlan {
+    pub new_runs: Vec<RunWrite>,
+    /// Live runs ended by `exit_when`.
+    pub exits: Vec<RunExit>,
+    /// Runs waiting for an event that has now arrived: due at once.
+    pub resumes: Vec<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RunExit {
+    pub run_id: String,
+    pub reason: String,
+}
+
+/// A run's new state after the engine advanced it, with what it did and the messages it queued.
+/// For a new run this is its first state; for a claimed run the lease token must still match.
+#[derive(Debug, Clone)]
+pub struct RunWrite {
+    pub run_id: String,
+    pub workflow_id: String,
+    pub workflow_version: String,
+    pub contact_id: String,
+    pub event_seq: i64,
+    pub state: RunState,
+    pub reason: Option<String>,
+    pub pc: i64,
+    pub wait_event: Option<String>,
+    pub due_ms: Option<i64>,
+    pub steps: Vec<StepRecord>,
+    pub messages: Vec<NewMessage>,
+}
+
+/// One line of a run's history.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StepRecord {
+    pub step_id: String,
+    pub kind: String,
+    pub outcome: String,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Channel {
+    Email,
+    Sms,
+}
+
+impl Channel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Email => "email",
+            Self::Sms => "sms",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "email" => Some(Self::Email),
+            "sms" => Some(Self::Sms),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageStatus {
+    Queued,
+    Sent,
+    Failed,
+    Skipped,
+    Suppressed,
+}
+
+impl MessageStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Queued => "queued",
+            Self::Sent => "sent",
+            Self::Failed => "failed",
+            Self::Skipped => "skipped",
+            Self::Suppressed => "suppressed",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        [Self::Queued, Self::Sent, Self::Failed, Self::Skipped, Self::Suppressed].into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// A message a send step created. Queued messages are delivered by the delivery worker; a
+/// message already known to be undeliverable is stored as skipped with its reason.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: String,
+    pub step_id: String,
+    /// The send step's program counter in the pinned workflow version (to render it).
+    pub pc: i64,
+    pub channel: Channel,
+    pub recipient: Option<String>,
+    /// `Message-ID` header, fixed at creation so every retry carries the same one.
+    pub header_message_id: String,
+    pub status: MessageStatus,
+    pub reason: Option<String>,
+    pub due_ms: Option<i64>,
+}
+
+/// A run claimed for advancing, with what the engine needs to advance it.
+#[derive(Debug, Clone)]
+pub struct ClaimedRun {
+    pub run_id: String,
+    pub workflow_id: String,
+    pub workflow_version: String,
+    pub contact_id: String,
+    pub event_seq: i64,
+    pub state: RunState,
+    pub pc: i64,
+    pub lease_token: String,
+    pub event: CourseEvent,
+    pub contact: ContactRow,
+}
+
+/// A claimed run's new state, written only if `lease_token` still holds.
+#[derive(Debug, Clone)]
+pub struct RunAdvance {
+    pub lease_token: String,
+    pub write: RunWrite,
+}
+
+/// A message claimed for delivery, with what is needed to render and send it.
+#[derive(Debug, Clone)]
+pub struct ClaimedMessage {
+    pub id: String,
+    pub run_id: String,
+    pub step_id: String,
+    pub pc: i64,
+    pub workflow_id: String,
+    pub workflow_version: String,
+    pub channel: Channel,
+    pub recipient: Option<String>,
+    pub header_message_id: String,
+    /// Attempts before this one.
+    pub attempts: i64,
+    pub lease_token: String,
+    pub event: CourseEvent,
+    pub contact: ContactRow,
+}
+
+/// What happened to one delivery attempt.
+#[derive(Debug, Clone)]
+pub enum DeliveryResult {
+    Sent { provider_id: Option<String> },
+    /// A transient failure: try again at `due_ms`.
+    Retry { due_ms: i64, reason: String },
+    Failed { reason: String },
+    Skipped { reason: String },
+    Suppressed { reason: String },
+}
+
+#[derive(Debug, Clone)]
+pub struct MessageOutcome {
+    pub message_id: String,
+    pub lease_token: String,
+    /// The rendered subject (emails), recorded for the admin API.
+    pub subject: Option<String>,
+    pub result: DeliveryResult,
+    /// The copy for the dev mailbox, when that is the channel.
+    pub mailbox: Option<MailboxItem>,
+}
+
+/// A message in the dev mailbox.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MailboxItem {
+    pub id: String,
+    pub message_id: Option<String>,
+    pub channel: Channel,
+    pub sender: Option<String>,
+    pub recipient: String,
+    pub subject: Option<String>,
+    pub text_body: Option<String>,
+    pub html_body: Option<String>,
+    pub created_ms: i64,
+}
+
+/// A message as the admin API and tests read it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct MessageRow {
+    pub id: String,
+    pub run_id: String,
+    pub step_id: String,
+    pub workflow_id: String,
+    pub contact_id: String,
+    pub channel: Channel,
+    pub recipient: Option<String>,
+    pub subject: Option<String>,
+    pub header_message_id: String,
+    pub status: MessageStatus,
+    pub reason: Option<String>,
+    pub attempts: i64,
+    pub due_ms: Option<i64>,
+    pub provider_id: Option<String>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub sent_ms: Option<i64>,
+}
+
+/// A run as the admin API and tests read it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RunRow {
+    pub id: String,
+    pub workflow_id: String,
+    pub workflow_version: String,
+    pub contact_id: String,
+    pub state: RunState,
+    pub reason: Option<String>,
+    pub pc: i64,
+    pub due_ms: Option<i64>,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+    pub ended_ms: Option<i64>,
+    pub steps: Vec<StepRecord>,
+}
+
+/// Filters of list queries; `None` means any.
+#[derive(Debug, Clone, Default)]
+pub struct ListFilter {
+    pub contact_id: Option<String>,
+    pub workflow_id: Option<String>,
+    pub status: Option<String>,
+    /// Return rows with an id greater than this (cursor pagination on time-ordered ids).
+    pub after: Option<String>,
+    pub limit: i64,
+}
+
+/// One grant of a contact.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct GrantRow {
+    pub kind: String,
+    pub item_id: String,
+    pub active: bool,
+    pub changed_ms: i64,
+}
+
+/// Which portal a link or session opens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LinkKind {
+    /// One contact's link: their granted products only.
+    Learner,
+    /// The site's staff link: every product.
+    User,
+}
+
+impl LinkKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Learner => "learner",
+            Self::User => "user",
+        }
+    }
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "learner" => Some(Self::Learner),
+            "user" => Some(Self::User),
+            _ => None,
+        }
+    }
+}
+
+/// A link to store: the hash of its token, never the token.
+#[derive(Debug, Clone)]
+pub struct NewLink {
+    pub token_hash: String,
+    pub kind: LinkKind,
+    pub contact_id: Option<String>,
+    /// The message it was minted for, if any (one link per message).
+    pub message_id: Option<String>,
+    pub max_uses: Option<i64>,
+    pub expires_ms: Option<i64>,
+}
+
+/// Why a link does not open the portal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LinkRefusal {
+    Unknown,
+    Expired,
+    UsedUp,
+    Revoked,
+    NotEntitled,
+}
+
+impl LinkRefusal {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Expired => "expired",
+            Self::UsedUp => "used_up",
+            Self::Revoked => "revoked",
+            Self::NotEntitled => "not_entitled",
+        }
+    }
+}
+
+/// A link that would open the portal now (read-only check), or was just redeemed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkHolder {
+    pub kind: LinkKind,
+    pub contact_id: Option<String>,
+}
+
+/// A session to start on redemption: the hash of its cookie value.
+#[derive(Debug, Clone)]
+pub struct NewSession {
+    pub id_hash: String,
+    pub expires_ms: i64,
+}
+
+/// A product as the portal lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ProductRow {
+    pub id: String,
+    pub title: Option<String>,
+    pub url: Option<String>,
+}
+
+/// One line of the link audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LinkAuditRow {
+    pub at_ms: i64,
+    pub kind: String,
+    pub contact_id: Option<String>,
+    pub action: String,
+    pub reason: Option<String>,
+}
+
+/// The `course.user_login` event herald emits itself when a learner redeems a link, so that
+/// workflows can react to logins.
+pub fn login_event(source: &str, contact_id: &str, now_ms: i64) -> NewEvent {
+    let now = chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default();
+    let mut data = serde_json::Map::new();
+    data.insert("contact".into(), serde_json::json!({ "id": contact_id }));
+    NewEvent {
+        event: CourseEvent {
+            id: format!("login_{}", uuid::Uuid::now_v7()),
+            source: source.to_owned(),
+            event_type: herald_core::EventType::UserLogin,
+            time: now,
+            time_raw: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            data,
+        },
+        received_ms: now_ms,
+    }
+}
