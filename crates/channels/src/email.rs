@@ -29,7 +29,9 @@ pub struct OutgoingEmail {
 pub enum SmtpConfigError {
     #[error("HERALD_SMTP_URL is not a valid URL: {0}")]
     BadUrl(String),
-    #[error("HERALD_SMTP_URL: {0} (use smtp://user:pass@host:587, smtps://user:pass@host:465 or smtp://host:2525?tls=none)")]
+    #[error(
+        "HERALD_SMTP_URL: {0} (use smtp://user:pass@host:587, smtps://user:pass@host:465 or smtp://host:2525?tls=none)"
+    )]
     Unsupported(String),
 }
 
@@ -44,12 +46,22 @@ impl SmtpSender {
     /// `smtp://` uses STARTTLS (required) unless `?tls=none` (plain, for local relays) or
     /// `?tls=opportunistic`; `smtps://` is TLS from the first byte.
     pub fn from_url(url: &str) -> Result<Self, SmtpConfigError> {
-        let mut parsed = url::Url::parse(url).map_err(|e| SmtpConfigError::BadUrl(e.to_string()))?;
-        let tls = parsed.query_pairs().find(|(k, _)| k == "tls").map(|(_, v)| v.into_owned());
-        let rest: Vec<(String, String)> =
-            parsed.query_pairs().filter(|(k, _)| k != "tls").map(|(k, v)| (k.into_owned(), v.into_owned())).collect();
+        let mut parsed =
+            url::Url::parse(url).map_err(|e| SmtpConfigError::BadUrl(e.to_string()))?;
+        let tls = parsed
+            .query_pairs()
+            .find(|(k, _)| k == "tls")
+            .map(|(_, v)| v.into_owned());
+        let rest: Vec<(String, String)> = parsed
+            .query_pairs()
+            .filter(|(k, _)| k != "tls")
+            .map(|(k, v)| (k.into_owned(), v.into_owned()))
+            .collect();
         if !rest.is_empty() {
-            return Err(SmtpConfigError::Unsupported(format!("unknown parameter {:?}", rest[0].0)));
+            return Err(SmtpConfigError::Unsupported(format!(
+                "unknown parameter {:?}",
+                rest[0].0
+            )));
         }
         let lettre_tls = match (parsed.scheme(), tls.as_deref()) {
             ("smtp", None | Some("required")) => Some("required"),
@@ -57,7 +69,9 @@ impl SmtpSender {
             ("smtp", Some("none")) => None,
             ("smtps", None) => None,
             (scheme, tls) => {
-                return Err(SmtpConfigError::Unsupported(format!("scheme {scheme:?} with tls={tls:?}")));
+                return Err(SmtpConfigError::Unsupported(format!(
+                    "scheme {scheme:?} with tls={tls:?}"
+                )));
             }
         };
         match lettre_tls {
@@ -67,7 +81,11 @@ impl SmtpSender {
         let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(parsed.as_str())
             .map_err(|e| SmtpConfigError::Unsupported(e.to_string()))?
             .timeout(Some(Duration::from_secs(30)))
-            .pool_config(PoolConfig::new().max_size(16).idle_timeout(Duration::from_secs(60)))
+            .pool_config(
+                PoolConfig::new()
+                    .max_size(16)
+                    .idle_timeout(Duration::from_secs(60)),
+            )
             .build();
         Ok(Self { transport })
     }
@@ -85,8 +103,14 @@ impl SmtpSender {
 
 /// Builds the MIME message: multipart/alternative when both parts exist.
 pub fn build_message(email: &OutgoingEmail) -> Result<Message, SendError> {
-    let from: Mailbox = email.from.parse().map_err(|e| SendError::Permanent(format!("invalid From {:?}: {e}", email.from)))?;
-    let to: Mailbox = email.to.parse().map_err(|e| SendError::Permanent(format!("invalid recipient address: {e}")))?;
+    let from: Mailbox = email
+        .from
+        .parse()
+        .map_err(|e| SendError::Permanent(format!("invalid From {:?}: {e}", email.from)))?;
+    let to: Mailbox = email
+        .to
+        .parse()
+        .map_err(|e| SendError::Permanent(format!("invalid recipient address: {e}")))?;
     let mut builder = Message::builder()
         .from(from)
         .to(to)
@@ -98,7 +122,10 @@ pub fn build_message(email: &OutgoingEmail) -> Result<Message, SendError> {
         builder = builder.raw_header(HeaderValue::new(name, value.clone()));
     }
     let built = match (&email.text, &email.html) {
-        (Some(text), Some(html)) => builder.multipart(MultiPart::alternative_plain_html(text.clone(), html.clone())),
+        (Some(text), Some(html)) => builder.multipart(MultiPart::alternative_plain_html(
+            text.clone(),
+            html.clone(),
+        )),
         (Some(text), None) => builder.singlepart(SinglePart::plain(text.clone())),
         (None, Some(html)) => builder.singlepart(SinglePart::html(html.clone())),
         (None, None) => builder.singlepart(SinglePart::plain(String::new())),
@@ -127,7 +154,10 @@ mod tests {
         let raw = String::from_utf8(build_message(&email()).unwrap().formatted()).unwrap();
         assert!(raw.contains("Message-ID: <m1@herald.test>"), "{raw}");
         assert!(raw.contains("multipart/alternative"), "{raw}");
-        assert!(raw.contains("List-Unsubscribe: <https://h.test/u/x>"), "{raw}");
+        assert!(
+            raw.contains("List-Unsubscribe: <https://h.test/u/x>"),
+            "{raw}"
+        );
     }
 
     #[test]
@@ -140,10 +170,19 @@ mod tests {
     // lettre's pool spawns its reaper on the runtime, so building a transport needs one.
     #[tokio::test]
     async fn url_forms() {
-        for ok in ["smtp://user:pass@localhost:587", "smtps://user:pass@localhost:465", "smtp://localhost:2525?tls=none"] {
+        for ok in [
+            "smtp://user:pass@localhost:587",
+            "smtps://user:pass@localhost:465",
+            "smtp://localhost:2525?tls=none",
+        ] {
             assert!(SmtpSender::from_url(ok).is_ok(), "{ok}");
         }
-        for bad in ["http://localhost", "smtp://localhost?tls=maybe", "smtp://localhost?foo=1", "::"] {
+        for bad in [
+            "http://localhost",
+            "smtp://localhost?tls=maybe",
+            "smtp://localhost?foo=1",
+            "::",
+        ] {
             assert!(SmtpSender::from_url(bad).is_err(), "{bad}");
         }
     }

@@ -4,7 +4,11 @@ use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "herald", version, about = "Workflow automation for online-course businesses")]
+#[command(
+    name = "herald",
+    version,
+    about = "Workflow automation for online-course businesses"
+)]
 pub struct Cli {
     /// Configuration file (default: herald.toml in the working folder, if present).
     #[arg(long, global = true, value_name = "FILE")]

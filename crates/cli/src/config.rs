@@ -60,7 +60,9 @@ impl Config {
     /// Defaults, then the TOML file, then `HERALD_*` variables.
     pub fn load(file: Option<&Path>) -> Result<Self> {
         let explicit = file.is_some();
-        let file = file.map(Path::to_path_buf).unwrap_or_else(|| PathBuf::from("herald.toml"));
+        let file = file
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| PathBuf::from("herald.toml"));
         if explicit && !file.exists() {
             bail!("configuration file {} does not exist", file.display());
         }
@@ -68,19 +70,31 @@ impl Config {
             .merge(Toml::file(&file))
             .merge(Env::prefixed("HERALD_").ignore(&["log", "log_format"]))
             .extract()
-            .with_context(|| format!("invalid configuration (from {} and HERALD_* variables)", file.display()))?;
+            .with_context(|| {
+                format!(
+                    "invalid configuration (from {} and HERALD_* variables)",
+                    file.display()
+                )
+            })?;
         config.timezone()?;
         Ok(config)
     }
 
     pub fn public_url(&self) -> String {
-        self.public_url.clone().unwrap_or_else(|| format!("http://{}", self.listen)).trim_end_matches('/').to_owned()
+        self.public_url
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+            .trim_end_matches('/')
+            .to_owned()
     }
 
     pub fn timezone(&self) -> Result<chrono_tz::Tz> {
-        self.timezone
-            .parse()
-            .map_err(|_| anyhow::anyhow!("HERALD_TIMEZONE {:?} is not an IANA time zone such as Europe/Berlin", self.timezone))
+        self.timezone.parse().map_err(|_| {
+            anyhow::anyhow!(
+                "HERALD_TIMEZONE {:?} is not an IANA time zone such as Europe/Berlin",
+                self.timezone
+            )
+        })
     }
 }
 
@@ -89,7 +103,9 @@ impl Config {
 pub fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("HERALD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,sqlx=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if std::env::var("HERALD_LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().init();
     } else {

@@ -12,7 +12,9 @@ pub struct Duration {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("invalid duration {input:?}: write a number followed by s, m, h, d or w (e.g. 30s, 15m, 4h, 2d, 1w)")]
+#[error(
+    "invalid duration {input:?}: write a number followed by s, m, h, d or w (e.g. 30s, 15m, 4h, 2d, 1w)"
+)]
 pub struct DurationError {
     /// The text that failed to parse, echoed back so the user sees what was wrong.
     pub input: String,
@@ -37,7 +39,9 @@ impl FromStr for Duration {
     type Err = DurationError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
-        let err = || DurationError { input: input.to_owned() };
+        let err = || DurationError {
+            input: input.to_owned(),
+        };
         let s = input.trim();
         let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(err)?;
         let (digits, unit) = s.split_at(split);
@@ -50,7 +54,9 @@ impl FromStr for Duration {
             "w" => 604_800,
             _ => return Err(err()),
         };
-        n.checked_mul(unit_secs).map(Self::from_secs).ok_or_else(err)
+        n.checked_mul(unit_secs)
+            .map(Self::from_secs)
+            .ok_or_else(err)
     }
 }
 
@@ -58,7 +64,7 @@ impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = self.secs;
         for (unit, size) in [("w", 604_800), ("d", 86_400), ("h", 3_600), ("m", 60)] {
-            if s != 0 && s % size == 0 {
+            if s != 0 && s.is_multiple_of(size) {
                 return write!(f, "{}{unit}", s / size);
             }
         }
@@ -85,15 +91,34 @@ mod tests {
 
     #[test]
     fn parses_every_unit() {
-        for (text, secs) in [("30s", 30), ("15m", 900), ("4h", 14_400), ("2d", 172_800), ("1w", 604_800), ("24h", 86_400)] {
+        for (text, secs) in [
+            ("30s", 30),
+            ("15m", 900),
+            ("4h", 14_400),
+            ("2d", 172_800),
+            ("1w", 604_800),
+            ("24h", 86_400),
+        ] {
             assert_eq!(text.parse::<Duration>().unwrap().as_secs(), secs, "{text}");
         }
     }
 
     #[test]
     fn refuses_malformed_input() {
-        for text in ["", "10", "h", "1.5h", "-1h", "2 days", "1y", "99999999999999999999s"] {
-            assert!(text.parse::<Duration>().is_err(), "{text:?} should not parse");
+        for text in [
+            "",
+            "10",
+            "h",
+            "1.5h",
+            "-1h",
+            "2 days",
+            "1y",
+            "99999999999999999999s",
+        ] {
+            assert!(
+                text.parse::<Duration>().is_err(),
+                "{text:?} should not parse"
+            );
         }
     }
 

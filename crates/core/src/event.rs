@@ -94,8 +94,12 @@ impl EventType {
     /// triggered by it can rely on being there (`herald check` uses this).
     pub fn possible_objects(self) -> &'static [&'static str] {
         match self {
-            Self::CategoryStarted | Self::CategoryCompleted => &["contact", "product", "category", "offer"],
-            Self::LessonStarted | Self::LessonCompleted => &["contact", "product", "lesson", "category", "offer"],
+            Self::CategoryStarted | Self::CategoryCompleted => {
+                &["contact", "product", "category", "offer"]
+            }
+            Self::LessonStarted | Self::LessonCompleted => {
+                &["contact", "product", "lesson", "category", "offer"]
+            }
             Self::NewSignup => &["contact", "offer"],
             Self::UserLogin => &["contact"],
             Self::OfferAccessGranted | Self::OfferAccessRemoved => &["contact", "offer"],
@@ -143,10 +147,18 @@ pub struct EventError {
 
 impl EventError {
     fn body(message: impl Into<String>) -> Self {
-        Self { index: None, field: None, message: message.into() }
+        Self {
+            index: None,
+            field: None,
+            message: message.into(),
+        }
     }
     fn field(index: usize, field: impl Into<String>, message: impl Into<String>) -> Self {
-        Self { index: Some(index), field: Some(field.into()), message: message.into() }
+        Self {
+            index: Some(index),
+            field: Some(field.into()),
+            message: message.into(),
+        }
     }
     fn describe(&self) -> String {
         match (&self.index, &self.field) {
@@ -165,14 +177,20 @@ pub enum BodyKind {
 }
 
 /// Parses and validates a request body. `received_at` stands in for a missing `time`.
-pub fn parse_body(kind: BodyKind, body: &[u8], received_at: DateTime<Utc>) -> Result<Vec<CourseEvent>, EventError> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| EventError::body(format!("body is not valid JSON: {e}")))?;
+pub fn parse_body(
+    kind: BodyKind,
+    body: &[u8],
+    received_at: DateTime<Utc>,
+) -> Result<Vec<CourseEvent>, EventError> {
+    let value: Value = serde_json::from_slice(body)
+        .map_err(|e| EventError::body(format!("body is not valid JSON: {e}")))?;
     match kind {
         BodyKind::Single => Ok(vec![parse_event(0, value, received_at)?]),
         BodyKind::Batch => {
             let Value::Array(items) = value else {
-                return Err(EventError::body("a batch body must be a JSON array of events"));
+                return Err(EventError::body(
+                    "a batch body must be a JSON array of events",
+                ));
             };
             if items.is_empty() {
                 return Err(EventError::body("a batch must hold at least one event"));
@@ -183,20 +201,37 @@ pub fn parse_body(kind: BodyKind, body: &[u8], received_at: DateTime<Utc>) -> Re
                     items.len()
                 )));
             }
-            items.into_iter().enumerate().map(|(i, v)| parse_event(i, v, received_at)).collect()
+            items
+                .into_iter()
+                .enumerate()
+                .map(|(i, v)| parse_event(i, v, received_at))
+                .collect()
         }
     }
 }
 
 /// Validates one event envelope and its `data` against the rules of its type.
-pub fn parse_event(index: usize, value: Value, received_at: DateTime<Utc>) -> Result<CourseEvent, EventError> {
+pub fn parse_event(
+    index: usize,
+    value: Value,
+    received_at: DateTime<Utc>,
+) -> Result<CourseEvent, EventError> {
     let err = |field: &str, msg: &str| EventError::field(index, field, msg);
     let Value::Object(mut obj) = value else {
-        return Err(EventError { index: Some(index), field: None, message: "an event must be a JSON object".into() });
+        return Err(EventError {
+            index: Some(index),
+            field: None,
+            message: "an event must be a JSON object".into(),
+        });
     };
     match obj.get("specversion") {
         Some(Value::String(v)) if v == "1.0" => {}
-        Some(Value::String(_)) => return Err(err("specversion", "only CloudEvents 1.0 is supported: set \"1.0\"")),
+        Some(Value::String(_)) => {
+            return Err(err(
+                "specversion",
+                "only CloudEvents 1.0 is supported: set \"1.0\"",
+            ));
+        }
         Some(_) => return Err(err("specversion", "must be the string \"1.0\"")),
         None => return Err(err("specversion", "is required: set \"1.0\"")),
     }
@@ -210,10 +245,17 @@ pub fn parse_event(index: usize, value: Value, received_at: DateTime<Utc>) -> Re
         None => return Err(err("type", "is required")),
     };
     let (time, time_raw) = match obj.get("time") {
-        None | Some(Value::Null) => (received_at, received_at.to_rfc3339_opts(SecondsFormat::Millis, true)),
+        None | Some(Value::Null) => (
+            received_at,
+            received_at.to_rfc3339_opts(SecondsFormat::Millis, true),
+        ),
         Some(Value::String(t)) => {
-            let parsed = DateTime::parse_from_rfc3339(t)
-                .map_err(|_| err("time", "must be an RFC 3339 timestamp such as 2026-11-24T10:00:00Z"))?;
+            let parsed = DateTime::parse_from_rfc3339(t).map_err(|_| {
+                err(
+                    "time",
+                    "must be an RFC 3339 timestamp such as 2026-11-24T10:00:00Z",
+                )
+            })?;
             (parsed.with_timezone(&Utc), t.clone())
         }
         Some(_) => return Err(err("time", "must be an RFC 3339 timestamp string")),
@@ -221,7 +263,10 @@ pub fn parse_event(index: usize, value: Value, received_at: DateTime<Utc>) -> Re
     if let Some(ct) = obj.get("datacontenttype")
         && !matches!(ct, Value::String(s) if s.starts_with("application/json"))
     {
-        return Err(err("datacontenttype", "must be application/json when present"));
+        return Err(err(
+            "datacontenttype",
+            "must be application/json when present",
+        ));
     }
     let data = match obj.remove("data") {
         Some(Value::Object(d)) => d,
@@ -229,13 +274,22 @@ pub fn parse_event(index: usize, value: Value, received_at: DateTime<Utc>) -> Re
         None => return Err(err("data", "is required")),
     };
     validate_data(ty, &data).map_err(|(field, msg)| err(&format!("data.{field}"), &msg))?;
-    Ok(CourseEvent { id, source, event_type: ty, time, time_raw, data })
+    Ok(CourseEvent {
+        id,
+        source,
+        event_type: ty,
+        time,
+        time_raw,
+        data,
+    })
 }
 
 fn required_id(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
     match obj.get(key) {
         Some(Value::String(s)) if s.is_empty() => Err("must not be empty".into()),
-        Some(Value::String(s)) if s.len() > MAX_ID_LEN => Err(format!("is longer than {MAX_ID_LEN} bytes")),
+        Some(Value::String(s)) if s.len() > MAX_ID_LEN => {
+            Err(format!("is longer than {MAX_ID_LEN} bytes"))
+        }
         Some(Value::String(s)) => Ok(s.clone()),
         Some(_) => Err("must be a string".into()),
         None => Err("is required".into()),
@@ -245,7 +299,8 @@ fn required_id(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
 type FieldError = (String, String);
 
 fn validate_data(ty: EventType, data: &Map<String, Value>) -> Result<(), FieldError> {
-    let contact = object(data, "contact")?.ok_or_else(|| ("contact".to_owned(), "is required".to_owned()))?;
+    let contact =
+        object(data, "contact")?.ok_or_else(|| ("contact".to_owned(), "is required".to_owned()))?;
     let contact_id = required_id(contact, "id").map_err(|m| ("contact.id".to_owned(), m))?;
     debug_assert!(!contact_id.is_empty());
     for key in ["email", "phone", "first_name", "last_name", "timezone"] {
@@ -267,7 +322,10 @@ fn validate_data(ty: EventType, data: &Map<String, Value>) -> Result<(), FieldEr
                 }
             }
             None if required => {
-                return Err((name.into(), format!("is required for {}", ty.cloudevent_type())));
+                return Err((
+                    name.into(),
+                    format!("is required for {}", ty.cloudevent_type()),
+                ));
             }
             None => {}
         }
@@ -275,15 +333,26 @@ fn validate_data(ty: EventType, data: &Map<String, Value>) -> Result<(), FieldEr
     if let Some(offer) = object(data, "offer")?
         && let Some(ids) = offer.get("product_ids")
     {
-        let ok = ids.as_array().is_some_and(|a| a.iter().all(|v| v.as_str().is_some_and(|s| !s.is_empty() && s.len() <= MAX_ID_LEN)));
+        let ok = ids.as_array().is_some_and(|a| {
+            a.iter().all(|v| {
+                v.as_str()
+                    .is_some_and(|s| !s.is_empty() && s.len() <= MAX_ID_LEN)
+            })
+        });
         if !ok {
-            return Err(("offer.product_ids".into(), "must be an array of product id strings".into()));
+            return Err((
+                "offer.product_ids".into(),
+                "must be an array of product id strings".into(),
+            ));
         }
     }
     Ok(())
 }
 
-fn object<'a>(data: &'a Map<String, Value>, key: &str) -> Result<Option<&'a Map<String, Value>>, FieldError> {
+fn object<'a>(
+    data: &'a Map<String, Value>,
+    key: &str,
+) -> Result<Option<&'a Map<String, Value>>, FieldError> {
     match data.get(key) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::Object(o)) => Ok(Some(o)),
@@ -301,7 +370,9 @@ fn optional_string(obj: &Map<String, Value>, parent: &str, key: &str) -> Result<
 impl CourseEvent {
     /// The contact's id; validation guarantees it is present.
     pub fn contact_id(&self) -> &str {
-        self.data["contact"]["id"].as_str().expect("validated contact.id")
+        self.data["contact"]["id"]
+            .as_str()
+            .expect("validated contact.id")
     }
 
     /// The object `name` of `data` (`contact`, `offer`, ...), if the event carries it.
@@ -388,9 +459,15 @@ mod tests {
         assert_eq!(e.event_type, EventType::LessonCompleted);
         assert_eq!(e.contact_id(), "c_1");
         assert_eq!(e.time_raw, "2026-11-24T10:00:00+01:00");
-        assert_eq!(e.time, "2026-11-24T09:00:00Z".parse::<DateTime<Utc>>().unwrap());
+        assert_eq!(
+            e.time,
+            "2026-11-24T09:00:00Z".parse::<DateTime<Utc>>().unwrap()
+        );
         assert_eq!(e.field("lesson.title"), Some(json!("Ownership")));
-        assert_eq!(e.field("event.type"), Some(json!("course.lesson_completed")));
+        assert_eq!(
+            e.field("event.type"),
+            Some(json!("course.lesson_completed"))
+        );
         assert_eq!(e.field("offer.id"), None);
     }
 
@@ -404,14 +481,20 @@ mod tests {
 
         let mut v = lesson_event();
         v["data"]["contact"].as_object_mut().unwrap().remove("id");
-        assert_eq!(parse(v).unwrap_err().field.as_deref(), Some("data.contact.id"));
+        assert_eq!(
+            parse(v).unwrap_err().field.as_deref(),
+            Some("data.contact.id")
+        );
     }
 
     #[test]
     fn refuses_wrong_types_unknown_types_and_bad_json() {
         let mut v = lesson_event();
         v["data"]["contact"]["email"] = json!(42);
-        assert_eq!(parse(v).unwrap_err().field.as_deref(), Some("data.contact.email"));
+        assert_eq!(
+            parse(v).unwrap_err().field.as_deref(),
+            Some("data.contact.email")
+        );
 
         let mut v = lesson_event();
         v["type"] = json!("course.lesson_exploded");
@@ -438,9 +521,21 @@ mod tests {
     #[test]
     fn batch_limits() {
         assert!(parse_body(BodyKind::Batch, b"[]", now()).is_err());
-        assert!(parse_body(BodyKind::Batch, lesson_event().to_string().as_bytes(), now()).is_err());
+        assert!(
+            parse_body(
+                BodyKind::Batch,
+                lesson_event().to_string().as_bytes(),
+                now()
+            )
+            .is_err()
+        );
         let many = Value::Array(vec![lesson_event(); MAX_BATCH + 1]).to_string();
-        assert!(parse_body(BodyKind::Batch, many.as_bytes(), now()).unwrap_err().message.contains("at most 1000"));
+        assert!(
+            parse_body(BodyKind::Batch, many.as_bytes(), now())
+                .unwrap_err()
+                .message
+                .contains("at most 1000")
+        );
     }
 
     #[test]
@@ -453,7 +548,10 @@ mod tests {
     #[test]
     fn every_type_round_trips_its_trigger_name() {
         for t in EventType::ALL {
-            assert_eq!(EventType::from_cloudevent_type(&t.cloudevent_type()), Some(t));
+            assert_eq!(
+                EventType::from_cloudevent_type(&t.cloudevent_type()),
+                Some(t)
+            );
         }
     }
 }

@@ -4,13 +4,23 @@
 //! `verify`, accepts an empty secret and refuses non-UTF-8 bodies (see STACK.md).
 
 use base64::Engine as _;
-use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD};
+use base64::engine::general_purpose::STANDARD;
+use base64::engine::{DecodePaddingMode, GeneralPurpose, GeneralPurposeConfig};
 use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
 /// How far a `webhook-timestamp` may be from our clock, either way (SPEC §2: 5 minutes).
 pub const TOLERANCE_SECS: i64 = 300;
+
+/// Secrets are pasted by people: accept them with or without padding, and with non-zero trailing
+/// bits (the published unpadded vector secrets have them), as the reference libraries do.
+const LENIENT: GeneralPurpose = GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    GeneralPurposeConfig::new()
+        .with_decode_padding_mode(DecodePaddingMode::Indifferent)
+        .with_decode_allow_trailing_bits(true),
+);
 
 /// A verification key: the decoded bytes of a `whsec_…` secret.
 #[derive(Clone)]
@@ -27,11 +37,15 @@ impl std::fmt::Debug for WebhookSecret {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum SecretError {
-    #[error("webhook secret must start with \"whsec_\" followed by base64 (generate one with `herald serve --dev`)")]
+    #[error(
+        "webhook secret must start with \"whsec_\" followed by base64 (generate one with `herald serve --dev`)"
+    )]
     MissingPrefix,
     #[error("webhook secret is not valid base64 after \"whsec_\"")]
     NotBase64,
-    #[error("webhook secret must decode to 16 to 64 bytes (24 or more recommended), this one has {0}")]
+    #[error(
+        "webhook secret must decode to 16 to 64 bytes (24 or more recommended), this one has {0}"
+    )]
     BadLength(usize),
 }
 
@@ -52,9 +66,11 @@ pub enum SignatureError {
 impl WebhookSecret {
     /// Parses `whsec_` + base64 (padding optional).
     pub fn parse(secret: &str) -> Result<Self, SecretError> {
-        let b64 = secret.trim().strip_prefix("whsec_").ok_or(SecretError::MissingPrefix)?;
-        let trimmed = b64.trim_end_matches('=');
-        let key = STANDARD_NO_PAD.decode(trimmed).map_err(|_| SecretError::NotBase64)?;
+        let b64 = secret
+            .trim()
+            .strip_prefix("whsec_")
+            .ok_or(SecretError::MissingPrefix)?;
+        let key = LENIENT.decode(b64).map_err(|_| SecretError::NotBase64)?;
         Self::from_bytes(key)
     }
 
@@ -85,14 +101,20 @@ impl WebhookSecret {
 
     /// The `v1,<base64>` signature of a message.
     pub fn sign(&self, id: &str, timestamp: i64, body: &[u8]) -> String {
-        let tag = self.mac(id, &timestamp.to_string(), body).finalize().into_bytes();
+        let tag = self
+            .mac(id, &timestamp.to_string(), body)
+            .finalize()
+            .into_bytes();
         format!("v1,{}", STANDARD.encode(tag))
     }
 }
 
 /// Parses a comma-separated list of `whsec_` secrets (rotation: several may be valid at once).
 pub fn parse_secrets(list: &str) -> Result<Vec<WebhookSecret>, SecretError> {
-    list.split(',').filter(|s| !s.trim().is_empty()).map(WebhookSecret::parse).collect()
+    list.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(WebhookSecret::parse)
+        .collect()
 }
 
 /// The three Standard Webhooks headers of a request, as received.
@@ -124,11 +146,18 @@ pub fn verify_signature_only<'a>(
     headers: SignedHeaders<'a>,
     body: &[u8],
 ) -> Result<(&'a str, i64), SignatureError> {
-    let id = headers.id.filter(|s| !s.is_empty()).ok_or(SignatureError::MissingHeader("webhook-id"))?;
-    let ts_raw =
-        headers.timestamp.filter(|s| !s.is_empty()).ok_or(SignatureError::MissingHeader("webhook-timestamp"))?;
-    let sigs =
-        headers.signature.filter(|s| !s.is_empty()).ok_or(SignatureError::MissingHeader("webhook-signature"))?;
+    let id = headers
+        .id
+        .filter(|s| !s.is_empty())
+        .ok_or(SignatureError::MissingHeader("webhook-id"))?;
+    let ts_raw = headers
+        .timestamp
+        .filter(|s| !s.is_empty())
+        .ok_or(SignatureError::MissingHeader("webhook-timestamp"))?;
+    let sigs = headers
+        .signature
+        .filter(|s| !s.is_empty())
+        .ok_or(SignatureError::MissingHeader("webhook-signature"))?;
     let ts: i64 = ts_raw.parse().map_err(|_| SignatureError::BadTimestamp)?;
     let candidates: Vec<Vec<u8>> = sigs
         .split(' ')
@@ -139,7 +168,9 @@ pub fn verify_signature_only<'a>(
     for secret in secrets {
         let expected = secret.mac(id, ts_raw, body).finalize().into_bytes();
         // Every candidate is compared, in constant time, so timing reveals nothing.
-        let hit = candidates.iter().fold(0u8, |acc, c| acc | c.as_slice().ct_eq(expected.as_slice()).unwrap_u8());
+        let hit = candidates.iter().fold(0u8, |acc, c| {
+            acc | c.as_slice().ct_eq(expected.as_slice()).unwrap_u8()
+        });
         if hit == 1 {
             return Ok((id, ts));
         }
@@ -159,7 +190,11 @@ mod tests {
     const V1_SIG: &str = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE=";
 
     fn headers<'a>(id: &'a str, ts: &'a str, sig: &'a str) -> SignedHeaders<'a> {
-        SignedHeaders { id: Some(id), timestamp: Some(ts), signature: Some(sig) }
+        SignedHeaders {
+            id: Some(id),
+            timestamp: Some(ts),
+            signature: Some(sig),
+        }
     }
 
     fn secrets(s: &str) -> Vec<WebhookSecret> {
@@ -188,8 +223,18 @@ mod tests {
         let s = secrets("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD");
         let body = br#"{"email":"test@example.com","username":"test_user"}"#;
         let sig = "v1,tZ1I4/hDygAJgO5TYxiSd6Sd0kDW6hPenDe+bTa3Kkw=";
-        assert_eq!(s[0].sign("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk", 1649367553, body), sig);
-        assert!(verify_signature_only(&s, headers("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk", "1649367553", sig), body).is_ok());
+        assert_eq!(
+            s[0].sign("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk", 1649367553, body),
+            sig
+        );
+        assert!(
+            verify_signature_only(
+                &s,
+                headers("msg_27UH4WbU6Z5A5EzD8u03UvzRbpk", "1649367553", sig),
+                body
+            )
+            .is_ok()
+        );
     }
 
     #[test]
@@ -205,11 +250,21 @@ mod tests {
     #[test]
     fn refuses_what_the_vectors_say_to_refuse() {
         let s = secrets(V1_SECRET);
-        let full = SignedHeaders { id: Some(V1_ID), timestamp: Some(V1_TS), signature: Some(V1_SIG) };
+        let full = SignedHeaders {
+            id: Some(V1_ID),
+            timestamp: Some(V1_TS),
+            signature: Some(V1_SIG),
+        };
         for h in [
             SignedHeaders { id: None, ..full },
-            SignedHeaders { timestamp: None, ..full },
-            SignedHeaders { signature: None, ..full },
+            SignedHeaders {
+                timestamp: None,
+                ..full
+            },
+            SignedHeaders {
+                signature: None,
+                ..full
+            },
             headers(V1_ID, V1_TS, "v1,"),
             headers(V1_ID, V1_TS, &V1_SIG[..8]),
             headers(V1_ID, "hello", V1_SIG),
@@ -217,8 +272,14 @@ mod tests {
             assert!(verify(&s, h, V1_BODY, 1614265330).is_err(), "{h:?}");
         }
         let ts: i64 = V1_TS.parse().unwrap();
-        assert_eq!(verify(&s, full, V1_BODY, ts + 301), Err(SignatureError::TimestampOutOfTolerance));
-        assert_eq!(verify(&s, full, V1_BODY, ts - 301), Err(SignatureError::TimestampOutOfTolerance));
+        assert_eq!(
+            verify(&s, full, V1_BODY, ts + 301),
+            Err(SignatureError::TimestampOutOfTolerance)
+        );
+        assert_eq!(
+            verify(&s, full, V1_BODY, ts - 301),
+            Err(SignatureError::TimestampOutOfTolerance)
+        );
         assert!(verify(&s, full, V1_BODY, ts + 300).is_ok());
         assert!(WebhookSecret::parse("").is_err());
         assert!(WebhookSecret::parse("whsec_").is_err());
@@ -236,7 +297,10 @@ mod tests {
 
     #[test]
     fn rotation_accepts_any_configured_secret() {
-        let list = parse_secrets(&format!("whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD,{V1_SECRET}")).unwrap();
+        let list = parse_secrets(&format!(
+            "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD,{V1_SECRET}"
+        ))
+        .unwrap();
         assert!(verify_signature_only(&list, headers(V1_ID, V1_TS, V1_SIG), V1_BODY).is_ok());
     }
 }

@@ -9,7 +9,8 @@
 
 use handlebars::template::{Parameter, Template, TemplateElement};
 use handlebars::{
-    Context, Handlebars, Helper, HelperDef, Path, PathSeg, RenderContext, ScopedJson, html_escape, no_escape,
+    Context, Handlebars, Helper, HelperDef, Path, PathSeg, RenderContext, ScopedJson,
+    TemplateErrorReason, html_escape, no_escape,
 };
 use regex::Regex;
 use serde_json::Value;
@@ -26,8 +27,8 @@ pub const CUSTOM_VALUES_KEY: &str = "__custom";
 
 /// Helpers herald templates may call: handlebars' built-ins plus `default`.
 pub const KNOWN_HELPERS: [&str; 18] = [
-    "if", "unless", "each", "with", "lookup", "raw", "log", "eq", "ne", "gt", "gte", "lt", "lte", "and", "or", "not",
-    "len", "default",
+    "if", "unless", "each", "with", "lookup", "raw", "log", "eq", "ne", "gt", "gte", "lt", "lte",
+    "and", "or", "not", "len", "default",
 ];
 
 /// Block helpers whose body sees another context (an element, an object) rather than the event.
@@ -94,13 +95,30 @@ impl ParsedTemplate {
     /// Parses `source` and rewrites its `<<name>>` custom values.
     pub fn parse(source: &str) -> Result<Self, TemplateSyntaxError> {
         let mut template = Template::compile(source).map_err(|e| TemplateSyntaxError {
-            message: e.reason().to_string(),
+            message: match e.reason() {
+                // The parser's own text lists grammar rules, which tells a marketer nothing.
+                TemplateErrorReason::InvalidSyntax(_) => {
+                    "invalid handlebars syntax: check the {{...}} here, and that every {{#block}} has its {{/block}}"
+                        .to_owned()
+                }
+                reason => reason.to_string(),
+            },
             pos: e.pos().map(|(line, column)| TemplatePos { line, column }),
         })?;
         let mut walker = Walker::new(source);
         walker.template(&mut template, false, TemplatePos { line: 1, column: 1 })?;
-        let Walker { fields, custom_values, unsupported, .. } = walker;
-        Ok(Self { template, fields, custom_values, unsupported })
+        let Walker {
+            fields,
+            custom_values,
+            unsupported,
+            ..
+        } = walker;
+        Ok(Self {
+            template,
+            fields,
+            custom_values,
+            unsupported,
+        })
     }
 
     /// Whether the template uses the custom value `<<name>>`.
@@ -121,18 +139,32 @@ struct Walker<'s> {
 
 impl<'s> Walker<'s> {
     fn new(source: &'s str) -> Self {
-        Self { source, search_from: 0, fields: Vec::new(), custom_values: Vec::new(), unsupported: Vec::new() }
+        Self {
+            source,
+            search_from: 0,
+            fields: Vec::new(),
+            custom_values: Vec::new(),
+            unsupported: Vec::new(),
+        }
     }
 
     /// `scoped`: inside an `each`/`with` body, where relative paths do not name event fields.
-    fn template(&mut self, t: &mut Template, scoped: bool, outer: TemplatePos) -> Result<(), TemplateSyntaxError> {
+    fn template(
+        &mut self,
+        t: &mut Template,
+        scoped: bool,
+        outer: TemplatePos,
+    ) -> Result<(), TemplateSyntaxError> {
         // Chained `{{else if}}` bodies come without positions; keep mappings only when aligned.
         let aligned = t.mapping.len() == t.elements.len();
         let mut elements = Vec::with_capacity(t.elements.len());
         let mut mapping = Vec::with_capacity(t.mapping.len());
         for (i, mut element) in std::mem::take(&mut t.elements).into_iter().enumerate() {
             let at = t.mapping.get(i).filter(|_| aligned);
-            let pos = at.map_or(outer, |m| TemplatePos { line: m.0, column: m.1 });
+            let pos = at.map_or(outer, |m| TemplatePos {
+                line: m.0,
+                column: m.1,
+            });
             match element {
                 TemplateElement::RawString(text) => {
                     for (piece, piece_pos) in self.raw_text(text, pos)? {
@@ -150,7 +182,10 @@ impl<'s> Walker<'s> {
                 }
                 TemplateElement::HelperBlock(ref mut ht) => {
                     self.expression(&ht.name, &ht.params, ht.hash.values(), scoped, pos);
-                    let scopes = ht.name.as_name().is_some_and(|n| SCOPING_HELPERS.contains(&n));
+                    let scopes = ht
+                        .name
+                        .as_name()
+                        .is_some_and(|n| SCOPING_HELPERS.contains(&n));
                     if let Some(body) = ht.template.as_mut() {
                         self.template(body, scoped || scopes, pos)?;
                     }
@@ -159,11 +194,15 @@ impl<'s> Walker<'s> {
                     }
                 }
                 TemplateElement::DecoratorExpression(_) | TemplateElement::DecoratorBlock(_) => {
-                    self.unsupported.push(TemplateRef { name: "decorators are not supported".into(), pos });
+                    self.unsupported.push(TemplateRef {
+                        name: "decorators are not supported".into(),
+                        pos,
+                    });
                 }
                 TemplateElement::PartialExpression(_) | TemplateElement::PartialBlock(_) => {
                     self.unsupported.push(TemplateRef {
-                        name: "partials are not supported: a herald template is self-contained".into(),
+                        name: "partials are not supported: a herald template is self-contained"
+                            .into(),
                         pos,
                     });
                 }
@@ -196,17 +235,29 @@ impl<'s> Walker<'s> {
             let (whole, name) = (&found[0], &found[1]);
             let start = found.get(0).map_or(0, |m| m.start());
             if start > rest_start {
-                pieces.push((TemplateElement::RawString(text[rest_start..start].to_owned()), pos));
+                pieces.push((
+                    TemplateElement::RawString(text[rest_start..start].to_owned()),
+                    pos,
+                ));
             }
             let at = self.locate(whole, pos);
-            self.custom_values.push(TemplateRef { name: name.to_owned(), pos: at });
+            self.custom_values.push(TemplateRef {
+                name: name.to_owned(),
+                pos: at,
+            });
             let lookup = Template::compile(&format!("{{{{{CUSTOM_VALUES_KEY}.{name}}}}}"))
-                .map_err(|e| TemplateSyntaxError { message: e.reason().to_string(), pos: Some(at) })?;
+                .map_err(|e| TemplateSyntaxError {
+                    message: e.reason().to_string(),
+                    pos: Some(at),
+                })?;
             pieces.extend(lookup.elements.into_iter().map(|e| (e, at)));
             rest_start = start + whole.len();
         }
         if rest_start < text.len() {
-            pieces.push((TemplateElement::RawString(text[rest_start..].to_owned()), pos));
+            pieces.push((
+                TemplateElement::RawString(text[rest_start..].to_owned()),
+                pos,
+            ));
         }
         Ok(pieces)
     }
@@ -214,7 +265,12 @@ impl<'s> Walker<'s> {
     /// The position of the next occurrence of `needle` in the source, from the start of the line
     /// where its text element begins (handlebars may trim the element's leading whitespace).
     fn locate(&mut self, needle: &str, element: TemplatePos) -> TemplatePos {
-        let line_start = self.source.split_inclusive('\n').take(element.line.saturating_sub(1)).map(str::len).sum();
+        let line_start = self
+            .source
+            .split_inclusive('\n')
+            .take(element.line.saturating_sub(1))
+            .map(str::len)
+            .sum();
         let from = self.search_from.max(line_start);
         match self.source.get(from..).and_then(|rest| rest.find(needle)) {
             Some(offset) => {
@@ -241,13 +297,19 @@ impl<'s> Walker<'s> {
         match name {
             Parameter::Name(helper) if !KNOWN_HELPERS.contains(&helper.as_str()) => {
                 self.unsupported.push(TemplateRef {
-                    name: format!("unknown helper `{helper}`: available are {}", KNOWN_HELPERS.join(", ")),
+                    name: format!(
+                        "unknown helper `{helper}`: available are {}",
+                        KNOWN_HELPERS.join(", ")
+                    ),
                     pos,
                 });
             }
             Parameter::Path(path) if params.is_empty() => self.path(path, scoped, pos),
             Parameter::Path(path) => {
-                self.unsupported.push(TemplateRef { name: format!("unknown helper `{}`", path_text(path)), pos });
+                self.unsupported.push(TemplateRef {
+                    name: format!("unknown helper `{}`", path_text(path)),
+                    pos,
+                });
             }
             _ => {}
         }
@@ -279,9 +341,13 @@ impl<'s> Walker<'s> {
 /// The event field a path reads, as a dotted path; `None` for paths that read something else:
 /// `@index` and other locals, `../x`, `this`, and relative paths inside a scoping block.
 fn event_field(path: &Path, scoped: bool) -> Option<String> {
-    let Path::Relative((segs, raw)) = path else { return None };
+    let Path::Relative((segs, raw)) = path else {
+        return None;
+    };
+    // `@root.x` always reads the event; `../x`, and `x` inside each/with, read something else.
     let rooted = raw.starts_with("@root");
-    if segs.iter().any(|s| matches!(s, PathSeg::Ruled(_))) && !rooted || scoped && !rooted {
+    let climbs = segs.iter().any(|s| matches!(s, PathSeg::Ruled(_)));
+    if !rooted && (climbs || scoped) {
         return None;
     }
     let names: Vec<&str> = segs
@@ -350,7 +416,11 @@ pub struct TemplateSet {
 
 impl Default for TemplateSet {
     fn default() -> Self {
-        Self { escaped: registry(html_escape), plain: registry(no_escape), messages: BTreeMap::new() }
+        Self {
+            escaped: registry(html_escape),
+            plain: registry(no_escape),
+            messages: BTreeMap::new(),
+        }
     }
 }
 
@@ -365,33 +435,47 @@ pub struct EmailTemplates {
 impl EmailTemplates {
     /// Every part, for checking.
     pub fn parts(&self) -> impl Iterator<Item = &ParsedTemplate> {
-        std::iter::once(&self.subject).chain(&self.html).chain(&self.text)
+        std::iter::once(&self.subject)
+            .chain(&self.html)
+            .chain(&self.text)
     }
 }
 
 impl TemplateSet {
     /// Adds the email of the send step at `pc`.
     pub fn insert_email(&mut self, pc: usize, email: EmailTemplates) {
-        let kind = MessageKind::Email { html: email.html.is_some(), text: email.text.is_some() };
-        self.plain.register_template(&part_name(pc, "subject"), email.subject.template);
+        let kind = MessageKind::Email {
+            html: email.html.is_some(),
+            text: email.text.is_some(),
+        };
+        self.plain
+            .register_template(&part_name(pc, "subject"), email.subject.template);
         if let Some(html) = email.html {
-            self.escaped.register_template(&part_name(pc, "html"), html.template);
+            self.escaped
+                .register_template(&part_name(pc, "html"), html.template);
         }
         if let Some(text) = email.text {
-            self.plain.register_template(&part_name(pc, "text"), text.template);
+            self.plain
+                .register_template(&part_name(pc, "text"), text.template);
         }
         self.messages.insert(pc, kind);
     }
 
     /// Adds the SMS body of the send step at `pc`.
     pub fn insert_sms(&mut self, pc: usize, body: ParsedTemplate) {
-        self.plain.register_template(&part_name(pc, "sms"), body.template);
+        self.plain
+            .register_template(&part_name(pc, "sms"), body.template);
         self.messages.insert(pc, MessageKind::Sms);
     }
 
     /// Renders the email of the send step at `pc` for an event context (see
     /// [`crate::CourseEvent::template_context`]) and the message's custom values.
-    pub fn render_email(&self, pc: usize, context: &Value, custom: &CustomValues) -> Result<RenderedEmail, RenderError> {
+    pub fn render_email(
+        &self,
+        pc: usize,
+        context: &Value,
+        custom: &CustomValues,
+    ) -> Result<RenderedEmail, RenderError> {
         let Some(&MessageKind::Email { html, text }) = self.messages.get(&pc) else {
             return Err(self.not_a(pc, "an email"));
         };
@@ -399,28 +483,47 @@ impl TemplateSet {
         let subject = self.render(&self.plain, pc, "subject", &context)?;
         Ok(RenderedEmail {
             subject: one_line(&subject),
-            html: html.then(|| self.render(&self.escaped, pc, "html", &context)).transpose()?,
-            text: text.then(|| self.render(&self.plain, pc, "text", &context)).transpose()?,
+            html: html
+                .then(|| self.render(&self.escaped, pc, "html", &context))
+                .transpose()?,
+            text: text
+                .then(|| self.render(&self.plain, pc, "text", &context))
+                .transpose()?,
         })
     }
 
     /// Renders the SMS body of the send step at `pc`.
-    pub fn render_sms(&self, pc: usize, context: &Value, custom: &CustomValues) -> Result<String, RenderError> {
+    pub fn render_sms(
+        &self,
+        pc: usize,
+        context: &Value,
+        custom: &CustomValues,
+    ) -> Result<String, RenderError> {
         if self.messages.get(&pc) != Some(&MessageKind::Sms) {
             return Err(self.not_a(pc, "an SMS"));
         }
         self.render(&self.plain, pc, "sms", &with_custom_values(context, custom))
     }
 
-    fn render(&self, registry: &Handlebars<'static>, pc: usize, part: &str, context: &Value) -> Result<String, RenderError> {
+    fn render(
+        &self,
+        registry: &Handlebars<'static>,
+        pc: usize,
+        part: &str,
+        context: &Value,
+    ) -> Result<String, RenderError> {
         let name = part_name(pc, part);
-        registry
-            .render(&name, context)
-            .map_err(|e| RenderError { template: format!("step {pc} {part}"), message: e.to_string() })
+        registry.render(&name, context).map_err(|e| RenderError {
+            template: format!("step {pc} {part}"),
+            message: e.to_string(),
+        })
     }
 
     fn not_a(&self, pc: usize, what: &str) -> RenderError {
-        RenderError { template: format!("step {pc}"), message: format!("is not {what} step") }
+        RenderError {
+            template: format!("step {pc}"),
+            message: format!("is not {what} step"),
+        }
     }
 }
 
@@ -435,7 +538,10 @@ pub fn render_standalone_email(
     custom: &CustomValues,
 ) -> Result<RenderedEmail, RenderError> {
     let parse = |part: &str, src: &str| {
-        ParsedTemplate::parse(src).map_err(|e| RenderError { template: part.to_owned(), message: e.to_string() })
+        ParsedTemplate::parse(src).map_err(|e| RenderError {
+            template: part.to_owned(),
+            message: e.to_string(),
+        })
     };
     let email = EmailTemplates {
         subject: parse("subject", subject_src)?,
@@ -457,7 +563,10 @@ fn with_custom_values(context: &Value, custom: &CustomValues) -> Value {
         Value::Object(map) => map.clone(),
         _ => serde_json::Map::new(),
     };
-    let values = custom.iter().map(|(k, v)| (k.clone(), Value::String(v.clone()))).collect();
+    let values = custom
+        .iter()
+        .map(|(k, v)| (k.clone(), Value::String(v.clone())))
+        .collect();
     context.insert(CUSTOM_VALUES_KEY.to_owned(), Value::Object(values));
     Value::Object(context)
 }
@@ -477,7 +586,10 @@ mod tests {
     use serde_json::json;
 
     fn custom(pairs: &[(&str, &str)]) -> CustomValues {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn ctx() -> Value {
@@ -488,16 +600,38 @@ mod tests {
         })
     }
 
-    fn email(subject: &str, html: Option<&str>, text: Option<&str>, context: &Value) -> RenderedEmail {
-        render_standalone_email(subject, html, text, context, &custom(&[("login_url", "https://x.test/l/abc?a=1&b=2")]))
-            .unwrap()
+    fn email(
+        subject: &str,
+        html: Option<&str>,
+        text: Option<&str>,
+        context: &Value,
+    ) -> RenderedEmail {
+        render_standalone_email(
+            subject,
+            html,
+            text,
+            context,
+            &custom(&[("login_url", "https://x.test/l/abc?a=1&b=2")]),
+        )
+        .unwrap()
     }
 
     #[test]
     fn html_escapes_values_and_text_subject_do_not() {
-        let e = email("Hi {{contact.first_name}}", Some("<p>{{contact.first_name}}</p>"), Some("{{contact.first_name}}"), &ctx());
-        assert_eq!(e.html.as_deref(), Some("<p>Tom &amp; Jerry &lt;script&gt;alert(1)&lt;/script&gt;</p>"));
-        assert_eq!(e.text.as_deref(), Some("Tom & Jerry <script>alert(1)</script>"));
+        let e = email(
+            "Hi {{contact.first_name}}",
+            Some("<p>{{contact.first_name}}</p>"),
+            Some("{{contact.first_name}}"),
+            &ctx(),
+        );
+        assert_eq!(
+            e.html.as_deref(),
+            Some("<p>Tom &amp; Jerry &lt;script&gt;alert(1)&lt;/script&gt;</p>")
+        );
+        assert_eq!(
+            e.text.as_deref(),
+            Some("Tom & Jerry <script>alert(1)</script>")
+        );
         assert_eq!(e.subject, "Hi Tom & Jerry <script>alert(1)</script>");
     }
 
@@ -505,21 +639,37 @@ mod tests {
     fn custom_values_resolve_in_the_template_not_in_values() {
         let mut context = ctx();
         context["contact"]["first_name"] = json!("<<login_url>>");
-        let e = email("{{contact.first_name}}", Some("<a href=\"<<login_url>>\">{{contact.first_name}}</a>"), Some("{{contact.first_name}}: <<login_url>>"), &context);
-        assert_eq!(e.text.as_deref(), Some("<<login_url>>: https://x.test/l/abc?a=1&b=2"));
+        let e = email(
+            "{{contact.first_name}}",
+            Some("<a href=\"<<login_url>>\">{{contact.first_name}}</a>"),
+            Some("{{contact.first_name}}: <<login_url>>"),
+            &context,
+        );
+        assert_eq!(
+            e.text.as_deref(),
+            Some("<<login_url>>: https://x.test/l/abc?a=1&b=2")
+        );
         assert_eq!(e.subject, "<<login_url>>");
         // In HTML the link is attribute-escaped (browsers decode it) and the name stays text.
         assert_eq!(
             e.html.as_deref(),
-            Some("<a href=\"https://x.test/l/abc?a&#x3D;1&amp;b&#x3D;2\">&lt;&lt;login_url&gt;&gt;</a>")
+            Some(
+                "<a href=\"https://x.test/l/abc?a&#x3D;1&amp;b&#x3D;2\">&lt;&lt;login_url&gt;&gt;</a>"
+            )
         );
     }
 
     #[test]
     fn an_event_cannot_supply_custom_values() {
         let mut context = ctx();
-        context[CUSTOM_VALUES_KEY] = json!({"login_url": "https://evil.test", "support_email": "evil@x"});
-        let e = email("s", None, Some("<<login_url>> <<support_email>>."), &context);
+        context[CUSTOM_VALUES_KEY] =
+            json!({"login_url": "https://evil.test", "support_email": "evil@x"});
+        let e = email(
+            "s",
+            None,
+            Some("<<login_url>> <<support_email>>."),
+            &context,
+        );
         assert_eq!(e.text.as_deref(), Some("https://x.test/l/abc?a=1&b=2 ."));
     }
 
@@ -532,32 +682,64 @@ mod tests {
         assert_eq!(e.text.as_deref(), Some("there|x|Rust\r\n  Pro"));
         // The chosen value is escaped in HTML like any other.
         context["contact"]["first_name"] = json!("A&B");
-        let e = email("s", Some("{{default contact.first_name 'there'}}"), None, &context);
+        let e = email(
+            "s",
+            Some("{{default contact.first_name 'there'}}"),
+            None,
+            &context,
+        );
         assert_eq!(e.html.as_deref(), Some("A&amp;B"));
     }
 
     #[test]
     fn subject_is_one_line() {
-        let e = email("  Welcome to {{offer.title}}\n\n  today\r\n", None, Some("x"), &ctx());
+        let e = email(
+            "  Welcome to {{offer.title}}\n\n  today\r\n",
+            None,
+            Some("x"),
+            &ctx(),
+        );
         assert_eq!(e.subject, "Welcome to Rust Pro today");
         assert_eq!(one_line("a\u{2028}b"), "a b");
     }
 
     #[test]
     fn missing_fields_render_empty_and_bad_input_never_panics() {
-        let e = email("[{{lesson.title}}]", None, Some("{{#each offer.title}}{{this}}{{/each}}|{{lookup 5 6}}|"), &ctx());
+        let e = email(
+            "[{{lesson.title}}]",
+            None,
+            Some("{{#each offer.title}}{{this}}{{/each}}|{{lookup 5 6}}|"),
+            &ctx(),
+        );
         assert_eq!(e.subject, "[]");
         assert_eq!(e.text.as_deref(), Some("||"));
         // A helper missing its argument is an error to record, not a crash.
-        let err = render_standalone_email("{{#each}}{{/each}}", None, Some("x"), &json!(null), &custom(&[])).unwrap_err();
+        let err = render_standalone_email(
+            "{{#each}}{{/each}}",
+            None,
+            Some("x"),
+            &json!(null),
+            &custom(&[]),
+        )
+        .unwrap_err();
         assert_eq!(err.template, "step 0 subject");
     }
 
     #[test]
     fn reports_syntax_errors_with_positions() {
         let err = ParsedTemplate::parse("Hello\n  {{contact.first_name").unwrap_err();
-        assert_eq!(err.pos, Some(TemplatePos { line: 2, column: 23 }));
-        assert!(err.message.contains("invalid handlebars syntax"), "{}", err.message);
+        assert_eq!(
+            err.pos,
+            Some(TemplatePos {
+                line: 2,
+                column: 23
+            })
+        );
+        assert!(
+            err.message.contains("invalid handlebars syntax"),
+            "{}",
+            err.message
+        );
         assert!(render_standalone_email("{{#if a}}", None, None, &ctx(), &custom(&[])).is_err());
     }
 
@@ -567,7 +749,11 @@ mod tests {
                    {{#each offer.product_ids}}{{this}} {{title}} {{@index}} {{../event.id}} {{@root.product.url}}{{/each}}\n\
                    {{!-- <<not_a_value>> --}}  <<login_url>> and <<support_email>>, {{> footer}} {{shout contact.id}}";
         let t = ParsedTemplate::parse(src).unwrap();
-        let fields: Vec<_> = t.fields.iter().map(|f| (f.name.as_str(), f.pos.line, f.pos.column)).collect();
+        let fields: Vec<_> = t
+            .fields
+            .iter()
+            .map(|f| (f.name.as_str(), f.pos.line, f.pos.column))
+            .collect();
         assert_eq!(
             fields,
             [
@@ -580,20 +766,40 @@ mod tests {
                 ("contact.id", 4, 79),
             ]
         );
-        let customs: Vec<_> = t.custom_values.iter().map(|f| (f.name.as_str(), f.pos.line, f.pos.column)).collect();
+        let customs: Vec<_> = t
+            .custom_values
+            .iter()
+            .map(|f| (f.name.as_str(), f.pos.line, f.pos.column))
+            .collect();
         assert_eq!(customs, [("login_url", 4, 29), ("support_email", 4, 47)]);
         assert!(t.uses_custom_value("login_url"));
         assert!(!t.uses_custom_value("not_a_value"));
-        let unsupported: Vec<_> = t.unsupported.iter().map(|u| (u.name.split(':').next().unwrap(), u.pos.line)).collect();
-        assert_eq!(unsupported, [("partials are not supported", 4), ("unknown helper `shout`", 4)]);
+        let unsupported: Vec<_> = t
+            .unsupported
+            .iter()
+            .map(|u| (u.name.split(':').next().unwrap(), u.pos.line))
+            .collect();
+        assert_eq!(
+            unsupported,
+            [
+                ("partials are not supported", 4),
+                ("unknown helper `shout`", 4)
+            ]
+        );
     }
 
     #[test]
     fn template_set_renders_by_program_counter_and_refuses_the_wrong_kind() {
         let mut set = TemplateSet::default();
-        set.insert_sms(3, ParsedTemplate::parse("Hi {{contact.id}} <<login_url>>").unwrap());
+        set.insert_sms(
+            3,
+            ParsedTemplate::parse("Hi {{contact.id}} <<login_url>>").unwrap(),
+        );
         let c = custom(&[("login_url", "https://x.test/?a=b")]);
-        assert_eq!(set.render_sms(3, &ctx(), &c).unwrap(), "Hi c_1 https://x.test/?a=b");
+        assert_eq!(
+            set.render_sms(3, &ctx(), &c).unwrap(),
+            "Hi c_1 https://x.test/?a=b"
+        );
         assert!(set.render_email(3, &ctx(), &c).is_err());
         assert!(set.render_sms(4, &ctx(), &c).is_err());
     }

@@ -17,6 +17,8 @@ pub struct EngineConfig {
     pub custom_values: BTreeMap<String, String>,
     /// Lifetime and uses of learner links, and the base of their URLs.
     pub links: crate::links::LinkPolicy,
+    /// Signs unsubscribe links; `Application::build` loads it from the database.
+    pub unsubscribe: crate::unsubscribe::UnsubscribeKey,
     /// `None`: emails go to the dev mailbox.
     pub smtp: Option<SmtpSender>,
     /// How long a claim is held before another worker may take the job over.
@@ -44,6 +46,7 @@ impl EngineConfig {
                 learner_uses: 5,
             },
             public_url,
+            unsubscribe: crate::unsubscribe::UnsubscribeKey::new(Vec::new()),
             email_from: "herald <noreply@localhost>".into(),
             default_timezone: chrono_tz::UTC,
             custom_values: BTreeMap::new(),
@@ -76,8 +79,14 @@ fn url_host(url: &str) -> Option<String> {
 mod tests {
     #[test]
     fn public_host() {
-        assert_eq!(super::url_host("https://school.example.com:8443/x"), Some("school.example.com".into()));
-        assert_eq!(super::url_host("http://127.0.0.1:8080"), Some("127.0.0.1".into()));
+        assert_eq!(
+            super::url_host("https://school.example.com:8443/x"),
+            Some("school.example.com".into())
+        );
+        assert_eq!(
+            super::url_host("http://127.0.0.1:8080"),
+            Some("127.0.0.1".into())
+        );
         assert_eq!(super::url_host("nonsense"), None);
     }
 }

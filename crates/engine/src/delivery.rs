@@ -2,10 +2,10 @@
 //! goes, not when the run started), send through SMTP or into the dev mailbox, and classify the
 //! outcome for the retry policy.
 
+use crate::Clock;
 use crate::config::EngineConfig;
 use crate::registry::Registry;
 use crate::runner::with_latest_contact;
-use crate::Clock;
 use herald_channels::SendError;
 use herald_channels::email::OutgoingEmail;
 use herald_core::workflow::Instr;
@@ -23,26 +23,56 @@ pub struct Delivery {
 impl Delivery {
     /// Renders and sends one claimed message; never fails, every problem becomes an outcome.
     pub async fn deliver(&self, m: ClaimedMessage) -> MessageOutcome {
-        let mut outcome =
-            MessageOutcome { message_id: m.id.clone(), lease_token: m.lease_token.clone(), subject: None, result: DeliveryResult::Sent { provider_id: None }, mailbox: None };
+        let mut outcome = MessageOutcome {
+            message_id: m.id.clone(),
+            lease_token: m.lease_token.clone(),
+            subject: None,
+            result: DeliveryResult::Sent { provider_id: None },
+            mailbox: None,
+        };
         let snapshot = self.registry.snapshot();
         let Some(wf) = snapshot.version(&m.workflow_id, &m.workflow_version) else {
             outcome.result = DeliveryResult::Failed {
-                reason: format!("workflow version {}@{} is not loaded", m.workflow_id, m.workflow_version),
+                reason: format!(
+                    "workflow version {}@{} is not loaded",
+                    m.workflow_id, m.workflow_version
+                ),
             };
             return outcome;
         };
         let Some(recipient) = m.recipient.clone() else {
-            outcome.result = DeliveryResult::Skipped { reason: "no recipient".into() };
+            outcome.result = DeliveryResult::Skipped {
+                reason: "no recipient".into(),
+            };
             return outcome;
         };
+        if m.opted_out {
+            let channel = m.channel.as_str();
+            outcome.result = DeliveryResult::Suppressed {
+                reason: format!("contact opted out of {channel}"),
+            };
+            return outcome;
+        }
         let event = with_latest_contact(&m.event, &m.contact);
         let context = event.template_context();
         let mut custom = self.config.custom_values.clone();
+        let unsubscribe_url = self
+            .config
+            .unsubscribe
+            .url(&self.config.public_url, event.contact_id());
+        custom.insert("unsubscribe_url".into(), unsubscribe_url.clone());
         let pc = m.pc as usize;
         let uses_login_url = matches!(
             wf.program.get(pc),
-            Some(Instr::SendEmail { uses_login_url: true, .. } | Instr::SendSms { uses_login_url: true, .. })
+            Some(
+                Instr::SendEmail {
+                    uses_login_url: true,
+                    ..
+                } | Instr::SendSms {
+                    uses_login_url: true,
+                    ..
+                }
+            )
         );
         if uses_login_url {
             match self.login_url(&m).await {
@@ -51,12 +81,19 @@ impl Delivery {
                 }
                 Ok(None) => {
                     outcome.result = DeliveryResult::Skipped {
-                        reason: "contact holds no active offer grant, so <<login_url>> could not work".into(),
+                        reason:
+                            "contact holds no active offer grant, so <<login_url>> could not work"
+                                .into(),
                     };
                     return outcome;
                 }
                 Err(e) => {
-                    outcome.result = self.classify(Err(SendError::Transient(format!("could not mint the login link: {e}"))), m.attempts);
+                    outcome.result = self.classify(
+                        Err(SendError::Transient(format!(
+                            "could not mint the login link: {e}"
+                        ))),
+                        m.attempts,
+                    );
                     return outcome;
                 }
             }
@@ -66,43 +103,68 @@ impl Delivery {
                 let rendered = match wf.render_email(pc, &context, &custom) {
                     Ok(r) => r,
                     Err(e) => {
-                        outcome.result = DeliveryResult::Failed { reason: e.to_string() };
+                        outcome.result = DeliveryResult::Failed {
+                            reason: e.to_string(),
+                        };
                         return outcome;
                     }
                 };
                 outcome.subject = Some(rendered.subject.clone());
                 let email = OutgoingEmail {
-                    from: from.clone().unwrap_or_else(|| self.config.email_from.clone()),
+                    from: from
+                        .clone()
+                        .unwrap_or_else(|| self.config.email_from.clone()),
                     to: recipient,
                     subject: rendered.subject,
                     text: rendered.text,
                     html: rendered.html,
                     message_id: m.header_message_id.clone(),
-                    headers: Vec::new(),
+                    // RFC 8058 one-click unsubscribe on every workflow email.
+                    headers: vec![
+                        ("List-Unsubscribe".into(), format!("<{unsubscribe_url}>")),
+                        (
+                            "List-Unsubscribe-Post".into(),
+                            "List-Unsubscribe=One-Click".into(),
+                        ),
+                    ],
                 };
                 match &self.config.smtp {
-                    Some(smtp) => outcome.result = self.classify(smtp.send(&email).await, m.attempts),
+                    Some(smtp) => {
+                        let started = std::time::Instant::now();
+                        let sent = smtp.send(&email).await;
+                        crate::telemetry::send_latency("email", started.elapsed().as_secs_f64());
+                        outcome.result = self.classify(sent, m.attempts);
+                    }
                     None => outcome.mailbox = Some(self.mailbox_copy(&m, Channel::Email, email)),
                 }
             }
-            (Channel::Sms, Some(Instr::SendSms { .. })) => match wf.render_sms(pc, &context, &custom) {
-                Ok(body) => {
-                    let copy = OutgoingEmail {
-                        from: String::new(),
-                        to: recipient,
-                        subject: String::new(),
-                        text: Some(body),
-                        html: None,
-                        message_id: m.header_message_id.clone(),
-                        headers: Vec::new(),
-                    };
-                    outcome.mailbox = Some(self.mailbox_copy(&m, Channel::Sms, copy));
+            (Channel::Sms, Some(Instr::SendSms { .. })) => {
+                match wf.render_sms(pc, &context, &custom) {
+                    Ok(body) => {
+                        let copy = OutgoingEmail {
+                            from: String::new(),
+                            to: recipient,
+                            subject: String::new(),
+                            text: Some(body),
+                            html: None,
+                            message_id: m.header_message_id.clone(),
+                            headers: Vec::new(),
+                        };
+                        outcome.mailbox = Some(self.mailbox_copy(&m, Channel::Sms, copy));
+                    }
+                    Err(e) => {
+                        outcome.result = DeliveryResult::Failed {
+                            reason: e.to_string(),
+                        }
+                    }
                 }
-                Err(e) => outcome.result = DeliveryResult::Failed { reason: e.to_string() },
-            },
+            }
             _ => {
                 outcome.result = DeliveryResult::Failed {
-                    reason: format!("step {} of {}@{} is not a send step", m.step_id, m.workflow_id, m.workflow_version),
+                    reason: format!(
+                        "step {} of {}@{} is not a send step",
+                        m.step_id, m.workflow_id, m.workflow_version
+                    ),
                 };
             }
         }
@@ -110,12 +172,19 @@ impl Delivery {
     }
 
     /// A fresh learner link for this message, or `None` when the contact is not entitled.
-    async fn login_url(&self, m: &ClaimedMessage) -> Result<Option<String>, herald_store::StoreError> {
+    async fn login_url(
+        &self,
+        m: &ClaimedMessage,
+    ) -> Result<Option<String>, herald_store::StoreError> {
         let contact = m.event.contact_id();
         if !self.store.has_active_offer(contact.to_owned()).await? {
             return Ok(None);
         }
-        let url = self.config.links.mint_for_message(&self.store, contact, &m.id, self.clock.now_ms()).await?;
+        let url = self
+            .config
+            .links
+            .mint_for_message(&self.store, contact, &m.id, self.clock.now_ms())
+            .await?;
         Ok(Some(url))
     }
 
@@ -123,7 +192,7 @@ impl Delivery {
         let email = channel == Channel::Email;
         MailboxItem {
             id: m.id.clone(),
-            message_id: email.then(|| e.message_id),
+            message_id: email.then_some(e.message_id),
             channel,
             sender: email.then_some(e.from),
             recipient: e.to,
@@ -143,10 +212,15 @@ impl Delivery {
             Err(SendError::Transient(reason)) => {
                 let attempt = attempts_before + 1;
                 if attempt >= self.config.max_attempts {
-                    return DeliveryResult::Failed { reason: format!("gave up after {attempt} attempts: {reason}") };
+                    return DeliveryResult::Failed {
+                        reason: format!("gave up after {attempt} attempts: {reason}"),
+                    };
                 }
                 let delay = backoff(&self.config, attempt);
-                DeliveryResult::Retry { due_ms: self.clock.now_ms() + delay.as_millis() as i64, reason }
+                DeliveryResult::Retry {
+                    due_ms: self.clock.now_ms() + delay.as_millis() as i64,
+                    reason,
+                }
             }
         }
     }
@@ -155,7 +229,9 @@ impl Delivery {
 /// The delay before retry number `attempt` (1-based): `base · 2^(attempt-1)` capped, then a random
 /// point in its upper half, so that a burst of failures does not retry in lockstep.
 pub fn backoff(config: &EngineConfig, attempt: i64) -> std::time::Duration {
-    let exp = config.retry_base.saturating_mul(1u32 << (attempt - 1).clamp(0, 20));
+    let exp = config
+        .retry_base
+        .saturating_mul(1u32 << (attempt - 1).clamp(0, 20));
     let capped = exp.min(config.retry_cap);
     capped / 2 + capped.mul_f64(fastrand::f64() / 2.0)
 }
@@ -169,8 +245,15 @@ mod tests {
         let cfg = EngineConfig::new("http://localhost");
         for attempt in 1..=12 {
             let d = backoff(&cfg, attempt);
-            let full = cfg.retry_base.saturating_mul(1 << (attempt - 1)).min(cfg.retry_cap);
-            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d:?} not within [{:?}, {full:?}]", full / 2);
+            let full = cfg
+                .retry_base
+                .saturating_mul(1 << (attempt - 1))
+                .min(cfg.retry_cap);
+            assert!(
+                d >= full / 2 && d <= full,
+                "attempt {attempt}: {d:?} not within [{:?}, {full:?}]",
+                full / 2
+            );
         }
         assert!(backoff(&cfg, 40) <= cfg.retry_cap);
     }

@@ -5,7 +5,9 @@
 
 use crate::registry::Snapshot;
 use crate::runner::{self, RunContext};
-use herald_store::{DispatchInput, DispatchPlan, EnrollmentCounts, LiveRun, RunExit, RunState, RunWrite, StepRecord};
+use herald_store::{
+    DispatchInput, DispatchPlan, EnrollmentCounts, LiveRun, RunExit, RunState, RunWrite, StepRecord,
+};
 use std::collections::HashMap;
 
 /// Enrollments of one contact in one workflow within [`LOOP_WINDOW_MS`] beyond which further
@@ -29,6 +31,11 @@ impl Planner<'_> {
         let now = chrono::DateTime::from_timestamp_millis(self.now_ms).unwrap_or_default();
 
         for (seq, event) in &input.events {
+            // Trigger filters, conditions and recipients see the contact's latest details.
+            let event = &match input.contacts.get(event.contact_id()) {
+                Some(row) => runner::with_latest_contact(event, row),
+                None => event.clone(),
+            };
             let contact = event.contact_id();
             let trigger = event.event_type.trigger_name();
 
@@ -41,13 +48,18 @@ impl Planner<'_> {
                     .version(&run.workflow_id, &run.workflow_version)
                     .is_some_and(|wf| wf.exits_on(event));
                 if exits {
-                    plan.exits.push(RunExit { run_id: run.run_id.clone(), reason: format!("exit_when: {trigger}") });
-                    if let Some(c) = counts.get_mut(&(contact.to_owned(), run.workflow_id.clone())) {
+                    plan.exits.push(RunExit {
+                        run_id: run.run_id.clone(),
+                        reason: format!("exit_when: {trigger}"),
+                    });
+                    if let Some(c) = counts.get_mut(&(contact.to_owned(), run.workflow_id.clone()))
+                    {
                         c.live = false;
                     }
                     return false;
                 }
-                if run.state == RunState::WaitingEvent && run.wait_event.as_deref() == Some(trigger) {
+                if run.state == RunState::WaitingEvent && run.wait_event.as_deref() == Some(trigger)
+                {
                     plan.resumes.push(run.run_id.clone());
                 }
                 true
@@ -57,7 +69,12 @@ impl Planner<'_> {
                 run.wait_event = None;
             }
 
-            for wf in self.workflows.current.values().filter(|wf| wf.triggered_by(event)) {
+            for wf in self
+                .workflows
+                .current
+                .values()
+                .filter(|wf| wf.triggered_by(event))
+            {
                 let key = (contact.to_owned(), wf.id.clone());
                 let c = counts.entry(key).or_default();
                 if c.live || (!wf.re_entry && c.total > 0) {
@@ -78,7 +95,9 @@ impl Planner<'_> {
                     steps: vec![StepRecord {
                         step_id: "enroll".into(),
                         kind: "enroll".into(),
-                        outcome: format!("refused: more than {LOOP_LIMIT} enrollments within 30 minutes"),
+                        outcome: format!(
+                            "refused: more than {LOOP_LIMIT} enrollments within 30 minutes"
+                        ),
                         at_ms: self.now_ms,
                     }],
                     messages: Vec::new(),

@@ -15,12 +15,14 @@ pub mod dispatch;
 pub mod links;
 pub mod registry;
 pub mod runner;
+pub mod telemetry;
+pub mod unsubscribe;
 
 pub use clock::Clock;
 pub use config::EngineConfig;
 pub use registry::{Registry, RegistryError, Sources};
 
-use herald_store::{RunAdvance, RunState, RunWrite, Store, StepRecord};
+use herald_store::{RunAdvance, RunState, RunWrite, StepRecord, Store};
 use std::future::Future;
 use std::sync::Arc;
 use tokio::sync::{Notify, watch};
@@ -64,7 +66,12 @@ struct Shared {
 }
 
 impl Engine {
-    pub fn start(store: Store, registry: Arc<Registry>, config: EngineConfig, clock: Clock) -> Self {
+    pub fn start(
+        store: Store,
+        registry: Arc<Registry>,
+        config: EngineConfig,
+        clock: Clock,
+    ) -> Self {
         let wakers = Arc::new(Wakers::default());
         let (shutdown, rx) = watch::channel(false);
         let shared = Arc::new(Shared {
@@ -82,11 +89,36 @@ impl Engine {
         });
         let poll = shared.config.poll_interval;
         let tasks = vec![
-            spawn_loop("dispatcher", shared.clone(), rx.clone(), poll, |s| &s.wakers.dispatch, |s| async move { s.dispatch_once().await }),
-            spawn_loop("stepper", shared.clone(), rx.clone(), poll, |s| &s.wakers.steps, |s| async move { s.step_once().await }),
-            spawn_loop("deliverer", shared, rx, poll, |s| &s.wakers.delivery, |s| async move { s.deliver_once().await }),
+            spawn_loop(
+                "dispatcher",
+                shared.clone(),
+                rx.clone(),
+                poll,
+                |s| &s.wakers.dispatch,
+                |s| async move { s.dispatch_once().await },
+            ),
+            spawn_loop(
+                "stepper",
+                shared.clone(),
+                rx.clone(),
+                poll,
+                |s| &s.wakers.steps,
+                |s| async move { s.step_once().await },
+            ),
+            spawn_loop(
+                "deliverer",
+                shared,
+                rx,
+                poll,
+                |s| &s.wakers.delivery,
+                |s| async move { s.deliver_once().await },
+            ),
         ];
-        Self { wakers, shutdown, tasks }
+        Self {
+            wakers,
+            shutdown,
+            tasks,
+        }
     }
 
     pub fn wakers(&self) -> Arc<Wakers> {
@@ -160,10 +192,35 @@ impl Shared {
             default_timezone: self.config.default_timezone,
             message_host: &host,
         };
+        // What the planner decided, recorded as metrics only once its transaction committed.
+        let started = std::sync::Mutex::new(Vec::new());
+        let plan = |input: &herald_store::DispatchInput| {
+            let plan = planner.plan(input);
+            let mut started = started.lock().expect("metrics lock");
+            started.clear();
+            started.extend(
+                plan.new_runs
+                    .iter()
+                    .map(|r| (r.workflow_id.clone(), r.state, message_labels(&r.messages))),
+            );
+            plan
+        };
         let n = self
             .store
-            .dispatch(self.config.batch_size, now_ms, now_ms - dispatch::LOOP_WINDOW_MS, &|input| planner.plan(input))
+            .dispatch(
+                self.config.batch_size,
+                now_ms,
+                now_ms - dispatch::LOOP_WINDOW_MS,
+                &plan,
+            )
             .await?;
+        for (workflow, state, messages) in started.into_inner().expect("metrics lock") {
+            if state != RunState::Refused {
+                telemetry::run_started(&workflow);
+            }
+            telemetry::run_finished(&workflow, state);
+            record_messages(&messages);
+        }
         if n > 0 {
             self.wakers.delivery.notify_one();
         }
@@ -174,7 +231,11 @@ impl Shared {
         let now = self.clock.now();
         let claimed = self
             .store
-            .claim_runs(now.timestamp_millis(), self.config.batch_size, self.config.lease.as_millis() as i64)
+            .claim_runs(
+                now.timestamp_millis(),
+                self.config.batch_size,
+                self.config.lease.as_millis() as i64,
+            )
             .await?;
         if claimed.is_empty() {
             return Ok(0);
@@ -201,7 +262,10 @@ impl Shared {
             match snapshot.version(&run.workflow_id, &run.workflow_version) {
                 None => {
                     write.state = RunState::Failed;
-                    write.reason = Some(format!("workflow version {} is not loaded", run.workflow_version));
+                    write.reason = Some(format!(
+                        "workflow version {} is not loaded",
+                        run.workflow_version
+                    ));
                 }
                 Some(_) if !snapshot.is_enabled(&run.workflow_id) => {
                     // Disabled after the claim query ran: park it where it stands.
@@ -234,9 +298,28 @@ impl Shared {
                     write.messages = advanced.messages;
                 }
             }
-            advances.push(RunAdvance { lease_token: run.lease_token.clone(), write });
+            advances.push(RunAdvance {
+                lease_token: run.lease_token.clone(),
+                write,
+            });
         }
-        self.store.finish_runs(now.timestamp_millis(), advances).await?;
+        let finished: Vec<_> = advances
+            .iter()
+            .map(|a| {
+                (
+                    a.write.workflow_id.clone(),
+                    a.write.state,
+                    message_labels(&a.write.messages),
+                )
+            })
+            .collect();
+        self.store
+            .finish_runs(now.timestamp_millis(), advances)
+            .await?;
+        for (workflow, state, messages) in finished {
+            telemetry::run_finished(&workflow, state);
+            record_messages(&messages);
+        }
         self.wakers.delivery.notify_one();
         Ok(claimed.len())
     }
@@ -245,18 +328,49 @@ impl Shared {
         use futures::StreamExt;
         let claimed = self
             .store
-            .claim_messages(self.clock.now_ms(), self.config.batch_size, self.config.lease.as_millis() as i64)
+            .claim_messages(
+                self.clock.now_ms(),
+                self.config.batch_size,
+                self.config.lease.as_millis() as i64,
+            )
             .await?;
         let n = claimed.len();
         if n == 0 {
             return Ok(0);
         }
+        let channels: std::collections::HashMap<String, &'static str> = claimed
+            .iter()
+            .map(|m| (m.id.clone(), m.channel.as_str()))
+            .collect();
         let outcomes: Vec<_> = futures::stream::iter(claimed)
             .map(|m| self.delivery.deliver(m))
             .buffer_unordered(self.config.send_concurrency)
             .collect()
             .await;
-        self.store.complete_messages(self.clock.now_ms(), outcomes).await?;
+        let results: Vec<_> = outcomes
+            .iter()
+            .map(|o| (channels[&o.message_id], o.result.clone()))
+            .collect();
+        self.store
+            .complete_messages(self.clock.now_ms(), outcomes)
+            .await?;
+        for (channel, result) in &results {
+            telemetry::delivery(channel, result);
+        }
         Ok(n)
+    }
+}
+
+/// Channel and status of newly created messages, for metrics.
+fn message_labels(messages: &[herald_store::NewMessage]) -> Vec<(&'static str, &'static str)> {
+    messages
+        .iter()
+        .map(|m| (m.channel.as_str(), m.status.as_str()))
+        .collect()
+}
+
+fn record_messages(labels: &[(&'static str, &'static str)]) {
+    for (channel, status) in labels {
+        telemetry::message(channel, status);
     }
 }

@@ -19,7 +19,10 @@ pub fn generate() -> Minted {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).expect("the OS random source is available");
     let raw = URL_SAFE_NO_PAD.encode(bytes);
-    Minted { hash: hash(&raw), raw }
+    Minted {
+        hash: hash(&raw),
+        raw,
+    }
 }
 
 /// Hex SHA-256 of a token or session id: the only form stored and looked up.
@@ -31,7 +34,9 @@ pub fn hash(raw: &str) -> String {
 /// Whether a path segment can be a token at all (43 base64url characters); anything else is
 /// refused before touching the database.
 pub fn looks_like_token(s: &str) -> bool {
-    s.len() == 43 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    s.len() == 43
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// How learner links are minted (SPEC §8: `HERALD_LEARNER_LINK_TTL`, `HERALD_LEARNER_LINK_USES`).
@@ -47,7 +52,13 @@ impl LinkPolicy {
         format!("{}/l/{raw}", self.public_url.trim_end_matches('/'))
     }
 
-    fn learner_link(&self, hash: String, contact_id: &str, message_id: Option<String>, now_ms: i64) -> NewLink {
+    fn learner_link(
+        &self,
+        hash: String,
+        contact_id: &str,
+        message_id: Option<String>,
+        now_ms: i64,
+    ) -> NewLink {
         NewLink {
             token_hash: hash,
             kind: LinkKind::Learner,
@@ -59,23 +70,54 @@ impl LinkPolicy {
     }
 
     /// Mints the link of one message (a retry of that message replaces it). Returns the URL.
-    pub async fn mint_for_message(&self, store: &Store, contact_id: &str, message_id: &str, now_ms: i64) -> Result<String, StoreError> {
+    pub async fn mint_for_message(
+        &self,
+        store: &Store,
+        contact_id: &str,
+        message_id: &str,
+        now_ms: i64,
+    ) -> Result<String, StoreError> {
         let token = generate();
-        store.mint_link(self.learner_link(token.hash, contact_id, Some(message_id.to_owned()), now_ms), now_ms).await?;
+        store
+            .mint_link(
+                self.learner_link(token.hash, contact_id, Some(message_id.to_owned()), now_ms),
+                now_ms,
+            )
+            .await?;
         Ok(self.url(&token.raw))
     }
 
     /// A new link for a contact that invalidates every older one (`links regenerate`, admin API).
-    pub async fn regenerate_learner(&self, store: &Store, contact_id: &str, now_ms: i64) -> Result<String, StoreError> {
+    pub async fn regenerate_learner(
+        &self,
+        store: &Store,
+        contact_id: &str,
+        now_ms: i64,
+    ) -> Result<String, StoreError> {
         let token = generate();
-        store.regenerate_link(self.learner_link(token.hash, contact_id, None, now_ms), now_ms).await?;
+        store
+            .regenerate_link(
+                self.learner_link(token.hash, contact_id, None, now_ms),
+                now_ms,
+            )
+            .await?;
         Ok(self.url(&token.raw))
     }
 
     /// A fresh link for a contact without revoking others ("Email me a new link").
-    pub async fn mint_learner(&self, store: &Store, contact_id: &str, now_ms: i64) -> Result<String, StoreError> {
+    pub async fn mint_learner(
+        &self,
+        store: &Store,
+        contact_id: &str,
+        now_ms: i64,
+    ) -> Result<String, StoreError> {
         let token = generate();
-        store.mint_link(self.learner_link(token.hash, contact_id, None, now_ms), now_ms).await?;
+        store
+            .mint_link(
+                self.learner_link(token.hash, contact_id, None, now_ms),
+                now_ms,
+            )
+            .await?;
         Ok(self.url(&token.raw))
     }
 
@@ -83,10 +125,25 @@ impl LinkPolicy {
     /// its token is derived from a site key kept in the database and a generation number:
     /// regenerating bumps the generation, revoking the old hash. Only the hash is in
     /// `magic_links`, as for every link.
-    pub async fn user_link(&self, store: &Store, regenerate: bool, now_ms: i64) -> Result<String, StoreError> {
-        let key = store.site_value("user_link_key".into(), generate().raw).await?;
-        let current: u64 = store.site_value("user_link_generation".into(), "0".into()).await?.parse().unwrap_or(0);
-        let generation = if regenerate || current == 0 { current + 1 } else { current };
+    pub async fn user_link(
+        &self,
+        store: &Store,
+        regenerate: bool,
+        now_ms: i64,
+    ) -> Result<String, StoreError> {
+        let key = store
+            .site_value("user_link_key".into(), generate().raw)
+            .await?;
+        let current: u64 = store
+            .site_value("user_link_generation".into(), "0".into())
+            .await?
+            .parse()
+            .unwrap_or(0);
+        let generation = if regenerate || current == 0 {
+            current + 1
+        } else {
+            current
+        };
         let raw = derive(&key, generation);
         if generation != current {
             let link = NewLink {
@@ -98,7 +155,9 @@ impl LinkPolicy {
                 expires_ms: None,
             };
             store.regenerate_link(link, now_ms).await?;
-            store.set_site_value("user_link_generation".into(), generation.to_string()).await?;
+            store
+                .set_site_value("user_link_generation".into(), generation.to_string())
+                .await?;
         }
         Ok(self.url(&raw))
     }

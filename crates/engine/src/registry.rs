@@ -13,7 +13,10 @@ pub enum RegistryError {
     #[error("workflows do not check:\n{}", join(.0))]
     Invalid(Vec<Diagnostic>),
     #[error("cannot read {path}: {source}")]
-    Io { path: String, source: std::io::Error },
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Store(#[from] herald_store::StoreError),
     #[error("stored workflow version {0}@{1} is unreadable: {2}")]
@@ -21,7 +24,10 @@ pub enum RegistryError {
 }
 
 fn join(d: &[Diagnostic]) -> String {
-    d.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n")
+    d.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// Where workflows and templates live on disk.
@@ -34,7 +40,10 @@ pub struct Sources {
 /// Reads every `*.yaml` of the workflows folder into bundles (with the templates each references).
 pub fn read_bundles(sources: &Sources) -> Result<Vec<WorkflowBundle>, RegistryError> {
     fn io(path: &Path) -> impl FnOnce(std::io::Error) -> RegistryError + '_ {
-        move |source| RegistryError::Io { path: path.display().to_string(), source }
+        move |source| RegistryError::Io {
+            path: path.display().to_string(),
+            source,
+        }
     }
     let mut paths: Vec<PathBuf> = std::fs::read_dir(&sources.workflows)
         .map_err(io(&sources.workflows))?
@@ -45,9 +54,17 @@ pub fn read_bundles(sources: &Sources) -> Result<Vec<WorkflowBundle>, RegistryEr
     let mut bundles = Vec::with_capacity(paths.len());
     for path in paths {
         let yaml = std::fs::read_to_string(&path).map_err(io(&path))?;
-        let id = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let id = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         let load = |name: &str| std::fs::read_to_string(sources.templates.join(name)).ok();
-        bundles.push(workflow::bundle_from(&id, &path.display().to_string(), &yaml, &load));
+        bundles.push(workflow::bundle_from(
+            &id,
+            &path.display().to_string(),
+            &yaml,
+            &load,
+        ));
     }
     Ok(bundles)
 }
@@ -69,7 +86,11 @@ pub fn compile_all(
             Err(d) => errors.extend(d.into_iter().filter(|d| d.severity == Severity::Error)),
         }
     }
-    if errors.is_empty() { Ok((compiled, warnings)) } else { Err(errors) }
+    if errors.is_empty() {
+        Ok((compiled, warnings))
+    } else {
+        Err(errors)
+    }
 }
 
 /// An immutable view of the loaded workflows, swapped whole on reload.
@@ -103,16 +124,31 @@ pub struct Registry {
 impl Registry {
     /// Loads the workflows on disk and the versions live runs are pinned to. Fails if the files
     /// do not check.
-    pub async fn load(sources: Sources, custom_values: Vec<String>, store: Store, now_ms: i64) -> Result<Self, RegistryError> {
-        let registry = Self { sources, custom_values, store, snapshot: RwLock::new(Arc::default()) };
+    pub async fn load(
+        sources: Sources,
+        custom_values: Vec<String>,
+        store: Store,
+        now_ms: i64,
+    ) -> Result<Self, RegistryError> {
+        let registry = Self {
+            sources,
+            custom_values,
+            store,
+            snapshot: RwLock::new(Arc::default()),
+        };
         let mut versions = HashMap::new();
         for (id, version, bundle) in registry.store.live_workflow_versions().await? {
             let bad = |e: String| RegistryError::BadStoredVersion(id.clone(), version.clone(), e);
-            let bundle: WorkflowBundle = serde_json::from_str(&bundle).map_err(|e| bad(e.to_string()))?;
-            let (wf, _) = workflow::compile(bundle, &registry.custom_values).map_err(|d| bad(join(&d)))?;
+            let bundle: WorkflowBundle =
+                serde_json::from_str(&bundle).map_err(|e| bad(e.to_string()))?;
+            let (wf, _) =
+                workflow::compile(bundle, &registry.custom_values).map_err(|d| bad(join(&d)))?;
             versions.insert((id, version), Arc::new(wf));
         }
-        *registry.snapshot.write().expect("registry lock") = Arc::new(Snapshot { current: BTreeMap::new(), versions });
+        *registry.snapshot.write().expect("registry lock") = Arc::new(Snapshot {
+            current: BTreeMap::new(),
+            versions,
+        });
         registry.reload(now_ms).await?;
         Ok(registry)
     }
@@ -126,29 +162,46 @@ impl Registry {
     /// parked or resumed. Returns the warnings.
     pub async fn reload(&self, now_ms: i64) -> Result<Vec<Diagnostic>, RegistryError> {
         let bundles = read_bundles(&self.sources)?;
-        let (compiled, warnings) = compile_all(bundles, &self.custom_values).map_err(RegistryError::Invalid)?;
+        let (compiled, warnings) =
+            compile_all(bundles, &self.custom_values).map_err(RegistryError::Invalid)?;
         let rows = compiled
             .iter()
-            .map(|w| (w.id.clone(), w.version.clone(), serde_json::to_string(&w.bundle).expect("bundle serializes")))
+            .map(|w| {
+                (
+                    w.id.clone(),
+                    w.version.clone(),
+                    serde_json::to_string(&w.bundle).expect("bundle serializes"),
+                )
+            })
             .collect();
         self.store.save_workflow_versions(rows, now_ms).await?;
 
         let old = self.snapshot();
-        let mut next = Snapshot { current: BTreeMap::new(), versions: old.versions.clone() };
+        let mut next = Snapshot {
+            current: BTreeMap::new(),
+            versions: old.versions.clone(),
+        };
         for wf in compiled {
             let wf = Arc::new(wf);
-            next.versions.insert((wf.id.clone(), wf.version.clone()), wf.clone());
+            next.versions
+                .insert((wf.id.clone(), wf.version.clone()), wf.clone());
             next.current.insert(wf.id.clone(), wf);
         }
         let toggled: Vec<(String, bool)> = next
             .current
             .values()
-            .filter(|w| old.is_enabled(&w.id) != w.enabled || (!w.enabled && !old.current.contains_key(&w.id)))
+            .filter(|w| {
+                old.is_enabled(&w.id) != w.enabled
+                    || (!w.enabled && !old.current.contains_key(&w.id))
+            })
             .map(|w| (w.id.clone(), !w.enabled))
             .collect();
         *self.snapshot.write().expect("registry lock") = Arc::new(next);
         for (id, park) in toggled {
-            let n = self.store.set_workflow_parked(id.clone(), park, now_ms).await?;
+            let n = self
+                .store
+                .set_workflow_parked(id.clone(), park, now_ms)
+                .await?;
             if n > 0 {
                 tracing::info!(workflow = %id, runs = n, parked = park, "workflow toggled");
             }

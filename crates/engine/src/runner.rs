@@ -35,17 +35,29 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
     let mut steps = Vec::new();
     let mut messages = Vec::new();
     let record = |steps: &mut Vec<StepRecord>, step_id: &str, kind: &str, outcome: String| {
-        steps.push(StepRecord { step_id: step_id.to_owned(), kind: kind.to_owned(), outcome, at_ms: now_ms });
+        steps.push(StepRecord {
+            step_id: step_id.to_owned(),
+            kind: kind.to_owned(),
+            outcome,
+            at_ms: now_ms,
+        });
     };
     let contact_tz = ctx.event.field("contact.timezone");
     let contact_tz = contact_tz.as_ref().and_then(|v| v.as_str());
     while let Some(instr) = wf.program.get(pc) {
         match instr {
             Instr::SendEmail { step_id, .. } | Instr::SendSms { step_id, .. } => {
-                let channel = if matches!(instr, Instr::SendEmail { .. }) { Channel::Email } else { Channel::Sms };
+                let channel = if matches!(instr, Instr::SendEmail { .. }) {
+                    Channel::Email
+                } else {
+                    Channel::Sms
+                };
                 let (recipient, problem) = recipient(channel, ctx.event);
                 let due = wf.send_window.as_ref().map_or(ctx.now, |w| {
-                    w.next_open(ctx.now, workflow::resolve_timezone(&w.timezone, contact_tz, ctx.default_timezone))
+                    w.next_open(
+                        ctx.now,
+                        workflow::resolve_timezone(&w.timezone, contact_tz, ctx.default_timezone),
+                    )
                 });
                 let id = uuid::Uuid::now_v7();
                 let message = NewMessage {
@@ -55,14 +67,25 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
                     channel,
                     recipient,
                     header_message_id: format!("<{id}@{}>", ctx.message_host),
-                    status: if problem.is_some() { MessageStatus::Skipped } else { MessageStatus::Queued },
+                    status: if problem.is_some() {
+                        MessageStatus::Skipped
+                    } else {
+                        MessageStatus::Queued
+                    },
                     reason: problem.clone(),
                     due_ms: problem.is_none().then(|| due.timestamp_millis()),
                 };
-                let kind = if channel == Channel::Email { "send_email" } else { "send_sms" };
+                let kind = if channel == Channel::Email {
+                    "send_email"
+                } else {
+                    "send_sms"
+                };
                 let outcome = match &problem {
                     Some(p) => format!("skipped: {p}"),
-                    None if due > ctx.now => format!("queued message {id} for the send window at {}", due.to_rfc3339()),
+                    None if due > ctx.now => format!(
+                        "queued message {id} for the send window at {}",
+                        due.to_rfc3339()
+                    ),
                     None => format!("queued message {id}"),
                 };
                 record(&mut steps, step_id, kind, outcome);
@@ -72,9 +95,13 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
             Instr::Wait { step_id, wait } => {
                 pc += 1;
                 let (due, wait_event) = match wait {
-                    WaitSpec::For(d) => (ctx.now + chrono::Duration::seconds(d.as_secs() as i64), None),
+                    WaitSpec::For(d) => (
+                        ctx.now + chrono::Duration::seconds(d.as_secs() as i64),
+                        None,
+                    ),
                     WaitSpec::Until { at, days, timezone } => {
-                        let tz = workflow::resolve_timezone(timezone, contact_tz, ctx.default_timezone);
+                        let tz =
+                            workflow::resolve_timezone(timezone, contact_tz, ctx.default_timezone);
                         (workflow::next_local_time(ctx.now, *at, days, tz), None)
                     }
                     WaitSpec::Event { event, timeout } => (
@@ -88,33 +115,70 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
                 };
                 record(&mut steps, step_id, "wait", outcome);
                 if due > ctx.now || wait_event.is_some() {
-                    let state = if wait_event.is_some() { RunState::WaitingEvent } else { RunState::Active };
-                    return Advanced { state, pc, wait_event, due_ms: Some(due.timestamp_millis()), steps, messages };
+                    let state = if wait_event.is_some() {
+                        RunState::WaitingEvent
+                    } else {
+                        RunState::Active
+                    };
+                    return Advanced {
+                        state,
+                        pc,
+                        wait_event,
+                        due_ms: Some(due.timestamp_millis()),
+                        steps,
+                        messages,
+                    };
                 }
             }
-            Instr::Branch { step_id, condition, else_pc } => {
+            Instr::Branch {
+                step_id,
+                condition,
+                else_pc,
+            } => {
                 let taken = condition.evaluate(ctx.event);
-                record(&mut steps, step_id, "if", if taken { "then".into() } else { "else".into() });
+                record(
+                    &mut steps,
+                    step_id,
+                    "if",
+                    if taken { "then".into() } else { "else".into() },
+                );
                 pc = if taken { pc + 1 } else { *else_pc };
             }
             Instr::Jump { to } => pc = *to,
         }
     }
-    Advanced { state: RunState::Completed, pc, wait_event: None, due_ms: None, steps, messages }
+    Advanced {
+        state: RunState::Completed,
+        pc,
+        wait_event: None,
+        due_ms: None,
+        steps,
+        messages,
+    }
 }
 
 /// The address a message goes to, or why there is none (then the message is skipped and the run
 /// goes on, SPEC §2).
 fn recipient(channel: Channel, event: &CourseEvent) -> (Option<String>, Option<String>) {
-    let field = if channel == Channel::Email { "contact.email" } else { "contact.phone" };
-    let value = event.field(field).and_then(|v| v.as_str().map(str::to_owned)).filter(|s| !s.trim().is_empty());
+    let field = if channel == Channel::Email {
+        "contact.email"
+    } else {
+        "contact.phone"
+    };
+    let value = event
+        .field(field)
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .filter(|s| !s.trim().is_empty());
     match (channel, value) {
         (Channel::Email, None) => (None, Some("contact has no email address".into())),
         (Channel::Sms, None) => (None, Some("contact has no phone number".into())),
-        (Channel::Email, Some(v)) if !valid_email(&v) => (Some(v), Some("contact's email address is invalid".into())),
-        (Channel::Sms, Some(v)) if !valid_e164(&v) => {
-            (Some(v), Some("contact's phone number is not in E.164 form (+15551234567)".into()))
+        (Channel::Email, Some(v)) if !valid_email(&v) => {
+            (Some(v), Some("contact's email address is invalid".into()))
         }
+        (Channel::Sms, Some(v)) if !valid_e164(&v) => (
+            Some(v),
+            Some("contact's phone number is not in E.164 form (+15551234567)".into()),
+        ),
         (_, Some(v)) => (Some(v), None),
     }
 }
@@ -125,8 +189,12 @@ fn valid_email(s: &str) -> bool {
 
 /// E.164: a plus sign, a non-zero digit, at most 15 digits in all.
 pub fn valid_e164(s: &str) -> bool {
-    let Some(digits) = s.strip_prefix('+') else { return false };
-    (2..=15).contains(&digits.len()) && digits.bytes().all(|b| b.is_ascii_digit()) && !digits.starts_with('0')
+    let Some(digits) = s.strip_prefix('+') else {
+        return false;
+    };
+    (2..=15).contains(&digits.len())
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && !digits.starts_with('0')
 }
 
 /// Lays the contact's latest stored details over the event's `contact` object, so that a message
@@ -149,7 +217,11 @@ pub fn with_latest_contact(event: &CourseEvent, contact: &ContactRow) -> CourseE
                 c.insert(key.into(), serde_json::Value::String(v.clone()));
             }
         }
-        if let Some(cf) = contact.custom_fields.as_deref().and_then(|s| serde_json::from_str(s).ok()) {
+        if let Some(cf) = contact
+            .custom_fields
+            .as_deref()
+            .and_then(|s| serde_json::from_str(s).ok())
+        {
             c.insert("custom_fields".into(), cf);
         }
     }
@@ -163,7 +235,14 @@ mod tests {
     #[test]
     fn e164() {
         assert!(valid_e164("+15551234567"));
-        for bad in ["15551234567", "+0555", "+1", "+1555123456789012", "+1555-123", ""] {
+        for bad in [
+            "15551234567",
+            "+0555",
+            "+1",
+            "+1555123456789012",
+            "+1555-123",
+            "",
+        ] {
             assert!(!valid_e164(bad), "{bad}");
         }
     }

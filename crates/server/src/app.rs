@@ -33,7 +33,10 @@ pub enum BuildError {
     #[error(transparent)]
     Workflows(#[from] RegistryError),
     #[error("cannot listen on {addr}: {source} (set HERALD_LISTEN to a free address)")]
-    Listen { addr: String, source: std::io::Error },
+    Listen {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 pub struct Application {
@@ -45,22 +48,55 @@ pub struct Application {
 
 impl Application {
     pub async fn build(settings: Settings) -> Result<Self, BuildError> {
+        routes::metrics::handle();
         let store = Store::connect(&settings.database_url)
             .await
-            .map_err(|source| BuildError::Store { url: redact_url(&settings.database_url), source })?;
+            .map_err(|source| BuildError::Store {
+                url: redact_url(&settings.database_url),
+                source,
+            })?;
+        let mut settings = settings;
+        let key = store
+            .site_value(
+                "unsubscribe_key".into(),
+                herald_engine::links::generate().raw,
+            )
+            .await
+            .map_err(|source| BuildError::Store {
+                url: redact_url(&settings.database_url),
+                source,
+            })?;
+        settings.engine.unsubscribe =
+            herald_engine::unsubscribe::UnsubscribeKey::new(key.into_bytes());
         let custom: Vec<String> = settings.engine.custom_values.keys().cloned().collect();
-        let registry =
-            Arc::new(Registry::load(settings.sources.clone(), custom, store.clone(), settings.clock.now_ms()).await?);
+        let registry = Arc::new(
+            Registry::load(
+                settings.sources.clone(),
+                custom,
+                store.clone(),
+                settings.clock.now_ms(),
+            )
+            .await?,
+        );
         let dev_mailbox = settings.engine.smtp.is_none();
-        let engine = settings
-            .run_engine
-            .then(|| Engine::start(store.clone(), registry.clone(), settings.engine.clone(), settings.clock.clone()));
+        let engine = settings.run_engine.then(|| {
+            Engine::start(
+                store.clone(),
+                registry.clone(),
+                settings.engine.clone(),
+                settings.clock.clone(),
+            )
+        });
 
         let wakers = engine.as_ref().map(Engine::wakers).unwrap_or_default();
         let listener = TcpListener::bind(&settings.listen)
             .await
-            .map_err(|source| BuildError::Listen { addr: settings.listen.clone(), source })?;
-        let per_minute = std::num::NonZeroU32::new(settings.redeem_per_minute.max(1)).expect("at least 1");
+            .map_err(|source| BuildError::Listen {
+                addr: settings.listen.clone(),
+                source,
+            })?;
+        let per_minute =
+            std::num::NonZeroU32::new(settings.redeem_per_minute.max(1)).expect("at least 1");
         let state = AppState {
             store,
             secrets: Arc::new(settings.secrets),
@@ -70,10 +106,19 @@ impl Application {
             dev_mailbox,
             templates: settings.sources.templates.clone(),
             engine: settings.engine,
-            admin_token: settings.admin_token.filter(|t| !t.is_empty()).map(Arc::from),
-            redeem_limiter: Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(per_minute))),
+            admin_token: settings
+                .admin_token
+                .filter(|t| !t.is_empty())
+                .map(Arc::from),
+            redeem_limiter: Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(
+                per_minute,
+            ))),
         };
-        Ok(Self { listener, state, engine })
+        Ok(Self {
+            listener,
+            state,
+            engine,
+        })
     }
 
     pub fn port(&self) -> u16 {
@@ -86,7 +131,10 @@ impl Application {
 
     /// Serves until `shutdown` resolves, then stops taking requests, lets those in flight finish
     /// and stops the engine after its current batches.
-    pub async fn run(self, shutdown: impl Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+    pub async fn run(
+        self,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) -> std::io::Result<()> {
         let app = routes::router(self.state.clone());
         // The keyed limiter keeps a cell per client address; forget idle ones now and then.
         let limiter = self.state.redeem_limiter.clone();
@@ -97,9 +145,12 @@ impl Application {
                 limiter.retain_recent();
             }
         });
-        let served = axum::serve(self.listener, app.into_make_service_with_connect_info::<std::net::SocketAddr>())
-            .with_graceful_shutdown(shutdown)
-            .await;
+        let served = axum::serve(
+            self.listener,
+            app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .with_graceful_shutdown(shutdown)
+        .await;
         cleanup.abort();
         if let Some(engine) = self.engine {
             engine.shutdown().await;
@@ -126,7 +177,13 @@ pub fn redact_url(url: &str) -> String {
 mod tests {
     #[test]
     fn redacts_passwords() {
-        assert_eq!(super::redact_url("postgres://u:secret@h/db"), "postgres://u:***@h/db");
-        assert_eq!(super::redact_url("sqlite://herald.db"), "sqlite://herald.db");
+        assert_eq!(
+            super::redact_url("postgres://u:secret@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(
+            super::redact_url("sqlite://herald.db"),
+            "sqlite://herald.db"
+        );
     }
 }

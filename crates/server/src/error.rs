@@ -15,7 +15,11 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
-        Self { status, message: message.into(), detail: Default::default() }
+        Self {
+            status,
+            message: message.into(),
+            detail: Default::default(),
+        }
     }
     pub fn with(mut self, key: &str, value: impl serde::Serialize) -> Self {
         self.detail.insert(key.into(), json!(value));
@@ -35,6 +39,9 @@ impl IntoResponse for ApiError {
 impl From<herald_store::StoreError> for ApiError {
     fn from(e: herald_store::StoreError) -> Self {
         tracing::error!(error = %e, "store error while serving a request");
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "storage is unavailable; retry later")
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "storage is unavailable; retry later",
+        )
     }
 }

@@ -20,15 +20,38 @@ pub fn escape(s: &str) -> String {
 pub fn linkify(text: &str) -> String {
     let mut out = String::new();
     let mut rest = text;
-    while let Some(start) = rest.find("http://").into_iter().chain(rest.find("https://")).min() {
+    while let Some(start) = rest
+        .find("http://")
+        .into_iter()
+        .chain(rest.find("https://"))
+        .min()
+    {
         out.push_str(&escape(&rest[..start]));
-        let url_len = rest[start..].find(|c: char| c.is_whitespace() || c == '<' || c == '>' || c == '"').unwrap_or(rest.len() - start);
+        let url_len = rest[start..]
+            .find(|c: char| c.is_whitespace() || c == '<' || c == '>' || c == '"')
+            .unwrap_or(rest.len() - start);
         let url = &rest[start..start + url_len];
         out.push_str(&format!("<a href=\"{0}\">{0}</a>", escape(url)));
         rest = &rest[start + url_len..];
     }
     out.push_str(&escape(rest));
     out
+}
+
+/// An HTML answer that must not be cached, framed, or leak its URL (which may hold a token) as a
+/// referrer.
+pub fn private_page(status: axum::http::StatusCode, html: String) -> axum::response::Response {
+    use axum::http::{HeaderValue, header};
+    use axum::response::IntoResponse;
+    let mut response = (status, axum::response::Html(html)).into_response();
+    let h = response.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
+    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
+    response
 }
 
 /// A complete page: phone-friendly, no scripts, no third-party resources.
@@ -50,7 +73,10 @@ mod tests {
 
     #[test]
     fn escapes_and_links() {
-        assert_eq!(escape("<a href='x'>&</a>"), "&lt;a href=&#x27;x&#x27;&gt;&amp;&lt;/a&gt;");
+        assert_eq!(
+            escape("<a href='x'>&</a>"),
+            "&lt;a href=&#x27;x&#x27;&gt;&amp;&lt;/a&gt;"
+        );
         assert_eq!(
             linkify("Go: https://h.test/l/abc?x=1&y=2 now <b>"),
             "Go: <a href=\"https://h.test/l/abc?x=1&amp;y=2\">https://h.test/l/abc?x=1&amp;y=2</a> now &lt;b&gt;"

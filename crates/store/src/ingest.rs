@@ -30,7 +30,10 @@ impl Ingestor {
 
     pub(crate) async fn accept(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>> {
         let (reply, answer) = oneshot::channel();
-        self.tx.send(Request { events, reply }).await.map_err(|_| StoreError::Closed)?;
+        self.tx
+            .send(Request { events, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 }
@@ -61,7 +64,7 @@ async fn run(backend: Arc<Backend>, mut rx: mpsc::Receiver<Request>) {
                 tracing::error!(error = %e, events = count, "event batch could not be stored");
                 let msg = e.to_string();
                 for req in batch {
-                    let _ = req.reply.send(Err(StoreError::Corrupt(msg.clone())));
+                    let _ = req.reply.send(Err(StoreError::Batch(msg.clone())));
                 }
             }
         }

@@ -25,6 +25,9 @@ pub enum StoreError {
     UnsupportedUrl(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A group commit failed; every request in it gets the cause.
+    #[error("the events could not be stored: {0}")]
+    Batch(String),
     #[error("the store is shutting down")]
     Closed,
 }
@@ -47,7 +50,10 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Self> {
         let backend = Arc::new(Backend::connect(url).await?);
         backend.migrate().await?;
-        Ok(Self { ingest: ingest::Ingestor::start(backend.clone()), backend })
+        Ok(Self {
+            ingest: ingest::Ingestor::start(backend.clone()),
+            backend,
+        })
     }
 
     pub fn backend(&self) -> &Backend {
@@ -110,6 +116,8 @@ delegate! {
     fn grants(&self, contact_id: String) -> Vec<GrantRow>;
     /// Events stored but not yet dispatched (for metrics and tests).
     fn undispatched_count(&self) -> i64;
+    /// Queue depths and the oldest due job at `now_ms` (for `/metrics`).
+    fn queue_stats(&self, now_ms: i64) -> QueueStats;
 
     /// Whether the contact holds at least one active offer grant (what a learner link needs).
     fn has_active_offer(&self, contact_id: String) -> bool;
@@ -138,5 +146,8 @@ delegate! {
     fn set_site_value(&self, name: String, value: String) -> ();
     /// Puts a message straight into the dev mailbox (system emails outside a workflow run).
     fn add_to_mailbox(&self, item: MailboxItem) -> ();
+    /// Opts a contact out of a channel (`true`) or back in (`false`); returns whether anything changed.
+    fn set_opt_out(&self, contact_id: String, channel: Channel, opted_out: bool, source: String, now_ms: i64) -> bool;
+    fn opt_outs(&self, contact_id: String) -> Vec<OptOutRow>;
     fn link_audit(&self, contact_id: Option<String>, limit: i64) -> Vec<LinkAuditRow>;
 }

@@ -108,6 +108,9 @@ pub struct DispatchInput {
     pub live_runs: Vec<LiveRun>,
     /// Keyed by (contact id, workflow id).
     pub counts: HashMap<(String, String), EnrollmentCounts>,
+    /// The batch's contacts as the projection left them (this batch's events applied), so that
+    /// messages go to the latest address even when an event carries only the contact's id.
+    pub contacts: HashMap<String, ContactRow>,
 }
 
 /// What the planner decided for a batch; applied in the same transaction that marks the events
@@ -198,7 +201,15 @@ impl MessageStatus {
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
-        [Self::Queued, Self::Sent, Self::Failed, Self::Skipped, Self::Suppressed].into_iter().find(|x| x.as_str() == s)
+        [
+            Self::Queued,
+            Self::Sent,
+            Self::Failed,
+            Self::Skipped,
+            Self::Suppressed,
+        ]
+        .into_iter()
+        .find(|x| x.as_str() == s)
     }
 }
 
@@ -258,17 +269,31 @@ pub struct ClaimedMessage {
     pub lease_token: String,
     pub event: CourseEvent,
     pub contact: ContactRow,
+    /// The contact opted out of this message's channel (checked at claim time, so messages
+    /// queued before the opt-out are suppressed too).
+    pub opted_out: bool,
 }
 
 /// What happened to one delivery attempt.
 #[derive(Debug, Clone)]
 pub enum DeliveryResult {
-    Sent { provider_id: Option<String> },
+    Sent {
+        provider_id: Option<String>,
+    },
     /// A transient failure: try again at `due_ms`.
-    Retry { due_ms: i64, reason: String },
-    Failed { reason: String },
-    Skipped { reason: String },
-    Suppressed { reason: String },
+    Retry {
+        due_ms: i64,
+        reason: String,
+    },
+    Failed {
+        reason: String,
+    },
+    Skipped {
+        reason: String,
+    },
+    Suppressed {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -465,4 +490,39 @@ pub fn login_event(source: &str, contact_id: &str, now_ms: i64) -> NewEvent {
         },
         received_ms: now_ms,
     }
+}
+
+/// A contact's opt-out of one channel.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct OptOutRow {
+    pub channel: Channel,
+    pub source: String,
+    pub at_ms: i64,
+}
+
+/// Work waiting in the queues, for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    /// Stored events the dispatcher has not handled yet.
+    pub undispatched_events: i64,
+    /// Runs whose next step is due.
+    pub due_runs: i64,
+    /// Queued messages whose send is due.
+    pub due_messages: i64,
+    /// Due time of the oldest due run or message, if any.
+    pub oldest_due_ms: Option<i64>,
+}
+
+/// Whether an event's `contact` object carries any detail besides its id.
+pub fn carries_contact_details(contact: &serde_json::Map<String, serde_json::Value>) -> bool {
+    [
+        "email",
+        "phone",
+        "first_name",
+        "last_name",
+        "timezone",
+        "custom_fields",
+    ]
+    .iter()
+    .any(|k| contact.get(*k).is_some_and(|v| !v.is_null()))
 }

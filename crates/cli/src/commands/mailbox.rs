@@ -11,7 +11,9 @@ pub async fn mailbox(config: &Config, limit: i64) -> Result<ExitCode> {
         println!("The dev mailbox is empty.");
     }
     for m in items {
-        let when = chrono::DateTime::from_timestamp_millis(m.created_ms).map(|t| t.to_rfc3339()).unwrap_or_default();
+        let when = chrono::DateTime::from_timestamp_millis(m.created_ms)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default();
         println!("── {} {} → {}", when, m.channel.as_str(), m.recipient);
         if let Some(from) = &m.sender {
             println!("From: {from}");

@@ -27,7 +27,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Links { action } => links::links(&config, action).await,
         Command::Migrate => {
             herald_store::Store::connect(&config.database_url).await?;
-            println!("database {} is migrated", herald_server::redact_url(&config.database_url));
+            println!(
+                "database {} is migrated",
+                herald_server::redact_url(&config.database_url)
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Mailbox { limit } => mailbox::mailbox(&config, limit).await,

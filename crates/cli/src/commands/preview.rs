@@ -9,7 +9,10 @@ use std::path::Path;
 use std::process::ExitCode;
 
 pub fn preview(config: &Config, id: &str, event_file: &Path) -> Result<ExitCode> {
-    let sources = Sources { workflows: config.workflows.clone(), templates: config.templates.clone() };
+    let sources = Sources {
+        workflows: config.workflows.clone(),
+        templates: config.templates.clone(),
+    };
     let bundle = read_bundles(&sources)?
         .into_iter()
         .find(|b| b.id == id)
@@ -24,17 +27,26 @@ pub fn preview(config: &Config, id: &str, event_file: &Path) -> Result<ExitCode>
             bail!("workflow {id} does not check");
         }
     };
-    let body = std::fs::read(event_file).with_context(|| format!("cannot read {}", event_file.display()))?;
+    let body = std::fs::read(event_file)
+        .with_context(|| format!("cannot read {}", event_file.display()))?;
     let event = parse_body(BodyKind::Single, &body, chrono::Utc::now())
         .map_err(|e| anyhow::anyhow!("{}: {e}", event_file.display()))?
         .remove(0);
     if !wf.triggered_by(&event) {
-        println!("note: this event would not trigger {id} (trigger or `where` does not match, or the workflow is a draft)");
+        println!(
+            "note: this event would not trigger {id} (trigger or `where` does not match, or the workflow is a draft)"
+        );
     }
     let context = event.template_context();
     let mut custom = config.custom_values.clone();
-    custom.insert("login_url".into(), format!("{}/l/PREVIEW-TOKEN", config.public_url()));
-    custom.insert("unsubscribe_url".into(), format!("{}/u/PREVIEW-TOKEN", config.public_url()));
+    custom.insert(
+        "login_url".into(),
+        format!("{}/l/PREVIEW-TOKEN", config.public_url()),
+    );
+    custom.insert(
+        "unsubscribe_url".into(),
+        format!("{}/u/PREVIEW-TOKEN", config.public_url()),
+    );
     for (pc, instr) in wf.program.iter().enumerate() {
         match instr {
             Instr::SendEmail { step_id, from, .. } => {
@@ -51,7 +63,10 @@ pub fn preview(config: &Config, id: &str, event_file: &Path) -> Result<ExitCode>
                 println!();
             }
             Instr::SendSms { step_id, .. } => {
-                println!("── step {step_id}: send_sms\n{}\n", wf.render_sms(pc, &context, &custom)?);
+                println!(
+                    "── step {step_id}: send_sms\n{}\n",
+                    wf.render_sms(pc, &context, &custom)?
+                );
             }
             _ => {}
         }

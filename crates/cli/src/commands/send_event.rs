@@ -9,17 +9,23 @@ use std::process::ExitCode;
 
 pub async fn send_event(config: &Config, file: &Path, url: Option<String>) -> Result<ExitCode> {
     let body = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
-    let value: serde_json::Value =
-        serde_json::from_slice(&body).with_context(|| format!("{} is not valid JSON", file.display()))?;
-    let content_type =
-        if value.is_array() { "application/cloudevents-batch+json" } else { "application/cloudevents+json" };
+    let value: serde_json::Value = serde_json::from_slice(&body)
+        .with_context(|| format!("{} is not valid JSON", file.display()))?;
+    let content_type = if value.is_array() {
+        "application/cloudevents-batch+json"
+    } else {
+        "application/cloudevents+json"
+    };
     let secret_list = match &config.webhook_secret {
         Some(s) => s.clone(),
         None => std::fs::read_to_string(DEV_SECRET_FILE).with_context(|| {
             format!("no HERALD_WEBHOOK_SECRET and no {DEV_SECRET_FILE}: set the secret herald was started with")
         })?,
     };
-    let secret = parse_secrets(&secret_list)?.into_iter().next().context("HERALD_WEBHOOK_SECRET is empty")?;
+    let secret = parse_secrets(&secret_list)?
+        .into_iter()
+        .next()
+        .context("HERALD_WEBHOOK_SECRET is empty")?;
     let msg_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
     let timestamp = chrono::Utc::now().timestamp();
     let base = url.unwrap_or_else(|| config.public_url());
@@ -33,7 +39,9 @@ pub async fn send_event(config: &Config, file: &Path, url: Option<String>) -> Re
         .body(body)
         .send()
         .await
-        .with_context(|| format!("cannot reach herald at {endpoint}; is `herald serve` running?"))?;
+        .with_context(|| {
+            format!("cannot reach herald at {endpoint}; is `herald serve` running?")
+        })?;
     let status = response.status();
     let text = response.text().await.unwrap_or_default();
     println!("{} {}", status.as_u16(), text);

@@ -27,7 +27,10 @@ pub async fn serve(config: Config, dev: bool) -> Result<ExitCode> {
     let app = Application::build(settings).await?;
     tracing::info!(listen = %config.listen, public_url = %config.public_url(), "herald is serving");
     if mailbox {
-        eprintln!("No HERALD_SMTP_URL: emails go to the dev mailbox at {}/dev/mailbox", config.public_url());
+        eprintln!(
+            "No HERALD_SMTP_URL: emails go to the dev mailbox at {}/dev/mailbox",
+            config.public_url()
+        );
     }
     app.run(shutdown_signal()).await?;
     tracing::info!("herald stopped");
@@ -38,7 +41,15 @@ pub async fn worker(config: Config) -> Result<ExitCode> {
     let store = herald_store::Store::connect(&config.database_url).await?;
     let engine_config = engine_config(&config)?;
     let custom = engine_config.custom_values.keys().cloned().collect();
-    let registry = Arc::new(Registry::load(sources(&config), custom, store.clone(), Clock::System.now_ms()).await?);
+    let registry = Arc::new(
+        Registry::load(
+            sources(&config),
+            custom,
+            store.clone(),
+            Clock::System.now_ms(),
+        )
+        .await?,
+    );
     let engine = Engine::start(store, registry, engine_config, Clock::System);
     tracing::info!("herald worker running");
     shutdown_signal().await;
@@ -47,7 +58,10 @@ pub async fn worker(config: Config) -> Result<ExitCode> {
 }
 
 fn sources(config: &Config) -> Sources {
-    Sources { workflows: config.workflows.clone(), templates: config.templates.clone() }
+    Sources {
+        workflows: config.workflows.clone(),
+        templates: config.templates.clone(),
+    }
 }
 
 pub fn engine_config(config: &Config) -> Result<EngineConfig> {
@@ -64,7 +78,9 @@ pub fn engine_config(config: &Config) -> Result<EngineConfig> {
         .transpose()
         .context("HERALD_SMTP_URL")?;
     if config.sms_url.is_some() {
-        tracing::warn!("HERALD_SMS_URL is set but the SMS provider channel is not available yet: SMS go to the dev mailbox");
+        tracing::warn!(
+            "HERALD_SMS_URL is set but the SMS provider channel is not available yet: SMS go to the dev mailbox"
+        );
     }
     Ok(engine)
 }
@@ -75,7 +91,9 @@ fn webhook_secrets(config: &Config, dev: bool) -> Result<Vec<WebhookSecret>> {
     if let Some(list) = &config.webhook_secret {
         let secrets = parse_secrets(list).context("HERALD_WEBHOOK_SECRET")?;
         if secrets.is_empty() {
-            bail!("HERALD_WEBHOOK_SECRET is empty: set one or more whsec_… secrets, comma-separated");
+            bail!(
+                "HERALD_WEBHOOK_SECRET is empty: set one or more whsec_… secrets, comma-separated"
+            );
         }
         return Ok(secrets);
     }
@@ -86,10 +104,12 @@ fn webhook_secrets(config: &Config, dev: bool) -> Result<Vec<WebhookSecret>> {
         );
     }
     let secret = match std::fs::read_to_string(DEV_SECRET_FILE) {
-        Ok(s) => WebhookSecret::parse(&s).with_context(|| format!("{DEV_SECRET_FILE} holds no valid secret; delete it"))?,
+        Ok(s) => WebhookSecret::parse(&s)
+            .with_context(|| format!("{DEV_SECRET_FILE} holds no valid secret; delete it"))?,
         Err(_) => {
             let mut key = vec![0u8; 32];
-            getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("OS random source failed: {e}"))?;
+            getrandom::fill(&mut key)
+                .map_err(|e| anyhow::anyhow!("OS random source failed: {e}"))?;
             let secret = WebhookSecret::from_bytes(key)?;
             write_private(DEV_SECRET_FILE, &secret.to_whsec())?;
             secret
@@ -108,7 +128,9 @@ fn write_private(path: &str, contents: &str) -> Result<()> {
     options.write(true).create_new(true);
     #[cfg(unix)]
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut f = options.open(path).with_context(|| format!("cannot create {path}"))?;
+    let mut f = options
+        .open(path)
+        .with_context(|| format!("cannot create {path}"))?;
     f.write_all(contents.as_bytes())?;
     Ok(())
 }

@@ -10,19 +10,22 @@ use std::collections::BTreeMap;
 pub const TEMPLATES_LABEL: &str = "templates";
 
 /// File names of an email template `name`: the HTML body and the text body; either may be absent.
-pub fn email_template_files(name: &str) -> [String; 2] {
+pub(super) fn email_template_files(name: &str) -> [String; 2] {
     [format!("{name}.html.hbs"), format!("{name}.txt.hbs")]
 }
 
 /// File name of an SMS template `name`.
-pub fn sms_template_file(name: &str) -> String {
+pub(super) fn sms_template_file(name: &str) -> String {
     format!("{name}.sms.hbs")
 }
 
 /// Whether `name` may name a template: letters, digits, `_` and `-` only, so that a workflow
 /// cannot make herald read files outside the templates folder.
-pub fn is_valid_template_name(name: &str) -> bool {
-    !name.is_empty() && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+pub(super) fn is_valid_template_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
 }
 
 /// Builds a bundle from a workflow's YAML, loading every template file it refers to with
@@ -41,7 +44,11 @@ pub fn bundle_from(
         doc.visit_steps(&mut |step| match step.kind.as_ref().map(|k| &k.value) {
             Some(StepKind::SendEmail(email)) => {
                 if let Some(name) = &email.template {
-                    files.extend(email_template_files(&name.value).into_iter().map(|f| (name.value.clone(), f)));
+                    files.extend(
+                        email_template_files(&name.value)
+                            .into_iter()
+                            .map(|f| (name.value.clone(), f)),
+                    );
                 }
             }
             Some(StepKind::SendSms(sms)) => {
@@ -57,7 +64,12 @@ pub fn bundle_from(
         .filter(|(name, _)| is_valid_template_name(name))
         .filter_map(|(_, file)| load_template(&file).map(|text| (file, text)))
         .collect::<BTreeMap<_, _>>();
-    WorkflowBundle { id: id.to_owned(), path: path.to_owned(), yaml: yaml.to_owned(), templates }
+    WorkflowBundle {
+        id: id.to_owned(),
+        path: path.to_owned(),
+        yaml: yaml.to_owned(),
+        templates,
+    }
 }
 
 impl WorkflowBundle {
@@ -76,7 +88,12 @@ impl WorkflowBundle {
             field(name.as_bytes());
             field(text.as_bytes());
         }
-        hasher.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect()
+        hasher
+            .finalize()
+            .iter()
+            .take(8)
+            .map(|b| format!("{b:02x}"))
+            .collect()
     }
 }
 
@@ -87,15 +104,25 @@ mod tests {
     const YAML: &str = "name: x\ntrigger: {event: new_signup}\nsteps:\n  - send_email: {subject: hi, template: welcome}\n  - if: {field: contact.phone, exists: true}\n    then:\n      - send_sms: {template: nudge}\n      - send_email: {subject: hi, template: ../../etc/passwd}\n";
 
     fn load(files: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
-        let files: BTreeMap<String, String> = files.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let files: BTreeMap<String, String> = files
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         move |name| files.get(name).cloned()
     }
 
     #[test]
     fn loads_referenced_templates_including_nested_steps_and_skips_missing_ones() {
-        let loader = load(&[("welcome.html.hbs", "<p>hi</p>"), ("nudge.sms.hbs", "hey"), ("unused.txt.hbs", "x")]);
+        let loader = load(&[
+            ("welcome.html.hbs", "<p>hi</p>"),
+            ("nudge.sms.hbs", "hey"),
+            ("unused.txt.hbs", "x"),
+        ]);
         let b = bundle_from("w", "workflows/w.yaml", YAML, &loader);
-        assert_eq!(b.templates.keys().collect::<Vec<_>>(), ["nudge.sms.hbs", "welcome.html.hbs"]);
+        assert_eq!(
+            b.templates.keys().collect::<Vec<_>>(),
+            ["nudge.sms.hbs", "welcome.html.hbs"]
+        );
         assert_eq!(b.id, "w");
         assert_eq!(b.path, "workflows/w.yaml");
     }
@@ -108,7 +135,11 @@ mod tests {
             None
         };
         bundle_from("w", "w.yaml", YAML, &loader);
-        assert!(asked.borrow().iter().all(|n| !n.contains('/')), "{:?}", asked.borrow());
+        assert!(
+            asked.borrow().iter().all(|n| !n.contains('/')),
+            "{:?}",
+            asked.borrow()
+        );
         assert_eq!(asked.borrow().len(), 3);
     }
 
@@ -132,7 +163,9 @@ mod tests {
         assert_eq!(moved.version(), v);
 
         let mut edited = a.clone();
-        edited.templates.insert("welcome.html.hbs".into(), "<p>hello</p>".into());
+        edited
+            .templates
+            .insert("welcome.html.hbs".into(), "<p>hello</p>".into());
         assert_ne!(edited.version(), v);
 
         let mut renamed = a.clone();

@@ -9,14 +9,16 @@
 //! `{{#if lesson}}`. A guard does not make a field that no trigger carries acceptable: the guarded
 //! text could never appear, which is a mistake worth reporting.
 
-use super::bundle::{TEMPLATES_LABEL, email_template_files, is_valid_template_name, sms_template_file};
+use super::bundle::{
+    TEMPLATES_LABEL, email_template_files, is_valid_template_name, sms_template_file,
+};
 use super::parse::{
-    At, ConditionDoc, EventNames, Node, Pos, STEP_KINDS, SendEmailDoc, SendSmsDoc, SendWindowDoc, StepDoc, StepKind,
-    TriggerDoc, WaitDoc, WhereDoc, parse_workflow,
+    At, ConditionDoc, EventNames, Node, Pos, STEP_KINDS, SendEmailDoc, SendSmsDoc, SendWindowDoc,
+    StepDoc, StepKind, TriggerDoc, WaitDoc, WhereDoc, parse_workflow,
 };
 use super::{
-    CompiledWorkflow, Condition, Diagnostic, EventMatcher, FieldFilter, FieldTest, Instr, SendWindow, Severity,
-    TimezoneChoice, Trigger, WaitSpec, WorkflowBundle,
+    CompiledWorkflow, Condition, Diagnostic, EventMatcher, FieldFilter, FieldTest, Instr,
+    SendWindow, Severity, TimezoneChoice, Trigger, WaitSpec, WorkflowBundle,
 };
 use crate::Duration;
 use crate::event::EventType;
@@ -39,7 +41,14 @@ pub fn compile(
 ) -> Result<(CompiledWorkflow, Vec<Diagnostic>), Vec<Diagnostic>> {
     let doc = match parse_workflow(&bundle.yaml) {
         Ok(doc) => doc,
-        Err(e) => return Err(vec![diagnostic(Severity::Error, &bundle.path, e.pos, e.message)]),
+        Err(e) => {
+            return Err(vec![diagnostic(
+                Severity::Error,
+                &bundle.path,
+                e.pos,
+                e.message,
+            )]);
+        }
     };
     let mut c = Compiler::new(&bundle, custom_values);
     let name = doc.name.value.trim().to_owned();
@@ -53,14 +62,19 @@ pub fn compile(
         let filters = c.filters(m.value.filters.as_ref(), scope.as_ref());
         EventMatcher { events, filters }
     });
-    c.default_from = doc.from.as_ref().and_then(|f| c.from_address(f));
+    c.default_from = doc.from.as_ref().and_then(|f| c.sender(f));
     let send_window = doc.send_window.as_ref().and_then(|w| c.send_window(w));
     c.steps(&doc.steps, None);
 
     if c.diagnostics.iter().any(|d| d.severity == Severity::Error) {
         return Err(c.diagnostics);
     }
-    let Compiler { diagnostics, program, templates, .. } = c;
+    let Compiler {
+        diagnostics,
+        program,
+        templates,
+        ..
+    } = c;
     let workflow = CompiledWorkflow {
         id: bundle.id.clone(),
         version: bundle.version(),
@@ -78,7 +92,13 @@ pub fn compile(
 }
 
 fn diagnostic(severity: Severity, file: &str, pos: Pos, message: impl Into<String>) -> Diagnostic {
-    Diagnostic { severity, file: file.to_owned(), line: pos.line, column: pos.column, message: message.into() }
+    Diagnostic {
+        severity,
+        file: file.to_owned(),
+        line: pos.line,
+        column: pos.column,
+        message: message.into(),
+    }
 }
 
 /// The fields a set of event types can carry.
@@ -89,8 +109,14 @@ struct FieldScope {
 
 impl FieldScope {
     fn of(events: &[EventType]) -> Self {
-        let objects = events.iter().flat_map(|e| e.possible_objects().iter().copied()).collect();
-        Self { events: events.to_vec(), objects }
+        let objects = events
+            .iter()
+            .flat_map(|e| e.possible_objects().iter().copied())
+            .collect();
+        Self {
+            events: events.to_vec(),
+            objects,
+        }
     }
 
     /// Why `path` can never hold a value for these events, if it cannot. `what` names the kind of
@@ -98,19 +124,33 @@ impl FieldScope {
     fn problem(&self, path: &str, what: &str) -> Option<String> {
         let mut parts = path.split('.');
         let root = parts.next().unwrap_or_default();
-        let events = self.events.iter().map(|e| e.trigger_name()).collect::<Vec<_>>().join(", ");
+        let events = self
+            .events
+            .iter()
+            .map(|e| e.trigger_name())
+            .collect::<Vec<_>>()
+            .join(", ");
         let objects = self.objects.iter().copied().collect::<Vec<_>>().join(", ");
         match root {
             "event" => match (parts.next(), parts.next()) {
                 (None, _) | (Some("id" | "source" | "type" | "time"), None) => None,
-                _ => Some(format!("{what} `{path}` does not exist: event has id, source, type and time")),
+                _ => Some(format!(
+                    "{what} `{path}` does not exist: event has id, source, type and time"
+                )),
             },
             "contact" => None,
             _ if self.objects.contains(root) => None,
-            _ if EventType::ALL.iter().any(|t| t.possible_objects().contains(&root)) => Some(format!(
-                "{what} `{path}` can never be filled: {events} events carry {objects} (and event.*), never {root}"
+            _ if EventType::ALL
+                .iter()
+                .any(|t| t.possible_objects().contains(&root)) =>
+            {
+                Some(format!(
+                    "{what} `{path}` can never be filled: {events} events carry {objects} (and event.*), never {root}"
+                ))
+            }
+            _ => Some(format!(
+                "unknown {what} `{path}`: fields start with event, {objects}"
             )),
-            _ => Some(format!("unknown {what} `{path}`: fields start with event, {objects}")),
         }
     }
 }
@@ -139,7 +179,10 @@ struct Compiler<'a> {
 
 impl<'a> Compiler<'a> {
     fn new(bundle: &'a WorkflowBundle, custom_values: &'a [String]) -> Self {
-        let known_custom_values = BUILTIN_CUSTOM_VALUES.into_iter().chain(custom_values.iter().map(String::as_str)).collect();
+        let known_custom_values = BUILTIN_CUSTOM_VALUES
+            .into_iter()
+            .chain(custom_values.iter().map(String::as_str))
+            .collect();
         Self {
             bundle,
             known_custom_values,
@@ -164,15 +207,24 @@ impl<'a> Compiler<'a> {
         let mut events = Vec::new();
         let mut filters = Vec::new();
         if let Some(schedule) = &t.schedule {
-            self.error(schedule.referenced, "schedule triggers are not supported yet: use `event:`");
+            self.error(
+                schedule.referenced,
+                "schedule triggers are not supported yet: use `event:`",
+            );
         } else {
             for (key, node) in [("timezone", &t.timezone), ("audience", &t.audience)] {
                 if let Some(node) = node {
-                    self.error(node.referenced, format!("`{key}` belongs to schedule triggers, not event triggers"));
+                    self.error(
+                        node.referenced,
+                        format!("`{key}` belongs to schedule triggers, not event triggers"),
+                    );
                 }
             }
             match &t.event {
-                None => self.error(trigger.pos(), "a trigger needs `event:` (a trigger name or a list of them)"),
+                None => self.error(
+                    trigger.pos(),
+                    "a trigger needs `event:` (a trigger name or a list of them)",
+                ),
                 Some(names) => {
                     events = self.event_names(names);
                     if !events.is_empty() {
@@ -205,20 +257,40 @@ impl<'a> Compiler<'a> {
         let event = EventType::from_trigger_name(name);
         if event.is_none() {
             let valid = EventType::ALL.map(EventType::trigger_name).join(", ");
-            self.error(pos, format!("unknown trigger `{name}`: valid triggers are {valid}"));
+            self.error(
+                pos,
+                format!("unknown trigger `{name}`: valid triggers are {valid}"),
+            );
         }
         event
     }
 
     /// `where:` filters. `scope` is `None` when the events are unknown (paths are then only
     /// checked for syntax).
-    fn filters(&mut self, filters: Option<&WhereDoc>, scope: Option<&FieldScope>) -> Vec<FieldFilter> {
+    ///
+    /// A `not` list may name an object the events never carry: it then always passes, as SPEC §3
+    /// defines (its own example filters `product.id` on offer events). An any-of list on such a
+    /// field would never match, so that is an error.
+    fn filters(
+        &mut self,
+        filters: Option<&WhereDoc>,
+        scope: Option<&FieldScope>,
+    ) -> Vec<FieldFilter> {
+        let any_event = FieldScope::of(&EventType::ALL);
         let mut out = Vec::new();
         for (field, values) in filters.map(|w| &w.0[..]).unwrap_or_default() {
+            let scope = if values.value.negated {
+                scope.map(|_| &any_event)
+            } else {
+                scope
+            };
             self.field_path(field, scope);
             let pos = Pos::from(values.referenced);
             if let Some(bad) = values.value.values.iter().find(|v| !is_scalar(v)) {
-                self.error(pos, format!("`where` values are strings, numbers or true/false, not {bad}"));
+                self.error(
+                    pos,
+                    format!("`where` values are strings, numbers or true/false, not {bad}"),
+                );
             }
             if values.value.values.is_empty() && !values.value.negated {
                 self.error(pos, "an empty list never matches: list at least one value");
@@ -235,9 +307,11 @@ impl<'a> Compiler<'a> {
     /// Checks a field path of a filter or condition: its syntax, and that the events can carry it.
     fn field_path(&mut self, field: &Spanned<String>, scope: Option<&FieldScope>) {
         let path = &field.value;
-        let well_formed = path
-            .split('.')
-            .all(|s| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-'));
+        let well_formed = path.split('.').all(|s| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        });
         if !well_formed {
             self.error(
                 field.referenced,
@@ -255,22 +329,35 @@ impl<'a> Compiler<'a> {
         let days = self.weekdays(w.days.as_ref());
         let timezone = self.timezone(w.timezone.as_ref());
         let [start, end] = &w.between.value[..] else {
-            self.error(w.between.referenced, "`between` takes two times: [\"09:00\", \"18:00\"]");
+            self.error(
+                w.between.referenced,
+                "`between` takes two times: [\"09:00\", \"18:00\"]",
+            );
             return None;
         };
         let (start, end) = (self.time_of_day(start)?, self.time_of_day(end)?);
         if start >= end {
-            self.error(w.between.referenced, "the window must open before it closes (windows across midnight are not supported)");
+            self.error(
+                w.between.referenced,
+                "the window must open before it closes (windows across midnight are not supported)",
+            );
             return None;
         }
-        Some(SendWindow { days, between: (start, end), timezone })
+        Some(SendWindow {
+            days,
+            between: (start, end),
+            timezone,
+        })
     }
 
     /// `days: [mon, fri]`; absent means every day.
     fn weekdays(&mut self, days: Option<&Spanned<Vec<Spanned<String>>>>) -> Vec<Weekday> {
         let Some(days) = days else { return Vec::new() };
         if days.value.is_empty() {
-            self.error(days.referenced, "`days` lists no day: leave it out for every day");
+            self.error(
+                days.referenced,
+                "`days` lists no day: leave it out for every day",
+            );
         }
         let mut out = Vec::new();
         for day in &days.value {
@@ -279,7 +366,10 @@ impl<'a> Compiler<'a> {
                 Some(_) => {}
                 None => self.error(
                     day.referenced,
-                    format!("unknown weekday `{}`: use mon, tue, wed, thu, fri, sat, sun", day.value),
+                    format!(
+                        "unknown weekday `{}`: use mon, tue, wed, thu, fri, sat, sun",
+                        day.value
+                    ),
                 ),
             }
         }
@@ -289,7 +379,13 @@ impl<'a> Compiler<'a> {
     fn time_of_day(&mut self, time: &Spanned<String>) -> Option<NaiveTime> {
         let parsed = NaiveTime::parse_from_str(time.value.trim(), "%H:%M").ok();
         if parsed.is_none() {
-            self.error(time.referenced, format!("`{}` is not a time of day: write HH:MM, e.g. \"09:00\"", time.value));
+            self.error(
+                time.referenced,
+                format!(
+                    "`{}` is not a time of day: write HH:MM, e.g. \"09:00\"",
+                    time.value
+                ),
+            );
         }
         parsed
     }
@@ -313,15 +409,20 @@ impl<'a> Compiler<'a> {
     }
 
     fn duration(&mut self, text: &str, pos: Pos) -> Option<Duration> {
-        text.parse().map_err(|e: crate::duration::DurationError| self.error(pos, e.to_string())).ok()
+        text.parse()
+            .map_err(|e: crate::duration::DurationError| self.error(pos, e.to_string()))
+            .ok()
     }
 
-    fn from_address(&mut self, from: &At<String>) -> Option<String> {
+    fn sender(&mut self, from: &At<String>) -> Option<String> {
         let text = from.value.trim();
         if text.contains('@') && !text.chars().any(char::is_control) {
             return Some(text.to_owned());
         }
-        self.error(from.pos(), "`from` must be one email address, e.g. \"Ada <ada@school.example.com>\"");
+        self.error(
+            from.pos(),
+            "`from` must be one email address, e.g. \"Ada <ada@school.example.com>\"",
+        );
         None
     }
 
@@ -337,9 +438,14 @@ impl<'a> Compiler<'a> {
 
     fn step(&mut self, step: &At<StepDoc>, position: &str) {
         let s = &step.value;
+        for (pos, problem) in &s.problems {
+            self.error(*pos, problem.clone());
+        }
         let step_id = self.step_id(s.id.as_ref(), position, step.pos());
         let Some(kind) = &s.kind else {
-            self.error(step.pos(), format!("a step needs one of {STEP_KINDS}"));
+            if s.problems.is_empty() {
+                self.error(step.pos(), format!("a step needs one of {STEP_KINDS}"));
+            }
             return;
         };
         if !matches!(kind.value, StepKind::If(_)) {
@@ -353,12 +459,23 @@ impl<'a> Compiler<'a> {
         match &kind.value {
             StepKind::SendEmail(email) => {
                 let uses_login_url = self.email(pc, email, kind.node);
-                let from = email.from.as_ref().and_then(|f| self.from_address(f)).or_else(|| self.default_from.clone());
-                self.program.push(Instr::SendEmail { step_id, from, uses_login_url });
+                let from = email
+                    .from
+                    .as_ref()
+                    .and_then(|f| self.sender(f))
+                    .or_else(|| self.default_from.clone());
+                self.program.push(Instr::SendEmail {
+                    step_id,
+                    from,
+                    uses_login_url,
+                });
             }
             StepKind::SendSms(sms) => {
                 let uses_login_url = self.sms(pc, sms, kind.node);
-                self.program.push(Instr::SendSms { step_id, uses_login_url });
+                self.program.push(Instr::SendSms {
+                    step_id,
+                    uses_login_url,
+                });
             }
             StepKind::Wait(wait) => {
                 if let Some(wait) = self.wait(wait, kind.pos()) {
@@ -371,15 +488,33 @@ impl<'a> Compiler<'a> {
 
     /// `if`: `Branch` (to the else part when false), the then-steps, a `Jump` over the
     /// else-steps when there are any, then the else-steps.
-    fn branch(&mut self, step: &At<StepDoc>, step_id: String, condition: &ConditionDoc, pos: Pos, position: &str) {
-        let condition = self.condition(condition, pos).unwrap_or(Condition::All(Vec::new()));
+    fn branch(
+        &mut self,
+        step: &At<StepDoc>,
+        step_id: String,
+        condition: &ConditionDoc,
+        pos: Pos,
+        position: &str,
+    ) {
+        let condition = self
+            .condition(condition, pos)
+            .unwrap_or(Condition::All(Vec::new()));
         let branch_pc = self.program.len();
-        self.program.push(Instr::Branch { step_id, condition, else_pc: branch_pc });
+        self.program.push(Instr::Branch {
+            step_id,
+            condition,
+            else_pc: branch_pc,
+        });
         match &step.value.then {
             Some(then) => self.steps(&then.value, Some(&format!("{position}.then"))),
             None => self.error(pos, "an `if` step needs `then:` (a list of steps)"),
         }
-        let otherwise = step.value.otherwise.as_ref().map(|o| &o.value[..]).unwrap_or_default();
+        let otherwise = step
+            .value
+            .otherwise
+            .as_ref()
+            .map(|o| &o.value[..])
+            .unwrap_or_default();
         let jump_pc = (!otherwise.is_empty()).then(|| {
             self.program.push(Instr::Jump { to: 0 });
             self.program.len() - 1
@@ -387,7 +522,10 @@ impl<'a> Compiler<'a> {
         let else_pc = self.program.len();
         self.steps(otherwise, Some(&format!("{position}.else")));
         let end = self.program.len();
-        if let Some(Instr::Branch { else_pc: target, .. }) = self.program.get_mut(branch_pc) {
+        if let Some(Instr::Branch {
+            else_pc: target, ..
+        }) = self.program.get_mut(branch_pc)
+        {
             *target = else_pc;
         }
         if let Some(Instr::Jump { to }) = jump_pc.and_then(|pc| self.program.get_mut(pc)) {
@@ -399,10 +537,19 @@ impl<'a> Compiler<'a> {
     fn step_id(&mut self, id: Option<&At<String>>, position: &str, step_pos: Pos) -> String {
         let (step_id, pos) = match id {
             Some(id) => {
-                let valid =
-                    !id.value.is_empty() && id.value.chars().all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+                let valid = !id.value.is_empty()
+                    && id
+                        .value
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
                 if !valid {
-                    self.error(id.pos(), format!("step id `{}` may hold only letters, digits, _, - and .", id.value));
+                    self.error(
+                        id.pos(),
+                        format!(
+                            "step id `{}` may hold only letters, digits, _, - and .",
+                            id.value
+                        ),
+                    );
                 }
                 (id.value.clone(), id.pos())
             }
@@ -410,7 +557,10 @@ impl<'a> Compiler<'a> {
         };
         if let Some(first) = self.step_ids.get(&step_id) {
             let line = first.line;
-            self.error(pos, format!("step id `{step_id}` is already used by the step at line {line}"));
+            self.error(
+                pos,
+                format!("step id `{step_id}` is already used by the step at line {line}"),
+            );
         } else {
             self.step_ids.insert(step_id.clone(), pos);
         }
@@ -425,18 +575,31 @@ impl<'a> Compiler<'a> {
         match (&m.until, &m.event) {
             (Some(until), None) => {
                 if let Some(timeout) = &m.timeout {
-                    self.error(timeout.referenced, "`timeout` belongs to waiting for an event");
+                    self.error(
+                        timeout.referenced,
+                        "`timeout` belongs to waiting for an event",
+                    );
                 }
                 let at = self.time_of_day(until);
                 let days = self.weekdays(m.days.as_ref());
                 let timezone = self.timezone(m.timezone.as_ref());
-                Some(WaitSpec::Until { at: at?, days, timezone })
+                Some(WaitSpec::Until {
+                    at: at?,
+                    days,
+                    timezone,
+                })
             }
             (None, Some(event)) => {
-                let misplaced = [("days", m.days.as_ref().map(|d| d.referenced)), ("timezone", m.timezone.as_ref().map(|t| t.referenced))];
+                let misplaced = [
+                    ("days", m.days.as_ref().map(|d| d.referenced)),
+                    ("timezone", m.timezone.as_ref().map(|t| t.referenced)),
+                ];
                 for (key, at) in misplaced {
                     if let Some(at) = at {
-                        self.error(at, format!("`{key}` belongs to waiting until a time of day"));
+                        self.error(
+                            at,
+                            format!("`{key}` belongs to waiting until a time of day"),
+                        );
                     }
                 }
                 let event = self.event_type(&event.value, event.referenced.into());
@@ -445,10 +608,16 @@ impl<'a> Compiler<'a> {
                     return None;
                 };
                 let timeout = self.duration(&timeout.value, timeout.referenced.into());
-                Some(WaitSpec::Event { event: event?, timeout: timeout? })
+                Some(WaitSpec::Event {
+                    event: event?,
+                    timeout: timeout?,
+                })
             }
             (Some(_), Some(_)) => {
-                self.error(pos, "wait either `until` a time or for an `event`, not both");
+                self.error(
+                    pos,
+                    "wait either `until` a time or for an `event`, not both",
+                );
                 None
             }
             (None, None) => {
@@ -473,7 +642,10 @@ impl<'a> Compiler<'a> {
         .collect();
         let group = match (&c.all, &c.any) {
             (Some(_), Some(_)) => {
-                self.error(pos, "a condition takes `all` or `any`, not both: nest one inside the other");
+                self.error(
+                    pos,
+                    "a condition takes `all` or `any`, not both: nest one inside the other",
+                );
                 return None;
             }
             (Some(list), None) => Some((list, true)),
@@ -487,8 +659,15 @@ impl<'a> Compiler<'a> {
             if list.is_empty() {
                 self.error(pos, "list at least one condition");
             }
-            let children = list.iter().filter_map(|s| self.condition(&s.value, s.referenced.into())).collect();
-            return Some(if all { Condition::All(children) } else { Condition::Any(children) });
+            let children = list
+                .iter()
+                .filter_map(|s| self.condition(&s.value, s.referenced.into()))
+                .collect();
+            return Some(if all {
+                Condition::All(children)
+            } else {
+                Condition::Any(children)
+            });
         }
         let Some(field) = &c.field else {
             self.error(pos, "a condition needs `field` and a test (equals, not_equals, in, contains, exists, gt, lt), or `all`/`any`");
@@ -506,14 +685,19 @@ impl<'a> Compiler<'a> {
         };
         let bad_operand = match &test {
             FieldTest::Gt(v) | FieldTest::Lt(v) => !(v.is_number() || v.is_string()),
-            FieldTest::Equals(v) | FieldTest::NotEquals(v) | FieldTest::Contains(v) => !is_scalar(v),
+            FieldTest::Equals(v) | FieldTest::NotEquals(v) | FieldTest::Contains(v) => {
+                !is_scalar(v)
+            }
             FieldTest::In(values) => values.iter().any(|v| !is_scalar(v)),
             FieldTest::Exists(_) => false,
         };
         if bad_operand {
             self.error(pos, "compare with strings, numbers or true/false (gt and lt: numbers, or strings such as dates)");
         }
-        Some(Condition::Test { field: field.value.clone(), test })
+        Some(Condition::Test {
+            field: field.value.clone(),
+            test,
+        })
     }
 
     // --- messages and templates --------------------------------------------------------------
@@ -528,11 +712,17 @@ impl<'a> Compiler<'a> {
         let (html, text) = match (&email.template, &email.html, &email.text) {
             (Some(name), None, None) => self.email_files(name),
             (Some(name), _, _) => {
-                self.error(name.pos(), "use either `template` or inline `html`/`text`, not both");
+                self.error(
+                    name.pos(),
+                    "use either `template` or inline `html`/`text`, not both",
+                );
                 return false;
             }
             (None, None, None) => {
-                self.error(node.pos, "an email needs `template`, or inline `html` and/or `text`");
+                self.error(
+                    node.pos,
+                    "an email needs `template`, or inline `html` and/or `text`",
+                );
                 return false;
             }
             (None, html, text) => (
@@ -541,19 +731,29 @@ impl<'a> Compiler<'a> {
             ),
         };
         let Some(subject) = subject else { return false };
-        let email = EmailTemplates { subject, html, text };
+        let email = EmailTemplates {
+            subject,
+            html,
+            text,
+        };
         let uses_login_url = email.parts().any(|p| p.uses_custom_value("login_url"));
         self.templates.insert_email(pc, email);
         uses_login_url
     }
 
     /// The bodies of `template: NAME`: `NAME.html.hbs` and/or `NAME.txt.hbs`, at least one.
-    fn email_files(&mut self, name: &At<String>) -> (Option<ParsedTemplate>, Option<ParsedTemplate>) {
+    fn email_files(
+        &mut self,
+        name: &At<String>,
+    ) -> (Option<ParsedTemplate>, Option<ParsedTemplate>) {
         if !self.valid_template_name(name) {
             return (None, None);
         }
         let [html_file, text_file] = email_template_files(&name.value);
-        let (html_src, text_src) = (self.bundle.templates.get(&html_file), self.bundle.templates.get(&text_file));
+        let (html_src, text_src) = (
+            self.bundle.templates.get(&html_file),
+            self.bundle.templates.get(&text_file),
+        );
         if html_src.is_none() && text_src.is_none() {
             self.error(
                 name.pos(),
@@ -578,7 +778,13 @@ impl<'a> Compiler<'a> {
                 match self.bundle.templates.get(&file) {
                     Some(src) => self.file_template(&file, src),
                     None => {
-                        self.error(name.pos(), format!("template `{}` not found: create {TEMPLATES_LABEL}/{file}", name.value));
+                        self.error(
+                            name.pos(),
+                            format!(
+                                "template `{}` not found: create {TEMPLATES_LABEL}/{file}",
+                                name.value
+                            ),
+                        );
                         None
                     }
                 }
@@ -601,7 +807,13 @@ impl<'a> Compiler<'a> {
     fn valid_template_name(&mut self, name: &At<String>) -> bool {
         let valid = is_valid_template_name(&name.value);
         if !valid {
-            self.error(name.pos(), format!("`{}` is not a template name: use letters, digits, _ and - only", name.value));
+            self.error(
+                name.pos(),
+                format!(
+                    "`{}` is not a template name: use letters, digits, _ and - only",
+                    name.value
+                ),
+            );
         }
         valid
     }
@@ -619,19 +831,36 @@ impl<'a> Compiler<'a> {
         let parsed = match ParsedTemplate::parse(source) {
             Ok(parsed) => parsed,
             Err(e) => {
-                self.template_diagnostic(Severity::Error, origin, e.pos, format!("template does not parse: {}", e.message));
+                self.template_diagnostic(
+                    Severity::Error,
+                    origin,
+                    e.pos,
+                    format!("template does not parse: {}", e.message),
+                );
                 return None;
             }
         };
         for field in &parsed.fields {
-            if let Some(problem) = self.trigger_scope.as_deref().and_then(|s| s.problem(&field.name, "merge field")) {
+            if let Some(problem) = self
+                .trigger_scope
+                .as_deref()
+                .and_then(|s| s.problem(&field.name, "merge field"))
+            {
                 self.template_diagnostic(Severity::Error, origin, Some(field.pos), problem);
             }
         }
-        let removal_trigger = self.trigger_scope.as_ref().is_some_and(|s| s.events.contains(&EventType::OfferAccessRemoved));
+        let removal_trigger = self
+            .trigger_scope
+            .as_ref()
+            .is_some_and(|s| s.events.contains(&EventType::OfferAccessRemoved));
         for value in &parsed.custom_values {
             if !self.known_custom_values.contains(value.name.as_str()) {
-                let known = self.known_custom_values.iter().copied().collect::<Vec<_>>().join(", ");
+                let known = self
+                    .known_custom_values
+                    .iter()
+                    .copied()
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 let message = format!(
                     "unknown custom value `<<{}>>`: known are {known} (configure others under [custom_values])",
                     value.name
@@ -644,7 +873,12 @@ impl<'a> Compiler<'a> {
             }
         }
         for unsupported in &parsed.unsupported {
-            self.template_diagnostic(Severity::Error, origin, Some(unsupported.pos), unsupported.name.clone());
+            self.template_diagnostic(
+                Severity::Error,
+                origin,
+                Some(unsupported.pos),
+                unsupported.name.clone(),
+            );
         }
         Some(parsed)
     }
@@ -657,7 +891,13 @@ impl<'a> Compiler<'a> {
         message: impl Into<String>,
     ) {
         let (file, pos) = match origin {
-            Origin::File(file) => (file.as_str(), pos.map_or(Pos::default(), |p| Pos { line: p.line, column: p.column })),
+            Origin::File(file) => (
+                file.as_str(),
+                pos.map_or(Pos::default(), |p| Pos {
+                    line: p.line,
+                    column: p.column,
+                }),
+            ),
             Origin::Inline(node) => (self.bundle.path.as_str(), inline_pos(*node, pos)),
         };
         let d = diagnostic(severity, file, pos, message);
@@ -670,10 +910,14 @@ impl<'a> Compiler<'a> {
 fn inline_pos(node: Node, pos: Option<TemplatePos>) -> Pos {
     match pos {
         None => node.pos,
-        Some(p) if p.line == 1 => {
-            Pos { line: node.pos.line, column: node.pos.column + usize::from(node.quoted) + p.column - 1 }
-        }
-        Some(p) => Pos { line: node.pos.line + p.line - 1, column: node.pos.column + p.column - 1 },
+        Some(p) if p.line == 1 => Pos {
+            line: node.pos.line,
+            column: node.pos.column + usize::from(node.quoted) + p.column - 1,
+        },
+        Some(p) => Pos {
+            line: node.pos.line + p.line - 1,
+            column: node.pos.column + p.column - 1,
+        },
     }
 }
 

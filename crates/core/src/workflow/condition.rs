@@ -38,7 +38,9 @@ impl FieldTest {
 /// A string contains a substring; an array contains an element.
 fn contains(actual: &Value, want: &Value) -> bool {
     match actual {
-        Value::String(haystack) => scalar_text(want).is_some_and(|needle| haystack.contains(needle.as_str())),
+        Value::String(haystack) => {
+            scalar_text(want).is_some_and(|needle| haystack.contains(needle.as_str()))
+        }
         Value::Array(items) => items.iter().any(|item| loosely_equal(item, want)),
         _ => false,
     }
@@ -94,7 +96,10 @@ mod tests {
     }
 
     fn test(field: &str, test: FieldTest) -> Condition {
-        Condition::Test { field: field.into(), test }
+        Condition::Test {
+            field: field.into(),
+            test,
+        }
     }
 
     #[test]
@@ -106,9 +111,21 @@ mod tests {
         assert!(test("contact.custom_fields.level", FieldTest::Equals(json!("7"))).evaluate(&e));
         assert!(test("offer.id", FieldTest::NotEquals(json!("o_basic"))).evaluate(&e));
         assert!(!test("offer.id", FieldTest::NotEquals(json!("o_pro"))).evaluate(&e));
-        assert!(test("offer.id", FieldTest::In(vec![json!("o_basic"), json!("o_pro")])).evaluate(&e));
+        assert!(
+            test(
+                "offer.id",
+                FieldTest::In(vec![json!("o_basic"), json!("o_pro")])
+            )
+            .evaluate(&e)
+        );
         assert!(!test("offer.id", FieldTest::In(vec![json!("o_basic")])).evaluate(&e));
-        assert!(test("event.type", FieldTest::Equals(json!("course.offer_access_granted"))).evaluate(&e));
+        assert!(
+            test(
+                "event.type",
+                FieldTest::Equals(json!("course.offer_access_granted"))
+            )
+            .evaluate(&e)
+        );
     }
 
     #[test]
@@ -136,7 +153,13 @@ mod tests {
         assert!(!test("offer.title", FieldTest::Contains(json!("pro"))).evaluate(&e));
         assert!(test("offer.product_ids", FieldTest::Contains(json!("p_2"))).evaluate(&e));
         assert!(!test("offer.product_ids", FieldTest::Contains(json!("p_"))).evaluate(&e));
-        assert!(test("contact.custom_fields.tags", FieldTest::Contains(json!("vip"))).evaluate(&e));
+        assert!(
+            test(
+                "contact.custom_fields.tags",
+                FieldTest::Contains(json!("vip"))
+            )
+            .evaluate(&e)
+        );
         assert!(!test("contact.custom_fields.level", FieldTest::Contains(json!(7))).evaluate(&e));
     }
 
@@ -148,8 +171,20 @@ mod tests {
         assert!(test("contact.custom_fields.score", FieldTest::Gt(json!("5"))).evaluate(&e));
         assert!(!test("contact.custom_fields.score", FieldTest::Lt(json!(42))).evaluate(&e));
         assert!(test("contact.custom_fields.level", FieldTest::Lt(json!(7.5))).evaluate(&e));
-        assert!(test("contact.custom_fields.joined", FieldTest::Gt(json!("2026-02-28T23:59:59Z"))).evaluate(&e));
-        assert!(test("contact.custom_fields.joined", FieldTest::Lt(json!("2026-03-01T10:00:01Z"))).evaluate(&e));
+        assert!(
+            test(
+                "contact.custom_fields.joined",
+                FieldTest::Gt(json!("2026-02-28T23:59:59Z"))
+            )
+            .evaluate(&e)
+        );
+        assert!(
+            test(
+                "contact.custom_fields.joined",
+                FieldTest::Lt(json!("2026-03-01T10:00:01Z"))
+            )
+            .evaluate(&e)
+        );
         assert!(test("event.time", FieldTest::Gt(json!("2026-11-01"))).evaluate(&e));
         // Arrays and objects are neither greater nor smaller.
         assert!(!test("offer.product_ids", FieldTest::Gt(json!("a"))).evaluate(&e));
@@ -161,7 +196,13 @@ mod tests {
         let e = event();
         let yes = test("offer.id", FieldTest::Equals(json!("o_pro")));
         let no = test("lesson.id", FieldTest::Exists(true));
-        assert!(Condition::All(vec![yes.clone(), Condition::Any(vec![no.clone(), yes.clone()])]).evaluate(&e));
+        assert!(
+            Condition::All(vec![
+                yes.clone(),
+                Condition::Any(vec![no.clone(), yes.clone()])
+            ])
+            .evaluate(&e)
+        );
         assert!(!Condition::All(vec![yes.clone(), no.clone()]).evaluate(&e));
         assert!(!Condition::Any(vec![no.clone(), Condition::All(vec![no, yes])]).evaluate(&e));
     }

@@ -14,7 +14,10 @@ mod condition;
 mod parse;
 mod time;
 
-pub use bundle::{TEMPLATES_LABEL, bundle_from, email_template_files, sms_template_file};
+#[cfg(test)]
+mod tests;
+
+pub use bundle::{TEMPLATES_LABEL, bundle_from};
 pub use compile::{BUILTIN_CUSTOM_VALUES, compile};
 pub use time::{add_duration, next_local_time, resolve_timezone};
 
@@ -63,7 +66,11 @@ impl std::fmt::Display for Diagnostic {
             Severity::Warning => "warning",
         };
         if self.line > 0 {
-            write!(f, "{}:{}:{}: {sev}: {}", self.file, self.line, self.column, self.message)
+            write!(
+                f,
+                "{}:{}:{}: {sev}: {}",
+                self.file, self.line, self.column, self.message
+            )
         } else {
             write!(f, "{}: {sev}: {}", self.file, self.message)
         }
@@ -135,16 +142,33 @@ pub enum TimezoneChoice {
 }
 
 /// One instruction of a compiled workflow. `step_id` is the YAML `id:` or the step's position
-/// (`1`, `3.then.0`), and with the run it keys the at-most-once send guarantee.
+/// (`1`, `3.then.0`), and with the run it keys the at-most-once send guarantee. Execution starts at
+/// 0 and the run is complete when the program counter reaches `program.len()`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Instr {
-    SendEmail { step_id: String, from: Option<String>, uses_login_url: bool },
-    SendSms { step_id: String, uses_login_url: bool },
-    Wait { step_id: String, wait: WaitSpec },
+    SendEmail {
+        step_id: String,
+        from: Option<String>,
+        uses_login_url: bool,
+    },
+    SendSms {
+        step_id: String,
+        uses_login_url: bool,
+    },
+    Wait {
+        step_id: String,
+        wait: WaitSpec,
+    },
     /// Evaluate `condition`; when false, continue at `else_pc`.
-    Branch { step_id: String, condition: Condition, else_pc: usize },
+    Branch {
+        step_id: String,
+        condition: Condition,
+        else_pc: usize,
+    },
     /// Unconditional jump (the end of a `then` list skips the `else` list).
-    Jump { to: usize },
+    Jump {
+        to: usize,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -152,9 +176,16 @@ pub enum WaitSpec {
     /// `wait: 2d`.
     For(crate::Duration),
     /// `wait: {until: "09:00", days: [...], timezone: contact}`: the next such local time.
-    Until { at: chrono::NaiveTime, days: Vec<chrono::Weekday>, timezone: TimezoneChoice },
+    Until {
+        at: chrono::NaiveTime,
+        days: Vec<chrono::Weekday>,
+        timezone: TimezoneChoice,
+    },
     /// `wait: {event: lesson_completed, timeout: 3d}`: the contact's next such event, or the timeout.
-    Event { event: EventType, timeout: crate::Duration },
+    Event {
+        event: EventType,
+        timeout: crate::Duration,
+    },
 }
 
 /// `if` conditions: `all`/`any` of field tests.
@@ -189,12 +220,22 @@ impl CompiledWorkflow {
     }
 
     /// Renders the email of the send step at `pc` for an event context.
-    pub fn render_email(&self, pc: usize, context: &Value, custom: &CustomValues) -> Result<RenderedEmail, RenderError> {
+    pub fn render_email(
+        &self,
+        pc: usize,
+        context: &Value,
+        custom: &CustomValues,
+    ) -> Result<RenderedEmail, RenderError> {
         self.templates.render_email(pc, context, custom)
     }
 
     /// Renders the SMS body of the send step at `pc`.
-    pub fn render_sms(&self, pc: usize, context: &Value, custom: &CustomValues) -> Result<String, RenderError> {
+    pub fn render_sms(
+        &self,
+        pc: usize,
+        context: &Value,
+        custom: &CustomValues,
+    ) -> Result<String, RenderError> {
         self.templates.render_sms(pc, context, custom)
     }
 }
@@ -209,7 +250,9 @@ impl EventMatcher {
 
 impl FieldFilter {
     pub fn matches(&self, event: &CourseEvent) -> bool {
-        let found = event.field(&self.field).is_some_and(|v| self.values.iter().any(|want| loosely_equal(&v, want)));
+        let found = event
+            .field(&self.field)
+            .is_some_and(|v| self.values.iter().any(|want| loosely_equal(&v, want)));
         found != self.negated
     }
 }
@@ -218,8 +261,12 @@ impl FieldFilter {
 /// should not have to think about quoting.
 pub fn loosely_equal(actual: &Value, expected: &Value) -> bool {
     match (actual, expected) {
-        (Value::String(a), Value::Number(b)) | (Value::Number(b), Value::String(a)) => a == &b.to_string(),
-        (Value::String(a), Value::Bool(b)) | (Value::Bool(b), Value::String(a)) => a == &b.to_string(),
+        (Value::String(a), Value::Number(b)) | (Value::Number(b), Value::String(a)) => {
+            a == &b.to_string()
+        }
+        (Value::String(a), Value::Bool(b)) | (Value::Bool(b), Value::String(a)) => {
+            a == &b.to_string()
+        }
         _ => actual == expected,
     }
 }

@@ -5,8 +5,8 @@
 //! time zones, field paths, templates) is checked afterwards by [`super::compile`], so that one
 //! run of `herald check` reports every such problem rather than the first.
 
-use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 use serde_saphyr::{Location, MessageFormatter, Spanned, UserMessageFormatter};
 use std::fmt;
@@ -20,7 +20,10 @@ pub struct Pos {
 
 impl From<Location> for Pos {
     fn from(loc: Location) -> Self {
-        Self { line: loc.line() as usize, column: loc.column() as usize }
+        Self {
+            line: loc.line() as usize,
+            column: loc.column() as usize,
+        }
     }
 }
 
@@ -74,7 +77,12 @@ pub fn parse_workflow(yaml: &str) -> Result<WorkflowDoc, SchemaError> {
     let raw: RawWorkflowDoc =
         serde_saphyr::from_str_with_options(yaml, options).map_err(|e| SchemaError {
             pos: e.location().map(Pos::from).unwrap_or_default(),
-            message: UserMessageFormatter.format_message(&e).escape_debug().to_string(),
+            // The formatter leaves control characters to the caller: keep the message one line.
+            message: UserMessageFormatter
+                .format_message(&e)
+                .chars()
+                .map(|c| if c.is_control() { ' ' } else { c })
+                .collect(),
         })?;
     Ok(raw.resolve(yaml))
 }
@@ -141,6 +149,8 @@ pub struct SendWindowDoc {
 /// One step: an optional `id`, exactly one kind, and for `if` its `then`/`else` lists.
 #[derive(Debug)]
 pub struct StepDoc {
+    /// Keys that make no step (an unknown kind, a second kind), with what to say about them.
+    pub problems: Vec<(Pos, String)>,
     pub id: Option<At<String>>,
     pub kind: Option<At<StepKind>>,
     pub then: Option<At<Vec<At<StepDoc>>>>,
@@ -178,7 +188,7 @@ pub enum WaitDoc {
     /// `wait: 2d`.
     For(String),
     /// `wait: {until: ..., days: ..., timezone: ...}` or `wait: {event: ..., timeout: ...}`.
-    Map(WaitMapDoc),
+    Map(Box<WaitMapDoc>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -215,7 +225,10 @@ impl WorkflowDoc {
         fn walk<'a>(steps: &'a [At<StepDoc>], f: &mut dyn FnMut(&'a StepDoc)) {
             for step in steps {
                 f(&step.value);
-                for branch in [&step.value.then, &step.value.otherwise].into_iter().flatten() {
+                for branch in [&step.value.then, &step.value.otherwise]
+                    .into_iter()
+                    .flatten()
+                {
                     walk(&branch.value, f);
                 }
             }
@@ -248,6 +261,8 @@ fn enabled_by_default() -> bool {
 }
 
 struct RawStepDoc {
+    /// Unknown or repeated step kinds, kept (not raised) so they are reported at their key.
+    problems: Vec<(Location, String)>,
     id: Option<Spanned<String>>,
     kind: Option<Spanned<RawStepKind>>,
     then: Option<Spanned<Vec<Spanned<RawStepDoc>>>>,
@@ -285,13 +300,22 @@ struct Resolver<'a> {
 
 impl Resolver<'_> {
     fn at<T>(&self, s: Spanned<T>) -> At<T> {
-        let loc = s.referenced;
+        At {
+            node: self.node(s.referenced),
+            value: s.value,
+        }
+    }
+
+    fn node(&self, loc: Location) -> Node {
         let quoted = loc
             .span()
             .byte_offset()
             .and_then(|o| self.yaml.get(usize::try_from(o).ok()?..))
             .is_some_and(|rest| rest.starts_with(['"', '\'']));
-        At { value: s.value, node: Node { pos: loc.into(), quoted } }
+        Node {
+            pos: loc.into(),
+            quoted,
+        }
     }
 
     fn steps(&self, steps: Vec<Spanned<RawStepDoc>>) -> Vec<At<StepDoc>> {
@@ -299,11 +323,14 @@ impl Resolver<'_> {
     }
 
     fn step(&self, s: Spanned<RawStepDoc>) -> At<StepDoc> {
-        let node = self.at(Spanned::new((), s.referenced, s.defined)).node;
+        let node = self.node(s.referenced);
         let raw = s.value;
         let branch = |b: Spanned<Vec<Spanned<RawStepDoc>>>| {
             let at = self.at(b);
-            At { value: self.steps(at.value), node: at.node }
+            At {
+                value: self.steps(at.value),
+                node: at.node,
+            }
         };
         let kind = raw.kind.map(|k| {
             let at = self.at(k);
@@ -322,9 +349,17 @@ impl Resolver<'_> {
                 RawStepKind::Wait(w) => StepKind::Wait(w),
                 RawStepKind::If(c) => StepKind::If(c),
             };
-            At { value, node: at.node }
+            At {
+                value,
+                node: at.node,
+            }
         });
         let value = StepDoc {
+            problems: raw
+                .problems
+                .into_iter()
+                .map(|(loc, message)| (loc.into(), message))
+                .collect(),
             id: raw.id.map(|i| self.at(i)),
             kind,
             then: raw.then.map(branch),
@@ -366,9 +401,15 @@ impl<'de> Deserialize<'de> for RawStepDoc {
                 write!(f, "a step: a mapping with one of {STEP_KINDS}")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawStepDoc, A::Error> {
-                let mut step = RawStepDoc { id: None, kind: None, then: None, otherwise: None };
-                while let Some(key) = map.next_key::<String>()? {
-                    let kind = match key.as_str() {
+                let mut step = RawStepDoc {
+                    id: None,
+                    kind: None,
+                    then: None,
+                    otherwise: None,
+                    problems: Vec::new(),
+                };
+                while let Some(key) = map.next_key::<Spanned<String>>()? {
+                    let kind = match key.value.as_str() {
                         "id" => {
                             step.id = Some(map.next_value()?);
                             continue;
@@ -381,23 +422,37 @@ impl<'de> Deserialize<'de> for RawStepDoc {
                             step.otherwise = Some(map.next_value()?);
                             continue;
                         }
-                        "send_email" => map.next_value::<Spanned<RawSendEmailDoc>>()?.map(RawStepKind::SendEmail),
-                        "send_sms" => map.next_value::<Spanned<RawSendSmsDoc>>()?.map(RawStepKind::SendSms),
+                        kind @ ("send_email" | "send_sms" | "wait" | "if")
+                            if step.kind.is_some() =>
+                        {
+                            let problem = format!(
+                                "a step has exactly one kind, but `{kind}` follows another: start a new list \
+                                 item (`- {kind}: ...`)"
+                            );
+                            step.problems.push((key.referenced, problem));
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
+                        }
+                        "send_email" => map
+                            .next_value::<Spanned<RawSendEmailDoc>>()?
+                            .map(RawStepKind::SendEmail),
+                        "send_sms" => map
+                            .next_value::<Spanned<RawSendSmsDoc>>()?
+                            .map(RawStepKind::SendSms),
                         "wait" => map.next_value::<Spanned<WaitDoc>>()?.map(RawStepKind::Wait),
-                        "if" => map.next_value::<Spanned<ConditionDoc>>()?.map(RawStepKind::If),
+                        "if" => map
+                            .next_value::<Spanned<ConditionDoc>>()?
+                            .map(RawStepKind::If),
                         other => {
-                            return Err(de::Error::custom(format!(
-                                "unknown step kind `{other}`: a step is one of {STEP_KINDS} \
-                                 (an `if` with then/else), and may have an `id`"
-                            )));
+                            let problem = format!(
+                                "unknown step kind `{other}`: a step is one of {STEP_KINDS} (an `if` with \
+                                 then/else), and may have an `id`"
+                            );
+                            step.problems.push((key.referenced, problem));
+                            map.next_value::<IgnoredAny>()?;
+                            continue;
                         }
                     };
-                    if step.kind.is_some() {
-                        return Err(de::Error::custom(format!(
-                            "a step has exactly one kind, but `{key}` follows another: start a new \
-                             list item (`- {key}: ...`)"
-                        )));
-                    }
                     step.kind = Some(kind);
                 }
                 Ok(step)
@@ -475,25 +530,46 @@ impl<'de> Deserialize<'de> for FilterValues {
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<FilterValues, A::Error> {
                 let not = NotDoc::deserialize(de::value::MapAccessDeserializer::new(map))?;
-                Ok(FilterValues { negated: true, values: not.not.0 })
+                Ok(FilterValues {
+                    negated: true,
+                    values: not.not.0,
+                })
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<FilterValues, A::Error> {
-                OneOrManyVisitor.visit_seq(seq).map(|v| FilterValues { negated: false, values: v.0 })
+                OneOrManyVisitor.visit_seq(seq).map(|v| FilterValues {
+                    negated: false,
+                    values: v.0,
+                })
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<FilterValues, E> {
-                Ok(FilterValues { negated: false, values: vec![Value::from(v)] })
+                Ok(FilterValues {
+                    negated: false,
+                    values: vec![Value::from(v)],
+                })
             }
             fn visit_bool<E: de::Error>(self, v: bool) -> Result<FilterValues, E> {
-                Ok(FilterValues { negated: false, values: vec![Value::from(v)] })
+                Ok(FilterValues {
+                    negated: false,
+                    values: vec![Value::from(v)],
+                })
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<FilterValues, E> {
-                Ok(FilterValues { negated: false, values: vec![Value::from(v)] })
+                Ok(FilterValues {
+                    negated: false,
+                    values: vec![Value::from(v)],
+                })
             }
             fn visit_u64<E: de::Error>(self, v: u64) -> Result<FilterValues, E> {
-                Ok(FilterValues { negated: false, values: vec![Value::from(v)] })
+                Ok(FilterValues {
+                    negated: false,
+                    values: vec![Value::from(v)],
+                })
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<FilterValues, E> {
-                Ok(FilterValues { negated: false, values: vec![Value::from(v)] })
+                Ok(FilterValues {
+                    negated: false,
+                    values: vec![Value::from(v)],
+                })
             }
         }
         d.deserialize_any(FilterVisitor)
@@ -552,7 +628,8 @@ impl<'de> Deserialize<'de> for WaitDoc {
                 Ok(WaitDoc::For(v.to_owned()))
             }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<WaitDoc, A::Error> {
-                WaitMapDoc::deserialize(de::value::MapAccessDeserializer::new(map)).map(WaitDoc::Map)
+                WaitMapDoc::deserialize(de::value::MapAccessDeserializer::new(map))
+                    .map(|m| WaitDoc::Map(Box::new(m)))
             }
         }
         d.deserialize_any(WaitVisitor)

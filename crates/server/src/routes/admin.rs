@@ -11,9 +11,16 @@ use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
 /// Refuses requests without the admin bearer token (and everything when none is configured).
-pub async fn require_token(State(state): State<AppState>, request: Request, next: Next) -> Result<Response, ApiError> {
+pub async fn require_token(
+    State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
     let Some(expected) = &state.admin_token else {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "the admin API is off: set HERALD_ADMIN_TOKEN to enable it"));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "the admin API is off: set HERALD_ADMIN_TOKEN to enable it",
+        ));
     };
     let given = request
         .headers()
@@ -22,29 +29,228 @@ pub async fn require_token(State(state): State<AppState>, request: Request, next
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
     if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
-            .with("hint", "send Authorization: Bearer <HERALD_ADMIN_TOKEN>"));
+        return Err(
+            ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
+                .with("hint", "send Authorization: Bearer <HERALD_ADMIN_TOKEN>"),
+        );
     }
     Ok(next.run(request).await)
 }
 
 /// `POST /v1/contacts/{id}/magic-link`: a new learner link; every older one stops working.
-pub async fn regenerate_contact_link(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+pub async fn regenerate_contact_link(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     if state.store.contact(id.clone()).await?.is_none() {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("no contact {id:?}: herald learns contacts from course events")));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no contact {id:?}: herald learns contacts from course events"),
+        ));
     }
-    let url = state.engine.links.regenerate_learner(&state.store, &id, state.clock.now_ms()).await?;
+    let url = state
+        .engine
+        .links
+        .regenerate_learner(&state.store, &id, state.clock.now_ms())
+        .await?;
     Ok(Json(json!({ "url": url })))
 }
 
 /// `GET /v1/links/user`.
 pub async fn user_link(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let url = state.engine.links.user_link(&state.store, false, state.clock.now_ms()).await?;
+    let url = state
+        .engine
+        .links
+        .user_link(&state.store, false, state.clock.now_ms())
+        .await?;
     Ok(Json(json!({ "url": url })))
 }
 
 /// `POST /v1/links/user/regenerate`.
 pub async fn regenerate_user_link(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    let url = state.engine.links.user_link(&state.store, true, state.clock.now_ms()).await?;
+    let url = state
+        .engine
+        .links
+        .user_link(&state.store, true, state.clock.now_ms())
+        .await?;
     Ok(Json(json!({ "url": url })))
+}
+
+/// Query of the list endpoints: filters plus cursor pagination (`after` = the last id seen;
+/// ids are time-ordered, so the cursor is stable under inserts).
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    contact_id: Option<String>,
+    workflow: Option<String>,
+    status: Option<String>,
+    state: Option<String>,
+    after: Option<String>,
+    limit: Option<i64>,
+}
+
+const MAX_PAGE: i64 = 500;
+const DEFAULT_PAGE: i64 = 100;
+
+impl ListQuery {
+    fn filter(self, status: Option<String>) -> Result<herald_store::ListFilter, ApiError> {
+        let limit = self.limit.unwrap_or(DEFAULT_PAGE);
+        if !(1..=MAX_PAGE).contains(&limit) {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be between 1 and {MAX_PAGE}"),
+            ));
+        }
+        Ok(herald_store::ListFilter {
+            contact_id: self.contact_id,
+            workflow_id: self.workflow,
+            status,
+            after: self.after,
+            limit,
+        })
+    }
+}
+
+fn rfc3339(ms: i64) -> Value {
+    chrono::DateTime::from_timestamp_millis(ms).map_or(Value::Null, |t| {
+        json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+    })
+}
+
+fn opt_time(ms: Option<i64>) -> Value {
+    ms.map_or(Value::Null, rfc3339)
+}
+
+/// `GET /v1/messages?contact_id=&workflow=&status=&after=&limit=`.
+pub async fn messages(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(s) = &q.status
+        && herald_store::MessageStatus::parse(s).is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("unknown status {s:?}: use queued, sent, failed, skipped or suppressed"),
+        )
+        .with("field", "status"));
+    }
+    let status = q.status.clone();
+    let filter = q.filter(status)?;
+    let limit = filter.limit;
+    let rows = state.store.messages(filter).await?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|m| m.id.clone()))
+        .flatten();
+    let messages: Vec<Value> = rows
+        .into_iter()
+        .map(|m| {
+            json!({
+                "id": m.id, "run_id": m.run_id, "step_id": m.step_id, "workflow": m.workflow_id,
+                "contact_id": m.contact_id, "channel": m.channel, "recipient": m.recipient, "subject": m.subject,
+                "status": m.status, "reason": m.reason, "attempts": m.attempts,
+                "message_id": m.header_message_id, "provider_id": m.provider_id,
+                "scheduled_for": if m.status == herald_store::MessageStatus::Queued { opt_time(m.due_ms) } else { Value::Null },
+                "created_at": rfc3339(m.created_ms), "updated_at": rfc3339(m.updated_ms), "sent_at": opt_time(m.sent_ms),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "messages": messages, "next_cursor": next })))
+}
+
+/// `GET /v1/runs?contact_id=&workflow=&state=&after=&limit=`.
+pub async fn runs(
+    State(state): State<AppState>,
+    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+) -> Result<Json<Value>, ApiError> {
+    if let Some(s) = &q.state
+        && herald_store::RunState::parse(s).is_none()
+    {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("unknown state {s:?}: use active, waiting_event, parked, completed, exited, failed or refused"),
+        )
+        .with("field", "state"));
+    }
+    let run_state = q.state.clone();
+    let filter = q.filter(run_state)?;
+    let limit = filter.limit;
+    let rows = state.store.runs(filter).await?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|r| r.id.clone()))
+        .flatten();
+    let runs: Vec<Value> = rows
+        .into_iter()
+        .map(|r| {
+            let steps: Vec<Value> = r
+                .steps
+                .iter()
+                .map(|s| json!({"step_id": s.step_id, "kind": s.kind, "outcome": s.outcome, "at": rfc3339(s.at_ms)}))
+                .collect();
+            json!({
+                "id": r.id, "workflow": r.workflow_id, "workflow_version": r.workflow_version,
+                "contact_id": r.contact_id, "state": r.state, "reason": r.reason,
+                "next_step_at": opt_time(r.due_ms), "created_at": rfc3339(r.created_ms),
+                "updated_at": rfc3339(r.updated_ms), "ended_at": opt_time(r.ended_ms), "steps": steps,
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "runs": runs, "next_cursor": next })))
+}
+
+/// `GET /v1/contacts/{id}`: details, grants and opt-outs.
+pub async fn contact(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let Some(c) = state.store.contact(id.clone()).await? else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no contact {id:?}"),
+        ));
+    };
+    let grants = state.store.grants(id.clone()).await?;
+    let active: Vec<Value> = grants
+        .iter()
+        .filter(|g| g.active)
+        .map(|g| json!({"kind": g.kind, "id": g.item_id, "since": rfc3339(g.changed_ms)}))
+        .collect();
+    let custom: Value = c
+        .custom_fields
+        .as_deref()
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or(Value::Null);
+    Ok(Json(json!({
+        "id": c.id, "email": c.email, "phone": c.phone, "first_name": c.first_name, "last_name": c.last_name,
+        "timezone": c.timezone, "custom_fields": custom, "grants": active,
+        "opt_outs": state.store.opt_outs(id).await?,
+    })))
+}
+
+/// `POST /v1/workflows/reload`: reload workflows and templates, or say why they do not check
+/// (then the running set stays).
+pub async fn reload(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    match state.registry.reload(state.clock.now_ms()).await {
+        Ok(warnings) => {
+            let snapshot = state.registry.snapshot();
+            let workflows: Vec<Value> = snapshot
+                .current
+                .values()
+                .map(|w| json!({"id": w.id, "version": w.version, "enabled": w.enabled}))
+                .collect();
+            let warnings: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+            Ok(Json(
+                json!({ "workflows": workflows, "warnings": warnings }),
+            ))
+        }
+        Err(herald_engine::RegistryError::Invalid(diagnostics)) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "workflows do not check; the running set is unchanged",
+        )
+        .with("diagnostics", diagnostics)),
+        Err(e) => Err(ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            e.to_string(),
+        )),
+    }
 }

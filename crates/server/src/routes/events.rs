@@ -14,7 +14,10 @@ use serde_json::{Value, json};
 /// Largest body accepted (SPEC §2); more gets `413`.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
-pub async fn post_events(State(state): State<AppState>, request: Request) -> Result<(StatusCode, Json<Value>), ApiError> {
+pub async fn post_events(
+    State(state): State<AppState>,
+    request: Request,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
     let (parts, body) = request.into_parts();
     let body = read_body(&parts.headers, body).await?;
 
@@ -27,21 +30,37 @@ pub async fn post_events(State(state): State<AppState>, request: Request) -> Res
     let now = state.clock.now();
     if let Err(e) = signature::verify(&state.secrets, signed, &body, now.timestamp()) {
         tracing::info!(reason = %e, "event request refused: signature");
-        return Err(ApiError::new(StatusCode::UNAUTHORIZED, format!("invalid webhook signature: {e}"))
-            .with("hint", "sign requests with the Standard Webhooks scheme and HERALD_WEBHOOK_SECRET"));
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            format!("invalid webhook signature: {e}"),
+        )
+        .with(
+            "hint",
+            "sign requests with the Standard Webhooks scheme and HERALD_WEBHOOK_SECRET",
+        ));
     }
 
     let kind = body_kind(header(header::CONTENT_TYPE.as_str()))?;
     let events = event::parse_body(kind, &body, now).map_err(|e| {
         tracing::info!(reason = %e, "event request refused: invalid");
-        ApiError::new(StatusCode::BAD_REQUEST, e.to_string()).with("index", e.index).with("field", e.field)
+        ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
+            .with("index", e.index)
+            .with("field", e.field)
     })?;
 
     let received_ms = now.timestamp_millis();
-    let ids: Vec<(String, String)> = events.iter().map(|e| (e.source.clone(), e.id.clone())).collect();
+    let ids: Vec<(String, String)> = events
+        .iter()
+        .map(|e| (e.source.clone(), e.id.clone()))
+        .collect();
     let results = state
         .store
-        .accept_events(events.into_iter().map(|event| NewEvent { event, received_ms }).collect())
+        .accept_events(
+            events
+                .into_iter()
+                .map(|event| NewEvent { event, received_ms })
+                .collect(),
+        )
         .await?;
     if results.contains(&Accepted::New) {
         state.wakers.events_stored();
@@ -58,23 +77,41 @@ pub async fn post_events(State(state): State<AppState>, request: Request) -> Res
 
 /// Reads the body up to [`MAX_BODY_BYTES`], refusing early on a declared length over it.
 async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes, ApiError> {
-    let too_large =
-        || ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body exceeds 1 MiB: split the batch into smaller ones");
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "request body exceeds 1 MiB: split the batch into smaller ones",
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, MAX_BODY_BYTES).await.map_err(|_| too_large())
+    axum::body::to_bytes(body, MAX_BODY_BYTES)
+        .await
+        .map_err(|_| too_large())
 }
 
 fn body_kind(content_type: Option<&str>) -> Result<BodyKind, ApiError> {
-    let essence = content_type.unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = content_type
+        .unwrap_or("")
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     match essence.as_str() {
         "application/cloudevents+json" | "application/json" => Ok(BodyKind::Single),
         "application/cloudevents-batch+json" => Ok(BodyKind::Batch),
         _ => Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            format!("unsupported Content-Type {:?}: use application/cloudevents+json for one event or application/cloudevents-batch+json for a batch", content_type.unwrap_or("")),
+            format!(
+                "unsupported Content-Type {:?}: use application/cloudevents+json for one event or application/cloudevents-batch+json for a batch",
+                content_type.unwrap_or("")
+            ),
         )),
     }
 }

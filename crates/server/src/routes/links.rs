@@ -5,7 +5,7 @@
 use super::portal::{SESSION_TTL, session_cookie};
 use crate::AppState;
 use crate::error::ApiError;
-use crate::html::{escape, page};
+use crate::html::{escape, page, private_page};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -25,18 +25,27 @@ pub async fn show(
 ) -> Result<Response, ApiError> {
     limit(&state, peer)?;
     let checked = match looks_like_token(&token) {
-        true => state.store.check_link(links::hash(&token), state.clock.now_ms()).await?,
+        true => {
+            state
+                .store
+                .check_link(links::hash(&token), state.clock.now_ms())
+                .await?
+        }
         false => Err((LinkRefusal::Unknown, None)),
     };
     Ok(match checked {
         Ok(holder) => {
-            let who = if holder.kind == LinkKind::User { "the staff view of the courses" } else { "your courses" };
+            let who = if holder.kind == LinkKind::User {
+                "the staff view of the courses"
+            } else {
+                "your courses"
+            };
             let body = format!(
                 "<h1>Continue to {who}</h1><p>This sign-in link opens {who}. It was sent to you; press the button to continue.</p>\
                  <form method=\"post\" action=\"/l/{}\"><button type=\"submit\">Continue to {who}</button></form>",
                 escape(&token)
             );
-            private(StatusCode::OK, page("Continue to your courses", &body))
+            private_page(StatusCode::OK, page("Continue to your courses", &body))
         }
         Err((reason, _)) => refusal_page(&token, reason),
     })
@@ -59,7 +68,10 @@ pub async fn redeem(
         .redeem_link(
             links::hash(&token),
             now_ms,
-            NewSession { id_hash: session.hash, expires_ms },
+            NewSession {
+                id_hash: session.hash,
+                expires_ms,
+            },
             state.engine.public_url.clone(),
         )
         .await?;
@@ -69,9 +81,13 @@ pub async fn redeem(
                 state.wakers.events_stored();
             }
             tracing::info!(kind = holder.kind.as_str(), "magic link redeemed");
-            let mut response = (StatusCode::SEE_OTHER, [(header::LOCATION, "/portal")]).into_response();
+            let mut response =
+                (StatusCode::SEE_OTHER, [(header::LOCATION, "/portal")]).into_response();
             let cookie = session_cookie(&state, &session.raw, SESSION_TTL.as_secs());
-            response.headers_mut().insert(header::SET_COOKIE, HeaderValue::from_str(&cookie).expect("cookie is ASCII"));
+            response.headers_mut().insert(
+                header::SET_COOKIE,
+                HeaderValue::from_str(&cookie).expect("cookie is ASCII"),
+            );
             no_store(&mut response);
             Ok(response)
         }
@@ -96,7 +112,14 @@ pub async fn new_link(
             state.store.check_link(links::hash(&token), now_ms).await?
             && state
                 .store
-                .allow_link_resend(contact.clone(), now_ms, now_ms - RESEND_WINDOW_MS, 1, now_ms - DAY_MS, RESEND_PER_DAY)
+                .allow_link_resend(
+                    contact.clone(),
+                    now_ms,
+                    now_ms - RESEND_WINDOW_MS,
+                    1,
+                    now_ms - DAY_MS,
+                    RESEND_PER_DAY,
+                )
                 .await?
             && let Err(e) = super::login_mail::send_new_link(&state, &contact).await
         {
@@ -105,22 +128,45 @@ pub async fn new_link(
     }
     let body = "<h1>Check your inbox</h1><p>If this link belongs to an account with an email address on file, \
                 a new sign-in link is on its way to that address. It can take a minute to arrive.</p>";
-    Ok(private(StatusCode::OK, page("Check your inbox", body)))
+    Ok(private_page(StatusCode::OK, page("Check your inbox", body)))
 }
 
 fn limit(state: &AppState, peer: SocketAddr) -> Result<(), ApiError> {
     state.redeem_limiter.check_key(&peer.ip()).map_err(|_| {
-        ApiError::new(StatusCode::TOO_MANY_REQUESTS, "too many sign-in attempts from this address; wait a minute and try again")
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many sign-in attempts from this address; wait a minute and try again",
+        )
     })
 }
 
 fn refusal_page(token: &str, reason: LinkRefusal) -> Response {
     let (status, title, text) = match reason {
-        LinkRefusal::Unknown => (StatusCode::NOT_FOUND, "This link is not valid", "We do not know this sign-in link. Check that you copied it completely, or open the link from your most recent email."),
-        LinkRefusal::Expired => (StatusCode::GONE, "This link has expired", "Sign-in links work for a limited time. We can email you a new one."),
-        LinkRefusal::UsedUp => (StatusCode::GONE, "This link has been used up", "This sign-in link has been opened as many times as it allows. We can email you a new one."),
-        LinkRefusal::Revoked => (StatusCode::GONE, "This link was replaced", "A newer sign-in link was issued, which makes this one invalid. Open the link from your most recent email."),
-        LinkRefusal::NotEntitled => (StatusCode::FORBIDDEN, "No active access", "This account has no active course access at the moment. If you think this is a mistake, contact the school."),
+        LinkRefusal::Unknown => (
+            StatusCode::NOT_FOUND,
+            "This link is not valid",
+            "We do not know this sign-in link. Check that you copied it completely, or open the link from your most recent email.",
+        ),
+        LinkRefusal::Expired => (
+            StatusCode::GONE,
+            "This link has expired",
+            "Sign-in links work for a limited time. We can email you a new one.",
+        ),
+        LinkRefusal::UsedUp => (
+            StatusCode::GONE,
+            "This link has been used up",
+            "This sign-in link has been opened as many times as it allows. We can email you a new one.",
+        ),
+        LinkRefusal::Revoked => (
+            StatusCode::GONE,
+            "This link was replaced",
+            "A newer sign-in link was issued, which makes this one invalid. Open the link from your most recent email.",
+        ),
+        LinkRefusal::NotEntitled => (
+            StatusCode::FORBIDDEN,
+            "No active access",
+            "This account has no active course access at the moment. If you think this is a mistake, contact the school.",
+        ),
     };
     let mut body = format!("<h1>{title}</h1><p>{text}</p>");
     if matches!(reason, LinkRefusal::Expired | LinkRefusal::UsedUp) {
@@ -129,19 +175,15 @@ fn refusal_page(token: &str, reason: LinkRefusal) -> Response {
             escape(token)
         ));
     }
-    private(status, page(title, &body))
-}
-
-/// An HTML answer that must not be cached or leak its URL (which holds the token) as a referrer.
-fn private(status: StatusCode, html: String) -> Response {
-    let mut response = (status, axum::response::Html(html)).into_response();
-    no_store(&mut response);
-    response
+    private_page(status, page(title, &body))
 }
 
 fn no_store(response: &mut Response) {
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("no-referrer"),
+    );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
 }

@@ -21,17 +21,31 @@ pub enum LoginMailError {
 
 /// Mints a fresh link for the contact and emails it to the address on file (if any).
 pub async fn send_new_link(state: &AppState, contact_id: &str) -> Result<(), LoginMailError> {
-    let Some(contact) = state.store.contact(contact_id.to_owned()).await? else { return Ok(()) };
-    let Some(to) = contact.email.clone().filter(|e| !e.is_empty()) else { return Ok(()) };
+    let Some(contact) = state.store.contact(contact_id.to_owned()).await? else {
+        return Ok(());
+    };
+    let Some(to) = contact.email.clone().filter(|e| !e.is_empty()) else {
+        return Ok(());
+    };
     let now_ms = state.clock.now_ms();
-    let url = state.engine.links.mint_learner(&state.store, contact_id, now_ms).await?;
-    let read = |ext: &str| std::fs::read_to_string(state.templates.join(format!("login_link.{ext}.hbs"))).ok();
-    let (text_src, html_src) = (read("txt").unwrap_or_else(|| DEFAULT_TEXT.into()), read("html").unwrap_or_else(|| DEFAULT_HTML.into()));
+    let url = state
+        .engine
+        .links
+        .mint_learner(&state.store, contact_id, now_ms)
+        .await?;
+    let read = |ext: &str| {
+        std::fs::read_to_string(state.templates.join(format!("login_link.{ext}.hbs"))).ok()
+    };
+    let (text_src, html_src) = (
+        read("txt").unwrap_or_else(|| DEFAULT_TEXT.into()),
+        read("html").unwrap_or_else(|| DEFAULT_HTML.into()),
+    );
     let mut custom: CustomValues = state.engine.custom_values.clone();
     custom.insert("login_url".into(), url);
     let context = serde_json::json!({ "contact": contact });
-    let rendered = render_standalone_email(SUBJECT, Some(&html_src), Some(&text_src), &context, &custom)
-        .map_err(|e| LoginMailError::Template(e.to_string()))?;
+    let rendered =
+        render_standalone_email(SUBJECT, Some(&html_src), Some(&text_src), &context, &custom)
+            .map_err(|e| LoginMailError::Template(e.to_string()))?;
     let id = uuid::Uuid::now_v7();
     let email = OutgoingEmail {
         from: state.engine.email_from.clone(),

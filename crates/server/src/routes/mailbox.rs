@@ -16,15 +16,23 @@ pub async fn json(State(state): State<AppState>) -> Result<Json<Vec<MailboxItem>
 
 pub async fn page(State(state): State<AppState>) -> Result<Html<String>, ApiError> {
     let items = state.store.mailbox(SHOWN).await?;
-    let mut body = format!("<h1>Dev mailbox</h1><p>{} most recent messages. Nothing here was sent.</p>", items.len());
+    let mut body = format!(
+        "<h1>Dev mailbox</h1><p>{} most recent messages. Nothing here was sent.</p>",
+        items.len()
+    );
     for m in &items {
-        let when = chrono::DateTime::from_timestamp_millis(m.created_ms).map(|t| t.to_rfc3339()).unwrap_or_default();
+        let when = chrono::DateTime::from_timestamp_millis(m.created_ms)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_default();
         body.push_str(&format!(
             "<article><h2>{}</h2><p><b>{}</b> to {}{} · {}</p>",
             escape(m.subject.as_deref().unwrap_or("(SMS)")),
             m.channel.as_str(),
             escape(&m.recipient),
-            m.sender.as_deref().map(|s| format!(" from {}", escape(s))).unwrap_or_default(),
+            m.sender
+                .as_deref()
+                .map(|s| format!(" from {}", escape(s)))
+                .unwrap_or_default(),
             escape(&when),
         ));
         if let Some(text) = &m.text_body {

@@ -6,7 +6,9 @@ mod health;
 mod links;
 mod login_mail;
 mod mailbox;
+pub mod metrics;
 mod portal;
+mod unsubscribe;
 
 use crate::AppState;
 use axum::Router;
@@ -18,23 +20,46 @@ use tower_http::timeout::TimeoutLayer;
 /// The whole HTTP surface; tests may call it without a socket.
 pub fn router(state: AppState) -> Router {
     let admin = Router::new()
-        .route("/v1/contacts/{id}/magic-link", post(admin::regenerate_contact_link))
+        .route(
+            "/v1/contacts/{id}/magic-link",
+            post(admin::regenerate_contact_link),
+        )
         .route("/v1/links/user", get(admin::user_link))
-        .route("/v1/links/user/regenerate", post(admin::regenerate_user_link))
-        .route_layer(axum::middleware::from_fn_with_state(state.clone(), admin::require_token));
+        .route(
+            "/v1/links/user/regenerate",
+            post(admin::regenerate_user_link),
+        )
+        .route("/v1/messages", get(admin::messages))
+        .route("/v1/runs", get(admin::runs))
+        .route("/v1/contacts/{id}", get(admin::contact))
+        .route("/v1/workflows/reload", post(admin::reload))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            admin::require_token,
+        ));
     let mut router = Router::new()
         .route("/v1/events", post(events::post_events))
         .route("/healthz", get(health::healthz))
+        .route("/metrics", get(metrics::render))
         .route("/l/{token}", get(links::show).post(links::redeem))
         .route("/l/{token}/new-link", post(links::new_link))
         .route("/portal", get(portal::show))
         .route("/portal/logout", post(portal::logout))
+        .route(
+            "/u/{token}",
+            get(unsubscribe::show).post(unsubscribe::unsubscribe),
+        )
         .merge(admin);
     if state.dev_mailbox {
-        router = router.route("/dev/mailbox", get(mailbox::page)).route("/dev/mailbox.json", get(mailbox::json));
+        router = router
+            .route("/dev/mailbox", get(mailbox::page))
+            .route("/dev/mailbox.json", get(mailbox::json));
     }
     router
-        .layer(TimeoutLayer::with_status_code(axum::http::StatusCode::REQUEST_TIMEOUT, Duration::from_secs(30)))
+        .layer(TimeoutLayer::with_status_code(
+            axum::http::StatusCode::REQUEST_TIMEOUT,
+            Duration::from_secs(30),
+        ))
         .layer(CatchPanicLayer::new())
         .with_state(state)
 }

@@ -55,8 +55,14 @@ fn welcome(backend: Backend) -> TestOptions {
 }
 
 async fn email_arrives_rendered_with_both_parts(backend: Backend) {
-    let Some(app) = spawn_app(welcome(backend)).await else { return };
-    assert_eq!(app.accept(&offer_granted(contact("c_ann", "Ann"), "o_pro")).await, "new");
+    let Some(app) = spawn_app(welcome(backend)).await else {
+        return;
+    };
+    assert_eq!(
+        app.accept(&offer_granted(contact("c_ann", "Ann"), "o_pro"))
+            .await,
+        "new"
+    );
     let mails = app.wait_for_mails(1).await;
     let mail = &mails[0];
     assert_eq!(mail.mail_from, "ada@school.example.com");
@@ -65,7 +71,8 @@ async fn email_arrives_rendered_with_both_parts(backend: Backend) {
     let email = mail.parse();
     assert_eq!(email.subject, "Welcome to Rust Pro, Ann!");
     assert!(
-        email.from.contains("Ada at Rust School") && email.from.contains("<ada@school.example.com>"),
+        email.from.contains("Ada at Rust School")
+            && email.from.contains("<ada@school.example.com>"),
         "From: {}",
         email.from
     );
@@ -75,7 +82,10 @@ async fn email_arrives_rendered_with_both_parts(backend: Backend) {
     let html = email.html.as_deref().expect("text/html part");
     assert!(text.contains("Hi Ann,"), "{text}");
     assert!(text.contains("welcome to Rust Pro."), "{text}");
-    assert!(text.contains(&format!("Questions? Write to {SUPPORT_EMAIL}.")), "{text}");
+    assert!(
+        text.contains(&format!("Questions? Write to {SUPPORT_EMAIL}.")),
+        "{text}"
+    );
     assert!(!text.contains('<'), "the text part holds markup: {text}");
     assert!(html.contains("<p>Hi Ann,</p>"), "{html}");
     assert!(html.contains("<b>Rust Pro</b>"), "{html}");
@@ -84,7 +94,10 @@ async fn email_arrives_rendered_with_both_parts(backend: Backend) {
     let messages = app.wait_for_status(1, MessageStatus::Sent).await;
     assert_eq!(messages.len(), 1);
     let m = &messages[0];
-    assert_eq!(email.message_id, m.header_message_id, "Message-ID differs from the stored one");
+    assert_eq!(
+        email.message_id, m.header_message_id,
+        "Message-ID differs from the stored one"
+    );
     assert!(
         m.header_message_id.starts_with('<') && m.header_message_id.ends_with("@herald.test>"),
         "{}",
@@ -104,14 +117,22 @@ async fn email_arrives_rendered_with_both_parts(backend: Backend) {
 }
 
 async fn default_from_and_text_only_email(backend: Backend) {
-    let opts = TestOptions::new(backend)
-        .workflow("signup", &one_email_workflow("new_signup", "Hello {{contact.first_name}}", false));
-    let Some(app) = spawn_app(opts).await else { return };
+    let opts = TestOptions::new(backend).workflow(
+        "signup",
+        &one_email_workflow("new_signup", "Hello {{contact.first_name}}", false),
+    );
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
     app.accept(&new_signup(contact("c_plain", "Bea"))).await;
     let mails = app.wait_for_mails(1).await;
     assert_eq!(mails[0].mail_from, "noreply@herald.test");
     let email = mails[0].parse();
-    assert!(email.from.contains("Herald Test") && email.from.contains("noreply@herald.test"), "{}", email.from);
+    assert!(
+        email.from.contains("Herald Test") && email.from.contains("noreply@herald.test"),
+        "{}",
+        email.from
+    );
     assert_eq!(email.subject, "Hello Bea");
     assert_eq!(email.mime_type, "text/plain");
     assert_eq!(email.text.as_deref().map(str::trim_end), Some("Hello Bea"));
@@ -120,20 +141,38 @@ async fn default_from_and_text_only_email(backend: Backend) {
 }
 
 async fn html_is_escaped_text_is_not(backend: Backend) {
-    let Some(app) = spawn_app(welcome(backend)).await else { return };
-    app.accept(&offer_granted(contact("c_esc", "<b>Ann & Co</b>"), "o_pro")).await;
+    let Some(app) = spawn_app(welcome(backend)).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_esc", "<b>Ann & Co</b>"), "o_pro"))
+        .await;
     let email = app.wait_for_mails(1).await[0].parse();
-    assert_eq!(email.subject, "Welcome to Rust Pro, <b>Ann & Co</b>!", "subjects are not HTML-escaped");
+    assert_eq!(
+        email.subject, "Welcome to Rust Pro, <b>Ann & Co</b>!",
+        "subjects are not HTML-escaped"
+    );
     let text = email.text.unwrap();
     let html = email.html.unwrap();
-    assert!(text.contains("Hi <b>Ann & Co</b>,"), "text bodies are not HTML-escaped: {text}");
-    assert!(html.contains("Hi &lt;b&gt;Ann &amp; Co&lt;/b&gt;,"), "HTML bodies escape values: {html}");
+    assert!(
+        text.contains("Hi <b>Ann & Co</b>,"),
+        "text bodies are not HTML-escaped: {text}"
+    );
+    assert!(
+        html.contains("Hi &lt;b&gt;Ann &amp; Co&lt;/b&gt;,"),
+        "HTML bodies escape values: {html}"
+    );
     assert!(!html.contains("<b>Ann"), "{html}");
 }
 
 async fn default_helper_falls_back(backend: Backend) {
-    let Some(app) = spawn_app(welcome(backend)).await else { return };
-    app.accept(&offer_granted(json!({"id": "c_anon", "email": "anon@example.com"}), "o_pro")).await;
+    let Some(app) = spawn_app(welcome(backend)).await else {
+        return;
+    };
+    app.accept(&offer_granted(
+        json!({"id": "c_anon", "email": "anon@example.com"}),
+        "o_pro",
+    ))
+    .await;
     let email = app.wait_for_mails(1).await[0].parse();
     assert_eq!(email.subject, "Welcome to Rust Pro, there!");
     assert!(email.text.unwrap().contains("Hi there,"));
@@ -141,17 +180,32 @@ async fn default_helper_falls_back(backend: Backend) {
 }
 
 async fn custom_values_resolve_and_lookalike_names_stay_literal(backend: Backend) {
-    let Some(app) = spawn_app(welcome(backend)).await else { return };
-    app.accept(&offer_granted(contact("c_cv1", "<<support_email>>"), "o_pro")).await;
-    app.accept(&offer_granted(contact("c_cv2", "<<login_url>>"), "o_pro")).await;
+    let Some(app) = spawn_app(welcome(backend)).await else {
+        return;
+    };
+    app.accept(&offer_granted(
+        contact("c_cv1", "<<support_email>>"),
+        "o_pro",
+    ))
+    .await;
+    app.accept(&offer_granted(contact("c_cv2", "<<login_url>>"), "o_pro"))
+        .await;
     let mails = app.wait_for_mails(2).await;
-    let of =
-        |rcpt: &str| mails.iter().find(|m| m.rcpt_to == [rcpt]).unwrap_or_else(|| panic!("no mail to {rcpt}")).parse();
+    let of = |rcpt: &str| {
+        mails
+            .iter()
+            .find(|m| m.rcpt_to == [rcpt])
+            .unwrap_or_else(|| panic!("no mail to {rcpt}"))
+            .parse()
+    };
 
     let e1 = of("c_cv1@example.com");
     assert_eq!(e1.subject, "Welcome to Rust Pro, <<support_email>>!");
     let text = e1.text.unwrap();
-    assert!(text.contains("Hi <<support_email>>,"), "a name that looks like a custom value was resolved: {text}");
+    assert!(
+        text.contains("Hi <<support_email>>,"),
+        "a name that looks like a custom value was resolved: {text}"
+    );
     assert_eq!(text.matches(SUPPORT_EMAIL).count(), 1, "{text}");
     let html = e1.html.unwrap();
     assert!(html.contains("Hi &lt;&lt;support_email&gt;&gt;,"), "{html}");
@@ -160,7 +214,10 @@ async fn custom_values_resolve_and_lookalike_names_stay_literal(backend: Backend
     let e2 = of("c_cv2@example.com");
     let text = e2.text.unwrap();
     assert!(text.contains("Hi <<login_url>>,"), "{text}");
-    assert!(!text.contains("/l/"), "a contact named <<login_url>> received a link: {text}");
+    assert!(
+        !text.contains("/l/"),
+        "a contact named <<login_url>> received a link: {text}"
+    );
     assert!(!e2.html.unwrap().contains("/l/"));
 }
 
@@ -190,33 +247,71 @@ steps:
       subject: "Pro tip"
       text: "Pro tip for {{contact.first_name}}"
 "#;
-    let opts = TestOptions::new(backend).workflow("products", products).workflow("pro_only", pro_only);
-    let Some(app) = spawn_app(opts).await else { return };
+    let opts = TestOptions::new(backend)
+        .workflow("products", products)
+        .workflow("pro_only", pro_only);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
     let with_offer = |mut ev: serde_json::Value, offer_id: &str| {
         ev["data"]["offer"] = offer(offer_id, "Some offer");
         ev
     };
     // Matches `products` (no offer passes the `not` list), not `pro_only` (no offer fails it).
-    app.accept(&lesson_completed(contact("c_w1", "A"), "p_rust101", "Ownership")).await;
+    app.accept(&lesson_completed(
+        contact("c_w1", "A"),
+        "p_rust101",
+        "Ownership",
+    ))
+    .await;
     // Matches neither: another product, and no offer.
-    app.accept(&lesson_completed(contact("c_w2", "B"), "p_other", "Ownership")).await;
+    app.accept(&lesson_completed(
+        contact("c_w2", "B"),
+        "p_other",
+        "Ownership",
+    ))
+    .await;
     // `products` refuses the free offer; `pro_only` needs o_pro.
-    app.accept(&with_offer(lesson_completed(contact("c_w3", "C"), "p_async", "Tasks"), "o_free")).await;
+    app.accept(&with_offer(
+        lesson_completed(contact("c_w3", "C"), "p_async", "Tasks"),
+        "o_free",
+    ))
+    .await;
     // Matches both.
-    app.accept(&with_offer(lesson_completed(contact("c_w4", "D"), "p_async", "Tasks"), "o_pro")).await;
+    app.accept(&with_offer(
+        lesson_completed(contact("c_w4", "D"), "p_async", "Tasks"),
+        "o_pro",
+    ))
+    .await;
     // Matches `pro_only` through its second trigger.
-    app.accept(&with_offer(product_completed(contact("c_w5", "E"), "p_other"), "o_pro")).await;
+    app.accept(&with_offer(
+        product_completed(contact("c_w5", "E"), "p_other"),
+        "o_pro",
+    ))
+    .await;
     app.settle().await;
 
-    let mut got: Vec<(String, String)> =
-        app.messages().await.into_iter().map(|m| (m.workflow_id, m.contact_id)).collect();
+    let mut got: Vec<(String, String)> = app
+        .messages()
+        .await
+        .into_iter()
+        .map(|m| (m.workflow_id, m.contact_id))
+        .collect();
     got.sort();
-    let expected = [("pro_only", "c_w4"), ("pro_only", "c_w5"), ("products", "c_w1"), ("products", "c_w4")];
+    let expected = [
+        ("pro_only", "c_w4"),
+        ("pro_only", "c_w5"),
+        ("products", "c_w1"),
+        ("products", "c_w4"),
+    ];
     assert_eq!(got, expected.map(|(w, c)| (w.to_owned(), c.to_owned())));
     let mails = app.wait_for_mails(4).await;
     assert_eq!(mails.len(), 4);
     let subjects: HashSet<String> = mails.iter().map(|m| m.parse().subject).collect();
-    assert!(subjects.contains("Well done on Ownership") && subjects.contains("Well done on Tasks"), "{subjects:?}");
+    assert!(
+        subjects.contains("Well done on Ownership") && subjects.contains("Well done on Tasks"),
+        "{subjects:?}"
+    );
 }
 
 async fn missing_address_skips_the_send_and_the_run_goes_on(backend: Backend) {
@@ -233,9 +328,14 @@ steps:
     send_sms:
       body: "Hi {{default contact.first_name 'there'}}, welcome!"
 "#;
-    let Some(app) = spawn_app(TestOptions::new(backend).workflow("both", wf)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend).workflow("both", wf)).await else {
+        return;
+    };
     // No email: the email is skipped, the SMS still goes.
-    app.accept(&new_signup(json!({"id": "c_noemail", "first_name": "Ann", "phone": "+15551234567"}))).await;
+    app.accept(&new_signup(
+        json!({"id": "c_noemail", "first_name": "Ann", "phone": "+15551234567"}),
+    ))
+    .await;
     // An invalid email: skipped too.
     app.accept(&new_signup(
         json!({"id": "c_bademail", "first_name": "Bob", "email": "not an address", "phone": "+15551234568"}),
@@ -251,13 +351,18 @@ steps:
 
     let status_of = async |contact: &str, step: &str| {
         let ms = app.messages_of(contact).await;
-        let m =
-            ms.iter().find(|m| m.step_id == step).unwrap_or_else(|| panic!("no {step} message for {contact}: {ms:#?}"));
+        let m = ms
+            .iter()
+            .find(|m| m.step_id == step)
+            .unwrap_or_else(|| panic!("no {step} message for {contact}: {ms:#?}"));
         (m.status, m.reason.clone().unwrap_or_default())
     };
     let (status, reason) = status_of("c_noemail", "mail").await;
     assert_eq!(status, MessageStatus::Skipped);
-    assert!(reason.contains("email"), "reason should name the missing email: {reason}");
+    assert!(
+        reason.contains("email"),
+        "reason should name the missing email: {reason}"
+    );
     assert_eq!(status_of("c_noemail", "sms").await.0, MessageStatus::Sent);
 
     let (status, reason) = status_of("c_bademail", "mail").await;
@@ -268,12 +373,20 @@ steps:
     assert_eq!(status_of("c_badphone", "mail").await.0, MessageStatus::Sent);
     let (status, reason) = status_of("c_badphone", "sms").await;
     assert_eq!(status, MessageStatus::Skipped);
-    assert!(reason.contains("phone") || reason.contains("E.164"), "{reason}");
+    assert!(
+        reason.contains("phone") || reason.contains("E.164"),
+        "{reason}"
+    );
 
     for c in ["c_noemail", "c_bademail", "c_badphone"] {
         let runs = app.runs_of(c).await;
         assert_eq!(runs.len(), 1, "{c}");
-        assert_eq!(runs[0].state, herald_store::RunState::Completed, "{c}: {:#?}", runs[0]);
+        assert_eq!(
+            runs[0].state,
+            herald_store::RunState::Completed,
+            "{c}: {:#?}",
+            runs[0]
+        );
         assert!(
             runs[0].steps.iter().any(|s| s.step_id == "sms"),
             "{c}: the run did not reach the SMS step: {:#?}",
@@ -284,16 +397,35 @@ steps:
     let mails = app.sink().received();
     assert_eq!(mails.len(), 1);
     assert_eq!(mails[0].rcpt_to, ["cy@example.com"]);
-    let sms: Vec<_> =
-        app.store.mailbox(50).await.unwrap().into_iter().filter(|m| m.channel == herald_store::Channel::Sms).collect();
+    let sms: Vec<_> = app
+        .store
+        .mailbox(50)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|m| m.channel == herald_store::Channel::Sms)
+        .collect();
     assert_eq!(sms.len(), 2, "{sms:#?}");
-    let to_ann = sms.iter().find(|m| m.recipient == "+15551234567").expect("SMS to Ann");
-    assert!(to_ann.text_body.as_deref().unwrap_or("").starts_with("Hi Ann, welcome!"), "{to_ann:?}");
+    let to_ann = sms
+        .iter()
+        .find(|m| m.recipient == "+15551234567")
+        .expect("SMS to Ann");
+    assert!(
+        to_ann
+            .text_body
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("Hi Ann, welcome!"),
+        "{to_ann:?}"
+    );
 }
 
 async fn transient_smtp_failure_is_retried_with_the_same_message_id(backend: Backend) {
-    let opts = TestOptions::new(backend).workflow("signup", &one_email_workflow("new_signup", "Hi", false));
-    let Some(app) = spawn_app(opts).await else { return };
+    let opts = TestOptions::new(backend)
+        .workflow("signup", &one_email_workflow("new_signup", "Hi", false));
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
     // Two 451s at the end of DATA, then success.
     app.sink().fail_next(2, Stage::Data, 451);
     app.accept(&new_signup(contact("c_451", "Ann"))).await;
@@ -303,7 +435,11 @@ async fn transient_smtp_failure_is_retried_with_the_same_message_id(backend: Bac
     assert_eq!(refusals.len(), 2, "{refusals:?}");
     for r in &refusals {
         assert_eq!((r.stage, r.code), (Stage::Data, 451));
-        assert_eq!(r.mail.as_ref().unwrap().message_id(), delivered_id, "a retry changed the Message-ID");
+        assert_eq!(
+            r.mail.as_ref().unwrap().message_id(),
+            delivered_id,
+            "a retry changed the Message-ID"
+        );
     }
     let rows = app.wait_for_status(1, MessageStatus::Sent).await;
     assert_eq!(rows[0].attempts, 3, "{rows:#?}");
@@ -322,8 +458,11 @@ async fn transient_smtp_failure_is_retried_with_the_same_message_id(backend: Bac
 }
 
 async fn permanent_smtp_failure_fails_at_once(backend: Backend) {
-    let opts = TestOptions::new(backend).workflow("signup", &one_email_workflow("new_signup", "Hi", false));
-    let Some(app) = spawn_app(opts).await else { return };
+    let opts = TestOptions::new(backend)
+        .workflow("signup", &one_email_workflow("new_signup", "Hi", false));
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
     app.sink().fail_next(1, Stage::Rcpt, 550);
     app.accept(&new_signup(contact("c_550", "Ann"))).await;
     let rows = app.wait_for_status(1, MessageStatus::Failed).await;
@@ -342,25 +481,39 @@ async fn permanent_smtp_failure_fails_at_once(backend: Backend) {
     let rows = app.wait_for_status(2, MessageStatus::Failed).await;
     assert!(rows.iter().all(|m| m.attempts == 1), "{rows:#?}");
     app.settle().await;
-    assert_eq!(app.sink().refusals().len(), 2, "permanent failures must not be retried");
+    assert_eq!(
+        app.sink().refusals().len(),
+        2,
+        "permanent failures must not be retried"
+    );
     assert_eq!(app.sink().count(), 0);
 }
 
 async fn smtp_down_is_retried_until_it_is_back(backend: Backend) {
-    let opts = TestOptions::new(backend).workflow("signup", &one_email_workflow("new_signup", "Hi", false)).retries(
-        std::time::Duration::from_millis(20),
-        std::time::Duration::from_millis(100),
-        1000,
-    );
-    let Some(app) = spawn_app(opts).await else { return };
+    let opts = TestOptions::new(backend)
+        .workflow("signup", &one_email_workflow("new_signup", "Hi", false))
+        .retries(
+            std::time::Duration::from_millis(20),
+            std::time::Duration::from_millis(100),
+            1000,
+        );
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
     app.sink().stop().await;
     app.accept(&new_signup(contact("c_down", "Ann"))).await;
     wait_for("two failed attempts while SMTP is down", async || {
-        app.messages().await.first().is_some_and(|m| m.attempts >= 2 && m.status == MessageStatus::Queued)
+        app.messages()
+            .await
+            .first()
+            .is_some_and(|m| m.attempts >= 2 && m.status == MessageStatus::Queued)
     })
     .await;
     let queued = &app.messages().await[0];
-    assert!(queued.reason.is_some(), "a retried message should say why: {queued:#?}");
+    assert!(
+        queued.reason.is_some(),
+        "a retried message should say why: {queued:#?}"
+    );
     assert!(queued.due_ms.is_some());
     assert_eq!(app.sink().count(), 0);
 
@@ -377,10 +530,18 @@ async fn smtp_down_is_retried_until_it_is_back(backend: Backend) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "not implemented yet: delivery.rs sends no List-Unsubscribe headers (SPEC §5)"]
 async fn every_workflow_email_carries_list_unsubscribe() {
-    let Some(app) = spawn_app(welcome(Backend::Sqlite)).await else { return };
-    app.accept(&offer_granted(contact("c_unsub", "Ann"), "o_pro")).await;
+    let Some(app) = spawn_app(welcome(Backend::Sqlite)).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_unsub", "Ann"), "o_pro"))
+        .await;
     let email = app.wait_for_mails(1).await[0].parse();
-    let unsub = email.header("List-Unsubscribe").expect("List-Unsubscribe header");
+    let unsub = email
+        .header("List-Unsubscribe")
+        .expect("List-Unsubscribe header");
     assert!(unsub.contains(PUBLIC_URL), "{unsub}");
-    assert_eq!(email.header("List-Unsubscribe-Post"), Some("List-Unsubscribe=One-Click"));
+    assert_eq!(
+        email.header("List-Unsubscribe-Post"),
+        Some("List-Unsubscribe=One-Click")
+    );
 }

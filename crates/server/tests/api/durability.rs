@@ -23,13 +23,22 @@ const LEASE: Duration = Duration::from_secs(1);
 
 fn options(backend: Backend) -> TestOptions {
     TestOptions::new(backend)
-        .workflow("signup", &one_email_workflow("new_signup", "Welcome {{contact.first_name}}", false))
+        .workflow(
+            "signup",
+            &one_email_workflow("new_signup", "Welcome {{contact.first_name}}", false),
+        )
         .lease(LEASE)
-        .retries(Duration::from_millis(20), Duration::from_millis(100), 10_000)
+        .retries(
+            Duration::from_millis(20),
+            Duration::from_millis(100),
+            10_000,
+        )
 }
 
 fn signups(prefix: &str, n: usize) -> Vec<Value> {
-    (0..n).map(|i| new_signup(contact(&format!("{prefix}_{i}"), "Ann"))).collect()
+    (0..n)
+        .map(|i| new_signup(contact(&format!("{prefix}_{i}"), "Ann")))
+        .collect()
 }
 
 /// Delivery count per Message-ID.
@@ -46,14 +55,23 @@ async fn wait_all_sent(app: &TestApp, n: usize) {
     let mut last = String::new();
     let ok = eventually(async || {
         let rows = app.messages().await;
-        let sent = rows.iter().filter(|m| m.status == MessageStatus::Sent).count();
+        let sent = rows
+            .iter()
+            .filter(|m| m.status == MessageStatus::Sent)
+            .count();
         let distinct = by_message_id(&app.sink().received()).len();
-        last = format!("{} messages, {sent} sent, {distinct} distinct Message-IDs at the sink", rows.len());
+        last = format!(
+            "{} messages, {sent} sent, {distinct} distinct Message-IDs at the sink",
+            rows.len()
+        );
         rows.len() == n && sent == n && distinct == n
     })
     .await;
     if !ok {
-        panic!("not every message was delivered after the restart: {last}\n{:#?}", app.messages().await);
+        panic!(
+            "not every message was delivered after the restart: {last}\n{:#?}",
+            app.messages().await
+        );
     }
     app.settle().await;
 }
@@ -64,16 +82,35 @@ async fn assert_consistent(app: &TestApp, events: &[Value]) {
     let rows = app.messages().await;
     let stored: BTreeSet<String> = rows.iter().map(|m| m.header_message_id.clone()).collect();
     let seen: BTreeSet<String> = by_message_id(&app.sink().received()).into_keys().collect();
-    assert_eq!(stored, seen, "the sink saw other Message-IDs than the store holds");
-    let expected: BTreeSet<String> =
-        events.iter().map(|e| e["data"]["contact"]["email"].as_str().unwrap().to_owned()).collect();
-    let delivered: BTreeSet<String> = app.sink().received().iter().flat_map(|m| m.rcpt_to.clone()).collect();
-    assert_eq!(delivered, expected, "some accepted event's message was lost");
-    assert_eq!(app.runs().await.len(), events.len(), "one run per accepted event");
+    assert_eq!(
+        stored, seen,
+        "the sink saw other Message-IDs than the store holds"
+    );
+    let expected: BTreeSet<String> = events
+        .iter()
+        .map(|e| e["data"]["contact"]["email"].as_str().unwrap().to_owned())
+        .collect();
+    let delivered: BTreeSet<String> = app
+        .sink()
+        .received()
+        .iter()
+        .flat_map(|m| m.rcpt_to.clone())
+        .collect();
+    assert_eq!(
+        delivered, expected,
+        "some accepted event's message was lost"
+    );
+    assert_eq!(
+        app.runs().await.len(),
+        events.len(),
+        "one run per accepted event"
+    );
 }
 
 async fn accepted_events_survive_a_crash_while_smtp_is_down(backend: Backend) {
-    let Some(app) = spawn_app(options(backend)).await else { return };
+    let Some(app) = spawn_app(options(backend)).await else {
+        return;
+    };
     let sink = app.sink().clone();
     sink.stop().await;
 
@@ -84,7 +121,10 @@ async fn accepted_events_survive_a_crash_while_smtp_is_down(backend: Backend) {
     }
     assert_eq!(app.accept_batch(&events[12..]).await, vec!["new"; 12]);
     // Let the engine get some way: runs made, sends claimed and failing.
-    wait_for("some failed send attempts", async || app.messages().await.iter().any(|m| m.attempts >= 1)).await;
+    wait_for("some failed send attempts", async || {
+        app.messages().await.iter().any(|m| m.attempts >= 1)
+    })
+    .await;
     assert_eq!(sink.count(), 0);
 
     let crashed = app.crash().await;
@@ -94,7 +134,10 @@ async fn accepted_events_survive_a_crash_while_smtp_is_down(backend: Backend) {
     wait_all_sent(&app, events.len()).await;
     let counts = by_message_id(&sink.received());
     let twice: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(twice.is_empty(), "nothing reached SMTP before the crash, yet messages were delivered twice: {twice:?}");
+    assert!(
+        twice.is_empty(),
+        "nothing reached SMTP before the crash, yet messages were delivered twice: {twice:?}"
+    );
     assert_eq!(sink.count(), events.len());
     assert_consistent(&app, &events).await;
     // Posting them again after the restart: all duplicates.
@@ -104,13 +147,18 @@ async fn accepted_events_survive_a_crash_while_smtp_is_down(backend: Backend) {
 }
 
 async fn crash_mid_delivery_loses_nothing_and_resends_only_unrecorded(backend: Backend) {
-    let Some(app) = spawn_app(options(backend)).await else { return };
+    let Some(app) = spawn_app(options(backend)).await else {
+        return;
+    };
     let sink = app.sink().clone();
     // Three messages go through, the rest hang in flight at the end of DATA.
     sink.hold_after(3);
     let events = signups("c_mid", 10);
     assert_eq!(app.accept_batch(&events).await, vec!["new"; 10]);
-    wait_for("3 delivered and some in flight", async || sink.count() == 3 && sink.held() >= 1).await;
+    wait_for("3 delivered and some in flight", async || {
+        sink.count() == 3 && sink.held() >= 1
+    })
+    .await;
 
     // What the dead process had recorded as sent must never be sent again.
     let recorded_sent: BTreeSet<String> = app
@@ -123,23 +171,40 @@ async fn crash_mid_delivery_loses_nothing_and_resends_only_unrecorded(backend: B
     let delivered_before: BTreeSet<String> = by_message_id(&sink.received()).into_keys().collect();
 
     let crashed = app.crash().await;
-    wait_for("the dead process's SMTP connections to close", async || sink.held() == 0).await;
+    wait_for("the dead process's SMTP connections to close", async || {
+        sink.held() == 0
+    })
+    .await;
     sink.release();
     let app = crashed.restart().await;
 
     wait_all_sent(&app, events.len()).await;
     let counts = by_message_id(&sink.received());
-    assert_eq!(counts.len(), events.len(), "every accepted event's message arrives");
+    assert_eq!(
+        counts.len(),
+        events.len(),
+        "every accepted event's message arrives"
+    );
     for (id, n) in &counts {
         if recorded_sent.contains(id) {
-            assert_eq!(*n, 1, "{id} was recorded as sent before the crash and was sent again");
+            assert_eq!(
+                *n, 1,
+                "{id} was recorded as sent before the crash and was sent again"
+            );
         } else if delivered_before.contains(id) {
             assert!(*n <= 2, "{id} delivered {n} times");
         } else {
-            assert_eq!(*n, 1, "{id} was not delivered before the crash but arrived {n} times");
+            assert_eq!(
+                *n, 1,
+                "{id} was not delivered before the crash but arrived {n} times"
+            );
         }
     }
-    let resent: Vec<_> = counts.iter().filter(|(_, n)| **n > 1).map(|(id, _)| id.clone()).collect();
+    let resent: Vec<_> = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id.clone())
+        .collect();
     eprintln!(
         "crash mid-delivery: {} delivered before the crash, {} recorded as sent, {} sent again after the restart",
         delivered_before.len(),
@@ -150,7 +215,9 @@ async fn crash_mid_delivery_loses_nothing_and_resends_only_unrecorded(backend: B
 }
 
 async fn graceful_restart_delivers_everything_once(backend: Backend) {
-    let Some(app) = spawn_app(options(backend)).await else { return };
+    let Some(app) = spawn_app(options(backend)).await else {
+        return;
+    };
     let sink = app.sink().clone();
     let events = signups("c_graceful", 15);
     assert_eq!(app.accept_batch(&events[..10]).await, vec!["new"; 10]);
@@ -162,7 +229,10 @@ async fn graceful_restart_delivers_everything_once(backend: Backend) {
     let app = stopped.restart().await;
     wait_all_sent(&app, events.len()).await;
     let counts = by_message_id(&sink.received());
-    assert!(counts.values().all(|n| *n == 1), "a graceful restart sent a message twice: {counts:?}");
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "a graceful restart sent a message twice: {counts:?}"
+    );
     assert_consistent(&app, &events).await;
 }
 
@@ -183,7 +253,9 @@ steps:
       text: "x"
 "#;
     let opts = TestOptions::new(backend).manual_clock().workflow("two", wf);
-    let Some(app) = spawn_app(opts).await else { return };
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
     app.accept(&new_signup(contact("c_waits", "Ann"))).await;
     app.wait_for_mails(1).await;
     app.settle().await;
@@ -198,14 +270,20 @@ steps:
     let mails = app.wait_for_mails(2).await;
     app.settle().await;
     assert_eq!(mails.len(), 2);
-    assert_eq!(mails[1].parse().subject, "Second", "a run must stay pinned to the version that started it");
+    assert_eq!(
+        mails[1].parse().subject,
+        "Second",
+        "a run must stay pinned to the version that started it"
+    );
     assert_eq!(app.runs().await[0].state, RunState::Completed);
 }
 
 /// Several processes on one PostgreSQL database split the work without doubles (SPEC §7).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_share_one_postgres_database() {
-    let Some(first) = spawn_app(options(Backend::Postgres)).await else { return };
+    let Some(first) = spawn_app(options(Backend::Postgres)).await else {
+        return;
+    };
     let sink = first.sink().clone();
     let second = Crashed {
         env: first.env.clone(),
@@ -226,6 +304,9 @@ async fn two_processes_share_one_postgres_database() {
     second.settle().await;
     let counts = by_message_id(&sink.received());
     assert_eq!(counts.len(), 40);
-    assert!(counts.values().all(|n| *n == 1), "two processes sent one message twice: {counts:?}");
+    assert!(
+        counts.values().all(|n| *n == 1),
+        "two processes sent one message twice: {counts:?}"
+    );
     assert_consistent(&first, &events).await;
 }

@@ -36,41 +36,74 @@ both_backends!(
 );
 
 async fn single_event_is_accepted_and_projected(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let ev = offer_granted(contact("c_single", "Ann"), "o_pro");
     let response = app.post_event(&ev).await;
     assert_eq!(response.status(), 202);
     let body: Value = response.json().await.unwrap();
-    assert_eq!(body, json!({"events": [{"id": ev["id"], "source": SOURCE, "status": "new"}]}));
+    assert_eq!(
+        body,
+        json!({"events": [{"id": ev["id"], "source": SOURCE, "status": "new"}]})
+    );
 
     // `application/json` is the same as `application/cloudevents+json`.
     let ev2 = new_signup(contact("c_single_json", "Bob"));
-    let statuses =
-        expect_202(app.post_signed(serde_json::to_vec(&ev2).unwrap(), "application/json; charset=utf-8").await).await;
+    let statuses = expect_202(
+        app.post_signed(
+            serde_json::to_vec(&ev2).unwrap(),
+            "application/json; charset=utf-8",
+        )
+        .await,
+    )
+    .await;
     assert_eq!(statuses, ["new"]);
 
     app.settle().await;
-    let c = app.store.contact("c_single".into()).await.unwrap().expect("contact projected");
+    let c = app
+        .store
+        .contact("c_single".into())
+        .await
+        .unwrap()
+        .expect("contact projected");
     assert_eq!(c.email.as_deref(), Some("c_single@example.com"));
     assert_eq!(c.first_name.as_deref(), Some("Ann"));
     let grants = app.store.grants("c_single".into()).await.unwrap();
-    assert!(grants.iter().any(|g| g.kind == "offer" && g.item_id == "o_pro" && g.active), "{grants:?}");
-    assert!(app.store.contact("c_single_json".into()).await.unwrap().is_some());
+    assert!(
+        grants
+            .iter()
+            .any(|g| g.kind == "offer" && g.item_id == "o_pro" && g.active),
+        "{grants:?}"
+    );
+    assert!(
+        app.store
+            .contact("c_single_json".into())
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 async fn batch_reports_status_per_event(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let e1 = new_signup(contact("c_b1", "A"));
     let e2 = new_signup(contact("c_b2", "B"));
     let e3 = new_signup(contact("c_b3", "C"));
     assert_eq!(app.accept(&e1).await, "new");
 
-    let response = app.post_batch(&[e2.clone(), e1.clone(), e3.clone(), e2.clone()]).await;
+    let response = app
+        .post_batch(&[e2.clone(), e1.clone(), e3.clone(), e2.clone()])
+        .await;
     assert_eq!(response.status(), 202);
     let body: Value = response.json().await.unwrap();
     let listed = body["events"].as_array().unwrap();
-    let got: Vec<(&str, &str)> =
-        listed.iter().map(|e| (e["id"].as_str().unwrap(), e["status"].as_str().unwrap())).collect();
+    let got: Vec<(&str, &str)> = listed
+        .iter()
+        .map(|e| (e["id"].as_str().unwrap(), e["status"].as_str().unwrap()))
+        .collect();
     let id = |e: &Value| e["id"].as_str().unwrap().to_owned();
     assert_eq!(
         got,
@@ -90,9 +123,13 @@ async fn batch_reports_status_per_event(backend: Backend) {
 }
 
 async fn duplicate_event_has_no_further_effect(backend: Backend) {
-    let opts =
-        TestOptions::new(backend).workflow("lesson", &one_email_workflow("lesson_completed", "Lesson done", true));
-    let Some(app) = spawn_app(opts).await else { return };
+    let opts = TestOptions::new(backend).workflow(
+        "lesson",
+        &one_email_workflow("lesson_completed", "Lesson done", true),
+    );
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
     let ev = lesson_completed(contact("c_dup", "Ann"), "p_rust101", "Ownership");
     assert_eq!(app.accept(&ev).await, "new");
     app.wait_for_mails(1).await;
@@ -100,22 +137,45 @@ async fn duplicate_event_has_no_further_effect(backend: Backend) {
     // Posted again, alone and inside a batch: success, no further effect.
     assert_eq!(app.accept(&ev).await, "duplicate");
     let other = lesson_completed(contact("c_dup_other", "Bob"), "p_rust101", "Borrowing");
-    assert_eq!(app.accept_batch(&[ev.clone(), other]).await, ["duplicate", "new"]);
+    assert_eq!(
+        app.accept_batch(&[ev.clone(), other]).await,
+        ["duplicate", "new"]
+    );
     app.wait_for_mails(2).await;
     app.settle().await;
 
-    assert_eq!(app.runs_of("c_dup").await.len(), 1, "a duplicate started a second run");
-    assert_eq!(app.messages_of("c_dup").await.len(), 1, "a duplicate queued a second message");
-    let to_dup = app.sink().received().iter().filter(|m| m.rcpt_to == ["c_dup@example.com"]).count();
+    assert_eq!(
+        app.runs_of("c_dup").await.len(),
+        1,
+        "a duplicate started a second run"
+    );
+    assert_eq!(
+        app.messages_of("c_dup").await.len(),
+        1,
+        "a duplicate queued a second message"
+    );
+    let to_dup = app
+        .sink()
+        .received()
+        .iter()
+        .filter(|m| m.rcpt_to == ["c_dup@example.com"])
+        .count();
     assert_eq!(to_dup, 1, "a duplicate sent a second email");
     assert_eq!(app.sink().count(), 2);
 }
 
 async fn concurrent_duplicates_are_stored_once(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
-    let events: Vec<Value> = (0..20).map(|i| new_signup(contact(&format!("c_conc_{i}"), "Ann"))).collect();
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
+    let events: Vec<Value> = (0..20)
+        .map(|i| new_signup(contact(&format!("c_conc_{i}"), "Ann")))
+        .collect();
     // Every event posted twice, all 40 requests at once.
-    let posts = events.iter().chain(events.iter()).map(|e| app.post_event(e));
+    let posts = events
+        .iter()
+        .chain(events.iter())
+        .map(|e| app.post_event(e));
     let answers = futures::future::join_all(posts).await;
     let mut new_ids = Vec::new();
     let mut duplicates = 0;
@@ -129,7 +189,10 @@ async fn concurrent_duplicates_are_stored_once(backend: Backend) {
         }
     }
     new_ids.sort();
-    let mut expected: Vec<String> = events.iter().map(|e| e["id"].as_str().unwrap().to_owned()).collect();
+    let mut expected: Vec<String> = events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
     expected.sort();
     assert_eq!(new_ids, expected, "each event must be new exactly once");
     assert_eq!(duplicates, 20);
@@ -141,7 +204,9 @@ fn forged_body() -> Vec<u8> {
 }
 
 async fn unsigned_or_wrongly_signed_requests_get_401_and_change_nothing(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let body = forged_body();
     let good = app.signature_headers(&body);
     let (id, ts, sig) = (good[0].1.clone(), good[1].1.clone(), good[2].1.clone());
@@ -152,9 +217,30 @@ async fn unsigned_or_wrongly_signed_requests_get_401_and_change_nothing(backend:
 
     let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
         ("unsigned", vec![ct.clone()]),
-        ("missing webhook-id", vec![ct.clone(), ("webhook-timestamp", ts.clone()), ("webhook-signature", sig.clone())]),
-        ("missing webhook-timestamp", vec![ct.clone(), ("webhook-id", id.clone()), ("webhook-signature", sig.clone())]),
-        ("missing webhook-signature", vec![ct.clone(), ("webhook-id", id.clone()), ("webhook-timestamp", ts.clone())]),
+        (
+            "missing webhook-id",
+            vec![
+                ct.clone(),
+                ("webhook-timestamp", ts.clone()),
+                ("webhook-signature", sig.clone()),
+            ],
+        ),
+        (
+            "missing webhook-timestamp",
+            vec![
+                ct.clone(),
+                ("webhook-id", id.clone()),
+                ("webhook-signature", sig.clone()),
+            ],
+        ),
+        (
+            "missing webhook-signature",
+            vec![
+                ct.clone(),
+                ("webhook-id", id.clone()),
+                ("webhook-timestamp", ts.clone()),
+            ],
+        ),
         (
             "signed with another secret",
             vec![
@@ -222,13 +308,23 @@ async fn unsigned_or_wrongly_signed_requests_get_401_and_change_nothing(backend:
     for (what, headers) in cases {
         let response = app.post_raw(body.clone(), &headers).await;
         let err = expect_error(response, 401).await;
-        assert!(!err.to_string().contains(&secret().to_whsec()), "{what}: the secret leaked into {err}");
+        assert!(
+            !err.to_string().contains(&secret().to_whsec()),
+            "{what}: the secret leaked into {err}"
+        );
     }
     // The correctly signed request really was acceptable: it was the signatures that failed.
     let mut ok = good.clone();
     ok.push(ct);
     app.settle().await;
-    assert!(app.store.contact("c_forged".into()).await.unwrap().is_none(), "a refused request changed state");
+    assert!(
+        app.store
+            .contact("c_forged".into())
+            .await
+            .unwrap()
+            .is_none(),
+        "a refused request changed state"
+    );
     assert_eq!(app.runs().await.len(), 0);
     app.assert_healthy().await;
     let statuses = expect_202(app.post_raw(body, &ok).await).await;
@@ -236,7 +332,9 @@ async fn unsigned_or_wrongly_signed_requests_get_401_and_change_nothing(backend:
 }
 
 async fn timestamp_tolerance_is_five_minutes(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let body = forged_body();
     let now = app.clock.now().timestamp();
     let post_at = |ts: i64| {
@@ -257,7 +355,13 @@ async fn timestamp_tolerance_is_five_minutes(backend: Backend) {
     expect_error(post_at(now + 301).await, 401).await;
     expect_error(post_at(now - 3600).await, 401).await;
     app.settle().await;
-    assert!(app.store.contact("c_forged".into()).await.unwrap().is_none());
+    assert!(
+        app.store
+            .contact("c_forged".into())
+            .await
+            .unwrap()
+            .is_none()
+    );
     // Within five minutes either way: accepted (the second is the same event: duplicate).
     assert_eq!(expect_202(post_at(now - 200).await).await, ["new"]);
     assert_eq!(expect_202(post_at(now + 200).await).await, ["duplicate"]);
@@ -265,10 +369,15 @@ async fn timestamp_tolerance_is_five_minutes(backend: Backend) {
 }
 
 async fn published_vector_is_refused_as_a_foreign_secret(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     // Our signer reproduces the published vector, so the harness signs like any platform would.
     let v1 = WebhookSecret::parse(V1_SECRET).unwrap();
-    assert_eq!(v1.sign(V1_MSG_ID, V1_TIMESTAMP, V1_PAYLOAD.as_bytes()), V1_SIGNATURE);
+    assert_eq!(
+        v1.sign(V1_MSG_ID, V1_TIMESTAMP, V1_PAYLOAD.as_bytes()),
+        V1_SIGNATURE
+    );
 
     // The vector request verbatim: years old and signed with a secret herald does not hold.
     for signature in [V1_SIGNATURE, V1_NEGATIVE] {
@@ -291,12 +400,20 @@ async fn published_vector_is_refused_as_a_foreign_secret(backend: Backend) {
     ];
     expect_error(app.post_raw(body, &headers).await, 401).await;
     app.settle().await;
-    assert!(app.store.contact("c_forged".into()).await.unwrap().is_none());
+    assert!(
+        app.store
+            .contact("c_forged".into())
+            .await
+            .unwrap()
+            .is_none()
+    );
     app.assert_healthy().await;
 }
 
 async fn one_valid_signature_among_several_passes(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let ev = new_signup(contact("c_multi", "Ann"));
     let body = serde_json::to_vec(&ev).unwrap();
     let headers = app.signature_headers(&body);
@@ -310,20 +427,37 @@ async fn one_valid_signature_among_several_passes(backend: Backend) {
     let without_valid = format!("v1,{DECOY} v2,{DECOY} v1,{DECOY}");
     expect_error(app.post_raw(body.clone(), &with(without_valid)).await, 401).await;
     let with_valid = format!("v1,{DECOY} v2,{DECOY} {valid} v1,{DECOY}");
-    assert_eq!(expect_202(app.post_raw(body, &with(with_valid)).await).await, ["new"]);
+    assert_eq!(
+        expect_202(app.post_raw(body, &with(with_valid)).await).await,
+        ["new"]
+    );
 }
 
 async fn malformed_json_gets_400(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let deep = "[".repeat(100_000);
     let bodies: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("truncated JSON", br#"{"specversion": "1.0", "id": "#.to_vec(), CLOUDEVENT),
+        (
+            "truncated JSON",
+            br#"{"specversion": "1.0", "id": "#.to_vec(),
+            CLOUDEVENT,
+        ),
         ("not JSON at all", b"hello".to_vec(), CLOUDEVENT),
         ("empty body", Vec::new(), CLOUDEVENT),
         ("invalid UTF-8", vec![0xff, 0xfe, 0x7b, 0x7d], CLOUDEVENT),
         ("deeply nested", deep.into_bytes(), CLOUDEVENT),
-        ("an array sent as a single event", b"[]".to_vec(), CLOUDEVENT),
-        ("an object sent as a batch", serde_json::to_vec(&new_signup(contact("c_x", "X"))).unwrap(), CLOUDEVENT_BATCH),
+        (
+            "an array sent as a single event",
+            b"[]".to_vec(),
+            CLOUDEVENT,
+        ),
+        (
+            "an object sent as a batch",
+            serde_json::to_vec(&new_signup(contact("c_x", "X"))).unwrap(),
+            CLOUDEVENT_BATCH,
+        ),
         ("an empty batch", b"[]".to_vec(), CLOUDEVENT_BATCH),
         ("a number", b"42".to_vec(), CLOUDEVENT),
     ];
@@ -332,20 +466,31 @@ async fn malformed_json_gets_400(backend: Backend) {
         let status = response.status();
         let text = response.text().await.unwrap();
         assert_eq!(status, 400, "{what}: {text}");
-        let err: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: not JSON: {text}"));
+        let err: Value =
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: not JSON: {text}"));
         assert!(err["error"].is_string(), "{what}: {err}");
     }
     // Too many events in one batch.
-    let many: Vec<Value> = (0..1001).map(|i| new_signup(json!({"id": format!("c_many_{i}")}))).collect();
+    let many: Vec<Value> = (0..1001)
+        .map(|i| new_signup(json!({"id": format!("c_many_{i}")})))
+        .collect();
     expect_error(app.post_batch(&many).await, 400).await;
     app.settle().await;
     assert!(app.store.contact("c_x".into()).await.unwrap().is_none());
-    assert!(app.store.contact("c_many_0".into()).await.unwrap().is_none());
+    assert!(
+        app.store
+            .contact("c_many_0".into())
+            .await
+            .unwrap()
+            .is_none()
+    );
     app.assert_healthy().await;
 }
 
 async fn missing_required_field_names_index_and_field(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let full = lesson_completed(contact("c_missing", "Ann"), "p_rust101", "Ownership");
     let without = |path: &[&str]| {
         let mut ev = full.clone();
@@ -385,8 +530,15 @@ async fn missing_required_field_names_index_and_field(backend: Backend) {
 }
 
 async fn unknown_type_gets_400(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
-    for ty in ["course.lesson_exploded", "lesson_completed", "com.example.other", ""] {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
+    for ty in [
+        "course.lesson_exploded",
+        "lesson_completed",
+        "com.example.other",
+        "",
+    ] {
         let mut ev = new_signup(contact("c_type", "Ann"));
         ev["type"] = json!(ty);
         let err = expect_error(app.post_event(&ev).await, 400).await;
@@ -399,7 +551,9 @@ async fn unknown_type_gets_400(backend: Backend) {
 }
 
 async fn wrong_field_type_gets_400(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let base = lesson_completed(contact("c_wrong", "Ann"), "p_rust101", "Ownership");
     let with = |path: &[&str], value: Value| {
         let mut ev = base.clone();
@@ -411,11 +565,20 @@ async fn wrong_field_type_gets_400(backend: Backend) {
         ev
     };
     let cases: Vec<(Value, &str)> = vec![
-        (with(&["data", "contact", "email"], json!(5)), "data.contact.email"),
-        (with(&["data", "contact", "id"], json!(123)), "data.contact.id"),
+        (
+            with(&["data", "contact", "email"], json!(5)),
+            "data.contact.email",
+        ),
+        (
+            with(&["data", "contact", "id"], json!(123)),
+            "data.contact.id",
+        ),
         (with(&["data", "contact"], json!("c_wrong")), "data.contact"),
         (with(&["data", "lesson"], json!(["l_own"])), "data.lesson"),
-        (with(&["data", "product", "title"], json!({"en": "Rust"})), "data.product.title"),
+        (
+            with(&["data", "product", "title"], json!({"en": "Rust"})),
+            "data.product.title",
+        ),
         (with(&["data"], json!("a string")), "data"),
         (with(&["time"], json!("yesterday")), "time"),
         (with(&["time"], json!(1795514400)), "time"),
@@ -433,27 +596,42 @@ async fn wrong_field_type_gets_400(backend: Backend) {
 }
 
 async fn bad_event_in_a_batch_rejects_the_whole_batch(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let good = new_signup(contact("c_batch_ok", "Ann"));
     let mut bad = lesson_completed(contact("c_batch_bad", "Bob"), "p_rust101", "Ownership");
     bad["data"].as_object_mut().unwrap().remove("lesson");
     let third = new_signup(contact("c_batch_third", "Cy"));
-    let err = expect_error(app.post_batch(&[good.clone(), bad.clone(), third.clone()]).await, 400).await;
+    let err = expect_error(
+        app.post_batch(&[good.clone(), bad.clone(), third.clone()])
+            .await,
+        400,
+    )
+    .await;
     assert_eq!(err["index"], 1, "{err}");
     assert_eq!(err["field"], "data.lesson", "{err}");
 
     app.settle().await;
     for c in ["c_batch_ok", "c_batch_bad", "c_batch_third"] {
-        assert!(app.store.contact(c.into()).await.unwrap().is_none(), "{c} was stored from a refused batch");
+        assert!(
+            app.store.contact(c.into()).await.unwrap().is_none(),
+            "{c} was stored from a refused batch"
+        );
     }
     // Nothing of it was stored: once fixed, every event of the batch is new.
     let fixed = lesson_completed(contact("c_batch_bad", "Bob"), "p_rust101", "Ownership");
-    assert_eq!(app.accept_batch(&[good, fixed, third]).await, ["new", "new", "new"]);
+    assert_eq!(
+        app.accept_batch(&[good, fixed, third]).await,
+        ["new", "new", "new"]
+    );
     app.assert_healthy().await;
 }
 
 async fn oversized_body_gets_413(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let mut ev = new_signup(contact("c_big", "Ann"));
     ev["data"]["contact"]["custom_fields"] = json!({"blob": "x".repeat(1024 * 1024)});
     let body = serde_json::to_vec(&ev).unwrap();
@@ -487,20 +665,34 @@ async fn oversized_body_gets_413(backend: Backend) {
 }
 
 async fn wrong_content_type_gets_415(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let body = serde_json::to_vec(&new_signup(contact("c_ct", "Ann"))).unwrap();
-    for ct in ["text/plain", "application/xml", "multipart/form-data; boundary=x", "application/cloudevents+xml"] {
+    for ct in [
+        "text/plain",
+        "application/xml",
+        "multipart/form-data; boundary=x",
+        "application/cloudevents+xml",
+    ] {
         expect_error(app.post_signed(body.clone(), ct).await, 415).await;
     }
     // No Content-Type at all.
-    expect_error(app.post_raw(body.clone(), &app.signature_headers(&body)).await, 415).await;
+    expect_error(
+        app.post_raw(body.clone(), &app.signature_headers(&body))
+            .await,
+        415,
+    )
+    .await;
     app.settle().await;
     assert!(app.store.contact("c_ct".into()).await.unwrap().is_none());
     app.assert_healthy().await;
 }
 
 async fn invalid_phone_does_not_invalidate_the_event(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     for (i, phone) in ["12345", "+0123", "call me", ""].into_iter().enumerate() {
         let id = format!("c_phone_{i}");
         let mut c = contact(&id, "Ann");
@@ -508,51 +700,104 @@ async fn invalid_phone_does_not_invalidate_the_event(backend: Backend) {
         assert_eq!(app.accept(&new_signup(c)).await, "new", "phone {phone:?}");
     }
     app.settle().await;
-    assert!(app.store.contact("c_phone_0".into()).await.unwrap().is_some());
+    assert!(
+        app.store
+            .contact("c_phone_0".into())
+            .await
+            .unwrap()
+            .is_some()
+    );
 }
 
 async fn grants_follow_event_time(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let c = || contact("c_grants", "Ann");
     let offer_active = async || {
         app.settle().await;
         let grants = app.store.grants("c_grants".into()).await.unwrap();
-        grants.iter().find(|g| g.kind == "offer" && g.item_id == "o_pro").map(|g| g.active)
+        grants
+            .iter()
+            .find(|g| g.kind == "offer" && g.item_id == "o_pro")
+            .map(|g| g.active)
     };
 
-    assert_eq!(app.accept(&at(offer_granted(c(), "o_pro"), "2026-11-24T12:00:00Z")).await, "new");
+    assert_eq!(
+        app.accept(&at(offer_granted(c(), "o_pro"), "2026-11-24T12:00:00Z"))
+            .await,
+        "new"
+    );
     assert_eq!(offer_active().await, Some(true));
     // An older removal arriving late does not undo the newer grant.
-    assert_eq!(app.accept(&at(offer_removed(c(), "o_pro"), "2026-11-24T11:00:00Z")).await, "new");
-    assert_eq!(offer_active().await, Some(true), "a late, older removal removed a newer grant");
+    assert_eq!(
+        app.accept(&at(offer_removed(c(), "o_pro"), "2026-11-24T11:00:00Z"))
+            .await,
+        "new"
+    );
+    assert_eq!(
+        offer_active().await,
+        Some(true),
+        "a late, older removal removed a newer grant"
+    );
     // A newer removal does.
-    assert_eq!(app.accept(&at(offer_removed(c(), "o_pro"), "2026-11-24T13:00:00Z")).await, "new");
+    assert_eq!(
+        app.accept(&at(offer_removed(c(), "o_pro"), "2026-11-24T13:00:00Z"))
+            .await,
+        "new"
+    );
     assert_eq!(offer_active().await, Some(false));
     // And an older grant arriving late does not restore it.
-    assert_eq!(app.accept(&at(offer_granted(c(), "o_pro"), "2026-11-24T12:30:00+00:00")).await, "new");
-    assert_eq!(offer_active().await, Some(false), "a late, older grant undid a newer removal");
+    assert_eq!(
+        app.accept(&at(
+            offer_granted(c(), "o_pro"),
+            "2026-11-24T12:30:00+00:00"
+        ))
+        .await,
+        "new"
+    );
+    assert_eq!(
+        offer_active().await,
+        Some(false),
+        "a late, older grant undid a newer removal"
+    );
 
     // Product grants behave the same, also within one batch in reverse order.
     let granted = at(
-        event("product_access_granted", json!({"contact": c(), "product": product("p_async", "Async")})),
+        event(
+            "product_access_granted",
+            json!({"contact": c(), "product": product("p_async", "Async")}),
+        ),
         "2026-11-25T10:00:00Z",
     );
     let removed = at(
-        event("product_access_removed", json!({"contact": c(), "product": product("p_async", "Async")})),
+        event(
+            "product_access_removed",
+            json!({"contact": c(), "product": product("p_async", "Async")}),
+        ),
         "2026-11-25T09:00:00Z",
     );
     assert_eq!(app.accept_batch(&[granted, removed]).await, ["new", "new"]);
     app.settle().await;
     let grants = app.store.grants("c_grants".into()).await.unwrap();
-    let p = grants.iter().find(|g| g.kind == "product" && g.item_id == "p_async").expect("product grant");
+    let p = grants
+        .iter()
+        .find(|g| g.kind == "product" && g.item_id == "p_async")
+        .expect("product grant");
     assert!(p.active, "{grants:?}");
 }
 
 async fn contact_latest_details_win(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let mut first = contact("c_latest", "Ann");
     first["email"] = json!("ann@old.example.com");
-    assert_eq!(app.accept(&at(new_signup(first), "2026-11-24T10:00:00Z")).await, "new");
+    assert_eq!(
+        app.accept(&at(new_signup(first), "2026-11-24T10:00:00Z"))
+            .await,
+        "new"
+    );
     app.settle().await;
     let c = app.store.contact("c_latest".into()).await.unwrap().unwrap();
     assert_eq!(c.email.as_deref(), Some("ann@old.example.com"));
@@ -560,7 +805,11 @@ async fn contact_latest_details_win(backend: Backend) {
     let mut newer = contact("c_latest", "Annie");
     newer["email"] = json!("ann@new.example.com");
     newer["timezone"] = json!("Europe/Berlin");
-    assert_eq!(app.accept(&at(new_signup(newer), "2026-11-24T12:00:00Z")).await, "new");
+    assert_eq!(
+        app.accept(&at(new_signup(newer), "2026-11-24T12:00:00Z"))
+            .await,
+        "new"
+    );
     app.settle().await;
     let c = app.store.contact("c_latest".into()).await.unwrap().unwrap();
     assert_eq!(c.email.as_deref(), Some("ann@new.example.com"));
@@ -570,10 +819,18 @@ async fn contact_latest_details_win(backend: Backend) {
     // Details from an older event arriving late do not overwrite newer ones.
     let mut stale = contact("c_latest", "Stale");
     stale["email"] = json!("ann@stale.example.com");
-    assert_eq!(app.accept(&at(new_signup(stale), "2026-11-24T11:00:00Z")).await, "new");
+    assert_eq!(
+        app.accept(&at(new_signup(stale), "2026-11-24T11:00:00Z"))
+            .await,
+        "new"
+    );
     app.settle().await;
     let c = app.store.contact("c_latest".into()).await.unwrap().unwrap();
-    assert_eq!(c.email.as_deref(), Some("ann@new.example.com"), "a late, older event overwrote the email");
+    assert_eq!(
+        c.email.as_deref(),
+        Some("ann@new.example.com"),
+        "a late, older event overwrote the email"
+    );
     assert_eq!(c.first_name.as_deref(), Some("Annie"));
 }
 

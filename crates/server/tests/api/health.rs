@@ -4,10 +4,15 @@
 use crate::helpers::*;
 use serde_json::{Value, json};
 
-both_backends!(healthz_answers_ok, hostile_requests_leave_the_server_healthy);
+both_backends!(
+    healthz_answers_ok,
+    hostile_requests_leave_the_server_healthy
+);
 
 async fn healthz_answers_ok(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let response = app.get("/healthz").await;
     assert_eq!(response.status(), 200);
     let body: Value = response.json().await.unwrap();
@@ -17,7 +22,9 @@ async fn healthz_answers_ok(backend: Backend) {
 }
 
 async fn hostile_requests_leave_the_server_healthy(backend: Backend) {
-    let Some(app) = spawn_app(TestOptions::new(backend)).await else { return };
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
     let mut bodies: Vec<Vec<u8>> = vec![
         Vec::new(),
         vec![0u8; 4096],
@@ -40,19 +47,33 @@ async fn hostile_requests_leave_the_server_healthy(backend: Backend) {
     for body in bodies {
         for ct in [CLOUDEVENT, CLOUDEVENT_BATCH, "text/plain"] {
             let status = app.post_signed(body.clone(), ct).await.status().as_u16();
-            assert!((400..500).contains(&status), "hostile body answered {status}");
-            let status = app.post_raw(body.clone(), &[("content-type", ct.to_owned())]).await.status().as_u16();
+            assert!(
+                (400..500).contains(&status),
+                "hostile body answered {status}"
+            );
+            let status = app
+                .post_raw(body.clone(), &[("content-type", ct.to_owned())])
+                .await
+                .status()
+                .as_u16();
             assert_eq!(status, 401);
         }
     }
     // Many concurrent refusals at once.
     let garbage = app.post_signed(b"][".to_vec(), CLOUDEVENT);
     let _ = garbage.await;
-    let posts = (0..50).map(|i| app.post_signed(format!("{{\"broken\": {i}").into_bytes(), CLOUDEVENT));
+    let posts =
+        (0..50).map(|i| app.post_signed(format!("{{\"broken\": {i}").into_bytes(), CLOUDEVENT));
     for response in futures::future::join_all(posts).await {
         assert_eq!(response.status(), 400);
     }
     app.settle().await;
-    assert!(app.store.contact("c_hostile".into()).await.unwrap().is_none());
+    assert!(
+        app.store
+            .contact("c_hostile".into())
+            .await
+            .unwrap()
+            .is_none()
+    );
     app.assert_healthy().await;
 }

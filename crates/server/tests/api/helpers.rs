@@ -55,7 +55,12 @@ macro_rules! both_backends {
 
 /// The secret herald verifies with in these tests.
 pub fn secret() -> WebhookSecret {
-    WebhookSecret::from_bytes((0u8..32).map(|i| i.wrapping_mul(37).wrapping_add(11)).collect()).expect("valid key")
+    WebhookSecret::from_bytes(
+        (0u8..32)
+            .map(|i| i.wrapping_mul(37).wrapping_add(11))
+            .collect(),
+    )
+    .expect("valid key")
 }
 
 /// reqwest is built with `rustls-no-provider`: install ring once per process.
@@ -74,7 +79,8 @@ pub enum Backend {
 
 /// The PostgreSQL server the tests use (each test in a schema of its own).
 pub fn pg_base_url() -> String {
-    std::env::var("HERALD_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("HERALD_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 static SCHEMA_COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -91,11 +97,17 @@ async fn fresh_pg_schema() -> Result<String, String> {
     if !SWEPT.swap(true, Ordering::SeqCst) {
         sweep_dead_schemas(&mut conn).await;
     }
-    let schema = format!("herald_t_{}_{}", std::process::id(), SCHEMA_COUNTER.fetch_add(1, Ordering::SeqCst));
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}")))
-        .execute(&mut conn)
-        .await
-        .map_err(|e| format!("cannot create schema {schema}: {e}"))?;
+    let schema = format!(
+        "herald_t_{}_{}",
+        std::process::id(),
+        SCHEMA_COUNTER.fetch_add(1, Ordering::SeqCst)
+    );
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
+    )))
+    .execute(&mut conn)
+    .await
+    .map_err(|e| format!("cannot create schema {schema}: {e}"))?;
     let _ = conn.close().await;
     let sep = if base.contains('?') { '&' } else { '?' };
     Ok(format!("{base}{sep}options=-csearch_path%3D{schema}"))
@@ -103,17 +115,22 @@ async fn fresh_pg_schema() -> Result<String, String> {
 
 /// Drops the schemas left by earlier test processes that are no longer running.
 async fn sweep_dead_schemas(conn: &mut sqlx::PgConnection) {
-    let Ok(names) =
-        sqlx::query_scalar::<_, String>("SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'herald\\_t\\_%'")
-            .fetch_all(&mut *conn)
-            .await
+    let Ok(names) = sqlx::query_scalar::<_, String>(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'herald\\_t\\_%'",
+    )
+    .fetch_all(&mut *conn)
+    .await
     else {
         return;
     };
     for name in names {
-        let pid = name.strip_prefix("herald_t_").and_then(|r| r.split('_').next()).and_then(|p| p.parse::<u32>().ok());
-        let alive =
-            pid.is_some_and(|p| p == std::process::id() || std::path::Path::new(&format!("/proc/{p}")).exists());
+        let pid = name
+            .strip_prefix("herald_t_")
+            .and_then(|r| r.split('_').next())
+            .and_then(|p| p.parse::<u32>().ok());
+        let alive = pid.is_some_and(|p| {
+            p == std::process::id() || std::path::Path::new(&format!("/proc/{p}")).exists()
+        });
         if !alive {
             let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
                 "SET lock_timeout = '2s'; DROP SCHEMA IF EXISTS {name} CASCADE"
@@ -142,6 +159,16 @@ pub struct TestOptions {
     pub max_attempts: i64,
     pub poll_interval: Duration,
     pub custom_values: BTreeMap<String, String>,
+    /// `HERALD_PUBLIC_URL`: the base of every link (the server itself still listens on http).
+    pub public_url: String,
+    /// `HERALD_ADMIN_TOKEN`; `None` turns the admin API off.
+    pub admin_token: Option<String>,
+    /// Magic-link redemption attempts allowed per client address and minute.
+    pub redeem_per_minute: u32,
+    /// `HERALD_LEARNER_LINK_TTL`.
+    pub learner_ttl: Duration,
+    /// `HERALD_LEARNER_LINK_USES`.
+    pub learner_uses: i64,
 }
 
 impl TestOptions {
@@ -158,6 +185,11 @@ impl TestOptions {
             max_attempts: 8,
             poll_interval: Duration::from_millis(20),
             custom_values: BTreeMap::from([("support_email".to_owned(), SUPPORT_EMAIL.to_owned())]),
+            public_url: PUBLIC_URL.to_owned(),
+            admin_token: None,
+            redeem_per_minute: 60,
+            learner_ttl: Duration::from_secs(24 * 3600),
+            learner_uses: 5,
         }
     }
 
@@ -265,8 +297,18 @@ pub async fn spawn_app(options: TestOptions) -> Option<TestApp> {
     for (name, text) in &options.templates {
         std::fs::write(templates.join(name), text).unwrap();
     }
-    let env = Arc::new(Env { root, workflows, templates, database_url, backend: options.backend });
-    let smtp = if options.smtp { Some(SmtpSink::start().await) } else { None };
+    let env = Arc::new(Env {
+        root,
+        workflows,
+        templates,
+        database_url,
+        backend: options.backend,
+    });
+    let smtp = if options.smtp {
+        Some(SmtpSink::start().await)
+    } else {
+        None
+    };
     let clock = match options.manual_clock {
         Some(start) => Clock::manual(start),
         None => Clock::System,
@@ -274,11 +316,20 @@ pub async fn spawn_app(options: TestOptions) -> Option<TestApp> {
     Some(launch(env, options, smtp, clock).await)
 }
 
-async fn launch(env: Arc<Env>, options: TestOptions, smtp: Option<SmtpSink>, clock: Clock) -> TestApp {
-    let mut engine = EngineConfig::new(PUBLIC_URL);
+async fn launch(
+    env: Arc<Env>,
+    options: TestOptions,
+    smtp: Option<SmtpSink>,
+    clock: Clock,
+) -> TestApp {
+    let mut engine = EngineConfig::new(options.public_url.as_str());
+    engine.links.learner_ttl = options.learner_ttl;
+    engine.links.learner_uses = options.learner_uses;
     engine.email_from = EMAIL_FROM.into();
     engine.custom_values = options.custom_values.clone();
-    engine.smtp = smtp.as_ref().map(|s| SmtpSender::from_url(&s.url()).expect("sink URL"));
+    engine.smtp = smtp
+        .as_ref()
+        .map(|s| SmtpSender::from_url(&s.url()).expect("sink URL"));
     engine.lease = options.lease;
     engine.retry_base = options.retry_base;
     engine.retry_cap = options.retry_cap;
@@ -288,12 +339,15 @@ async fn launch(env: Arc<Env>, options: TestOptions, smtp: Option<SmtpSink>, clo
         database_url: env.database_url.clone(),
         listen: "127.0.0.1:0".into(),
         secrets: vec![secret()],
-        sources: Sources { workflows: env.workflows.clone(), templates: env.templates.clone() },
+        sources: Sources {
+            workflows: env.workflows.clone(),
+            templates: env.templates.clone(),
+        },
         engine,
         clock: clock.clone(),
         run_engine: true,
-        admin_token: None,
-        redeem_per_minute: 60,
+        admin_token: options.admin_token.clone(),
+        redeem_per_minute: options.redeem_per_minute,
     };
     let app = match Application::build(settings).await {
         Ok(app) => app,
@@ -305,7 +359,11 @@ async fn launch(env: Arc<Env>, options: TestOptions, smtp: Option<SmtpSink>, clo
     let server = tokio::spawn(app.run(async move {
         let _ = rx.await;
     }));
-    let client = reqwest::Client::builder().no_proxy().timeout(Duration::from_secs(30)).build().expect("client");
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
     TestApp {
         address: format!("http://127.0.0.1:{port}"),
         port,
@@ -355,7 +413,10 @@ impl TestApp {
             let _ = tx.send(());
         }
         let server = self.server.take().expect("running");
-        server.await.expect("server task").expect("server stopped cleanly");
+        server
+            .await
+            .expect("server task")
+            .expect("server stopped cleanly");
         Crashed {
             env: self.env.clone(),
             options: self.options.clone(),
@@ -384,7 +445,11 @@ impl TestApp {
     }
 
     /// Posts `body` to `/v1/events` with exactly these headers.
-    pub async fn post_raw(&self, body: impl Into<Vec<u8>>, headers: &[(&str, String)]) -> reqwest::Response {
+    pub async fn post_raw(
+        &self,
+        body: impl Into<Vec<u8>>,
+        headers: &[(&str, String)],
+    ) -> reqwest::Response {
         let mut req = self.client.post(self.url("/v1/events")).body(body.into());
         for (name, value) in headers {
             req = req.header(*name, value);
@@ -393,7 +458,11 @@ impl TestApp {
     }
 
     /// Posts a correctly signed body with this content type.
-    pub async fn post_signed(&self, body: impl Into<Vec<u8>>, content_type: &str) -> reqwest::Response {
+    pub async fn post_signed(
+        &self,
+        body: impl Into<Vec<u8>>,
+        content_type: &str,
+    ) -> reqwest::Response {
         let body = body.into();
         let mut headers = self.signature_headers(&body);
         headers.push(("content-type", content_type.to_owned()));
@@ -401,11 +470,13 @@ impl TestApp {
     }
 
     pub async fn post_event(&self, event: &Value) -> reqwest::Response {
-        self.post_signed(serde_json::to_vec(event).unwrap(), CLOUDEVENT).await
+        self.post_signed(serde_json::to_vec(event).unwrap(), CLOUDEVENT)
+            .await
     }
 
     pub async fn post_batch(&self, events: &[Value]) -> reqwest::Response {
-        self.post_signed(serde_json::to_vec(events).unwrap(), CLOUDEVENT_BATCH).await
+        self.post_signed(serde_json::to_vec(events).unwrap(), CLOUDEVENT_BATCH)
+            .await
     }
 
     /// Posts one event, asserts `202` and returns its status (`new` or `duplicate`).
@@ -426,8 +497,15 @@ impl TestApp {
     pub async fn assert_healthy(&self) {
         let health = self.get("/healthz").await;
         assert_eq!(health.status(), 200, "healthz after refusals");
-        let probe = event("new_signup", json!({"contact": {"id": format!("probe_{}", new_id())}}));
-        assert_eq!(self.accept(&probe).await, "new", "a valid event after refusals");
+        let probe = event(
+            "new_signup",
+            json!({"contact": {"id": format!("probe_{}", new_id())}}),
+        );
+        assert_eq!(
+            self.accept(&probe).await,
+            "new",
+            "a valid event after refusals"
+        );
     }
 
     /// Moves a manual clock and wakes the engine.
@@ -437,23 +515,43 @@ impl TestApp {
     }
 
     pub async fn messages(&self) -> Vec<MessageRow> {
-        self.store.messages(ListFilter { limit: 1000, ..Default::default() }).await.expect("store.messages")
+        self.store
+            .messages(ListFilter {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("store.messages")
     }
 
     pub async fn messages_of(&self, contact_id: &str) -> Vec<MessageRow> {
         self.store
-            .messages(ListFilter { contact_id: Some(contact_id.into()), limit: 1000, ..Default::default() })
+            .messages(ListFilter {
+                contact_id: Some(contact_id.into()),
+                limit: 1000,
+                ..Default::default()
+            })
             .await
             .expect("store.messages")
     }
 
     pub async fn runs(&self) -> Vec<RunRow> {
-        self.store.runs(ListFilter { limit: 1000, ..Default::default() }).await.expect("store.runs")
+        self.store
+            .runs(ListFilter {
+                limit: 1000,
+                ..Default::default()
+            })
+            .await
+            .expect("store.runs")
     }
 
     pub async fn runs_of(&self, contact_id: &str) -> Vec<RunRow> {
         self.store
-            .runs(ListFilter { contact_id: Some(contact_id.into()), limit: 1000, ..Default::default() })
+            .runs(ListFilter {
+                contact_id: Some(contact_id.into()),
+                limit: 1000,
+                ..Default::default()
+            })
             .await
             .expect("store.runs")
     }
@@ -465,7 +563,11 @@ impl TestApp {
         self.state.wakers.all();
         let mut last = String::new();
         let ok = eventually(async || {
-            let undispatched = self.store.undispatched_count().await.expect("undispatched_count");
+            let undispatched = self
+                .store
+                .undispatched_count()
+                .await
+                .expect("undispatched_count");
             let next_due = self.store.next_due_ms().await.expect("next_due_ms");
             let now = self.clock.now_ms();
             last = format!("undispatched events {undispatched}, next due {next_due:?}, now {now}");
@@ -488,7 +590,10 @@ impl TestApp {
             panic!(
                 "expected {n} emails at the SMTP sink, got {} within {WAIT:?}\nrefusals: {:?}\nmessages: {:#?}\nruns: {:#?}",
                 sink.count(),
-                sink.refusals().iter().map(|r| (r.stage, r.code)).collect::<Vec<_>>(),
+                sink.refusals()
+                    .iter()
+                    .map(|r| (r.stage, r.code))
+                    .collect::<Vec<_>>(),
                 self.messages().await,
                 self.runs().await
             );
@@ -532,8 +637,12 @@ pub async fn expect_error(response: reqwest::Response, status: u16) -> Value {
     let got = response.status();
     let text = response.text().await.unwrap_or_default();
     assert_eq!(got.as_u16(), status, "expected {status}, got {got}: {text}");
-    let body: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("error body is not JSON ({e}): {text}"));
-    assert!(body["error"].as_str().is_some_and(|s| !s.is_empty()), "error body without an `error` message: {body}");
+    let body: Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("error body is not JSON ({e}): {text}"));
+    assert!(
+        body["error"].as_str().is_some_and(|s| !s.is_empty()),
+        "error body without an `error` message: {body}"
+    );
     body
 }
 
@@ -596,11 +705,17 @@ pub fn product(id: &str, title: &str) -> Value {
 }
 
 pub fn offer_granted(contact: Value, offer_id: &str) -> Value {
-    event("offer_access_granted", json!({"contact": contact, "offer": offer(offer_id, "Rust Pro")}))
+    event(
+        "offer_access_granted",
+        json!({"contact": contact, "offer": offer(offer_id, "Rust Pro")}),
+    )
 }
 
 pub fn offer_removed(contact: Value, offer_id: &str) -> Value {
-    event("offer_access_removed", json!({"contact": contact, "offer": offer(offer_id, "Rust Pro")}))
+    event(
+        "offer_access_removed",
+        json!({"contact": contact, "offer": offer(offer_id, "Rust Pro")}),
+    )
 }
 
 pub fn lesson_completed(contact: Value, product_id: &str, lesson_title: &str) -> Value {
@@ -616,7 +731,10 @@ pub fn lesson_completed(contact: Value, product_id: &str, lesson_title: &str) ->
 }
 
 pub fn product_completed(contact: Value, product_id: &str) -> Value {
-    event("product_completed", json!({"contact": contact, "product": product(product_id, "Rust 101")}))
+    event(
+        "product_completed",
+        json!({"contact": contact, "product": product(product_id, "Rust 101")}),
+    )
 }
 
 pub fn new_signup(contact: Value) -> Value {

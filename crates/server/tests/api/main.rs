@@ -4,6 +4,7 @@
 
 #[macro_use]
 mod helpers;
+mod link_helpers;
 mod smtp_sink;
 
 mod delivery;
@@ -12,3 +13,7 @@ mod events;
 mod health;
 mod mailbox;
 mod workflows;
+
+mod browser;
+mod links;
+mod portal;

@@ -66,7 +66,10 @@ pub struct Email {
 
 impl Email {
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -74,7 +77,10 @@ impl ReceivedMail {
     /// Parses the raw data; panics (failing the test) if it is not a well-formed message.
     pub fn parse(&self) -> Email {
         let parsed = mailparse::parse_mail(&self.data).unwrap_or_else(|e| {
-            panic!("the sink received a message mailparse cannot read: {e}\n{}", String::from_utf8_lossy(&self.data))
+            panic!(
+                "the sink received a message mailparse cannot read: {e}\n{}",
+                String::from_utf8_lossy(&self.data)
+            )
         });
         use mailparse::MailHeaderMap;
         let get = |name: &str| parsed.headers.get_first_value(name).unwrap_or_default();
@@ -89,7 +95,11 @@ impl ReceivedMail {
             mime_type: parsed.ctype.mimetype.clone(),
             text,
             html,
-            headers: parsed.headers.iter().map(|h| (h.get_key(), h.get_value())).collect(),
+            headers: parsed
+                .headers
+                .iter()
+                .map(|h| (h.get_key(), h.get_value()))
+                .collect(),
         }
     }
 
@@ -99,7 +109,11 @@ impl ReceivedMail {
     }
 }
 
-fn collect_parts(part: &mailparse::ParsedMail<'_>, text: &mut Option<String>, html: &mut Option<String>) {
+fn collect_parts(
+    part: &mailparse::ParsedMail<'_>,
+    text: &mut Option<String>,
+    html: &mut Option<String>,
+) {
     if part.subparts.is_empty() {
         let body = part.get_body().expect("decodable MIME part");
         match part.ctype.mimetype.as_str() {
@@ -161,7 +175,9 @@ enum Decision {
 impl SmtpSink {
     /// Starts a sink on a free loopback port.
     pub async fn start() -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the SMTP sink");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the SMTP sink");
         let addr = listener.local_addr().expect("sink address");
         let inner = Arc::new(Inner {
             addr,
@@ -253,7 +269,12 @@ impl SmtpSink {
             554 => "5.7.1 Transaction failed",
             _ => "Injected by the test sink",
         };
-        self.inner.state.lock().unwrap().faults.push(Fault { stage, code, text: text.into(), remaining });
+        self.inner.state.lock().unwrap().faults.push(Fault {
+            stage,
+            code,
+            text: text.into(),
+            remaining,
+        });
     }
 
     pub fn clear_faults(&self) {
@@ -303,7 +324,11 @@ impl SmtpSink {
 
 fn decide(inner: &Inner, stage: Stage) -> Decision {
     let mut st = inner.state.lock().unwrap();
-    if let Some(f) = st.faults.iter_mut().find(|f| f.stage == stage && f.remaining != Some(0)) {
+    if let Some(f) = st
+        .faults
+        .iter_mut()
+        .find(|f| f.stage == stage && f.remaining != Some(0))
+    {
         if let Some(n) = f.remaining.as_mut() {
             *n -= 1;
         }
@@ -323,7 +348,9 @@ fn decide(inner: &Inner, stage: Stage) -> Decision {
 fn path_arg(arg: &str) -> String {
     let arg = arg.trim();
     let path = arg.split_whitespace().next().unwrap_or("");
-    path.trim_start_matches('<').trim_end_matches('>').to_owned()
+    path.trim_start_matches('<')
+        .trim_end_matches('>')
+        .to_owned()
 }
 
 async fn session(stream: TcpStream, inner: Arc<Inner>) {
@@ -331,10 +358,13 @@ async fn session(stream: TcpStream, inner: Arc<Inner>) {
 }
 
 async fn session_inner(stream: TcpStream, inner: Arc<Inner>) -> std::io::Result<()> {
-    let sink = SmtpSink { inner: inner.clone() };
+    let sink = SmtpSink {
+        inner: inner.clone(),
+    };
     let (reader, mut w) = stream.into_split();
     let mut r = BufReader::new(reader);
-    w.write_all(b"220 sink.herald.test ESMTP herald test sink\r\n").await?;
+    w.write_all(b"220 sink.herald.test ESMTP herald test sink\r\n")
+        .await?;
     let mut from: Option<String> = None;
     let mut rcpts: Vec<String> = Vec::new();
     let mut line = Vec::new();
@@ -343,7 +373,9 @@ async fn session_inner(stream: TcpStream, inner: Arc<Inner>) -> std::io::Result<
         if r.read_until(b'\n', &mut line).await? == 0 {
             return Ok(());
         }
-        let cmd = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_owned();
+        let cmd = String::from_utf8_lossy(&line)
+            .trim_end_matches(['\r', '\n'])
+            .to_owned();
         let upper = cmd.to_ascii_uppercase();
         let verb = upper.split_whitespace().next().unwrap_or("").to_owned();
         match verb.as_str() {

@@ -15,6 +15,9 @@ both_backends!(
     wait_for_event_times_out,
     disabled_workflow_never_triggers,
     loop_protection_refuses_the_51st_enrollment,
+    disabling_parks_waiting_runs_and_enabling_resumes_them,
+    runs_stay_pinned_to_their_version_across_a_reload,
+    a_reload_that_does_not_check_changes_nothing,
 );
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -39,30 +42,52 @@ steps:
 "#;
 
 fn subjects(app: &TestApp) -> Vec<(String, String)> {
-    app.sink().received().iter().map(|m| (m.rcpt_to.join(","), m.parse().subject)).collect()
+    app.sink()
+        .received()
+        .iter()
+        .map(|m| (m.rcpt_to.join(","), m.parse().subject))
+        .collect()
 }
 
 async fn wait_two_days_then_send(backend: Backend) {
-    let opts = TestOptions::new(backend).manual_clock().workflow("welcome", WELCOME_THEN_WAIT);
-    let Some(app) = spawn_app(opts).await else { return };
-    app.accept(&offer_granted(contact("c_wait", "Ann"), "o_pro")).await;
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("welcome", WELCOME_THEN_WAIT);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_wait", "Ann"), "o_pro"))
+        .await;
     app.wait_for_mails(1).await;
     app.settle().await;
     let runs = app.runs().await;
     assert_eq!(runs.len(), 1);
     assert_eq!(runs[0].state, RunState::Active);
-    assert_eq!(runs[0].due_ms, Some(START_MS + 2 * 86_400_000), "the wait should end two days after the start");
+    assert_eq!(
+        runs[0].due_ms,
+        Some(START_MS + 2 * 86_400_000),
+        "the wait should end two days after the start"
+    );
 
     app.advance(2 * DAY - MINUTE);
     app.settle().await;
-    assert_eq!(app.sink().count(), 1, "the second email went before the wait was over");
+    assert_eq!(
+        app.sink().count(),
+        1,
+        "the second email went before the wait was over"
+    );
 
     app.advance(2 * MINUTE);
     app.wait_for_mails(2).await;
     app.settle().await;
     let to = |s: &str| ("c_wait@example.com".to_owned(), s.to_owned());
     assert_eq!(subjects(&app), [to("Welcome"), to("Two days in")]);
-    let ids: Vec<String> = app.sink().received().iter().map(|m| m.message_id()).collect();
+    let ids: Vec<String> = app
+        .sink()
+        .received()
+        .iter()
+        .map(|m| m.message_id())
+        .collect();
     assert_ne!(ids[0], ids[1], "two messages share a Message-ID");
     let runs = app.runs().await;
     assert_eq!(runs[0].state, RunState::Completed);
@@ -103,21 +128,35 @@ steps:
       subject: "After the branches"
       text: "x"
 "#;
-    let opts = TestOptions::new(backend).manual_clock().workflow("branching", wf);
-    let Some(app) = spawn_app(opts).await else { return };
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("branching", wf);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
     let with_phone = |id: &str, name: &str| {
         let mut c = contact(id, name);
         c["phone"] = serde_json::json!("+15551234567");
         c
     };
-    app.accept(&offer_granted(with_phone("c_if1", "Ann"), "o_pro")).await;
-    app.accept(&offer_granted(contact("c_if2", "Bob"), "o_pro")).await;
-    app.accept(&offer_granted(with_phone("c_if3", "Cy"), "o_basic")).await;
-    app.accept(&offer_granted(contact("c_if4", "Di"), "o_gold")).await;
-    app.accept(&offer_granted(contact("c_if5", "Zed"), "o_basic")).await;
+    app.accept(&offer_granted(with_phone("c_if1", "Ann"), "o_pro"))
+        .await;
+    app.accept(&offer_granted(contact("c_if2", "Bob"), "o_pro"))
+        .await;
+    app.accept(&offer_granted(with_phone("c_if3", "Cy"), "o_basic"))
+        .await;
+    app.accept(&offer_granted(contact("c_if4", "Di"), "o_gold"))
+        .await;
+    app.accept(&offer_granted(contact("c_if5", "Zed"), "o_basic"))
+        .await;
     app.settle().await;
 
-    let mut got: Vec<(String, String)> = app.messages().await.into_iter().map(|m| (m.contact_id, m.step_id)).collect();
+    let mut got: Vec<(String, String)> = app
+        .messages()
+        .await
+        .into_iter()
+        .map(|m| (m.contact_id, m.step_id))
+        .collect();
     got.sort();
     let expected = [
         ("c_if1", "after"),
@@ -135,30 +174,56 @@ steps:
     ];
     assert_eq!(got, expected.map(|(c, s)| (c.to_owned(), s.to_owned())));
     let mails = app.wait_for_mails(12).await;
-    let to_ann: Vec<String> =
-        mails.iter().filter(|m| m.rcpt_to == ["c_if1@example.com"]).map(|m| m.parse().subject).collect();
+    let to_ann: Vec<String> = mails
+        .iter()
+        .filter(|m| m.rcpt_to == ["c_if1@example.com"])
+        .map(|m| m.parse().subject)
+        .collect();
     assert_eq!(to_ann.len(), 2);
     assert!(
-        to_ann.contains(&"Pro with phone".to_owned()) && to_ann.contains(&"After the branches".to_owned()),
+        to_ann.contains(&"Pro with phone".to_owned())
+            && to_ann.contains(&"After the branches".to_owned()),
         "{to_ann:?}"
     );
-    assert!(app.runs().await.iter().all(|r| r.state == RunState::Completed));
+    assert!(
+        app.runs()
+            .await
+            .iter()
+            .all(|r| r.state == RunState::Completed)
+    );
 }
 
 async fn re_entry_false_runs_once_true_runs_again(backend: Backend) {
     let opts = TestOptions::new(backend)
         .manual_clock()
-        .workflow("once", &one_email_workflow("lesson_completed", "Once", false))
-        .workflow("again", &one_email_workflow("lesson_completed", "Again", true));
-    let Some(app) = spawn_app(opts).await else { return };
+        .workflow(
+            "once",
+            &one_email_workflow("lesson_completed", "Once", false),
+        )
+        .workflow(
+            "again",
+            &one_email_workflow("lesson_completed", "Again", true),
+        );
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
     for lesson in ["Ownership", "Borrowing", "Lifetimes"] {
-        app.accept(&lesson_completed(contact("c_re", "Ann"), "p_rust101", lesson)).await;
+        app.accept(&lesson_completed(
+            contact("c_re", "Ann"),
+            "p_rust101",
+            lesson,
+        ))
+        .await;
         app.settle().await;
     }
     let runs = app.runs_of("c_re").await;
     let count = |wf: &str| runs.iter().filter(|r| r.workflow_id == wf).count();
     assert_eq!(count("once"), 1, "re_entry: false enrolled a contact twice");
-    assert_eq!(count("again"), 3, "re_entry: true did not enroll again after the run ended");
+    assert_eq!(
+        count("again"),
+        3,
+        "re_entry: true did not enroll again after the run ended"
+    );
     app.wait_for_mails(4).await;
     app.settle().await;
     let mails = subjects(&app);
@@ -183,40 +248,78 @@ steps:
       subject: "Second"
       text: "x"
 "#;
-    let opts = TestOptions::new(backend).manual_clock().workflow("waiting", wf);
-    let Some(app) = spawn_app(opts).await else { return };
-    app.accept(&lesson_completed(contact("c_live", "Ann"), "p_rust101", "One")).await;
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("waiting", wf);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.accept(&lesson_completed(
+        contact("c_live", "Ann"),
+        "p_rust101",
+        "One",
+    ))
+    .await;
     app.settle().await;
     // Still in the first run: never enrolled twice at once, even with re_entry: true.
-    app.accept(&lesson_completed(contact("c_live", "Ann"), "p_rust101", "Two")).await;
+    app.accept(&lesson_completed(
+        contact("c_live", "Ann"),
+        "p_rust101",
+        "Two",
+    ))
+    .await;
     app.settle().await;
-    assert_eq!(app.runs_of("c_live").await.len(), 1, "a contact was enrolled while its run was live");
+    assert_eq!(
+        app.runs_of("c_live").await.len(),
+        1,
+        "a contact was enrolled while its run was live"
+    );
 
     app.advance(DAY + MINUTE);
     app.wait_for_mails(2).await;
     app.settle().await;
     assert_eq!(app.runs_of("c_live").await[0].state, RunState::Completed);
     // Ended: now it may enter again.
-    app.accept(&lesson_completed(contact("c_live", "Ann"), "p_rust101", "Three")).await;
+    app.accept(&lesson_completed(
+        contact("c_live", "Ann"),
+        "p_rust101",
+        "Three",
+    ))
+    .await;
     app.wait_for_mails(3).await;
     app.settle().await;
     assert_eq!(app.runs_of("c_live").await.len(), 2);
 }
 
 async fn exit_when_ends_a_waiting_run(backend: Backend) {
-    let opts = TestOptions::new(backend).manual_clock().workflow("welcome", WELCOME_THEN_WAIT);
-    let Some(app) = spawn_app(opts).await else { return };
-    app.accept(&offer_granted(contact("c_exit", "Ann"), "o_pro")).await;
-    app.accept(&offer_granted(contact("c_stay", "Bob"), "o_pro")).await;
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("welcome", WELCOME_THEN_WAIT);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_exit", "Ann"), "o_pro"))
+        .await;
+    app.accept(&offer_granted(contact("c_stay", "Bob"), "o_pro"))
+        .await;
     app.wait_for_mails(2).await;
     app.settle().await;
 
     // The goal is reached for one contact only.
-    app.accept(&product_completed(contact("c_exit", "Ann"), "p_rust101")).await;
+    app.accept(&product_completed(contact("c_exit", "Ann"), "p_rust101"))
+        .await;
     app.settle().await;
     let exited = &app.runs_of("c_exit").await[0];
     assert_eq!(exited.state, RunState::Exited, "{exited:#?}");
-    assert!(exited.reason.as_deref().unwrap_or("").contains("product_completed"), "{:?}", exited.reason);
+    assert!(
+        exited
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("product_completed"),
+        "{:?}",
+        exited.reason
+    );
     assert_eq!(app.runs_of("c_stay").await[0].state, RunState::Active);
 
     app.advance(2 * DAY + MINUTE);
@@ -250,31 +353,58 @@ steps:
 "#;
 
 async fn wait_for_event_resumes_on_the_event(backend: Backend) {
-    let opts = TestOptions::new(backend).manual_clock().workflow("nudge", WAIT_FOR_LESSON);
-    let Some(app) = spawn_app(opts).await else { return };
-    app.accept(&offer_granted(contact("c_we", "Ann"), "o_pro")).await;
-    app.accept(&offer_granted(contact("c_we_other", "Bob"), "o_pro")).await;
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("nudge", WAIT_FOR_LESSON);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_we", "Ann"), "o_pro"))
+        .await;
+    app.accept(&offer_granted(contact("c_we_other", "Bob"), "o_pro"))
+        .await;
     app.wait_for_mails(2).await;
     app.settle().await;
     let run = &app.runs_of("c_we").await[0];
     assert_eq!(run.state, RunState::WaitingEvent);
 
     // Another contact's lesson does not resume this run; this contact's does, at once.
-    app.accept(&lesson_completed(contact("c_someone", "Cy"), "p_rust101", "Ownership")).await;
-    app.accept(&lesson_completed(contact("c_we", "Ann"), "p_rust101", "Ownership")).await;
+    app.accept(&lesson_completed(
+        contact("c_someone", "Cy"),
+        "p_rust101",
+        "Ownership",
+    ))
+    .await;
+    app.accept(&lesson_completed(
+        contact("c_we", "Ann"),
+        "p_rust101",
+        "Ownership",
+    ))
+    .await;
     app.wait_for_mails(3).await;
     app.settle().await;
     let mails = subjects(&app);
-    assert!(mails.contains(&("c_we@example.com".into(), "On to lesson two".into())), "{mails:?}");
+    assert!(
+        mails.contains(&("c_we@example.com".into(), "On to lesson two".into())),
+        "{mails:?}"
+    );
     assert_eq!(mails.len(), 3, "{mails:?}");
     assert_eq!(app.runs_of("c_we").await[0].state, RunState::Completed);
-    assert_eq!(app.runs_of("c_we_other").await[0].state, RunState::WaitingEvent);
+    assert_eq!(
+        app.runs_of("c_we_other").await[0].state,
+        RunState::WaitingEvent
+    );
 }
 
 async fn wait_for_event_times_out(backend: Backend) {
-    let opts = TestOptions::new(backend).manual_clock().workflow("nudge", WAIT_FOR_LESSON);
-    let Some(app) = spawn_app(opts).await else { return };
-    app.accept(&offer_granted(contact("c_to", "Ann"), "o_pro")).await;
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("nudge", WAIT_FOR_LESSON);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_to", "Ann"), "o_pro"))
+        .await;
     app.wait_for_mails(1).await;
     app.settle().await;
     let run = &app.runs_of("c_to").await[0];
@@ -287,13 +417,25 @@ async fn wait_for_event_times_out(backend: Backend) {
     app.advance(2 * MINUTE);
     app.wait_for_mails(2).await;
     app.settle().await;
-    assert_eq!(subjects(&app)[1], ("c_to@example.com".into(), "On to lesson two".into()));
+    assert_eq!(
+        subjects(&app)[1],
+        ("c_to@example.com".into(), "On to lesson two".into())
+    );
     let run = &app.runs_of("c_to").await[0];
     assert_eq!(run.state, RunState::Completed);
-    assert!(run.steps.iter().any(|s| s.outcome.contains("timed out")), "{:#?}", run.steps);
+    assert!(
+        run.steps.iter().any(|s| s.outcome.contains("timed out")),
+        "{:#?}",
+        run.steps
+    );
 
     // An event after the run ended changes nothing.
-    app.accept(&lesson_completed(contact("c_to", "Ann"), "p_rust101", "Ownership")).await;
+    app.accept(&lesson_completed(
+        contact("c_to", "Ann"),
+        "p_rust101",
+        "Ownership",
+    ))
+    .await;
     app.settle().await;
     assert_eq!(app.sink().count(), 2);
 }
@@ -314,14 +456,23 @@ steps:
         .manual_clock()
         .workflow("draft", draft)
         .workflow("live", &one_email_workflow("new_signup", "Live", false));
-    let Some(app) = spawn_app(opts).await else { return };
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
     app.accept(&new_signup(contact("c_draft", "Ann"))).await;
-    app.accept_batch(&[new_signup(contact("c_draft2", "Bob")), new_signup(contact("c_draft3", "Cy"))]).await;
+    app.accept_batch(&[
+        new_signup(contact("c_draft2", "Bob")),
+        new_signup(contact("c_draft3", "Cy")),
+    ])
+    .await;
     app.wait_for_mails(3).await;
     app.settle().await;
     let runs = app.runs().await;
     assert_eq!(runs.len(), 3);
-    assert!(runs.iter().all(|r| r.workflow_id == "live"), "a disabled workflow started a run: {runs:#?}");
+    assert!(
+        runs.iter().all(|r| r.workflow_id == "live"),
+        "a disabled workflow started a run: {runs:#?}"
+    );
     assert!(subjects(&app).iter().all(|(_, s)| s == "Live"));
 }
 
@@ -329,31 +480,233 @@ async fn loop_protection_refuses_the_51st_enrollment(backend: Backend) {
     let opts = TestOptions::new(backend)
         .without_smtp()
         .manual_clock()
-        .workflow("every_lesson", &one_email_workflow("lesson_completed", "Lesson {{lesson.title}}", true));
-    let Some(app) = spawn_app(opts).await else { return };
-    let events: Vec<_> =
-        (0..55).map(|i| lesson_completed(contact("c_loop", "Ann"), "p_rust101", &format!("L{i}"))).collect();
+        .workflow(
+            "every_lesson",
+            &one_email_workflow("lesson_completed", "Lesson {{lesson.title}}", true),
+        );
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    let events: Vec<_> = (0..55)
+        .map(|i| lesson_completed(contact("c_loop", "Ann"), "p_rust101", &format!("L{i}")))
+        .collect();
     // Two batches, so the limit holds across dispatches too.
     app.accept_batch(&events[..30]).await;
     app.settle().await;
     app.accept_batch(&events[30..]).await;
     app.settle().await;
-    app.accept(&lesson_completed(contact("c_not_looping", "Bob"), "p_rust101", "L0")).await;
+    app.accept(&lesson_completed(
+        contact("c_not_looping", "Bob"),
+        "p_rust101",
+        "L0",
+    ))
+    .await;
     app.settle().await;
 
     let runs = app.runs_of("c_loop").await;
-    let completed = runs.iter().filter(|r| r.state == RunState::Completed).count();
-    let refused: Vec<_> = runs.iter().filter(|r| r.state == RunState::Refused).collect();
+    let completed = runs
+        .iter()
+        .filter(|r| r.state == RunState::Completed)
+        .count();
+    let refused: Vec<_> = runs
+        .iter()
+        .filter(|r| r.state == RunState::Refused)
+        .collect();
     assert_eq!(completed, 50, "at most 50 enrollments in 30 minutes");
     assert_eq!(refused.len(), 5, "each refusal is recorded");
-    assert!(refused.iter().all(|r| r.reason.as_deref() == Some("loop_protection")), "{refused:#?}");
+    assert!(
+        refused
+            .iter()
+            .all(|r| r.reason.as_deref() == Some("loop_protection")),
+        "{refused:#?}"
+    );
     assert_eq!(app.messages_of("c_loop").await.len(), 50);
-    assert_eq!(app.runs_of("c_not_looping").await[0].state, RunState::Completed, "other contacts are not limited");
+    assert_eq!(
+        app.runs_of("c_not_looping").await[0].state,
+        RunState::Completed,
+        "other contacts are not limited"
+    );
 
     // Half an hour later the contact may be enrolled again.
     app.advance(Duration::from_secs(31 * 60));
-    app.accept(&lesson_completed(contact("c_loop", "Ann"), "p_rust101", "Later")).await;
+    app.accept(&lesson_completed(
+        contact("c_loop", "Ann"),
+        "p_rust101",
+        "Later",
+    ))
+    .await;
     app.settle().await;
     let runs = app.runs_of("c_loop").await;
-    assert_eq!(runs.iter().filter(|r| r.state == RunState::Completed).count(), 51);
+    assert_eq!(
+        runs.iter()
+            .filter(|r| r.state == RunState::Completed)
+            .count(),
+        51
+    );
+}
+
+const ADMIN_TOKEN: &str = "test-admin-token";
+
+async fn reload(app: &TestApp) -> reqwest::Response {
+    app.client
+        .post(app.url("/v1/workflows/reload"))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("reload")
+}
+
+fn with_admin(mut opts: TestOptions) -> TestOptions {
+    opts.admin_token = Some(ADMIN_TOKEN.into());
+    opts
+}
+
+async fn disabling_parks_waiting_runs_and_enabling_resumes_them(backend: Backend) {
+    let opts = with_admin(
+        TestOptions::new(backend)
+            .manual_clock()
+            .workflow("welcome", WELCOME_THEN_WAIT),
+    );
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_park", "Ann"), "o_pro"))
+        .await;
+    app.wait_for_mails(1).await;
+    app.settle().await;
+    assert_eq!(app.runs_of("c_park").await[0].state, RunState::Active);
+
+    let file = app.env.workflows.join("welcome.yaml");
+    let disabled = WELCOME_THEN_WAIT.replace(
+        "name: Welcome, then check in",
+        "name: Welcome, then check in\nenabled: false",
+    );
+    std::fs::write(&file, &disabled).unwrap();
+    assert_eq!(reload(&app).await.status(), 200);
+    assert_eq!(
+        app.runs_of("c_park").await[0].state,
+        RunState::Parked,
+        "disabling must park the waiting run"
+    );
+
+    // Parked: its wait ends but nothing is sent, and the draft starts no new run.
+    app.advance(2 * DAY + MINUTE);
+    app.accept(&offer_granted(contact("c_park_new", "Bob"), "o_pro"))
+        .await;
+    app.settle().await;
+    assert_eq!(app.sink().count(), 1, "a parked run sent its email");
+    assert!(
+        app.runs_of("c_park_new").await.is_empty(),
+        "a disabled workflow enrolled a contact"
+    );
+    assert_eq!(app.runs_of("c_park").await[0].state, RunState::Parked);
+
+    std::fs::write(&file, WELCOME_THEN_WAIT).unwrap();
+    assert_eq!(reload(&app).await.status(), 200);
+    app.state.wakers.all();
+    app.wait_for_mails(2).await;
+    app.settle().await;
+    assert_eq!(
+        subjects(&app)[1],
+        ("c_park@example.com".into(), "Two days in".into())
+    );
+    assert_eq!(app.runs_of("c_park").await[0].state, RunState::Completed);
+}
+
+async fn runs_stay_pinned_to_their_version_across_a_reload(backend: Backend) {
+    let opts = with_admin(
+        TestOptions::new(backend)
+            .manual_clock()
+            .workflow("welcome", WELCOME_THEN_WAIT),
+    );
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_v1", "Ann"), "o_pro"))
+        .await;
+    app.wait_for_mails(1).await;
+    app.settle().await;
+
+    let v2 = WELCOME_THEN_WAIT
+        .replace("\"Welcome\"", "\"Welcome (v2)\"")
+        .replace("\"Two days in\"", "\"Two days in (v2)\"");
+    std::fs::write(app.env.workflows.join("welcome.yaml"), v2).unwrap();
+    assert_eq!(reload(&app).await.status(), 200);
+    app.accept(&offer_granted(contact("c_v2", "Bob"), "o_pro"))
+        .await;
+    app.wait_for_mails(2).await;
+    app.settle().await;
+    let runs = app.runs().await;
+    assert_eq!(runs.len(), 2);
+    assert_ne!(
+        runs[0].workflow_version, runs[1].workflow_version,
+        "the edit made no new version"
+    );
+
+    app.advance(2 * DAY + MINUTE);
+    app.wait_for_mails(4).await;
+    app.settle().await;
+    let mut got = subjects(&app);
+    got.sort();
+    let expected = [
+        ("c_v1@example.com", "Two days in"),
+        ("c_v1@example.com", "Welcome"),
+        ("c_v2@example.com", "Two days in (v2)"),
+        ("c_v2@example.com", "Welcome (v2)"),
+    ];
+    assert_eq!(
+        got,
+        expected.map(|(a, b)| (a.to_owned(), b.to_owned())),
+        "a run left the version that started it"
+    );
+}
+
+async fn a_reload_that_does_not_check_changes_nothing(backend: Backend) {
+    let opts = with_admin(TestOptions::new(backend).manual_clock().workflow(
+        "signup",
+        &one_email_workflow("new_signup", "Original", false),
+    ));
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    let unauthorized = app
+        .client
+        .post(app.url("/v1/workflows/reload"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401);
+
+    std::fs::write(
+        app.env.workflows.join("signup.yaml"),
+        one_email_workflow("new_signup", "Changed", false),
+    )
+    .unwrap();
+    std::fs::write(
+        app.env.workflows.join("broken.yaml"),
+        "name: Broken\ntrigger:\n  event: new_signup\nsteps:\n  - launch_rocket: {}\n",
+    )
+    .unwrap();
+    let response = reload(&app).await;
+    let err = expect_error(response, 422).await;
+    assert!(
+        err.to_string().contains("broken.yaml"),
+        "the refusal should name the file: {err}"
+    );
+
+    app.accept(&new_signup(contact("c_reload1", "Ann"))).await;
+    let mails = app.wait_for_mails(1).await;
+    assert_eq!(
+        mails[0].parse().subject,
+        "Original",
+        "a refused reload changed the running set"
+    );
+    app.settle().await;
+    assert!(app.runs().await.iter().all(|r| r.workflow_id == "signup"));
+
+    std::fs::remove_file(app.env.workflows.join("broken.yaml")).unwrap();
+    assert_eq!(reload(&app).await.status(), 200);
+    app.accept(&new_signup(contact("c_reload2", "Bob"))).await;
+    let mails = app.wait_for_mails(2).await;
+    assert_eq!(mails[1].parse().subject, "Changed");
 }

@@ -39,7 +39,10 @@ pub struct TestDb {
 
 /// The PostgreSQL server URL the tests use.
 pub fn pg_server_url() -> String {
-    std::env::var("HERALD_TEST_DATABASE_URL").ok().filter(|u| !u.is_empty()).unwrap_or_else(|| DEFAULT_PG_URL.to_owned())
+    std::env::var("HERALD_TEST_DATABASE_URL")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .unwrap_or_else(|| DEFAULT_PG_URL.to_owned())
 }
 
 /// `url` with the libpq parameter that makes `schema` the search path of every connection.
@@ -57,15 +60,26 @@ pub fn in_ci() -> bool {
 /// caller skips the test).
 pub fn pg_unavailable(test: &str, reason: &str) {
     if in_ci() {
-        panic!("PostgreSQL test {test} cannot run under CI=true: {reason} (set HERALD_TEST_DATABASE_URL or start the server)");
+        panic!(
+            "PostgreSQL test {test} cannot run under CI=true: {reason} (set HERALD_TEST_DATABASE_URL or start the server)"
+        );
     }
     eprintln!("skipping PostgreSQL test {test}: {reason}");
 }
 
 /// A schema name for `test`: unique, lowercase, at most 63 bytes.
 fn schema_name(test: &str) -> String {
-    let clean: String =
-        test.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).take(36).collect();
+    let clean: String = test
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(36)
+        .collect();
     let unique = uuid::Uuid::new_v4().simple().to_string();
     format!("t_{clean}_{}", &unique[..16])
 }
@@ -75,8 +89,16 @@ impl TestDb {
     pub async fn sqlite() -> TestDb {
         let dir = tempfile::tempdir().expect("temporary directory");
         let url = format!("sqlite://{}", dir.path().join("herald.db").display());
-        let store = Store::connect(&url).await.expect("open the SQLite test database");
-        TestDb { store, url, kind: Kind::Sqlite, _dir: Some(dir), pg_schema: None }
+        let store = Store::connect(&url)
+            .await
+            .expect("open the SQLite test database");
+        TestDb {
+            store,
+            url,
+            kind: Kind::Sqlite,
+            _dir: Some(dir),
+            pg_schema: None,
+        }
     }
 
     /// A migrated store on a fresh schema of the test server; `None` when the test is skipped.
@@ -85,7 +107,9 @@ impl TestDb {
         let schema = schema_name(test);
         let created = async {
             let mut admin = sqlx::PgConnection::connect(&server).await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}"))).execute(&mut admin).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+                .execute(&mut admin)
+                .await?;
             admin.close().await
         };
         match tokio::time::timeout(Duration::from_secs(10), created).await {
@@ -109,13 +133,21 @@ impl TestDb {
                 panic!("open the PostgreSQL test store at {url}: {e}");
             }
         };
-        Some(TestDb { store, url, kind: Kind::Postgres, _dir: None, pg_schema })
+        Some(TestDb {
+            store,
+            url,
+            kind: Kind::Postgres,
+            _dir: None,
+            pg_schema,
+        })
     }
 
     /// Another store on the same database (its own connections and ingest task), as a second
     /// herald process would have.
     pub async fn open_another(&self) -> Store {
-        Store::connect(&self.url).await.expect("open a second store")
+        Store::connect(&self.url)
+            .await
+            .expect("open a second store")
     }
 
     /// The test's schema (PostgreSQL only).
@@ -129,14 +161,30 @@ impl TestDb {
         use sqlx::Row;
         match self.kind {
             Kind::Sqlite => {
-                let mut conn = sqlx::SqliteConnection::connect(&self.url).await.expect("open the SQLite file");
+                let mut conn = sqlx::SqliteConnection::connect(&self.url)
+                    .await
+                    .expect("open the SQLite file");
                 let rows = sqlx::query(sql).fetch_all(&mut conn).await.expect(sql);
-                rows.iter().map(|r| (0..r.len()).map(|i| r.get::<Option<String>, _>(i)).collect()).collect()
+                rows.iter()
+                    .map(|r| {
+                        (0..r.len())
+                            .map(|i| r.get::<Option<String>, _>(i))
+                            .collect()
+                    })
+                    .collect()
             }
             Kind::Postgres => {
-                let mut conn = sqlx::PgConnection::connect(&self.url).await.expect("connect to PostgreSQL");
+                let mut conn = sqlx::PgConnection::connect(&self.url)
+                    .await
+                    .expect("connect to PostgreSQL");
                 let rows = sqlx::query(sql).fetch_all(&mut conn).await.expect(sql);
-                rows.iter().map(|r| (0..r.len()).map(|i| r.get::<Option<String>, _>(i)).collect()).collect()
+                rows.iter()
+                    .map(|r| {
+                        (0..r.len())
+                            .map(|i| r.get::<Option<String>, _>(i))
+                            .collect()
+                    })
+                    .collect()
             }
         }
     }
@@ -151,13 +199,24 @@ impl Drop for TestDb {
 /// Drops a test schema on a thread of its own (a `Drop` cannot await, and may run inside the
 /// test's runtime). Failures are only reported: a leftover schema is harmless.
 fn drop_schema(pg_schema: Option<(String, String)>) {
-    let Some((server, schema)) = pg_schema else { return };
+    let Some((server, schema)) = pg_schema else {
+        return;
+    };
     let dropped = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
         rt.block_on(async {
             let mut admin = sqlx::PgConnection::connect(&server).await?;
-            sqlx::query("SET lock_timeout = '5s'").execute(&mut admin).await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA IF EXISTS {schema} CASCADE"))).execute(&mut admin).await?;
+            sqlx::query("SET lock_timeout = '5s'")
+                .execute(&mut admin)
+                .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS {schema} CASCADE"
+            )))
+            .execute(&mut admin)
+            .await?;
             admin.close().await
         })
     })

@@ -3,7 +3,10 @@
 
 use super::PgStore;
 use super::write::insert_event_rows;
-use crate::{LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, NewLink, NewSession, ProductRow, Result, StoreError};
+use crate::{
+    LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, NewLink, NewSession, ProductRow, Result,
+    StoreError,
+};
 use sqlx::{PgConnection, Row};
 
 type Checked = std::result::Result<LinkHolder, (LinkRefusal, Option<String>)>;
@@ -22,7 +25,10 @@ impl PgStore {
         let mut tx = self.pool.begin().await?;
         if let Some(message_id) = &link.message_id {
             // A retried send re-mints: the earlier token of that message stops working.
-            sqlx::query("DELETE FROM magic_links WHERE message_id = $1").bind(message_id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM magic_links WHERE message_id = $1")
+                .bind(message_id)
+                .execute(&mut *tx)
+                .await?;
         }
         insert_link(&mut tx, &link, now_ms).await?;
         tx.commit().await?;
@@ -79,16 +85,25 @@ impl PgStore {
                 // Refused a moment ago but valid now: a race with a concurrent change; refuse as unknown.
                 Ok(_) => (LinkRefusal::Unknown, None),
             };
-            let kind: Option<String> = sqlx::query_scalar("SELECT kind FROM magic_links WHERE token_hash = $1")
-                .bind(&token_hash)
-                .fetch_optional(&mut *tx)
-                .await?;
-            audit(&mut tx, now_ms, kind.as_deref().unwrap_or("unknown"), contact.as_deref(), "refuse", Some(reason.as_str()))
-                .await?;
+            let kind: Option<String> =
+                sqlx::query_scalar("SELECT kind FROM magic_links WHERE token_hash = $1")
+                    .bind(&token_hash)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            audit(
+                &mut tx,
+                now_ms,
+                kind.as_deref().unwrap_or("unknown"),
+                contact.as_deref(),
+                "refuse",
+                Some(reason.as_str()),
+            )
+            .await?;
             tx.commit().await?;
             return Ok(Err((reason, contact)));
         };
-        let kind = LinkKind::parse(row.get(0)).ok_or_else(|| StoreError::Corrupt("unknown link kind".into()))?;
+        let kind = LinkKind::parse(row.get(0))
+            .ok_or_else(|| StoreError::Corrupt("unknown link kind".into()))?;
         let contact_id: Option<String> = row.get(1);
         sqlx::query("INSERT INTO sessions (id_hash, kind, contact_id, created_ms, expires_ms) VALUES ($1, $2, $3, $4, $5)")
             .bind(&session.id_hash)
@@ -98,7 +113,15 @@ impl PgStore {
             .bind(session.expires_ms)
             .execute(&mut *tx)
             .await?;
-        audit(&mut tx, now_ms, kind.as_str(), contact_id.as_deref(), "redeem", None).await?;
+        audit(
+            &mut tx,
+            now_ms,
+            kind.as_str(),
+            contact_id.as_deref(),
+            "redeem",
+            None,
+        )
+        .await?;
         if let (LinkKind::Learner, Some(contact)) = (kind, &contact_id) {
             // The login enters the event stream in the same transaction as the redemption.
             let event = crate::login_event(&login_source, contact, now_ms);
@@ -118,7 +141,8 @@ impl PgStore {
         .await?;
         row.map(|r| {
             Ok(LinkHolder {
-                kind: LinkKind::parse(r.get(0)).ok_or_else(|| StoreError::Corrupt("unknown session kind".into()))?,
+                kind: LinkKind::parse(r.get(0))
+                    .ok_or_else(|| StoreError::Corrupt("unknown session kind".into()))?,
                 contact_id: r.get(1),
             })
         })
@@ -156,7 +180,14 @@ impl PgStore {
                 .await?
             }
         };
-        Ok(rows.into_iter().map(|r| ProductRow { id: r.get(0), title: r.get(1), url: r.get(2) }).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| ProductRow {
+                id: r.get(0),
+                title: r.get(1),
+                url: r.get(2),
+            })
+            .collect())
     }
 
     /// A transaction-scoped advisory lock per contact makes count-then-record atomic across
@@ -187,7 +218,15 @@ impl PgStore {
         let (short, day): (i64, i64) = (row.get(0), row.get(1));
         let allowed = short < max_short && day < max_day;
         let action = if allowed { "resend" } else { "resend_refused" };
-        audit(&mut tx, now_ms, "learner", Some(&contact_id), action, (!allowed).then_some("rate_limited")).await?;
+        audit(
+            &mut tx,
+            now_ms,
+            "learner",
+            Some(&contact_id),
+            action,
+            (!allowed).then_some("rate_limited"),
+        )
+        .await?;
         tx.commit().await?;
         Ok(allowed)
     }
@@ -198,7 +237,10 @@ impl PgStore {
             .bind(&default)
             .execute(&self.pool)
             .await?;
-        Ok(sqlx::query_scalar("SELECT value FROM site WHERE name = $1").bind(&name).fetch_one(&self.pool).await?)
+        Ok(sqlx::query_scalar("SELECT value FROM site WHERE name = $1")
+            .bind(&name)
+            .fetch_one(&self.pool)
+            .await?)
     }
 
     pub async fn set_site_value(&self, name: String, value: String) -> Result<()> {
@@ -210,7 +252,11 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn link_audit(&self, contact_id: Option<String>, limit: i64) -> Result<Vec<LinkAuditRow>> {
+    pub async fn link_audit(
+        &self,
+        contact_id: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<LinkAuditRow>> {
         let rows = sqlx::query(
             "SELECT at_ms, kind, contact_id, action, reason FROM link_audit
              WHERE ($1::text IS NULL OR contact_id = $1) ORDER BY id DESC LIMIT $2",
@@ -221,7 +267,13 @@ impl PgStore {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| LinkAuditRow { at_ms: r.get(0), kind: r.get(1), contact_id: r.get(2), action: r.get(3), reason: r.get(4) })
+            .map(|r| LinkAuditRow {
+                at_ms: r.get(0),
+                kind: r.get(1),
+                contact_id: r.get(2),
+                action: r.get(3),
+                reason: r.get(4),
+            })
             .collect())
     }
 }
@@ -240,7 +292,15 @@ async fn insert_link(conn: &mut PgConnection, link: &NewLink, now_ms: i64) -> Re
     .bind(now_ms)
     .execute(&mut *conn)
     .await?;
-    audit(conn, now_ms, link.kind.as_str(), link.contact_id.as_deref(), "mint", None).await
+    audit(
+        conn,
+        now_ms,
+        link.kind.as_str(),
+        link.contact_id.as_deref(),
+        "mint",
+        None,
+    )
+    .await
 }
 
 async fn audit(
@@ -272,11 +332,19 @@ async fn classify(conn: &mut PgConnection, token_hash: &str, now_ms: i64) -> Res
     .bind(token_hash)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some(r) = row else { return Ok(Err((LinkRefusal::Unknown, None))) };
-    let kind = LinkKind::parse(r.get(0)).ok_or_else(|| StoreError::Corrupt("unknown link kind".into()))?;
+    let Some(r) = row else {
+        return Ok(Err((LinkRefusal::Unknown, None)));
+    };
+    let kind =
+        LinkKind::parse(r.get(0)).ok_or_else(|| StoreError::Corrupt("unknown link kind".into()))?;
     let contact: Option<String> = r.get(1);
-    let (revoked, expires, uses, max_uses, entitled): (Option<i64>, Option<i64>, i64, Option<i64>, bool) =
-        (r.get(2), r.get(3), r.get(4), r.get(5), r.get(6));
+    let (revoked, expires, uses, max_uses, entitled): (
+        Option<i64>,
+        Option<i64>,
+        i64,
+        Option<i64>,
+        bool,
+    ) = (r.get(2), r.get(3), r.get(4), r.get(5), r.get(6));
     let refusal = if revoked.is_some() {
         Some(LinkRefusal::Revoked)
     } else if expires.is_some_and(|e| e <= now_ms) {
@@ -290,6 +358,9 @@ async fn classify(conn: &mut PgConnection, token_hash: &str, now_ms: i64) -> Res
     };
     Ok(match refusal {
         Some(r) => Err((r, contact)),
-        None => Ok(LinkHolder { kind, contact_id: contact }),
+        None => Ok(LinkHolder {
+            kind,
+            contact_id: contact,
+        }),
     })
 }

@@ -16,6 +16,7 @@
 //! `_sqlx_migrations`, are then created in and read from that schema (it must exist).
 
 mod links;
+mod opt_outs;
 mod read;
 mod write;
 
@@ -96,18 +97,43 @@ fn sql_limit(limit: i64) -> Option<i64> {
 fn outcome_columns(
     result: &DeliveryResult,
     now_ms: i64,
-) -> (MessageStatus, Option<&str>, Option<i64>, Option<&str>, Option<i64>) {
+) -> (
+    MessageStatus,
+    Option<&str>,
+    Option<i64>,
+    Option<&str>,
+    Option<i64>,
+) {
     match result {
-        DeliveryResult::Sent { provider_id } => (MessageStatus::Sent, None, None, provider_id.as_deref(), Some(now_ms)),
-        DeliveryResult::Retry { due_ms, reason } => (MessageStatus::Queued, Some(reason), Some(*due_ms), None, None),
-        DeliveryResult::Failed { reason } => (MessageStatus::Failed, Some(reason), None, None, None),
-        DeliveryResult::Skipped { reason } => (MessageStatus::Skipped, Some(reason), None, None, None),
-        DeliveryResult::Suppressed { reason } => (MessageStatus::Suppressed, Some(reason), None, None, None),
+        DeliveryResult::Sent { provider_id } => (
+            MessageStatus::Sent,
+            None,
+            None,
+            provider_id.as_deref(),
+            Some(now_ms),
+        ),
+        DeliveryResult::Retry { due_ms, reason } => (
+            MessageStatus::Queued,
+            Some(reason),
+            Some(*due_ms),
+            None,
+            None,
+        ),
+        DeliveryResult::Failed { reason } => {
+            (MessageStatus::Failed, Some(reason), None, None, None)
+        }
+        DeliveryResult::Skipped { reason } => {
+            (MessageStatus::Skipped, Some(reason), None, None, None)
+        }
+        DeliveryResult::Suppressed { reason } => {
+            (MessageStatus::Suppressed, Some(reason), None, None, None)
+        }
     }
 }
 
 fn parse_stored_event(body: &str) -> Result<CourseEvent> {
-    let value: serde_json::Value = serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     // Stored events were validated on the way in; `time` is present, so the receipt time is unused.
     herald_core::event::parse_event(0, value, chrono::DateTime::UNIX_EPOCH)
         .map_err(|e| StoreError::Corrupt(e.to_string()))
@@ -122,7 +148,8 @@ fn channel(s: &str) -> Result<Channel> {
 }
 
 fn message_status(s: &str) -> Result<MessageStatus> {
-    MessageStatus::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown message status {s:?}")))
+    MessageStatus::parse(s)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown message status {s:?}")))
 }
 
 /// The contact columns starting at `at` (id, email, phone, first, last, timezone, custom fields).

@@ -6,7 +6,9 @@
 //! few per contact and sorted bytewise (`COLLATE "C"`) to match SQLite exactly.
 
 use super::{PgStore, channel, contact_at, message_status, run_state, sql_limit};
-use crate::{ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, Result, RunRow, StepRecord};
+use crate::{
+    ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, Result, RunRow, StepRecord,
+};
 use sqlx::Row;
 use std::collections::HashMap;
 
@@ -33,7 +35,10 @@ impl PgStore {
         )
         .fetch_all(&self.pool)
         .await?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
     }
 
     pub async fn mailbox(&self, limit: i64) -> Result<Vec<MailboxItem>> {
@@ -178,11 +183,41 @@ impl PgStore {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| GrantRow { kind: r.get(0), item_id: r.get(1), active: r.get(2), changed_ms: r.get(3) })
+            .map(|r| GrantRow {
+                kind: r.get(0),
+                item_id: r.get(1),
+                active: r.get(2),
+                changed_ms: r.get(3),
+            })
             .collect())
     }
 
     pub async fn undispatched_count(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE NOT dispatched").fetch_one(&self.pool).await?)
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE NOT dispatched")
+                .fetch_one(&self.pool)
+                .await?,
+        )
+    }
+}
+
+impl PgStore {
+    pub async fn queue_stats(&self, now_ms: i64) -> Result<crate::QueueStats> {
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM events WHERE NOT dispatched),
+                    (SELECT COUNT(*) FROM runs WHERE state IN ('active', 'waiting_event') AND due_ms <= $1),
+                    (SELECT COUNT(*) FROM messages WHERE status = 'queued' AND due_ms <= $1),
+                    (SELECT MIN(d) FROM (SELECT MIN(due_ms) AS d FROM runs WHERE state IN ('active', 'waiting_event') AND due_ms <= $1
+                                         UNION ALL SELECT MIN(due_ms) AS d FROM messages WHERE status = 'queued' AND due_ms <= $1) due)",
+        )
+        .bind(now_ms)
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(crate::QueueStats {
+            undispatched_events: row.get(0),
+            due_runs: row.get(1),
+            due_messages: row.get(2),
+            oldest_due_ms: row.get(3),
+        })
     }
 }

@@ -2,10 +2,12 @@
 //! is one), and writes a batch with multi-row statements over `UNNEST`ed arrays, so the round
 //! trips of a call do not grow with the size of its batch.
 
-use super::{PgStore, contact_at, outcome_columns, parse_stored_event, retrying, run_state, sql_limit};
+use super::{
+    PgStore, contact_at, outcome_columns, parse_stored_event, retrying, run_state, sql_limit,
+};
 use crate::{
-    Accepted, ClaimedMessage, ClaimedRun, DispatchInput, EnrollmentCounts, LiveRun, MailboxItem, MessageOutcome, NewEvent, Planner,
-    Result, RunAdvance, RunWrite,
+    Accepted, ClaimedMessage, ClaimedRun, DispatchInput, EnrollmentCounts, LiveRun, MailboxItem,
+    MessageOutcome, NewEvent, Planner, Result, RunAdvance, RunWrite,
 };
 use herald_core::CourseEvent;
 use herald_core::event::EventType;
@@ -25,11 +27,26 @@ impl PgStore {
     /// the other's runs (an `exit_when` event would not find the run an event of the other batch
     /// is starting, and enrollment counts would be stale). The events are also claimed with
     /// `FOR UPDATE SKIP LOCKED`, so no event is dispatched twice even without the lock.
-    pub async fn dispatch(&self, limit: i64, now_ms: i64, window_start_ms: i64, planner: Planner<'_>) -> Result<usize> {
-        retrying!("dispatch", self.try_dispatch(limit, now_ms, window_start_ms, planner))
+    pub async fn dispatch(
+        &self,
+        limit: i64,
+        now_ms: i64,
+        window_start_ms: i64,
+        planner: Planner<'_>,
+    ) -> Result<usize> {
+        retrying!(
+            "dispatch",
+            self.try_dispatch(limit, now_ms, window_start_ms, planner)
+        )
     }
 
-    async fn try_dispatch(&self, limit: i64, now_ms: i64, window_start_ms: i64, planner: Planner<'_>) -> Result<usize> {
+    async fn try_dispatch(
+        &self,
+        limit: i64,
+        now_ms: i64,
+        window_start_ms: i64,
+        planner: Planner<'_>,
+    ) -> Result<usize> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('herald.dispatch:' || COALESCE(current_schema(), ''), 0))")
             .execute(&mut *tx)
@@ -47,6 +64,19 @@ impl PgStore {
             events.push((row.get::<i64, _>(0), parse_stored_event(row.get(1))?));
         }
         let contacts: Vec<&str> = distinct(events.iter().map(|(_, e)| e.contact_id()));
+        project(&mut tx, &events).await?;
+        let contact_rows = sqlx::query(
+            "SELECT id, email, phone, first_name, last_name, timezone, custom_fields FROM contacts WHERE id = ANY($1)",
+        )
+        .bind(&contacts)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| {
+            let c = contact_at(r, 0);
+            (c.id.clone(), c)
+        })
+        .collect();
 
         let live_runs = sqlx::query(
             "SELECT id, workflow_id, workflow_version, contact_id, state, wait_event FROM runs
@@ -83,15 +113,23 @@ impl PgStore {
         {
             counts.insert(
                 (r.get::<String, _>(0), r.get::<String, _>(1)),
-                EnrollmentCounts { total: r.get(2), recent: r.get(3), live: r.get(4) },
+                EnrollmentCounts {
+                    total: r.get(2),
+                    recent: r.get(3),
+                    live: r.get(4),
+                },
             );
         }
         drop(contacts);
 
-        let input = DispatchInput { events, live_runs, counts };
+        let input = DispatchInput {
+            events,
+            live_runs,
+            counts,
+            contacts: contact_rows,
+        };
         let plan = planner(&input);
 
-        project(&mut tx, &input.events).await?;
         insert_runs(&mut tx, &plan.new_runs, now_ms).await?;
 
         // Applied one by one, the first exit of a run ends it and later ones find it ended.
@@ -122,14 +160,22 @@ impl PgStore {
             .await?;
         }
         let seqs: Vec<i64> = input.events.iter().map(|(s, _)| *s).collect();
-        sqlx::query("UPDATE events SET dispatched = TRUE WHERE seq = ANY($1)").bind(&seqs).execute(&mut *tx).await?;
+        sqlx::query("UPDATE events SET dispatched = TRUE WHERE seq = ANY($1)")
+            .bind(&seqs)
+            .execute(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(input.events.len())
     }
 
     /// One statement: lock the due rows no one else holds, set the lease, and read what the
     /// engine needs, so a claim is one round trip and two processes never claim the same run.
-    pub async fn claim_runs(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Result<Vec<ClaimedRun>> {
+    pub async fn claim_runs(
+        &self,
+        now_ms: i64,
+        limit: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<ClaimedRun>> {
         let token = uuid::Uuid::new_v4().to_string();
         let rows = retrying!("claim runs", async {
             Ok(sqlx::query(
@@ -137,7 +183,7 @@ impl PgStore {
                      SELECT id FROM runs
                      WHERE state IN ('active', 'waiting_event') AND due_ms <= $3
                        AND (locked_until_ms IS NULL OR locked_until_ms <= $3)
-                     ORDER BY due_ms LIMIT $4),
+                     ORDER BY due_ms LIMIT $4 FOR UPDATE SKIP LOCKED),
                  claimed AS (
                      UPDATE runs SET locked_until_ms = $1, lease_token = $2 FROM picked WHERE runs.id = picked.id
                      RETURNING runs.id, runs.workflow_id, runs.workflow_version, runs.contact_id, runs.event_seq,
@@ -182,7 +228,9 @@ impl PgStore {
     async fn try_finish_runs(&self, now_ms: i64, advances: &[RunAdvance]) -> Result<()> {
         // Applied one by one, the first advance holding the run's current lease wins (it clears
         // the lease). Without repeated (run, token) pairs at most one row matches each run.
-        let advances = first_per_key(advances, |a| (a.write.run_id.as_str(), a.lease_token.as_str()));
+        let advances = first_per_key(advances, |a| {
+            (a.write.run_id.as_str(), a.lease_token.as_str())
+        });
         let mut c = RunColumns::default();
         let mut tokens = Vec::with_capacity(advances.len());
         for adv in &advances {
@@ -226,7 +274,12 @@ impl PgStore {
     }
 
     /// Like [`PgStore::claim_runs`]: one statement that locks, leases and reads.
-    pub async fn claim_messages(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Result<Vec<ClaimedMessage>> {
+    pub async fn claim_messages(
+        &self,
+        now_ms: i64,
+        limit: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<ClaimedMessage>> {
         let token = uuid::Uuid::new_v4().to_string();
         let rows = retrying!("claim messages", async {
             Ok(sqlx::query(
@@ -241,7 +294,8 @@ impl PgStore {
                                messages.contact_id, messages.due_ms)
                  SELECT m.id, m.run_id, m.step_id, m.pc, m.workflow_id, r.workflow_version, m.channel, m.recipient,
                         m.header_message_id, m.attempts, e.body,
-                        c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields
+                        c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields,
+                    EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel)
                  FROM claimed m JOIN runs r ON r.id = m.run_id JOIN events e ON e.seq = r.event_seq
                  LEFT JOIN contacts c ON c.id = m.contact_id
                  ORDER BY m.due_ms, m.id",
@@ -269,27 +323,45 @@ impl PgStore {
                     lease_token: token.clone(),
                     event: parse_stored_event(r.get(10))?,
                     contact: contact_at(&r, 11),
+                    opted_out: r.get(18),
                 })
             })
             .collect()
     }
 
-    pub async fn complete_messages(&self, now_ms: i64, outcomes: Vec<MessageOutcome>) -> Result<()> {
+    pub async fn complete_messages(
+        &self,
+        now_ms: i64,
+        outcomes: Vec<MessageOutcome>,
+    ) -> Result<()> {
         if outcomes.is_empty() {
             return Ok(());
         }
-        retrying!("complete messages", self.try_complete_messages(now_ms, &outcomes))
+        retrying!(
+            "complete messages",
+            self.try_complete_messages(now_ms, &outcomes)
+        )
     }
 
     async fn try_complete_messages(&self, now_ms: i64, outcomes: &[MessageOutcome]) -> Result<()> {
         // Applied one by one, the first outcome holding the message's current lease wins (it
         // clears the lease). Without repeated (message, token) pairs at most one row matches.
-        let outcomes = first_per_key(outcomes, |o| (o.message_id.as_str(), o.lease_token.as_str()));
+        let outcomes = first_per_key(outcomes, |o| {
+            (o.message_id.as_str(), o.lease_token.as_str())
+        });
         let n = outcomes.len();
-        let (mut ids, mut tokens, mut statuses, mut reasons) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut due, mut providers, mut sent, mut subjects) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut ids, mut tokens, mut statuses, mut reasons) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut due, mut providers, mut sent, mut subjects) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for o in &outcomes {
             let (status, reason, due_ms, provider, sent_ms) = outcome_columns(&o.result, now_ms);
             ids.push(o.message_id.as_str());
@@ -385,7 +457,11 @@ impl PgStore {
         Ok(())
     }
 
-    pub async fn save_workflow_versions(&self, versions: Vec<(String, String, String)>, now_ms: i64) -> Result<()> {
+    pub async fn save_workflow_versions(
+        &self,
+        versions: Vec<(String, String, String)>,
+        now_ms: i64,
+    ) -> Result<()> {
         if versions.is_empty() {
             return Ok(());
         }
@@ -408,32 +484,53 @@ impl PgStore {
         })
     }
 
-    pub async fn set_workflow_parked(&self, workflow_id: String, parked: bool, now_ms: i64) -> Result<u64> {
+    pub async fn set_workflow_parked(
+        &self,
+        workflow_id: String,
+        parked: bool,
+        now_ms: i64,
+    ) -> Result<u64> {
+        // A parked run keeps its pc, due time and awaited event, so resuming continues exactly
+        // where it stood.
         let sql = if parked {
-            // A parked run keeps its due time and wait, so resuming continues exactly where it was.
-            "UPDATE runs SET state = 'parked', reason = COALESCE(wait_event, 'active'), updated_ms = $1
+            "UPDATE runs SET state = 'parked', updated_ms = $1
              WHERE workflow_id = $2 AND state IN ('active', 'waiting_event')"
         } else {
-            "UPDATE runs SET state = CASE WHEN reason = 'active' THEN 'active' ELSE 'waiting_event' END,
-                    reason = NULL, updated_ms = $1
+            "UPDATE runs SET state = CASE WHEN wait_event IS NULL THEN 'active' ELSE 'waiting_event' END, updated_ms = $1
              WHERE workflow_id = $2 AND state = 'parked'"
         };
         retrying!("park workflow", async {
-            Ok(sqlx::query(sql).bind(now_ms).bind(&workflow_id).execute(&self.pool).await?.rows_affected())
+            Ok(sqlx::query(sql)
+                .bind(now_ms)
+                .bind(&workflow_id)
+                .execute(&self.pool)
+                .await?
+                .rows_affected())
         })
     }
 }
 
 /// Inserts events with one multi-row statement; `RETURNING` names the rows that were new, and of
 /// several copies of one event in the batch the first is the new one.
-pub(super) async fn insert_event_rows<'c>(exec: impl PgExecutor<'c>, events: &[&NewEvent]) -> Result<Vec<Accepted>> {
+pub(super) async fn insert_event_rows<'c>(
+    exec: impl PgExecutor<'c>,
+    events: &[&NewEvent],
+) -> Result<Vec<Accepted>> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
     let n = events.len();
-    let (mut sources, mut ids, mut types, mut contacts) =
-        (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-    let (mut times, mut received, mut bodies) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+    let (mut sources, mut ids, mut types, mut contacts) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
+    let (mut times, mut received, mut bodies) = (
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+        Vec::with_capacity(n),
+    );
     for e in events {
         let ev = &e.event;
         sources.push(ev.source.as_str());
@@ -464,7 +561,11 @@ pub(super) async fn insert_event_rows<'c>(exec: impl PgExecutor<'c>, events: &[&
         .iter()
         .map(|e| {
             // Removing marks the first copy new; later copies of the same event find nothing.
-            if new.remove(&(e.event.source.clone(), e.event.id.clone())) { Accepted::New } else { Accepted::Duplicate }
+            if new.remove(&(e.event.source.clone(), e.event.id.clone())) {
+                Accepted::New
+            } else {
+                Accepted::Duplicate
+            }
         })
         .collect())
 }
@@ -476,7 +577,10 @@ fn distinct<'a>(items: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
 }
 
 /// The first item of each key, in order.
-fn first_per_key<'a, T, K: Eq + Hash>(items: impl IntoIterator<Item = &'a T>, key: impl Fn(&'a T) -> K) -> Vec<&'a T> {
+fn first_per_key<'a, T, K: Eq + Hash>(
+    items: impl IntoIterator<Item = &'a T>,
+    key: impl Fn(&'a T) -> K,
+) -> Vec<&'a T> {
     let mut seen = HashSet::new();
     items.into_iter().filter(|i| seen.insert(key(i))).collect()
 }
@@ -589,8 +693,15 @@ async fn insert_runs(conn: &mut PgConnection, runs: &[RunWrite], now_ms: i64) ->
 
 /// The steps and messages of written runs, in order: steps numbered after the run's last one,
 /// and at most one message per (run, step).
-async fn insert_run_effects(conn: &mut PgConnection, runs: &[&RunWrite], now_ms: i64) -> Result<()> {
-    let steps: Vec<_> = runs.iter().flat_map(|w| w.steps.iter().map(move |s| (w.run_id.as_str(), s))).collect();
+async fn insert_run_effects(
+    conn: &mut PgConnection,
+    runs: &[&RunWrite],
+    now_ms: i64,
+) -> Result<()> {
+    let steps: Vec<_> = runs
+        .iter()
+        .flat_map(|w| w.steps.iter().map(move |s| (w.run_id.as_str(), s)))
+        .collect();
     if !steps.is_empty() {
         let run_ids: Vec<&str> = steps.iter().map(|(r, _)| *r).collect();
         let step_ids: Vec<&str> = steps.iter().map(|(_, s)| s.step_id.as_str()).collect();
@@ -615,19 +726,35 @@ async fn insert_run_effects(conn: &mut PgConnection, runs: &[&RunWrite], now_ms:
         .await?;
     }
 
-    let messages: Vec<_> = runs.iter().flat_map(|w| w.messages.iter().map(move |m| (*w, m))).collect();
+    let messages: Vec<_> = runs
+        .iter()
+        .flat_map(|w| w.messages.iter().map(move |m| (*w, m)))
+        .collect();
     if !messages.is_empty() {
         let ids: Vec<&str> = messages.iter().map(|(_, m)| m.id.as_str()).collect();
         let run_ids: Vec<&str> = messages.iter().map(|(w, _)| w.run_id.as_str()).collect();
         let step_ids: Vec<&str> = messages.iter().map(|(_, m)| m.step_id.as_str()).collect();
         let pcs: Vec<i64> = messages.iter().map(|(_, m)| m.pc).collect();
-        let workflows: Vec<&str> = messages.iter().map(|(w, _)| w.workflow_id.as_str()).collect();
-        let contacts: Vec<&str> = messages.iter().map(|(w, _)| w.contact_id.as_str()).collect();
+        let workflows: Vec<&str> = messages
+            .iter()
+            .map(|(w, _)| w.workflow_id.as_str())
+            .collect();
+        let contacts: Vec<&str> = messages
+            .iter()
+            .map(|(w, _)| w.contact_id.as_str())
+            .collect();
         let channels: Vec<&str> = messages.iter().map(|(_, m)| m.channel.as_str()).collect();
-        let recipients: Vec<Option<&str>> = messages.iter().map(|(_, m)| m.recipient.as_deref()).collect();
-        let headers: Vec<&str> = messages.iter().map(|(_, m)| m.header_message_id.as_str()).collect();
+        let recipients: Vec<Option<&str>> = messages
+            .iter()
+            .map(|(_, m)| m.recipient.as_deref())
+            .collect();
+        let headers: Vec<&str> = messages
+            .iter()
+            .map(|(_, m)| m.header_message_id.as_str())
+            .collect();
         let statuses: Vec<&str> = messages.iter().map(|(_, m)| m.status.as_str()).collect();
-        let reasons: Vec<Option<&str>> = messages.iter().map(|(_, m)| m.reason.as_deref()).collect();
+        let reasons: Vec<Option<&str>> =
+            messages.iter().map(|(_, m)| m.reason.as_deref()).collect();
         let due: Vec<Option<i64>> = messages.iter().map(|(_, m)| m.due_ms).collect();
         sqlx::query(
             "INSERT INTO messages (id, run_id, step_id, pc, workflow_id, contact_id, channel, recipient,
@@ -681,21 +808,38 @@ async fn project_contacts(conn: &mut PgConnection, events: &[(i64, CourseEvent)]
         let mut fields: [Vec<Option<&str>>; 5] = Default::default();
         let mut custom = Vec::with_capacity(n);
         let mut times = Vec::with_capacity(n);
+        // An event without details (herald's own user_login) must not make older details stale.
+        let mut detail_times = Vec::with_capacity(n);
         for e in round {
             let contact = e.object("contact").expect("validated contact");
             ids.push(e.contact_id());
-            for (col, key) in fields.iter_mut().zip(["email", "phone", "first_name", "last_name", "timezone"]) {
+            let t = e.time.timestamp_millis();
+            detail_times.push(if crate::carries_contact_details(contact) {
+                t
+            } else {
+                i64::MIN
+            });
+            for (col, key) in
+                fields
+                    .iter_mut()
+                    .zip(["email", "phone", "first_name", "last_name", "timezone"])
+            {
                 col.push(contact.get(key).and_then(|v| v.as_str()));
             }
-            custom.push(contact.get("custom_fields").filter(|v| v.is_object()).map(|v| v.to_string()));
+            custom.push(
+                contact
+                    .get("custom_fields")
+                    .filter(|v| v.is_object())
+                    .map(|v| v.to_string()),
+            );
             times.push(e.time.timestamp_millis());
         }
         let [emails, phones, first, last, zones] = &fields;
         sqlx::query(
             "INSERT INTO contacts (id, email, phone, first_name, last_name, timezone, custom_fields, details_ms, last_event_ms)
-             SELECT id, email, phone, first_name, last_name, timezone, custom_fields, t, t
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[])
-                  AS u(id, email, phone, first_name, last_name, timezone, custom_fields, t)
+             SELECT id, email, phone, first_name, last_name, timezone, custom_fields, d, t
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[], $9::int8[])
+                  AS u(id, email, phone, first_name, last_name, timezone, custom_fields, t, d)
              ON CONFLICT (id) DO UPDATE SET
                email = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.email, contacts.email) ELSE COALESCE(contacts.email, excluded.email) END,
                phone = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.phone, contacts.phone) ELSE COALESCE(contacts.phone, excluded.phone) END,
@@ -714,6 +858,7 @@ async fn project_contacts(conn: &mut PgConnection, events: &[(i64, CourseEvent)]
         .bind(zones)
         .bind(&custom)
         .bind(&times)
+        .bind(&detail_times)
         .execute(&mut *conn)
         .await?;
     }
@@ -731,9 +876,17 @@ async fn project_grants(conn: &mut PgConnection, events: &[(i64, CourseEvent)]) 
             _ => None,
         };
         if let Some((kind, active)) = grant
-            && let Some(item) = event.field(&format!("{kind}.id")).and_then(|v| v.as_str().map(str::to_owned))
+            && let Some(item) = event
+                .field(&format!("{kind}.id"))
+                .and_then(|v| v.as_str().map(str::to_owned))
         {
-            let op = (event.contact_id(), kind, item, active, event.time.timestamp_millis());
+            let op = (
+                event.contact_id(),
+                kind,
+                item,
+                active,
+                event.time.timestamp_millis(),
+            );
             ops.push(((op.0, op.1, op.2.clone()), op));
         }
     }
@@ -822,7 +975,10 @@ async fn project_offers<'e>(
     }
     if !last_list.is_empty() {
         let offers: Vec<&str> = last_list.keys().copied().collect();
-        sqlx::query("DELETE FROM offer_products WHERE offer_id = ANY($1)").bind(&offers).execute(&mut *conn).await?;
+        sqlx::query("DELETE FROM offer_products WHERE offer_id = ANY($1)")
+            .bind(&offers)
+            .execute(&mut *conn)
+            .await?;
         let (mut offer_ids, mut product_ids) = (Vec::new(), Vec::new());
         for (offer, index) in &last_list {
             for pid in &lists[index] {

@@ -1,7 +1,10 @@
 //! Magic links, sessions and the portal's reads, SQLite flavour.
 
 use super::SqliteStore;
-use crate::{LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, NewLink, NewSession, ProductRow, Result, StoreError};
+use crate::{
+    LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, NewLink, NewSession, ProductRow, Result,
+    StoreError,
+};
 use sqlx::{Row, SqliteConnection};
 
 type Checked = std::result::Result<LinkHolder, (LinkRefusal, Option<String>)>;
@@ -24,7 +27,10 @@ impl SqliteStore {
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
         if let Some(message_id) = &link.message_id {
             // A retried send re-mints: the earlier token of that message stops working.
-            sqlx::query("DELETE FROM magic_links WHERE message_id = ?").bind(message_id).execute(&mut *tx).await?;
+            sqlx::query("DELETE FROM magic_links WHERE message_id = ?")
+                .bind(message_id)
+                .execute(&mut *tx)
+                .await?;
         }
         insert_link(&mut tx, &link, now_ms).await?;
         tx.commit().await?;
@@ -83,11 +89,20 @@ impl SqliteStore {
                 Ok(_) => (LinkRefusal::Unknown, None),
             };
             let kind = kind_of(&mut tx, &token_hash).await?;
-            audit(&mut tx, now_ms, kind.as_deref().unwrap_or("unknown"), contact.as_deref(), "refuse", Some(reason.as_str())).await?;
+            audit(
+                &mut tx,
+                now_ms,
+                kind.as_deref().unwrap_or("unknown"),
+                contact.as_deref(),
+                "refuse",
+                Some(reason.as_str()),
+            )
+            .await?;
             tx.commit().await?;
             return Ok(Err((reason, contact)));
         };
-        let kind = LinkKind::parse(row.get(0)).ok_or_else(|| StoreError::Corrupt("unknown link kind".into()))?;
+        let kind = LinkKind::parse(row.get(0))
+            .ok_or_else(|| StoreError::Corrupt("unknown link kind".into()))?;
         let contact_id: Option<String> = row.get(1);
         sqlx::query("INSERT INTO sessions (id_hash, kind, contact_id, created_ms, expires_ms) VALUES (?, ?, ?, ?, ?)")
             .bind(&session.id_hash)
@@ -97,7 +112,15 @@ impl SqliteStore {
             .bind(session.expires_ms)
             .execute(&mut *tx)
             .await?;
-        audit(&mut tx, now_ms, kind.as_str(), contact_id.as_deref(), "redeem", None).await?;
+        audit(
+            &mut tx,
+            now_ms,
+            kind.as_str(),
+            contact_id.as_deref(),
+            "redeem",
+            None,
+        )
+        .await?;
         if let (LinkKind::Learner, Some(contact)) = (kind, &contact_id) {
             // The login enters the event stream in the same transaction as the redemption.
             let event = crate::login_event(&login_source, contact, now_ms);
@@ -117,7 +140,8 @@ impl SqliteStore {
         .await?;
         row.map(|r| {
             Ok(LinkHolder {
-                kind: LinkKind::parse(r.get(0)).ok_or_else(|| StoreError::Corrupt("unknown session kind".into()))?,
+                kind: LinkKind::parse(r.get(0))
+                    .ok_or_else(|| StoreError::Corrupt("unknown session kind".into()))?,
                 contact_id: r.get(1),
             })
         })
@@ -155,7 +179,14 @@ impl SqliteStore {
                 .await?
             }
         };
-        Ok(rows.into_iter().map(|r| ProductRow { id: r.get(0), title: r.get(1), url: r.get(2) }).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| ProductRow {
+                id: r.get(0),
+                title: r.get(1),
+                url: r.get(2),
+            })
+            .collect())
     }
 
     pub async fn allow_link_resend(
@@ -181,7 +212,15 @@ impl SqliteStore {
         let (short, day): (i64, i64) = (row.get(0), row.get(1));
         let allowed = short < max_short && day < max_day;
         let action = if allowed { "resend" } else { "resend_refused" };
-        audit(&mut tx, now_ms, "learner", Some(&contact_id), action, (!allowed).then_some("rate_limited")).await?;
+        audit(
+            &mut tx,
+            now_ms,
+            "learner",
+            Some(&contact_id),
+            action,
+            (!allowed).then_some("rate_limited"),
+        )
+        .await?;
         tx.commit().await?;
         Ok(allowed)
     }
@@ -193,7 +232,10 @@ impl SqliteStore {
             .bind(&default)
             .execute(&mut *conn)
             .await?;
-        Ok(sqlx::query_scalar("SELECT value FROM site WHERE name = ?").bind(&name).fetch_one(&mut *conn).await?)
+        Ok(sqlx::query_scalar("SELECT value FROM site WHERE name = ?")
+            .bind(&name)
+            .fetch_one(&mut *conn)
+            .await?)
     }
 
     pub async fn set_site_value(&self, name: String, value: String) -> Result<()> {
@@ -206,7 +248,11 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub async fn link_audit(&self, contact_id: Option<String>, limit: i64) -> Result<Vec<LinkAuditRow>> {
+    pub async fn link_audit(
+        &self,
+        contact_id: Option<String>,
+        limit: i64,
+    ) -> Result<Vec<LinkAuditRow>> {
         let rows = sqlx::query(
             "SELECT at_ms, kind, contact_id, action, reason FROM link_audit
              WHERE (?1 IS NULL OR contact_id = ?1) ORDER BY id DESC LIMIT ?2",
@@ -217,7 +263,13 @@ impl SqliteStore {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| LinkAuditRow { at_ms: r.get(0), kind: r.get(1), contact_id: r.get(2), action: r.get(3), reason: r.get(4) })
+            .map(|r| LinkAuditRow {
+                at_ms: r.get(0),
+                kind: r.get(1),
+                contact_id: r.get(2),
+                action: r.get(3),
+                reason: r.get(4),
+            })
             .collect())
     }
 }
@@ -236,7 +288,15 @@ async fn insert_link(conn: &mut SqliteConnection, link: &NewLink, now_ms: i64) -
     .bind(now_ms)
     .execute(&mut *conn)
     .await?;
-    audit(conn, now_ms, link.kind.as_str(), link.contact_id.as_deref(), "mint", None).await
+    audit(
+        conn,
+        now_ms,
+        link.kind.as_str(),
+        link.contact_id.as_deref(),
+        "mint",
+        None,
+    )
+    .await
 }
 
 async fn audit(
@@ -247,19 +307,26 @@ async fn audit(
     action: &str,
     reason: Option<&str>,
 ) -> Result<()> {
-    sqlx::query("INSERT INTO link_audit (at_ms, kind, contact_id, action, reason) VALUES (?, ?, ?, ?, ?)")
-        .bind(now_ms)
-        .bind(kind)
-        .bind(contact_id)
-        .bind(action)
-        .bind(reason)
-        .execute(&mut *conn)
-        .await?;
+    sqlx::query(
+        "INSERT INTO link_audit (at_ms, kind, contact_id, action, reason) VALUES (?, ?, ?, ?, ?)",
+    )
+    .bind(now_ms)
+    .bind(kind)
+    .bind(contact_id)
+    .bind(action)
+    .bind(reason)
+    .execute(&mut *conn)
+    .await?;
     Ok(())
 }
 
 async fn kind_of(conn: &mut SqliteConnection, token_hash: &str) -> Result<Option<String>> {
-    Ok(sqlx::query_scalar("SELECT kind FROM magic_links WHERE token_hash = ?").bind(token_hash).fetch_optional(&mut *conn).await?)
+    Ok(
+        sqlx::query_scalar("SELECT kind FROM magic_links WHERE token_hash = ?")
+            .bind(token_hash)
+            .fetch_optional(&mut *conn)
+            .await?,
+    )
 }
 
 /// Why a link would or would not open the portal now, in the order a learner should hear it.
@@ -272,11 +339,19 @@ async fn classify(conn: &mut SqliteConnection, token_hash: &str, now_ms: i64) ->
     .bind(token_hash)
     .fetch_optional(&mut *conn)
     .await?;
-    let Some(r) = row else { return Ok(Err((LinkRefusal::Unknown, None))) };
-    let kind = LinkKind::parse(r.get(0)).ok_or_else(|| StoreError::Corrupt("unknown link kind".into()))?;
+    let Some(r) = row else {
+        return Ok(Err((LinkRefusal::Unknown, None)));
+    };
+    let kind =
+        LinkKind::parse(r.get(0)).ok_or_else(|| StoreError::Corrupt("unknown link kind".into()))?;
     let contact: Option<String> = r.get(1);
-    let (revoked, expires, uses, max_uses, entitled): (Option<i64>, Option<i64>, i64, Option<i64>, bool) =
-        (r.get(2), r.get(3), r.get(4), r.get(5), r.get(6));
+    let (revoked, expires, uses, max_uses, entitled): (
+        Option<i64>,
+        Option<i64>,
+        i64,
+        Option<i64>,
+        bool,
+    ) = (r.get(2), r.get(3), r.get(4), r.get(5), r.get(6));
     let refusal = if revoked.is_some() {
         Some(LinkRefusal::Revoked)
     } else if expires.is_some_and(|e| e <= now_ms) {
@@ -290,6 +365,9 @@ async fn classify(conn: &mut SqliteConnection, token_hash: &str, now_ms: i64) ->
     };
     Ok(match refusal {
         Some(r) => Err((r, contact)),
-        None => Ok(LinkHolder { kind, contact_id: contact }),
+        None => Ok(LinkHolder {
+            kind,
+            contact_id: contact,
+        }),
     })
 }

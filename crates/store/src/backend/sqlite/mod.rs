@@ -4,11 +4,14 @@
 //! `BEGIN IMMEDIATE`, and reads use a separate pool beside the writer.
 
 mod links;
+mod opt_outs;
 mod read;
 mod write;
 
 use crate::Result;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
 use sqlx::{ConnectOptions, SqliteConnection};
 use std::str::FromStr;
 use std::time::Duration;
@@ -39,7 +42,10 @@ impl SqliteStore {
             .min_connections(1)
             .connect_with(options.read_only(true))
             .await?;
-        Ok(Self { writer: Mutex::new(writer), readers })
+        Ok(Self {
+            writer: Mutex::new(writer),
+            readers,
+        })
     }
 
     pub async fn migrate(&self) -> Result<()> {
@@ -56,5 +62,11 @@ impl SqliteStore {
 
 /// A JSON array of strings, for `IN (SELECT value FROM json_each(?))`: one statement, any length.
 fn json_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
-    serde_json::Value::Array(items.into_iter().map(|s| serde_json::Value::String(s.to_owned())).collect()).to_string()
+    serde_json::Value::Array(
+        items
+            .into_iter()
+            .map(|s| serde_json::Value::String(s.to_owned()))
+            .collect(),
+    )
+    .to_string()
 }

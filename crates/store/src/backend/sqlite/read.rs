@@ -2,7 +2,10 @@
 
 use super::SqliteStore;
 use super::write::{contact_at, run_state};
-use crate::{Channel, ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, MessageStatus, Result, RunRow, StepRecord, StoreError};
+use crate::{
+    Channel, ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, MessageStatus, Result,
+    RunRow, StepRecord, StoreError,
+};
 use sqlx::Row;
 
 impl SqliteStore {
@@ -27,7 +30,10 @@ impl SqliteStore {
         )
         .fetch_all(&self.readers)
         .await?;
-        Ok(rows.into_iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect())
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect())
     }
 
     pub async fn mailbox(&self, limit: i64) -> Result<Vec<MailboxItem>> {
@@ -115,13 +121,20 @@ impl SqliteStore {
         let mut runs = Vec::with_capacity(rows.len());
         for r in rows {
             let id: String = r.get(0);
-            let steps = sqlx::query("SELECT step_id, kind, outcome, at_ms FROM run_steps WHERE run_id = ? ORDER BY seq")
-                .bind(&id)
-                .fetch_all(&self.readers)
-                .await?
-                .into_iter()
-                .map(|s| StepRecord { step_id: s.get(0), kind: s.get(1), outcome: s.get(2), at_ms: s.get(3) })
-                .collect();
+            let steps = sqlx::query(
+                "SELECT step_id, kind, outcome, at_ms FROM run_steps WHERE run_id = ? ORDER BY seq",
+            )
+            .bind(&id)
+            .fetch_all(&self.readers)
+            .await?
+            .into_iter()
+            .map(|s| StepRecord {
+                step_id: s.get(0),
+                kind: s.get(1),
+                outcome: s.get(2),
+                at_ms: s.get(3),
+            })
+            .collect();
             runs.push(RunRow {
                 id,
                 workflow_id: r.get(1),
@@ -159,15 +172,45 @@ impl SqliteStore {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|r| GrantRow { kind: r.get(0), item_id: r.get(1), active: r.get(2), changed_ms: r.get(3) })
+            .map(|r| GrantRow {
+                kind: r.get(0),
+                item_id: r.get(1),
+                active: r.get(2),
+                changed_ms: r.get(3),
+            })
             .collect())
     }
 
     pub async fn undispatched_count(&self) -> Result<i64> {
-        Ok(sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE dispatched = 0").fetch_one(&self.readers).await?)
+        Ok(
+            sqlx::query_scalar("SELECT COUNT(*) FROM events WHERE dispatched = 0")
+                .fetch_one(&self.readers)
+                .await?,
+        )
     }
 }
 
 pub(crate) fn channel(s: &str) -> Result<Channel> {
     Channel::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown channel {s:?}")))
+}
+
+impl SqliteStore {
+    pub async fn queue_stats(&self, now_ms: i64) -> Result<crate::QueueStats> {
+        let row = sqlx::query(
+            "SELECT (SELECT COUNT(*) FROM events WHERE dispatched = 0),
+                    (SELECT COUNT(*) FROM runs WHERE state IN ('active', 'waiting_event') AND due_ms <= ?1),
+                    (SELECT COUNT(*) FROM messages WHERE status = 'queued' AND due_ms <= ?1),
+                    (SELECT MIN(d) FROM (SELECT MIN(due_ms) AS d FROM runs WHERE state IN ('active', 'waiting_event') AND due_ms <= ?1
+                                         UNION ALL SELECT MIN(due_ms) AS d FROM messages WHERE status = 'queued' AND due_ms <= ?1))",
+        )
+        .bind(now_ms)
+        .fetch_one(&self.readers)
+        .await?;
+        Ok(crate::QueueStats {
+            undispatched_events: row.get(0),
+            due_runs: row.get(1),
+            due_messages: row.get(2),
+            oldest_due_ms: row.get(3),
+        })
+    }
 }

@@ -2,11 +2,12 @@
 
 use super::{SqliteStore, json_list};
 use crate::{
-    Accepted, ClaimedMessage, ClaimedRun, DeliveryResult, DispatchInput, EnrollmentCounts, LiveRun, MailboxItem, MessageOutcome,
-    MessageStatus, NewEvent, Planner, Result, RunAdvance, RunState, RunWrite, StoreError,
+    Accepted, ClaimedMessage, ClaimedRun, DeliveryResult, DispatchInput, EnrollmentCounts, LiveRun,
+    MailboxItem, MessageOutcome, MessageStatus, NewEvent, Planner, Result, RunAdvance, RunState,
+    RunWrite, StoreError,
 };
-use herald_core::event::EventType;
 use herald_core::CourseEvent;
+use herald_core::event::EventType;
 use sqlx::{Row, SqliteConnection};
 use std::collections::HashMap;
 
@@ -21,13 +22,20 @@ impl SqliteStore {
         Ok(out)
     }
 
-    pub async fn dispatch(&self, limit: i64, now_ms: i64, window_start_ms: i64, planner: Planner<'_>) -> Result<usize> {
+    pub async fn dispatch(
+        &self,
+        limit: i64,
+        now_ms: i64,
+        window_start_ms: i64,
+        planner: Planner<'_>,
+    ) -> Result<usize> {
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
-        let rows = sqlx::query("SELECT seq, body FROM events WHERE dispatched = 0 ORDER BY seq LIMIT ?")
-            .bind(limit)
-            .fetch_all(&mut *tx)
-            .await?;
+        let rows =
+            sqlx::query("SELECT seq, body FROM events WHERE dispatched = 0 ORDER BY seq LIMIT ?")
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
         if rows.is_empty() {
             return Ok(0);
         }
@@ -37,6 +45,22 @@ impl SqliteStore {
             events.push((seq, parse_stored_event(row.get(1))?));
         }
         let contacts = json_list(events.iter().map(|(_, e)| e.contact_id()));
+        for (_, event) in &events {
+            project(&mut tx, event).await?;
+        }
+        let contact_rows = sqlx::query(
+            "SELECT id, email, phone, first_name, last_name, timezone, custom_fields FROM contacts
+             WHERE id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(&contacts)
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|r| {
+            let c = contact_at(r, 0);
+            (c.id.clone(), c)
+        })
+        .collect();
 
         let live_runs = sqlx::query(
             "SELECT id, workflow_id, workflow_version, contact_id, state, wait_event FROM runs
@@ -68,12 +92,14 @@ impl SqliteStore {
             );
         }
 
-        let input = DispatchInput { events, live_runs, counts };
+        let input = DispatchInput {
+            events,
+            live_runs,
+            counts,
+            contacts: contact_rows,
+        };
         let plan = planner(&input);
 
-        for (_, event) in &input.events {
-            project(&mut tx, event).await?;
-        }
         for run in &plan.new_runs {
             insert_run(&mut tx, run, now_ms).await?;
         }
@@ -102,15 +128,22 @@ impl SqliteStore {
             .await?;
         }
         let seqs: Vec<String> = input.events.iter().map(|(s, _)| s.to_string()).collect();
-        sqlx::query("UPDATE events SET dispatched = 1 WHERE seq IN (SELECT value FROM json_each(?))")
-            .bind(json_list(seqs.iter().map(String::as_str)))
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "UPDATE events SET dispatched = 1 WHERE seq IN (SELECT value FROM json_each(?))",
+        )
+        .bind(json_list(seqs.iter().map(String::as_str)))
+        .execute(&mut *tx)
+        .await?;
         tx.commit().await?;
         Ok(input.events.len())
     }
 
-    pub async fn claim_runs(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Result<Vec<ClaimedRun>> {
+    pub async fn claim_runs(
+        &self,
+        now_ms: i64,
+        limit: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<ClaimedRun>> {
         let token = uuid::Uuid::new_v4().to_string();
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
@@ -193,7 +226,12 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub async fn claim_messages(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Result<Vec<ClaimedMessage>> {
+    pub async fn claim_messages(
+        &self,
+        now_ms: i64,
+        limit: i64,
+        lease_ms: i64,
+    ) -> Result<Vec<ClaimedMessage>> {
         let token = uuid::Uuid::new_v4().to_string();
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
@@ -217,7 +255,8 @@ impl SqliteStore {
         let claimed = sqlx::query(
             "SELECT m.id, m.run_id, m.step_id, m.pc, m.workflow_id, r.workflow_version, m.channel, m.recipient,
                     m.header_message_id, m.attempts, e.body,
-                    c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields
+                    c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields,
+                    EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel)
              FROM messages m JOIN runs r ON r.id = m.run_id JOIN events e ON e.seq = r.event_seq
              LEFT JOIN contacts c ON c.id = m.contact_id
              WHERE m.id IN (SELECT value FROM json_each(?))",
@@ -241,6 +280,7 @@ impl SqliteStore {
                 lease_token: token.clone(),
                 event: parse_stored_event(r.get(10))?,
                 contact: contact_at(&r, 11),
+                opted_out: r.get(18),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -248,7 +288,11 @@ impl SqliteStore {
         Ok(claimed)
     }
 
-    pub async fn complete_messages(&self, now_ms: i64, outcomes: Vec<MessageOutcome>) -> Result<()> {
+    pub async fn complete_messages(
+        &self,
+        now_ms: i64,
+        outcomes: Vec<MessageOutcome>,
+    ) -> Result<()> {
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
         for o in &outcomes {
@@ -288,7 +332,11 @@ impl SqliteStore {
         insert_mailbox(&mut conn, &item).await
     }
 
-    pub async fn save_workflow_versions(&self, versions: Vec<(String, String, String)>, now_ms: i64) -> Result<()> {
+    pub async fn save_workflow_versions(
+        &self,
+        versions: Vec<(String, String, String)>,
+        now_ms: i64,
+    ) -> Result<()> {
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
         for (id, version, bundle) in &versions {
@@ -307,7 +355,12 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub async fn set_workflow_parked(&self, workflow_id: String, parked: bool, now_ms: i64) -> Result<u64> {
+    pub async fn set_workflow_parked(
+        &self,
+        workflow_id: String,
+        parked: bool,
+        now_ms: i64,
+    ) -> Result<u64> {
         let mut conn = self.writer.lock().await;
         // A parked run keeps its pc, due time and awaited event, so resuming continues exactly
         // where it stood.
@@ -318,7 +371,12 @@ impl SqliteStore {
             "UPDATE runs SET state = CASE WHEN wait_event IS NULL THEN 'active' ELSE 'waiting_event' END, updated_ms = ?
              WHERE workflow_id = ? AND state = 'parked'"
         };
-        let n = sqlx::query(sql).bind(now_ms).bind(&workflow_id).execute(&mut *conn).await?.rows_affected();
+        let n = sqlx::query(sql)
+            .bind(now_ms)
+            .bind(&workflow_id)
+            .execute(&mut *conn)
+            .await?
+            .rows_affected();
         Ok(n)
     }
 }
@@ -343,7 +401,10 @@ async fn insert_mailbox(conn: &mut SqliteConnection, m: &MailboxItem) -> Result<
 }
 
 /// Inserts events, skipping those whose (source, id) is already stored.
-pub(crate) async fn insert_event_rows(conn: &mut SqliteConnection, events: &[&NewEvent]) -> Result<Vec<Accepted>> {
+pub(crate) async fn insert_event_rows(
+    conn: &mut SqliteConnection,
+    events: &[&NewEvent],
+) -> Result<Vec<Accepted>> {
     let mut out = Vec::with_capacity(events.len());
     for e in events {
         let ev = &e.event;
@@ -361,7 +422,11 @@ pub(crate) async fn insert_event_rows(conn: &mut SqliteConnection, events: &[&Ne
         .execute(&mut *conn)
         .await?
         .rows_affected();
-        out.push(if inserted == 1 { Accepted::New } else { Accepted::Duplicate });
+        out.push(if inserted == 1 {
+            Accepted::New
+        } else {
+            Accepted::Duplicate
+        });
     }
     Ok(out)
 }
@@ -444,7 +509,17 @@ async fn project(conn: &mut SqliteConnection, event: &CourseEvent) -> Result<()>
     let t = event.time.timestamp_millis();
     let contact = event.object("contact").expect("validated contact");
     let s = |k: &str| contact.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-    let custom = contact.get("custom_fields").filter(|v| v.is_object()).map(|v| v.to_string());
+    let custom = contact
+        .get("custom_fields")
+        .filter(|v| v.is_object())
+        .map(|v| v.to_string());
+    // An event that carries no details (herald's own user_login, say) must not make older
+    // details look stale.
+    let details_ms = if crate::carries_contact_details(contact) {
+        t
+    } else {
+        i64::MIN
+    };
     sqlx::query(
         "INSERT INTO contacts (id, email, phone, first_name, last_name, timezone, custom_fields, details_ms, last_event_ms)
          VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
@@ -465,7 +540,7 @@ async fn project(conn: &mut SqliteConnection, event: &CourseEvent) -> Result<()>
     .bind(s("last_name"))
     .bind(s("timezone"))
     .bind(custom)
-    .bind(t)
+    .bind(details_ms)
     .bind(t)
     .execute(&mut *conn)
     .await?;
@@ -478,7 +553,9 @@ async fn project(conn: &mut SqliteConnection, event: &CourseEvent) -> Result<()>
         _ => None,
     };
     if let Some((kind, object, active)) = grant
-        && let Some(item) = event.field(&format!("{object}.id")).and_then(|v| v.as_str().map(str::to_owned))
+        && let Some(item) = event
+            .field(&format!("{object}.id"))
+            .and_then(|v| v.as_str().map(str::to_owned))
     {
         sqlx::query(
             "INSERT INTO grants (contact_id, kind, item_id, active, changed_ms) VALUES (?, ?, ?, ?, ?)
@@ -512,10 +589,11 @@ async fn project(conn: &mut SqliteConnection, event: &CourseEvent) -> Result<()>
     }
     if let Some(o) = event.object("offer") {
         let offer_id = o.get("id").and_then(|v| v.as_str()).unwrap_or_default();
-        let previous: Option<i64> = sqlx::query_scalar("SELECT updated_ms FROM offers WHERE id = ?")
-            .bind(offer_id)
-            .fetch_optional(&mut *conn)
-            .await?;
+        let previous: Option<i64> =
+            sqlx::query_scalar("SELECT updated_ms FROM offers WHERE id = ?")
+                .bind(offer_id)
+                .fetch_optional(&mut *conn)
+                .await?;
         let newer = previous.is_none_or(|p| t >= p);
         sqlx::query(
             "INSERT INTO offers (id, title, updated_ms) VALUES (?, ?, ?)
@@ -529,7 +607,10 @@ async fn project(conn: &mut SqliteConnection, event: &CourseEvent) -> Result<()>
         .execute(&mut *conn)
         .await?;
         if newer && let Some(ids) = o.get("product_ids").and_then(|v| v.as_array()) {
-            sqlx::query("DELETE FROM offer_products WHERE offer_id = ?").bind(offer_id).execute(&mut *conn).await?;
+            sqlx::query("DELETE FROM offer_products WHERE offer_id = ?")
+                .bind(offer_id)
+                .execute(&mut *conn)
+                .await?;
             for pid in ids.iter().filter_map(|v| v.as_str()) {
                 sqlx::query("INSERT INTO offer_products (offer_id, product_id) VALUES (?, ?) ON CONFLICT DO NOTHING")
                     .bind(offer_id)
@@ -551,20 +632,46 @@ async fn project(conn: &mut SqliteConnection, event: &CourseEvent) -> Result<()>
 pub(crate) fn outcome_columns(
     result: &DeliveryResult,
     now_ms: i64,
-) -> (MessageStatus, Option<&str>, Option<i64>, Option<&str>, Option<i64>) {
+) -> (
+    MessageStatus,
+    Option<&str>,
+    Option<i64>,
+    Option<&str>,
+    Option<i64>,
+) {
     match result {
-        DeliveryResult::Sent { provider_id } => (MessageStatus::Sent, None, None, provider_id.as_deref(), Some(now_ms)),
-        DeliveryResult::Retry { due_ms, reason } => (MessageStatus::Queued, Some(reason), Some(*due_ms), None, None),
-        DeliveryResult::Failed { reason } => (MessageStatus::Failed, Some(reason), None, None, None),
-        DeliveryResult::Skipped { reason } => (MessageStatus::Skipped, Some(reason), None, None, None),
-        DeliveryResult::Suppressed { reason } => (MessageStatus::Suppressed, Some(reason), None, None, None),
+        DeliveryResult::Sent { provider_id } => (
+            MessageStatus::Sent,
+            None,
+            None,
+            provider_id.as_deref(),
+            Some(now_ms),
+        ),
+        DeliveryResult::Retry { due_ms, reason } => (
+            MessageStatus::Queued,
+            Some(reason),
+            Some(*due_ms),
+            None,
+            None,
+        ),
+        DeliveryResult::Failed { reason } => {
+            (MessageStatus::Failed, Some(reason), None, None, None)
+        }
+        DeliveryResult::Skipped { reason } => {
+            (MessageStatus::Skipped, Some(reason), None, None, None)
+        }
+        DeliveryResult::Suppressed { reason } => {
+            (MessageStatus::Suppressed, Some(reason), None, None, None)
+        }
     }
 }
 
 pub(crate) fn parse_stored_event(body: &str) -> Result<CourseEvent> {
-    let value: serde_json::Value = serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     // Stored events were validated on the way in; `time` is present, so the receipt time is unused.
-    herald_core::event::parse_event(0, value, chrono_epoch()).map_err(|e| StoreError::Corrupt(e.to_string()))
+    herald_core::event::parse_event(0, value, chrono_epoch())
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 fn chrono_epoch() -> chrono::DateTime<chrono::Utc> {

@@ -1,0 +1,59 @@
+//! `/u/{token}`: unsubscribe from email. GET shows a confirmation page and changes nothing (mail
+//! scanners fetch links); POST, from that page's form or as an RFC 8058 one-click request
+//! (`List-Unsubscribe=One-Click`), opts the contact out and answers `200`, never a redirect.
+
+use crate::AppState;
+use crate::error::ApiError;
+use crate::html::{escape, page, private_page};
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::Response;
+use herald_store::Channel;
+
+pub async fn show(State(state): State<AppState>, Path(token): Path<String>) -> Response {
+    if state.engine.unsubscribe.verify(&token).is_none() {
+        return unknown();
+    }
+    let body = format!(
+        "<h1>Unsubscribe from these emails?</h1><p>You will no longer receive course emails from this school.</p>\
+         <form method=\"post\" action=\"/u/{}\"><button type=\"submit\">Unsubscribe</button></form>",
+        escape(&token)
+    );
+    private_page(StatusCode::OK, page("Unsubscribe", &body))
+}
+
+pub async fn unsubscribe(
+    State(state): State<AppState>,
+    Path(token): Path<String>,
+    body: String,
+) -> Result<Response, ApiError> {
+    let Some(contact) = state.engine.unsubscribe.verify(&token) else {
+        return Ok(unknown());
+    };
+    let source = if body.contains("List-Unsubscribe=One-Click") {
+        "one_click"
+    } else {
+        "unsubscribe_link"
+    };
+    if state
+        .store
+        .set_opt_out(
+            contact,
+            Channel::Email,
+            true,
+            source.into(),
+            state.clock.now_ms(),
+        )
+        .await?
+    {
+        tracing::info!(source, "contact opted out of email");
+    }
+    let body =
+        "<h1>You are unsubscribed</h1><p>You will receive no more course emails from us.</p>";
+    Ok(private_page(StatusCode::OK, page("Unsubscribed", body)))
+}
+
+fn unknown() -> Response {
+    let body = "<h1>This unsubscribe link is not valid</h1><p>Use the link from your most recent email.</p>";
+    private_page(StatusCode::NOT_FOUND, page("Unsubscribe", body))
+}

@@ -1,0 +1,53 @@
+//! Opt-outs, SQLite flavour.
+
+use super::SqliteStore;
+use crate::{Channel, OptOutRow, Result, StoreError};
+use sqlx::Row;
+
+impl SqliteStore {
+    pub async fn set_opt_out(
+        &self,
+        contact_id: String,
+        channel: Channel,
+        opted_out: bool,
+        source: String,
+        now_ms: i64,
+    ) -> Result<bool> {
+        let mut conn = self.writer.lock().await;
+        let changed = if opted_out {
+            sqlx::query("INSERT INTO opt_outs (contact_id, channel, source, at_ms) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING")
+                .bind(&contact_id)
+                .bind(channel.as_str())
+                .bind(&source)
+                .bind(now_ms)
+                .execute(&mut *conn)
+                .await?
+        } else {
+            sqlx::query("DELETE FROM opt_outs WHERE contact_id = ? AND channel = ?")
+                .bind(&contact_id)
+                .bind(channel.as_str())
+                .execute(&mut *conn)
+                .await?
+        };
+        Ok(changed.rows_affected() > 0)
+    }
+
+    pub async fn opt_outs(&self, contact_id: String) -> Result<Vec<OptOutRow>> {
+        let rows = sqlx::query(
+            "SELECT channel, source, at_ms FROM opt_outs WHERE contact_id = ? ORDER BY channel",
+        )
+        .bind(&contact_id)
+        .fetch_all(&self.readers)
+        .await?;
+        rows.into_iter()
+            .map(|r| {
+                Ok(OptOutRow {
+                    channel: Channel::parse(r.get(0))
+                        .ok_or_else(|| StoreError::Corrupt("unknown channel".into()))?,
+                    source: r.get(1),
+                    at_ms: r.get(2),
+                })
+            })
+            .collect()
+    }
+}
