@@ -3,6 +3,7 @@
 //! configured, the dev mailbox, is decided by the engine, which stores the copy in the database.
 
 pub mod email;
+pub mod sms;
 
 /// Why a send did not go through, classified for the retry policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -10,6 +11,9 @@ pub enum SendError {
     /// May pass later (SMTP 4xx, timeouts, connection errors): retried with backoff.
     #[error("temporary failure: {0}")]
     Transient(String),
+    /// May pass later, but not before the provider's `Retry-After` (HTTP 429 or 503).
+    #[error("temporary failure, retry after {1:?}: {0}")]
+    RetryAfter(String, std::time::Duration),
     /// Will not pass (SMTP 5xx, an invalid address): failed at once.
     #[error("permanent failure: {0}")]
     Permanent(String),

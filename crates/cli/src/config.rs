@@ -25,6 +25,8 @@ pub struct Config {
     pub sms_account_sid: Option<String>,
     pub sms_auth_token: Option<String>,
     pub sms_from: Option<String>,
+    /// Appended to the first SMS a contact receives.
+    pub sms_opt_out_line: String,
     pub learner_link_ttl: Duration,
     pub learner_link_uses: u32,
     pub timezone: String,
@@ -48,6 +50,7 @@ impl Default for Config {
             sms_account_sid: None,
             sms_auth_token: None,
             sms_from: None,
+            sms_opt_out_line: "Reply STOP to opt out".into(),
             learner_link_ttl: Duration::from_secs(24 * 3600),
             learner_link_uses: 5,
             timezone: "UTC".into(),

@@ -21,6 +21,10 @@ pub struct EngineConfig {
     pub unsubscribe: crate::unsubscribe::UnsubscribeKey,
     /// `None`: emails go to the dev mailbox.
     pub smtp: Option<SmtpSender>,
+    /// `None`: SMS go to the dev mailbox.
+    pub sms: Option<herald_channels::sms::SmsSender>,
+    /// Appended to the first SMS a contact receives (SPEC §5).
+    pub sms_opt_out_line: String,
     /// How long a claim is held before another worker may take the job over.
     pub lease: Duration,
     /// First retry delay; doubles per attempt up to `retry_cap`, with jitter.
@@ -51,6 +55,8 @@ impl EngineConfig {
             default_timezone: chrono_tz::UTC,
             custom_values: BTreeMap::new(),
             smtp: None,
+            sms: None,
+            sms_opt_out_line: "Reply STOP to opt out".into(),
             lease: Duration::from_secs(60),
             retry_base: Duration::from_secs(10),
             retry_cap: Duration::from_secs(3_600),

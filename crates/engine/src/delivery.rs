@@ -11,6 +11,7 @@ use herald_channels::email::OutgoingEmail;
 use herald_core::workflow::Instr;
 use herald_store::{Channel, ClaimedMessage, DeliveryResult, MailboxItem, MessageOutcome};
 use std::sync::Arc;
+use std::time::Duration;
 
 pub struct Delivery {
     pub config: EngineConfig,
@@ -27,6 +28,7 @@ impl Delivery {
             message_id: m.id.clone(),
             lease_token: m.lease_token.clone(),
             subject: None,
+            segments: None,
             result: DeliveryResult::Sent { provider_id: None },
             mailbox: None,
         };
@@ -138,27 +140,46 @@ impl Delivery {
                     None => outcome.mailbox = Some(self.mailbox_copy(&m, Channel::Email, email)),
                 }
             }
-            (Channel::Sms, Some(Instr::SendSms { .. })) => {
-                match wf.render_sms(pc, &context, &custom) {
-                    Ok(body) => {
-                        let copy = OutgoingEmail {
-                            from: String::new(),
-                            to: recipient,
-                            subject: String::new(),
-                            text: Some(body),
-                            html: None,
-                            message_id: m.header_message_id.clone(),
-                            headers: Vec::new(),
-                        };
-                        outcome.mailbox = Some(self.mailbox_copy(&m, Channel::Sms, copy));
+            (Channel::Sms, Some(Instr::SendSms { .. })) => match wf
+                .render_sms(pc, &context, &custom)
+            {
+                Ok(mut body) => {
+                    if m.first_on_channel && !self.config.sms_opt_out_line.is_empty() {
+                        body = format!("{body}\n{}", self.config.sms_opt_out_line);
                     }
-                    Err(e) => {
-                        outcome.result = DeliveryResult::Failed {
-                            reason: e.to_string(),
+                    outcome.segments = Some(herald_channels::sms::segments(&body).1 as i64);
+                    match &self.config.sms {
+                        Some(sms) => {
+                            let started = std::time::Instant::now();
+                            let sent = sms.send(&recipient, &body, &m.id).await;
+                            crate::telemetry::send_latency("sms", started.elapsed().as_secs_f64());
+                            outcome.result = match sent {
+                                Ok(sid) => DeliveryResult::Sent {
+                                    provider_id: Some(sid),
+                                },
+                                Err(e) => self.classify(Err(e), m.attempts),
+                            };
+                        }
+                        None => {
+                            let copy = OutgoingEmail {
+                                from: String::new(),
+                                to: recipient,
+                                subject: String::new(),
+                                text: Some(body),
+                                html: None,
+                                message_id: m.header_message_id.clone(),
+                                headers: Vec::new(),
+                            };
+                            outcome.mailbox = Some(self.mailbox_copy(&m, Channel::Sms, copy));
                         }
                     }
                 }
-            }
+                Err(e) => {
+                    outcome.result = DeliveryResult::Failed {
+                        reason: e.to_string(),
+                    }
+                }
+            },
             _ => {
                 outcome.result = DeliveryResult::Failed {
                     reason: format!(
@@ -210,18 +231,24 @@ impl Delivery {
             Ok(()) => DeliveryResult::Sent { provider_id: None },
             Err(SendError::Permanent(reason)) => DeliveryResult::Failed { reason },
             Err(SendError::Transient(reason)) => {
-                let attempt = attempts_before + 1;
-                if attempt >= self.config.max_attempts {
-                    return DeliveryResult::Failed {
-                        reason: format!("gave up after {attempt} attempts: {reason}"),
-                    };
-                }
-                let delay = backoff(&self.config, attempt);
-                DeliveryResult::Retry {
-                    due_ms: self.clock.now_ms() + delay.as_millis() as i64,
-                    reason,
-                }
+                self.retry(attempts_before, reason, Duration::ZERO)
             }
+            // A provider's Retry-After is honoured: never sooner, even when the backoff is shorter.
+            Err(SendError::RetryAfter(reason, after)) => self.retry(attempts_before, reason, after),
+        }
+    }
+
+    fn retry(&self, attempts_before: i64, reason: String, at_least: Duration) -> DeliveryResult {
+        let attempt = attempts_before + 1;
+        if attempt >= self.config.max_attempts {
+            return DeliveryResult::Failed {
+                reason: format!("gave up after {attempt} attempts: {reason}"),
+            };
+        }
+        let delay = backoff(&self.config, attempt).max(at_least);
+        DeliveryResult::Retry {
+            due_ms: self.clock.now_ms() + delay.as_millis() as i64,
+            reason,
         }
     }
 }

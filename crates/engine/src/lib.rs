@@ -195,7 +195,14 @@ impl Shared {
         // What the planner decided, recorded as metrics only once its transaction committed.
         let started = std::sync::Mutex::new(Vec::new());
         let plan = |input: &herald_store::DispatchInput| {
-            let plan = planner.plan(input);
+            // The workflows as they stand now that the events are selected: a reload that finished
+            // before an event was accepted must apply to it (not the snapshot taken above).
+            let snapshot = self.registry.snapshot();
+            let plan = dispatch::Planner {
+                workflows: &snapshot,
+                ..planner
+            }
+            .plan(input);
             let mut started = started.lock().expect("metrics lock");
             started.clear();
             started.extend(

@@ -78,6 +78,9 @@ impl Application {
             )
             .await?,
         );
+        // The page is unauthenticated and shows links that sign learners in, so it exists only while
+        // email itself goes to the dev mailbox (a development setup); SMS kept there without a
+        // provider are listed by `herald mailbox`.
         let dev_mailbox = settings.engine.smtp.is_none();
         let engine = settings.run_engine.then(|| {
             Engine::start(

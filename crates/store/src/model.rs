@@ -272,6 +272,9 @@ pub struct ClaimedMessage {
     /// The contact opted out of this message's channel (checked at claim time, so messages
     /// queued before the opt-out are suppressed too).
     pub opted_out: bool,
+    /// No message has been sent to the contact on this channel before (the first SMS carries
+    /// the opt-out line).
+    pub first_on_channel: bool,
 }
 
 /// What happened to one delivery attempt.
@@ -302,6 +305,8 @@ pub struct MessageOutcome {
     pub lease_token: String,
     /// The rendered subject (emails), recorded for the admin API.
     pub subject: Option<String>,
+    /// GSM-7/UCS-2 segments of an SMS.
+    pub segments: Option<i64>,
     pub result: DeliveryResult,
     /// The copy for the dev mailbox, when that is the channel.
     pub mailbox: Option<MailboxItem>,
@@ -338,6 +343,7 @@ pub struct MessageRow {
     pub attempts: i64,
     pub due_ms: Option<i64>,
     pub provider_id: Option<String>,
+    pub segments: Option<i64>,
     pub created_ms: i64,
     pub updated_ms: i64,
     pub sent_ms: Option<i64>,

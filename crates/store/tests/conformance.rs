@@ -1610,6 +1610,7 @@ fn outcome(m: &herald_store::ClaimedMessage, result: DeliveryResult) -> MessageO
         message_id: m.id.clone(),
         lease_token: m.lease_token.clone(),
         subject: Some(format!("Subject {}", m.id)),
+        segments: Some(2),
         result,
         mailbox: None,
     }

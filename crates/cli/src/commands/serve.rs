@@ -77,11 +77,16 @@ pub fn engine_config(config: &Config) -> Result<EngineConfig> {
         .map(SmtpSender::from_url)
         .transpose()
         .context("HERALD_SMTP_URL")?;
-    if config.sms_url.is_some() {
-        tracing::warn!(
-            "HERALD_SMS_URL is set but the SMS provider channel is not available yet: SMS go to the dev mailbox"
-        );
-    }
+    engine.sms_opt_out_line = config.sms_opt_out_line.clone();
+    engine.sms = match &config.sms_url {
+        Some(url) => Some(herald_channels::sms::SmsSender::new(
+            url,
+            config.sms_account_sid.as_deref().unwrap_or_default(),
+            config.sms_auth_token.as_deref().unwrap_or_default(),
+            config.sms_from.as_deref().unwrap_or_default(),
+        )?),
+        None => None,
+    };
     Ok(engine)
 }
 

@@ -8,6 +8,7 @@ mod login_mail;
 mod mailbox;
 pub mod metrics;
 mod portal;
+mod sms;
 mod unsubscribe;
 
 use crate::AppState;
@@ -39,6 +40,7 @@ pub fn router(state: AppState) -> Router {
         ));
     let mut router = Router::new()
         .route("/v1/events", post(events::post_events))
+        .route("/v1/sms/inbound", post(sms::inbound))
         .route("/healthz", get(health::healthz))
         .route("/metrics", get(metrics::render))
         .route("/l/{token}", get(links::show).post(links::redeem))

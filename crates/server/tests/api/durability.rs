@@ -310,3 +310,43 @@ async fn two_processes_share_one_postgres_database() {
     );
     assert_consistent(&first, &events).await;
 }
+
+/// A delivery batch that outlives its lease (a slow SMTP server) must not let a second process
+/// claim and send its messages again: the lease has to be extended while the sends are in flight
+/// (STACK.md: "a long step extends its lease (heartbeat)").
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "known bug: no lease heartbeat in deliver_once; a second process re-sends a slow batch"]
+async fn slow_smtp_does_not_make_a_second_process_send_again() {
+    let Some(first) = spawn_app(options(Backend::Postgres)).await else {
+        return;
+    };
+    let sink = first.sink().clone();
+    // Every message hangs at the end of DATA: a relay slower than the 1 s lease.
+    sink.hold_after(0);
+    let events = signups("c_slow", 5);
+    assert_eq!(first.accept_batch(&events).await, vec!["new"; 5]);
+    wait_for(
+        "the first process to have every message in flight",
+        async || sink.held() == 5,
+    )
+    .await;
+
+    let second = Crashed {
+        env: first.env.clone(),
+        options: first.options.clone(),
+        smtp: Some(sink.clone()),
+        clock: first.clock.clone(),
+    }
+    .restart()
+    .await;
+    // Three leases long: a second process sending the same messages would be holding them now.
+    let doubled = eventually_within(3 * LEASE, async || sink.held() > 5).await;
+    sink.release();
+    wait_all_sent(&first, events.len()).await;
+    second.settle().await;
+    let counts = by_message_id(&sink.received());
+    assert!(
+        !doubled && counts.values().all(|n| *n == 1),
+        "messages in flight past their lease were sent again by another process: {counts:?}"
+    );
+}

@@ -647,8 +647,14 @@ pub async fn expect_error(response: reqwest::Response, status: u16) -> Value {
 }
 
 /// Polls `check` every 10 ms for up to [`WAIT`]; whether it came true.
-pub async fn eventually(mut check: impl AsyncFnMut() -> bool) -> bool {
-    let deadline = Instant::now() + WAIT;
+pub async fn eventually(check: impl AsyncFnMut() -> bool) -> bool {
+    eventually_within(WAIT, check).await
+}
+
+/// Polls `check` every 10 ms for up to `timeout`; whether it came true. For "this must not
+/// happen" checks, with a timeout a few times longer than the thing would take.
+pub async fn eventually_within(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
     loop {
         if check().await {
             return true;

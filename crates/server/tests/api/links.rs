@@ -20,6 +20,7 @@ both_backends!(
     link_of_a_contact_without_an_offer_is_refused,
     login_url_for_a_contact_without_an_offer_is_skipped,
     login_url_in_a_name_stays_literal_and_one_link_is_minted,
+    a_retried_send_keeps_one_working_link_per_message,
     tokens_never_reach_the_logs_or_the_database,
     session_cookie_attributes_over_http,
     session_cookie_is_host_prefixed_and_secure_under_https,
@@ -543,6 +544,45 @@ async fn login_url_in_a_name_stays_literal_and_one_link_is_minted(backend: Backe
     );
     assert_eq!(table_dump(&app, "magic_links").await.len(), 1);
     Jar::new(&app).sign_in(&tokens[0]).await;
+}
+
+async fn a_retried_send_keeps_one_working_link_per_message(backend: Backend) {
+    let Some(app) = spawn_app(link_options(backend).workflow("welcome", WELCOME_WITH_LINK)).await
+    else {
+        return;
+    };
+    app.sink().fail_next(1, crate::smtp_sink::Stage::Data, 451);
+    enroll(&app, "c_retry", "Ann").await;
+    wait_for("the first attempt to be refused", async || {
+        app.sink().refusals().len() == 1
+    })
+    .await;
+    app.advance(Duration::from_secs(5));
+    let mails = app.wait_for_mails(1).await;
+    let delivered = token_in_mail(&app, &mails[0]);
+    let refused = app.sink().refusals()[0]
+        .mail
+        .clone()
+        .expect("the refused message");
+    let first = token_in_mail(&app, &refused);
+    assert_ne!(first, delivered, "each attempt renders a fresh link");
+    assert_eq!(
+        refused.message_id(),
+        mails[0].message_id(),
+        "one message, retried"
+    );
+    // One link per message: the retry replaced the undelivered attempt's link.
+    assert_eq!(
+        query_rows(&app, "SELECT COUNT(*) FROM magic_links").await,
+        vec![vec!["1".to_owned()]]
+    );
+    let p = Jar::new(&app).redeem(&first).await;
+    assert!(
+        p.status == 404 || p.status == 410,
+        "the undelivered link still works: {p:?}"
+    );
+    assert!(p.set_cookie().is_none());
+    Jar::new(&app).sign_in(&delivered).await;
 }
 
 async fn tokens_never_reach_the_logs_or_the_database(backend: Backend) {

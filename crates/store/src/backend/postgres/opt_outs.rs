@@ -49,4 +49,13 @@ impl PgStore {
             })
             .collect()
     }
+
+    pub async fn contacts_by_phone(&self, phone: String) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM contacts WHERE phone = $1 ORDER BY id")
+                .bind(&phone)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
 }

@@ -69,7 +69,7 @@ impl PgStore {
     pub async fn messages(&self, f: ListFilter) -> Result<Vec<MessageRow>> {
         let rows = sqlx::query(
             "SELECT id, run_id, step_id, workflow_id, contact_id, channel, recipient, subject, header_message_id,
-                    status, reason, attempts, due_ms, provider_id, created_ms, updated_ms, sent_ms
+                    status, reason, attempts, due_ms, provider_id, created_ms, updated_ms, sent_ms, segments
              FROM messages
              WHERE ($1::text IS NULL OR contact_id = $1) AND ($2::text IS NULL OR workflow_id = $2)
                AND ($3::text IS NULL OR status = $3) AND ($4::text IS NULL OR id > $4)
@@ -99,6 +99,7 @@ impl PgStore {
                     attempts: r.get(11),
                     due_ms: r.get(12),
                     provider_id: r.get(13),
+                    segments: r.get(17),
                     created_ms: r.get(14),
                     updated_ms: r.get(15),
                     sent_ms: r.get(16),

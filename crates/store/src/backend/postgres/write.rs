@@ -295,7 +295,8 @@ impl PgStore {
                  SELECT m.id, m.run_id, m.step_id, m.pc, m.workflow_id, r.workflow_version, m.channel, m.recipient,
                         m.header_message_id, m.attempts, e.body,
                         c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields,
-                    EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel)
+                    EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel),
+                    NOT EXISTS (SELECT 1 FROM messages p WHERE p.contact_id = m.contact_id AND p.channel = m.channel AND p.status = 'sent')
                  FROM claimed m JOIN runs r ON r.id = m.run_id JOIN events e ON e.seq = r.event_seq
                  LEFT JOIN contacts c ON c.id = m.contact_id
                  ORDER BY m.due_ms, m.id",
@@ -324,6 +325,7 @@ impl PgStore {
                     event: parse_stored_event(r.get(10))?,
                     contact: contact_at(&r, 11),
                     opted_out: r.get(18),
+                    first_on_channel: r.get(19),
                 })
             })
             .collect()
@@ -362,6 +364,7 @@ impl PgStore {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
+        let mut segments = Vec::with_capacity(n);
         for o in &outcomes {
             let (status, reason, due_ms, provider, sent_ms) = outcome_columns(&o.result, now_ms);
             ids.push(o.message_id.as_str());
@@ -372,15 +375,17 @@ impl PgStore {
             providers.push(provider);
             sent.push(sent_ms);
             subjects.push(o.subject.as_deref());
+            segments.push(o.segments);
         }
         let mut tx = self.pool.begin().await?;
         let updated: HashSet<i64> = sqlx::query(
             "UPDATE messages SET status = u.status, reason = u.reason, due_ms = u.due_ms,
                     provider_id = COALESCE(u.provider_id, messages.provider_id),
                     sent_ms = COALESCE(u.sent_ms, messages.sent_ms), subject = COALESCE(u.subject, messages.subject),
+                    segments = COALESCE(u.segments, messages.segments),
                     attempts = messages.attempts + 1, updated_ms = $9, locked_until_ms = NULL, lease_token = NULL
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::int8[], $8::text[])
-                  WITH ORDINALITY AS u(id, token, status, reason, due_ms, provider_id, sent_ms, subject, n)
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::int8[], $8::text[], $10::int8[])
+                  WITH ORDINALITY AS u(id, token, status, reason, due_ms, provider_id, sent_ms, subject, segments, n)
              WHERE messages.id = u.id AND messages.lease_token = u.token
              RETURNING u.n",
         )
@@ -393,6 +398,7 @@ impl PgStore {
         .bind(&sent)
         .bind(&subjects)
         .bind(now_ms)
+        .bind(&segments)
         .fetch_all(&mut *tx)
         .await?
         .iter()

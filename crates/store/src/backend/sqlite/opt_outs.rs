@@ -50,4 +50,13 @@ impl SqliteStore {
             })
             .collect()
     }
+
+    pub async fn contacts_by_phone(&self, phone: String) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM contacts WHERE phone = ? ORDER BY id")
+                .bind(&phone)
+                .fetch_all(&self.readers)
+                .await?,
+        )
+    }
 }

@@ -64,7 +64,7 @@ impl SqliteStore {
     pub async fn messages(&self, f: ListFilter) -> Result<Vec<MessageRow>> {
         let rows = sqlx::query(
             "SELECT id, run_id, step_id, workflow_id, contact_id, channel, recipient, subject, header_message_id,
-                    status, reason, attempts, due_ms, provider_id, created_ms, updated_ms, sent_ms
+                    status, reason, attempts, due_ms, provider_id, created_ms, updated_ms, sent_ms, segments
              FROM messages
              WHERE (?1 IS NULL OR contact_id = ?1) AND (?2 IS NULL OR workflow_id = ?2)
                AND (?3 IS NULL OR status = ?3) AND (?4 IS NULL OR id > ?4)
@@ -95,6 +95,7 @@ impl SqliteStore {
                     attempts: r.get(11),
                     due_ms: r.get(12),
                     provider_id: r.get(13),
+                    segments: r.get(17),
                     created_ms: r.get(14),
                     updated_ms: r.get(15),
                     sent_ms: r.get(16),

@@ -256,7 +256,8 @@ impl SqliteStore {
             "SELECT m.id, m.run_id, m.step_id, m.pc, m.workflow_id, r.workflow_version, m.channel, m.recipient,
                     m.header_message_id, m.attempts, e.body,
                     c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields,
-                    EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel)
+                    EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel),
+                    NOT EXISTS (SELECT 1 FROM messages p WHERE p.contact_id = m.contact_id AND p.channel = m.channel AND p.status = 'sent')
              FROM messages m JOIN runs r ON r.id = m.run_id JOIN events e ON e.seq = r.event_seq
              LEFT JOIN contacts c ON c.id = m.contact_id
              WHERE m.id IN (SELECT value FROM json_each(?))",
@@ -281,6 +282,7 @@ impl SqliteStore {
                 event: parse_stored_event(r.get(10))?,
                 contact: contact_at(&r, 11),
                 opted_out: r.get(18),
+                first_on_channel: r.get(19),
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -299,7 +301,8 @@ impl SqliteStore {
             let (status, reason, due, provider, sent) = outcome_columns(&o.result, now_ms);
             let updated = sqlx::query(
                 "UPDATE messages SET status = ?, reason = ?, due_ms = ?, provider_id = COALESCE(?, provider_id),
-                        sent_ms = COALESCE(?, sent_ms), subject = COALESCE(?, subject), attempts = attempts + 1,
+                        sent_ms = COALESCE(?, sent_ms), subject = COALESCE(?, subject),
+                        segments = COALESCE(?, segments), attempts = attempts + 1,
                         updated_ms = ?, locked_until_ms = NULL, lease_token = NULL
                  WHERE id = ? AND lease_token = ?",
             )
@@ -309,6 +312,7 @@ impl SqliteStore {
             .bind(provider)
             .bind(sent)
             .bind(&o.subject)
+            .bind(o.segments)
             .bind(now_ms)
             .bind(&o.message_id)
             .bind(&o.lease_token)

@@ -1,0 +1,3 @@
+-- SMS: the segment count of each SMS, and finding contacts by phone for inbound keywords.
+ALTER TABLE messages ADD COLUMN segments INTEGER;
+CREATE INDEX contacts_phone ON contacts (phone);
