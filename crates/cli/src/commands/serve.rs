@@ -32,7 +32,9 @@ pub async fn serve(config: Config, dev: bool) -> Result<ExitCode> {
             config.public_url()
         );
     }
+    let reloader = tokio::spawn(reload_on_sighup(app.state().registry.clone(), app.state().clock.clone()));
     app.run(shutdown_signal()).await?;
+    reloader.abort();
     tracing::info!("herald stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -157,4 +159,26 @@ async fn shutdown_signal() {
     let terminate = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
     tracing::info!("shutting down: finishing requests and batches in flight");
+}
+
+/// `kill -HUP`: reload workflows and templates; a set that does not check is refused as a whole
+/// and the running set stays.
+async fn reload_on_sighup(registry: Arc<Registry>, clock: Clock) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        while hup.recv().await.is_some() {
+            match registry.reload(clock.now_ms()).await {
+                Ok(warnings) => {
+                    for w in warnings {
+                        tracing::warn!(%w, "workflow warning");
+                    }
+                    tracing::info!("workflows reloaded");
+                }
+                Err(e) => tracing::error!(error = %e, "workflow reload refused; the running set stays"),
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (registry, clock);
 }

@@ -18,6 +18,8 @@ both_backends!(
     transient_smtp_failure_is_retried_with_the_same_message_id,
     permanent_smtp_failure_fails_at_once,
     smtp_down_is_retried_until_it_is_back,
+    subject_never_contains_a_line_break,
+    event_time_renders_as_received,
 );
 
 const WELCOME: &str = r#"
@@ -543,5 +545,65 @@ async fn every_workflow_email_carries_list_unsubscribe() {
     assert_eq!(
         email.header("List-Unsubscribe-Post"),
         Some("List-Unsubscribe=One-Click")
+    );
+}
+
+async fn subject_never_contains_a_line_break(backend: Backend) {
+    let Some(app) = spawn_app(welcome(backend)).await else {
+        return;
+    };
+    let sneaky = "Ann\r\nBcc: victim@example.com\r\nX-Injected: yes";
+    app.accept(&offer_granted(contact("c_crlf", sneaky), "o_pro"))
+        .await;
+    let mails = app.wait_for_mails(1).await;
+    assert_eq!(
+        mails[0].rcpt_to,
+        ["c_crlf@example.com"],
+        "a value added a recipient"
+    );
+    let email = mails[0].parse();
+    assert!(
+        !email.subject.contains('\n') && !email.subject.contains('\r'),
+        "{:?}",
+        email.subject
+    );
+    assert!(
+        email.subject.starts_with("Welcome to Rust Pro, Ann"),
+        "{:?}",
+        email.subject
+    );
+    assert!(
+        email.header("Bcc").is_none() && email.header("X-Injected").is_none(),
+        "{:?}",
+        email.headers
+    );
+}
+
+async fn event_time_renders_as_received(backend: Backend) {
+    let wf = r#"
+name: Time
+trigger:
+  event: new_signup
+steps:
+  - id: at
+    send_email:
+      subject: "Signed up at {{event.time}}"
+      text: "{{event.type}} at {{event.time}}"
+"#;
+    let Some(app) = spawn_app(TestOptions::new(backend).workflow("time", wf)).await else {
+        return;
+    };
+    app.accept(&at(
+        new_signup(contact("c_time", "Ann")),
+        "2026-11-24T11:00:00.5+01:00",
+    ))
+    .await;
+    let email = app.wait_for_mails(1).await[0].parse();
+    assert_eq!(email.subject, "Signed up at 2026-11-24T11:00:00.5+01:00");
+    let text = email.text.unwrap();
+    assert!(text.contains("at 2026-11-24T11:00:00.5+01:00"), "{text}");
+    assert!(
+        text.contains("new_signup") || text.contains("course.new_signup"),
+        "{text}"
     );
 }

@@ -18,6 +18,7 @@ both_backends!(
     disabling_parks_waiting_runs_and_enabling_resumes_them,
     runs_stay_pinned_to_their_version_across_a_reload,
     a_reload_that_does_not_check_changes_nothing,
+    a_later_email_goes_to_the_current_address,
 );
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -709,4 +710,31 @@ async fn a_reload_that_does_not_check_changes_nothing(backend: Backend) {
     app.accept(&new_signup(contact("c_reload2", "Bob"))).await;
     let mails = app.wait_for_mails(2).await;
     assert_eq!(mails[1].parse().subject, "Changed");
+}
+
+async fn a_later_email_goes_to_the_current_address(backend: Backend) {
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("welcome", WELCOME_THEN_WAIT);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_moves", "Ann"), "o_pro"))
+        .await;
+    app.wait_for_mails(1).await;
+    // During the wait the platform reports a new address and name.
+    let mut moved = contact("c_moves", "Annie");
+    moved["email"] = serde_json::json!("annie@new.example.com");
+    app.accept(&new_signup(moved)).await;
+    app.settle().await;
+
+    app.advance(2 * DAY + MINUTE);
+    let mails = app.wait_for_mails(2).await;
+    assert_eq!(mails[0].rcpt_to, ["c_moves@example.com"]);
+    assert_eq!(
+        mails[1].rcpt_to,
+        ["annie@new.example.com"],
+        "the later email went to the old address"
+    );
+    assert!(mails[1].parse().text.unwrap().contains("Annie"));
 }
