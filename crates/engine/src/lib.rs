@@ -345,6 +345,17 @@ impl Shared {
         if n == 0 {
             return Ok(0);
         }
+        // Several messages of one contact on one channel claimed together (two SMS steps in a
+        // row): only the earliest (ids are time-ordered) is its first, so only that one carries
+        // the opt-out line.
+        let mut claimed = claimed;
+        claimed.sort_by(|a, b| a.id.cmp(&b.id));
+        let mut firsts = std::collections::HashSet::new();
+        for m in &mut claimed {
+            if m.first_on_channel && !firsts.insert((m.event.contact_id().to_owned(), m.channel)) {
+                m.first_on_channel = false;
+            }
+        }
         let channels: std::collections::HashMap<String, &'static str> = claimed
             .iter()
             .map(|m| (m.id.clone(), m.channel.as_str()))

@@ -32,7 +32,10 @@ pub async fn serve(config: Config, dev: bool) -> Result<ExitCode> {
             config.public_url()
         );
     }
-    let reloader = tokio::spawn(reload_on_sighup(app.state().registry.clone(), app.state().clock.clone()));
+    let reloader = tokio::spawn(reload_on_sighup(
+        app.state().registry.clone(),
+        app.state().clock.clone(),
+    ));
     app.run(shutdown_signal()).await?;
     reloader.abort();
     tracing::info!("herald stopped");
@@ -166,7 +169,10 @@ async fn shutdown_signal() {
 async fn reload_on_sighup(registry: Arc<Registry>, clock: Clock) {
     #[cfg(unix)]
     {
-        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else { return };
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
         while hup.recv().await.is_some() {
             match registry.reload(clock.now_ms()).await {
                 Ok(warnings) => {
@@ -175,7 +181,9 @@ async fn reload_on_sighup(registry: Arc<Registry>, clock: Clock) {
                     }
                     tracing::info!("workflows reloaded");
                 }
-                Err(e) => tracing::error!(error = %e, "workflow reload refused; the running set stays"),
+                Err(e) => {
+                    tracing::error!(error = %e, "workflow reload refused; the running set stays")
+                }
             }
         }
     }

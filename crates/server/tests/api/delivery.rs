@@ -20,6 +20,7 @@ both_backends!(
     smtp_down_is_retried_until_it_is_back,
     subject_never_contains_a_line_break,
     event_time_renders_as_received,
+    every_workflow_email_carries_list_unsubscribe,
 );
 
 const WELCOME: &str = r#"
@@ -529,10 +530,8 @@ async fn smtp_down_is_retried_until_it_is_back(backend: Backend) {
 }
 
 /// SPEC §5: `List-Unsubscribe` and `List-Unsubscribe-Post` on every workflow email.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "not implemented yet: delivery.rs sends no List-Unsubscribe headers (SPEC §5)"]
-async fn every_workflow_email_carries_list_unsubscribe() {
-    let Some(app) = spawn_app(welcome(Backend::Sqlite)).await else {
+async fn every_workflow_email_carries_list_unsubscribe(backend: Backend) {
+    let Some(app) = spawn_app(welcome(backend)).await else {
         return;
     };
     app.accept(&offer_granted(contact("c_unsub", "Ann"), "o_pro"))

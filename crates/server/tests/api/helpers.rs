@@ -169,6 +169,8 @@ pub struct TestOptions {
     pub learner_ttl: Duration,
     /// `HERALD_LEARNER_LINK_USES`.
     pub learner_uses: i64,
+    /// The SMS provider (`HERALD_SMS_URL` …); `None`: SMS go to the dev mailbox.
+    pub sms: Option<herald_channels::sms::SmsSender>,
 }
 
 impl TestOptions {
@@ -190,6 +192,7 @@ impl TestOptions {
             redeem_per_minute: 60,
             learner_ttl: Duration::from_secs(24 * 3600),
             learner_uses: 5,
+            sms: None,
         }
     }
 
@@ -224,6 +227,12 @@ impl TestOptions {
         self.retry_base = base;
         self.retry_cap = cap;
         self.max_attempts = max_attempts;
+        self
+    }
+
+    /// Sends SMS through this provider instead of the dev mailbox.
+    pub fn sms(mut self, sender: herald_channels::sms::SmsSender) -> Self {
+        self.sms = Some(sender);
         self
     }
 }
@@ -335,6 +344,7 @@ async fn launch(
     engine.retry_cap = options.retry_cap;
     engine.max_attempts = options.max_attempts;
     engine.poll_interval = options.poll_interval;
+    engine.sms = options.sms.clone();
     let settings = Settings {
         database_url: env.database_url.clone(),
         listen: "127.0.0.1:0".into(),

@@ -6,6 +6,7 @@
 mod helpers;
 mod link_helpers;
 mod smtp_sink;
+mod twilio_stub;
 
 mod delivery;
 mod durability;
@@ -17,3 +18,6 @@ mod workflows;
 mod browser;
 mod links;
 mod portal;
+
+mod opt_outs;
+mod sms;

@@ -24,9 +24,13 @@ impl PgStore {
     pub async fn mint_link(&self, link: NewLink, now_ms: i64) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         if let Some(message_id) = &link.message_id {
-            // A retried send re-mints: the earlier token of that message stops working.
-            sqlx::query("DELETE FROM magic_links WHERE message_id = $1")
-                .bind(message_id)
+            // A retried send re-mints: the earlier token of that message is revoked (kept, so a
+            // copy that did arrive says "replaced" rather than "unknown").
+            sqlx::query(
+                "UPDATE magic_links SET revoked_ms = COALESCE(revoked_ms, $1), message_id = NULL WHERE message_id = $2",
+            )
+            .bind(now_ms)
+            .bind(message_id)
                 .execute(&mut *tx)
                 .await?;
         }

@@ -26,9 +26,13 @@ impl SqliteStore {
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
         if let Some(message_id) = &link.message_id {
-            // A retried send re-mints: the earlier token of that message stops working.
-            sqlx::query("DELETE FROM magic_links WHERE message_id = ?")
-                .bind(message_id)
+            // A retried send re-mints: the earlier token of that message is revoked (kept, so a
+            // copy that did arrive says "replaced" rather than "unknown").
+            sqlx::query(
+                "UPDATE magic_links SET revoked_ms = COALESCE(revoked_ms, ?), message_id = NULL WHERE message_id = ?",
+            )
+            .bind(now_ms)
+            .bind(message_id)
                 .execute(&mut *tx)
                 .await?;
         }
