@@ -229,7 +229,9 @@ impl Shared {
             record_messages(&messages);
         }
         if n > 0 {
+            // New messages to send, and runs whose awaited event just came.
             self.wakers.delivery.notify_one();
+            self.wakers.steps.notify_one();
         }
         Ok(n)
     }
@@ -335,9 +337,13 @@ impl Shared {
         use futures::StreamExt;
         let claimed = self
             .store
+            // No more than can be in flight at once, so every claimed message starts sending at
+            // once and finishes (SMTP timeout 30 s) well inside its lease.
             .claim_messages(
                 self.clock.now_ms(),
-                self.config.batch_size,
+                self.config
+                    .batch_size
+                    .min(self.config.send_concurrency as i64),
                 self.config.lease.as_millis() as i64,
             )
             .await?;
@@ -360,20 +366,33 @@ impl Shared {
             .iter()
             .map(|m| (m.id.clone(), m.channel.as_str()))
             .collect();
-        let outcomes: Vec<_> = futures::stream::iter(claimed)
+        // Outcomes are recorded in groups of whatever has finished, not once for the whole
+        // batch: a crash or a lost lease then re-sends at most the sends of one small group.
+        let lease_token = claimed[0].lease_token.clone();
+        let mut finished = futures::stream::iter(claimed)
             .map(|m| self.delivery.deliver(m))
             .buffer_unordered(self.config.send_concurrency)
-            .collect()
-            .await;
-        let results: Vec<_> = outcomes
-            .iter()
-            .map(|o| (channels[&o.message_id], o.result.clone()))
-            .collect();
-        self.store
-            .complete_messages(self.clock.now_ms(), outcomes)
-            .await?;
-        for (channel, result) in &results {
-            telemetry::delivery(channel, result);
+            .ready_chunks(self.config.send_concurrency);
+        // Heartbeat: while sends are in flight their lease is renewed, so a slow provider does
+        // not let another process claim and send the same messages again.
+        let mut heartbeat = tokio::time::interval(self.config.lease / 3);
+        heartbeat.tick().await;
+        loop {
+            tokio::select! {
+                next = finished.next() => {
+                    let Some(outcomes) = next else { break };
+                    let results: Vec<_> =
+                        outcomes.iter().map(|o| (channels[&o.message_id], o.result.clone())).collect();
+                    self.store.complete_messages(self.clock.now_ms(), outcomes).await?;
+                    for (channel, result) in &results {
+                        telemetry::delivery(channel, result);
+                    }
+                }
+                _ = heartbeat.tick() => {
+                    let until = self.clock.now_ms() + self.config.lease.as_millis() as i64;
+                    self.store.extend_message_lease(lease_token.clone(), until).await?;
+                }
+            }
         }
         Ok(n)
     }

@@ -119,6 +119,8 @@ pub struct Registry {
     custom_values: Vec<String>,
     store: Store,
     snapshot: RwLock<Arc<Snapshot>>,
+    /// One reload at a time (SIGHUP and the admin API may race): the last to start wins.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Registry {
@@ -135,6 +137,7 @@ impl Registry {
             custom_values,
             store,
             snapshot: RwLock::new(Arc::default()),
+            reloading: tokio::sync::Mutex::new(()),
         };
         let mut versions = HashMap::new();
         for (id, version, bundle) in registry.store.live_workflow_versions().await? {
@@ -161,6 +164,7 @@ impl Registry {
     /// a run can always find its version) and runs of workflows that were disabled or enabled are
     /// parked or resumed. Returns the warnings.
     pub async fn reload(&self, now_ms: i64) -> Result<Vec<Diagnostic>, RegistryError> {
+        let _one_at_a_time = self.reloading.lock().await;
         let bundles = read_bundles(&self.sources)?;
         let (compiled, warnings) =
             compile_all(bundles, &self.custom_values).map_err(RegistryError::Invalid)?;

@@ -41,9 +41,15 @@ pub fn linkify(text: &str) -> String {
 /// An HTML answer that must not be cached, framed, or leak its URL (which may hold a token) as a
 /// referrer.
 pub fn private_page(status: axum::http::StatusCode, html: String) -> axum::response::Response {
-    use axum::http::{HeaderValue, header};
     use axum::response::IntoResponse;
     let mut response = (status, axum::response::Html(html)).into_response();
+    no_store(&mut response);
+    response
+}
+
+/// Marks a response as private: not cached, not framed, no referrer.
+pub fn no_store(response: &mut axum::response::Response) {
+    use axum::http::{HeaderValue, header};
     let h = response.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     h.insert(
@@ -51,7 +57,6 @@ pub fn private_page(status: axum::http::StatusCode, html: String) -> axum::respo
         HeaderValue::from_static("no-referrer"),
     );
     h.insert("x-frame-options", HeaderValue::from_static("DENY"));
-    response
 }
 
 /// A complete page: phone-friendly, no scripts, no third-party resources.

@@ -98,6 +98,8 @@ delegate! {
     fn finish_runs(&self, now_ms: i64, advances: Vec<RunAdvance>) -> ();
     /// Claims up to `limit` queued messages due at `now_ms` under a lease of `lease_ms`.
     fn claim_messages(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Vec<ClaimedMessage>;
+    /// Extends the lease of the messages of one claim still being delivered (heartbeat).
+    fn extend_message_lease(&self, lease_token: String, until_ms: i64) -> u64;
     /// Records delivery outcomes whose lease still holds.
     fn complete_messages(&self, now_ms: i64, outcomes: Vec<MessageOutcome>) -> ();
     /// The earliest due time of any run or queued message, to sleep until then.

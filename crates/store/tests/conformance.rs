@@ -2695,7 +2695,7 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
         );
     }
 
-    // Re-minting for the same message replaces that message's link.
+    // Re-minting for the same message revokes that message's earlier link.
     s.mint_link(
         learner_link("h1b", "c1", Some("m1"), Some(1), Some(T0 + 1_000)),
         T0 + 3,
@@ -2704,7 +2704,7 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
     .unwrap();
     assert_eq!(
         s.check_link("h1".into(), T0 + 3).await.unwrap(),
-        Err((LinkRefusal::Unknown, None))
+        Err((LinkRefusal::Revoked, Some("c1".into())))
     );
     assert_eq!(
         s.check_link("h1b".into(), T0 + 3).await.unwrap(),

@@ -3,6 +3,7 @@
 use crate::AppState;
 use crate::error::ApiError;
 use axum::Json;
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
@@ -89,6 +90,19 @@ pub struct ListQuery {
     limit: Option<i64>,
 }
 
+/// An unknown parameter or a value of the wrong type is a JSON 400 like every other refusal
+/// (axum's own rejection is plain text).
+fn list_query(
+    query: Result<axum::extract::Query<ListQuery>, QueryRejection>,
+) -> Result<ListQuery, ApiError> {
+    query.map(|q| q.0).map_err(|rejection| {
+        ApiError::new(StatusCode::BAD_REQUEST, rejection.body_text()).with(
+            "hint",
+            "query parameters: contact_id, workflow, status (messages), state (runs), after, limit",
+        )
+    })
+}
+
 const MAX_PAGE: i64 = 500;
 const DEFAULT_PAGE: i64 = 100;
 
@@ -124,8 +138,9 @@ fn opt_time(ms: Option<i64>) -> Value {
 /// `GET /v1/messages?contact_id=&workflow=&status=&after=&limit=`.
 pub async fn messages(
     State(state): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+    query: Result<axum::extract::Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let q = list_query(query)?;
     if let Some(s) = &q.status
         && herald_store::MessageStatus::parse(s).is_none()
     {
@@ -161,8 +176,9 @@ pub async fn messages(
 /// `GET /v1/runs?contact_id=&workflow=&state=&after=&limit=`.
 pub async fn runs(
     State(state): State<AppState>,
-    axum::extract::Query(q): axum::extract::Query<ListQuery>,
+    query: Result<axum::extract::Query<ListQuery>, QueryRejection>,
 ) -> Result<Json<Value>, ApiError> {
+    let q = list_query(query)?;
     if let Some(s) = &q.state
         && herald_store::RunState::parse(s).is_none()
     {

@@ -19,7 +19,9 @@ pub async fn post_events(
     request: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let (parts, body) = request.into_parts();
-    let body = read_body(&parts.headers, body).await?;
+    let body = read_body(&parts.headers, body)
+        .await
+        .inspect_err(|_| rejected("too_large"))?;
 
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let signed = SignedHeaders {
@@ -30,6 +32,7 @@ pub async fn post_events(
     let now = state.clock.now();
     if let Err(e) = signature::verify(&state.secrets, signed, &body, now.timestamp()) {
         tracing::info!(reason = %e, "event request refused: signature");
+        rejected("signature");
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             format!("invalid webhook signature: {e}"),
@@ -40,9 +43,11 @@ pub async fn post_events(
         ));
     }
 
-    let kind = body_kind(header(header::CONTENT_TYPE.as_str()))?;
+    let kind = body_kind(header(header::CONTENT_TYPE.as_str()))
+        .inspect_err(|_| rejected("content_type"))?;
     let events = event::parse_body(kind, &body, now).map_err(|e| {
         tracing::info!(reason = %e, "event request refused: invalid");
+        rejected("invalid");
         ApiError::new(StatusCode::BAD_REQUEST, e.to_string())
             .with("index", e.index)
             .with("field", e.field)
@@ -65,6 +70,10 @@ pub async fn post_events(
     if results.contains(&Accepted::New) {
         state.wakers.events_stored();
     }
+    let new = results.iter().filter(|r| **r == Accepted::New).count() as u64;
+    metrics::counter!("herald_events_accepted_total", "status" => "new").increment(new);
+    metrics::counter!("herald_events_accepted_total", "status" => "duplicate")
+        .increment(results.len() as u64 - new);
     let listed: Vec<Value> = ids
         .into_iter()
         .zip(results)
@@ -73,6 +82,11 @@ pub async fn post_events(
         })
         .collect();
     Ok((StatusCode::ACCEPTED, Json(json!({ "events": listed }))))
+}
+
+/// Counts a refused request by reason: `too_large`, `signature`, `content_type` or `invalid`.
+fn rejected(reason: &'static str) {
+    metrics::counter!("herald_events_rejected_total", "reason" => reason).increment(1);
 }
 
 /// Reads the body up to [`MAX_BODY_BYTES`], refusing early on a declared length over it.
@@ -88,12 +102,20 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes,
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
+        // Read (and drop) a bounded amount first: a client that writes its whole body before
+        // reading the answer would otherwise see a broken pipe instead of the 413.
+        if declared.is_some_and(|n| n <= DRAIN_BYTES as u64) {
+            let _ = axum::body::to_bytes(body, DRAIN_BYTES).await;
+        }
         return Err(too_large());
     }
     axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|_| too_large())
 }
+
+/// Oversized bodies up to this size are read to their end before the 413 goes out.
+const DRAIN_BYTES: usize = 8 * 1024 * 1024;
 
 fn body_kind(content_type: Option<&str>) -> Result<BodyKind, ApiError> {
     let essence = content_type

@@ -5,7 +5,7 @@
 use super::portal::{SESSION_TTL, session_cookie};
 use crate::AppState;
 use crate::error::ApiError;
-use crate::html::{escape, page, private_page};
+use crate::html::{escape, no_store, page, private_page};
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
@@ -56,8 +56,9 @@ pub async fn redeem(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     Path(token): Path<String>,
 ) -> Result<Response, ApiError> {
-    limit(&state, peer)?;
+    limit(&state, peer).inspect_err(|_| redemption("rate_limited"))?;
     if !looks_like_token(&token) {
+        redemption(LinkRefusal::Unknown.as_str());
         return Ok(refusal_page(&token, LinkRefusal::Unknown));
     }
     let now_ms = state.clock.now_ms();
@@ -81,6 +82,7 @@ pub async fn redeem(
                 state.wakers.events_stored();
             }
             tracing::info!(kind = holder.kind.as_str(), "magic link redeemed");
+            redemption("redeemed");
             let mut response =
                 (StatusCode::SEE_OTHER, [(header::LOCATION, "/portal")]).into_response();
             let cookie = session_cookie(&state, &session.raw, SESSION_TTL.as_secs());
@@ -93,6 +95,7 @@ pub async fn redeem(
         }
         Err((reason, _)) => {
             tracing::info!(reason = reason.as_str(), "magic link refused");
+            redemption(reason.as_str());
             Ok(refusal_page(&token, reason))
         }
     }
@@ -129,6 +132,12 @@ pub async fn new_link(
     let body = "<h1>Check your inbox</h1><p>If this link belongs to an account with an email address on file, \
                 a new sign-in link is on its way to that address. It can take a minute to arrive.</p>";
     Ok(private_page(StatusCode::OK, page("Check your inbox", body)))
+}
+
+/// Counts a redemption attempt (`POST /l/{token}`) by outcome: `redeemed`, a refusal reason
+/// (`unknown`, `expired`, `used_up`, `revoked`, `not_entitled`) or `rate_limited`.
+fn redemption(outcome: &'static str) {
+    metrics::counter!("herald_link_redemptions_total", "outcome" => outcome).increment(1);
 }
 
 fn limit(state: &AppState, peer: SocketAddr) -> Result<(), ApiError> {
@@ -176,14 +185,4 @@ fn refusal_page(token: &str, reason: LinkRefusal) -> Response {
         ));
     }
     private_page(status, page(title, &body))
-}
-
-fn no_store(response: &mut Response) {
-    let h = response.headers_mut();
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(
-        header::REFERRER_POLICY,
-        HeaderValue::from_static("no-referrer"),
-    );
-    h.insert("x-frame-options", HeaderValue::from_static("DENY"));
 }

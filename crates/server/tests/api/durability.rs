@@ -315,7 +315,6 @@ async fn two_processes_share_one_postgres_database() {
 /// claim and send its messages again: the lease has to be extended while the sends are in flight
 /// (STACK.md: "a long step extends its lease (heartbeat)").
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "known bug: no lease heartbeat in deliver_once; a second process re-sends a slow batch"]
 async fn slow_smtp_does_not_make_a_second_process_send_again() {
     let Some(first) = spawn_app(options(Backend::Postgres)).await else {
         return;

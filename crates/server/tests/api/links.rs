@@ -574,7 +574,11 @@ async fn a_retried_send_keeps_one_working_link_per_message(backend: Backend) {
     // One working link per message: the retry revoked the earlier attempt's link (kept, so a
     // copy that did arrive says "replaced").
     assert_eq!(
-        query_rows(&app, "SELECT COUNT(*) FROM magic_links WHERE revoked_ms IS NULL").await,
+        query_rows(
+            &app,
+            "SELECT COUNT(*) FROM magic_links WHERE revoked_ms IS NULL"
+        )
+        .await,
         vec![vec!["1".to_owned()]]
     );
     let p = Jar::new(&app).redeem(&first).await;

@@ -19,5 +19,7 @@ mod browser;
 mod links;
 mod portal;
 
+mod admin;
+mod metrics;
 mod opt_outs;
 mod sms;

@@ -16,6 +16,7 @@ both_backends!(
     forged_unsubscribe_tokens_are_refused,
     queued_and_held_emails_are_suppressed_after_unsubscribe,
     inbound_sms_needs_a_valid_twilio_signature,
+    inbound_signature_covers_the_configured_public_url,
     sms_keywords_opt_out_and_back_in,
     stop_applies_to_every_contact_with_that_phone,
     queued_sms_is_suppressed_after_stop_and_start_resumes,
@@ -510,6 +511,45 @@ async fn inbound_sms_needs_a_valid_twilio_signature(backend: Backend) {
     assert_eq!(app.opted_out_channels("c_sig").await, [Channel::Sms]);
 }
 
+/// Twilio signs the URL it was configured with: herald's public URL (here behind a path prefix,
+/// configured with a trailing slash), not the address it listens on.
+async fn inbound_signature_covers_the_configured_public_url(backend: Backend) {
+    let stub = TwilioStub::start().await;
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .sms(stub.sender())
+        .public_url("https://school.example.com/herald/");
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    let phone = "+15551240081";
+    app.accept(&event(
+        "user_login",
+        json!({"contact": sms_contact("c_url", "Ann", phone)}),
+    ))
+    .await;
+    app.settle().await;
+    let fields = inbound_fields(phone, "STOP");
+    for url in [
+        "https://school.example.com/v1/sms/inbound",
+        "https://school.example.com/herald//v1/sms/inbound",
+        "http://school.example.com/herald/v1/sms/inbound",
+    ] {
+        let signature = twilio_signature(AUTH_TOKEN, url, &fields);
+        let response = app.post_inbound(&fields, Some(&signature)).await;
+        assert_eq!(response.status(), 403, "signed over {url}");
+    }
+    assert_eq!(app.opted_out_channels("c_url").await, []);
+    let signature = twilio_signature(
+        AUTH_TOKEN,
+        "https://school.example.com/herald/v1/sms/inbound",
+        &fields,
+    );
+    let response = app.post_inbound(&fields, Some(&signature)).await;
+    assert_eq!(response.status(), 200);
+    assert_eq!(app.opted_out_channels("c_url").await, [Channel::Sms]);
+}
+
 async fn sms_keywords_opt_out_and_back_in(backend: Backend) {
     let stub = TwilioStub::start().await;
     let Some(app) = course_app(backend, &stub).await else {
@@ -704,4 +744,58 @@ async fn queued_sms_is_suppressed_after_stop_and_start_resumes(backend: Backend)
     app.settle().await;
     assert_eq!(stub.count(), 2);
     stub.assert_well_formed();
+}
+
+/// Known product bug, kept as an ignored test until it is fixed: recording a suppressed (or
+/// delivery-time skipped) outcome counts a send attempt (`attempts = attempts + 1` in
+/// `complete_messages` of both backends), so the admin API shows attempts for messages herald
+/// never tried to send.
+mod suppression_counts_no_attempt {
+    use crate::helpers::Backend;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "BUG: a suppressed message is counted as an attempt (store complete_messages)"]
+    async fn sqlite() {
+        super::suppression_counts_no_attempt(Backend::Sqlite).await
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    #[ignore = "BUG: a suppressed message is counted as an attempt (store complete_messages)"]
+    async fn postgres() {
+        super::suppression_counts_no_attempt(Backend::Postgres).await
+    }
+}
+
+async fn suppression_counts_no_attempt(backend: Backend) {
+    let stub = TwilioStub::start().await;
+    let base = Duration::from_secs(10);
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("noon", NOON)
+        .workflow("login", LOGIN_SMS)
+        .sms(stub.sender())
+        .retries(base, base, 8);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.accept(&new_signup(sms_contact("c_held0", "Ann", "+15551240071")))
+        .await;
+    stub.reply_next(&[Reply::status(500)]);
+    app.accept(&user_login(sms_contact("c_tried1", "Bob", "+15551240072")))
+        .await;
+    stub.wait_for_requests(1).await;
+    app.settle().await;
+    app.text_in("+15551240071", "STOP").await;
+    app.text_in("+15551240072", "STOP").await;
+    app.advance(2 * HOUR);
+    app.settle().await;
+    for (id, step, attempts) in [("c_held0", "noon_text", 0), ("c_tried1", "login_text", 1)] {
+        let rows = app.messages_of(id).await;
+        let m = rows.iter().find(|m| m.step_id == step).unwrap();
+        assert_eq!(m.status, MessageStatus::Suppressed, "{id}: {m:#?}");
+        assert_eq!(
+            m.attempts, attempts,
+            "{id}: suppression is no send attempt: {m:#?}"
+        );
+    }
 }

@@ -17,6 +17,7 @@ both_backends!(
     without_a_provider_sms_go_to_the_dev_mailbox,
     transient_provider_errors_retry_with_exponential_backoff,
     retry_after_is_honoured,
+    a_lost_answer_is_retried_under_the_same_key_and_delivered_once,
     provider_client_errors_fail_at_once,
     provider_down_is_retried_until_it_is_back,
     gives_up_after_max_attempts,
@@ -493,6 +494,47 @@ async fn retry_after_is_honoured(backend: Backend) {
         assert_eq!(only_message(&app, &id).await.attempts, 2);
     }
     stub.assert_well_formed();
+}
+
+/// The provider took the message but its answer was lost (a 502 from a proxy): herald retries,
+/// with the same Idempotency-Key, so the provider recognises the message and the learner gets
+/// one SMS; herald records the provider's sid of that one message.
+async fn a_lost_answer_is_retried_under_the_same_key_and_delivered_once(backend: Backend) {
+    let stub = TwilioStub::start().await;
+    let base = Duration::from_secs(10);
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("texts", WELCOME_SMS)
+        .sms(stub.sender())
+        .retries(base, base, 8);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    stub.reply_next(&[Reply::lost_answer(502)]);
+    app.accept(&new_signup(sms_contact("c_lost", "Ann", "+15551230081")))
+        .await;
+    let m = wait_for_attempts(&app, "c_lost", 1).await;
+    assert_eq!(
+        m.status,
+        MessageStatus::Queued,
+        "a 502 is transient: {m:#?}"
+    );
+    app.advance(base);
+    stub.wait_for_requests(2).await;
+    let rows = app.wait_for_status(1, MessageStatus::Sent).await;
+    app.settle().await;
+    stub.assert_well_formed();
+    let requests = stub.requests();
+    assert_eq!(requests.len(), 2, "{requests:#?}");
+    assert_eq!(
+        requests[0].idempotency_key, requests[1].idempotency_key,
+        "the retry must carry the same Idempotency-Key"
+    );
+    assert_eq!(requests[0].body, requests[1].body);
+    let delivered = stub.delivered();
+    assert_eq!(delivered.len(), 1, "the learner got two SMS: {requests:#?}");
+    assert_eq!(rows[0].provider_id, delivered[0].sid);
+    assert_eq!(rows[0].attempts, 2);
 }
 
 /// A provider's 4xx other than 429 is permanent: failed at once with the provider's answer as

@@ -5,7 +5,9 @@
 //! with `To` (E.164), `From` (the configured sender) and a non-empty `Body`. Every request is
 //! recorded with what was wrong with it (tests assert there was nothing) and the answer given.
 //! Answers are scripted: by default `201` with a fresh `sid`; `reply_next` queues others (`500`,
-//! `429` with or without `Retry-After`, `400`, ...). `stop` takes the server down (connections
+//! `429` with or without `Retry-After`, `400`, ..., or a delivery whose answer is lost). Like
+//! Twilio, it deduplicates on `Idempotency-Key`: a key it delivered before gets that message's
+//! sid again and delivers nothing new. `stop` takes the server down (connections
 //! are refused) and `resume` brings it back on the same port. Every answer carries
 //! `Connection: close`, so no pooled connection outlives a `stop`.
 
@@ -37,6 +39,9 @@ pub struct Reply {
     pub status: u16,
     /// Seconds, sent as `Retry-After`.
     pub retry_after: Option<u64>,
+    /// The message is accepted (delivered to the handset) but the answer says `status`: a
+    /// response lost on the way back, as a timeout or a proxy's 502 would lose it.
+    pub lose_answer: bool,
 }
 
 impl Reply {
@@ -44,12 +49,14 @@ impl Reply {
     pub const CREATED: Reply = Reply {
         status: 201,
         retry_after: None,
+        lose_answer: false,
     };
 
     pub fn status(status: u16) -> Self {
         Self {
             status,
             retry_after: None,
+            lose_answer: false,
         }
     }
 
@@ -57,6 +64,16 @@ impl Reply {
         Self {
             status,
             retry_after: Some(seconds),
+            lose_answer: false,
+        }
+    }
+
+    /// Delivers the message, then answers `status` as if the answer was lost.
+    pub fn lost_answer(status: u16) -> Self {
+        Self {
+            status,
+            retry_after: None,
+            lose_answer: true,
         }
     }
 }
@@ -76,8 +93,10 @@ pub struct SmsRequest {
     pub problems: Vec<String>,
     /// What it answered.
     pub answered: u16,
-    /// The sid it handed out (2xx only).
+    /// The sid of the message this request created or (a repeated Idempotency-Key) found.
     pub sid: Option<String>,
+    /// Whether this request put a new message on its way to a handset.
+    pub delivered: bool,
 }
 
 #[derive(Default)]
@@ -87,6 +106,8 @@ struct StubState {
     /// Answers every request with this once the script is empty (default `CREATED`).
     fallback: Option<Reply>,
     next_sid: u64,
+    /// Idempotency-Key → sid of every message delivered, as Twilio deduplicates on it.
+    delivered_keys: std::collections::HashMap<String, String>,
 }
 
 struct Inner {
@@ -192,11 +213,11 @@ impl TwilioStub {
         self.inner.state.lock().unwrap().requests.len()
     }
 
-    /// Requests that were answered 2xx.
+    /// Requests that put a new message on its way to a handset.
     pub fn delivered(&self) -> Vec<SmsRequest> {
         self.requests()
             .into_iter()
-            .filter(|r| (200..300).contains(&r.answered))
+            .filter(|r| r.delivered)
             .collect()
     }
 
@@ -226,18 +247,27 @@ impl TwilioStub {
         self.requests()
     }
 
-    fn next_reply(&self) -> (Reply, Option<String>) {
+    /// The answer to a well-formed request: (reply, sid, delivered).
+    fn next_reply(&self, key: Option<&str>) -> (Reply, Option<String>, bool) {
         let mut st = self.inner.state.lock().unwrap();
+        // A key seen before: the same message, not a new one.
+        if let Some(sid) = key.and_then(|k| st.delivered_keys.get(k)) {
+            return (Reply::CREATED, Some(sid.clone()), false);
+        }
         let reply = st
             .script
             .pop_front()
             .or(st.fallback)
             .unwrap_or(Reply::CREATED);
-        let sid = (200..300).contains(&reply.status).then(|| {
+        let delivered = (200..300).contains(&reply.status) || reply.lose_answer;
+        let sid = delivered.then(|| {
             st.next_sid += 1;
             format!("SM{:032x}", 0x5eed_0000_u64 + st.next_sid)
         });
-        (reply, sid)
+        if let (Some(k), Some(sid)) = (key, &sid) {
+            st.delivered_keys.insert(k.to_owned(), sid.clone());
+        }
+        (reply, sid, delivered)
     }
 }
 
@@ -352,13 +382,13 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
 
-    let (status, sid, retry_after) = if !auth_ok {
-        (401, None, None)
+    let (status, sid, retry_after, delivered) = if !auth_ok {
+        (401, None, None, false)
     } else if !problems.is_empty() {
-        (400, None, None)
+        (400, None, None, false)
     } else {
-        let (reply, sid) = stub.next_reply();
-        (reply.status, sid, reply.retry_after)
+        let (reply, sid, delivered) = stub.next_reply(idempotency_key.as_deref());
+        (reply.status, sid, reply.retry_after, delivered)
     };
     stub.inner.state.lock().unwrap().requests.push(SmsRequest {
         method: method.to_string(),
@@ -371,10 +401,11 @@ async fn handle(
         problems: problems.clone(),
         answered: status,
         sid: sid.clone(),
+        delivered,
     });
 
     let code = StatusCode::from_u16(status).expect("valid status");
-    let json = match &sid {
+    let json = match sid.as_ref().filter(|_| (200..300).contains(&status)) {
         Some(sid) => serde_json::json!({
             "sid": sid, "account_sid": ACCOUNT_SID, "to": to, "from": from, "body": text,
             "status": "queued", "num_segments": "1",

@@ -331,6 +331,18 @@ impl PgStore {
             .collect()
     }
 
+    pub async fn extend_message_lease(&self, lease_token: String, until_ms: i64) -> Result<u64> {
+        let n = sqlx::query(
+            "UPDATE messages SET locked_until_ms = $1 WHERE lease_token = $2 AND status = 'queued'",
+        )
+        .bind(until_ms)
+        .bind(&lease_token)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n)
+    }
+
     pub async fn complete_messages(
         &self,
         now_ms: i64,

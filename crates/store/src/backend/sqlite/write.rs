@@ -290,6 +290,19 @@ impl SqliteStore {
         Ok(claimed)
     }
 
+    pub async fn extend_message_lease(&self, lease_token: String, until_ms: i64) -> Result<u64> {
+        let mut conn = self.writer.lock().await;
+        let n = sqlx::query(
+            "UPDATE messages SET locked_until_ms = ? WHERE lease_token = ? AND status = 'queued'",
+        )
+        .bind(until_ms)
+        .bind(&lease_token)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+        Ok(n)
+    }
+
     pub async fn complete_messages(
         &self,
         now_ms: i64,
