@@ -24,7 +24,8 @@ pub fn message(channel: &'static str, status: &'static str) {
 pub fn delivery(channel: &'static str, result: &DeliveryResult) {
     let status = match result {
         DeliveryResult::Sent { .. } => "sent",
-        DeliveryResult::Retry { .. } => "retry",
+        // A failed attempt that will be retried: the message is queued again.
+        DeliveryResult::Retry { .. } => "queued",
         DeliveryResult::Failed { .. } => "failed",
         DeliveryResult::Skipped { .. } => "skipped",
         DeliveryResult::Suppressed { .. } => "suppressed",

@@ -1806,12 +1806,14 @@ async fn claim_and_complete_messages_for_every_result(db: &TestDb) {
     let m = message_row(s, "m_skipped").await;
     assert_eq!(
         (m.status, m.reason.as_deref(), m.attempts),
-        (MessageStatus::Skipped, Some("outside quiet hours"), 1)
+        (MessageStatus::Skipped, Some("outside quiet hours"), 0),
+        "skipped at delivery: never tried, no attempt"
     );
     let m = message_row(s, "m_suppressed").await;
     assert_eq!(
         (m.status, m.reason.as_deref(), m.attempts),
-        (MessageStatus::Suppressed, Some("unsubscribed"), 1)
+        (MessageStatus::Suppressed, Some("unsubscribed"), 0),
+        "suppressed: never tried, no attempt"
     );
     let m = message_row(s, "m_skipped_at_creation").await;
     assert_eq!(

@@ -746,21 +746,17 @@ async fn queued_sms_is_suppressed_after_stop_and_start_resumes(backend: Backend)
     stub.assert_well_formed();
 }
 
-/// Known product bug, kept as an ignored test until it is fixed: recording a suppressed (or
-/// delivery-time skipped) outcome counts a send attempt (`attempts = attempts + 1` in
-/// `complete_messages` of both backends), so the admin API shows attempts for messages herald
-/// never tried to send.
+/// A suppressed (or delivery-time skipped) message was never tried, so it counts no attempt in
+/// the admin API.
 mod suppression_counts_no_attempt {
     use crate::helpers::Backend;
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "BUG: a suppressed message is counted as an attempt (store complete_messages)"]
     async fn sqlite() {
         super::suppression_counts_no_attempt(Backend::Sqlite).await
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "BUG: a suppressed message is counted as an attempt (store complete_messages)"]
     async fn postgres() {
         super::suppression_counts_no_attempt(Backend::Postgres).await
     }

@@ -395,7 +395,8 @@ impl PgStore {
                     provider_id = COALESCE(u.provider_id, messages.provider_id),
                     sent_ms = COALESCE(u.sent_ms, messages.sent_ms), subject = COALESCE(u.subject, messages.subject),
                     segments = COALESCE(u.segments, messages.segments),
-                    attempts = messages.attempts + 1, updated_ms = $9, locked_until_ms = NULL, lease_token = NULL
+                    attempts = messages.attempts + CASE WHEN u.status IN ('suppressed', 'skipped') THEN 0 ELSE 1 END,
+                    updated_ms = $9, locked_until_ms = NULL, lease_token = NULL
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::int8[], $8::text[], $10::int8[])
                   WITH ORDINALITY AS u(id, token, status, reason, due_ms, provider_id, sent_ms, subject, segments, n)
              WHERE messages.id = u.id AND messages.lease_token = u.token

@@ -315,7 +315,8 @@ impl SqliteStore {
             let updated = sqlx::query(
                 "UPDATE messages SET status = ?, reason = ?, due_ms = ?, provider_id = COALESCE(?, provider_id),
                         sent_ms = COALESCE(?, sent_ms), subject = COALESCE(?, subject),
-                        segments = COALESCE(?, segments), attempts = attempts + 1,
+                        segments = COALESCE(?, segments),
+                        attempts = attempts + ?,
                         updated_ms = ?, locked_until_ms = NULL, lease_token = NULL
                  WHERE id = ? AND lease_token = ?",
             )
@@ -326,6 +327,8 @@ impl SqliteStore {
             .bind(sent)
             .bind(&o.subject)
             .bind(o.segments)
+            // Suppressed and skipped messages were never tried: no attempt.
+            .bind(i64::from(!matches!(status, MessageStatus::Suppressed | MessageStatus::Skipped)))
             .bind(now_ms)
             .bind(&o.message_id)
             .bind(&o.lease_token)
