@@ -63,7 +63,8 @@ impl EngineConfig {
             max_attempts: 8,
             poll_interval: Duration::from_millis(500),
             batch_size: 256,
-            send_concurrency: 64,
+            // As many as the SMTP pool keeps connections for (see `email::POOL_SIZE`).
+            send_concurrency: herald_channels::email::POOL_SIZE as usize,
         }
     }
 
