@@ -50,6 +50,11 @@ struct Args {
     /// Requests in flight for scenarios A, C and E.
     #[arg(long, default_value_t = 64)]
     concurrency: usize,
+    /// Event type posted in A and B: `offer` (each starts a run that sends an email, the
+    /// default) or `lesson` (stored and projected, starts nothing: ingest without the engine's
+    /// delivery work, for diagnosis).
+    #[arg(long, value_enum, default_value = "offer")]
+    ingest_events: IngestEvents,
     /// Batches of 100 in flight for scenario B.
     #[arg(long, default_value_t = 16)]
     batch_concurrency: usize,
@@ -68,6 +73,20 @@ struct Args {
     /// Run only these scenarios (comma-separated letters, e.g. `E,A,C`).
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum IngestEvents {
+    Offer,
+    Lesson,
+}
+
+/// An event of the chosen kind with its own id and contact.
+fn ingest_event(kind: IngestEvents, id: &str, time: &str) -> String {
+    match kind {
+        IngestEvents::Offer => load::offer_event(id, &format!("c-{id}"), time),
+        IngestEvents::Lesson => load::lesson_event(id, &format!("c-{id}"), time),
+    }
 }
 
 /// How long and how much each scenario runs.
@@ -330,10 +349,18 @@ impl Bench {
 
     /// Request `i` is one offer grant `{prefix}-{i}` of its own contact.
     fn single_maker(&self, prefix: &str) -> Arc<dyn Fn(u64) -> Post + Send + Sync> {
+        self.single_maker_of(prefix, IngestEvents::Offer)
+    }
+
+    fn single_maker_of(
+        &self,
+        prefix: &str,
+        kind: IngestEvents,
+    ) -> Arc<dyn Fn(u64) -> Post + Send + Sync> {
         let (prefix, time) = (prefix.to_owned(), self.time.clone());
         Arc::new(move |i| {
             let id = format!("{prefix}-{i}");
-            let body = load::offer_event(&id, &format!("c-{id}"), &time);
+            let body = ingest_event(kind, &id, &time);
             Post {
                 webhook_id: format!("msg_{id}"),
                 content_type: load::SINGLE,
@@ -427,6 +454,12 @@ impl Bench {
             Some(_) => None,
         };
         let db = on.or(fresh.as_ref()).expect("a database");
+        // F.A waits for its emails afterwards, so it always posts offer grants.
+        let kind = if on.is_none() {
+            self.args.ingest_events
+        } else {
+            IngestEvents::Offer
+        };
         let mut h = self.start_herald(db, id).await?;
         let client = self.client(h.events_url(), self.args.concurrency)?;
         h.cpu_since_mark();
@@ -436,7 +469,7 @@ impl Bench {
             self.args.concurrency,
             u64::MAX,
             self.plan.burst,
-            self.single_maker(prefix),
+            self.single_maker_of(prefix, kind),
         )
         .await;
         let wall = out.elapsed.as_secs_f64().max(1e-9);
@@ -451,12 +484,20 @@ impl Bench {
         r.herald_cpu_cores = Some(h.cpu_since_mark() / wall);
         cpu0.finish(&mut r, wall);
         r.peak_rss_mb = mb(h.peak_rss());
-        r.notes.push(format!(
-            "{} in flight; the engine runs alongside: {} of the {} emails had reached the SMTP sink when posting stopped",
-            self.args.concurrency,
-            self.sink.count(),
-            out.ok
-        ));
+        if kind == IngestEvents::Lesson {
+            r.title = "ingest: single lesson_completed posts (start no run)".into();
+            r.notes.push(format!(
+                "{} in flight; --ingest-events lesson: the engine only projects them",
+                self.args.concurrency
+            ));
+        } else {
+            r.notes.push(format!(
+                "{} in flight; the engine runs alongside: {} of the {} emails had reached the SMTP sink when posting stopped",
+                self.args.concurrency,
+                self.sink.count(),
+                out.ok
+            ));
+        }
         if let Some(e) = self.results.iter().find(|x| x.scenario == "E") {
             r.ratio = Some(r.value / e.value);
             r.ratio_of = Some("E".into());
@@ -490,10 +531,11 @@ impl Bench {
         let conc = self.args.batch_concurrency;
         let client = self.client(h.events_url(), conc)?;
         let time = self.time.clone();
+        let kind = self.args.ingest_events;
         let make: Arc<dyn Fn(u64) -> Post + Send + Sync> = Arc::new(move |i| {
             let body = load::batch((0..100).map(|j| {
                 let id = format!("b-{i}-{j}");
-                load::offer_event(&id, &format!("c-{id}"), &time)
+                ingest_event(kind, &id, &time)
             }));
             Post {
                 webhook_id: format!("msg_b_{i}"),
@@ -519,6 +561,9 @@ impl Bench {
         r.notes.push(format!(
             "{conc} batches in flight; p50/p99 are per batch request"
         ));
+        if kind == IngestEvents::Lesson {
+            r.title = "ingest: batches of 100 lesson_completed (start no run)".into();
+        }
         self.stop_herald(h, &mut r).await?;
         db.drop_now().await?;
         Ok(r)
