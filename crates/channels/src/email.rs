@@ -2,11 +2,11 @@
 //! fixed by the caller so that every retry of one message carries the same one.
 
 use crate::SendError;
+use crate::smtp_pool::{Pool, Relay};
+use lettre::Message;
 use lettre::message::header::{HeaderName, HeaderValue};
 use lettre::message::{Mailbox, MultiPart, SinglePart};
-use lettre::transport::smtp::PoolConfig;
-use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
-use std::time::Duration;
+use std::sync::Arc;
 
 /// An email address as lettre validates it; the engine checks recipients with it before queueing.
 pub use lettre::Address;
@@ -35,74 +35,32 @@ pub enum SmtpConfigError {
     Unsupported(String),
 }
 
-/// Connections kept open to the relay. lettre closes a returned connection when the pool is full,
-/// so this must be at least the engine's sends in flight, or every burst reconnects (the benchmark
-/// saw 11,106 connections for 20,000 emails with 16 here and 64 in flight).
+/// Connections herald keeps to the relay at most; the engine sends as many emails at once.
 pub const POOL_SIZE: u32 = 32;
 
 /// A pooled SMTP client.
 #[derive(Clone)]
 pub struct SmtpSender {
-    /// lettre's transport owns the connection pool; cloning shares it.
-    transport: AsyncSmtpTransport<Tokio1Executor>,
+    /// The connections to the relay; cloning shares them.
+    pool: Arc<Pool>,
 }
 
 impl SmtpSender {
     /// `smtp://` uses STARTTLS (required) unless `?tls=none` (plain, for local relays) or
     /// `?tls=opportunistic`; `smtps://` is TLS from the first byte.
     pub fn from_url(url: &str) -> Result<Self, SmtpConfigError> {
-        let mut parsed =
-            url::Url::parse(url).map_err(|e| SmtpConfigError::BadUrl(e.to_string()))?;
-        let tls = parsed
-            .query_pairs()
-            .find(|(k, _)| k == "tls")
-            .map(|(_, v)| v.into_owned());
-        let rest: Vec<(String, String)> = parsed
-            .query_pairs()
-            .filter(|(k, _)| k != "tls")
-            .map(|(k, v)| (k.into_owned(), v.into_owned()))
-            .collect();
-        if !rest.is_empty() {
-            return Err(SmtpConfigError::Unsupported(format!(
-                "unknown parameter {:?}",
-                rest[0].0
-            )));
-        }
-        let lettre_tls = match (parsed.scheme(), tls.as_deref()) {
-            ("smtp", None | Some("required")) => Some("required"),
-            ("smtp", Some("opportunistic")) => Some("opportunistic"),
-            ("smtp", Some("none")) => None,
-            ("smtps", None) => None,
-            (scheme, tls) => {
-                return Err(SmtpConfigError::Unsupported(format!(
-                    "scheme {scheme:?} with tls={tls:?}"
-                )));
-            }
-        };
-        match lettre_tls {
-            Some(t) => parsed.set_query(Some(&format!("tls={t}"))),
-            None => parsed.set_query(None),
-        }
-        let transport = AsyncSmtpTransport::<Tokio1Executor>::from_url(parsed.as_str())
-            .map_err(|e| SmtpConfigError::Unsupported(e.to_string()))?
-            .timeout(Some(Duration::from_secs(30)))
-            .pool_config(
-                PoolConfig::new()
-                    .max_size(POOL_SIZE)
-                    .idle_timeout(Duration::from_secs(60)),
-            )
-            .build();
-        Ok(Self { transport })
+        let relay = Relay::from_url(url)?;
+        Ok(Self {
+            pool: Arc::new(Pool::new(relay, POOL_SIZE as usize)),
+        })
     }
 
     /// Sends one email and classifies any failure.
     pub async fn send(&self, email: &OutgoingEmail) -> Result<(), SendError> {
         let message = build_message(email)?;
-        match self.transport.send(message).await {
-            Ok(_) => Ok(()),
-            Err(e) if e.is_permanent() => Err(SendError::Permanent(e.to_string())),
-            Err(e) => Err(SendError::Transient(e.to_string())),
-        }
+        self.pool
+            .send(message.envelope(), &message.formatted())
+            .await
     }
 }
 
@@ -170,25 +128,5 @@ mod tests {
         let mut e = email();
         e.to = "not an address".into();
         assert!(matches!(build_message(&e), Err(SendError::Permanent(_))));
-    }
-
-    // lettre's pool spawns its reaper on the runtime, so building a transport needs one.
-    #[tokio::test]
-    async fn url_forms() {
-        for ok in [
-            "smtp://user:pass@localhost:587",
-            "smtps://user:pass@localhost:465",
-            "smtp://localhost:2525?tls=none",
-        ] {
-            assert!(SmtpSender::from_url(ok).is_ok(), "{ok}");
-        }
-        for bad in [
-            "http://localhost",
-            "smtp://localhost?tls=maybe",
-            "smtp://localhost?foo=1",
-            "::",
-        ] {
-            assert!(SmtpSender::from_url(bad).is_err(), "{bad}");
-        }
     }
 }

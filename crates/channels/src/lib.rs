@@ -4,6 +4,7 @@
 
 pub mod email;
 pub mod sms;
+mod smtp_pool;
 
 /// Why a send did not go through, classified for the retry policy.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

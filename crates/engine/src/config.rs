@@ -63,7 +63,7 @@ impl EngineConfig {
             max_attempts: 8,
             poll_interval: Duration::from_millis(500),
             batch_size: 256,
-            // As many as the SMTP pool keeps connections for (see `email::POOL_SIZE`).
+            // One email in flight per connection the SMTP pool may open (see `email::POOL_SIZE`).
             send_concurrency: herald_channels::email::POOL_SIZE as usize,
         }
     }

@@ -338,7 +338,7 @@ impl Shared {
         let claimed = self
             .store
             // No more than can be in flight at once, so every claimed message starts sending at
-            // once and finishes (SMTP timeout 30 s) well inside its lease.
+            // once; the heartbeat below keeps the lease while the slowest one finishes.
             .claim_messages(
                 self.clock.now_ms(),
                 self.config

@@ -21,6 +21,8 @@ both_backends!(
     subject_never_contains_a_line_break,
     event_time_renders_as_received,
     every_workflow_email_carries_list_unsubscribe,
+    emails_one_after_another_share_one_smtp_connection,
+    a_connection_the_relay_dropped_is_replaced_without_a_failed_attempt,
 );
 
 const WELCOME: &str = r#"
@@ -605,4 +607,43 @@ steps:
         text.contains("new_signup") || text.contains("course.new_signup"),
         "{text}"
     );
+}
+
+/// The SMTP client keeps its connection to the relay: five emails one after another, one
+/// connection (a relay counts connections per client; reconnecting per email is slow and rude).
+async fn emails_one_after_another_share_one_smtp_connection(backend: Backend) {
+    let Some(app) = spawn_app(welcome(backend)).await else {
+        return;
+    };
+    for i in 1..=5 {
+        app.accept(&offer_granted(
+            contact(&format!("c_seq{i}"), "Ann"),
+            "o_pro",
+        ))
+        .await;
+        app.wait_for_mails(i).await;
+    }
+    assert_eq!(app.sink().connections(), 1);
+    let rows = app.wait_for_status(5, MessageStatus::Sent).await;
+    assert!(rows.iter().all(|m| m.attempts == 1), "{rows:#?}");
+}
+
+/// A relay that closed herald's idle connection (a restart, an idle timeout) costs the next email
+/// no failed attempt and no retry delay: it goes out at once on a new connection.
+async fn a_connection_the_relay_dropped_is_replaced_without_a_failed_attempt(backend: Backend) {
+    let Some(app) = spawn_app(welcome(backend)).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_before", "Ann"), "o_pro"))
+        .await;
+    app.wait_for_mails(1).await;
+    // Restart the relay: the pooled connection is now closed at the far end.
+    app.sink().stop().await;
+    app.sink().resume().await;
+    app.accept(&offer_granted(contact("c_after", "Bea"), "o_pro"))
+        .await;
+    app.wait_for_mails(2).await;
+    let rows = app.wait_for_status(2, MessageStatus::Sent).await;
+    assert!(rows.iter().all(|m| m.attempts == 1), "{rows:#?}");
+    assert_eq!(app.sink().connections(), 2);
 }
