@@ -9,6 +9,7 @@
 pub mod backend;
 mod ingest;
 pub mod model;
+mod projection;
 
 pub use backend::Backend;
 pub use model::*;

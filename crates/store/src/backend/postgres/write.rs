@@ -7,10 +7,9 @@ use super::{
 };
 use crate::{
     Accepted, ClaimedMessage, ClaimedRun, DispatchInput, EnrollmentCounts, LiveRun, MailboxItem,
-    MessageOutcome, NewEvent, Planner, Result, RunAdvance, RunWrite,
+    MessageOutcome, NewEvent, Planner, Result, RunAdvance, RunWrite, projection,
 };
 use herald_core::CourseEvent;
-use herald_core::event::EventType;
 use sqlx::{PgConnection, PgExecutor, Row};
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;
@@ -575,18 +574,8 @@ pub(super) async fn insert_event_rows<'c>(
     .bind(&bodies)
     .fetch_all(exec)
     .await?;
-    let mut new: HashSet<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(events
-        .iter()
-        .map(|e| {
-            // Removing marks the first copy new; later copies of the same event find nothing.
-            if new.remove(&(e.event.source.clone(), e.event.id.clone())) {
-                Accepted::New
-            } else {
-                Accepted::Duplicate
-            }
-        })
-        .collect())
+    let new = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    Ok(crate::ingest::accepted_in_order(events, new))
 }
 
 /// Each distinct item once, in order of first appearance.
@@ -805,13 +794,9 @@ async fn insert_run_effects(
     Ok(())
 }
 
-/// The membership projection of a batch of events: contact details, grants and catalogue, each
-/// guarded by event time so that a late, older event never overwrites a newer fact.
-///
-/// The same result as projecting the events one by one (as the SQLite backend does), in a few
-/// statements per batch: each table's writes depend only on earlier writes to the same table, so
-/// the tables are written one after the other, each in [`rounds`] that keep the order of the
-/// writes to one row.
+/// The membership projection of a batch of events (see [`projection`]), in a few statements per
+/// batch: each table's writes depend only on earlier writes to the same table, so the tables are
+/// written one after the other, each in [`rounds`] that keep the order of the writes to one row.
 async fn project(conn: &mut PgConnection, events: &[(i64, CourseEvent)]) -> Result<()> {
     project_contacts(conn, events).await?;
     project_grants(conn, events).await?;
@@ -820,40 +805,13 @@ async fn project(conn: &mut PgConnection, events: &[(i64, CourseEvent)]) -> Resu
 }
 
 async fn project_contacts(conn: &mut PgConnection, events: &[(i64, CourseEvent)]) -> Result<()> {
-    let ops = events.iter().map(|(_, e)| (e.contact_id(), e));
-    for round in rounds(ops) {
-        let n = round.len();
-        let mut ids = Vec::with_capacity(n);
-        let mut fields: [Vec<Option<&str>>; 5] = Default::default();
-        let mut custom = Vec::with_capacity(n);
-        let mut times = Vec::with_capacity(n);
-        // An event without details (herald's own user_login) must not make older details stale.
-        let mut detail_times = Vec::with_capacity(n);
-        for e in round {
-            let contact = e.object("contact").expect("validated contact");
-            ids.push(e.contact_id());
-            let t = e.time.timestamp_millis();
-            detail_times.push(if crate::carries_contact_details(contact) {
-                t
-            } else {
-                i64::MIN
-            });
-            for (col, key) in
-                fields
-                    .iter_mut()
-                    .zip(["email", "phone", "first_name", "last_name", "timezone"])
-            {
-                col.push(contact.get(key).and_then(|v| v.as_str()));
-            }
-            custom.push(
-                contact
-                    .get("custom_fields")
-                    .filter(|v| v.is_object())
-                    .map(|v| v.to_string()),
-            );
-            times.push(e.time.timestamp_millis());
-        }
-        let [emails, phones, first, last, zones] = &fields;
+    let facts = projection::contacts(events);
+    for round in rounds(facts.iter().map(|c| (c.id, c))) {
+        let ids: Vec<&str> = round.iter().map(|c| c.id).collect();
+        let column = |i: usize| round.iter().map(|c| c.fields[i]).collect::<Vec<_>>();
+        let custom: Vec<Option<&str>> = round.iter().map(|c| c.custom_fields.as_deref()).collect();
+        let times: Vec<i64> = round.iter().map(|c| c.event_ms).collect();
+        let detail_times: Vec<i64> = round.iter().map(|c| c.details_ms).collect();
         sqlx::query(
             "INSERT INTO contacts (id, email, phone, first_name, last_name, timezone, custom_fields, details_ms, last_event_ms)
              SELECT id, email, phone, first_name, last_name, timezone, custom_fields, d, t
@@ -870,11 +828,11 @@ async fn project_contacts(conn: &mut PgConnection, events: &[(i64, CourseEvent)]
                last_event_ms = GREATEST(contacts.last_event_ms, excluded.last_event_ms)",
         )
         .bind(&ids)
-        .bind(emails)
-        .bind(phones)
-        .bind(first)
-        .bind(last)
-        .bind(zones)
+        .bind(column(0))
+        .bind(column(1))
+        .bind(column(2))
+        .bind(column(3))
+        .bind(column(4))
         .bind(&custom)
         .bind(&times)
         .bind(&detail_times)
@@ -885,36 +843,13 @@ async fn project_contacts(conn: &mut PgConnection, events: &[(i64, CourseEvent)]
 }
 
 async fn project_grants(conn: &mut PgConnection, events: &[(i64, CourseEvent)]) -> Result<()> {
-    let mut ops = Vec::new();
-    for (_, event) in events {
-        let grant = match event.event_type {
-            EventType::OfferAccessGranted => Some(("offer", true)),
-            EventType::OfferAccessRemoved => Some(("offer", false)),
-            EventType::ProductAccessGranted => Some(("product", true)),
-            EventType::ProductAccessRemoved => Some(("product", false)),
-            _ => None,
-        };
-        if let Some((kind, active)) = grant
-            && let Some(item) = event
-                .field(&format!("{kind}.id"))
-                .and_then(|v| v.as_str().map(str::to_owned))
-        {
-            let op = (
-                event.contact_id(),
-                kind,
-                item,
-                active,
-                event.time.timestamp_millis(),
-            );
-            ops.push(((op.0, op.1, op.2.clone()), op));
-        }
-    }
-    for round in rounds(ops) {
-        let contacts: Vec<&str> = round.iter().map(|o| o.0).collect();
-        let kinds: Vec<&str> = round.iter().map(|o| o.1).collect();
-        let items: Vec<&str> = round.iter().map(|o| o.2.as_str()).collect();
-        let active: Vec<bool> = round.iter().map(|o| o.3).collect();
-        let times: Vec<i64> = round.iter().map(|o| o.4).collect();
+    let facts = projection::grants(events);
+    for round in rounds(facts.iter().map(|g| ((g.contact_id, g.kind, g.item_id), g))) {
+        let contacts: Vec<&str> = round.iter().map(|g| g.contact_id).collect();
+        let kinds: Vec<&str> = round.iter().map(|g| g.kind).collect();
+        let items: Vec<&str> = round.iter().map(|g| g.item_id).collect();
+        let active: Vec<bool> = round.iter().map(|g| g.active).collect();
+        let times: Vec<i64> = round.iter().map(|g| g.changed_ms).collect();
         sqlx::query(
             "INSERT INTO grants (contact_id, kind, item_id, active, changed_ms)
              SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::bool[], $5::int8[])
@@ -932,28 +867,19 @@ async fn project_grants(conn: &mut PgConnection, events: &[(i64, CourseEvent)]) 
     Ok(())
 }
 
-/// Upserts the offers and replaces the product lists of those the events are newest for.
-/// Returns, per event index, the product ids of its offer when that offer event was the newest
-/// so far (those products are then created if unknown).
+/// Upserts the offers and replaces the product list of each offer with that of its newest event
+/// carrying one (see [`projection::offer_lists`]).
 async fn project_offers<'e>(
     conn: &mut PgConnection,
     events: &'e [(i64, CourseEvent)],
-) -> Result<HashMap<usize, Vec<&'e str>>> {
-    let mut ops = Vec::new();
-    for (index, (_, event)) in events.iter().enumerate() {
-        if let Some(o) = event.object("offer") {
-            let id = o.get("id").and_then(|v| v.as_str()).unwrap_or_default();
-            let title = o.get("title").and_then(|v| v.as_str());
-            ops.push((id, (index, id, title, event.time.timestamp_millis())));
-        }
-    }
-    // Whether each offer event was at least as new as the offer's last update (then its product
-    // list, if it has one, replaces the stored one).
+) -> Result<projection::OfferLists<'e>> {
+    let facts = projection::offers(events);
+    // Whether each offer event was at least as new as the offer's last update.
     let mut newer = HashSet::new();
-    for round in rounds(ops) {
-        let ids: Vec<&str> = round.iter().map(|o| o.1).collect();
-        let titles: Vec<Option<&str>> = round.iter().map(|o| o.2).collect();
-        let times: Vec<i64> = round.iter().map(|o| o.3).collect();
+    for round in rounds(facts.iter().map(|o| (o.id, o))) {
+        let ids: Vec<&str> = round.iter().map(|o| o.id).collect();
+        let titles: Vec<Option<&str>> = round.iter().map(|o| o.title).collect();
+        let times: Vec<i64> = round.iter().map(|o| o.time_ms).collect();
         // After the upsert `updated_ms` is the greater of the old value and this event's time, so
         // it equals the event's time exactly when the event was at least as new.
         let stored: HashMap<String, i64> = sqlx::query(
@@ -971,36 +897,23 @@ async fn project_offers<'e>(
         .iter()
         .map(|r| (r.get(0), r.get(1)))
         .collect();
-        for (index, id, _, t) in round {
-            if stored.get(id) == Some(&t) {
-                newer.insert(index);
+        for o in round {
+            if stored.get(o.id) == Some(&o.time_ms) {
+                newer.insert(o.index);
             }
         }
     }
 
-    let mut lists: HashMap<usize, Vec<&'e str>> = HashMap::new();
-    // The list each offer ends with: that of its last newer event carrying one.
-    let mut last_list: HashMap<&str, usize> = HashMap::new();
-    for (index, (_, event)) in events.iter().enumerate() {
-        if !newer.contains(&index) {
-            continue;
-        }
-        let o = event.object("offer").expect("an offer event");
-        if let Some(ids) = o.get("product_ids").and_then(|v| v.as_array()) {
-            let offer_id = o.get("id").and_then(|v| v.as_str()).unwrap_or_default();
-            lists.insert(index, ids.iter().filter_map(|v| v.as_str()).collect());
-            last_list.insert(offer_id, index);
-        }
-    }
-    if !last_list.is_empty() {
-        let offers: Vec<&str> = last_list.keys().copied().collect();
+    let lists = projection::offer_lists(events, &newer);
+    if !lists.final_list.is_empty() {
+        let offers: Vec<&str> = lists.final_list.keys().copied().collect();
         sqlx::query("DELETE FROM offer_products WHERE offer_id = ANY($1)")
             .bind(&offers)
             .execute(&mut *conn)
             .await?;
         let (mut offer_ids, mut product_ids) = (Vec::new(), Vec::new());
-        for (offer, index) in &last_list {
-            for pid in &lists[index] {
+        for (offer, index) in &lists.final_list {
+            for pid in &lists.by_event[index] {
                 offer_ids.push(*offer);
                 product_ids.push(*pid);
             }
@@ -1019,47 +932,30 @@ async fn project_offers<'e>(
     Ok(lists)
 }
 
-/// Products described by events (time-guarded upserts) and products named by a newer offer's
-/// product list (created if unknown). Per product the writes keep event order; a "create if
-/// unknown" is a no-op after any earlier write of the same product, so only a first one is kept,
-/// and it runs before the upserts.
+/// Products named by a newer offer's list (created if unknown) and products events describe
+/// (time-guarded upserts); see [`projection::products`].
 async fn project_products(
     conn: &mut PgConnection,
     events: &[(i64, CourseEvent)],
-    offer_lists: &HashMap<usize, Vec<&str>>,
+    offer_lists: &projection::OfferLists<'_>,
 ) -> Result<()> {
-    let mut seen = HashSet::new();
-    let (mut missing_ids, mut missing_times) = (Vec::new(), Vec::new());
-    let mut upserts = Vec::new();
-    for (index, (_, event)) in events.iter().enumerate() {
-        let t = event.time.timestamp_millis();
-        if let Some(p) = event.object("product") {
-            let g = |k: &str| p.get(k).and_then(|v| v.as_str());
-            let id = g("id").unwrap_or_default();
-            seen.insert(id);
-            upserts.push((id, (id, g("title"), g("url"), t)));
-        }
-        for pid in offer_lists.get(&index).into_iter().flatten() {
-            if seen.insert(pid) {
-                missing_ids.push(*pid);
-                missing_times.push(t);
-            }
-        }
-    }
-    if !missing_ids.is_empty() {
+    let (missing, upserts) = projection::products(events, offer_lists);
+    if !missing.is_empty() {
+        let ids: Vec<&str> = missing.iter().map(|m| m.0).collect();
+        let times: Vec<i64> = missing.iter().map(|m| m.1).collect();
         sqlx::query(
             "INSERT INTO products (id, updated_ms) SELECT * FROM UNNEST($1::text[], $2::int8[]) ON CONFLICT (id) DO NOTHING",
         )
-        .bind(&missing_ids)
-        .bind(&missing_times)
+        .bind(&ids)
+        .bind(&times)
         .execute(&mut *conn)
         .await?;
     }
-    for round in rounds(upserts) {
-        let ids: Vec<&str> = round.iter().map(|p| p.0).collect();
-        let titles: Vec<Option<&str>> = round.iter().map(|p| p.1).collect();
-        let urls: Vec<Option<&str>> = round.iter().map(|p| p.2).collect();
-        let times: Vec<i64> = round.iter().map(|p| p.3).collect();
+    for round in rounds(upserts.iter().map(|p| (p.id, p))) {
+        let ids: Vec<&str> = round.iter().map(|p| p.id).collect();
+        let titles: Vec<Option<&str>> = round.iter().map(|p| p.title).collect();
+        let urls: Vec<Option<&str>> = round.iter().map(|p| p.url).collect();
+        let times: Vec<i64> = round.iter().map(|p| p.time_ms).collect();
         sqlx::query(
             "INSERT INTO products (id, title, url, updated_ms) SELECT * FROM UNNEST($1::text[], $2::text[], $3::text[], $4::int8[])
              ON CONFLICT (id) DO UPDATE SET

@@ -1,15 +1,15 @@
 //! Every write of the SQLite backend, each one transaction on the writer connection.
 
-use super::{SqliteStore, json_list};
+use super::{SqliteStore, json_list, json_rows};
 use crate::{
     Accepted, ClaimedMessage, ClaimedRun, DeliveryResult, DispatchInput, EnrollmentCounts, LiveRun,
     MailboxItem, MessageOutcome, MessageStatus, NewEvent, Planner, Result, RunAdvance, RunState,
-    RunWrite, StoreError,
+    RunWrite, StoreError, projection,
 };
 use herald_core::CourseEvent;
-use herald_core::event::EventType;
+use serde_json::json;
 use sqlx::{Row, SqliteConnection};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 const BEGIN: &str = "BEGIN IMMEDIATE";
 
@@ -45,9 +45,7 @@ impl SqliteStore {
             events.push((seq, parse_stored_event(row.get(1))?));
         }
         let contacts = json_list(events.iter().map(|(_, e)| e.contact_id()));
-        for (_, event) in &events {
-            project(&mut tx, event).await?;
-        }
+        project(&mut tx, &events).await?;
         let contact_rows = sqlx::query(
             "SELECT id, email, phone, first_name, last_name, timezone, custom_fields FROM contacts
              WHERE id IN (SELECT value FROM json_each(?))",
@@ -100,9 +98,7 @@ impl SqliteStore {
         };
         let plan = planner(&input);
 
-        for run in &plan.new_runs {
-            insert_run(&mut tx, run, now_ms).await?;
-        }
+        insert_runs(&mut tx, &plan.new_runs, now_ms).await?;
         for exit in &plan.exits {
             sqlx::query(
                 "UPDATE runs SET state = 'exited', reason = ?, due_ms = NULL, ended_ms = ?, updated_ms = ?,
@@ -194,34 +190,51 @@ impl SqliteStore {
     }
 
     pub async fn finish_runs(&self, now_ms: i64, advances: Vec<RunAdvance>) -> Result<()> {
+        if advances.is_empty() {
+            return Ok(());
+        }
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
+        let mut leases = current_leases(
+            &mut tx,
+            "SELECT id, lease_token FROM runs WHERE id IN (SELECT value FROM json_each(?))",
+            advances.iter().map(|a| a.write.run_id.as_str()),
+        )
+        .await?;
+        let mut written = Vec::with_capacity(advances.len());
         for adv in &advances {
-            let w = &adv.write;
-            let ended = (!w.state.is_live()).then_some(now_ms);
-            let updated = sqlx::query(
-                "UPDATE runs SET state = ?, reason = ?, pc = ?, wait_event = ?, due_ms = ?, updated_ms = ?,
-                        ended_ms = ?, locked_until_ms = NULL, lease_token = NULL
-                 WHERE id = ? AND lease_token = ?",
-            )
-            .bind(w.state.as_str())
-            .bind(&w.reason)
-            .bind(w.pc)
-            .bind(&w.wait_event)
-            .bind(w.due_ms)
-            .bind(now_ms)
-            .bind(ended)
-            .bind(&w.run_id)
-            .bind(&adv.lease_token)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if updated == 1 {
-                insert_run_effects(&mut tx, w, now_ms).await?;
+            if leases.take(&adv.write.run_id, &adv.lease_token) {
+                written.push(&adv.write);
             } else {
-                tracing::warn!(run = %w.run_id, "run lease lost before its step finished; result dropped");
+                tracing::warn!(run = %adv.write.run_id, "run lease lost before its step finished; result dropped");
             }
         }
+        if written.is_empty() {
+            return Ok(());
+        }
+        let rows = json_rows(written.iter().map(|w| {
+            json!([
+                w.run_id,
+                w.state.as_str(),
+                w.reason,
+                w.pc,
+                w.wait_event,
+                w.due_ms,
+                (!w.state.is_live()).then_some(now_ms),
+            ])
+        }));
+        sqlx::query(
+            "UPDATE runs SET state = j.value ->> 1, reason = j.value ->> 2, pc = j.value ->> 3,
+                    wait_event = j.value ->> 4, due_ms = j.value ->> 5, updated_ms = ?2,
+                    ended_ms = j.value ->> 6, locked_until_ms = NULL, lease_token = NULL
+             FROM json_each(?1) AS j
+             WHERE runs.id = j.value ->> 0",
+        )
+        .bind(rows)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        insert_run_effects(&mut tx, &written, now_ms).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -308,40 +321,59 @@ impl SqliteStore {
         now_ms: i64,
         outcomes: Vec<MessageOutcome>,
     ) -> Result<()> {
+        if outcomes.is_empty() {
+            return Ok(());
+        }
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
+        let mut leases = current_leases(
+            &mut tx,
+            "SELECT id, lease_token FROM messages WHERE id IN (SELECT value FROM json_each(?))",
+            outcomes.iter().map(|o| o.message_id.as_str()),
+        )
+        .await?;
+        let mut written = Vec::with_capacity(outcomes.len());
         for o in &outcomes {
-            let (status, reason, due, provider, sent) = outcome_columns(&o.result, now_ms);
-            let updated = sqlx::query(
-                "UPDATE messages SET status = ?, reason = ?, due_ms = ?, provider_id = COALESCE(?, provider_id),
-                        sent_ms = COALESCE(?, sent_ms), subject = COALESCE(?, subject),
-                        segments = COALESCE(?, segments),
-                        attempts = attempts + ?,
-                        updated_ms = ?, locked_until_ms = NULL, lease_token = NULL
-                 WHERE id = ? AND lease_token = ?",
-            )
-            .bind(status.as_str())
-            .bind(reason)
-            .bind(due)
-            .bind(provider)
-            .bind(sent)
-            .bind(&o.subject)
-            .bind(o.segments)
-            // Suppressed and skipped messages were never tried: no attempt.
-            .bind(i64::from(!matches!(status, MessageStatus::Suppressed | MessageStatus::Skipped)))
-            .bind(now_ms)
-            .bind(&o.message_id)
-            .bind(&o.lease_token)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if updated == 0 {
+            if leases.take(&o.message_id, &o.lease_token) {
+                written.push(o);
+            } else {
                 tracing::warn!(message = %o.message_id, "message lease lost before delivery finished; outcome dropped");
-                continue;
             }
-            if let Some(m) = &o.mailbox {
-                insert_mailbox(&mut tx, m).await?;
-            }
+        }
+        if written.is_empty() {
+            return Ok(());
+        }
+        let rows = json_rows(written.iter().map(|o| {
+            let (status, reason, due, provider, sent) = outcome_columns(&o.result, now_ms);
+            // Suppressed and skipped messages were never tried: no attempt.
+            let attempted = !matches!(status, MessageStatus::Suppressed | MessageStatus::Skipped);
+            json!([
+                o.message_id,
+                status.as_str(),
+                reason,
+                due,
+                provider,
+                sent,
+                o.subject,
+                o.segments,
+                i64::from(attempted),
+            ])
+        }));
+        sqlx::query(
+            "UPDATE messages SET status = j.value ->> 1, reason = j.value ->> 2, due_ms = j.value ->> 3,
+                    provider_id = COALESCE(j.value ->> 4, provider_id), sent_ms = COALESCE(j.value ->> 5, sent_ms),
+                    subject = COALESCE(j.value ->> 6, subject), segments = COALESCE(j.value ->> 7, segments),
+                    attempts = attempts + (j.value ->> 8),
+                    updated_ms = ?2, locked_until_ms = NULL, lease_token = NULL
+             FROM json_each(?1) AS j
+             WHERE messages.id = j.value ->> 0",
+        )
+        .bind(rows)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        for m in written.iter().filter_map(|o| o.mailbox.as_ref()) {
+            insert_mailbox(&mut tx, m).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -420,102 +452,175 @@ async fn insert_mailbox(conn: &mut SqliteConnection, m: &MailboxItem) -> Result<
     Ok(())
 }
 
-/// Inserts events, skipping those whose (source, id) is already stored.
+/// The lease each row holds now (`None`: not leased), read inside the writing transaction.
+struct Leases(HashMap<String, Option<String>>);
+
+impl Leases {
+    /// Whether a result under `token` may be written for row `id`: only while the row holds that
+    /// lease, and only once, as writing it clears the lease (applied one by one, a second result
+    /// for the row finds no lease).
+    fn take(&mut self, id: &str, token: &str) -> bool {
+        match self.0.get_mut(id) {
+            Some(held) if held.as_deref() == Some(token) => {
+                *held = None;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
+async fn current_leases<'a>(
+    conn: &mut SqliteConnection,
+    sql: &'static str,
+    ids: impl IntoIterator<Item = &'a str>,
+) -> Result<Leases> {
+    let rows = sqlx::query(sql)
+        .bind(json_list(ids))
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(Leases(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
+}
+
+/// Inserts events with one multi-row statement, in batch order (their `seq` is the dispatch
+/// order); `RETURNING` names the rows that were new.
 pub(crate) async fn insert_event_rows(
     conn: &mut SqliteConnection,
     events: &[&NewEvent],
 ) -> Result<Vec<Accepted>> {
-    let mut out = Vec::with_capacity(events.len());
-    for e in events {
-        let ev = &e.event;
-        let inserted = sqlx::query(
-            "INSERT INTO events (source, id, type, contact_id, time_ms, received_ms, body)
-             VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (source, id) DO NOTHING",
-        )
-        .bind(&ev.source)
-        .bind(&ev.id)
-        .bind(ev.event_type.trigger_name())
-        .bind(ev.contact_id())
-        .bind(ev.time.timestamp_millis())
-        .bind(e.received_ms)
-        .bind(ev.to_json().to_string())
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        out.push(if inserted == 1 {
-            Accepted::New
-        } else {
-            Accepted::Duplicate
-        });
+    if events.is_empty() {
+        return Ok(Vec::new());
     }
-    Ok(out)
+    let rows = json_rows(events.iter().map(|e| {
+        let ev = &e.event;
+        json!([
+            ev.source,
+            ev.id,
+            ev.event_type.trigger_name(),
+            ev.contact_id(),
+            ev.time.timestamp_millis(),
+            e.received_ms,
+            ev.to_json().to_string(),
+        ])
+    }));
+    let new = sqlx::query(
+        "INSERT INTO events (source, id, type, contact_id, time_ms, received_ms, body)
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6
+         FROM json_each(?) WHERE true ORDER BY key
+         ON CONFLICT (source, id) DO NOTHING
+         RETURNING source, id",
+    )
+    .bind(rows)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|r| (r.get(0), r.get(1)))
+    .collect();
+    Ok(crate::ingest::accepted_in_order(events, new))
 }
 
-/// Inserts a new run with its effects; a conflict on the one-live-run key means the contact is
-/// already in a live run of this workflow, and then nothing is written.
-async fn insert_run(conn: &mut SqliteConnection, w: &RunWrite, now_ms: i64) -> Result<()> {
-    let ended = (!w.state.is_live()).then_some(now_ms);
-    let inserted = sqlx::query(
+/// Inserts new runs with their effects; a conflict on the one-live-run key means the contact is
+/// already in a live run of this workflow, and then nothing is written for that run.
+async fn insert_runs(conn: &mut SqliteConnection, runs: &[RunWrite], now_ms: i64) -> Result<()> {
+    if runs.is_empty() {
+        return Ok(());
+    }
+    let rows = json_rows(runs.iter().map(|w| {
+        json!([
+            w.run_id,
+            w.workflow_id,
+            w.workflow_version,
+            w.contact_id,
+            w.event_seq,
+            w.state.as_str(),
+            w.reason,
+            w.pc,
+            w.wait_event,
+            w.due_ms,
+            (!w.state.is_live()).then_some(now_ms),
+        ])
+    }));
+    let mut inserted: HashSet<String> = sqlx::query(
         "INSERT INTO runs (id, workflow_id, workflow_version, contact_id, event_seq, state, reason, pc, wait_event,
                            due_ms, created_ms, updated_ms, ended_ms)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
+                value ->> 7, value ->> 8, value ->> 9, ?2, ?2, value ->> 10
+         FROM json_each(?1) WHERE true ORDER BY key
+         ON CONFLICT DO NOTHING
+         RETURNING id",
     )
-    .bind(&w.run_id)
-    .bind(&w.workflow_id)
-    .bind(&w.workflow_version)
-    .bind(&w.contact_id)
-    .bind(w.event_seq)
-    .bind(w.state.as_str())
-    .bind(&w.reason)
-    .bind(w.pc)
-    .bind(&w.wait_event)
-    .bind(w.due_ms)
+    .bind(rows)
     .bind(now_ms)
-    .bind(now_ms)
-    .bind(ended)
-    .execute(&mut *conn)
+    .fetch_all(&mut *conn)
     .await?
-    .rows_affected();
-    if inserted == 1 {
-        insert_run_effects(conn, w, now_ms).await?;
-    }
-    Ok(())
+    .iter()
+    .map(|r| r.get(0))
+    .collect();
+    // Of two writes with one run id only the first was inserted.
+    let written: Vec<&RunWrite> = runs.iter().filter(|w| inserted.remove(&w.run_id)).collect();
+    insert_run_effects(conn, &written, now_ms).await
 }
 
-async fn insert_run_effects(conn: &mut SqliteConnection, w: &RunWrite, now_ms: i64) -> Result<()> {
-    for step in &w.steps {
+/// The steps and messages of written runs, in order: steps numbered after the run's last one
+/// (SQLite computes the whole `SELECT` before inserting, as it reads the table it fills), and at
+/// most one message per (run, step).
+async fn insert_run_effects(
+    conn: &mut SqliteConnection,
+    runs: &[&RunWrite],
+    now_ms: i64,
+) -> Result<()> {
+    let steps: Vec<_> = runs
+        .iter()
+        .flat_map(|w| {
+            w.steps
+                .iter()
+                .map(move |s| json!([w.run_id, s.step_id, s.kind, s.outcome, s.at_ms]))
+        })
+        .collect();
+    if !steps.is_empty() {
         sqlx::query(
             "INSERT INTO run_steps (run_id, seq, step_id, kind, outcome, at_ms)
-             SELECT ?, COALESCE(MAX(seq), 0) + 1, ?, ?, ?, ? FROM run_steps WHERE run_id = ?",
+             SELECT value ->> 0,
+                    COALESCE((SELECT MAX(s.seq) FROM run_steps s WHERE s.run_id = value ->> 0), 0)
+                      + ROW_NUMBER() OVER (PARTITION BY value ->> 0 ORDER BY key),
+                    value ->> 1, value ->> 2, value ->> 3, value ->> 4
+             FROM json_each(?)",
         )
-        .bind(&w.run_id)
-        .bind(&step.step_id)
-        .bind(&step.kind)
-        .bind(&step.outcome)
-        .bind(step.at_ms)
-        .bind(&w.run_id)
+        .bind(json_rows(steps))
         .execute(&mut *conn)
         .await?;
     }
-    for m in &w.messages {
+    let messages: Vec<_> = runs
+        .iter()
+        .flat_map(|w| {
+            w.messages.iter().map(move |m| {
+                json!([
+                    m.id,
+                    w.run_id,
+                    m.step_id,
+                    m.pc,
+                    w.workflow_id,
+                    w.contact_id,
+                    m.channel.as_str(),
+                    m.recipient,
+                    m.header_message_id,
+                    m.status.as_str(),
+                    m.reason,
+                    m.due_ms,
+                ])
+            })
+        })
+        .collect();
+    if !messages.is_empty() {
         sqlx::query(
             "INSERT INTO messages (id, run_id, step_id, pc, workflow_id, contact_id, channel, recipient,
                                    header_message_id, status, reason, due_ms, created_ms, updated_ms)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (run_id, step_id) DO NOTHING",
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
+                    value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, ?2, ?2
+             FROM json_each(?1) WHERE true ORDER BY key
+             ON CONFLICT (run_id, step_id) DO NOTHING",
         )
-        .bind(&m.id)
-        .bind(&w.run_id)
-        .bind(&m.step_id)
-        .bind(m.pc)
-        .bind(&w.workflow_id)
-        .bind(&w.contact_id)
-        .bind(m.channel.as_str())
-        .bind(&m.recipient)
-        .bind(&m.header_message_id)
-        .bind(m.status.as_str())
-        .bind(&m.reason)
-        .bind(m.due_ms)
-        .bind(now_ms)
+        .bind(json_rows(messages))
         .bind(now_ms)
         .execute(&mut *conn)
         .await?;
@@ -523,26 +628,16 @@ async fn insert_run_effects(conn: &mut SqliteConnection, w: &RunWrite, now_ms: i
     Ok(())
 }
 
-/// The membership projection of one event: contact details, grants and catalogue, each guarded
-/// by event time so that a late, older event never overwrites a newer fact.
-async fn project(conn: &mut SqliteConnection, event: &CourseEvent) -> Result<()> {
-    let t = event.time.timestamp_millis();
-    let contact = event.object("contact").expect("validated contact");
-    let s = |k: &str| contact.get(k).and_then(|v| v.as_str()).map(str::to_owned);
-    let custom = contact
-        .get("custom_fields")
-        .filter(|v| v.is_object())
-        .map(|v| v.to_string());
-    // An event that carries no details (herald's own user_login, say) must not make older
-    // details look stale.
-    let details_ms = if crate::carries_contact_details(contact) {
-        t
-    } else {
-        i64::MIN
-    };
+/// The membership projection of a batch of events (see [`projection`]): one statement per
+/// table. SQLite applies the rows of a multi-row upsert one after the other, in `key` order, so
+/// the batch has exactly the effect of its events projected one by one.
+async fn project(conn: &mut SqliteConnection, events: &[(i64, CourseEvent)]) -> Result<()> {
+    let contacts = projection::contacts(events);
     sqlx::query(
         "INSERT INTO contacts (id, email, phone, first_name, last_name, timezone, custom_fields, details_ms, last_event_ms)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
+         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
+                value ->> 7, value ->> 8
+         FROM json_each(?) WHERE true ORDER BY key
          ON CONFLICT (id) DO UPDATE SET
            email = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.email, contacts.email) ELSE COALESCE(contacts.email, excluded.email) END,
            phone = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.phone, contacts.phone) ELSE COALESCE(contacts.phone, excluded.phone) END,
@@ -553,99 +648,125 @@ async fn project(conn: &mut SqliteConnection, event: &CourseEvent) -> Result<()>
            details_ms = MAX(contacts.details_ms, excluded.details_ms),
            last_event_ms = MAX(contacts.last_event_ms, excluded.last_event_ms)",
     )
-    .bind(event.contact_id())
-    .bind(s("email"))
-    .bind(s("phone"))
-    .bind(s("first_name"))
-    .bind(s("last_name"))
-    .bind(s("timezone"))
-    .bind(custom)
-    .bind(details_ms)
-    .bind(t)
+    .bind(json_rows(contacts.iter().map(|c| {
+        let [email, phone, first, last, zone] = c.fields;
+        json!([c.id, email, phone, first, last, zone, c.custom_fields, c.details_ms, c.event_ms])
+    })))
     .execute(&mut *conn)
     .await?;
 
-    let grant = match event.event_type {
-        EventType::OfferAccessGranted => Some(("offer", "offer", true)),
-        EventType::OfferAccessRemoved => Some(("offer", "offer", false)),
-        EventType::ProductAccessGranted => Some(("product", "product", true)),
-        EventType::ProductAccessRemoved => Some(("product", "product", false)),
-        _ => None,
-    };
-    if let Some((kind, object, active)) = grant
-        && let Some(item) = event
-            .field(&format!("{object}.id"))
-            .and_then(|v| v.as_str().map(str::to_owned))
-    {
+    let grants = projection::grants(events);
+    if !grants.is_empty() {
         sqlx::query(
-            "INSERT INTO grants (contact_id, kind, item_id, active, changed_ms) VALUES (?, ?, ?, ?, ?)
+            "INSERT INTO grants (contact_id, kind, item_id, active, changed_ms)
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4
+             FROM json_each(?) WHERE true ORDER BY key
              ON CONFLICT (contact_id, kind, item_id) DO UPDATE SET active = excluded.active, changed_ms = excluded.changed_ms
              WHERE excluded.changed_ms >= grants.changed_ms",
         )
-        .bind(event.contact_id())
-        .bind(kind)
-        .bind(item)
-        .bind(active)
-        .bind(t)
+        .bind(json_rows(grants.iter().map(|g| {
+            json!([g.contact_id, g.kind, g.item_id, g.active, g.changed_ms])
+        })))
         .execute(&mut *conn)
         .await?;
     }
 
-    if let Some(p) = event.object("product") {
-        let g = |k: &str| p.get(k).and_then(|v| v.as_str());
+    let lists = project_offers(conn, events).await?;
+    let (missing, upserts) = projection::products(events, &lists);
+    if !missing.is_empty() {
         sqlx::query(
-            "INSERT INTO products (id, title, url, updated_ms) VALUES (?, ?, ?, ?)
+            "INSERT INTO products (id, updated_ms) SELECT value ->> 0, value ->> 1
+             FROM json_each(?) WHERE true ORDER BY key ON CONFLICT (id) DO NOTHING",
+        )
+        .bind(json_rows(missing.iter().map(|(id, t)| json!([id, t]))))
+        .execute(&mut *conn)
+        .await?;
+    }
+    if !upserts.is_empty() {
+        sqlx::query(
+            "INSERT INTO products (id, title, url, updated_ms)
+             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3
+             FROM json_each(?) WHERE true ORDER BY key
              ON CONFLICT (id) DO UPDATE SET
                title = CASE WHEN excluded.updated_ms >= products.updated_ms THEN COALESCE(excluded.title, products.title) ELSE COALESCE(products.title, excluded.title) END,
                url = CASE WHEN excluded.updated_ms >= products.updated_ms THEN COALESCE(excluded.url, products.url) ELSE COALESCE(products.url, excluded.url) END,
                updated_ms = MAX(products.updated_ms, excluded.updated_ms)",
         )
-        .bind(g("id"))
-        .bind(g("title"))
-        .bind(g("url"))
-        .bind(t)
+        .bind(json_rows(
+            upserts.iter().map(|p| json!([p.id, p.title, p.url, p.time_ms])),
+        ))
         .execute(&mut *conn)
         .await?;
     }
-    if let Some(o) = event.object("offer") {
-        let offer_id = o.get("id").and_then(|v| v.as_str()).unwrap_or_default();
-        let previous: Option<i64> =
-            sqlx::query_scalar("SELECT updated_ms FROM offers WHERE id = ?")
-                .bind(offer_id)
-                .fetch_optional(&mut *conn)
-                .await?;
-        let newer = previous.is_none_or(|p| t >= p);
+    Ok(())
+}
+
+/// Upserts the offers and replaces the product list of each offer with that of its newest event
+/// carrying one (see [`projection::offer_lists`]).
+async fn project_offers<'e>(
+    conn: &mut SqliteConnection,
+    events: &'e [(i64, CourseEvent)],
+) -> Result<projection::OfferLists<'e>> {
+    let offers = projection::offers(events);
+    let mut newer = HashSet::new();
+    if !offers.is_empty() {
+        // An offer event is newer when its time is at least the offer's last update so far: the
+        // stored one, then each earlier event of the batch.
+        let mut updated: HashMap<String, i64> = sqlx::query(
+            "SELECT id, updated_ms FROM offers WHERE id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(json_list(offers.iter().map(|o| o.id)))
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+        for o in &offers {
+            let last = updated.entry(o.id.to_owned()).or_insert(o.time_ms);
+            if o.time_ms >= *last {
+                newer.insert(o.index);
+                *last = o.time_ms;
+            }
+        }
         sqlx::query(
-            "INSERT INTO offers (id, title, updated_ms) VALUES (?, ?, ?)
+            "INSERT INTO offers (id, title, updated_ms) SELECT value ->> 0, value ->> 1, value ->> 2
+             FROM json_each(?) WHERE true ORDER BY key
              ON CONFLICT (id) DO UPDATE SET
                title = CASE WHEN excluded.updated_ms >= offers.updated_ms THEN COALESCE(excluded.title, offers.title) ELSE COALESCE(offers.title, excluded.title) END,
                updated_ms = MAX(offers.updated_ms, excluded.updated_ms)",
         )
-        .bind(offer_id)
-        .bind(o.get("title").and_then(|v| v.as_str()))
-        .bind(t)
+        .bind(json_rows(offers.iter().map(|o| json!([o.id, o.title, o.time_ms]))))
         .execute(&mut *conn)
         .await?;
-        if newer && let Some(ids) = o.get("product_ids").and_then(|v| v.as_array()) {
-            sqlx::query("DELETE FROM offer_products WHERE offer_id = ?")
-                .bind(offer_id)
-                .execute(&mut *conn)
-                .await?;
-            for pid in ids.iter().filter_map(|v| v.as_str()) {
-                sqlx::query("INSERT INTO offer_products (offer_id, product_id) VALUES (?, ?) ON CONFLICT DO NOTHING")
-                    .bind(offer_id)
-                    .bind(pid)
-                    .execute(&mut *conn)
-                    .await?;
-                sqlx::query("INSERT INTO products (id, updated_ms) VALUES (?, ?) ON CONFLICT (id) DO NOTHING")
-                    .bind(pid)
-                    .bind(t)
-                    .execute(&mut *conn)
-                    .await?;
-            }
+    }
+    let lists = projection::offer_lists(events, &newer);
+    if !lists.final_list.is_empty() {
+        sqlx::query(
+            "DELETE FROM offer_products WHERE offer_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(json_list(lists.final_list.keys().copied()))
+        .execute(&mut *conn)
+        .await?;
+        let pairs: Vec<_> = lists
+            .final_list
+            .iter()
+            .flat_map(|(offer, index)| {
+                lists.by_event[index]
+                    .iter()
+                    .map(move |pid| json!([offer, pid]))
+            })
+            .collect();
+        if !pairs.is_empty() {
+            sqlx::query(
+                "INSERT INTO offer_products (offer_id, product_id) SELECT value ->> 0, value ->> 1
+                 FROM json_each(?) WHERE true ON CONFLICT DO NOTHING",
+            )
+            .bind(json_rows(pairs))
+            .execute(&mut *conn)
+            .await?;
         }
     }
-    Ok(())
+    Ok(lists)
 }
 
 /// Columns of a delivery outcome: status, reason, next due time, provider id, sent time.
