@@ -1,12 +1,14 @@
 //! Group commit for event intake. Request handlers hand their events to one task over a channel;
 //! it writes whatever has queued up (up to [`MAX_BATCH_EVENTS`]) in one transaction and answers
 //! every handler after that commit. Under load many posts share one fsync; when idle a single
-//! post is committed at once, without waiting for company.
+//! post is committed at once, without waiting for company. PostgreSQL commits several groups at
+//! once (its commits wait on the WAL flush, which it shares between them); SQLite has one writer,
+//! so one group at a time.
 
 use crate::{Accepted, Backend, NewEvent, Result, StoreError};
 use std::collections::HashSet;
 use std::sync::Arc;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 /// Upper bound on the events of one commit: keeps a transaction short and its memory bounded.
 const MAX_BATCH_EVENTS: usize = 5_000;
@@ -40,7 +42,15 @@ impl Ingestor {
 }
 
 async fn run(backend: Arc<Backend>, mut rx: mpsc::Receiver<Request>) {
-    while let Some(first) = rx.recv().await {
+    let in_flight = Arc::new(Semaphore::new(backend.commits_in_flight()));
+    loop {
+        // Wait for a free commit slot first, so that posts arriving meanwhile join the next group.
+        let slot = in_flight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("the semaphore is never closed");
+        let Some(first) = rx.recv().await else { break };
         let mut batch = vec![first];
         let mut count = batch[0].events.len();
         while count < MAX_BATCH_EVENTS {
@@ -52,21 +62,30 @@ async fn run(backend: Arc<Backend>, mut rx: mpsc::Receiver<Request>) {
                 Err(_) => break,
             }
         }
-        let events: Vec<&NewEvent> = batch.iter().flat_map(|r| r.events.iter()).collect();
-        match backend.insert_events(&events).await {
-            Ok(results) => {
-                let mut results = results.into_iter();
-                for req in batch {
-                    let mine = results.by_ref().take(req.events.len()).collect();
-                    let _ = req.reply.send(Ok(mine));
-                }
+        let backend = backend.clone();
+        tokio::spawn(async move {
+            commit(&backend, batch, count).await;
+            drop(slot);
+        });
+    }
+}
+
+/// Stores one group and answers each of its requests.
+async fn commit(backend: &Backend, batch: Vec<Request>, count: usize) {
+    let events: Vec<&NewEvent> = batch.iter().flat_map(|r| r.events.iter()).collect();
+    match backend.insert_events(&events).await {
+        Ok(results) => {
+            let mut results = results.into_iter();
+            for req in batch {
+                let mine = results.by_ref().take(req.events.len()).collect();
+                let _ = req.reply.send(Ok(mine));
             }
-            Err(e) => {
-                tracing::error!(error = %e, events = count, "event batch could not be stored");
-                let msg = e.to_string();
-                for req in batch {
-                    let _ = req.reply.send(Err(StoreError::Batch(msg.clone())));
-                }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, events = count, "event batch could not be stored");
+            let msg = e.to_string();
+            for req in batch {
+                let _ = req.reply.send(Err(StoreError::Batch(msg.clone())));
             }
         }
     }

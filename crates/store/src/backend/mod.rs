@@ -28,6 +28,15 @@ impl Backend {
         }
     }
 
+    /// Event groups the intake task may be committing at once (see `ingest`).
+    pub(crate) fn commits_in_flight(&self) -> usize {
+        match self {
+            Self::Sqlite(_) => 1,
+            // Half the pool: the dispatcher, the engine's claims and the API keep the rest.
+            Self::Postgres(_) => 4,
+        }
+    }
+
     pub(crate) async fn insert_events(&self, events: &[&NewEvent]) -> Result<Vec<crate::Accepted>> {
         match self {
             Self::Sqlite(b) => b.insert_events(events).await,
