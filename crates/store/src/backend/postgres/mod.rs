@@ -16,6 +16,8 @@
 //! `_sqlx_migrations`, are then created in and read from that schema (it must exist).
 
 mod links;
+#[cfg(target_os = "linux")]
+mod nodelay;
 mod opt_outs;
 mod read;
 mod write;
@@ -45,6 +47,15 @@ impl PgStore {
             .max_connections(8)
             .min_connections(0)
             .acquire_timeout(Duration::from_secs(30))
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    #[cfg(target_os = "linux")]
+                    nodelay::set_on(conn).await?;
+                    #[cfg(not(target_os = "linux"))]
+                    let _ = conn;
+                    Ok(())
+                })
+            })
             .connect_with(options)
             .await?;
         Ok(Self { pool })
