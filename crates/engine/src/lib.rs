@@ -337,13 +337,13 @@ impl Shared {
         use futures::StreamExt;
         let claimed = self
             .store
-            // No more than can be in flight at once, so every claimed message starts sending at
-            // once; the heartbeat below keeps the lease while the slowest one finishes.
+            // A few sends' worth per claim, so that claims are few; the heartbeat below keeps the
+            // lease of those still waiting for a free send slot.
             .claim_messages(
                 self.clock.now_ms(),
                 self.config
                     .batch_size
-                    .min(self.config.send_concurrency as i64),
+                    .min(CLAIMS_PER_SEND_SLOT * self.config.send_concurrency as i64),
                 self.config.lease.as_millis() as i64,
             )
             .await?;
@@ -366,27 +366,39 @@ impl Shared {
             .iter()
             .map(|m| (m.id.clone(), m.channel.as_str()))
             .collect();
-        // Outcomes are recorded in groups of whatever has finished, not once for the whole
-        // batch: a crash or a lost lease then re-sends at most the sends of one small group.
+        // Outcomes are recorded in groups: at most one send slot's worth, and none older than
+        // `COMPLETION_DELAY`. A crash or a lost lease then re-sends at most one group, and under
+        // load a group is one commit for many sends instead of one each.
         let lease_token = claimed[0].lease_token.clone();
         let mut finished = futures::stream::iter(claimed)
             .map(|m| self.delivery.deliver(m))
-            .buffer_unordered(self.config.send_concurrency)
-            .ready_chunks(self.config.send_concurrency);
+            .buffer_unordered(self.config.send_concurrency);
+        let mut group = Vec::with_capacity(self.config.send_concurrency);
+        let mut group_deadline = None;
         // Heartbeat: while sends are in flight their lease is renewed, so a slow provider does
         // not let another process claim and send the same messages again.
         let mut heartbeat = tokio::time::interval(self.config.lease / 3);
         heartbeat.tick().await;
         loop {
+            let deadline = async {
+                match group_deadline {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 next = finished.next() => {
-                    let Some(outcomes) = next else { break };
-                    let results: Vec<_> =
-                        outcomes.iter().map(|o| (channels[&o.message_id], o.result.clone())).collect();
-                    self.store.complete_messages(self.clock.now_ms(), outcomes).await?;
-                    for (channel, result) in &results {
-                        telemetry::delivery(channel, result);
+                    let Some(outcome) = next else { break };
+                    group.push(outcome);
+                    group_deadline.get_or_insert(tokio::time::Instant::now() + COMPLETION_DELAY);
+                    if group.len() >= self.config.send_concurrency {
+                        self.record_outcomes(&channels, std::mem::take(&mut group)).await?;
+                        group_deadline = None;
                     }
+                }
+                _ = deadline => {
+                    self.record_outcomes(&channels, std::mem::take(&mut group)).await?;
+                    group_deadline = None;
                 }
                 _ = heartbeat.tick() => {
                     let until = self.clock.now_ms() + self.config.lease.as_millis() as i64;
@@ -394,9 +406,37 @@ impl Shared {
                 }
             }
         }
+        if !group.is_empty() {
+            self.record_outcomes(&channels, group).await?;
+        }
         Ok(n)
     }
+
+    /// Writes delivery outcomes, then counts them in the metrics.
+    async fn record_outcomes(
+        &self,
+        channels: &std::collections::HashMap<String, &'static str>,
+        outcomes: Vec<herald_store::MessageOutcome>,
+    ) -> Result<(), herald_store::StoreError> {
+        let results: Vec<_> = outcomes
+            .iter()
+            .map(|o| (channels[&o.message_id], o.result.clone()))
+            .collect();
+        self.store
+            .complete_messages(self.clock.now_ms(), outcomes)
+            .await?;
+        for (channel, result) in &results {
+            telemetry::delivery(channel, result);
+        }
+        Ok(())
+    }
 }
+
+/// Messages claimed at once per send slot (`send_concurrency`).
+const CLAIMS_PER_SEND_SLOT: i64 = 4;
+
+/// Longest a finished send waits for others to share its commit.
+const COMPLETION_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
 
 /// Channel and status of newly created messages, for metrics.
 fn message_labels(messages: &[herald_store::NewMessage]) -> Vec<(&'static str, &'static str)> {

@@ -141,8 +141,10 @@ impl SqliteStore {
         lease_ms: i64,
     ) -> Result<Vec<ClaimedRun>> {
         let token = uuid::Uuid::new_v4().to_string();
+        // No explicit transaction: the lease is one statement (atomic and durable on its own),
+        // and the read after it sees the leased rows unchanged, as the writer is held meanwhile.
+        // A claim that finds nothing, the common case when idle, is then one round trip.
         let mut conn = self.writer.lock().await;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
         let rows = sqlx::query(
             "UPDATE runs SET locked_until_ms = ?, lease_token = ?
              WHERE id IN (SELECT id FROM runs WHERE state IN ('active', 'waiting_event') AND due_ms <= ?
@@ -154,7 +156,7 @@ impl SqliteStore {
         .bind(now_ms)
         .bind(now_ms)
         .bind(limit)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await?;
         if rows.is_empty() {
             return Ok(Vec::new());
@@ -167,7 +169,7 @@ impl SqliteStore {
              WHERE r.id IN (SELECT value FROM json_each(?))",
         )
         .bind(&ids)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await?
         .into_iter()
         .map(|r| {
@@ -185,7 +187,6 @@ impl SqliteStore {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-        tx.commit().await?;
         Ok(claimed)
     }
 
@@ -246,8 +247,10 @@ impl SqliteStore {
         lease_ms: i64,
     ) -> Result<Vec<ClaimedMessage>> {
         let token = uuid::Uuid::new_v4().to_string();
+        // No explicit transaction: the lease is one statement (atomic and durable on its own),
+        // and the read after it sees the leased rows unchanged, as the writer is held meanwhile.
+        // A claim that finds nothing, the common case when idle, is then one round trip.
         let mut conn = self.writer.lock().await;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
         let rows = sqlx::query(
             "UPDATE messages SET locked_until_ms = ?, lease_token = ?
              WHERE id IN (SELECT id FROM messages WHERE status = 'queued' AND due_ms <= ?
@@ -259,7 +262,7 @@ impl SqliteStore {
         .bind(now_ms)
         .bind(now_ms)
         .bind(limit)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await?;
         if rows.is_empty() {
             return Ok(Vec::new());
@@ -276,7 +279,7 @@ impl SqliteStore {
              WHERE m.id IN (SELECT value FROM json_each(?))",
         )
         .bind(&ids)
-        .fetch_all(&mut *tx)
+        .fetch_all(&mut *conn)
         .await?
         .into_iter()
         .map(|r| {
@@ -299,7 +302,6 @@ impl SqliteStore {
             })
         })
         .collect::<Result<Vec<_>>>()?;
-        tx.commit().await?;
         Ok(claimed)
     }
 
