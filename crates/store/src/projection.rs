@@ -104,6 +104,55 @@ pub(crate) fn offers<'e>(events: &'e [(i64, CourseEvent)]) -> Vec<OfferFact<'e>>
         .collect()
 }
 
+/// The offers table after a batch, and which offer events were at least as new as their offer's
+/// last update (by batch index): the events applied one by one over the stored `(title,
+/// updated_ms)` of each offer. A newer event's title wins unless it has none; an older one only
+/// fills a missing title.
+pub(crate) struct OfferFold<'e> {
+    pub newer: HashSet<usize>,
+    /// `(id, title, updated_ms)`, one per offer.
+    pub rows: Vec<(&'e str, Option<String>, i64)>,
+}
+
+pub(crate) fn fold_offers<'e>(
+    mut stored: HashMap<String, (Option<String>, i64)>,
+    facts: &[OfferFact<'e>],
+) -> OfferFold<'e> {
+    let mut newer = HashSet::new();
+    let (mut order, mut seen) = (Vec::new(), HashSet::new());
+    for o in facts {
+        let title = o.title.map(str::to_owned);
+        match stored.get_mut(o.id) {
+            None => {
+                stored.insert(o.id.to_owned(), (title, o.time_ms));
+                newer.insert(o.index);
+            }
+            Some((old_title, updated)) => {
+                if o.time_ms >= *updated {
+                    newer.insert(o.index);
+                    *updated = o.time_ms;
+                    if title.is_some() {
+                        *old_title = title;
+                    }
+                } else if old_title.is_none() {
+                    *old_title = title;
+                }
+            }
+        }
+        if seen.insert(o.id) {
+            order.push(o.id);
+        }
+    }
+    let rows = order
+        .into_iter()
+        .map(|id| {
+            let (title, updated) = stored.remove(id).expect("folded above");
+            (id, title, updated)
+        })
+        .collect();
+    OfferFold { newer, rows }
+}
+
 /// Given which offer events were at least as new as their offer's last update (`newer`, by
 /// batch index), the product list of each such event that carries one, and per offer the event
 /// whose list the offer ends with (its last newer event with a list).
@@ -174,4 +223,46 @@ pub(crate) fn products<'e>(
         }
     }
     (missing, upserts)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fact(
+        index: usize,
+        id: &'static str,
+        title: Option<&'static str>,
+        t: i64,
+    ) -> OfferFact<'static> {
+        OfferFact {
+            index,
+            id,
+            title,
+            time_ms: t,
+        }
+    }
+
+    #[test]
+    fn offers_fold_as_if_applied_one_by_one() {
+        let stored = HashMap::from([("o1".to_owned(), (Some("Old".to_owned()), 100))]);
+        let fold = fold_offers(
+            stored,
+            &[
+                fact(0, "o1", Some("Older"), 50),   // older: keeps the stored title
+                fact(1, "o2", None, 10),            // new offer, no title yet
+                fact(2, "o1", None, 100),           // as new: newer, but no title to give
+                fact(3, "o2", Some("Two"), 5),      // older, fills the missing title
+                fact(4, "o1", Some("Newest"), 200), // newer with a title: wins
+            ],
+        );
+        assert_eq!(fold.newer, HashSet::from([1, 2, 4]));
+        assert_eq!(
+            fold.rows,
+            vec![
+                ("o1", Some("Newest".to_owned()), 200),
+                ("o2", Some("Two".to_owned()), 10),
+            ]
+        );
+    }
 }

@@ -874,34 +874,32 @@ async fn project_offers<'e>(
     events: &'e [(i64, CourseEvent)],
 ) -> Result<projection::OfferLists<'e>> {
     let facts = projection::offers(events);
-    // Whether each offer event was at least as new as the offer's last update.
     let mut newer = HashSet::new();
-    for round in rounds(facts.iter().map(|o| (o.id, o))) {
-        let ids: Vec<&str> = round.iter().map(|o| o.id).collect();
-        let titles: Vec<Option<&str>> = round.iter().map(|o| o.title).collect();
-        let times: Vec<i64> = round.iter().map(|o| o.time_ms).collect();
-        // After the upsert `updated_ms` is the greater of the old value and this event's time, so
-        // it equals the event's time exactly when the event was at least as new.
-        let stored: HashMap<String, i64> = sqlx::query(
+    if !facts.is_empty() {
+        // Folded here, one row per offer: a batch of events for one offer would otherwise be one
+        // upsert round per event. Only the dispatcher writes offers, under its advisory lock.
+        let ids = distinct(facts.iter().map(|o| o.id));
+        let stored = sqlx::query("SELECT id, title, updated_ms FROM offers WHERE id = ANY($1)")
+            .bind(&ids)
+            .fetch_all(&mut *conn)
+            .await?
+            .iter()
+            .map(|r| (r.get(0), (r.get(1), r.get(2))))
+            .collect();
+        let fold = projection::fold_offers(stored, &facts);
+        let ids: Vec<&str> = fold.rows.iter().map(|r| r.0).collect();
+        let titles: Vec<Option<&str>> = fold.rows.iter().map(|r| r.1.as_deref()).collect();
+        let times: Vec<i64> = fold.rows.iter().map(|r| r.2).collect();
+        sqlx::query(
             "INSERT INTO offers (id, title, updated_ms) SELECT * FROM UNNEST($1::text[], $2::text[], $3::int8[])
-             ON CONFLICT (id) DO UPDATE SET
-               title = CASE WHEN excluded.updated_ms >= offers.updated_ms THEN COALESCE(excluded.title, offers.title) ELSE COALESCE(offers.title, excluded.title) END,
-               updated_ms = GREATEST(offers.updated_ms, excluded.updated_ms)
-             RETURNING id, updated_ms",
+             ON CONFLICT (id) DO UPDATE SET title = excluded.title, updated_ms = excluded.updated_ms",
         )
         .bind(&ids)
         .bind(&titles)
         .bind(&times)
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
-        for o in round {
-            if stored.get(o.id) == Some(&o.time_ms) {
-                newer.insert(o.index);
-            }
-        }
+        .execute(&mut *conn)
+        .await?;
+        newer = fold.newer;
     }
 
     let lists = projection::offer_lists(events, &newer);

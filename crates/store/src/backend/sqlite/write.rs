@@ -712,34 +712,25 @@ async fn project_offers<'e>(
     let offers = projection::offers(events);
     let mut newer = HashSet::new();
     if !offers.is_empty() {
-        // An offer event is newer when its time is at least the offer's last update so far: the
-        // stored one, then each earlier event of the batch.
-        let mut updated: HashMap<String, i64> = sqlx::query(
-            "SELECT id, updated_ms FROM offers WHERE id IN (SELECT value FROM json_each(?))",
+        let stored = sqlx::query(
+            "SELECT id, title, updated_ms FROM offers WHERE id IN (SELECT value FROM json_each(?))",
         )
         .bind(json_list(offers.iter().map(|o| o.id)))
         .fetch_all(&mut *conn)
         .await?
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), (r.get(1), r.get(2))))
         .collect();
-        for o in &offers {
-            let last = updated.entry(o.id.to_owned()).or_insert(o.time_ms);
-            if o.time_ms >= *last {
-                newer.insert(o.index);
-                *last = o.time_ms;
-            }
-        }
+        let fold = projection::fold_offers(stored, &offers);
         sqlx::query(
             "INSERT INTO offers (id, title, updated_ms) SELECT value ->> 0, value ->> 1, value ->> 2
-             FROM json_each(?) WHERE true ORDER BY key
-             ON CONFLICT (id) DO UPDATE SET
-               title = CASE WHEN excluded.updated_ms >= offers.updated_ms THEN COALESCE(excluded.title, offers.title) ELSE COALESCE(offers.title, excluded.title) END,
-               updated_ms = MAX(offers.updated_ms, excluded.updated_ms)",
+             FROM json_each(?) WHERE true
+             ON CONFLICT (id) DO UPDATE SET title = excluded.title, updated_ms = excluded.updated_ms",
         )
-        .bind(json_rows(offers.iter().map(|o| json!([o.id, o.title, o.time_ms]))))
+        .bind(json_rows(fold.rows.iter().map(|(id, title, t)| json!([id, title, t]))))
         .execute(&mut *conn)
         .await?;
+        newer = fold.newer;
     }
     let lists = projection::offer_lists(events, &newer);
     if !lists.final_list.is_empty() {
