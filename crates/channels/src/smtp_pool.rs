@@ -34,6 +34,8 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A connection idle longer than this is checked with NOOP before reuse; under load connections
 /// come back within milliseconds and skip that round trip.
 const CHECK_AFTER_IDLE: Duration = Duration::from_secs(5);
+/// Longest wait for the relay's answer to that NOOP; no answer means a dead connection.
+const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How the connection to the relay is secured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,6 +114,13 @@ impl Relay {
             "" => ClientId::default(),
             name => ClientId::Domain(name.to_owned()),
         };
+        if security != Security::Plain {
+            rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
+                SmtpConfigError::Unsupported(format!(
+                    "host {host:?} cannot be checked against a TLS certificate ({e})"
+                ))
+            })?;
+        }
         let implicit_tls = (security == Security::ImplicitTls).then(implicit_tls_connector);
         Ok(Self {
             port: parsed.port().unwrap_or(default_port),
@@ -142,7 +151,7 @@ impl Relay {
         let stream: Box<dyn AsyncTokioStream> = match &self.implicit_tls {
             Some(connector) => {
                 let name = rustls::pki_types::ServerName::try_from(self.host.clone())
-                    .map_err(|e| SendError::Permanent(format!("SMTP relay host name: {e}")))?;
+                    .map_err(|e| SendError::Transient(format!("SMTP relay host name: {e}")))?;
                 let tls = connector
                     .connect(name, tcp)
                     .await
@@ -151,24 +160,32 @@ impl Relay {
             }
             None => Box::new(tcp),
         };
+        // Whatever goes wrong before MAIL FROM (a 554 greeting, a refused AUTH after a password
+        // change, a failed STARTTLS) is the relay's state, not this message's: it may pass later.
+        let setup = |e: lettre::transport::smtp::Error| {
+            SendError::Transient(format!(
+                "SMTP relay {}:{} refused the connection: {e}",
+                self.host, self.port
+            ))
+        };
         let mut conn = AsyncSmtpConnection::connect_with_transport(stream, &self.hello)
             .await
-            .map_err(classify)?;
+            .map_err(setup)?;
         let starttls = match self.security {
             Security::StartTls => true,
             Security::StartTlsIfOffered => conn.can_starttls(),
             Security::Plain | Security::ImplicitTls => false,
         };
         if starttls {
-            let parameters = TlsParameters::new(self.host.clone()).map_err(classify)?;
+            let parameters = TlsParameters::new(self.host.clone()).map_err(setup)?;
             conn.starttls(parameters, &self.hello)
                 .await
-                .map_err(classify)?;
+                .map_err(setup)?;
         }
         if let Some(credentials) = &self.credentials {
             conn.auth(DEFAULT_MECHANISMS, credentials)
                 .await
-                .map_err(classify)?;
+                .map_err(setup)?;
         }
         Ok(conn)
     }
@@ -245,8 +262,9 @@ impl Pool {
         if let Some(conn) = self.take_idle().await {
             match self.send_on(conn, envelope, message).await {
                 // The relay dropped a connection we thought open (no reply, no SMTP status): once
-                // more on a new one. A relay accepts a message only by its reply to the final `.`
-                // (RFC 5321 §4.1.1.4), so without a reply it did not take this one.
+                // more on a new one. Almost always it was gone before MAIL FROM; should it have
+                // taken the message and lost only its reply to the final `.`, this is the
+                // duplicate any retry risks (RFC 1047), with the same Message-ID.
                 Err(Failure::Lost(_)) => {}
                 done => return done.map_err(SendError::from),
             }
@@ -272,10 +290,11 @@ impl Pool {
     ) -> Result<(), Failure> {
         match tokio::time::timeout(SEND_TIMEOUT, conn.send(envelope, message)).await {
             Ok(Ok(_)) => {
-                self.idle
-                    .lock()
-                    .expect("not poisoned")
-                    .push((conn, Instant::now()));
+                let mut idle = self.idle.lock().expect("not poisoned");
+                // Under light load only the newest connections are reused; the oldest (first)
+                // would otherwise stay open after the relay has given up on them.
+                idle.retain(|(_, since)| since.elapsed() <= IDLE_TIMEOUT);
+                idle.push((conn, Instant::now()));
                 Ok(())
             }
             // lettre has closed the connection on any error.
@@ -287,24 +306,24 @@ impl Pool {
         }
     }
 
-    /// The most recently returned idle connection that is still usable, closing stale ones.
+    /// The most recently returned idle connection that is still usable. Stale ones are dropped
+    /// (closing the socket) without a QUIT: a relay that went away would leave QUIT unanswered.
     async fn take_idle(&self) -> Option<AsyncSmtpConnection> {
         loop {
             let (mut conn, since) = self.idle.lock().expect("not poisoned").pop()?;
             let idle_for = since.elapsed();
             if idle_for > IDLE_TIMEOUT {
                 // The rest are older still.
-                let stale = std::mem::take(&mut *self.idle.lock().expect("not poisoned"));
-                conn.abort().await;
-                for (mut old, _) in stale {
-                    old.abort().await;
-                }
+                self.idle.lock().expect("not poisoned").clear();
                 return None;
             }
-            if idle_for <= CHECK_AFTER_IDLE || conn.test_connected().await {
+            if idle_for <= CHECK_AFTER_IDLE
+                || tokio::time::timeout(CHECK_TIMEOUT, conn.test_connected())
+                    .await
+                    .unwrap_or(false)
+            {
                 return Some(conn);
             }
-            conn.abort().await;
         }
     }
 }

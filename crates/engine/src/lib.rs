@@ -401,8 +401,12 @@ impl Shared {
                     group_deadline = None;
                 }
                 _ = heartbeat.tick() => {
+                    // A failed renewal must not abandon sends in flight (whose outcomes would then
+                    // go unrecorded and be sent again): the next tick tries again.
                     let until = self.clock.now_ms() + self.config.lease.as_millis() as i64;
-                    self.store.extend_message_lease(lease_token.clone(), until).await?;
+                    if let Err(e) = self.store.extend_message_lease(lease_token.clone(), until).await {
+                        tracing::warn!(error = %e, "could not renew the lease of messages being sent");
+                    }
                 }
             }
         }
@@ -412,7 +416,9 @@ impl Shared {
         Ok(n)
     }
 
-    /// Writes delivery outcomes, then counts them in the metrics.
+    /// Writes delivery outcomes, then counts them in the metrics. A failed write is tried again a
+    /// few times (the lease check makes it idempotent): given up, those messages are sent again
+    /// once their lease runs out.
     async fn record_outcomes(
         &self,
         channels: &std::collections::HashMap<String, &'static str>,
@@ -422,15 +428,30 @@ impl Shared {
             .iter()
             .map(|o| (channels[&o.message_id], o.result.clone()))
             .collect();
-        self.store
-            .complete_messages(self.clock.now_ms(), outcomes)
-            .await?;
+        let mut pause = std::time::Duration::from_millis(100);
+        let mut tries = 1;
+        while let Err(e) = self
+            .store
+            .complete_messages(self.clock.now_ms(), outcomes.clone())
+            .await
+        {
+            if tries == RECORD_TRIES {
+                return Err(e);
+            }
+            tracing::warn!(error = %e, tries, "could not record delivery outcomes; trying again");
+            tokio::time::sleep(pause).await;
+            pause *= 2;
+            tries += 1;
+        }
         for (channel, result) in &results {
             telemetry::delivery(channel, result);
         }
         Ok(())
     }
 }
+
+/// Attempts to record one group of delivery outcomes (over about 1.5 s) before giving up.
+const RECORD_TRIES: u32 = 5;
 
 /// Messages claimed at once per send slot (`send_concurrency`).
 const CLAIMS_PER_SEND_SLOT: i64 = 4;

@@ -12,20 +12,24 @@ use sqlx::PgConnection;
 use std::net::SocketAddr;
 use std::os::fd::{BorrowedFd, RawFd};
 
-/// Sets `TCP_NODELAY` on the socket of `conn`. A Unix-socket connection has nothing to set; a
-/// connection through a proxy or NAT, whose ports the server sees differently, is left as sqlx
-/// made it (logged).
+/// Sets `TCP_NODELAY` on the socket of `conn`, best effort: a connection is never refused for
+/// it. A Unix-socket connection has nothing to set; a connection through a proxy or NAT, whose
+/// ports the server sees differently, or a process without `/proc`, is left as sqlx made it
+/// (logged).
 pub(super) async fn set_on(conn: &mut PgConnection) -> Result<(), sqlx::Error> {
     let Some((local, peer)) = ports(conn).await? else {
         return Ok(());
     };
-    let found = with_socket(local, peer, |s| s.set_tcp_nodelay(true)).map_err(sqlx::Error::Io)?;
-    if found.is_none() {
-        tracing::debug!(
+    match with_socket(local, peer, |s| s.set_tcp_nodelay(true)) {
+        Ok(Some(())) => {}
+        Ok(None) => tracing::warn!(
             local,
             peer,
-            "no socket of this process has the ports PostgreSQL reports; TCP_NODELAY not set"
-        );
+            "no socket of this process has the ports PostgreSQL reports; TCP_NODELAY not set (large statements may wait ~40 ms)"
+        ),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not set TCP_NODELAY on a PostgreSQL connection")
+        }
     }
     Ok(())
 }

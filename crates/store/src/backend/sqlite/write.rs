@@ -143,7 +143,8 @@ impl SqliteStore {
         let token = uuid::Uuid::new_v4().to_string();
         // No explicit transaction: the lease is one statement (atomic and durable on its own),
         // and the read after it sees the leased rows unchanged, as the writer is held meanwhile.
-        // A claim that finds nothing, the common case when idle, is then one round trip.
+        // A claim that finds nothing, the common case when idle, is then one round trip. Should
+        // the read fail, the rows stay leased until the lease runs out, then are claimed again.
         let mut conn = self.writer.lock().await;
         let rows = sqlx::query(
             "UPDATE runs SET locked_until_ms = ?, lease_token = ?
@@ -249,7 +250,8 @@ impl SqliteStore {
         let token = uuid::Uuid::new_v4().to_string();
         // No explicit transaction: the lease is one statement (atomic and durable on its own),
         // and the read after it sees the leased rows unchanged, as the writer is held meanwhile.
-        // A claim that finds nothing, the common case when idle, is then one round trip.
+        // A claim that finds nothing, the common case when idle, is then one round trip. Should
+        // the read fail, the rows stay leased until the lease runs out, then are claimed again.
         let mut conn = self.writer.lock().await;
         let rows = sqlx::query(
             "UPDATE messages SET locked_until_ms = ?, lease_token = ?
