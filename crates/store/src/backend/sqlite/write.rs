@@ -197,20 +197,17 @@ impl SqliteStore {
         }
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
-        let mut leases = current_leases(
+        let written: Vec<&RunWrite> = under_current_lease(
             &mut tx,
             "SELECT id, lease_token FROM runs WHERE id IN (SELECT value FROM json_each(?))",
-            advances.iter().map(|a| a.write.run_id.as_str()),
+            &advances,
+            |a| (&a.write.run_id, &a.lease_token),
+            |a| tracing::warn!(run = %a.write.run_id, "run lease lost before its step finished; result dropped"),
         )
-        .await?;
-        let mut written = Vec::with_capacity(advances.len());
-        for adv in &advances {
-            if leases.take(&adv.write.run_id, &adv.lease_token) {
-                written.push(&adv.write);
-            } else {
-                tracing::warn!(run = %adv.write.run_id, "run lease lost before its step finished; result dropped");
-            }
-        }
+        .await?
+        .into_iter()
+        .map(|a| &a.write)
+        .collect();
         if written.is_empty() {
             return Ok(());
         }
@@ -330,20 +327,14 @@ impl SqliteStore {
         }
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
-        let mut leases = current_leases(
+        let written = under_current_lease(
             &mut tx,
             "SELECT id, lease_token FROM messages WHERE id IN (SELECT value FROM json_each(?))",
-            outcomes.iter().map(|o| o.message_id.as_str()),
+            &outcomes,
+            |o| (&o.message_id, &o.lease_token),
+            |o| tracing::warn!(message = %o.message_id, "message lease lost before delivery finished; outcome dropped"),
         )
         .await?;
-        let mut written = Vec::with_capacity(outcomes.len());
-        for o in &outcomes {
-            if leases.take(&o.message_id, &o.lease_token) {
-                written.push(o);
-            } else {
-                tracing::warn!(message = %o.message_id, "message lease lost before delivery finished; outcome dropped");
-            }
-        }
         if written.is_empty() {
             return Ok(());
         }
@@ -456,34 +447,36 @@ async fn insert_mailbox(conn: &mut SqliteConnection, m: &MailboxItem) -> Result<
     Ok(())
 }
 
-/// The lease each row holds now (`None`: not leased), read inside the writing transaction.
-struct Leases(HashMap<String, Option<String>>);
-
-impl Leases {
-    /// Whether a result under `token` may be written for row `id`: only while the row holds that
-    /// lease, and only once, as writing it clears the lease (applied one by one, a second result
-    /// for the row finds no lease).
-    fn take(&mut self, id: &str, token: &str) -> bool {
-        match self.0.get_mut(id) {
-            Some(held) if held.as_deref() == Some(token) => {
-                *held = None;
-                true
+/// Of `items`, in order, those whose row still holds the lease the item carries (`key`: row id
+/// and lease token), read inside the writing transaction; `lost` is told of each other one. As if
+/// applied one by one: writing a result clears its row's lease, so a second result for the same
+/// row is dropped like one under a lost lease.
+async fn under_current_lease<'a, T>(
+    conn: &mut SqliteConnection,
+    leases_sql: &'static str,
+    items: &'a [T],
+    key: impl Fn(&'a T) -> (&'a str, &'a str),
+    lost: impl Fn(&T),
+) -> Result<Vec<&'a T>> {
+    let mut held: HashMap<String, Option<String>> = sqlx::query(leases_sql)
+        .bind(json_list(items.iter().map(|i| key(i).0)))
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let mut kept = Vec::with_capacity(items.len());
+    for item in items {
+        let (id, token) = key(item);
+        match held.get_mut(id) {
+            Some(lease) if lease.as_deref() == Some(token) => {
+                *lease = None;
+                kept.push(item);
             }
-            _ => false,
+            _ => lost(item),
         }
     }
-}
-
-async fn current_leases<'a>(
-    conn: &mut SqliteConnection,
-    sql: &'static str,
-    ids: impl IntoIterator<Item = &'a str>,
-) -> Result<Leases> {
-    let rows = sqlx::query(sql)
-        .bind(json_list(ids))
-        .fetch_all(&mut *conn)
-        .await?;
-    Ok(Leases(rows.iter().map(|r| (r.get(0), r.get(1))).collect()))
+    Ok(kept)
 }
 
 /// Inserts events with one multi-row statement, in batch order (their `seq` is the dispatch
