@@ -14,6 +14,7 @@ use lettre::address::Envelope;
 use lettre::transport::smtp::authentication::{Credentials, DEFAULT_MECHANISMS};
 use lettre::transport::smtp::client::{AsyncSmtpConnection, AsyncTokioStream, TlsParameters};
 use lettre::transport::smtp::extension::ClientId;
+use rustls::pki_types::ServerName;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -60,8 +61,9 @@ pub(crate) struct Relay {
     credentials: Option<Credentials>,
     /// Our EHLO name: the URL's path if set, else this machine's host name (lettre's default).
     hello: ClientId,
-    /// TLS client settings for `smtps://` (STARTTLS uses lettre's own), built once.
-    implicit_tls: Option<tokio_rustls::TlsConnector>,
+    /// TLS client settings and the certificate name to expect for `smtps://` (STARTTLS uses
+    /// lettre's own), built once.
+    implicit_tls: Option<(tokio_rustls::TlsConnector, ServerName<'static>)>,
 }
 
 impl Relay {
@@ -114,14 +116,17 @@ impl Relay {
             "" => ClientId::default(),
             name => ClientId::Domain(name.to_owned()),
         };
-        if security != Security::Plain {
-            rustls::pki_types::ServerName::try_from(host.clone()).map_err(|e| {
-                SmtpConfigError::Unsupported(format!(
-                    "host {host:?} cannot be checked against a TLS certificate ({e})"
-                ))
-            })?;
-        }
-        let implicit_tls = (security == Security::ImplicitTls).then(implicit_tls_connector);
+        let implicit_tls = match security {
+            Security::Plain => None,
+            _ => {
+                let name = ServerName::try_from(host.clone()).map_err(|e| {
+                    SmtpConfigError::Unsupported(format!(
+                        "host {host:?} cannot be checked against a TLS certificate ({e})"
+                    ))
+                })?;
+                (security == Security::ImplicitTls).then(|| (implicit_tls_connector(), name))
+            }
+        };
         Ok(Self {
             port: parsed.port().unwrap_or(default_port),
             host,
@@ -149,11 +154,9 @@ impl Relay {
         };
         let tcp = self.open_socket().await.map_err(|e| unreachable(&e))?;
         let stream: Box<dyn AsyncTokioStream> = match &self.implicit_tls {
-            Some(connector) => {
-                let name = rustls::pki_types::ServerName::try_from(self.host.clone())
-                    .map_err(|e| SendError::Transient(format!("SMTP relay host name: {e}")))?;
+            Some((connector, name)) => {
                 let tls = connector
-                    .connect(name, tcp)
+                    .connect(name.clone(), tcp)
                     .await
                     .map_err(|e| unreachable(&e))?;
                 Box::new(ImplicitTlsStream(tls))

@@ -64,14 +64,14 @@ async fn run(backend: Arc<Backend>, mut rx: mpsc::Receiver<Request>) {
         }
         let backend = backend.clone();
         tokio::spawn(async move {
-            commit(&backend, batch, count).await;
+            commit(&backend, batch).await;
             drop(slot);
         });
     }
 }
 
 /// Stores one group and answers each of its requests.
-async fn commit(backend: &Backend, batch: Vec<Request>, count: usize) {
+async fn commit(backend: &Backend, batch: Vec<Request>) {
     let events: Vec<&NewEvent> = batch.iter().flat_map(|r| r.events.iter()).collect();
     match backend.insert_events(&events).await {
         Ok(results) => {
@@ -82,7 +82,7 @@ async fn commit(backend: &Backend, batch: Vec<Request>, count: usize) {
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, events = count, "event batch could not be stored");
+            tracing::error!(error = %e, events = events.len(), "event batch could not be stored");
             let msg = e.to_string();
             for req in batch {
                 let _ = req.reply.send(Err(StoreError::Batch(msg.clone())));
