@@ -4,9 +4,11 @@
 //! rate, E the bare-HTTP ceiling, F growth after many stored events, G peak memory.
 //!
 //! ```sh
-//! cargo build --release -p herald -p herald-bench
 //! cargo run --release -p herald-bench -- --backend sqlite --out bench.json
 //! ```
+//!
+//! Without `--herald-bin` it first runs `cargo build --release -p herald` in this workspace, so
+//! it never measures a stale binary.
 
 mod ceiling;
 mod herald;
@@ -41,7 +43,8 @@ struct Args {
     /// A short smoke run (seconds instead of minutes; small counts).
     #[arg(long)]
     quick: bool,
-    /// The herald binary; default: target/release/herald of this workspace.
+    /// The herald binary; default: target/release/herald of this workspace, built (or brought
+    /// up to date) by `cargo build --release -p herald` first.
     #[arg(long)]
     herald_bin: Option<PathBuf>,
     /// PostgreSQL server (a fresh database is created on it per scenario and dropped after).
@@ -164,13 +167,10 @@ async fn run(args: Args) -> Result<ExitCode> {
     let started = Instant::now();
     let binary = match &args.herald_bin {
         Some(b) => b.clone(),
-        None => default_binary(),
+        None => build_release_herald()?,
     };
     if !binary.exists() {
-        bail!(
-            "{} does not exist: build it first with `cargo build --release -p herald` (this bench builds nothing itself)",
-            binary.display()
-        );
+        bail!("{} does not exist", binary.display());
     }
     let mut key = vec![0u8; 32];
     getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
@@ -261,6 +261,21 @@ fn bench_wants(args: &Args, scenario: &str) -> bool {
 }
 
 /// `target/release/herald` of the workspace this crate lives in (or of `CARGO_TARGET_DIR`).
+/// Builds this workspace's release `herald` (quick when it is current) and returns its path.
+fn build_release_herald() -> Result<PathBuf> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let workspace = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--release", "-p", "herald"])
+        .current_dir(&workspace)
+        .status()
+        .context("could not run cargo to build the herald release binary")?;
+    if !status.success() {
+        bail!("`cargo build --release -p herald` failed ({status})");
+    }
+    Ok(default_binary())
+}
+
 fn default_binary() -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR")
         .map(PathBuf::from)
