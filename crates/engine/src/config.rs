@@ -3,7 +3,24 @@
 
 use herald_channels::email::SmtpSender;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
+
+/// Where the engine is about to process one item, for [`FaultHook`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Planning an event (inside the dispatch transaction).
+    Dispatch,
+    /// Advancing a claimed run.
+    Step,
+    /// Delivering a claimed message, before it is handed to its channel.
+    Deliver,
+}
+
+/// Called with the stage and the item's contact id before each item is processed. Fault
+/// injection for tests of the engine's resilience (a hook that panics for one contact); `None`
+/// in production.
+pub type FaultHook = Arc<dyn Fn(Stage, &str) + Send + Sync>;
 
 #[derive(Clone)]
 pub struct EngineConfig {
@@ -38,6 +55,11 @@ pub struct EngineConfig {
     pub batch_size: i64,
     /// Sends in flight at once.
     pub send_concurrency: usize,
+    /// How long a loop may make no progress while its work is due before `/healthz` reports it
+    /// stalled.
+    pub stall_limit: Duration,
+    /// Fault injection for tests; see [`FaultHook`].
+    pub fault_hook: Option<FaultHook>,
 }
 
 impl EngineConfig {
@@ -65,6 +87,15 @@ impl EngineConfig {
             batch_size: 256,
             // One email in flight per connection the SMTP pool may open (see `email::POOL_SIZE`).
             send_concurrency: herald_channels::email::POOL_SIZE as usize,
+            stall_limit: Duration::from_secs(60),
+            fault_hook: None,
+        }
+    }
+
+    /// Runs the fault hook, if one is set.
+    pub fn fault_point(&self, stage: Stage, contact_id: &str) {
+        if let Some(hook) = &self.fault_hook {
+            hook(stage, contact_id);
         }
     }
 

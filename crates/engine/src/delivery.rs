@@ -15,15 +15,50 @@ use std::time::Duration;
 
 pub struct Delivery {
     pub config: EngineConfig,
-    /// For minting `<<login_url>>` links at send time.
-    pub store: herald_store::Store,
     pub registry: Arc<Registry>,
     pub clock: Clock,
 }
 
+/// The `<<login_url>>` of a message being sent, minted for the whole claim before any send.
+#[derive(Debug, Clone)]
+pub enum LoginLink {
+    /// The message does not use `<<login_url>>` (or is not going to be sent).
+    Unused,
+    Minted(String),
+    /// The contact holds no active offer grant: the link could not work.
+    NotEntitled,
+    /// Storing the link failed; the send is retried.
+    Failed(String),
+}
+
 impl Delivery {
+    /// Whether the send step of this message renders `<<login_url>>`, so a link must be minted
+    /// for it. Messages that will not be sent (cancelled, suppressed, no recipient) need none.
+    pub fn needs_login_link(&self, m: &ClaimedMessage) -> bool {
+        if m.run_state.stops_sends() || m.opted_out || m.recipient.is_none() {
+            return false;
+        }
+        let snapshot = self.registry.snapshot();
+        snapshot
+            .version(&m.workflow_id, &m.workflow_version)
+            .is_some_and(|wf| {
+                matches!(
+                    wf.program.get(m.pc as usize),
+                    Some(
+                        Instr::SendEmail {
+                            uses_login_url: true,
+                            ..
+                        } | Instr::SendSms {
+                            uses_login_url: true,
+                            ..
+                        }
+                    )
+                )
+            })
+    }
+
     /// Renders and sends one claimed message; never fails, every problem becomes an outcome.
-    pub async fn deliver(&self, m: ClaimedMessage) -> MessageOutcome {
+    pub async fn deliver(&self, m: ClaimedMessage, login: LoginLink) -> MessageOutcome {
         let mut outcome = MessageOutcome {
             message_id: m.id.clone(),
             lease_token: m.lease_token.clone(),
@@ -32,6 +67,12 @@ impl Delivery {
             result: DeliveryResult::Sent { provider_id: None },
             mailbox: None,
         };
+        if m.run_state.stops_sends() {
+            outcome.result = DeliveryResult::Cancelled {
+                reason: format!("run {} before the message was sent", m.run_state.as_str()),
+            };
+            return outcome;
+        }
         let snapshot = self.registry.snapshot();
         let Some(wf) = snapshot.version(&m.workflow_id, &m.workflow_version) else {
             outcome.result = DeliveryResult::Failed {
@@ -64,40 +105,26 @@ impl Delivery {
             .url(&self.config.public_url, event.contact_id());
         custom.insert("unsubscribe_url".into(), unsubscribe_url.clone());
         let pc = m.pc as usize;
-        let uses_login_url = matches!(
-            wf.program.get(pc),
-            Some(
-                Instr::SendEmail {
-                    uses_login_url: true,
-                    ..
-                } | Instr::SendSms {
-                    uses_login_url: true,
-                    ..
-                }
-            )
-        );
-        if uses_login_url {
-            match self.login_url(&m).await {
-                Ok(Some(url)) => {
-                    custom.insert("login_url".into(), url);
-                }
-                Ok(None) => {
-                    outcome.result = DeliveryResult::Skipped {
-                        reason:
-                            "contact holds no active offer grant, so <<login_url>> could not work"
-                                .into(),
-                    };
-                    return outcome;
-                }
-                Err(e) => {
-                    outcome.result = self.classify(
-                        Err(SendError::Transient(format!(
-                            "could not mint the login link: {e}"
-                        ))),
-                        m.attempts,
-                    );
-                    return outcome;
-                }
+        match login {
+            LoginLink::Unused => {}
+            LoginLink::Minted(url) => {
+                custom.insert("login_url".into(), url);
+            }
+            LoginLink::NotEntitled => {
+                outcome.result = DeliveryResult::Skipped {
+                    reason: "contact holds no active offer grant, so <<login_url>> could not work"
+                        .into(),
+                };
+                return outcome;
+            }
+            LoginLink::Failed(e) => {
+                outcome.result = self.classify(
+                    Err(SendError::Transient(format!(
+                        "could not mint the login link: {e}"
+                    ))),
+                    m.attempts,
+                );
+                return outcome;
             }
         }
         match (m.channel, wf.program.get(pc)) {
@@ -190,23 +217,6 @@ impl Delivery {
             }
         }
         outcome
-    }
-
-    /// A fresh learner link for this message, or `None` when the contact is not entitled.
-    async fn login_url(
-        &self,
-        m: &ClaimedMessage,
-    ) -> Result<Option<String>, herald_store::StoreError> {
-        let contact = m.event.contact_id();
-        if !self.store.has_active_offer(contact.to_owned()).await? {
-            return Ok(None);
-        }
-        let url = self
-            .config
-            .links
-            .mint_for_message(&self.store, contact, &m.id, self.clock.now_ms())
-            .await?;
-        Ok(Some(url))
     }
 
     fn mailbox_copy(&self, m: &ClaimedMessage, channel: Channel, e: OutgoingEmail) -> MailboxItem {

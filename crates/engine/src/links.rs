@@ -65,26 +65,19 @@ impl LinkPolicy {
             contact_id: Some(contact_id.to_owned()),
             message_id,
             max_uses: Some(self.learner_uses),
-            expires_ms: Some(now_ms + self.learner_ttl.as_millis() as i64),
+            expires_ms: Some(now_ms.saturating_add(self.learner_ttl.as_millis() as i64)),
         }
     }
 
-    /// Mints the link of one message (a retry of that message replaces it). Returns the URL.
-    pub async fn mint_for_message(
-        &self,
-        store: &Store,
-        contact_id: &str,
-        message_id: &str,
-        now_ms: i64,
-    ) -> Result<String, StoreError> {
+    /// A fresh link for one message being sent (a retry of that message replaces the earlier
+    /// one): the row to store and the URL to put into the message. Stored in batches by the
+    /// deliverer (`Store::mint_message_links`), which also checks the contact's entitlement.
+    pub fn for_message(&self, contact_id: &str, message_id: &str, now_ms: i64) -> (NewLink, String) {
         let token = generate();
-        store
-            .mint_link(
-                self.learner_link(token.hash, contact_id, Some(message_id.to_owned()), now_ms),
-                now_ms,
-            )
-            .await?;
-        Ok(self.url(&token.raw))
+        (
+            self.learner_link(token.hash, contact_id, Some(message_id.to_owned()), now_ms),
+            self.url(&token.raw),
+        )
     }
 
     /// A new link for a contact that invalidates every older one (`links regenerate`, admin API).

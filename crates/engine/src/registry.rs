@@ -161,8 +161,8 @@ impl Registry {
     }
 
     /// Re-reads the files. On success the new set becomes current (its versions stored first, so
-    /// a run can always find its version) and runs of workflows that were disabled or enabled are
-    /// parked or resumed. Returns the warnings.
+    /// a run can always find its version) and runs of workflows whose enabled state differs from
+    /// the one stored are parked or resumed. Returns the warnings.
     pub async fn reload(&self, now_ms: i64) -> Result<Vec<Diagnostic>, RegistryError> {
         let _one_at_a_time = self.reloading.lock().await;
         let bundles = read_bundles(&self.sources)?;
@@ -191,24 +191,18 @@ impl Registry {
                 .insert((wf.id.clone(), wf.version.clone()), wf.clone());
             next.current.insert(wf.id.clone(), wf);
         }
-        let toggled: Vec<(String, bool)> = next
+        *self.snapshot.write().expect("registry lock") = Arc::new(next);
+        // Enabled or disabled is kept in the database: a workflow whose state there differs
+        // from its file (toggled now, or while this process was down, or by another process's
+        // files) has its runs parked or resumed.
+        let states = self
+            .snapshot()
             .current
             .values()
-            .filter(|w| {
-                old.is_enabled(&w.id) != w.enabled
-                    || (!w.enabled && !old.current.contains_key(&w.id))
-            })
-            .map(|w| (w.id.clone(), !w.enabled))
+            .map(|w| (w.id.clone(), w.enabled))
             .collect();
-        *self.snapshot.write().expect("registry lock") = Arc::new(next);
-        for (id, park) in toggled {
-            let n = self
-                .store
-                .set_workflow_parked(id.clone(), park, now_ms)
-                .await?;
-            if n > 0 {
-                tracing::info!(workflow = %id, runs = n, parked = park, "workflow toggled");
-            }
+        for (id, enabled, runs) in self.store.sync_workflow_states(states, now_ms).await? {
+            tracing::info!(workflow = %id, enabled, runs, "workflow toggled");
         }
         Ok(warnings)
     }

@@ -29,6 +29,7 @@ pub fn delivery(channel: &'static str, result: &DeliveryResult) {
         DeliveryResult::Failed { .. } => "failed",
         DeliveryResult::Skipped { .. } => "skipped",
         DeliveryResult::Suppressed { .. } => "suppressed",
+        DeliveryResult::Cancelled { .. } => "cancelled",
     };
     message(channel, status);
 }
@@ -36,4 +37,10 @@ pub fn delivery(channel: &'static str, result: &DeliveryResult) {
 /// Time a provider took to accept (or refuse) one message.
 pub fn send_latency(channel: &'static str, seconds: f64) {
     metrics::histogram!("herald_send_duration_seconds", "channel" => channel).record(seconds);
+}
+
+/// Counts an item set aside because its processing kept failing (`queue`: events, runs,
+/// messages).
+pub fn set_aside(queue: &'static str) {
+    metrics::counter!("herald_dead_total", "queue" => queue).increment(1);
 }

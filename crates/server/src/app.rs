@@ -18,8 +18,6 @@ pub struct Settings {
     pub sources: Sources,
     pub engine: EngineConfig,
     pub clock: Clock,
-    /// Whether this process runs the engine's loops beside the HTTP server.
-    pub run_engine: bool,
     /// `HERALD_ADMIN_TOKEN`; `None` turns the admin API off.
     pub admin_token: Option<String>,
     /// Magic-link redemption attempts allowed per client address and minute.
@@ -42,8 +40,7 @@ pub enum BuildError {
 pub struct Application {
     listener: TcpListener,
     state: AppState,
-    /// `None` when the engine is not run in this process.
-    engine: Option<Engine>,
+    engine: Engine,
 }
 
 impl Application {
@@ -82,16 +79,12 @@ impl Application {
         // email itself goes to the dev mailbox (a development setup); SMS kept there without a
         // provider are listed by `herald mailbox`.
         let dev_mailbox = settings.engine.smtp.is_none();
-        let engine = settings.run_engine.then(|| {
-            Engine::start(
-                store.clone(),
-                registry.clone(),
-                settings.engine.clone(),
-                settings.clock.clone(),
-            )
-        });
-
-        let wakers = engine.as_ref().map(Engine::wakers).unwrap_or_default();
+        let engine = Engine::start(
+            store.clone(),
+            registry.clone(),
+            settings.engine.clone(),
+            settings.clock.clone(),
+        );
         let listener = TcpListener::bind(&settings.listen)
             .await
             .map_err(|source| BuildError::Listen {
@@ -104,7 +97,8 @@ impl Application {
             store,
             secrets: Arc::new(settings.secrets),
             clock: settings.clock,
-            wakers,
+            wakers: engine.wakers(),
+            loops: engine.loops(),
             registry,
             dev_mailbox,
             templates: settings.sources.templates.clone(),
@@ -155,9 +149,7 @@ impl Application {
         .with_graceful_shutdown(shutdown)
         .await;
         cleanup.abort();
-        if let Some(engine) = self.engine {
-            engine.shutdown().await;
-        }
+        self.engine.shutdown().await;
         served
     }
 }

@@ -25,6 +25,8 @@ pub struct AppState {
     pub clock: Clock,
     /// Wake the engine after new events are stored.
     pub wakers: Arc<Wakers>,
+    /// The engine loops' health (`/healthz`); pausing and resuming them.
+    pub loops: Arc<herald_engine::Loops>,
     pub registry: Arc<Registry>,
     /// Whether messages go to the dev mailbox (then `/dev/mailbox` is served).
     pub dev_mailbox: bool,

@@ -7,6 +7,7 @@
 //! commit per batch) is paid per batch rather than per event.
 
 pub mod backend;
+mod decode;
 mod ingest;
 pub mod model;
 mod projection;
@@ -31,6 +32,36 @@ pub enum StoreError {
     Batch(String),
     #[error("the store is shutting down")]
     Closed,
+}
+
+impl StoreError {
+    /// Whether the database refused this particular work (a constraint, an encoding, a value it
+    /// cannot store, stored data that cannot be read back), rather than being unreachable, busy
+    /// or shutting down. Only a rejection can be blamed on the item being written, so only a
+    /// rejection that repeats sets that item aside.
+    pub fn is_rejection(&self) -> bool {
+        match self {
+            Self::Corrupt(_) => true,
+            Self::Database(sqlx::Error::Database(e)) => {
+                let code = e.code();
+                let code = code.as_deref().unwrap_or_default();
+                match code.parse::<i32>() {
+                    // SQLite (extended) result codes: busy, locked, I/O, full, cannot open.
+                    Ok(n) => !matches!(n & 0xff, 5 | 6 | 10 | 13 | 14),
+                    // PostgreSQL SQLSTATEs: connection, resources, operator intervention,
+                    // serialization and deadlock, lock not available.
+                    Err(_) => !(code.starts_with("08")
+                        || code.starts_with("53")
+                        || code.starts_with("57")
+                        || matches!(code, "40001" | "40P01" | "55P03")),
+                }
+            }
+            Self::Database(
+                sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. },
+            ) => true,
+            _ => false,
+        }
+    }
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -109,8 +140,22 @@ delegate! {
     fn save_workflow_versions(&self, versions: Vec<(String, String, String)>, now_ms: i64) -> ();
     /// The bundles (id, version, bundle JSON) of every version a live run is pinned to.
     fn live_workflow_versions(&self) -> Vec<(String, String, String)>;
-    /// Parks (`true`) or resumes the live runs of a workflow.
+    /// Parks (`true`) or resumes the live runs of a workflow; parking cancels the messages its
+    /// runs had queued.
     fn set_workflow_parked(&self, workflow_id: String, parked: bool, now_ms: i64) -> u64;
+    /// Records whether each workflow is enabled and, for each whose stored state changed (or was
+    /// unknown), parks or resumes its runs in the same transaction. Returns those (id, enabled,
+    /// runs parked or resumed).
+    fn sync_workflow_states(&self, states: Vec<(String, bool)>, now_ms: i64) -> Vec<(String, bool, u64)>;
+    /// Sets aside the oldest undispatched event (its dispatch keeps failing) with the error, so
+    /// the events behind it go on. Returns its (source, id).
+    fn set_aside_next_event(&self, error: String, now_ms: i64) -> Option<(String, String)>;
+    /// Ends a live run as dead (advancing it keeps failing), cancelling its queued messages.
+    fn set_run_dead(&self, run_id: String, error: String, now_ms: i64) -> bool;
+    /// Marks a queued message dead (recording its delivery keeps failing).
+    fn set_message_dead(&self, message_id: String, error: String, now_ms: i64) -> bool;
+    /// Events set aside, oldest first, after the given `seq`.
+    fn dead_events(&self, after_seq: i64, limit: i64) -> Vec<DeadEventRow>;
     /// The dev mailbox, newest first.
     fn mailbox(&self, limit: i64) -> Vec<MailboxItem>;
     fn messages(&self, filter: ListFilter) -> Vec<MessageRow>;
@@ -126,6 +171,10 @@ delegate! {
     fn has_active_offer(&self, contact_id: String) -> bool;
     /// Stores a freshly minted link (replacing the one of the same message) and audits the mint.
     fn mint_link(&self, link: NewLink, now_ms: i64) -> ();
+    /// The links of a batch of messages being sent, in one transaction: each is stored (replacing
+    /// the earlier one of its message) and audited if its contact holds an active offer grant.
+    /// Returns, per link, whether it was (a contact without a grant gets none).
+    fn mint_message_links(&self, links: Vec<NewLink>, now_ms: i64) -> Vec<bool>;
     /// Revokes every live link of the contact (learner) or the site's user link (`None`), then
     /// stores `link`: regeneration, in one transaction.
     fn regenerate_link(&self, link: NewLink, now_ms: i64) -> ();

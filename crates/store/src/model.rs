@@ -33,7 +33,8 @@ pub struct ContactRow {
 }
 
 /// Run states. `Active` runs are due at `due_ms`; `WaitingEvent` runs wait for an event or their
-/// timeout at `due_ms`; `Parked` runs belong to a disabled workflow. The rest are final.
+/// timeout at `due_ms`; `Parked` runs belong to a disabled workflow. The rest are final; `Dead`
+/// runs were set aside because advancing them kept failing (the reason holds the last error).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum RunState {
@@ -44,6 +45,7 @@ pub enum RunState {
     Exited,
     Failed,
     Refused,
+    Dead,
 }
 
 impl RunState {
@@ -56,6 +58,7 @@ impl RunState {
             Self::Exited => "exited",
             Self::Failed => "failed",
             Self::Refused => "refused",
+            Self::Dead => "dead",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -67,6 +70,7 @@ impl RunState {
             Self::Exited,
             Self::Failed,
             Self::Refused,
+            Self::Dead,
         ]
         .into_iter()
         .find(|st| st.as_str() == s)
@@ -74,6 +78,11 @@ impl RunState {
     /// A live run blocks a second enrollment of its contact in the same workflow.
     pub fn is_live(self) -> bool {
         matches!(self, Self::Active | Self::WaitingEvent | Self::Parked)
+    }
+    /// A run in this state must send nothing more: its queued messages are cancelled. A
+    /// completed run still sends what its last steps queued.
+    pub fn stops_sends(self) -> bool {
+        matches!(self, Self::Parked | Self::Exited | Self::Failed | Self::Dead)
     }
 }
 
@@ -188,6 +197,10 @@ pub enum MessageStatus {
     Failed,
     Skipped,
     Suppressed,
+    /// Its run ended (exit, disabled workflow, failure) before it was sent.
+    Cancelled,
+    /// Set aside because recording its delivery kept failing (the reason holds the last error).
+    Dead,
 }
 
 impl MessageStatus {
@@ -198,6 +211,8 @@ impl MessageStatus {
             Self::Failed => "failed",
             Self::Skipped => "skipped",
             Self::Suppressed => "suppressed",
+            Self::Cancelled => "cancelled",
+            Self::Dead => "dead",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -207,6 +222,8 @@ impl MessageStatus {
             Self::Failed,
             Self::Skipped,
             Self::Suppressed,
+            Self::Cancelled,
+            Self::Dead,
         ]
         .into_iter()
         .find(|x| x.as_str() == s)
@@ -275,6 +292,8 @@ pub struct ClaimedMessage {
     /// No message has been sent to the contact on this channel before (the first SMS carries
     /// the opt-out line).
     pub first_on_channel: bool,
+    /// The state of the message's run at claim time: a run that stops sends cancels it.
+    pub run_state: RunState,
 }
 
 /// What happened to one delivery attempt.
@@ -295,6 +314,10 @@ pub enum DeliveryResult {
         reason: String,
     },
     Suppressed {
+        reason: String,
+    },
+    /// Its run ended before it was sent.
+    Cancelled {
         reason: String,
     },
 }
@@ -515,8 +538,36 @@ pub struct QueueStats {
     pub due_runs: i64,
     /// Queued messages whose send is due.
     pub due_messages: i64,
+    /// When the oldest undispatched event was received, if any.
+    pub oldest_event_ms: Option<i64>,
+    /// Due time of the oldest due run, if any.
+    pub oldest_run_due_ms: Option<i64>,
+    /// Due time of the oldest due message, if any.
+    pub oldest_message_due_ms: Option<i64>,
+}
+
+impl QueueStats {
     /// Due time of the oldest due run or message, if any.
-    pub oldest_due_ms: Option<i64>,
+    pub fn oldest_job_due_ms(&self) -> Option<i64> {
+        match (self.oldest_run_due_ms, self.oldest_message_due_ms) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+}
+
+/// An event set aside because its dispatch kept failing.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct DeadEventRow {
+    pub seq: i64,
+    pub source: String,
+    pub id: String,
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub contact_id: String,
+    pub error: String,
+    pub received_ms: i64,
+    pub dead_ms: i64,
 }
 
 /// Whether an event's `contact` object carries any detail besides its id.

@@ -2464,18 +2464,23 @@ async fn queue_stats_count_due_work(db: &TestDb) {
     .await;
     accept(s, vec![contact_event("pending", "c9", T0)]).await;
     let stats = s.queue_stats(T0 + 100).await.unwrap();
+    let received_ms = stats.oldest_event_ms;
+    assert!(received_ms.is_some(), "the pending event's receipt time");
     assert_eq!(
         stats,
         herald_store::QueueStats {
             undispatched_events: 1,
             due_runs: 2,
             due_messages: 1,
-            oldest_due_ms: Some(T0 + 20)
+            oldest_event_ms: received_ms,
+            oldest_run_due_ms: Some(T0 + 30),
+            oldest_message_due_ms: Some(T0 + 20),
         }
     );
+    assert_eq!(stats.oldest_job_due_ms(), Some(T0 + 20));
     let stats = s.queue_stats(T0 + 10).await.unwrap();
     assert_eq!(
-        (stats.due_runs, stats.due_messages, stats.oldest_due_ms),
+        (stats.due_runs, stats.due_messages, stats.oldest_job_due_ms()),
         (0, 0, None)
     );
 }

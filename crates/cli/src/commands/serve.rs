@@ -19,7 +19,6 @@ pub async fn serve(config: Config, dev: bool) -> Result<ExitCode> {
         sources: sources(&config),
         engine: engine_config(&config)?,
         clock: Clock::System,
-        run_engine: true,
         admin_token: config.admin_token.clone(),
         redeem_per_minute: 30,
     };

@@ -151,7 +151,7 @@ pub async fn messages(
     {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("unknown status {s:?}: use queued, sent, failed, skipped or suppressed"),
+            format!("unknown status {s:?}: use queued, sent, failed, skipped, suppressed, cancelled or dead"),
         )
         .with("field", "status"));
     }
@@ -169,13 +169,53 @@ pub async fn messages(
                 "id": m.id, "run_id": m.run_id, "step_id": m.step_id, "workflow": m.workflow_id,
                 "contact_id": m.contact_id, "channel": m.channel, "recipient": m.recipient, "subject": m.subject,
                 "status": m.status, "reason": m.reason, "attempts": m.attempts,
-                "message_id": m.header_message_id, "provider_id": m.provider_id,
+                "message_id": m.header_message_id, "provider_id": m.provider_id, "segments": m.segments,
                 "scheduled_for": if m.status == herald_store::MessageStatus::Queued { opt_time(m.due_ms) } else { Value::Null },
                 "created_at": rfc3339(m.created_ms), "updated_at": rfc3339(m.updated_ms), "sent_at": opt_time(m.sent_ms),
             })
         })
         .collect();
     Ok(Json(json!({ "messages": messages, "next_cursor": next })))
+}
+
+/// `GET /v1/events?status=dead&after=&limit=`: the events set aside because their dispatch kept
+/// failing, oldest first, with the last error. (Events that were processed are seen through
+/// their runs and messages.)
+pub async fn events(
+    State(state): State<AppState>,
+    query: Result<axum::extract::Query<ListQuery>, QueryRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let q = list_query(query)?;
+    if q.status.as_deref() != Some("dead") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "events are listed by status=dead (events set aside); see runs and messages for the rest",
+        )
+        .with("field", "status"));
+    }
+    let after = match &q.after {
+        None => 0,
+        Some(a) => a.parse::<i64>().map_err(|_| {
+            ApiError::new(StatusCode::BAD_REQUEST, "after must be a next_cursor from this list")
+                .with("field", "after")
+        })?,
+    };
+    let limit = q.filter(None)?.limit;
+    let rows = state.store.dead_events(after, limit).await?;
+    let next = (rows.len() as i64 == limit)
+        .then(|| rows.last().map(|e| e.seq.to_string()))
+        .flatten();
+    let events: Vec<Value> = rows
+        .into_iter()
+        .map(|e| {
+            json!({
+                "source": e.source, "id": e.id, "type": e.event_type, "contact_id": e.contact_id,
+                "status": "dead", "error": e.error,
+                "received_at": rfc3339(e.received_ms), "dead_at": rfc3339(e.dead_ms),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "events": events, "next_cursor": next })))
 }
 
 /// `GET /v1/runs?contact_id=&workflow=&state=&after=&limit=`.
@@ -189,7 +229,7 @@ pub async fn runs(
     {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("unknown state {s:?}: use active, waiting_event, parked, completed, exited, failed or refused"),
+            format!("unknown state {s:?}: use active, waiting_event, parked, completed, exited, failed, refused or dead"),
         )
         .with("field", "state"));
     }

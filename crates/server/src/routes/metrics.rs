@@ -35,17 +35,25 @@ pub fn handle() -> &'static PrometheusHandle {
 pub async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let now_ms = state.clock.now_ms();
     let q = state.store.queue_stats(now_ms).await?;
-    let oldest_age = q
-        .oldest_due_ms
-        .map_or(0.0, |due| (now_ms - due).max(0) as f64 / 1000.0);
+    let age = |at: Option<i64>| at.map_or(0.0, |at| (now_ms - at).max(0) as f64 / 1000.0);
     let mut text = handle().render();
     text.push_str(&format!(
         "# HELP herald_job_queue_depth Jobs due now, by queue.\n# TYPE herald_job_queue_depth gauge\n\
          herald_job_queue_depth{{queue=\"events\"}} {}\nherald_job_queue_depth{{queue=\"runs\"}} {}\n\
          herald_job_queue_depth{{queue=\"messages\"}} {}\n\
          # HELP herald_oldest_due_job_age_seconds How long the oldest due run or message has waited.\n\
-         # TYPE herald_oldest_due_job_age_seconds gauge\nherald_oldest_due_job_age_seconds {oldest_age}\n",
-        q.undispatched_events, q.due_runs, q.due_messages
+         # TYPE herald_oldest_due_job_age_seconds gauge\nherald_oldest_due_job_age_seconds {}\n\
+         # HELP herald_queue_oldest_due_seconds How long the oldest due item of each queue has waited (events: since received).\n\
+         # TYPE herald_queue_oldest_due_seconds gauge\n\
+         herald_queue_oldest_due_seconds{{queue=\"events\"}} {}\nherald_queue_oldest_due_seconds{{queue=\"runs\"}} {}\n\
+         herald_queue_oldest_due_seconds{{queue=\"messages\"}} {}\n",
+        q.undispatched_events,
+        q.due_runs,
+        q.due_messages,
+        age(q.oldest_job_due_ms()),
+        age(q.oldest_event_ms),
+        age(q.oldest_run_due_ms),
+        age(q.oldest_message_due_ms),
     ));
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text))
 }

@@ -31,6 +31,7 @@ pub fn router(state: AppState) -> Router {
             post(admin::regenerate_user_link),
         )
         .route("/v1/messages", get(admin::messages))
+        .route("/v1/events", get(admin::events))
         .route("/v1/runs", get(admin::runs))
         .route("/v1/contacts/{id}", get(admin::contact))
         .route("/v1/workflows/reload", post(admin::reload))

@@ -355,7 +355,6 @@ async fn launch(
         },
         engine,
         clock: clock.clone(),
-        run_engine: true,
         admin_token: options.admin_token.clone(),
         redeem_per_minute: options.redeem_per_minute,
     };

@@ -8,6 +8,7 @@ use crate::{
     StoreError,
 };
 use sqlx::{PgConnection, Row};
+use std::collections::HashSet;
 
 type Checked = std::result::Result<LinkHolder, (LinkRefusal, Option<String>)>;
 
@@ -37,6 +38,70 @@ impl PgStore {
         insert_link(&mut tx, &link, now_ms).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    pub async fn mint_message_links(&self, links: Vec<NewLink>, now_ms: i64) -> Result<Vec<bool>> {
+        if links.is_empty() {
+            return Ok(Vec::new());
+        }
+        let contacts: Vec<&str> = links.iter().filter_map(|l| l.contact_id.as_deref()).collect();
+        let mut tx = self.pool.begin().await?;
+        let entitled: HashSet<String> = sqlx::query_scalar(
+            "SELECT DISTINCT contact_id FROM grants WHERE kind = 'offer' AND active AND contact_id = ANY($1)",
+        )
+        .bind(&contacts)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let minted: Vec<bool> = links
+            .iter()
+            .map(|l| l.contact_id.as_ref().is_some_and(|c| entitled.contains(c)))
+            .collect();
+        let kept: Vec<&NewLink> = links
+            .iter()
+            .zip(&minted)
+            .filter_map(|(l, ok)| ok.then_some(l))
+            .collect();
+        if !kept.is_empty() {
+            let messages: Vec<&str> = kept.iter().filter_map(|l| l.message_id.as_deref()).collect();
+            // A retried send re-mints: the earlier token of that message is revoked (kept, so a
+            // copy that did arrive says "replaced" rather than "unknown").
+            sqlx::query(
+                "UPDATE magic_links SET revoked_ms = COALESCE(revoked_ms, $1), message_id = NULL
+                 WHERE message_id = ANY($2)",
+            )
+            .bind(now_ms)
+            .bind(&messages)
+            .execute(&mut *tx)
+            .await?;
+            let hashes: Vec<&str> = kept.iter().map(|l| l.token_hash.as_str()).collect();
+            let kinds: Vec<&str> = kept.iter().map(|l| l.kind.as_str()).collect();
+            let contacts: Vec<Option<&str>> = kept.iter().map(|l| l.contact_id.as_deref()).collect();
+            let message_ids: Vec<Option<&str>> =
+                kept.iter().map(|l| l.message_id.as_deref()).collect();
+            let uses: Vec<Option<i64>> = kept.iter().map(|l| l.max_uses).collect();
+            let expires: Vec<Option<i64>> = kept.iter().map(|l| l.expires_ms).collect();
+            sqlx::query(
+                "WITH minted AS (
+                     INSERT INTO magic_links (token_hash, kind, contact_id, message_id, max_uses, expires_ms, created_ms)
+                     SELECT u.*, $7 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::int8[]) AS u
+                     RETURNING kind, contact_id)
+                 INSERT INTO link_audit (at_ms, kind, contact_id, action, reason)
+                 SELECT $7, kind, contact_id, 'mint', NULL FROM minted",
+            )
+            .bind(&hashes)
+            .bind(&kinds)
+            .bind(&contacts)
+            .bind(&message_ids)
+            .bind(&uses)
+            .bind(&expires)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(minted)
     }
 
     pub async fn regenerate_link(&self, link: NewLink, now_ms: i64) -> Result<()> {

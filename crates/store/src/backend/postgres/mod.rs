@@ -15,6 +15,7 @@
 //! `postgres://user@host/db?options=-csearch_path%3Dmy_schema`. Tables, including sqlx's
 //! `_sqlx_migrations`, are then created in and read from that schema (it must exist).
 
+mod dead;
 mod links;
 #[cfg(target_os = "linux")]
 mod nodelay;
@@ -22,8 +23,7 @@ mod opt_outs;
 mod read;
 mod write;
 
-use crate::{Channel, ContactRow, DeliveryResult, MessageStatus, Result, RunState, StoreError};
-use herald_core::CourseEvent;
+use crate::{ContactRow, Result, StoreError};
 use sqlx::PgPool;
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
@@ -102,65 +102,6 @@ fn is_transient(e: &StoreError) -> bool {
 /// and reads `LIMIT NULL` as none).
 fn sql_limit(limit: i64) -> Option<i64> {
     (limit >= 0).then_some(limit)
-}
-
-/// Columns of a delivery outcome: status, reason, next due time, provider id, sent time.
-fn outcome_columns(
-    result: &DeliveryResult,
-    now_ms: i64,
-) -> (
-    MessageStatus,
-    Option<&str>,
-    Option<i64>,
-    Option<&str>,
-    Option<i64>,
-) {
-    match result {
-        DeliveryResult::Sent { provider_id } => (
-            MessageStatus::Sent,
-            None,
-            None,
-            provider_id.as_deref(),
-            Some(now_ms),
-        ),
-        DeliveryResult::Retry { due_ms, reason } => (
-            MessageStatus::Queued,
-            Some(reason),
-            Some(*due_ms),
-            None,
-            None,
-        ),
-        DeliveryResult::Failed { reason } => {
-            (MessageStatus::Failed, Some(reason), None, None, None)
-        }
-        DeliveryResult::Skipped { reason } => {
-            (MessageStatus::Skipped, Some(reason), None, None, None)
-        }
-        DeliveryResult::Suppressed { reason } => {
-            (MessageStatus::Suppressed, Some(reason), None, None, None)
-        }
-    }
-}
-
-fn parse_stored_event(body: &str) -> Result<CourseEvent> {
-    let value: serde_json::Value =
-        serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    // Stored events were validated on the way in; `time` is present, so the receipt time is unused.
-    herald_core::event::parse_event(0, value, chrono::DateTime::UNIX_EPOCH)
-        .map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn run_state(s: &str) -> Result<RunState> {
-    RunState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown run state {s:?}")))
-}
-
-fn channel(s: &str) -> Result<Channel> {
-    Channel::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown channel {s:?}")))
-}
-
-fn message_status(s: &str) -> Result<MessageStatus> {
-    MessageStatus::parse(s)
-        .ok_or_else(|| StoreError::Corrupt(format!("unknown message status {s:?}")))
 }
 
 /// The contact columns starting at `at` (id, email, phone, first, last, timezone, custom fields).

@@ -5,7 +5,8 @@
 //! collation orders like SQLite's byte order; grants, whose item ids come from the platform, are
 //! few per contact and sorted bytewise (`COLLATE "C"`) to match SQLite exactly.
 
-use super::{PgStore, channel, contact_at, message_status, run_state, sql_limit};
+use super::{PgStore, contact_at, sql_limit};
+use crate::decode::{channel, message_status, run_state};
 use crate::{
     ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, Result, RunRow, StepRecord,
 };
@@ -208,8 +209,9 @@ impl PgStore {
             "SELECT (SELECT COUNT(*) FROM events WHERE NOT dispatched),
                     (SELECT COUNT(*) FROM runs WHERE state IN ('active', 'waiting_event') AND due_ms <= $1),
                     (SELECT COUNT(*) FROM messages WHERE status = 'queued' AND due_ms <= $1),
-                    (SELECT MIN(d) FROM (SELECT MIN(due_ms) AS d FROM runs WHERE state IN ('active', 'waiting_event') AND due_ms <= $1
-                                         UNION ALL SELECT MIN(due_ms) AS d FROM messages WHERE status = 'queued' AND due_ms <= $1) due)",
+                    (SELECT received_ms FROM events WHERE NOT dispatched ORDER BY seq LIMIT 1),
+                    (SELECT MIN(due_ms) FROM runs WHERE state IN ('active', 'waiting_event') AND due_ms <= $1),
+                    (SELECT MIN(due_ms) FROM messages WHERE status = 'queued' AND due_ms <= $1)",
         )
         .bind(now_ms)
         .fetch_one(&self.pool)
@@ -218,7 +220,9 @@ impl PgStore {
             undispatched_events: row.get(0),
             due_runs: row.get(1),
             due_messages: row.get(2),
-            oldest_due_ms: row.get(3),
+            oldest_event_ms: row.get(3),
+            oldest_run_due_ms: row.get(4),
+            oldest_message_due_ms: row.get(5),
         })
     }
 }

@@ -2,9 +2,8 @@
 //! is one), and writes a batch with multi-row statements over `UNNEST`ed arrays, so the round
 //! trips of a call do not grow with the size of its batch.
 
-use super::{
-    PgStore, contact_at, outcome_columns, parse_stored_event, retrying, run_state, sql_limit,
-};
+use super::{PgStore, contact_at, retrying, sql_limit};
+use crate::decode::{channel, outcome_columns, parse_stored_event, run_state};
 use crate::{
     Accepted, ClaimedMessage, ClaimedRun, DispatchInput, EnrollmentCounts, LiveRun, MailboxItem,
     MessageOutcome, NewEvent, Planner, Result, RunAdvance, RunWrite, projection,
@@ -147,6 +146,20 @@ impl PgStore {
             .bind(now_ms)
             .execute(&mut *tx)
             .await?;
+            // Messages the exited runs still had queued are not sent; those being sent under a
+            // live lease are left to their outcome.
+            sqlx::query(
+                "UPDATE messages SET status = 'cancelled', reason = 'run exited: ' || u.reason, due_ms = NULL,
+                        updated_ms = $3, locked_until_ms = NULL, lease_token = NULL
+                 FROM UNNEST($1::text[], $2::text[]) AS u(id, reason)
+                 WHERE messages.run_id = u.id AND messages.status = 'queued'
+                   AND (messages.locked_until_ms IS NULL OR messages.locked_until_ms <= $3)",
+            )
+            .bind(&ids)
+            .bind(&reasons)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
         }
         if !plan.resumes.is_empty() {
             sqlx::query(
@@ -283,9 +296,11 @@ impl PgStore {
         let rows = retrying!("claim messages", async {
             Ok(sqlx::query(
                 "WITH picked AS MATERIALIZED (
-                     SELECT id FROM messages
-                     WHERE status = 'queued' AND due_ms <= $3 AND (locked_until_ms IS NULL OR locked_until_ms <= $3)
-                     ORDER BY due_ms LIMIT $4 FOR UPDATE SKIP LOCKED),
+                     SELECT m.id FROM messages m
+                     WHERE m.status = 'queued' AND m.due_ms <= $3 AND (m.locked_until_ms IS NULL OR m.locked_until_ms <= $3)
+                       AND NOT EXISTS (SELECT 1 FROM messages p
+                                       WHERE p.run_id = m.run_id AND p.status = 'queued' AND p.pc < m.pc)
+                     ORDER BY m.due_ms LIMIT $4 FOR UPDATE SKIP LOCKED),
                  claimed AS (
                      UPDATE messages SET locked_until_ms = $1, lease_token = $2 FROM picked WHERE messages.id = picked.id
                      RETURNING messages.id, messages.run_id, messages.step_id, messages.pc, messages.workflow_id,
@@ -295,7 +310,8 @@ impl PgStore {
                         m.header_message_id, m.attempts, e.body,
                         c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields,
                     EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel),
-                    NOT EXISTS (SELECT 1 FROM messages p WHERE p.contact_id = m.contact_id AND p.channel = m.channel AND p.status = 'sent')
+                    NOT EXISTS (SELECT 1 FROM messages p WHERE p.contact_id = m.contact_id AND p.channel = m.channel AND p.status = 'sent'),
+                    r.state
                  FROM claimed m JOIN runs r ON r.id = m.run_id JOIN events e ON e.seq = r.event_seq
                  LEFT JOIN contacts c ON c.id = m.contact_id
                  ORDER BY m.due_ms, m.id",
@@ -316,7 +332,7 @@ impl PgStore {
                     pc: r.get(3),
                     workflow_id: r.get(4),
                     workflow_version: r.get(5),
-                    channel: super::channel(r.get(6))?,
+                    channel: channel(r.get(6))?,
                     recipient: r.get(7),
                     header_message_id: r.get(8),
                     attempts: r.get(9),
@@ -325,6 +341,7 @@ impl PgStore {
                     contact: contact_at(&r, 11),
                     opted_out: r.get(18),
                     first_on_channel: r.get(19),
+                    run_state: run_state(r.get(20))?,
                 })
             })
             .collect()
@@ -377,14 +394,14 @@ impl PgStore {
         );
         let mut segments = Vec::with_capacity(n);
         for o in &outcomes {
-            let (status, reason, due_ms, provider, sent_ms) = outcome_columns(&o.result, now_ms);
+            let c = outcome_columns(&o.result, now_ms);
             ids.push(o.message_id.as_str());
             tokens.push(o.lease_token.as_str());
-            statuses.push(status.as_str());
-            reasons.push(reason);
-            due.push(due_ms);
-            providers.push(provider);
-            sent.push(sent_ms);
+            statuses.push(c.status.as_str());
+            reasons.push(c.reason);
+            due.push(c.due_ms);
+            providers.push(c.provider_id);
+            sent.push(c.sent_ms);
             subjects.push(o.subject.as_deref());
             segments.push(o.segments);
         }
@@ -394,7 +411,7 @@ impl PgStore {
                     provider_id = COALESCE(u.provider_id, messages.provider_id),
                     sent_ms = COALESCE(u.sent_ms, messages.sent_ms), subject = COALESCE(u.subject, messages.subject),
                     segments = COALESCE(u.segments, messages.segments),
-                    attempts = messages.attempts + CASE WHEN u.status IN ('suppressed', 'skipped') THEN 0 ELSE 1 END,
+                    attempts = messages.attempts + CASE WHEN u.status IN ('suppressed', 'skipped', 'cancelled') THEN 0 ELSE 1 END,
                     updated_ms = $9, locked_until_ms = NULL, lease_token = NULL
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::int8[], $8::text[], $10::int8[])
                   WITH ORDINALITY AS u(id, token, status, reason, due_ms, provider_id, sent_ms, subject, segments, n)
@@ -508,24 +525,84 @@ impl PgStore {
         parked: bool,
         now_ms: i64,
     ) -> Result<u64> {
-        // A parked run keeps its pc, due time and awaited event, so resuming continues exactly
-        // where it stood.
-        let sql = if parked {
-            "UPDATE runs SET state = 'parked', updated_ms = $1
-             WHERE workflow_id = $2 AND state IN ('active', 'waiting_event')"
-        } else {
-            "UPDATE runs SET state = CASE WHEN wait_event IS NULL THEN 'active' ELSE 'waiting_event' END, updated_ms = $1
-             WHERE workflow_id = $2 AND state = 'parked'"
-        };
         retrying!("park workflow", async {
-            Ok(sqlx::query(sql)
-                .bind(now_ms)
-                .bind(&workflow_id)
-                .execute(&self.pool)
-                .await?
-                .rows_affected())
+            let mut tx = self.pool.begin().await?;
+            let n = park_or_resume(&mut tx, &workflow_id, parked, now_ms).await?;
+            tx.commit().await?;
+            Ok(n)
         })
     }
+
+    pub async fn sync_workflow_states(
+        &self,
+        states: Vec<(String, bool)>,
+        now_ms: i64,
+    ) -> Result<Vec<(String, bool, u64)>> {
+        retrying!("sync workflow states", async {
+            let mut tx = self.pool.begin().await?;
+            let mut changed = Vec::new();
+            for (id, enabled) in &states {
+                // Only a workflow whose stored state changes (or that is new) parks or resumes,
+                // so a restart with unchanged files touches no run, and one with changed files
+                // catches up.
+                let updated = sqlx::query(
+                    "INSERT INTO workflow_states (workflow_id, enabled, updated_ms) VALUES ($1, $2, $3)
+                     ON CONFLICT (workflow_id) DO UPDATE SET enabled = EXCLUDED.enabled, updated_ms = EXCLUDED.updated_ms
+                     WHERE workflow_states.enabled <> EXCLUDED.enabled",
+                )
+                .bind(id)
+                .bind(enabled)
+                .bind(now_ms)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+                if updated > 0 {
+                    let runs = park_or_resume(&mut tx, id, !enabled, now_ms).await?;
+                    changed.push((id.clone(), *enabled, runs));
+                }
+            }
+            tx.commit().await?;
+            Ok(changed)
+        })
+    }
+}
+
+/// Parks the live runs of a workflow (cancelling the messages they had queued) or resumes its
+/// parked ones where they stood.
+async fn park_or_resume(
+    conn: &mut PgConnection,
+    workflow_id: &str,
+    parked: bool,
+    now_ms: i64,
+) -> Result<u64> {
+    // A parked run keeps its pc, due time and awaited event, so resuming continues exactly
+    // where it stood.
+    let sql = if parked {
+        "UPDATE runs SET state = 'parked', updated_ms = $1
+         WHERE workflow_id = $2 AND state IN ('active', 'waiting_event')"
+    } else {
+        "UPDATE runs SET state = CASE WHEN wait_event IS NULL THEN 'active' ELSE 'waiting_event' END, updated_ms = $1
+         WHERE workflow_id = $2 AND state = 'parked'"
+    };
+    let n = sqlx::query(sql)
+        .bind(now_ms)
+        .bind(workflow_id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if parked {
+        sqlx::query(
+            "UPDATE messages SET status = 'cancelled', reason = 'workflow disabled', due_ms = NULL,
+                    updated_ms = $1, locked_until_ms = NULL, lease_token = NULL
+             WHERE status = 'queued' AND (locked_until_ms IS NULL OR locked_until_ms <= $1)
+               AND run_id IN (SELECT id FROM runs WHERE workflow_id = $2 AND state = 'parked')",
+        )
+        .bind(now_ms)
+        .bind(workflow_id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(n)
 }
 
 /// Inserts events with one multi-row statement; `RETURNING` names the rows that were new, and of

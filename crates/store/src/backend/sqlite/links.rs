@@ -1,15 +1,17 @@
 //! Magic links, sessions and the portal's reads, SQLite flavour.
 
-use super::SqliteStore;
+use super::{SqliteStore, json_list, json_rows};
 use crate::{
     LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, NewLink, NewSession, ProductRow, Result,
     StoreError,
 };
+use serde_json::json;
 use sqlx::{Row, SqliteConnection};
+use std::collections::HashSet;
 
 type Checked = std::result::Result<LinkHolder, (LinkRefusal, Option<String>)>;
 
-const BEGIN: &str = "BEGIN IMMEDIATE";
+use super::write::BEGIN;
 
 impl SqliteStore {
     pub async fn has_active_offer(&self, contact_id: String) -> Result<bool> {
@@ -39,6 +41,74 @@ impl SqliteStore {
         insert_link(&mut tx, &link, now_ms).await?;
         tx.commit().await?;
         Ok(())
+    }
+
+    pub async fn mint_message_links(&self, links: Vec<NewLink>, now_ms: i64) -> Result<Vec<bool>> {
+        if links.is_empty() {
+            return Ok(Vec::new());
+        }
+        let contacts = json_list(links.iter().filter_map(|l| l.contact_id.as_deref()));
+        let mut conn = self.writer.lock().await;
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
+        let entitled: HashSet<String> = sqlx::query_scalar(
+            "SELECT DISTINCT contact_id FROM grants
+             WHERE kind = 'offer' AND active AND contact_id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(&contacts)
+        .fetch_all(&mut *tx)
+        .await?
+        .into_iter()
+        .collect();
+        let minted: Vec<bool> = links
+            .iter()
+            .map(|l| l.contact_id.as_ref().is_some_and(|c| entitled.contains(c)))
+            .collect();
+        let kept: Vec<&NewLink> = links
+            .iter()
+            .zip(&minted)
+            .filter_map(|(l, ok)| ok.then_some(l))
+            .collect();
+        if !kept.is_empty() {
+            // A retried send re-mints: the earlier token of that message is revoked (kept, so a
+            // copy that did arrive says "replaced" rather than "unknown").
+            sqlx::query(
+                "UPDATE magic_links SET revoked_ms = COALESCE(revoked_ms, ?), message_id = NULL
+                 WHERE message_id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(now_ms)
+            .bind(json_list(kept.iter().filter_map(|l| l.message_id.as_deref())))
+            .execute(&mut *tx)
+            .await?;
+            let rows = json_rows(kept.iter().map(|l| {
+                json!([
+                    l.token_hash,
+                    l.kind.as_str(),
+                    l.contact_id,
+                    l.message_id,
+                    l.max_uses,
+                    l.expires_ms
+                ])
+            }));
+            sqlx::query(
+                "INSERT INTO magic_links (token_hash, kind, contact_id, message_id, max_uses, expires_ms, created_ms)
+                 SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, ?2
+                 FROM json_each(?1)",
+            )
+            .bind(&rows)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO link_audit (at_ms, kind, contact_id, action, reason)
+                 SELECT ?2, value ->> 1, value ->> 2, 'mint', NULL FROM json_each(?1)",
+            )
+            .bind(&rows)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(minted)
     }
 
     pub async fn regenerate_link(&self, link: NewLink, now_ms: i64) -> Result<()> {

@@ -3,6 +3,7 @@
 //! one writer anyway; queueing here beats spinning on SQLITE_BUSY), every write transaction is
 //! `BEGIN IMMEDIATE`, and reads use a separate pool beside the writer.
 
+mod dead;
 mod links;
 mod opt_outs;
 mod read;

@@ -1,10 +1,11 @@
 //! Reads of the SQLite backend, on the reader pool.
 
 use super::SqliteStore;
-use super::write::{contact_at, run_state};
+use super::write::contact_at;
+use crate::decode::{channel, message_status, run_state};
 use crate::{
-    Channel, ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, MessageStatus, Result,
-    RunRow, StepRecord, StoreError,
+    ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, Result,
+    RunRow, StepRecord,
 };
 use sqlx::Row;
 
@@ -89,8 +90,7 @@ impl SqliteStore {
                     recipient: r.get(6),
                     subject: r.get(7),
                     header_message_id: r.get(8),
-                    status: MessageStatus::parse(r.get(9))
-                        .ok_or_else(|| StoreError::Corrupt("unknown message status".into()))?,
+                    status: message_status(r.get(9))?,
                     reason: r.get(10),
                     attempts: r.get(11),
                     due_ms: r.get(12),
@@ -191,18 +191,15 @@ impl SqliteStore {
     }
 }
 
-pub(crate) fn channel(s: &str) -> Result<Channel> {
-    Channel::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown channel {s:?}")))
-}
-
 impl SqliteStore {
     pub async fn queue_stats(&self, now_ms: i64) -> Result<crate::QueueStats> {
         let row = sqlx::query(
             "SELECT (SELECT COUNT(*) FROM events WHERE dispatched = 0),
                     (SELECT COUNT(*) FROM runs WHERE state IN ('active', 'waiting_event') AND due_ms <= ?1),
                     (SELECT COUNT(*) FROM messages WHERE status = 'queued' AND due_ms <= ?1),
-                    (SELECT MIN(d) FROM (SELECT MIN(due_ms) AS d FROM runs WHERE state IN ('active', 'waiting_event') AND due_ms <= ?1
-                                         UNION ALL SELECT MIN(due_ms) AS d FROM messages WHERE status = 'queued' AND due_ms <= ?1))",
+                    (SELECT received_ms FROM events WHERE seq = (SELECT MIN(seq) FROM events WHERE dispatched = 0)),
+                    (SELECT MIN(due_ms) FROM runs WHERE state IN ('active', 'waiting_event') AND due_ms <= ?1),
+                    (SELECT MIN(due_ms) FROM messages WHERE status = 'queued' AND due_ms <= ?1)",
         )
         .bind(now_ms)
         .fetch_one(&self.readers)
@@ -211,7 +208,9 @@ impl SqliteStore {
             undispatched_events: row.get(0),
             due_runs: row.get(1),
             due_messages: row.get(2),
-            oldest_due_ms: row.get(3),
+            oldest_event_ms: row.get(3),
+            oldest_run_due_ms: row.get(4),
+            oldest_message_due_ms: row.get(5),
         })
     }
 }

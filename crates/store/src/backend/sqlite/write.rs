@@ -2,16 +2,16 @@
 
 use super::{SqliteStore, json_list, json_rows};
 use crate::{
-    Accepted, ClaimedMessage, ClaimedRun, DeliveryResult, DispatchInput, EnrollmentCounts, LiveRun,
-    MailboxItem, MessageOutcome, MessageStatus, NewEvent, Planner, Result, RunAdvance, RunState,
-    RunWrite, StoreError, projection,
+    Accepted, ClaimedMessage, ClaimedRun, DispatchInput, EnrollmentCounts, LiveRun, MailboxItem,
+    MessageOutcome, NewEvent, Planner, Result, RunAdvance, RunWrite, projection,
 };
+use crate::decode::{channel, outcome_columns, parse_stored_event, run_state};
 use herald_core::CourseEvent;
 use serde_json::json;
 use sqlx::{Row, SqliteConnection};
 use std::collections::{HashMap, HashSet};
 
-const BEGIN: &str = "BEGIN IMMEDIATE";
+pub(super) const BEGIN: &str = "BEGIN IMMEDIATE";
 
 impl SqliteStore {
     pub(crate) async fn insert_events(&self, events: &[&NewEvent]) -> Result<Vec<Accepted>> {
@@ -111,6 +111,8 @@ impl SqliteStore {
             .bind(&exit.run_id)
             .execute(&mut *tx)
             .await?;
+            let reason = format!("run exited: {}", exit.reason);
+            cancel_queued_messages(&mut tx, &[exit.run_id.as_str()], &reason, now_ms).await?;
         }
         for run_id in &plan.resumes {
             sqlx::query(
@@ -251,9 +253,14 @@ impl SqliteStore {
         // the read fail, the rows stay leased until the lease runs out, then are claimed again.
         let mut conn = self.writer.lock().await;
         let rows = sqlx::query(
+            // A run's messages go in step order: one waits while an earlier step's message of its
+            // run is still queued (being sent, or waiting for a retry).
             "UPDATE messages SET locked_until_ms = ?, lease_token = ?
-             WHERE id IN (SELECT id FROM messages WHERE status = 'queued' AND due_ms <= ?
-                          AND (locked_until_ms IS NULL OR locked_until_ms <= ?) ORDER BY due_ms LIMIT ?)
+             WHERE id IN (SELECT m.id FROM messages m WHERE m.status = 'queued' AND m.due_ms <= ?
+                          AND (m.locked_until_ms IS NULL OR m.locked_until_ms <= ?)
+                          AND NOT EXISTS (SELECT 1 FROM messages p
+                                          WHERE p.run_id = m.run_id AND p.status = 'queued' AND p.pc < m.pc)
+                          ORDER BY m.due_ms LIMIT ?)
              RETURNING id",
         )
         .bind(now_ms + lease_ms)
@@ -272,7 +279,8 @@ impl SqliteStore {
                     m.header_message_id, m.attempts, e.body,
                     c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields,
                     EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel),
-                    NOT EXISTS (SELECT 1 FROM messages p WHERE p.contact_id = m.contact_id AND p.channel = m.channel AND p.status = 'sent')
+                    NOT EXISTS (SELECT 1 FROM messages p WHERE p.contact_id = m.contact_id AND p.channel = m.channel AND p.status = 'sent'),
+                    r.state
              FROM messages m JOIN runs r ON r.id = m.run_id JOIN events e ON e.seq = r.event_seq
              LEFT JOIN contacts c ON c.id = m.contact_id
              WHERE m.id IN (SELECT value FROM json_each(?))",
@@ -289,7 +297,7 @@ impl SqliteStore {
                 pc: r.get(3),
                 workflow_id: r.get(4),
                 workflow_version: r.get(5),
-                channel: super::read::channel(r.get(6))?,
+                channel: channel(r.get(6))?,
                 recipient: r.get(7),
                 header_message_id: r.get(8),
                 attempts: r.get(9),
@@ -298,6 +306,7 @@ impl SqliteStore {
                 contact: contact_at(&r, 11),
                 opted_out: r.get(18),
                 first_on_channel: r.get(19),
+                run_state: run_state(r.get(20))?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -339,19 +348,17 @@ impl SqliteStore {
             return Ok(());
         }
         let rows = json_rows(written.iter().map(|o| {
-            let (status, reason, due, provider, sent) = outcome_columns(&o.result, now_ms);
-            // Suppressed and skipped messages were never tried: no attempt.
-            let attempted = !matches!(status, MessageStatus::Suppressed | MessageStatus::Skipped);
+            let c = outcome_columns(&o.result, now_ms);
             json!([
                 o.message_id,
-                status.as_str(),
-                reason,
-                due,
-                provider,
-                sent,
+                c.status.as_str(),
+                c.reason,
+                c.due_ms,
+                c.provider_id,
+                c.sent_ms,
                 o.subject,
                 o.segments,
-                i64::from(attempted),
+                i64::from(c.attempted),
             ])
         }));
         sqlx::query(
@@ -409,23 +416,106 @@ impl SqliteStore {
         now_ms: i64,
     ) -> Result<u64> {
         let mut conn = self.writer.lock().await;
-        // A parked run keeps its pc, due time and awaited event, so resuming continues exactly
-        // where it stood.
-        let sql = if parked {
-            "UPDATE runs SET state = 'parked', updated_ms = ?
-             WHERE workflow_id = ? AND state IN ('active', 'waiting_event')"
-        } else {
-            "UPDATE runs SET state = CASE WHEN wait_event IS NULL THEN 'active' ELSE 'waiting_event' END, updated_ms = ?
-             WHERE workflow_id = ? AND state = 'parked'"
-        };
-        let n = sqlx::query(sql)
-            .bind(now_ms)
-            .bind(&workflow_id)
-            .execute(&mut *conn)
-            .await?
-            .rows_affected();
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
+        let n = park_or_resume(&mut tx, &workflow_id, parked, now_ms).await?;
+        tx.commit().await?;
         Ok(n)
     }
+
+    pub async fn sync_workflow_states(
+        &self,
+        states: Vec<(String, bool)>,
+        now_ms: i64,
+    ) -> Result<Vec<(String, bool, u64)>> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
+        let mut changed = Vec::new();
+        for (id, enabled) in states {
+            // Only a workflow whose stored state changes (or that is new) parks or resumes, so a
+            // restart with unchanged files touches no run, and one with changed files catches up.
+            let stored: Option<bool> =
+                sqlx::query_scalar("SELECT enabled FROM workflow_states WHERE workflow_id = ?")
+                    .bind(&id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            if stored == Some(enabled) {
+                continue;
+            }
+            sqlx::query(
+                "INSERT INTO workflow_states (workflow_id, enabled, updated_ms) VALUES (?, ?, ?)
+                 ON CONFLICT (workflow_id) DO UPDATE SET enabled = excluded.enabled, updated_ms = excluded.updated_ms",
+            )
+            .bind(&id)
+            .bind(enabled)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            let runs = park_or_resume(&mut tx, &id, !enabled, now_ms).await?;
+            changed.push((id, enabled, runs));
+        }
+        tx.commit().await?;
+        Ok(changed)
+    }
+}
+
+/// Parks the live runs of a workflow (cancelling the messages they had queued) or resumes its
+/// parked ones where they stood.
+async fn park_or_resume(
+    conn: &mut SqliteConnection,
+    workflow_id: &str,
+    parked: bool,
+    now_ms: i64,
+) -> Result<u64> {
+    // A parked run keeps its pc, due time and awaited event, so resuming continues exactly
+    // where it stood.
+    let sql = if parked {
+        "UPDATE runs SET state = 'parked', updated_ms = ?
+         WHERE workflow_id = ? AND state IN ('active', 'waiting_event')"
+    } else {
+        "UPDATE runs SET state = CASE WHEN wait_event IS NULL THEN 'active' ELSE 'waiting_event' END, updated_ms = ?
+         WHERE workflow_id = ? AND state = 'parked'"
+    };
+    let n = sqlx::query(sql)
+        .bind(now_ms)
+        .bind(workflow_id)
+        .execute(&mut *conn)
+        .await?
+        .rows_affected();
+    if parked {
+        sqlx::query(
+            "UPDATE messages SET status = 'cancelled', reason = 'workflow disabled', due_ms = NULL,
+                    updated_ms = ?1, locked_until_ms = NULL, lease_token = NULL
+             WHERE status = 'queued' AND (locked_until_ms IS NULL OR locked_until_ms <= ?1)
+               AND run_id IN (SELECT id FROM runs WHERE workflow_id = ?2 AND state = 'parked')",
+        )
+        .bind(now_ms)
+        .bind(workflow_id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(n)
+}
+
+/// Cancels the queued messages of runs that ended before sending them; those being sent under a
+/// live lease are left to their outcome.
+pub(super) async fn cancel_queued_messages(
+    conn: &mut SqliteConnection,
+    run_ids: &[&str],
+    reason: &str,
+    now_ms: i64,
+) -> Result<()> {
+    sqlx::query(
+        "UPDATE messages SET status = 'cancelled', reason = ?1, due_ms = NULL, updated_ms = ?2,
+                locked_until_ms = NULL, lease_token = NULL
+         WHERE status = 'queued' AND (locked_until_ms IS NULL OR locked_until_ms <= ?2)
+           AND run_id IN (SELECT value FROM json_each(?3))",
+    )
+    .bind(reason)
+    .bind(now_ms)
+    .bind(json_list(run_ids.iter().copied()))
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 async fn insert_mailbox(conn: &mut SqliteConnection, m: &MailboxItem) -> Result<()> {
@@ -755,60 +845,6 @@ async fn project_offers<'e>(
         }
     }
     Ok(lists)
-}
-
-/// Columns of a delivery outcome: status, reason, next due time, provider id, sent time.
-pub(crate) fn outcome_columns(
-    result: &DeliveryResult,
-    now_ms: i64,
-) -> (
-    MessageStatus,
-    Option<&str>,
-    Option<i64>,
-    Option<&str>,
-    Option<i64>,
-) {
-    match result {
-        DeliveryResult::Sent { provider_id } => (
-            MessageStatus::Sent,
-            None,
-            None,
-            provider_id.as_deref(),
-            Some(now_ms),
-        ),
-        DeliveryResult::Retry { due_ms, reason } => (
-            MessageStatus::Queued,
-            Some(reason),
-            Some(*due_ms),
-            None,
-            None,
-        ),
-        DeliveryResult::Failed { reason } => {
-            (MessageStatus::Failed, Some(reason), None, None, None)
-        }
-        DeliveryResult::Skipped { reason } => {
-            (MessageStatus::Skipped, Some(reason), None, None, None)
-        }
-        DeliveryResult::Suppressed { reason } => {
-            (MessageStatus::Suppressed, Some(reason), None, None, None)
-        }
-    }
-}
-
-pub(crate) fn parse_stored_event(body: &str) -> Result<CourseEvent> {
-    let value: serde_json::Value =
-        serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    // Stored events were validated on the way in; `time` is present, so the receipt time is unused.
-    herald_core::event::parse_event(0, value, chrono_epoch())
-        .map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn chrono_epoch() -> chrono::DateTime<chrono::Utc> {
-    chrono::DateTime::UNIX_EPOCH
-}
-
-pub(crate) fn run_state(s: &str) -> Result<RunState> {
-    RunState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown run state {s:?}")))
 }
 
 fn live_run(r: &sqlx::sqlite::SqliteRow) -> Result<LiveRun> {

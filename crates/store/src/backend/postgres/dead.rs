@@ -1,0 +1,106 @@
+//! Setting aside what keeps failing (PostgreSQL): an event, run or message marked dead with its
+//! last error, so the queue behind it goes on.
+
+use super::{PgStore, retrying};
+use crate::{DeadEventRow, Result};
+use sqlx::Row;
+
+impl PgStore {
+    pub async fn set_aside_next_event(
+        &self,
+        error: String,
+        now_ms: i64,
+    ) -> Result<Option<(String, String)>> {
+        retrying!("set aside an event", async {
+            let mut tx = self.pool.begin().await?;
+            // The dispatcher's lock: the event set aside is the one dispatch keeps failing on.
+            sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('herald.dispatch:' || COALESCE(current_schema(), ''), 0))")
+                .execute(&mut *tx)
+                .await?;
+            let row = sqlx::query(
+                "UPDATE events SET dispatched = TRUE, dead_error = $1, dead_ms = $2
+                 WHERE seq = (SELECT seq FROM events WHERE NOT dispatched ORDER BY seq LIMIT 1)
+                 RETURNING source, id",
+            )
+            .bind(&error)
+            .bind(now_ms)
+            .fetch_optional(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(row.map(|r| (r.get(0), r.get(1))))
+        })
+    }
+
+    pub async fn set_run_dead(&self, run_id: String, error: String, now_ms: i64) -> Result<bool> {
+        retrying!("set a run dead", async {
+            let mut tx = self.pool.begin().await?;
+            let n = sqlx::query(
+                "UPDATE runs SET state = 'dead', reason = $1, due_ms = NULL, ended_ms = $2, updated_ms = $2,
+                        locked_until_ms = NULL, lease_token = NULL
+                 WHERE id = $3 AND state IN ('active', 'waiting_event', 'parked')",
+            )
+            .bind(&error)
+            .bind(now_ms)
+            .bind(&run_id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            sqlx::query(
+                "UPDATE messages SET status = 'cancelled', reason = 'run is dead', due_ms = NULL,
+                        updated_ms = $1, locked_until_ms = NULL, lease_token = NULL
+                 WHERE run_id = $2 AND status = 'queued'
+                   AND (locked_until_ms IS NULL OR locked_until_ms <= $1)",
+            )
+            .bind(now_ms)
+            .bind(&run_id)
+            .execute(&mut *tx)
+            .await?;
+            tx.commit().await?;
+            Ok(n > 0)
+        })
+    }
+
+    pub async fn set_message_dead(
+        &self,
+        message_id: String,
+        error: String,
+        now_ms: i64,
+    ) -> Result<bool> {
+        let n = sqlx::query(
+            "UPDATE messages SET status = 'dead', reason = $1, due_ms = NULL, updated_ms = $2,
+                    locked_until_ms = NULL, lease_token = NULL
+             WHERE id = $3 AND status = 'queued'",
+        )
+        .bind(&error)
+        .bind(now_ms)
+        .bind(&message_id)
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        Ok(n > 0)
+    }
+
+    pub async fn dead_events(&self, after_seq: i64, limit: i64) -> Result<Vec<DeadEventRow>> {
+        let rows = sqlx::query(
+            "SELECT seq, source, id, type, contact_id, dead_error, received_ms, dead_ms FROM events
+             WHERE dead_error IS NOT NULL AND seq > $1 ORDER BY seq LIMIT $2",
+        )
+        .bind(after_seq)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows
+            .iter()
+            .map(|r| DeadEventRow {
+                seq: r.get("seq"),
+                source: r.get("source"),
+                id: r.get("id"),
+                event_type: r.get("type"),
+                contact_id: r.get("contact_id"),
+                error: r.get("dead_error"),
+                received_ms: r.get("received_ms"),
+                dead_ms: r.get("dead_ms"),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,77 @@
+//! Turning stored text back into domain values, and outcomes into columns: shared by both
+//! backends, so a state or status is spelled in one place.
+
+use crate::{Channel, DeliveryResult, MessageStatus, Result, RunState, StoreError};
+use herald_core::CourseEvent;
+
+pub(crate) fn parse_stored_event(body: &str) -> Result<CourseEvent> {
+    let value: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    // Stored events were validated on the way in; `time` is present, so the receipt time is unused.
+    herald_core::event::parse_event(0, value, chrono::DateTime::UNIX_EPOCH)
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+pub(crate) fn run_state(s: &str) -> Result<RunState> {
+    RunState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown run state {s:?}")))
+}
+
+pub(crate) fn channel(s: &str) -> Result<Channel> {
+    Channel::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown channel {s:?}")))
+}
+
+pub(crate) fn message_status(s: &str) -> Result<MessageStatus> {
+    MessageStatus::parse(s)
+        .ok_or_else(|| StoreError::Corrupt(format!("unknown message status {s:?}")))
+}
+
+/// The columns a delivery outcome writes.
+pub(crate) struct OutcomeColumns<'a> {
+    pub status: MessageStatus,
+    pub reason: Option<&'a str>,
+    /// When to try again (a retry).
+    pub due_ms: Option<i64>,
+    pub provider_id: Option<&'a str>,
+    pub sent_ms: Option<i64>,
+    /// Suppressed, skipped and cancelled messages were never tried: no attempt is counted.
+    pub attempted: bool,
+}
+
+fn not_tried(status: MessageStatus, reason: &str) -> OutcomeColumns<'_> {
+    OutcomeColumns {
+        status,
+        reason: Some(reason),
+        due_ms: None,
+        provider_id: None,
+        sent_ms: None,
+        attempted: false,
+    }
+}
+
+pub(crate) fn outcome_columns(result: &DeliveryResult, now_ms: i64) -> OutcomeColumns<'_> {
+    match result {
+        DeliveryResult::Sent { provider_id } => OutcomeColumns {
+            status: MessageStatus::Sent,
+            reason: None,
+            due_ms: None,
+            provider_id: provider_id.as_deref(),
+            sent_ms: Some(now_ms),
+            attempted: true,
+        },
+        DeliveryResult::Retry { due_ms, reason } => OutcomeColumns {
+            status: MessageStatus::Queued,
+            reason: Some(reason),
+            due_ms: Some(*due_ms),
+            provider_id: None,
+            sent_ms: None,
+            attempted: true,
+        },
+        DeliveryResult::Failed { reason } => OutcomeColumns {
+            attempted: true,
+            ..not_tried(MessageStatus::Failed, reason)
+        },
+        DeliveryResult::Skipped { reason } => not_tried(MessageStatus::Skipped, reason),
+        DeliveryResult::Suppressed { reason } => not_tried(MessageStatus::Suppressed, reason),
+        DeliveryResult::Cancelled { reason } => not_tried(MessageStatus::Cancelled, reason),
+    }
+}
