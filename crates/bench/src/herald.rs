@@ -8,8 +8,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-/// The bench workflow: one `send_email` step whose subject and both parts render event fields;
-/// the subject carries the event id in brackets, which the SMTP sink reads back.
+/// The bench workflow: one `send_email` step whose subject and both parts render event fields,
+/// and whose both parts carry `<<login_url>>`, as every real welcome does (so each email mints a
+/// learner link); the subject carries the event id in brackets, which the SMTP sink reads back.
 pub const WORKFLOW_YAML: &str = r#"# herald-bench: one templated email per offer grant.
 name: Bench welcome
 enabled: true
@@ -25,10 +26,10 @@ steps:
 "#;
 
 pub const TEMPLATE_TXT: &str = "Hi {{default contact.first_name \"there\"}},\n\nwelcome to {{offer.title}}! \
-Your courses are ready for you.\n\nevent {{event.id}} of {{event.time}}\n";
+Your courses are ready for you: <<login_url>>\n\nevent {{event.id}} of {{event.time}}\n";
 
 pub const TEMPLATE_HTML: &str = "<!doctype html>\n<html>\n  <body>\n    <p>Hi {{default contact.first_name \"there\"}},</p>\n    \
-<p>welcome to <b>{{offer.title}}</b>! Your courses are ready for you.</p>\n    \
+<p>welcome to <b>{{offer.title}}</b>! <a href=\"<<login_url>>\">Your courses are ready for you.</a></p>\n    \
 <p style=\"color:#888\">event {{event.id}} of {{event.time}}</p>\n  </body>\n</html>\n";
 
 /// The workflow and template folders, written once per bench run.
@@ -474,11 +475,13 @@ mod tests {
         )
         .unwrap()
         .remove(0);
+        let custom = [("login_url".to_owned(), "http://h.test/l/TOKEN".to_owned())].into();
         let email = wf
-            .render_email(0, &event.template_context(), &Default::default())
+            .render_email(0, &event.template_context(), &custom)
             .unwrap();
         assert_eq!(email.subject, "Welcome to Rust Pro, Ann! [evt-9]");
-        assert!(email.text.unwrap().contains("evt-9"));
-        assert!(email.html.unwrap().contains("evt-9"));
+        let (text, html) = (email.text.unwrap(), email.html.unwrap());
+        assert!(text.contains("evt-9") && text.contains("http://h.test/l/TOKEN"), "{text}");
+        assert!(html.contains("evt-9") && html.contains("href=\"http://h.test/l/TOKEN\""), "{html}");
     }
 }

@@ -86,7 +86,7 @@ pub struct Check {
     pub missing: u64,
     /// Messages whose subject carries no expected event id.
     pub unexpected: u64,
-    /// Messages whose text and HTML parts both carry the event id.
+    /// Messages whose text and HTML parts both carry the event id and a login link.
     pub bodies_rendered: u64,
     pub exactly_once: bool,
 }
@@ -110,7 +110,7 @@ impl Check {
                     if !message_ids.insert(a.message_id.clone()) {
                         repeated_ids += 1;
                     }
-                    if a.body_mentions >= 2 {
+                    if a.body_mentions >= 2 && a.login_links >= 2 {
                         bodies += 1;
                     }
                 }
@@ -344,6 +344,7 @@ mod tests {
             message_id: mid.into(),
             event_id: Some(event.into()),
             body_mentions: 2,
+            login_links: 2,
             data_phase: std::time::Duration::ZERO,
         }
     }

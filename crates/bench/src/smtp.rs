@@ -25,6 +25,9 @@ pub struct Arrival {
     /// How often the event id occurs in the message after the headers (the text and HTML parts
     /// each carry it once when both rendered it).
     pub body_mentions: u32,
+    /// How many learner links (`/l/`) the message carries after the headers (the bench
+    /// workflow puts `<<login_url>>` in both parts).
+    pub login_links: u32,
     /// From our `354` answer to the terminating `.`: how long the client took to send the
     /// message content.
     pub data_phase: Duration,
@@ -278,6 +281,7 @@ async fn read_data(
         message_id,
         event_id,
         body_mentions,
+        login_links: count_occurrences(&body, b"/l/"),
         data_phase: Duration::ZERO,
     })
 }
@@ -359,7 +363,7 @@ mod tests {
         expect(&mut reader, "250").await;
         expect(&mut reader, "354").await;
         write
-            .write_all(b"Subject: Hi\r\n [evt-1]\r\nMessage-ID: <m1@x>\r\n\r\nbody evt-1\r\n..evt-1 again\r\n.\r\n")
+            .write_all(b"Subject: Hi\r\n [evt-1]\r\nMessage-ID: <m1@x>\r\n\r\nbody evt-1 http://h/l/t1\r\n..evt-1 again\r\n.\r\n")
             .await
             .unwrap();
         expect(&mut reader, "250").await;
@@ -374,6 +378,7 @@ mod tests {
         assert_eq!(arrivals[0].message_id, "<m1@x>");
         assert_eq!(arrivals[0].event_id.as_deref(), Some("evt-1"));
         assert_eq!(arrivals[0].body_mentions, 2);
+        assert_eq!(arrivals[0].login_links, 1);
         assert_eq!(sink.count(), 0);
     }
 }
