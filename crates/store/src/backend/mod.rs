@@ -32,8 +32,8 @@ impl Backend {
     pub(crate) fn commits_in_flight(&self) -> usize {
         match self {
             Self::Sqlite(_) => 1,
-            // Half the pool: the dispatcher, the engine's claims and the API keep the rest.
-            Self::Postgres(_) => 4,
+            // The pool has room for these beside the engine and the API (see its size).
+            Self::Postgres(_) => postgres::INTAKE_COMMITS_IN_FLIGHT,
         }
     }
 

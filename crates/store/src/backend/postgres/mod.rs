@@ -30,6 +30,13 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
 use std::str::FromStr;
 use std::time::Duration;
 
+/// Event groups the intake commits at once.
+pub(crate) const INTAKE_COMMITS_IN_FLIGHT: usize = 4;
+/// Connections the engine's loops and background tasks may hold at once.
+const ENGINE_CONNECTIONS: u32 = 6;
+/// Connections for the HTTP server's reads (admin API, links, portal, health).
+const HTTP_READS: u32 = 4;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 /// How often a transaction aborted by a deadlock or a serialization failure is tried in all.
@@ -43,8 +50,11 @@ pub struct PgStore {
 impl PgStore {
     pub async fn connect(url: &str) -> Result<Self> {
         let options = PgConnectOptions::from_str(url)?.application_name("herald");
+        // Sized from what may hold a connection at once, so no loop waits on another for one:
+        // the intake's commits in flight, the engine's six users (dispatcher, stepper, claims,
+        // link mints, the outcome recorder, the lease heartbeat) and a few HTTP reads.
         let pool = PgPoolOptions::new()
-            .max_connections(8)
+            .max_connections(INTAKE_COMMITS_IN_FLIGHT as u32 + ENGINE_CONNECTIONS + HTTP_READS)
             .min_connections(0)
             .acquire_timeout(Duration::from_secs(30))
             .after_connect(|conn, _| {
