@@ -414,7 +414,7 @@ impl Recorder {
 /// provider does not let another process claim and send them again. A failed renewal is tried
 /// at the next beat; meanwhile no new send starts under a lease about to lapse.
 async fn heartbeat(store: Store, clock: Clock, leases: Arc<Leases>, lease: Duration) {
-    let mut beat = tokio::time::interval(lease / 3);
+    let mut beat = tokio::time::interval((lease / 3).max(Duration::from_millis(10)));
     beat.tick().await;
     loop {
         beat.tick().await;
