@@ -95,17 +95,14 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
             Instr::Wait { step_id, wait } => {
                 pc += 1;
                 let (due, wait_event) = match wait {
-                    WaitSpec::For(d) => (
-                        ctx.now + chrono::Duration::seconds(d.as_secs() as i64),
-                        None,
-                    ),
+                    WaitSpec::For(d) => (workflow::add_duration(ctx.now, *d), None),
                     WaitSpec::Until { at, days, timezone } => {
                         let tz =
                             workflow::resolve_timezone(timezone, contact_tz, ctx.default_timezone);
                         (workflow::next_local_time(ctx.now, *at, days, tz), None)
                     }
                     WaitSpec::Event { event, timeout } => (
-                        ctx.now + chrono::Duration::seconds(timeout.as_secs() as i64),
+                        workflow::add_duration(ctx.now, *timeout),
                         Some(event.trigger_name().to_owned()),
                     ),
                 };
@@ -231,6 +228,35 @@ pub fn with_latest_contact(event: &CourseEvent, contact: &ContactRow) -> CourseE
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The longest wait the check allows, from the last day chrono can represent: the due time
+    /// saturates instead of overflowing (a run must never panic its loop).
+    #[test]
+    fn a_wait_past_the_end_of_time_saturates() {
+        let yaml = "name: W\ntrigger: {event: new_signup}\nsteps:\n  - wait: 3650d\n  - wait: {event: lesson_completed, timeout: 3650d}\n";
+        let bundle = herald_core::workflow::bundle_from("w", "workflows/w.yaml", yaml, &|_| None);
+        let (wf, _) = herald_core::workflow::compile(bundle, &[]).expect("checks");
+        let body = br#"{"specversion":"1.0","id":"e1","source":"s","type":"course.new_signup","time":"2026-11-24T10:00:00Z","data":{"contact":{"id":"c1"}}}"#;
+        let event =
+            herald_core::event::parse_body(herald_core::event::BodyKind::Single, body, Utc::now())
+                .unwrap()
+                .remove(0);
+        let now = DateTime::<Utc>::MAX_UTC - chrono::TimeDelta::days(1);
+        let ctx = RunContext {
+            event: &event,
+            now,
+            default_timezone: chrono_tz::UTC,
+            message_host: "h",
+        };
+        for pc in [0, 1] {
+            let advanced = advance(&wf, pc, &ctx);
+            let due = advanced.due_ms.expect("a due time");
+            assert!(
+                due >= now.timestamp_millis(),
+                "pc {pc}: due {due} before now"
+            );
+        }
+    }
 
     #[test]
     fn e164() {

@@ -29,6 +29,10 @@ use serde_saphyr::Spanned;
 use std::collections::{BTreeMap, BTreeSet};
 use std::rc::Rc;
 
+/// The longest wait or timeout a workflow may ask for: longer is a typo, and could not be
+/// placed on a calendar.
+const LONGEST_WAIT: Duration = Duration::from_secs(3650 * 86_400);
+
 /// Custom values every herald knows; others come from `[custom_values]`.
 pub const BUILTIN_CUSTOM_VALUES: [&str; 2] = ["login_url", "unsubscribe_url"];
 
@@ -409,9 +413,18 @@ impl<'a> Compiler<'a> {
     }
 
     fn duration(&mut self, text: &str, pos: Pos) -> Option<Duration> {
-        text.parse()
+        let duration: Duration = text
+            .parse()
             .map_err(|e: crate::duration::DurationError| self.error(pos, e.to_string()))
-            .ok()
+            .ok()?;
+        if duration > LONGEST_WAIT {
+            self.error(
+                pos,
+                format!("{text:?} is too long to place on a calendar: at most 10 years (3650d)"),
+            );
+            return None;
+        }
+        Some(duration)
     }
 
     fn sender(&mut self, from: &At<String>) -> Option<String> {

@@ -894,3 +894,29 @@ fn an_empty_name_is_refused() {
     ]));
     assert_one(&e, "workflows/t.yaml:1:7: error: `name` must not be empty");
 }
+
+#[test]
+fn waits_and_timeouts_longer_than_ten_years_are_refused_where_written() {
+    let e = errors(&with_steps(
+        "trigger: {event: new_signup}",
+        &[
+            "  - wait: 10000000000000s",
+            "  - wait: {event: lesson_completed, timeout: 3651d}",
+            "  - wait: 3650d",
+            "  - wait: 99999999999999999999999w",
+        ],
+    ));
+    assert_eq!(e.len(), 3, "{e:#?}");
+    assert!(
+        e[0].starts_with("workflows/t.yaml:4:11: error: \"10000000000000s\" is too long to place on a calendar: at most 10 years (3650d)"),
+        "{e:#?}"
+    );
+    assert!(
+        e[1].starts_with("workflows/t.yaml:5:46: error: \"3651d\" is too long"),
+        "{e:#?}"
+    );
+    assert!(
+        e[2].starts_with("workflows/t.yaml:7:11: error: invalid duration"),
+        "{e:#?}"
+    );
+}
