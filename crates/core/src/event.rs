@@ -239,7 +239,7 @@ pub fn parse_event(
     let source = required_id(&obj, "source").map_err(|m| err("source", &m))?;
     let ty = match obj.get("type") {
         Some(Value::String(t)) => EventType::from_cloudevent_type(t).ok_or_else(|| {
-            err("type", &format!("unknown event type {t:?}: expected one of course.lesson_completed, course.offer_access_granted, ... (SPEC §2)"))
+            err("type", &format!("unknown event type {t:?}: expected one of course.lesson_completed, course.offer_access_granted, ..."))
         })?,
         Some(_) => return Err(err("type", "must be a string")),
         None => return Err(err("type", "is required")),
@@ -274,6 +274,9 @@ pub fn parse_event(
         None => return Err(err("data", "is required")),
     };
     validate_data(ty, &data).map_err(|(field, msg)| err(&format!("data.{field}"), &msg))?;
+    refuse_control_characters(&obj, "")
+        .and_then(|()| refuse_control_characters(&data, "data"))
+        .map_err(|(field, msg)| err(&field, &msg))?;
     Ok(CourseEvent {
         id,
         source,
@@ -297,6 +300,61 @@ fn required_id(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
 }
 
 type FieldError = (String, String);
+
+/// Control characters never belong in course data, and some databases cannot store them (U+0000
+/// in PostgreSQL text): refused at the edge, so no stored event can block a queue. Text may
+/// hold tab, line feed and carriage return; identifiers, addresses, time zones, URLs and object
+/// keys hold none at all (U+0000–U+001F, U+007F).
+fn refuse_control_characters(obj: &Map<String, Value>, path: &str) -> Result<(), FieldError> {
+    for (key, value) in obj {
+        let field = if path.is_empty() {
+            key.clone()
+        } else {
+            format!("{path}.{key}")
+        };
+        if let Some(c) = key.chars().find(|c| c.is_ascii_control()) {
+            return Err((field, control_message("a key", c)));
+        }
+        refuse_in_value(value, &field)?;
+    }
+    Ok(())
+}
+
+fn refuse_in_value(value: &Value, field: &str) -> Result<(), FieldError> {
+    match value {
+        Value::String(s) => {
+            let strict = is_identifier_field(field);
+            let bad = s
+                .chars()
+                .find(|&c| c.is_ascii_control() && (strict || !matches!(c, '\t' | '\n' | '\r')));
+            match bad {
+                Some(c) => Err((field.to_owned(), control_message("the value", c))),
+                None => Ok(()),
+            }
+        }
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .try_for_each(|(i, v)| refuse_in_value(v, &format!("{field}[{i}]"))),
+        Value::Object(o) => refuse_control_characters(o, field),
+        _ => Ok(()),
+    }
+}
+
+/// Fields that name or address something rather than hold text for people.
+fn is_identifier_field(field: &str) -> bool {
+    let last = field.rsplit('.').next().unwrap_or(field);
+    !field.starts_with("data.")
+        || matches!(last, "id" | "email" | "phone" | "timezone" | "url")
+        || last.starts_with("product_ids[")
+}
+
+fn control_message(what: &str, c: char) -> String {
+    format!(
+        "{what} contains a control character (U+{:04X}); remove it",
+        u32::from(c)
+    )
+}
 
 fn validate_data(ty: EventType, data: &Map<String, Value>) -> Result<(), FieldError> {
     let contact =
@@ -451,6 +509,65 @@ mod tests {
 
     fn parse(v: Value) -> Result<CourseEvent, EventError> {
         parse_body(BodyKind::Single, v.to_string().as_bytes(), now()).map(|mut v| v.remove(0))
+    }
+
+    /// The field a control character in `pointer` (a JSON pointer) is refused at, if any.
+    fn refused_at(pointer: &str, text: &str) -> Option<String> {
+        let mut v = lesson_event();
+        v["data"]["contact"]["custom_fields"] = json!({"company": "Acme"});
+        *v.pointer_mut(pointer).expect("the pointer exists") = json!(text);
+        match parse(v) {
+            Ok(_) => None,
+            Err(e) => {
+                assert_eq!(e.index, Some(0));
+                assert!(e.message.contains("control character"), "{}", e.message);
+                e.field
+            }
+        }
+    }
+
+    #[test]
+    fn control_characters_are_refused_naming_the_field() {
+        let cases = [
+            (
+                "/data/contact/first_name",
+                "Ann\u{0}",
+                "data.contact.first_name",
+            ),
+            ("/data/contact/id", "c\u{0}1", "data.contact.id"),
+            ("/source", "https://school\u{0}", "source"),
+            ("/id", "evt\u{7f}", "id"),
+            (
+                "/data/contact/email",
+                "ann@example.com\u{1f}",
+                "data.contact.email",
+            ),
+            (
+                "/data/contact/custom_fields/company",
+                "Ac\u{0}me",
+                "data.contact.custom_fields.company",
+            ),
+            ("/data/lesson/title", "Own\u{8}ership", "data.lesson.title"),
+            ("/data/product/id", "p\n1", "data.product.id"),
+        ];
+        for (pointer, text, field) in cases {
+            assert_eq!(
+                refused_at(pointer, text).as_deref(),
+                Some(field),
+                "{pointer}"
+            );
+        }
+        // Text may hold tabs and line breaks.
+        assert_eq!(refused_at("/data/contact/first_name", "Ann\tLee\r\n"), None);
+        assert_eq!(refused_at("/data/lesson/title", "Part 1\nOwnership"), None);
+        // Keys too, anywhere.
+        let mut v = lesson_event();
+        v["data"]["contact"]["custom_fields"] = json!({"com\u{0}pany": "Acme"});
+        let e = parse(v).unwrap_err();
+        assert_eq!(
+            e.field.as_deref(),
+            Some("data.contact.custom_fields.com\u{0}pany")
+        );
     }
 
     #[test]
