@@ -17,7 +17,7 @@ pub async fn send_event(config: &Config, file: &Path, url: Option<String>) -> Re
         "application/cloudevents+json"
     };
     let secret_list = match &config.webhook_secret {
-        Some(s) => s.clone(),
+        Some(s) => s.expose().to_owned(),
         None => std::fs::read_to_string(DEV_SECRET_FILE).with_context(|| {
             format!("no HERALD_WEBHOOK_SECRET and no {DEV_SECRET_FILE}: set the secret herald was started with")
         })?,

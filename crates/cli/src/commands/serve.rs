@@ -1,7 +1,7 @@
 //! `herald serve` and `herald worker`.
 
 use super::DEV_SECRET_FILE;
-use crate::config::Config;
+use crate::config::{Config, Secret};
 use anyhow::{Context, Result, bail};
 use herald_channels::email::SmtpSender;
 use herald_core::signature::{WebhookSecret, parse_secrets};
@@ -19,7 +19,7 @@ pub async fn serve(config: Config, dev: bool) -> Result<ExitCode> {
         sources: sources(&config),
         engine: engine_config(&config)?,
         clock: Clock::System,
-        admin_token: config.admin_token.clone(),
+        admin_token: config.admin_token.as_ref().map(|t| t.expose().to_owned()),
         redeem_per_minute: 30,
     };
     let mailbox = settings.engine.smtp.is_none();
@@ -75,10 +75,11 @@ pub fn engine_config(config: &Config) -> Result<EngineConfig> {
     engine.custom_values = config.custom_values.clone();
     engine.links.learner_ttl = config.learner_link_ttl.to_std();
     engine.links.learner_uses = i64::from(config.learner_link_uses.max(1));
+    engine.stall_limit = config.stall_limit.to_std();
     engine.smtp = config
         .smtp_url
-        .as_deref()
-        .map(SmtpSender::from_url)
+        .as_ref()
+        .map(|url| SmtpSender::from_url(url.expose()))
         .transpose()
         .context("HERALD_SMTP_URL")?;
     engine.sms_opt_out_line = config.sms_opt_out_line.clone();
@@ -86,7 +87,11 @@ pub fn engine_config(config: &Config) -> Result<EngineConfig> {
         Some(url) => Some(herald_channels::sms::SmsSender::new(
             url,
             config.sms_account_sid.as_deref().unwrap_or_default(),
-            config.sms_auth_token.as_deref().unwrap_or_default(),
+            config
+                .sms_auth_token
+                .as_ref()
+                .map(Secret::expose)
+                .unwrap_or_default(),
             config.sms_from.as_deref().unwrap_or_default(),
         )?),
         None => None,
@@ -98,7 +103,7 @@ pub fn engine_config(config: &Config) -> Result<EngineConfig> {
 /// [`DEV_SECRET_FILE`] (generated on first use).
 fn webhook_secrets(config: &Config, dev: bool) -> Result<Vec<WebhookSecret>> {
     if let Some(list) = &config.webhook_secret {
-        let secrets = parse_secrets(list).context("HERALD_WEBHOOK_SECRET")?;
+        let secrets = parse_secrets(list.expose()).context("HERALD_WEBHOOK_SECRET")?;
         if secrets.is_empty() {
             bail!(
                 "HERALD_WEBHOOK_SECRET is empty: set one or more whsec_… secrets, comma-separated"
