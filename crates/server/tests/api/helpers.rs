@@ -171,6 +171,10 @@ pub struct TestOptions {
     pub learner_uses: i64,
     /// The SMS provider (`HERALD_SMS_URL` …); `None`: SMS go to the dev mailbox.
     pub sms: Option<herald_channels::sms::SmsSender>,
+    /// `HERALD_STALL_LIMIT`.
+    pub stall_limit: Duration,
+    /// Fault injection into the engine.
+    pub fault_hook: Option<herald_engine::FaultHook>,
 }
 
 impl TestOptions {
@@ -193,7 +197,20 @@ impl TestOptions {
             learner_ttl: Duration::from_secs(24 * 3600),
             learner_uses: 5,
             sms: None,
+            stall_limit: Duration::from_secs(60),
+            fault_hook: None,
         }
+    }
+
+    pub fn stall_limit(mut self, limit: Duration) -> Self {
+        self.stall_limit = limit;
+        self
+    }
+
+    /// Calls `hook` before the engine processes each item (e.g. to panic for one contact).
+    pub fn fault_hook(mut self, hook: herald_engine::FaultHook) -> Self {
+        self.fault_hook = Some(hook);
+        self
     }
 
     /// Adds `workflows/{id}.yaml`.
@@ -345,6 +362,8 @@ async fn launch(
     engine.max_attempts = options.max_attempts;
     engine.poll_interval = options.poll_interval;
     engine.sms = options.sms.clone();
+    engine.stall_limit = options.stall_limit;
+    engine.fault_hook = options.fault_hook.clone();
     let settings = Settings {
         database_url: env.database_url.clone(),
         listen: "127.0.0.1:0".into(),

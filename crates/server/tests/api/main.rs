@@ -22,4 +22,5 @@ mod portal;
 mod admin;
 mod metrics;
 mod opt_outs;
+mod real_path;
 mod sms;
