@@ -481,7 +481,13 @@ mod tests {
             .unwrap();
         assert_eq!(email.subject, "Welcome to Rust Pro, Ann! [evt-9]");
         let (text, html) = (email.text.unwrap(), email.html.unwrap());
-        assert!(text.contains("evt-9") && text.contains("http://h.test/l/TOKEN"), "{text}");
-        assert!(html.contains("evt-9") && html.contains("href=\"http://h.test/l/TOKEN\""), "{html}");
+        assert!(
+            text.contains("evt-9") && text.contains("http://h.test/l/TOKEN"),
+            "{text}"
+        );
+        assert!(
+            html.contains("evt-9") && html.contains("href=\"http://h.test/l/TOKEN\""),
+            "{html}"
+        );
     }
 }

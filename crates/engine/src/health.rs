@@ -175,7 +175,11 @@ mod tests {
         assert_eq!(status(&queues(Some(995))), LoopStatus::Ok, "due only 5 ms");
         assert_eq!(status(&queues(Some(900))), LoopStatus::Stalled);
         loops.progress("deliverer");
-        assert_eq!(status(&queues(Some(900))), LoopStatus::Ok, "just progressed");
+        assert_eq!(
+            status(&queues(Some(900))),
+            LoopStatus::Ok,
+            "just progressed"
+        );
         drop(guards);
         assert_eq!(status(&queues(None)), LoopStatus::Dead);
     }

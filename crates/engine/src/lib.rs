@@ -77,8 +77,12 @@ impl Engine {
             registry: registry.clone(),
             clock: clock.clone(),
         });
-        let background =
-            deliverer.start_background(store.clone(), clock.clone(), wakers.clone(), health.clone());
+        let background = deliverer.start_background(
+            store.clone(),
+            clock.clone(),
+            wakers.clone(),
+            health.clone(),
+        );
         let shared = Arc::new(Shared {
             store,
             registry,

@@ -72,7 +72,12 @@ impl LinkPolicy {
     /// A fresh link for one message being sent (a retry of that message replaces the earlier
     /// one): the row to store and the URL to put into the message. Stored in batches by the
     /// deliverer (`Store::mint_message_links`), which also checks the contact's entitlement.
-    pub fn for_message(&self, contact_id: &str, message_id: &str, now_ms: i64) -> (NewLink, String) {
+    pub fn for_message(
+        &self,
+        contact_id: &str,
+        message_id: &str,
+        now_ms: i64,
+    ) -> (NewLink, String) {
         let token = generate();
         (
             self.learner_link(token.hash, contact_id, Some(message_id.to_owned()), now_ms),

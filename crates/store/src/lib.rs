@@ -50,10 +50,12 @@ impl StoreError {
                     Ok(n) => !matches!(n & 0xff, 5 | 6 | 10 | 13 | 14),
                     // PostgreSQL SQLSTATEs: connection, resources, operator intervention,
                     // serialization and deadlock, lock not available.
-                    Err(_) => !(code.starts_with("08")
-                        || code.starts_with("53")
-                        || code.starts_with("57")
-                        || matches!(code, "40001" | "40P01" | "55P03")),
+                    Err(_) => {
+                        !(code.starts_with("08")
+                            || code.starts_with("53")
+                            || code.starts_with("57")
+                            || matches!(code, "40001" | "40P01" | "55P03"))
+                    }
                 }
             }
             Self::Database(

@@ -82,7 +82,10 @@ impl RunState {
     /// A run in this state must send nothing more: its queued messages are cancelled. A
     /// completed run still sends what its last steps queued.
     pub fn stops_sends(self) -> bool {
-        matches!(self, Self::Parked | Self::Exited | Self::Failed | Self::Dead)
+        matches!(
+            self,
+            Self::Parked | Self::Exited | Self::Failed | Self::Dead
+        )
     }
 }
 

@@ -2480,7 +2480,11 @@ async fn queue_stats_count_due_work(db: &TestDb) {
     assert_eq!(stats.oldest_job_due_ms(), Some(T0 + 20));
     let stats = s.queue_stats(T0 + 10).await.unwrap();
     assert_eq!(
-        (stats.due_runs, stats.due_messages, stats.oldest_job_due_ms()),
+        (
+            stats.due_runs,
+            stats.due_messages,
+            stats.oldest_job_due_ms()
+        ),
         (0, 0, None)
     );
 }

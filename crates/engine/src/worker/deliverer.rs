@@ -39,9 +39,12 @@ const RECORD_TRIES: u32 = 5;
 
 /// What a send task reports.
 enum Finished {
-    Outcome(MessageOutcome, &'static str),
+    Outcome(Box<MessageOutcome>, &'static str),
     /// The send panicked: the message is set aside.
-    Panicked { message_id: String, error: String },
+    Panicked {
+        message_id: String,
+        error: String,
+    },
     /// The claim's lease could not be kept: nothing was sent and nothing is recorded; the
     /// message is claimed again once the lease runs out.
     LeaseLost,
@@ -153,7 +156,9 @@ impl Deliverer {
     pub(crate) async fn drain(&self, limit: Duration) {
         let all = self.room.acquire_many(self.room_size as u32);
         if tokio::time::timeout(limit, all).await.is_err() {
-            tracing::warn!("shutting down with sends still in flight; their messages are sent again once their lease runs out");
+            tracing::warn!(
+                "shutting down with sends still in flight; their messages are sent again once their lease runs out"
+            );
         }
     }
 
@@ -288,7 +293,7 @@ impl SendTask {
                     delivery.deliver(m, login).await
                 };
                 match AssertUnwindSafe(send).catch_unwind().await {
-                    Ok(outcome) => Finished::Outcome(outcome, channel),
+                    Ok(outcome) => Finished::Outcome(Box::new(outcome), channel),
                     Err(panic) => Finished::Panicked {
                         message_id,
                         error: format!("delivery panicked: {}", panic_message(&*panic)),
@@ -347,7 +352,7 @@ impl Recorder {
             match &r.finished {
                 Finished::Outcome(o, channel) => {
                     channels.insert(o.message_id.clone(), *channel);
-                    outcomes.push(o.clone());
+                    outcomes.push(MessageOutcome::clone(o));
                 }
                 Finished::Panicked { message_id, error } => {
                     tracing::error!(message = %message_id, error = %error, "message set aside");

@@ -128,8 +128,7 @@ impl Shared {
                 &plan,
             )
             .await?;
-        for (workflow, state, messages) in started.into_inner().unwrap_or_else(|p| p.into_inner())
-        {
+        for (workflow, state, messages) in started.into_inner().unwrap_or_else(|p| p.into_inner()) {
             if state != RunState::Refused {
                 telemetry::run_started(&workflow);
             }

@@ -5,7 +5,9 @@
 use super::{Pass, Shared, panic_message, write_isolating};
 use crate::config::Stage;
 use crate::{runner, telemetry};
-use herald_store::{ClaimedRun, NewMessage, RunAdvance, RunState, RunWrite, StepRecord, StoreError};
+use herald_store::{
+    ClaimedRun, NewMessage, RunAdvance, RunState, RunWrite, StepRecord, StoreError,
+};
 use std::panic::AssertUnwindSafe;
 
 impl Shared {

@@ -196,8 +196,11 @@ pub async fn events(
     let after = match &q.after {
         None => 0,
         Some(a) => a.parse::<i64>().map_err(|_| {
-            ApiError::new(StatusCode::BAD_REQUEST, "after must be a next_cursor from this list")
-                .with("field", "after")
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "after must be a next_cursor from this list",
+            )
+            .with("field", "after")
         })?,
     };
     let limit = q.filter(None)?.limit;

@@ -34,7 +34,10 @@ pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>)
         .map(|(name, s)| ((*name).to_owned(), json!(s)))
         .collect();
     if unhealthy.is_empty() {
-        (StatusCode::OK, Json(json!({"status": "ok", "loops": loops})))
+        (
+            StatusCode::OK,
+            Json(json!({"status": "ok", "loops": loops})),
+        )
     } else {
         tracing::error!(loops = ?unhealthy, "health check: engine loops dead or stalled");
         (

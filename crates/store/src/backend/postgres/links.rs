@@ -44,7 +44,10 @@ impl PgStore {
         if links.is_empty() {
             return Ok(Vec::new());
         }
-        let contacts: Vec<&str> = links.iter().filter_map(|l| l.contact_id.as_deref()).collect();
+        let contacts: Vec<&str> = links
+            .iter()
+            .filter_map(|l| l.contact_id.as_deref())
+            .collect();
         let mut tx = self.pool.begin().await?;
         let entitled: HashSet<String> = sqlx::query_scalar(
             "SELECT DISTINCT contact_id FROM grants WHERE kind = 'offer' AND active AND contact_id = ANY($1)",
@@ -64,7 +67,10 @@ impl PgStore {
             .filter_map(|(l, ok)| ok.then_some(l))
             .collect();
         if !kept.is_empty() {
-            let messages: Vec<&str> = kept.iter().filter_map(|l| l.message_id.as_deref()).collect();
+            let messages: Vec<&str> = kept
+                .iter()
+                .filter_map(|l| l.message_id.as_deref())
+                .collect();
             // A retried send re-mints: the earlier token of that message is revoked (kept, so a
             // copy that did arrive says "replaced" rather than "unknown").
             sqlx::query(
@@ -77,7 +83,8 @@ impl PgStore {
             .await?;
             let hashes: Vec<&str> = kept.iter().map(|l| l.token_hash.as_str()).collect();
             let kinds: Vec<&str> = kept.iter().map(|l| l.kind.as_str()).collect();
-            let contacts: Vec<Option<&str>> = kept.iter().map(|l| l.contact_id.as_deref()).collect();
+            let contacts: Vec<Option<&str>> =
+                kept.iter().map(|l| l.contact_id.as_deref()).collect();
             let message_ids: Vec<Option<&str>> =
                 kept.iter().map(|l| l.message_id.as_deref()).collect();
             let uses: Vec<Option<i64>> = kept.iter().map(|l| l.max_uses).collect();

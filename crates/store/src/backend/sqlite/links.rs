@@ -76,7 +76,9 @@ impl SqliteStore {
                  WHERE message_id IN (SELECT value FROM json_each(?))",
             )
             .bind(now_ms)
-            .bind(json_list(kept.iter().filter_map(|l| l.message_id.as_deref())))
+            .bind(json_list(
+                kept.iter().filter_map(|l| l.message_id.as_deref()),
+            ))
             .execute(&mut *tx)
             .await?;
             let rows = json_rows(kept.iter().map(|l| {

@@ -4,8 +4,7 @@ use super::SqliteStore;
 use super::write::contact_at;
 use crate::decode::{channel, message_status, run_state};
 use crate::{
-    ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, Result,
-    RunRow, StepRecord,
+    ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, Result, RunRow, StepRecord,
 };
 use sqlx::Row;
 

@@ -1,11 +1,11 @@
 //! Every write of the SQLite backend, each one transaction on the writer connection.
 
 use super::{SqliteStore, json_list, json_rows};
+use crate::decode::{channel, outcome_columns, parse_stored_event, run_state};
 use crate::{
     Accepted, ClaimedMessage, ClaimedRun, DispatchInput, EnrollmentCounts, LiveRun, MailboxItem,
     MessageOutcome, NewEvent, Planner, Result, RunAdvance, RunWrite, projection,
 };
-use crate::decode::{channel, outcome_columns, parse_stored_event, run_state};
 use herald_core::CourseEvent;
 use serde_json::json;
 use sqlx::{Row, SqliteConnection};
