@@ -1,5 +1,5 @@
 //! `herald-bench`: starts the real `herald` release binary on a fresh database with a loopback
-//! SMTP sink, drives it with signed events and reports the scenarios of issue 5 (see
+//! SMTP sink, drives it with signed events and reports the benchmark scenarios (see
 //! BENCHMARKS.md): A single-event ingest, B batched ingest, C end to end, D latency at a fixed
 //! rate, E the bare-HTTP ceiling, F growth after many stored events, G peak memory.
 //!

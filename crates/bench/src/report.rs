@@ -144,7 +144,7 @@ impl Check {
     }
 }
 
-/// The targets of issue 5 for this machine.
+/// The benchmark targets for this machine.
 pub fn fill_targets(results: &mut [ScenarioResult], backend: BackendKind) {
     let sqlite = backend == BackendKind::Sqlite;
     for r in results.iter_mut() {

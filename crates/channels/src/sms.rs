@@ -1,4 +1,4 @@
-//! SMS through a Twilio-compatible HTTP API (SPEC §8): `POST {base}/2010-04-01/Accounts/{sid}/Messages.json`
+//! SMS through a Twilio-compatible HTTP API: `POST {base}/2010-04-01/Accounts/{sid}/Messages.json`
 //! with basic auth `sid:token` and form fields `To`, `From`, `Body`; success is a 2xx with a JSON
 //! `sid`. Also the GSM-7/UCS-2 segment arithmetic and Twilio's inbound signature.
 

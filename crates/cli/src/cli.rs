@@ -1,4 +1,4 @@
-//! Command-line interface (SPEC §7).
+//! Command-line interface.
 
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;

@@ -6,7 +6,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 use std::fmt;
 
-/// The most events one batch request may carry (SPEC §2).
+/// The most events one batch request may carry.
 pub const MAX_BATCH: usize = 1_000;
 /// Upper bound on identifiers (event id, source, contact id, ...): generous for real ids, small
 /// enough that a hostile client cannot make us index megabyte keys.
@@ -127,7 +127,7 @@ pub struct CourseEvent {
     pub event_type: EventType,
     /// When the event happened; grants follow this, not arrival order.
     pub time: DateTime<Utc>,
-    /// `time` exactly as received, because `{{event.time}}` renders it unchanged (SPEC §3).
+    /// `time` exactly as received, because `{{event.time}}` renders it unchanged.
     pub time_raw: String,
     /// The event's `data` object, validated against its type.
     pub data: Map<String, Value>,

@@ -10,7 +10,7 @@ use hmac::{Hmac, KeyInit, Mac};
 use sha2::Sha256;
 use subtle::ConstantTimeEq;
 
-/// How far a `webhook-timestamp` may be from our clock, either way (SPEC §2: 5 minutes).
+/// How far a `webhook-timestamp` may be from our clock, either way.
 pub const TOLERANCE_SECS: i64 = 300;
 
 /// Secrets are pasted by people: accept them with or without padding, and with non-zero trailing

@@ -40,7 +40,7 @@ pub struct EngineConfig {
     pub smtp: Option<SmtpSender>,
     /// `None`: SMS go to the dev mailbox.
     pub sms: Option<herald_channels::sms::SmsSender>,
-    /// Appended to the first SMS a contact receives (SPEC §5).
+    /// Appended to the first SMS a contact receives.
     pub sms_opt_out_line: String,
     /// How long a claim is held before another worker may take the job over.
     pub lease: Duration,

@@ -11,7 +11,7 @@ use herald_store::{
 use std::collections::HashMap;
 
 /// Enrollments of one contact in one workflow within [`LOOP_WINDOW_MS`] beyond which further
-/// enrollments are refused (loop protection, SPEC §3).
+/// enrollments are refused (loop protection).
 pub const LOOP_LIMIT: i64 = 50;
 pub const LOOP_WINDOW_MS: i64 = 30 * 60 * 1000;
 

@@ -39,7 +39,7 @@ pub fn looks_like_token(s: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
-/// How learner links are minted (SPEC §8: `HERALD_LEARNER_LINK_TTL`, `HERALD_LEARNER_LINK_USES`).
+/// How learner links are minted.
 #[derive(Debug, Clone)]
 pub struct LinkPolicy {
     pub public_url: String,

@@ -155,7 +155,7 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
 }
 
 /// The address a message goes to, or why there is none (then the message is skipped and the run
-/// goes on, SPEC §2).
+/// goes on).
 fn recipient(channel: Channel, event: &CourseEvent) -> (Option<String>, Option<String>) {
     let field = if channel == Channel::Email {
         "contact.email"

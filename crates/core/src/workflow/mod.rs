@@ -242,7 +242,7 @@ impl CompiledWorkflow {
 
 impl EventMatcher {
     /// Type in the list and every filter passes. A field the event does not carry fails an
-    /// any-of list and passes a `not` list (SPEC §3).
+    /// any-of list and passes a `not` list.
     pub fn matches(&self, event: &CourseEvent) -> bool {
         self.events.contains(&event.event_type) && self.filters.iter().all(|f| f.matches(event))
     }

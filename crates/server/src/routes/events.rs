@@ -11,7 +11,7 @@ use herald_core::signature::{self, SignedHeaders};
 use herald_store::{Accepted, NewEvent};
 use serde_json::{Value, json};
 
-/// Largest body accepted (SPEC §2); more gets `413`.
+/// Largest body accepted; more gets `413`.
 pub const MAX_BODY_BYTES: usize = 1024 * 1024;
 
 pub async fn post_events(

@@ -13,7 +13,7 @@ use herald_engine::links::{self, looks_like_token};
 use herald_store::{LinkKind, LinkRefusal, NewSession};
 use std::net::SocketAddr;
 
-/// "Email me a new link": at most one per 10 minutes and five a day per contact (SPEC §6).
+/// "Email me a new link": at most one per 10 minutes and five a day per contact.
 const RESEND_WINDOW_MS: i64 = 10 * 60 * 1000;
 const RESEND_PER_DAY: i64 = 5;
 const DAY_MS: i64 = 24 * 3600 * 1000;

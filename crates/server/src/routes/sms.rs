@@ -1,6 +1,6 @@
 //! `POST /v1/sms/inbound`: the provider's webhook for texts learners send back. Twilio's form,
 //! verified by `X-Twilio-Signature` (403 otherwise); STOP-like keywords opt the sender out of SMS,
-//! START-like keywords back in (SPEC §5).
+//! START-like keywords back in.
 
 use crate::AppState;
 use crate::error::ApiError;

@@ -1,4 +1,4 @@
-//! The admin API (SPEC §8): the bearer token, messages and runs with their filters and cursor
+//! The admin API: the bearer token, messages and runs with their filters and cursor
 //! pagination (stable under inserts), contact details with grants and opt-outs, workflow reload,
 //! and JSON errors for every refusal.
 

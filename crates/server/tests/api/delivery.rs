@@ -1,5 +1,5 @@
 //! From event to inbox: rendering (templates, escaping, `default`, custom values), addressing,
-//! filters, skipped sends, and the retry policy against a real SMTP server (SPEC §3–5).
+//! filters, skipped sends, and the retry policy against a real SMTP server.
 
 use crate::helpers::*;
 use crate::smtp_sink::Stage;
@@ -531,7 +531,7 @@ async fn smtp_down_is_retried_until_it_is_back(backend: Backend) {
     assert_eq!(app.sink().count(), 1);
 }
 
-/// SPEC §5: `List-Unsubscribe` and `List-Unsubscribe-Post` on every workflow email.
+/// `List-Unsubscribe` and `List-Unsubscribe-Post` on every workflow email.
 async fn every_workflow_email_carries_list_unsubscribe(backend: Backend) {
     let Some(app) = spawn_app(welcome(backend)).await else {
         return;

@@ -278,7 +278,7 @@ steps:
     assert_eq!(app.runs().await[0].state, RunState::Completed);
 }
 
-/// Several processes on one PostgreSQL database split the work without doubles (SPEC §7).
+/// Several processes on one PostgreSQL database split the work without doubles.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_share_one_postgres_database() {
     let Some(first) = spawn_app(options(Backend::Postgres)).await else {

@@ -1,5 +1,5 @@
 //! `POST /v1/events`: signatures, validation, deduplication, limits, and the membership
-//! projection the events feed (SPEC §2).
+//! projection the events feed.
 
 use crate::helpers::*;
 use herald_core::signature::WebhookSecret;

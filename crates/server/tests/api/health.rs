@@ -1,5 +1,5 @@
 //! `/healthz`, and the promise that nothing a client sends can crash the process or leave it
-//! unhealthy (SPEC §2, §7).
+//! unhealthy.
 
 use crate::helpers::*;
 use serde_json::{Value, json};

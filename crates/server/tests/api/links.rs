@@ -1,4 +1,4 @@
-//! Learner and user magic links (SPEC §4, §6): scanner-safe GET/HEAD, POST redemption with a use
+//! Learner and user magic links: scanner-safe GET/HEAD, POST redemption with a use
 //! limit across devices, expiry, "Email me a new link", regeneration, entitlement, the admin API,
 //! rate limiting, cookies, audit, `<<login_url>>` at send time, and tokens kept out of logs and
 //! the database.

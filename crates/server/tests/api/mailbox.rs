@@ -1,5 +1,5 @@
 //! The dev mailbox: with no SMTP configured, messages are stored and shown at `/dev/mailbox`
-//! (HTML) and `/dev/mailbox.json` (SPEC §5).
+//! (HTML) and `/dev/mailbox.json`.
 
 use crate::helpers::*;
 use herald_store::MessageStatus;

@@ -1,4 +1,4 @@
-//! `GET /metrics` (SPEC §7, issue 4): Prometheus text with events accepted and rejected by
+//! `GET /metrics`: Prometheus text with events accepted and rejected by
 //! reason, runs started and finished, messages by channel and status, the send latency
 //! histogram, queue depths and the age of the oldest due job, and link redemptions by outcome.
 //! The recorder is process-wide (tests may share a process), so counters are compared before and

@@ -1,4 +1,4 @@
-//! Opt-outs (SPEC §5): the unsubscribe link and the RFC 8058 one-click POST for email, inbound
+//! Opt-outs: the unsubscribe link and the RFC 8058 one-click POST for email, inbound
 //! SMS keywords behind Twilio's signature for SMS, and suppression of every later message to an
 //! opted-out channel, including messages already queued.
 

@@ -1,4 +1,4 @@
-//! The membership portal (SPEC §6): only a session opens it; it greets the learner by first name
+//! The membership portal: only a session opens it; it greets the learner by first name
 //! (escaped) and lists exactly the products of the contact's active grants, re-evaluated on every
 //! request, so removing the last offer stops the links and narrows existing sessions at once.
 
@@ -181,7 +181,7 @@ async fn names_and_titles_are_escaped_on_the_portal(backend: Backend) {
 
 /// herald's own `user_login` event carries only the contact's id: it is no newer fact about the
 /// contact's details than the platform's latest event, so a detail change stamped before the login
-/// but delivered after it still wins ("latest details win", SPEC §2).
+/// but delivered after it still wins ("latest details win").
 async fn a_login_does_not_outdate_the_contact_details(backend: Backend) {
     let Some(app) = spawn_app(link_options(backend)).await else {
         return;

@@ -1,4 +1,4 @@
-//! SMS out through a Twilio-compatible provider (SPEC §5, §8): the wire format, the opt-out line
+//! SMS out through a Twilio-compatible provider: the wire format, the opt-out line
 //! on a contact's first SMS, segment counts, E.164 validation, the dev mailbox fallback, and the
 //! classification of every provider answer (retries with backoff on a manual clock, Retry-After,
 //! permanent 4xx, the provider down, giving up).

@@ -1,4 +1,4 @@
-//! A Twilio-compatible SMS provider on loopback, in-process, for the SMS tests (SPEC §8).
+//! A Twilio-compatible SMS provider on loopback, in-process, for the SMS tests.
 //!
 //! It serves `POST /2010-04-01/Accounts/{sid}/Messages.json` and checks what Twilio checks: the
 //! account in the path, HTTP basic auth `sid:token`, an `application/x-www-form-urlencoded` body

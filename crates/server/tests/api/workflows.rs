@@ -1,5 +1,5 @@
 //! Workflow semantics with a manual clock: waits, branches, enrollment rules, exits, event waits,
-//! drafts and loop protection (SPEC §3).
+//! drafts and loop protection.
 
 use crate::helpers::*;
 use herald_store::RunState;
