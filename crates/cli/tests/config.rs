@@ -27,7 +27,10 @@ fn herald(dir: &tempfile::TempDir, port: u16, vars: &[(&str, &str)]) -> Command 
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HERALD_LISTEN", format!("127.0.0.1:{port}"))
-        .env("HERALD_DATABASE_URL", "sqlite://herald.db")
+        .env(
+            "HERALD_DATABASE_URL",
+            format!("sqlite://{}/h.db", dir.path().display()),
+        )
         .env("HERALD_LOG", "warn")
         .envs(vars.iter().copied())
         .stdout(Stdio::null())

@@ -5,10 +5,11 @@ use crate::cli::LinksAction;
 use crate::config::Config;
 use anyhow::{Result, bail};
 use herald_engine::Clock;
+use secrecy::ExposeSecret;
 use std::process::ExitCode;
 
 pub async fn links(config: &Config, action: LinksAction) -> Result<ExitCode> {
-    let store = herald_store::Store::connect(&config.database_url).await?;
+    let store = herald_store::Store::connect(config.database_url.expose_secret()).await?;
     let policy = engine_config(config)?.links;
     let now_ms = Clock::System.now_ms();
     let url = match action {

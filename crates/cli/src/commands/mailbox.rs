@@ -2,10 +2,11 @@
 
 use crate::config::Config;
 use anyhow::Result;
+use secrecy::ExposeSecret;
 use std::process::ExitCode;
 
 pub async fn mailbox(config: &Config, limit: i64) -> Result<ExitCode> {
-    let store = herald_store::Store::connect(&config.database_url).await?;
+    let store = herald_store::Store::connect(config.database_url.expose_secret()).await?;
     let items = store.mailbox(limit).await?;
     if items.is_empty() {
         println!("The dev mailbox is empty.");

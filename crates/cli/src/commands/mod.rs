@@ -10,6 +10,7 @@ mod serve;
 use crate::cli::{Cli, Command};
 use crate::config::Config;
 use anyhow::Result;
+use secrecy::ExposeSecret;
 use std::process::ExitCode;
 
 /// Where `serve --dev` keeps the webhook secret it generated, so that restarts and
@@ -26,11 +27,9 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::SendEvent { file, url } => send_event::send_event(&config, &file, url).await,
         Command::Links { action } => links::links(&config, action).await,
         Command::Migrate => {
-            herald_store::Store::connect(&config.database_url).await?;
-            println!(
-                "database {} is migrated",
-                herald_server::redact_url(&config.database_url)
-            );
+            let url = config.database_url.expose_secret();
+            herald_store::Store::connect(url).await?;
+            println!("database {} is migrated", herald_server::redact_url(url));
             Ok(ExitCode::SUCCESS)
         }
         Command::Mailbox { limit } => mailbox::mailbox(&config, limit).await,

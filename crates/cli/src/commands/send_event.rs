@@ -4,6 +4,7 @@ use super::DEV_SECRET_FILE;
 use crate::config::Config;
 use anyhow::{Context, Result, bail};
 use herald_core::signature::parse_secrets;
+use secrecy::{ExposeSecret, SecretString};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -16,16 +17,22 @@ pub async fn send_event(config: &Config, file: &Path, url: Option<String>) -> Re
     } else {
         "application/cloudevents+json"
     };
-    let secret_list = match &config.webhook_secret {
-        Some(s) => s.expose().to_owned(),
-        None => std::fs::read_to_string(DEV_SECRET_FILE).with_context(|| {
-            format!("no HERALD_WEBHOOK_SECRET and no {DEV_SECRET_FILE}: set the secret herald was started with")
-        })?,
+    let (secret_list, origin): (SecretString, &str) = match &config.webhook_secret {
+        Some(s) => (s.clone(), "HERALD_WEBHOOK_SECRET"),
+        None => (
+            std::fs::read_to_string(DEV_SECRET_FILE)
+                .with_context(|| {
+                    format!("no HERALD_WEBHOOK_SECRET and no {DEV_SECRET_FILE}: set the secret herald was started with")
+                })?
+                .into(),
+            DEV_SECRET_FILE,
+        ),
     };
-    let secret = parse_secrets(&secret_list)?
+    let secret = parse_secrets(secret_list.expose_secret())
+        .context(origin)?
         .into_iter()
         .next()
-        .context("HERALD_WEBHOOK_SECRET is empty")?;
+        .with_context(|| format!("{origin} is empty"))?;
     let msg_id = format!("msg_{}", uuid::Uuid::new_v4().simple());
     let timestamp = chrono::Utc::now().timestamp();
     let base = url.unwrap_or_else(|| config.public_url());

@@ -1,25 +1,29 @@
 //! `herald serve` and `herald worker`.
 
 use super::DEV_SECRET_FILE;
-use crate::config::{Config, Secret};
+use crate::config::Config;
 use anyhow::{Context, Result, bail};
 use herald_channels::email::SmtpSender;
 use herald_core::signature::{WebhookSecret, parse_secrets};
 use herald_engine::{Clock, Engine, EngineConfig, Registry, Sources};
 use herald_server::{Application, Settings};
+use secrecy::ExposeSecret;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 pub async fn serve(config: Config, dev: bool) -> Result<ExitCode> {
     let secrets = webhook_secrets(&config, dev)?;
     let settings = Settings {
-        database_url: config.database_url.clone(),
+        database_url: config.database_url.expose_secret().to_owned(),
         listen: config.listen.clone(),
         secrets,
         sources: sources(&config),
         engine: engine_config(&config)?,
         clock: Clock::System,
-        admin_token: config.admin_token.as_ref().map(|t| t.expose().to_owned()),
+        admin_token: config
+            .admin_token
+            .as_ref()
+            .map(|t| t.expose_secret().to_owned()),
         redeem_per_minute: 30,
     };
     let mailbox = settings.engine.smtp.is_none();
@@ -42,7 +46,7 @@ pub async fn serve(config: Config, dev: bool) -> Result<ExitCode> {
 }
 
 pub async fn worker(config: Config) -> Result<ExitCode> {
-    let store = herald_store::Store::connect(&config.database_url).await?;
+    let store = herald_store::Store::connect(config.database_url.expose_secret()).await?;
     let engine_config = engine_config(&config)?;
     let custom = engine_config.custom_values.keys().cloned().collect();
     let registry = Arc::new(
@@ -74,12 +78,12 @@ pub fn engine_config(config: &Config) -> Result<EngineConfig> {
     engine.default_timezone = config.timezone()?;
     engine.custom_values = config.custom_values.clone();
     engine.links.learner_ttl = config.learner_link_ttl.to_std();
-    engine.links.learner_uses = i64::from(config.learner_link_uses.max(1));
+    engine.links.learner_uses = i64::from(config.learner_link_uses);
     engine.stall_limit = config.stall_limit.to_std();
     engine.smtp = config
         .smtp_url
         .as_ref()
-        .map(|url| SmtpSender::from_url(url.expose()))
+        .map(|url| SmtpSender::from_url(url.expose_secret()))
         .transpose()
         .context("HERALD_SMTP_URL")?;
     engine.sms_opt_out_line = config.sms_opt_out_line.clone();
@@ -90,7 +94,7 @@ pub fn engine_config(config: &Config) -> Result<EngineConfig> {
             config
                 .sms_auth_token
                 .as_ref()
-                .map(Secret::expose)
+                .map(ExposeSecret::expose_secret)
                 .unwrap_or_default(),
             config.sms_from.as_deref().unwrap_or_default(),
         )?),
@@ -103,7 +107,7 @@ pub fn engine_config(config: &Config) -> Result<EngineConfig> {
 /// [`DEV_SECRET_FILE`] (generated on first use).
 fn webhook_secrets(config: &Config, dev: bool) -> Result<Vec<WebhookSecret>> {
     if let Some(list) = &config.webhook_secret {
-        let secrets = parse_secrets(list.expose()).context("HERALD_WEBHOOK_SECRET")?;
+        let secrets = parse_secrets(list.expose_secret()).context("HERALD_WEBHOOK_SECRET")?;
         if secrets.is_empty() {
             bail!(
                 "HERALD_WEBHOOK_SECRET is empty: set one or more whsec_… secrets, comma-separated"
