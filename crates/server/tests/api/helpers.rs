@@ -252,6 +252,12 @@ impl TestOptions {
         self.sms = Some(sender);
         self
     }
+
+    /// Turns the admin API on with this bearer token (`HERALD_ADMIN_TOKEN`).
+    pub fn admin_token(mut self, token: &str) -> Self {
+        self.admin_token = Some(token.to_owned());
+        self
+    }
 }
 
 /// What outlives one process of the application: its folders and its database.
@@ -534,6 +540,62 @@ impl TestApp {
             "new",
             "a valid event after refusals"
         );
+    }
+
+    /// `GET path` with the configured admin token; the status and the JSON body.
+    pub async fn admin_get(&self, path: &str) -> (u16, Value) {
+        self.admin_json(reqwest::Method::GET, path).await
+    }
+
+    /// `POST path` (no body) with the configured admin token; the status and the JSON body.
+    pub async fn admin_post(&self, path: &str) -> (u16, Value) {
+        self.admin_json(reqwest::Method::POST, path).await
+    }
+
+    async fn admin_json(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
+        let token = self
+            .options
+            .admin_token
+            .as_deref()
+            .expect("this app was built without an admin token (TestOptions::admin_token)");
+        let response = self
+            .client
+            .request(method.clone(), self.url(path))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text).unwrap_or_else(|e| {
+            panic!("{method} {path} answered {status}, not JSON ({e}): {text}")
+        });
+        (status, body)
+    }
+
+    /// `GET /healthz`: the status and the JSON body.
+    pub async fn health(&self) -> (u16, Value) {
+        let response = self.get("/healthz").await;
+        let status = response.status().as_u16();
+        let text = response.text().await.unwrap_or_default();
+        let body = serde_json::from_str(&text)
+            .unwrap_or_else(|e| panic!("/healthz answered {status}, not JSON ({e}): {text}"));
+        (status, body)
+    }
+
+    /// The value of one sample of `/metrics`, named with its labels exactly as exported
+    /// (`herald_dead_total{queue="events"}`); `None` when the scrape does not have it.
+    pub async fn metric(&self, sample: &str) -> Option<f64> {
+        let text = self
+            .get("/metrics")
+            .await
+            .text()
+            .await
+            .expect("/metrics body");
+        text.lines().find_map(|line| {
+            let value = line.strip_prefix(sample)?.strip_prefix(' ')?;
+            value.trim().parse().ok()
+        })
     }
 
     /// Moves a manual clock and wakes the engine.
