@@ -224,6 +224,9 @@ pub fn parse_event(
             message: "an event must be a JSON object".into(),
         });
     };
+    // First, so that a control character is named as such rather than as, say, an unknown type.
+    refuse_control_characters(&obj, "", Scope::Envelope)
+        .map_err(|(field, msg)| err(&field, &msg))?;
     match obj.get("specversion") {
         Some(Value::String(v)) if v == "1.0" => {}
         Some(Value::String(_)) => {
@@ -274,9 +277,6 @@ pub fn parse_event(
         None => return Err(err("data", "is required")),
     };
     validate_data(ty, &data).map_err(|(field, msg)| err(&format!("data.{field}"), &msg))?;
-    refuse_control_characters(&obj, "")
-        .and_then(|()| refuse_control_characters(&data, "data"))
-        .map_err(|(field, msg)| err(&field, &msg))?;
     Ok(CourseEvent {
         id,
         source,
@@ -301,59 +301,115 @@ fn required_id(obj: &Map<String, Value>, key: &str) -> Result<String, String> {
 
 type FieldError = (String, String);
 
-/// Control characters never belong in course data, and some databases cannot store them (U+0000
-/// in PostgreSQL text): refused at the edge, so no stored event can block a queue. Text may
-/// hold tab, line feed and carriage return; identifiers, addresses, time zones, URLs and object
-/// keys hold none at all (U+0000–U+001F, U+007F).
-fn refuse_control_characters(obj: &Map<String, Value>, path: &str) -> Result<(), FieldError> {
-    for (key, value) in obj {
-        let field = if path.is_empty() {
-            key.clone()
-        } else {
-            format!("{path}.{key}")
-        };
-        if let Some(c) = key.chars().find(|c| c.is_ascii_control()) {
-            return Err((field, control_message("a key", c)));
+/// Where in an event a string sits, which decides its [`Class`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scope {
+    /// CloudEvents attributes: identifiers, like every key.
+    Envelope,
+    /// `data`: a string is text unless its key names or addresses something.
+    Data,
+    /// `custom_fields` (at any depth): whatever the learner or the school typed, so text.
+    CustomFields,
+}
+
+/// What a string may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Class {
+    /// Ids, addresses, time zones, URLs, keys: no control character (U+0000–U+001F, U+007F).
+    Identifier,
+    /// Names, titles, notes: tab, line feed and carriage return, no other C0 control.
+    Text,
+}
+
+impl Class {
+    fn in_data(key: &str) -> Self {
+        match key {
+            "id" | "email" | "phone" | "timezone" | "url" | "product_ids" => Self::Identifier,
+            _ => Self::Text,
         }
-        refuse_in_value(value, &field)?;
+    }
+
+    fn refused(self, s: &str) -> Option<char> {
+        s.chars().find(|&c| match self {
+            Self::Identifier => c.is_ascii_control(),
+            Self::Text => c < ' ' && !matches!(c, '\t' | '\n' | '\r'),
+        })
+    }
+
+    fn message(self, c: char) -> String {
+        let rule = match self {
+            Self::Identifier => {
+                "identifiers, addresses, URLs and CloudEvents attributes may hold none"
+            }
+            Self::Text => {
+                "text may hold tab, line feed and carriage return but no other control character"
+            }
+        };
+        format!("{}: {rule}; remove it", control_character(c))
+    }
+}
+
+fn control_character(c: char) -> String {
+    format!("contains a control character (U+{:04X})", u32::from(c))
+}
+
+/// Control characters never belong in course data, and some databases cannot store them (U+0000
+/// in PostgreSQL text): refused at the edge, in every string and key of the event, so no stored
+/// event can block a queue.
+fn refuse_control_characters(
+    obj: &Map<String, Value>,
+    path: &str,
+    scope: Scope,
+) -> Result<(), FieldError> {
+    for (key, value) in obj {
+        let shown = |key: &str| {
+            if path.is_empty() {
+                key.to_owned()
+            } else {
+                format!("{path}.{key}")
+            }
+        };
+        if let Some(c) = Class::Identifier.refused(key) {
+            // Named escaped (`\0`), so the field path stays printable.
+            return Err((
+                shown(&key.escape_debug().to_string()),
+                format!(
+                    "the key {}: keys may hold none; remove it",
+                    control_character(c)
+                ),
+            ));
+        }
+        let (class, inner) = match scope {
+            Scope::Envelope if key == "data" => (Class::Identifier, Scope::Data),
+            Scope::Envelope => (Class::Identifier, Scope::Envelope),
+            Scope::Data if key == "custom_fields" => (Class::Text, Scope::CustomFields),
+            Scope::Data => (Class::in_data(key), Scope::Data),
+            Scope::CustomFields => (Class::Text, Scope::CustomFields),
+        };
+        refuse_in_value(value, &shown(key), class, inner)?;
     }
     Ok(())
 }
 
-fn refuse_in_value(value: &Value, field: &str) -> Result<(), FieldError> {
+/// `class` applies to the strings `value` is or holds in arrays; objects classify their own.
+fn refuse_in_value(
+    value: &Value,
+    field: &str,
+    class: Class,
+    scope: Scope,
+) -> Result<(), FieldError> {
     match value {
-        Value::String(s) => {
-            let strict = is_identifier_field(field);
-            let bad = s
-                .chars()
-                .find(|&c| c.is_ascii_control() && (strict || !matches!(c, '\t' | '\n' | '\r')));
-            match bad {
-                Some(c) => Err((field.to_owned(), control_message("the value", c))),
-                None => Ok(()),
-            }
-        }
+        Value::String(s) => match class.refused(s) {
+            Some(c) => Err((field.to_owned(), class.message(c))),
+            None => Ok(()),
+        },
         Value::Array(items) => items
             .iter()
             .enumerate()
-            .try_for_each(|(i, v)| refuse_in_value(v, &format!("{field}[{i}]"))),
-        Value::Object(o) => refuse_control_characters(o, field),
+            .try_for_each(|(i, v)| refuse_in_value(v, &format!("{field}[{i}]"), class, scope)),
+        Value::Object(o) => refuse_control_characters(o, field, scope),
         _ => Ok(()),
     }
-}
-
-/// Fields that name or address something rather than hold text for people.
-fn is_identifier_field(field: &str) -> bool {
-    let last = field.rsplit('.').next().unwrap_or(field);
-    !field.starts_with("data.")
-        || matches!(last, "id" | "email" | "phone" | "timezone" | "url")
-        || last.starts_with("product_ids[")
-}
-
-fn control_message(what: &str, c: char) -> String {
-    format!(
-        "{what} contains a control character (U+{:04X}); remove it",
-        u32::from(c)
-    )
 }
 
 fn validate_data(ty: EventType, data: &Map<String, Value>) -> Result<(), FieldError> {
@@ -511,62 +567,175 @@ mod tests {
         parse_body(BodyKind::Single, v.to_string().as_bytes(), now()).map(|mut v| v.remove(0))
     }
 
-    /// The field a control character in `pointer` (a JSON pointer) is refused at, if any.
-    fn refused_at(pointer: &str, text: &str) -> Option<String> {
+    /// `lesson_event` with a custom field and an offer: a string in every place the rules tell
+    /// apart.
+    fn full_event() -> Value {
         let mut v = lesson_event();
-        v["data"]["contact"]["custom_fields"] = json!({"company": "Acme"});
+        let contact = &mut v["data"]["contact"];
+        contact["phone"] = json!("+15551234567");
+        contact["last_name"] = json!("Lee");
+        contact["timezone"] = json!("Europe/Berlin");
+        contact["custom_fields"] = json!({"company": "Acme", "url": "x"});
+        v["data"]["product"]["url"] = json!("https://school.example.com/p/1");
+        v["data"]["offer"] = json!({"id": "o_1", "title": "Pro", "product_ids": ["p_1"]});
+        v
+    }
+
+    /// Parses `full_event` with `text` at `pointer` (a JSON pointer): `None` when accepted, else
+    /// the error, which must be about a control character at event 0.
+    fn with_text_at(pointer: &str, text: &str) -> Option<EventError> {
+        let mut v = full_event();
         *v.pointer_mut(pointer).expect("the pointer exists") = json!(text);
-        match parse(v) {
-            Ok(_) => None,
-            Err(e) => {
-                assert_eq!(e.index, Some(0));
-                assert!(e.message.contains("control character"), "{}", e.message);
-                e.field
-            }
-        }
+        let e = parse(v).err()?;
+        assert_eq!(e.index, Some(0), "{e}");
+        assert!(e.message.contains("control character"), "{e}");
+        assert!(e.message.ends_with("remove it"), "{e}");
+        Some(e)
+    }
+
+    fn refused_field(pointer: &str, text: &str) -> String {
+        let e = with_text_at(pointer, text).unwrap_or_else(|| panic!("{pointer}: {text:?} passed"));
+        e.field.expect("a field is named")
     }
 
     #[test]
-    fn control_characters_are_refused_naming_the_field() {
+    fn nul_in_first_name_is_refused() {
+        let e = with_text_at("/data/contact/first_name", "Ann\u{0}").unwrap();
+        assert_eq!(e.field.as_deref(), Some("data.contact.first_name"));
+        assert_eq!(
+            e.to_string(),
+            "event 0, field data.contact.first_name: contains a control character (U+0000): \
+             text may hold tab, line feed and carriage return but no other control character; \
+             remove it"
+        );
+    }
+
+    #[test]
+    fn nul_in_identifiers_is_refused() {
+        assert_eq!(refused_field("/id", "evt\u{0}1"), "id");
+        assert_eq!(refused_field("/source", "https://school\u{0}"), "source");
+        assert_eq!(
+            refused_field("/data/contact/id", "c\u{0}1"),
+            "data.contact.id"
+        );
+        // Named as a control character, not as an unknown type.
+        assert_eq!(
+            refused_field("/type", "course.lesson_completed\u{0}"),
+            "type"
+        );
+        let e = with_text_at("/data/contact/id", "c\u{0}1").unwrap();
+        assert!(
+            e.message
+                .starts_with("contains a control character (U+0000): identifiers"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn nul_in_a_custom_field_value_or_key_is_refused() {
+        assert_eq!(
+            refused_field("/data/contact/custom_fields/company", "Ac\u{0}me"),
+            "data.contact.custom_fields.company"
+        );
+        let mut v = full_event();
+        v["data"]["contact"]["custom_fields"] = json!({"com\u{0}pany": "Acme"});
+        let e = parse(v).unwrap_err();
+        assert_eq!(e.index, Some(0));
+        assert_eq!(
+            e.field.as_deref(),
+            Some("data.contact.custom_fields.com\\0pany")
+        );
+        assert!(
+            e.message
+                .starts_with("the key contains a control character (U+0000)"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn strings_nested_anywhere_in_data_are_checked() {
+        let mut v = full_event();
+        v["data"]["order"] = json!({"items": [{"id": "i_1", "note": "gift\u{0}"}]});
+        let e = parse(v).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("data.order.items[0].note"));
+
+        let mut v = full_event();
+        v["data"]["order"] = json!({"items": [{"id": "i\n1"}]});
+        let e = parse(v).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("data.order.items[0].id"));
+
+        let mut v = full_event();
+        v["subject"] = json!("an extension\u{0}");
+        assert_eq!(parse(v).unwrap_err().field.as_deref(), Some("subject"));
+    }
+
+    #[test]
+    fn text_may_hold_tab_and_line_breaks() {
+        assert!(with_text_at("/data/contact/first_name", "Ann\tMarie").is_none());
+        assert!(with_text_at("/data/contact/first_name", "Ann\nMarie\r\n").is_none());
+        assert!(with_text_at("/data/lesson/title", "Part 1\nOwnership").is_none());
+        // A custom field is text whatever its name.
+        assert!(with_text_at("/data/contact/custom_fields/url", "a\nb").is_none());
+        // DEL is not among the characters text may not hold.
+        assert!(with_text_at("/data/lesson/title", "Own\u{7f}ership").is_none());
+        // Other C0 controls are refused in text.
+        assert_eq!(
+            refused_field("/data/lesson/title", "Own\u{8}ership"),
+            "data.lesson.title"
+        );
+        assert_eq!(
+            refused_field("/data/offer/title", "Pro\u{1f}"),
+            "data.offer.title"
+        );
+    }
+
+    #[test]
+    fn identifiers_and_addresses_hold_no_control_character() {
         let cases = [
-            (
-                "/data/contact/first_name",
-                "Ann\u{0}",
-                "data.contact.first_name",
-            ),
-            ("/data/contact/id", "c\u{0}1", "data.contact.id"),
-            ("/source", "https://school\u{0}", "source"),
-            ("/id", "evt\u{7f}", "id"),
             (
                 "/data/contact/email",
                 "ann@example.com\u{1f}",
                 "data.contact.email",
             ),
+            ("/id", "evt\u{7f}", "id"),
+            ("/data/product/id", "p\u{7f}1", "data.product.id"),
+            ("/data/product/id", "p\t1", "data.product.id"),
+            ("/data/contact/phone", "+1555\n", "data.contact.phone"),
             (
-                "/data/contact/custom_fields/company",
-                "Ac\u{0}me",
-                "data.contact.custom_fields.company",
+                "/data/contact/timezone",
+                "Europe/Berlin\r",
+                "data.contact.timezone",
             ),
-            ("/data/lesson/title", "Own\u{8}ership", "data.lesson.title"),
-            ("/data/product/id", "p\n1", "data.product.id"),
+            (
+                "/data/product/url",
+                "https://x.example/\n",
+                "data.product.url",
+            ),
+            (
+                "/data/offer/product_ids/0",
+                "p\u{0}1",
+                "data.offer.product_ids[0]",
+            ),
+            ("/data/lesson/id", "l\u{1}", "data.lesson.id"),
         ];
         for (pointer, text, field) in cases {
-            assert_eq!(
-                refused_at(pointer, text).as_deref(),
-                Some(field),
-                "{pointer}"
-            );
+            assert_eq!(refused_field(pointer, text), field, "{pointer}");
         }
-        // Text may hold tabs and line breaks.
-        assert_eq!(refused_at("/data/contact/first_name", "Ann\tLee\r\n"), None);
-        assert_eq!(refused_at("/data/lesson/title", "Part 1\nOwnership"), None);
-        // Keys too, anywhere.
-        let mut v = lesson_event();
-        v["data"]["contact"]["custom_fields"] = json!({"com\u{0}pany": "Acme"});
-        let e = parse(v).unwrap_err();
+        let e = with_text_at("/data/contact/email", "ann@example.com\u{1f}").unwrap();
+        assert!(e.message.contains("(U+001F)"), "{e}");
+        let e = with_text_at("/id", "evt\u{7f}").unwrap();
+        assert!(e.message.contains("(U+007F)"), "{e}");
+    }
+
+    #[test]
+    fn a_control_character_refuses_the_batch_naming_its_index() {
+        let mut bad = lesson_event();
+        bad["data"]["contact"]["last_name"] = json!("Lee\u{0}");
+        let body = json!([lesson_event(), lesson_event(), bad]).to_string();
+        let e = parse_body(BodyKind::Batch, body.as_bytes(), now()).unwrap_err();
         assert_eq!(
-            e.field.as_deref(),
-            Some("data.contact.custom_fields.com\u{0}pany")
+            (e.index, e.field.as_deref()),
+            (Some(2), Some("data.contact.last_name"))
         );
     }
 

@@ -5,7 +5,7 @@ use crate::helpers::*;
 use herald_core::signature::WebhookSecret;
 use serde_json::{Value, json};
 
-/// The published Standard Webhooks vector V1 (shared/vectors/standard-webhooks.txt).
+/// Test vector V1 published with the Standard Webhooks specification.
 const V1_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
 const V1_MSG_ID: &str = "msg_p5jXN8AQM9LWM0D4loKWxJek";
 const V1_TIMESTAMP: i64 = 1614265330;
@@ -28,6 +28,8 @@ both_backends!(
     unknown_type_gets_400,
     wrong_field_type_gets_400,
     bad_event_in_a_batch_rejects_the_whole_batch,
+    control_character_in_any_field_gets_400_and_later_events_flow,
+    control_character_in_a_batch_refuses_all_of_it,
     oversized_body_gets_413,
     wrong_content_type_gets_415,
     invalid_phone_does_not_invalidate_the_event,
@@ -626,6 +628,146 @@ async fn bad_event_in_a_batch_rejects_the_whole_batch(backend: Backend) {
         ["new", "new", "new"]
     );
     app.assert_healthy().await;
+}
+
+/// A lesson event with a string in every field the example events carry.
+fn event_with_every_field(contact_id: &str) -> Value {
+    let mut ev = lesson_completed(contact(contact_id, "Ann"), "p_rust101", "Ownership");
+    let c = &mut ev["data"]["contact"];
+    c["phone"] = json!("+15551234567");
+    c["last_name"] = json!("Lee");
+    c["timezone"] = json!("Europe/Berlin");
+    c["custom_fields"] = json!({"company": "Acme"});
+    ev["data"]["offer"] = offer("o_pro", "Rust Pro");
+    ev
+}
+
+async fn control_character_in_any_field_gets_400_and_later_events_flow(backend: Backend) {
+    let opts = TestOptions::new(backend).workflow(
+        "lesson",
+        &one_email_workflow("lesson_completed", "Lesson done", true),
+    );
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    let fields = [
+        ("/data/contact/id", "data.contact.id"),
+        ("/data/contact/email", "data.contact.email"),
+        ("/data/contact/phone", "data.contact.phone"),
+        ("/data/contact/first_name", "data.contact.first_name"),
+        ("/data/contact/last_name", "data.contact.last_name"),
+        ("/data/contact/timezone", "data.contact.timezone"),
+        (
+            "/data/contact/custom_fields/company",
+            "data.contact.custom_fields.company",
+        ),
+        ("/data/offer/id", "data.offer.id"),
+        ("/data/offer/title", "data.offer.title"),
+        ("/data/offer/product_ids/1", "data.offer.product_ids[1]"),
+        ("/data/product/id", "data.product.id"),
+        ("/data/product/title", "data.product.title"),
+        ("/data/product/url", "data.product.url"),
+        ("/data/category/title", "data.category.title"),
+        ("/data/lesson/id", "data.lesson.id"),
+        ("/data/lesson/title", "data.lesson.title"),
+        ("/id", "id"),
+        ("/source", "source"),
+        ("/type", "type"),
+    ];
+    for (pointer, field) in fields {
+        let mut ev = event_with_every_field("c_nul");
+        let at = ev.pointer_mut(pointer).expect("the example event has it");
+        let text = at.as_str().expect("a string field");
+        *at = json!(format!("{}\u{0}{}", &text[..1], &text[1..]));
+        let err = expect_error(app.post_event(&ev).await, 400).await;
+        assert_eq!(err["index"], 0, "{field}: {err}");
+        assert_eq!(err["field"], field, "{err}");
+        let message = err["error"].as_str().unwrap();
+        assert!(
+            message.contains("control character (U+0000)") && message.ends_with("remove it"),
+            "{field}: {message}"
+        );
+    }
+    // A custom field's name, and a string nested in an object herald does not know.
+    let mut ev = event_with_every_field("c_nul");
+    ev["data"]["contact"]["custom_fields"] = json!({"com\u{0}pany": "Acme"});
+    let err = expect_error(app.post_event(&ev).await, 400).await;
+    assert_eq!(
+        err["field"], "data.contact.custom_fields.com\\0pany",
+        "{err}"
+    );
+    let mut ev = event_with_every_field("c_nul");
+    ev["data"]["order"] = json!({"lines": [{"note": "gift\u{0}"}]});
+    let err = expect_error(app.post_event(&ev).await, 400).await;
+    assert_eq!(err["field"], "data.order.lines[0].note", "{err}");
+
+    // The next valid event goes all the way to its email; the text it carries keeps its tab and
+    // line breaks, which are not refused.
+    let mut good = event_with_every_field("c_after_nul");
+    good["data"]["contact"]["first_name"] = json!("Ann\tMarie");
+    good["data"]["contact"]["custom_fields"] = json!({"notes": "line 1\r\nline 2"});
+    good["data"]["lesson"]["title"] = json!("Part 1\nOwnership");
+    assert_eq!(app.accept(&good).await, "new");
+    let mails = app.wait_for_mails(1).await;
+    assert_eq!(mails[0].rcpt_to, ["c_after_nul@example.com"]);
+    app.settle().await;
+    let c = app
+        .store
+        .contact("c_after_nul".into())
+        .await
+        .unwrap()
+        .expect("the valid event's contact");
+    assert_eq!(c.first_name.as_deref(), Some("Ann\tMarie"));
+    assert_eq!(
+        serde_json::from_str::<Value>(c.custom_fields.as_deref().unwrap()).unwrap(),
+        json!({"notes": "line 1\r\nline 2"})
+    );
+    let runs = app.runs().await;
+    assert_eq!(
+        runs.len(),
+        1,
+        "only the valid event started a run: {runs:?}"
+    );
+    assert_eq!(runs[0].contact_id, "c_after_nul");
+    assert!(app.store.contact("c_nul".into()).await.unwrap().is_none());
+    assert_eq!(app.sink().count(), 1);
+    app.assert_healthy().await;
+}
+
+async fn control_character_in_a_batch_refuses_all_of_it(backend: Backend) {
+    let opts = TestOptions::new(backend).workflow(
+        "lesson",
+        &one_email_workflow("lesson_completed", "Lesson done", true),
+    );
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    let ids = ["c_nul_batch_0", "c_nul_batch_1", "c_nul_batch_2"];
+    let batch: Vec<Value> = ids.iter().map(|id| event_with_every_field(id)).collect();
+    let mut refused = batch.clone();
+    refused[2]["data"]["contact"]["first_name"] = json!("A\u{0}nn");
+    let err = expect_error(app.post_batch(&refused).await, 400).await;
+    assert_eq!(err["index"], 2, "{err}");
+    assert_eq!(err["field"], "data.contact.first_name", "{err}");
+
+    app.settle().await;
+    for id in ids {
+        assert!(
+            app.store.contact(id.into()).await.unwrap().is_none(),
+            "{id} was stored from a refused batch"
+        );
+    }
+    assert_eq!(app.runs().await.len(), 0);
+    // None of it was stored: the same events, the bad one fixed, are all new and all flow.
+    assert_eq!(app.accept_batch(&batch).await, ["new", "new", "new"]);
+    let mut to: Vec<String> = app
+        .wait_for_mails(3)
+        .await
+        .into_iter()
+        .flat_map(|m| m.rcpt_to)
+        .collect();
+    to.sort();
+    assert_eq!(to, ids.map(|id| format!("{id}@example.com")));
 }
 
 async fn oversized_body_gets_413(backend: Backend) {
