@@ -595,7 +595,7 @@ async fn park_or_resume(
             "UPDATE messages SET status = 'cancelled', reason = 'workflow disabled', due_ms = NULL,
                     updated_ms = $1, locked_until_ms = NULL, lease_token = NULL
              WHERE status = 'queued' AND (locked_until_ms IS NULL OR locked_until_ms <= $1)
-               AND run_id IN (SELECT id FROM runs WHERE workflow_id = $2 AND state = 'parked')",
+               AND run_id IN (SELECT id FROM runs WHERE workflow_id = $2 AND state IN ('parked', 'completed'))",
         )
         .bind(now_ms)
         .bind(workflow_id)
