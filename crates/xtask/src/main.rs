@@ -33,10 +33,13 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     }
-    let status = Command::new(&cargo)
-        .args(["nextest", "run", "--workspace", "--locked"])
-        .args(std::env::args_os().skip(1))
-        .status();
+    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+    let mut nextest = Command::new(&cargo);
+    nextest.args(["nextest", "run", "--locked"]);
+    if !selects_packages(&args) {
+        nextest.arg("--workspace");
+    }
+    let status = nextest.args(&args).status();
     match status {
         Ok(s) if s.success() => ExitCode::SUCCESS,
         Ok(s) => ExitCode::from(s.code().and_then(|c| u8::try_from(c).ok()).unwrap_or(1)),
@@ -44,5 +47,38 @@ fn main() -> ExitCode {
             eprintln!("error: cannot run `cargo nextest`: {e}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Whether the arguments choose the packages themselves (`-p NAME`, `--package NAME`,
+/// `--workspace`); nextest would otherwise let `--workspace` override a `-p`. Arguments after
+/// `--` belong to the test binaries.
+fn selects_packages(args: &[OsString]) -> bool {
+    args.iter()
+        .map_while(|a| a.to_str().filter(|a| *a != "--"))
+        .any(|a| {
+            a == "--workspace"
+                || a.starts_with("--package")
+                || (a.starts_with("-p") && !a.starts_with("--"))
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::selects_packages;
+
+    fn selects(args: &[&str]) -> bool {
+        selects_packages(&args.iter().map(Into::into).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn a_named_package_replaces_the_whole_workspace() {
+        assert!(selects(&["-p", "herald", "config"]));
+        assert!(selects(&["-pherald"]));
+        assert!(selects(&["--package=herald"]));
+        assert!(selects(&["--workspace", "--exclude", "herald-bench"]));
+        assert!(!selects(&["config"]));
+        assert!(!selects(&["--no-fail-fast", "-E", "test(metrics)"]));
+        assert!(!selects(&["--", "-p"]));
     }
 }
