@@ -1,8 +1,8 @@
 //! `cargo test-all` (an alias in `.cargo/config.toml`): the whole test suite under cargo-nextest,
 //! installed first where it is missing, so that the README's one command works on a machine with
 //! only Rust. nextest rather than `cargo test`: each test gets its own process, so process-wide
-//! state (the Prometheus recorder) is the test's own and its exact counts can be asserted, and
-//! the test binaries run side by side. Arguments are passed on to `cargo nextest run`.
+//! state (the Prometheus recorder) is the test's own and its exact counts can be asserted.
+//! Arguments are passed on to `cargo nextest run`.
 
 use std::ffi::OsString;
 use std::process::{Command, ExitCode, Stdio};
