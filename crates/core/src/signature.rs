@@ -1,7 +1,7 @@
 //! Standard Webhooks signatures (standardwebhooks.com): HMAC-SHA256 over
 //! `{webhook-id}.{webhook-timestamp}.{raw body}`, base64, `v1,` prefix. Written here rather than
 //! taken from the `standardwebhooks` crate because that crate reads the wall clock inside
-//! `verify`, accepts an empty secret and refuses non-UTF-8 bodies (see STACK.md).
+//! `verify`, accepts an empty secret, and refuses non-UTF-8 bodies.
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
@@ -76,7 +76,7 @@ impl WebhookSecret {
 
     /// Builds a secret from raw key bytes (used by `serve --dev` to generate one).
     pub fn from_bytes(key: Vec<u8>) -> Result<Self, SecretError> {
-        // SPEC §2 asks for 24–64 bytes and `serve --dev` generates 32; 16 is the floor we accept
+        // Standard Webhooks asks for 24–64 bytes and `serve --dev` generates 32; 16 is the floor we accept
         // because the published unpadded vector secrets decode to 23 bytes and must still work.
         if !(16..=64).contains(&key.len()) {
             return Err(SecretError::BadLength(key.len()));
@@ -180,7 +180,7 @@ pub fn verify_signature_only<'a>(
 
 #[cfg(test)]
 mod tests {
-    //! The published vectors of ../shared/vectors/standard-webhooks.txt.
+    //! The test vectors published with the Standard Webhooks specification.
     use super::*;
 
     const V1_SECRET: &str = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";

@@ -1,6 +1,6 @@
 //! The dispatcher's planner: for a batch of newly stored events, decide which runs end
-//! (`exit_when`), which event waits are over, and who is enrolled where (the enrollment rules of
-//! SPEC §3), and run each new run's first steps. Pure: the store calls it inside the transaction
+//! (`exit_when`), which event waits are over, and who is enrolled where (the enrollment rules the
+//! README states), and run each new run's first steps. Pure: the store calls it inside the transaction
 //! that applies its plan.
 
 use crate::registry::Snapshot;

@@ -272,8 +272,8 @@ impl<'a> Compiler<'a> {
     /// `where:` filters. `scope` is `None` when the events are unknown (paths are then only
     /// checked for syntax).
     ///
-    /// A `not` list may name an object the events never carry: it then always passes, as SPEC §3
-    /// defines (its own example filters `product.id` on offer events). An any-of list on such a
+    /// A `not` list may name an object the events never carry: it then always passes (a filter such
+    /// as `product.id: {not: [p_free]}` on offer events is the README's own example). An any-of list on such a
     /// field would never match, so that is an error.
     fn filters(
         &mut self,

@@ -313,7 +313,7 @@ async fn two_processes_share_one_postgres_database() {
 
 /// A delivery batch that outlives its lease (a slow SMTP server) must not let a second process
 /// claim and send its messages again: the lease has to be extended while the sends are in flight
-/// (STACK.md: "a long step extends its lease (heartbeat)").
+/// (a heartbeat).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_smtp_does_not_make_a_second_process_send_again() {
     let Some(first) = spawn_app(options(Backend::Postgres)).await else {

@@ -1,4 +1,4 @@
-//! herald's HTTP-level test suite: one binary (STACK.md), one module per area. Each test runs the
+//! herald's HTTP-level test suite: one binary (so it links once), one module per area. Each test runs the
 //! whole application in-process (`Application::build` on port 0) against SQLite and, when it is
 //! reachable, PostgreSQL, with a real SMTP server (`smtp_sink`) on loopback.
 
