@@ -559,12 +559,14 @@ impl QueueStats {
     }
 }
 
-/// An event set aside because its dispatch kept failing.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+/// An event set aside because its dispatch kept failing. Decoded by column name, in one place
+/// for both backends.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct DeadEventRow {
     pub seq: i64,
     pub source: String,
     pub id: String,
+    /// The CloudEvents type as posted (`course.new_signup`).
     #[serde(rename = "type")]
     pub event_type: String,
     pub contact_id: String,

@@ -81,26 +81,15 @@ impl PgStore {
     }
 
     pub async fn dead_events(&self, after_seq: i64, limit: i64) -> Result<Vec<DeadEventRow>> {
-        let rows = sqlx::query(
-            "SELECT seq, source, id, type, contact_id, dead_error, received_ms, dead_ms FROM events
-             WHERE dead_error IS NOT NULL AND seq > $1 ORDER BY seq LIMIT $2",
+        // Events store the trigger name; the row carries the type as posted.
+        Ok(sqlx::query_as(
+            "SELECT seq, source, id, 'course.' || type AS event_type, contact_id, dead_error AS error,
+                    received_ms, dead_ms
+             FROM events WHERE dead_error IS NOT NULL AND seq > $1 ORDER BY seq LIMIT $2",
         )
         .bind(after_seq)
         .bind(limit)
         .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .iter()
-            .map(|r| DeadEventRow {
-                seq: r.get("seq"),
-                source: r.get("source"),
-                id: r.get("id"),
-                event_type: r.get("type"),
-                contact_id: r.get("contact_id"),
-                error: r.get("dead_error"),
-                received_ms: r.get("received_ms"),
-                dead_ms: r.get("dead_ms"),
-            })
-            .collect())
+        .await?)
     }
 }
