@@ -142,11 +142,9 @@ delegate! {
     fn save_workflow_versions(&self, versions: Vec<(String, String, String)>, now_ms: i64) -> ();
     /// The bundles (id, version, bundle JSON) of every version a live run is pinned to.
     fn live_workflow_versions(&self) -> Vec<(String, String, String)>;
-    /// Parks (`true`) or resumes the live runs of a workflow; parking cancels the messages its
-    /// runs had queued.
-    fn set_workflow_parked(&self, workflow_id: String, parked: bool, now_ms: i64) -> u64;
     /// Records whether each workflow is enabled and, for each whose stored state changed (or was
-    /// unknown), parks or resumes its runs in the same transaction. Returns those (id, enabled,
+    /// unknown), parks its live runs (cancelling the messages they had queued) or resumes its
+    /// parked ones, in the same transaction. Returns those (id, enabled,
     /// runs parked or resumed).
     fn sync_workflow_states(&self, states: Vec<(String, bool)>, now_ms: i64) -> Vec<(String, bool, u64)>;
     /// Sets aside the oldest undispatched event (its dispatch keeps failing) with the error, so

@@ -450,6 +450,24 @@ pub struct NewLink {
     pub expires_ms: Option<i64>,
 }
 
+/// Of links to mint for messages, whether each one's contact is entitled (holds an active offer
+/// grant), and those that are: only they are stored.
+pub(crate) fn split_entitled<'a>(
+    links: &'a [NewLink],
+    entitled: &std::collections::HashSet<String>,
+) -> (Vec<bool>, Vec<&'a NewLink>) {
+    let minted: Vec<bool> = links
+        .iter()
+        .map(|l| l.contact_id.as_ref().is_some_and(|c| entitled.contains(c)))
+        .collect();
+    let kept = links
+        .iter()
+        .zip(&minted)
+        .filter_map(|(l, ok)| ok.then_some(l))
+        .collect();
+    (minted, kept)
+}
+
 /// Why a link does not open the portal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -1980,7 +1980,7 @@ async fn next_due_ms_is_the_earliest_due_work(db: &TestDb) {
         Some(T0 + 800),
         "the waiting run's timeout"
     );
-    s.set_workflow_parked("wf2".into(), true, T0).await.unwrap();
+    set_enabled(s, "wf2", false, T0).await;
     assert_eq!(
         s.next_due_ms().await.unwrap(),
         Some(T0 + 900),
@@ -2072,16 +2072,9 @@ async fn parking_a_workflow_keeps_its_runs_wait_state(db: &TestDb) {
         T0,
     )
     .await;
+    assert_eq!(set_enabled(s, "wf", false, T0 + 1).await, 2);
     assert_eq!(
-        s.set_workflow_parked("wf".into(), true, T0 + 1)
-            .await
-            .unwrap(),
-        2
-    );
-    assert_eq!(
-        s.set_workflow_parked("wf".into(), true, T0 + 2)
-            .await
-            .unwrap(),
+        set_enabled(s, "wf", false, T0 + 2).await,
         0,
         "already parked"
     );
@@ -2119,12 +2112,7 @@ async fn parking_a_workflow_keeps_its_runs_wait_state(db: &TestDb) {
     .await;
     assert!(s.runs(all()).await.unwrap().iter().all(|r| r.id != "r_dup"));
 
-    assert_eq!(
-        s.set_workflow_parked("wf".into(), false, T0 + 3)
-            .await
-            .unwrap(),
-        2
-    );
+    assert_eq!(set_enabled(s, "wf", true, T0 + 3).await, 2);
     let active = run_row(s, "r_active").await;
     assert_eq!(
         (
@@ -2158,12 +2146,7 @@ async fn parking_a_workflow_keeps_its_runs_wait_state(db: &TestDb) {
         waits.into_inner().unwrap(),
         [("r_wait".to_owned(), Some("lesson_completed".to_owned()))]
     );
-    assert_eq!(
-        s.set_workflow_parked("wf".into(), false, T0 + 5)
-            .await
-            .unwrap(),
-        0
-    );
+    assert_eq!(set_enabled(s, "wf", true, T0 + 5).await, 0);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3039,4 +3022,14 @@ mod postgres_only {
         let current = db.text_rows("SELECT current_schema()::text").await;
         assert_eq!(current, [[Some(schema)]]);
     }
+}
+
+/// Records a workflow's enabled state; returns how many runs that parked or resumed (none when
+/// the stored state was already that).
+async fn set_enabled(s: &Store, workflow_id: &str, enabled: bool, now_ms: i64) -> u64 {
+    s.sync_workflow_states(vec![(workflow_id.into(), enabled)], now_ms)
+        .await
+        .unwrap()
+        .first()
+        .map_or(0, |(_, _, runs)| *runs)
 }

@@ -57,15 +57,7 @@ impl PgStore {
         .await?
         .into_iter()
         .collect();
-        let minted: Vec<bool> = links
-            .iter()
-            .map(|l| l.contact_id.as_ref().is_some_and(|c| entitled.contains(c)))
-            .collect();
-        let kept: Vec<&NewLink> = links
-            .iter()
-            .zip(&minted)
-            .filter_map(|(l, ok)| ok.then_some(l))
-            .collect();
+        let (minted, kept) = crate::model::split_entitled(&links, &entitled);
         if !kept.is_empty() {
             let messages: Vec<&str> = kept
                 .iter()

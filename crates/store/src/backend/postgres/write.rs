@@ -519,20 +519,6 @@ impl PgStore {
         })
     }
 
-    pub async fn set_workflow_parked(
-        &self,
-        workflow_id: String,
-        parked: bool,
-        now_ms: i64,
-    ) -> Result<u64> {
-        retrying!("park workflow", async {
-            let mut tx = self.pool.begin().await?;
-            let n = park_or_resume(&mut tx, &workflow_id, parked, now_ms).await?;
-            tx.commit().await?;
-            Ok(n)
-        })
-    }
-
     pub async fn sync_workflow_states(
         &self,
         states: Vec<(String, bool)>,

@@ -59,15 +59,7 @@ impl SqliteStore {
         .await?
         .into_iter()
         .collect();
-        let minted: Vec<bool> = links
-            .iter()
-            .map(|l| l.contact_id.as_ref().is_some_and(|c| entitled.contains(c)))
-            .collect();
-        let kept: Vec<&NewLink> = links
-            .iter()
-            .zip(&minted)
-            .filter_map(|(l, ok)| ok.then_some(l))
-            .collect();
+        let (minted, kept) = crate::model::split_entitled(&links, &entitled);
         if !kept.is_empty() {
             // A retried send re-mints: the earlier token of that message is revoked (kept, so a
             // copy that did arrive says "replaced" rather than "unknown").

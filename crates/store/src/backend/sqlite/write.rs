@@ -409,19 +409,6 @@ impl SqliteStore {
         Ok(())
     }
 
-    pub async fn set_workflow_parked(
-        &self,
-        workflow_id: String,
-        parked: bool,
-        now_ms: i64,
-    ) -> Result<u64> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
-        let n = park_or_resume(&mut tx, &workflow_id, parked, now_ms).await?;
-        tx.commit().await?;
-        Ok(n)
-    }
-
     pub async fn sync_workflow_states(
         &self,
         states: Vec<(String, bool)>,
@@ -433,23 +420,20 @@ impl SqliteStore {
         for (id, enabled) in states {
             // Only a workflow whose stored state changes (or that is new) parks or resumes, so a
             // restart with unchanged files touches no run, and one with changed files catches up.
-            let stored: Option<bool> =
-                sqlx::query_scalar("SELECT enabled FROM workflow_states WHERE workflow_id = ?")
-                    .bind(&id)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-            if stored == Some(enabled) {
-                continue;
-            }
-            sqlx::query(
+            let updated = sqlx::query(
                 "INSERT INTO workflow_states (workflow_id, enabled, updated_ms) VALUES (?, ?, ?)
-                 ON CONFLICT (workflow_id) DO UPDATE SET enabled = excluded.enabled, updated_ms = excluded.updated_ms",
+                 ON CONFLICT (workflow_id) DO UPDATE SET enabled = excluded.enabled, updated_ms = excluded.updated_ms
+                 WHERE workflow_states.enabled <> excluded.enabled",
             )
             .bind(&id)
             .bind(enabled)
             .bind(now_ms)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
+            if updated == 0 {
+                continue;
+            }
             let runs = park_or_resume(&mut tx, &id, !enabled, now_ms).await?;
             changed.push((id, enabled, runs));
         }
