@@ -24,12 +24,13 @@ impl Shared {
         if claimed.is_empty() {
             return Ok(Pass::Idle);
         }
+        let host = self.config.public_host();
         let mut advances = Vec::with_capacity(claimed.len());
         for run in &claimed {
             let _span = tracing::info_span!("step", run = %run.run_id, workflow = %run.workflow_id, pc = run.pc).entered();
             let write = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 self.config.fault_point(Stage::Step, &run.contact_id);
-                self.advance(run, now)
+                self.advance(run, now, &host)
             }))
             .unwrap_or_else(|panic| {
                 let reason = format!("advancing the run panicked: {}", panic_message(&*panic));
@@ -80,7 +81,12 @@ impl Shared {
     }
 
     /// The new state of one claimed run.
-    fn advance(&self, run: &ClaimedRun, now: chrono::DateTime<chrono::Utc>) -> RunWrite {
+    fn advance(
+        &self,
+        run: &ClaimedRun,
+        now: chrono::DateTime<chrono::Utc>,
+        host: &str,
+    ) -> RunWrite {
         let snapshot = self.registry.snapshot();
         let mut write = blank_write(run);
         match snapshot.version(&run.workflow_id, &run.workflow_version) {
@@ -97,13 +103,12 @@ impl Shared {
                 write.due_ms = Some(now.timestamp_millis());
             }
             Some(wf) => {
-                let host = self.config.public_host();
                 let event = runner::with_latest_contact(&run.event, &run.contact);
                 let ctx = runner::RunContext {
                     event: &event,
                     now,
                     default_timezone: self.config.default_timezone,
-                    message_host: &host,
+                    message_host: host,
                 };
                 let mut advanced = runner::advance(wf, run.pc as usize, &ctx);
                 if run.state == RunState::WaitingEvent {
