@@ -53,6 +53,9 @@ pub struct Config {
     pub timezone: String,
     /// How long an engine loop may make no progress while work is due before `/healthz` says so.
     pub stall_limit: Duration,
+    /// How long a claimed message or run is held by one process before another may take it over
+    /// (renewed while a send is in flight): how soon work of a killed process resumes.
+    pub lease: Duration,
     /// `[custom_values]`: `<<name>>` → value.
     pub custom_values: BTreeMap<String, String>,
 }
@@ -78,6 +81,7 @@ impl Default for Config {
             learner_link_uses: 5,
             timezone: "UTC".into(),
             stall_limit: Duration::from_secs(60),
+            lease: Duration::from_secs(60),
             custom_values: BTreeMap::new(),
         }
     }
@@ -409,12 +413,13 @@ mod tests {
     fn toml_values_keep_their_types_and_durations_stay_text() {
         let config = load(
             "listen = \"0.0.0.0:9000\"\nlearner_link_ttl = \"2h\"\n[custom_values]\ncoupon = \"SPRING\"\n",
-            &[("HERALD_STALL_LIMIT", "90s")],
+            &[("HERALD_STALL_LIMIT", "90s"), ("HERALD_LEASE", "5s")],
         )
         .unwrap();
         assert_eq!(config.listen, "0.0.0.0:9000");
         assert_eq!(config.learner_link_ttl, Duration::from_secs(2 * 3600));
         assert_eq!(config.stall_limit, Duration::from_secs(90));
+        assert_eq!(config.lease, Duration::from_secs(5));
         assert_eq!(config.custom_values["coupon"], "SPRING");
     }
 

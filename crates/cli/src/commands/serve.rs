@@ -80,6 +80,7 @@ pub fn engine_config(config: &Config) -> Result<EngineConfig> {
     engine.links.learner_ttl = config.learner_link_ttl.to_std();
     engine.links.learner_uses = i64::from(config.learner_link_uses);
     engine.stall_limit = config.stall_limit.to_std();
+    engine.lease = config.lease.to_std();
     engine.smtp = config
         .smtp_url
         .as_ref()
