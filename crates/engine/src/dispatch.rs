@@ -73,7 +73,7 @@ impl Planner<'_> {
                 .workflows
                 .current
                 .values()
-                .filter(|wf| wf.triggered_by(event))
+                .filter(|wf| self.workflows.is_enabled(&wf.id) && wf.trigger_matches(event))
             {
                 let key = (contact.to_owned(), wf.id.clone());
                 let c = counts.entry(key).or_default();

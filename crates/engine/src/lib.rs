@@ -25,7 +25,7 @@ pub use config::{EngineConfig, FaultHook, Stage};
 pub use health::{LoopStatus, Loops};
 pub use registry::{Registry, RegistryError, Sources};
 
-use herald_store::Store;
+use herald_store::{Heard, Signals, Store};
 use std::sync::Arc;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
@@ -77,12 +77,18 @@ impl Engine {
             registry: registry.clone(),
             clock: clock.clone(),
         });
-        let background = deliverer.start_background(
+        let mut background = deliverer.start_background(
             store.clone(),
             clock.clone(),
             wakers.clone(),
             health.clone(),
         );
+        background.push(tokio::spawn(listen_to_other_processes(
+            store.clone(),
+            registry.clone(),
+            wakers.clone(),
+            clock.clone(),
+        )));
         let shared = Arc::new(Shared {
             store,
             registry,
@@ -141,6 +147,57 @@ impl Engine {
             let _ = t.await;
         }
         self.shared.deliverer.drain(self.shared.config.lease).await;
+    }
+}
+
+/// Wakes this process's loops when another process on the same database announces work, and
+/// takes in its workflow reloads. Announcements are wake-ups only: one missed (the connection
+/// dropped) costs at most a poll interval, and after a reconnect every loop looks once.
+async fn listen_to_other_processes(
+    store: Store,
+    registry: Arc<Registry>,
+    wakers: Arc<Wakers>,
+    clock: Clock,
+) {
+    let mut pause = std::time::Duration::from_millis(500);
+    loop {
+        let mut announcements = match store.announcements().await {
+            Ok(Some(a)) => a,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen to the other processes; polling until it can");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(30));
+                continue;
+            }
+        };
+        pause = std::time::Duration::from_millis(500);
+        loop {
+            let signals = match announcements.next().await {
+                Ok(Heard::Signals(s)) => s,
+                Ok(Heard::Missed) => {
+                    Signals::EVENTS | Signals::RUNS | Signals::MESSAGES | Signals::WORKFLOWS
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "lost the other processes' announcements; listening again");
+                    break;
+                }
+            };
+            if signals.contains(Signals::WORKFLOWS)
+                && let Err(e) = registry.refresh(clock.now_ms()).await
+            {
+                tracing::error!(error = %e, "could not take in another process's workflow reload");
+            }
+            if signals.contains(Signals::EVENTS) {
+                wakers.dispatch.notify_one();
+            }
+            if signals.contains(Signals::RUNS) {
+                wakers.steps.notify_one();
+            }
+            if signals.contains(Signals::MESSAGES) {
+                wakers.delivery.notify_one();
+            }
+        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! not check is refused as a whole and the running set stays.
 
 use herald_core::workflow::{self, CompiledWorkflow, Diagnostic, Severity, WorkflowBundle};
-use herald_store::Store;
+use herald_store::{Signals, Store};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -100,6 +100,9 @@ pub struct Snapshot {
     pub current: BTreeMap<String, Arc<CompiledWorkflow>>,
     /// Every known version, by (id, version): current ones and those live runs are pinned to.
     pub versions: HashMap<(String, String), Arc<CompiledWorkflow>>,
+    /// Enabled states recorded in the database by another process's reload, where they differ
+    /// from this process's files: the database is the one truth between processes.
+    pub stored_states: HashMap<String, bool>,
 }
 
 impl Snapshot {
@@ -110,7 +113,10 @@ impl Snapshot {
     /// Whether the workflow `id` is currently enabled (a removed workflow counts as enabled, so
     /// its live runs finish on the version they are pinned to).
     pub fn is_enabled(&self, id: &str) -> bool {
-        self.current.get(id).is_none_or(|w| w.enabled)
+        self.stored_states
+            .get(id)
+            .copied()
+            .unwrap_or_else(|| self.current.get(id).is_none_or(|w| w.enabled))
     }
 }
 
@@ -119,7 +125,8 @@ pub struct Registry {
     custom_values: Vec<String>,
     store: Store,
     snapshot: RwLock<Arc<Snapshot>>,
-    /// One reload at a time (SIGHUP and the admin API may race): the last to start wins.
+    /// One reload at a time (SIGHUP, the admin API and other processes' announcements may
+    /// race): the last to start wins.
     reloading: tokio::sync::Mutex<()>,
 }
 
@@ -139,19 +146,7 @@ impl Registry {
             snapshot: RwLock::new(Arc::default()),
             reloading: tokio::sync::Mutex::new(()),
         };
-        let mut versions = HashMap::new();
-        for (id, version, bundle) in registry.store.live_workflow_versions().await? {
-            let bad = |e: String| RegistryError::BadStoredVersion(id.clone(), version.clone(), e);
-            let bundle: WorkflowBundle =
-                serde_json::from_str(&bundle).map_err(|e| bad(e.to_string()))?;
-            let (wf, _) =
-                workflow::compile(bundle, &registry.custom_values).map_err(|d| bad(join(&d)))?;
-            versions.insert((id, version), Arc::new(wf));
-        }
-        *registry.snapshot.write().expect("registry lock") = Arc::new(Snapshot {
-            current: BTreeMap::new(),
-            versions,
-        });
+        registry.load_live_versions().await?;
         registry.reload(now_ms).await?;
         Ok(registry)
     }
@@ -161,10 +156,132 @@ impl Registry {
     }
 
     /// Re-reads the files. On success the new set becomes current (its versions stored first, so
-    /// a run can always find its version) and runs of workflows whose enabled state differs from
-    /// the one stored are parked or resumed. Returns the warnings.
+    /// a run can always find its version), runs of workflows whose enabled state differs from
+    /// the one stored are parked or resumed, and the other processes on the database are told.
+    /// Returns the warnings.
     pub async fn reload(&self, now_ms: i64) -> Result<Vec<Diagnostic>, RegistryError> {
         let _one_at_a_time = self.reloading.lock().await;
+        let (compiled, warnings) = self.read_and_store(now_ms).await?;
+        let states = compiled.iter().map(|w| (w.id.clone(), w.enabled)).collect();
+        self.swap(compiled, HashMap::new());
+        // Enabled or disabled is kept in the database: a workflow whose state there differs
+        // from its file (toggled now, or while this process was down, or by another process's
+        // files) has its runs parked or resumed.
+        for (id, enabled, runs) in self.store.sync_workflow_states(states, now_ms).await? {
+            tracing::info!(workflow = %id, enabled, runs, "workflow toggled");
+        }
+        self.store.announce(Signals::WORKFLOWS);
+        Ok(warnings)
+    }
+
+    /// Takes in another process's reload: re-reads this process's own files (a version it does
+    /// not have on disk is loaded from the database when a run needs it, see
+    /// [`Registry::ensure_versions`]) and adopts the enabled states that reload recorded. It
+    /// records nothing itself, so processes with different files do not undo each other.
+    pub async fn refresh(&self, now_ms: i64) -> Result<(), RegistryError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        let compiled = match self.read_and_store(now_ms).await {
+            Ok((compiled, _)) => Some(compiled),
+            Err(RegistryError::Invalid(d)) => {
+                tracing::warn!(
+                    errors = d.len(),
+                    "this process's workflow files do not check; it keeps its running set and adopts the stored states only"
+                );
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        let stored: HashMap<String, bool> =
+            self.store.workflow_states().await?.into_iter().collect();
+        match compiled {
+            Some(compiled) => self.swap(compiled, stored),
+            None => {
+                let old = self.snapshot();
+                let next = Snapshot {
+                    current: old.current.clone(),
+                    versions: old.versions.clone(),
+                    stored_states: stored,
+                };
+                *self.snapshot.write().expect("registry lock") = Arc::new(next);
+            }
+        }
+        self.load_live_versions().await
+    }
+
+    /// Makes sure each (id, version) is loaded, reading the ones this process lacks from the
+    /// database (started by another process, from files this one does not have).
+    pub async fn ensure_versions(&self, wanted: &[(String, String)]) -> Result<(), RegistryError> {
+        let missing: Vec<&(String, String)> = {
+            let snapshot = self.snapshot();
+            wanted
+                .iter()
+                .filter(|k| !snapshot.versions.contains_key(*k))
+                .collect()
+        };
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let mut loaded = Vec::new();
+        for (id, version) in missing {
+            if let Some(bundle) = self
+                .store
+                .workflow_version(id.clone(), version.clone())
+                .await?
+            {
+                loaded.push(self.compile_stored(id, version, &bundle)?);
+            }
+        }
+        self.add_versions(loaded);
+        Ok(())
+    }
+
+    /// Every version a live run is pinned to, from the database.
+    async fn load_live_versions(&self) -> Result<(), RegistryError> {
+        let known = self.snapshot();
+        let mut loaded = Vec::new();
+        for (id, version, bundle) in self.store.live_workflow_versions().await? {
+            if known.version(&id, &version).is_none() {
+                loaded.push(self.compile_stored(&id, &version, &bundle)?);
+            }
+        }
+        self.add_versions(loaded);
+        Ok(())
+    }
+
+    fn compile_stored(
+        &self,
+        id: &str,
+        version: &str,
+        bundle: &str,
+    ) -> Result<Arc<CompiledWorkflow>, RegistryError> {
+        let bad = |e: String| RegistryError::BadStoredVersion(id.to_owned(), version.to_owned(), e);
+        let bundle: WorkflowBundle =
+            serde_json::from_str(bundle).map_err(|e| bad(e.to_string()))?;
+        let (wf, _) = workflow::compile(bundle, &self.custom_values).map_err(|d| bad(join(&d)))?;
+        Ok(Arc::new(wf))
+    }
+
+    fn add_versions(&self, loaded: Vec<Arc<CompiledWorkflow>>) {
+        if loaded.is_empty() {
+            return;
+        }
+        let mut slot = self.snapshot.write().expect("registry lock");
+        let mut versions = slot.versions.clone();
+        for wf in loaded {
+            versions.insert((wf.id.clone(), wf.version.clone()), wf);
+        }
+        *slot = Arc::new(Snapshot {
+            current: slot.current.clone(),
+            versions,
+            stored_states: slot.stored_states.clone(),
+        });
+    }
+
+    /// Reads and checks the files, all or nothing, and stores their versions.
+    async fn read_and_store(
+        &self,
+        now_ms: i64,
+    ) -> Result<(Vec<CompiledWorkflow>, Vec<Diagnostic>), RegistryError> {
         let bundles = read_bundles(&self.sources)?;
         let (compiled, warnings) =
             compile_all(bundles, &self.custom_values).map_err(RegistryError::Invalid)?;
@@ -179,11 +296,17 @@ impl Registry {
             })
             .collect();
         self.store.save_workflow_versions(rows, now_ms).await?;
+        Ok((compiled, warnings))
+    }
 
-        let old = self.snapshot();
+    /// Makes `compiled` the current set; `stored_states` as in [`Snapshot`] (the ones equal to
+    /// the files' are dropped).
+    fn swap(&self, compiled: Vec<CompiledWorkflow>, mut stored_states: HashMap<String, bool>) {
+        let mut slot = self.snapshot.write().expect("registry lock");
         let mut next = Snapshot {
             current: BTreeMap::new(),
-            versions: old.versions.clone(),
+            versions: slot.versions.clone(),
+            stored_states: HashMap::new(),
         };
         for wf in compiled {
             let wf = Arc::new(wf);
@@ -191,19 +314,9 @@ impl Registry {
                 .insert((wf.id.clone(), wf.version.clone()), wf.clone());
             next.current.insert(wf.id.clone(), wf);
         }
-        *self.snapshot.write().expect("registry lock") = Arc::new(next);
-        // Enabled or disabled is kept in the database: a workflow whose state there differs
-        // from its file (toggled now, or while this process was down, or by another process's
-        // files) has its runs parked or resumed.
-        let states = self
-            .snapshot()
-            .current
-            .values()
-            .map(|w| (w.id.clone(), w.enabled))
-            .collect();
-        for (id, enabled, runs) in self.store.sync_workflow_states(states, now_ms).await? {
-            tracing::info!(workflow = %id, enabled, runs, "workflow toggled");
-        }
-        Ok(warnings)
+        stored_states
+            .retain(|id, enabled| next.current.get(id).is_some_and(|w| w.enabled != *enabled));
+        next.stored_states = stored_states;
+        *slot = Arc::new(next);
     }
 }

@@ -1,4 +1,6 @@
-//! Building and running the whole application.
+//! Building and running the whole application: the one composition root of `herald serve` (HTTP
+//! and engine) and `herald worker` (the same without the HTTP listener), so both run with the
+//! same keys, registry and engine.
 
 use crate::{AppState, routes};
 use herald_core::signature::WebhookSecret;
@@ -12,8 +14,9 @@ use tokio::net::TcpListener;
 pub struct Settings {
     /// `sqlite://PATH` or `postgres://…`.
     pub database_url: String,
-    /// Address to bind; port 0 picks a free one (tests).
-    pub listen: String,
+    /// Address to bind; port 0 picks a free one (tests). `None`: no HTTP, the engine only
+    /// (`herald worker`).
+    pub listen: Option<String>,
     pub secrets: Vec<WebhookSecret>,
     pub sources: Sources,
     pub engine: EngineConfig,
@@ -38,7 +41,7 @@ pub enum BuildError {
 }
 
 pub struct Application {
-    listener: TcpListener,
+    listener: Option<TcpListener>,
     state: AppState,
     engine: Engine,
 }
@@ -85,12 +88,19 @@ impl Application {
             settings.engine.clone(),
             settings.clock.clone(),
         );
-        let listener = TcpListener::bind(&settings.listen)
-            .await
-            .map_err(|source| BuildError::Listen {
-                addr: settings.listen.clone(),
-                source,
-            })?;
+        let listener = match &settings.listen {
+            Some(addr) => {
+                Some(
+                    TcpListener::bind(addr)
+                        .await
+                        .map_err(|source| BuildError::Listen {
+                            addr: addr.clone(),
+                            source,
+                        })?,
+                )
+            }
+            None => None,
+        };
         let per_minute =
             std::num::NonZeroU32::new(settings.redeem_per_minute.max(1)).expect("at least 1");
         let state = AppState {
@@ -118,8 +128,12 @@ impl Application {
         })
     }
 
+    /// The HTTP port, 0 without a listener.
     pub fn port(&self) -> u16 {
-        self.listener.local_addr().map(|a| a.port()).unwrap_or(0)
+        self.listener
+            .as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .map_or(0, |a| a.port())
     }
 
     pub fn state(&self) -> &AppState {
@@ -132,6 +146,11 @@ impl Application {
         self,
         shutdown: impl Future<Output = ()> + Send + 'static,
     ) -> std::io::Result<()> {
+        let Some(listener) = self.listener else {
+            shutdown.await;
+            self.engine.shutdown().await;
+            return Ok(());
+        };
         let app = routes::router(self.state.clone());
         // The keyed limiter keeps a cell per client address; forget idle ones now and then.
         let limiter = self.state.redeem_limiter.clone();
@@ -143,7 +162,7 @@ impl Application {
             }
         });
         let served = axum::serve(
-            self.listener,
+            listener,
             app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
         )
         .with_graceful_shutdown(shutdown)

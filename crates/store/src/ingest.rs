@@ -5,6 +5,7 @@
 //! once (its commits wait on the WAL flush, which it shares between them); SQLite has one writer,
 //! so one group at a time.
 
+use crate::announce::{Announcer, Signals};
 use crate::{Accepted, Backend, NewEvent, Result, StoreError};
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -25,9 +26,9 @@ pub(crate) struct Ingestor {
 }
 
 impl Ingestor {
-    pub(crate) fn start(backend: Arc<Backend>) -> Self {
+    pub(crate) fn start(backend: Arc<Backend>, announcer: Arc<Announcer>) -> Self {
         let (tx, rx) = mpsc::channel(4_096);
-        tokio::spawn(run(backend, rx));
+        tokio::spawn(run(backend, announcer, rx));
         Self { tx }
     }
 
@@ -41,7 +42,7 @@ impl Ingestor {
     }
 }
 
-async fn run(backend: Arc<Backend>, mut rx: mpsc::Receiver<Request>) {
+async fn run(backend: Arc<Backend>, announcer: Arc<Announcer>, mut rx: mpsc::Receiver<Request>) {
     let in_flight = Arc::new(Semaphore::new(backend.commits_in_flight()));
     loop {
         // Wait for a free commit slot first, so that posts arriving meanwhile join the next group.
@@ -63,23 +64,28 @@ async fn run(backend: Arc<Backend>, mut rx: mpsc::Receiver<Request>) {
             }
         }
         let backend = backend.clone();
+        let announcer = announcer.clone();
         tokio::spawn(async move {
-            commit(&backend, batch).await;
+            if commit(&backend, batch).await {
+                announcer.announce(Signals::EVENTS);
+            }
             drop(slot);
         });
     }
 }
 
-/// Stores one group and answers each of its requests.
-async fn commit(backend: &Backend, batch: Vec<Request>) {
+/// Stores one group and answers each of its requests; whether any event was new.
+async fn commit(backend: &Backend, batch: Vec<Request>) -> bool {
     let events: Vec<&NewEvent> = batch.iter().flat_map(|r| r.events.iter()).collect();
     match backend.insert_events(&events).await {
         Ok(results) => {
+            let any_new = results.iter().any(|a| matches!(a, Accepted::New));
             let mut results = results.into_iter();
             for req in batch {
                 let mine = results.by_ref().take(req.events.len()).collect();
                 let _ = req.reply.send(Ok(mine));
             }
+            any_new
         }
         Err(e) => {
             tracing::error!(error = %e, events = events.len(), "event batch could not be stored");
@@ -87,6 +93,7 @@ async fn commit(backend: &Backend, batch: Vec<Request>) {
             for req in batch {
                 let _ = req.reply.send(Err(StoreError::Batch(msg.clone())));
             }
+            false
         }
     }
 }

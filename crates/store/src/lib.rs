@@ -6,12 +6,14 @@
 //! engine claims and completes runs and messages many at a time, so durability (an fsync or a
 //! commit per batch) is paid per batch rather than per event.
 
+mod announce;
 pub mod backend;
 mod decode;
 mod ingest;
 pub mod model;
 mod projection;
 
+pub use announce::{Announcements, Heard, Signals};
 pub use backend::Backend;
 pub use model::*;
 
@@ -73,6 +75,7 @@ pub type Result<T, E = StoreError> = std::result::Result<T, E>;
 pub struct Store {
     backend: Arc<Backend>,
     ingest: ingest::Ingestor,
+    announcer: Arc<announce::Announcer>,
 }
 
 /// The planner the dispatcher runs inside its transaction: pure, synchronous, given the batch
@@ -84,10 +87,29 @@ impl Store {
     pub async fn connect(url: &str) -> Result<Self> {
         let backend = Arc::new(Backend::connect(url).await?);
         backend.migrate().await?;
+        let announcer = announce::Announcer::start(backend.clone());
         Ok(Self {
-            ingest: ingest::Ingestor::start(backend.clone()),
+            ingest: ingest::Ingestor::start(backend.clone(), announcer.clone()),
+            announcer,
             backend,
         })
+    }
+
+    /// Tells the other processes on this database that there is work or news (returns at once;
+    /// see [`Signals`]). Stored events are announced by the store itself.
+    pub fn announce(&self, signals: Signals) {
+        self.announcer.announce(signals);
+    }
+
+    /// The other processes' announcements, or `None` where there are no other processes
+    /// (SQLite).
+    pub async fn announcements(&self) -> Result<Option<Announcements>> {
+        match &*self.backend {
+            Backend::Sqlite(_) => Ok(None),
+            Backend::Postgres(pg) => Announcements::open(pg, self.announcer.origin())
+                .await
+                .map(Some),
+        }
     }
 
     pub fn backend(&self) -> &Backend {
@@ -142,6 +164,10 @@ delegate! {
     fn save_workflow_versions(&self, versions: Vec<(String, String, String)>, now_ms: i64) -> ();
     /// The bundles (id, version, bundle JSON) of every version a live run is pinned to.
     fn live_workflow_versions(&self) -> Vec<(String, String, String)>;
+    /// The bundle JSON of one stored workflow version.
+    fn workflow_version(&self, id: String, version: String) -> Option<String>;
+    /// Whether each workflow is enabled, as the last reload of any process recorded it.
+    fn workflow_states(&self) -> Vec<(String, bool)>;
     /// Records whether each workflow is enabled and, for each whose stored state changed (or was
     /// unknown), parks its live runs (cancelling the messages they had queued) or resumes its
     /// parked ones, in the same transaction. Returns those (id, enabled,

@@ -8,7 +8,7 @@ use herald_core::CourseEvent;
 use herald_store::{
     Accepted, Channel, DeliveryResult, DispatchInput, DispatchPlan, LinkHolder, LinkKind,
     LinkRefusal, ListFilter, MailboxItem, MessageOutcome, MessageStatus, NewEvent, NewLink,
-    NewMessage, NewSession, RunAdvance, RunExit, RunState, RunWrite, StepRecord, Store,
+    NewMessage, NewSession, RunAdvance, RunExit, RunState, RunWrite, Signals, StepRecord, Store,
 };
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};
@@ -69,6 +69,8 @@ conformance! {
     portal_products_follow_active_grants,
     opt_outs_are_kept_per_channel_and_shown_to_claims,
     queue_stats_count_due_work,
+    processes_hear_each_others_announcements,
+    workflow_states_and_versions_are_read_back,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -3032,4 +3034,87 @@ async fn set_enabled(s: &Store, workflow_id: &str, enabled: bool, now_ms: i64) -
         .unwrap()
         .first()
         .map_or(0, |(_, _, runs)| *runs)
+}
+
+async fn processes_hear_each_others_announcements(db: &TestDb) {
+    use herald_store::Heard;
+    use std::time::Duration;
+    let Some(mut heard_by_first) = db.store.announcements().await.expect("listen") else {
+        assert_eq!(
+            db.kind,
+            support::Kind::Sqlite,
+            "only SQLite has no one to tell"
+        );
+        return;
+    };
+    let second = db.open_another().await;
+    let mut heard_by_second = second
+        .announcements()
+        .await
+        .expect("listen")
+        .expect("PostgreSQL listens");
+    let next = async |a: &mut herald_store::Announcements| {
+        tokio::time::timeout(Duration::from_secs(5), a.next())
+            .await
+            .ok()
+            .map(|h| h.expect("listening"))
+    };
+
+    second.announce(Signals::MESSAGES);
+    second.announce(Signals::WORKFLOWS);
+    let mut got = Signals::default();
+    while !(got.contains(Signals::MESSAGES) && got.contains(Signals::WORKFLOWS)) {
+        match next(&mut heard_by_first).await {
+            Some(Heard::Signals(s)) => got = got | s,
+            other => panic!("expected the second store's announcement, got {other:?}"),
+        }
+    }
+    assert!(!got.contains(Signals::EVENTS), "{got:?}");
+
+    // Stored events are announced by the store itself; a process does not hear its own.
+    accept(&db.store, vec![contact_event("evt_announced", "c1", T0)]).await;
+    assert_eq!(
+        next(&mut heard_by_second).await,
+        Some(Heard::Signals(Signals::EVENTS))
+    );
+    assert_eq!(
+        tokio::time::timeout(Duration::from_millis(300), heard_by_first.next())
+            .await
+            .ok()
+            .map(|h| h.expect("listening")),
+        None,
+        "a store hears only the others"
+    );
+}
+
+async fn workflow_states_and_versions_are_read_back(db: &TestDb) {
+    db.store
+        .save_workflow_versions(vec![("welcome".into(), "v1".into(), "{}".into())], T0)
+        .await
+        .unwrap();
+    assert_eq!(
+        db.store
+            .workflow_version("welcome".into(), "v1".into())
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("{}")
+    );
+    assert_eq!(
+        db.store
+            .workflow_version("welcome".into(), "v2".into())
+            .await
+            .unwrap(),
+        None
+    );
+    db.store
+        .sync_workflow_states(vec![("welcome".into(), false), ("nudge".into(), true)], T0)
+        .await
+        .unwrap();
+    let mut states = db.store.workflow_states().await.unwrap();
+    states.sort();
+    assert_eq!(
+        states,
+        vec![("nudge".to_owned(), true), ("welcome".to_owned(), false)]
+    );
 }

@@ -5,7 +5,7 @@ use crate::config::Config;
 use anyhow::{Context, Result, bail};
 use herald_channels::email::SmtpSender;
 use herald_core::signature::{WebhookSecret, parse_secrets};
-use herald_engine::{Clock, Engine, EngineConfig, Registry, Sources};
+use herald_engine::{Clock, EngineConfig, Registry, Sources};
 use herald_server::{Application, Settings};
 use secrecy::ExposeSecret;
 use std::process::ExitCode;
@@ -13,10 +13,22 @@ use std::sync::Arc;
 
 pub async fn serve(config: Config, dev: bool) -> Result<ExitCode> {
     let secrets = webhook_secrets(&config, dev)?;
+    run(config, Some(secrets)).await
+}
+
+/// `herald serve` without the HTTP listener: the same application, keys and reload.
+pub async fn worker(config: Config) -> Result<ExitCode> {
+    run(config, None).await
+}
+
+/// Builds the application (with HTTP when `http` carries the webhook secrets) and runs it until
+/// SIGTERM or Ctrl-C; SIGHUP reloads the workflows.
+async fn run(config: Config, http: Option<Vec<WebhookSecret>>) -> Result<ExitCode> {
+    let serving = http.is_some();
     let settings = Settings {
         database_url: config.database_url.expose_secret().to_owned(),
-        listen: config.listen.clone(),
-        secrets,
+        listen: serving.then(|| config.listen.clone()),
+        secrets: http.unwrap_or_default(),
         sources: sources(&config),
         engine: engine_config(&config)?,
         clock: Clock::System,
@@ -28,7 +40,11 @@ pub async fn serve(config: Config, dev: bool) -> Result<ExitCode> {
     };
     let mailbox = settings.engine.smtp.is_none();
     let app = Application::build(settings).await?;
-    tracing::info!(listen = %config.listen, public_url = %config.public_url(), "herald is serving");
+    if serving {
+        tracing::info!(listen = %config.listen, public_url = %config.public_url(), "herald is serving");
+    } else {
+        tracing::info!("herald worker running");
+    }
     if mailbox {
         eprintln!(
             "No HERALD_SMTP_URL: emails go to the dev mailbox at {}/dev/mailbox",
@@ -42,26 +58,6 @@ pub async fn serve(config: Config, dev: bool) -> Result<ExitCode> {
     app.run(shutdown_signal()).await?;
     reloader.abort();
     tracing::info!("herald stopped");
-    Ok(ExitCode::SUCCESS)
-}
-
-pub async fn worker(config: Config) -> Result<ExitCode> {
-    let store = herald_store::Store::connect(config.database_url.expose_secret()).await?;
-    let engine_config = engine_config(&config)?;
-    let custom = engine_config.custom_values.keys().cloned().collect();
-    let registry = Arc::new(
-        Registry::load(
-            sources(&config),
-            custom,
-            store.clone(),
-            Clock::System.now_ms(),
-        )
-        .await?,
-    );
-    let engine = Engine::start(store, registry, engine_config, Clock::System);
-    tracing::info!("herald worker running");
-    shutdown_signal().await;
-    engine.shutdown().await;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -210,8 +210,14 @@ pub enum FieldTest {
 impl CompiledWorkflow {
     /// Whether `event` should start a run of this workflow (enabled, trigger and filters).
     pub fn triggered_by(&self, event: &CourseEvent) -> bool {
+        self.enabled && self.trigger_matches(event)
+    }
+
+    /// Whether `event` matches the trigger and its filters, enabled or not (where the enabled
+    /// state is decided elsewhere, e.g. shared between processes).
+    pub fn trigger_matches(&self, event: &CourseEvent) -> bool {
         let Trigger::Events(m) = &self.trigger;
-        self.enabled && m.matches(event)
+        m.matches(event)
     }
 
     /// Whether `event` ends a run of this workflow for its contact (`exit_when`).

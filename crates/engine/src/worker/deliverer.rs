@@ -194,6 +194,13 @@ impl Shared {
         if claimed.is_empty() {
             return Ok(Pass::Idle);
         }
+        // On failure the claim stands until its lease runs out, then it is claimed again.
+        self.load_pinned_versions(
+            claimed
+                .iter()
+                .map(|m| (m.workflow_id.as_str(), m.workflow_version.as_str())),
+        )
+        .await?;
         let lease_token = claimed[0].lease_token.clone();
         d.leases.lock().insert(
             lease_token.clone(),

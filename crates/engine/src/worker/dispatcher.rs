@@ -9,7 +9,7 @@ use super::{Pass, SET_ASIDE_AFTER, Shared, panic_message};
 use crate::config::Stage;
 use crate::{dispatch, telemetry};
 use futures::FutureExt;
-use herald_store::{DispatchInput, RunState, StoreError};
+use herald_store::{DispatchInput, RunState, Signals, StoreError};
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
@@ -139,6 +139,7 @@ impl Shared {
             // New messages to send, and runs whose awaited event just came.
             self.wakers.delivery.notify_one();
             self.wakers.steps.notify_one();
+            self.store.announce(Signals::RUNS | Signals::MESSAGES);
         }
         Ok(n)
     }

@@ -10,7 +10,7 @@ pub(crate) use deliverer::Deliverer;
 pub(crate) use dispatcher::DispatchQuarantine;
 
 use crate::health::Loops;
-use crate::{Clock, EngineConfig, Registry, Wakers};
+use crate::{Clock, EngineConfig, Registry, RegistryError, Wakers};
 use futures::FutureExt;
 use herald_store::{Store, StoreError};
 use std::future::Future;
@@ -33,6 +33,31 @@ pub(crate) struct Shared {
     pub loops: Arc<Loops>,
     pub deliverer: Deliverer,
     pub dispatch_quarantine: std::sync::Mutex<DispatchQuarantine>,
+}
+
+impl Shared {
+    /// Loads the workflow versions claimed work is pinned to that this process lacks (another
+    /// process started those runs from files this one does not have). A stored version that no
+    /// longer compiles is logged; its runs then fail with the reason.
+    pub(crate) async fn load_pinned_versions(
+        &self,
+        pinned: impl IntoIterator<Item = (&str, &str)>,
+    ) -> Result<(), StoreError> {
+        let mut wanted: Vec<(String, String)> = pinned
+            .into_iter()
+            .map(|(id, version)| (id.to_owned(), version.to_owned()))
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        match self.registry.ensure_versions(&wanted).await {
+            Ok(()) => Ok(()),
+            Err(RegistryError::Store(e)) => Err(e),
+            Err(e) => {
+                tracing::error!(error = %e, "a stored workflow version cannot be loaded");
+                Ok(())
+            }
+        }
+    }
 }
 
 /// How one pass of a loop went.

@@ -6,7 +6,7 @@ use super::{Pass, Shared, panic_message, write_isolating};
 use crate::config::Stage;
 use crate::{runner, telemetry};
 use herald_store::{
-    ClaimedRun, NewMessage, RunAdvance, RunState, RunWrite, StepRecord, StoreError,
+    ClaimedRun, NewMessage, RunAdvance, RunState, RunWrite, Signals, StepRecord, StoreError,
 };
 use std::panic::AssertUnwindSafe;
 
@@ -24,6 +24,12 @@ impl Shared {
         if claimed.is_empty() {
             return Ok(Pass::Idle);
         }
+        self.load_pinned_versions(
+            claimed
+                .iter()
+                .map(|r| (r.workflow_id.as_str(), r.workflow_version.as_str())),
+        )
+        .await?;
         let host = self.config.public_host();
         let mut advances = Vec::with_capacity(claimed.len());
         for run in &claimed {
@@ -72,11 +78,16 @@ impl Shared {
             },
         )
         .await?;
+        let mut queued = false;
         for (workflow, state, messages) in finished {
             telemetry::run_finished(&workflow, state);
             record_messages(&messages);
+            queued |= !messages.is_empty();
         }
         self.wakers.delivery.notify_one();
+        if queued {
+            self.store.announce(Signals::MESSAGES);
+        }
         Ok(Pass::Worked)
     }
 

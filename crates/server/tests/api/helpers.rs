@@ -372,7 +372,7 @@ async fn launch(
     engine.fault_hook = options.fault_hook.clone();
     let settings = Settings {
         database_url: env.database_url.clone(),
-        listen: "127.0.0.1:0".into(),
+        listen: Some("127.0.0.1:0".into()),
         secrets: vec![secret()],
         sources: Sources {
             workflows: env.workflows.clone(),

@@ -26,7 +26,7 @@ mod write;
 use crate::{ContactRow, Result, StoreError};
 use sqlx::PgPool;
 use sqlx::Row;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -45,6 +45,10 @@ const MAX_TRIES: usize = 4;
 pub struct PgStore {
     /// Shared by reads and writes; each write is one transaction on one pooled connection.
     pool: PgPool,
+    /// For the listener's own connection (boxed: it is large and read once).
+    options: Box<PgConnectOptions>,
+    /// The `NOTIFY` channel of the processes sharing this database and schema.
+    channel: String,
 }
 
 impl PgStore {
@@ -66,9 +70,47 @@ impl PgStore {
                     Ok(())
                 })
             })
-            .connect_with(options)
+            .connect_with(options.clone())
             .await?;
-        Ok(Self { pool })
+        // Channels are database-wide: the schema is part of the name, so processes on other
+        // schemas of the same database (tests, or two sites) do not hear each other.
+        let schema: String = sqlx::query_scalar("SELECT current_schema()::text")
+            .fetch_one(&pool)
+            .await?;
+        let mut channel = format!("herald.{schema}");
+        // PostgreSQL truncates identifiers to 63 bytes; LISTEN and pg_notify must agree.
+        while channel.len() > 63 {
+            channel.pop();
+        }
+        Ok(Self {
+            pool,
+            options: Box::new(options),
+            channel,
+        })
+    }
+
+    /// Sends `payload` to every process listening on this database's channel (at once: the
+    /// statement is its own transaction).
+    pub(crate) async fn notify(&self, payload: &str) -> Result<()> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(&self.channel)
+            .bind(payload)
+            .execute(&self.pool)
+            .await?;
+        Ok(())
+    }
+
+    /// A listener on this database's channel, on a connection of its own.
+    pub(crate) async fn listener(&self) -> Result<PgListener> {
+        let pool = PgPoolOptions::new()
+            .max_connections(1)
+            .max_lifetime(None)
+            .idle_timeout(None)
+            .connect_with(PgConnectOptions::clone(&self.options))
+            .await?;
+        let mut listener = PgListener::connect_with(&pool).await?;
+        listener.listen(&self.channel).await?;
+        Ok(listener)
     }
 
     pub async fn migrate(&self) -> Result<()> {

@@ -42,6 +42,24 @@ impl PgStore {
             .collect())
     }
 
+    pub async fn workflow_version(&self, id: String, version: String) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT bundle FROM workflow_versions WHERE workflow_id = $1 AND version = $2",
+        )
+        .bind(id)
+        .bind(version)
+        .fetch_optional(&self.pool)
+        .await?)
+    }
+
+    pub async fn workflow_states(&self) -> Result<Vec<(String, bool)>> {
+        Ok(
+            sqlx::query_as("SELECT workflow_id, enabled FROM workflow_states")
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
+
     pub async fn mailbox(&self, limit: i64) -> Result<Vec<MailboxItem>> {
         let rows = sqlx::query(
             "SELECT id, message_id, channel, sender, recipient, subject, text_body, html_body, created_ms

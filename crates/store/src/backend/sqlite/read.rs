@@ -36,6 +36,24 @@ impl SqliteStore {
             .collect())
     }
 
+    pub async fn workflow_version(&self, id: String, version: String) -> Result<Option<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT bundle FROM workflow_versions WHERE workflow_id = ? AND version = ?",
+        )
+        .bind(id)
+        .bind(version)
+        .fetch_optional(&self.readers)
+        .await?)
+    }
+
+    pub async fn workflow_states(&self) -> Result<Vec<(String, bool)>> {
+        Ok(
+            sqlx::query_as("SELECT workflow_id, enabled FROM workflow_states")
+                .fetch_all(&self.readers)
+                .await?,
+        )
+    }
+
     pub async fn mailbox(&self, limit: i64) -> Result<Vec<MailboxItem>> {
         let rows = sqlx::query(
             "SELECT id, message_id, channel, sender, recipient, subject, text_body, html_body, created_ms
