@@ -25,6 +25,9 @@ pub struct Settings {
     pub admin_token: Option<String>,
     /// Magic-link redemption attempts allowed per client address and minute.
     pub redeem_per_minute: u32,
+    /// `herald serve --dev`: serves the dev mailbox page, which shows every stored message and
+    /// its sign-in links to anyone who can reach the server (local development only).
+    pub dev: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,10 +81,10 @@ impl Application {
             )
             .await?,
         );
-        // The page is unauthenticated and shows links that sign learners in, so it exists only while
-        // email itself goes to the dev mailbox (a development setup); SMS kept there without a
-        // provider are listed by `herald mailbox`.
-        let dev_mailbox = settings.engine.smtp.is_none();
+        // The page is unauthenticated and shows links that sign learners in, so it exists only
+        // when asked for with `--dev`; without it the stored messages are read with
+        // `herald mailbox`.
+        let dev_mailbox = settings.dev;
         let engine = Engine::start(
             store.clone(),
             registry.clone(),

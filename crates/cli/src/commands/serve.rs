@@ -13,17 +13,33 @@ use std::sync::Arc;
 
 pub async fn serve(config: Config, dev: bool) -> Result<ExitCode> {
     let secrets = webhook_secrets(&config, dev)?;
-    run(config, Some(secrets)).await
+    if dev && !listens_on_loopback_only(&config.listen) {
+        tracing::warn!(listen = %config.listen, "--dev on an address other machines can reach: anyone who reaches it can read the dev mailbox and its sign-in links");
+    }
+    run(config, Some(secrets), dev).await
 }
 
 /// `herald serve` without the HTTP listener: the same application, keys and reload.
 pub async fn worker(config: Config) -> Result<ExitCode> {
-    run(config, None).await
+    run(config, None, false).await
+}
+
+/// Whether `listen` (host:port) binds only loopback addresses.
+fn listens_on_loopback_only(listen: &str) -> bool {
+    let host = listen
+        .rsplit_once(':')
+        .map_or(listen, |(host, _)| host)
+        .trim_start_matches('[')
+        .trim_end_matches(']');
+    host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Builds the application (with HTTP when `http` carries the webhook secrets) and runs it until
 /// SIGTERM or Ctrl-C; SIGHUP reloads the workflows.
-async fn run(config: Config, http: Option<Vec<WebhookSecret>>) -> Result<ExitCode> {
+async fn run(config: Config, http: Option<Vec<WebhookSecret>>, dev: bool) -> Result<ExitCode> {
     let serving = http.is_some();
     let settings = Settings {
         database_url: config.database_url.expose_secret().to_owned(),
@@ -37,6 +53,7 @@ async fn run(config: Config, http: Option<Vec<WebhookSecret>>) -> Result<ExitCod
             .as_ref()
             .map(|t| t.expose_secret().to_owned()),
         redeem_per_minute: 30,
+        dev,
     };
     let mailbox = settings.engine.smtp.is_none();
     let app = Application::build(settings).await?;
@@ -45,10 +62,15 @@ async fn run(config: Config, http: Option<Vec<WebhookSecret>>) -> Result<ExitCod
     } else {
         tracing::info!("herald worker running");
     }
-    if mailbox {
+    if mailbox && dev {
         eprintln!(
             "No HERALD_SMTP_URL: emails go to the dev mailbox at {}/dev/mailbox",
             config.public_url()
+        );
+    } else if mailbox {
+        eprintln!(
+            "No HERALD_SMTP_URL: emails are kept in the dev mailbox; read them with `herald mailbox` \
+             (or run `herald serve --dev` for the page)"
         );
     }
     let reloader = tokio::spawn(reload_on_sighup(
@@ -194,4 +216,29 @@ async fn reload_on_sighup(registry: Arc<Registry>, clock: Clock) {
     }
     #[cfg(not(unix))]
     let _ = (registry, clock);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::listens_on_loopback_only;
+
+    #[test]
+    fn loopback_addresses_are_told_apart() {
+        for local in [
+            "127.0.0.1:8080",
+            "localhost:8080",
+            "[::1]:8080",
+            "127.0.0.2:1",
+        ] {
+            assert!(listens_on_loopback_only(local), "{local}");
+        }
+        for open in [
+            "0.0.0.0:8080",
+            "[::]:8080",
+            "192.168.1.5:8080",
+            "herald.example.com:80",
+        ] {
+            assert!(!listens_on_loopback_only(open), "{open}");
+        }
+    }
 }

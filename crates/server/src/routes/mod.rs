@@ -1,6 +1,7 @@
 //! The HTTP routes, one module per area.
 
 mod admin;
+mod cross_site;
 mod events;
 mod health;
 mod links;
@@ -39,11 +40,8 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             admin::require_token,
         ));
-    let mut router = Router::new()
-        .route("/v1/events", post(events::post_events))
-        .route("/v1/sms/inbound", post(sms::inbound))
-        .route("/healthz", get(health::healthz))
-        .route("/metrics", get(metrics::render))
+    // The pages a learner's browser posts forms from.
+    let browser = Router::new()
         .route("/l/{token}", get(links::show).post(links::redeem))
         .route("/l/{token}/new-link", post(links::new_link))
         .route("/portal", get(portal::show))
@@ -52,6 +50,16 @@ pub fn router(state: AppState) -> Router {
             "/u/{token}",
             get(unsubscribe::show).post(unsubscribe::unsubscribe),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            cross_site::refuse_cross_site_posts,
+        ));
+    let mut router = Router::new()
+        .route("/v1/events", post(events::post_events))
+        .route("/v1/sms/inbound", post(sms::inbound))
+        .route("/healthz", get(health::healthz))
+        .route("/metrics", get(metrics::render))
+        .merge(browser)
         .merge(admin);
     if state.dev_mailbox {
         router = router

@@ -151,6 +151,7 @@ pub struct TestOptions {
     pub templates: Vec<(String, String)>,
     /// `false`: no SMTP, emails go to the dev mailbox.
     pub smtp: bool,
+    pub dev: bool,
     /// `Some(start)`: a manual clock starting there.
     pub manual_clock: Option<i64>,
     pub lease: Duration,
@@ -184,6 +185,7 @@ impl TestOptions {
             workflows: Vec::new(),
             templates: Vec::new(),
             smtp: true,
+            dev: false,
             manual_clock: None,
             lease: Duration::from_secs(30),
             retry_base: Duration::from_millis(20),
@@ -227,6 +229,12 @@ impl TestOptions {
 
     pub fn without_smtp(mut self) -> Self {
         self.smtp = false;
+        self
+    }
+
+    /// As `herald serve --dev`: the dev mailbox page is served.
+    pub fn dev(mut self) -> Self {
+        self.dev = true;
         self
     }
 
@@ -382,6 +390,7 @@ async fn launch(
         clock: clock.clone(),
         admin_token: options.admin_token.clone(),
         redeem_per_minute: options.redeem_per_minute,
+        dev: options.dev,
     };
     let app = match Application::build(settings).await {
         Ok(app) => app,

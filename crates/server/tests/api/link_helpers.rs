@@ -461,6 +461,27 @@ impl<'a> Jar<'a> {
         self.send(req).await
     }
 
+    /// POSTs an empty form as a browser does, with the given `Origin` and `Sec-Fetch-Site`
+    /// headers (`None`: not sent).
+    pub async fn post_from(
+        &mut self,
+        path: &str,
+        origin: Option<&str>,
+        fetch_site: Option<&str>,
+    ) -> Page {
+        let mut req = self
+            .client
+            .post(self.app.url(path))
+            .header("content-type", "application/x-www-form-urlencoded");
+        if let Some(o) = origin {
+            req = req.header("origin", o);
+        }
+        if let Some(s) = fetch_site {
+            req = req.header("sec-fetch-site", s);
+        }
+        self.send(req).await
+    }
+
     /// `GET /l/{token}`.
     pub async fn open(&mut self, token: &str) -> Page {
         self.get(&format!("/l/{token}")).await

@@ -29,6 +29,7 @@ both_backends!(
     admin_link_endpoints_require_the_token,
     redemption_emits_user_login_which_triggers_workflows,
     mints_redemptions_and_refusals_are_audited,
+    cross_site_form_posts_are_refused,
 );
 
 /// Sends one email carrying `<<login_url>>` when an offer is granted.
@@ -1052,4 +1053,54 @@ async fn mints_redemptions_and_refusals_are_audited(backend: Backend) {
             }
         }
     }
+}
+
+/// A hostile page cannot sign a learner into the portal of the link it holds, nor sign them out:
+/// cross-site form posts are refused before anything changes.
+async fn cross_site_form_posts_are_refused(backend: Backend) {
+    let Some(app) = spawn_app(link_options(backend).workflow("welcome", WELCOME_WITH_LINK)).await
+    else {
+        return;
+    };
+    let token = welcome_token(&app, "c_csrf", "Ann").await;
+    let path = format!("/l/{token}");
+    for (origin, site) in [
+        (Some("https://evil.example"), Some("cross-site")),
+        (None, Some("cross-site")),
+        (Some("https://evil.example"), None),
+        (Some("null"), None),
+    ] {
+        let mut jar = Jar::new(&app);
+        let p = jar.post_from(&path, origin, site).await;
+        assert_eq!(p.status, 403, "{origin:?} {site:?}: {p:?}");
+        assert!(
+            p.set_cookie().is_none(),
+            "no session from a cross-site post"
+        );
+        p.assert_private();
+    }
+    assert_eq!(
+        app.link_row(&token).await,
+        Some((0, false)),
+        "refused posts spend no use"
+    );
+
+    // herald's own page (same origin), and clients that are not browsers, go through.
+    let mut jar = Jar::new(&app);
+    let p = jar
+        .post_from(&path, Some(PUBLIC_URL), Some("same-origin"))
+        .await;
+    assert_eq!(p.status, 303, "{p:?}");
+    assert!(jar.cookie.is_some());
+    let p = jar
+        .post_from(
+            "/portal/logout",
+            Some("https://evil.example"),
+            Some("cross-site"),
+        )
+        .await;
+    assert_eq!(p.status, 403, "no cross-site logout: {p:?}");
+    assert_eq!(jar.portal().await.status, 200, "still signed in");
+    let p = jar.post_from("/portal/logout", None, None).await;
+    assert_eq!(p.status, 303, "{p:?}");
 }

@@ -1,5 +1,6 @@
-//! The dev mailbox: with no SMTP configured, messages are stored and shown at `/dev/mailbox`
-//! (HTML) and `/dev/mailbox.json`.
+//! The dev mailbox: with no SMTP configured, messages are stored; `herald serve --dev` shows them
+//! at `/dev/mailbox` (HTML) and `/dev/mailbox.json`, and without `--dev` nobody can read them
+//! over HTTP (they carry sign-in links).
 
 use crate::helpers::*;
 use herald_store::MessageStatus;
@@ -7,7 +8,8 @@ use serde_json::Value;
 
 both_backends!(
     dev_mailbox_holds_messages_when_no_smtp,
-    dev_mailbox_is_absent_with_smtp
+    dev_mailbox_is_absent_with_smtp,
+    dev_mailbox_page_needs_dev_even_without_smtp
 );
 
 const WF: &str = r#"
@@ -26,6 +28,7 @@ steps:
 async fn dev_mailbox_holds_messages_when_no_smtp(backend: Backend) {
     let opts = TestOptions::new(backend)
         .without_smtp()
+        .dev()
         .workflow("welcome", WF);
     let Some(app) = spawn_app(opts).await else {
         return;
@@ -106,4 +109,23 @@ async fn dev_mailbox_is_absent_with_smtp(backend: Backend) {
         app.store.mailbox(10).await.unwrap().is_empty(),
         "an email sent by SMTP was also put in the dev mailbox"
     );
+}
+
+async fn dev_mailbox_page_needs_dev_even_without_smtp(backend: Backend) {
+    let opts = TestOptions::new(backend)
+        .without_smtp()
+        .workflow("welcome", WF);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_box_nodev", "Ann"), "o_pro"))
+        .await;
+    app.wait_for_status(1, MessageStatus::Sent).await;
+    assert_eq!(
+        app.store.mailbox(10).await.unwrap().len(),
+        1,
+        "the email is kept for `herald mailbox`"
+    );
+    assert_eq!(app.get("/dev/mailbox").await.status(), 404);
+    assert_eq!(app.get("/dev/mailbox.json").await.status(), 404);
 }
