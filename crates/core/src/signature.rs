@@ -134,7 +134,8 @@ pub fn verify(
     now_unix: i64,
 ) -> Result<(), SignatureError> {
     let (_, ts) = verify_signature_only(secrets, headers, body)?;
-    if (now_unix - ts).abs() > TOLERANCE_SECS {
+    // abs_diff: a timestamp of i64::MIN or MAX must be refused, not overflow.
+    if now_unix.abs_diff(ts) > TOLERANCE_SECS.unsigned_abs() {
         return Err(SignatureError::TimestampOutOfTolerance);
     }
     Ok(())
@@ -281,6 +282,13 @@ mod tests {
             Err(SignatureError::TimestampOutOfTolerance)
         );
         assert!(verify(&s, full, V1_BODY, ts + 300).is_ok());
+        // Far-apart clocks are refused, not an arithmetic overflow.
+        for now in [i64::MIN, i64::MAX] {
+            assert_eq!(
+                verify(&s, full, V1_BODY, now),
+                Err(SignatureError::TimestampOutOfTolerance)
+            );
+        }
         assert!(WebhookSecret::parse("").is_err());
         assert!(WebhookSecret::parse("whsec_").is_err());
     }

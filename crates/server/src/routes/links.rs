@@ -113,6 +113,8 @@ pub async fn new_link(
         let now_ms = state.clock.now_ms();
         if let Err((LinkRefusal::Expired | LinkRefusal::UsedUp, Some(contact))) =
             state.store.check_link(links::hash(&token), now_ms).await?
+            // A link it could not use is not sent (and not minted).
+            && state.store.has_active_offer(contact.clone()).await?
             && state
                 .store
                 .allow_link_resend(

@@ -30,6 +30,7 @@ both_backends!(
     redemption_emits_user_login_which_triggers_workflows,
     mints_redemptions_and_refusals_are_audited,
     cross_site_form_posts_are_refused,
+    no_new_link_for_a_contact_whose_offer_was_removed,
 );
 
 /// Sends one email carrying `<<login_url>>` when an offer is granted.
@@ -370,7 +371,15 @@ async fn regenerating_revokes_every_older_link(backend: Backend) {
         return;
     };
     let from_email = welcome_token(&app, "c_regen", "Ann").await;
+    let mut before = Jar::new(&app);
+    before.sign_in(&from_email).await;
+    assert_eq!(before.portal().await.status, 200);
     let first = app.mint_token("c_regen").await;
+    assert_eq!(
+        before.portal().await.status,
+        401,
+        "a session opened with a revoked link ends with it"
+    );
     let second = app.mint_token("c_regen").await;
     assert_ne!(first, second);
 
@@ -388,15 +397,19 @@ async fn regenerating_revokes_every_older_link(backend: Backend) {
         let p = jar.redeem(old).await;
         assert_eq!(p.status, 410, "{p:?}");
         assert!(p.set_cookie().is_none());
-        assert_eq!(app.link_row(old).await, Some((0, true)));
     }
+    assert_eq!(app.link_row(&from_email).await, Some((1, true)));
+    assert_eq!(app.link_row(&first).await, Some((0, true)));
     assert_eq!(jar.portal().await.status, 401);
     jar.sign_in(&second).await;
     assert_eq!(jar.portal().await.status, 200);
 
-    // Another contact's links are untouched by this regeneration.
+    // Another contact's links and sessions are untouched by this regeneration.
     let other = welcome_token(&app, "c_other", "Bob").await;
+    let mut bob = Jar::new(&app);
+    bob.sign_in(&other).await;
     app.mint_token("c_regen").await;
+    assert_eq!(bob.portal().await.status, 200);
     Jar::new(&app).sign_in(&other).await;
 
     // Unknown contact: 404.
@@ -881,6 +894,12 @@ async fn user_link_opens_the_staff_view_and_regenerates(backend: Backend) {
         .admin_url(Method::POST, "/v1/links/user/regenerate")
         .await;
     assert_ne!(new_url, url);
+    assert_eq!(
+        staff.portal().await.status,
+        401,
+        "a staff session ends when its link is regenerated"
+    );
+
     assert_eq!(app.admin_url(Method::GET, "/v1/links/user").await, new_url);
     let p = Jar::new(&app).open(&token).await;
     assert_eq!(p.status, 410, "the old user link is revoked: {p:?}");
@@ -1103,4 +1122,28 @@ async fn cross_site_form_posts_are_refused(backend: Backend) {
     assert_eq!(jar.portal().await.status, 200, "still signed in");
     let p = jar.post_from("/portal/logout", None, None).await;
     assert_eq!(p.status, 303, "{p:?}");
+}
+
+/// "Email me a new link" sends nothing (and mints nothing) once the contact holds no offer: that
+/// link could not open the portal.
+async fn no_new_link_for_a_contact_whose_offer_was_removed(backend: Backend) {
+    let opts = link_options(backend).learner_links(Duration::from_secs(3600), 5);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    let c = enroll(&app, "c_gone", "Ann").await;
+    let token = app.mint_token("c_gone").await;
+    app.advance(Duration::from_secs(2 * 3600));
+    app.accept(&remove_offer(c, pro_offer(), "2026-11-24T10:30:00Z"))
+        .await;
+    app.settle().await;
+    let links_before = table_dump(&app, "magic_links").await.len();
+    let p = Jar::new(&app).post(&format!("/l/{token}/new-link")).await;
+    assert_eq!(
+        p.status, 200,
+        "the page is the same whatever happened: {p:?}"
+    );
+    assert!(p.body.contains("Check your inbox"), "{}", p.body);
+    expect_mail_count(&app, 0, "a link sent to a contact without an offer").await;
+    assert_eq!(table_dump(&app, "magic_links").await.len(), links_before);
 }

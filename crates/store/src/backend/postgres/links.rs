@@ -114,6 +114,17 @@ impl PgStore {
         .bind(&link.contact_id)
         .execute(&mut *tx)
         .await?;
+        // A session opened with a revoked link ends with it (a leaked staff link, a learner who
+        // asked for a fresh one).
+        sqlx::query(
+            "UPDATE sessions SET ended_ms = $1 WHERE ended_ms IS NULL AND kind = $2
+               AND (($3::text IS NULL AND contact_id IS NULL) OR contact_id = $3)",
+        )
+        .bind(now_ms)
+        .bind(link.kind.as_str())
+        .bind(&link.contact_id)
+        .execute(&mut *tx)
+        .await?;
         insert_link(&mut tx, &link, now_ms).await?;
         tx.commit().await?;
         Ok(())

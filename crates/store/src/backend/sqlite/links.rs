@@ -118,6 +118,18 @@ impl SqliteStore {
         .bind(&link.contact_id)
         .execute(&mut *tx)
         .await?;
+        // A session opened with a revoked link ends with it (a leaked staff link, a learner who
+        // asked for a fresh one).
+        sqlx::query(
+            "UPDATE sessions SET ended_ms = ? WHERE ended_ms IS NULL AND kind = ?
+               AND ((? IS NULL AND contact_id IS NULL) OR contact_id = ?)",
+        )
+        .bind(now_ms)
+        .bind(link.kind.as_str())
+        .bind(&link.contact_id)
+        .bind(&link.contact_id)
+        .execute(&mut *tx)
+        .await?;
         insert_link(&mut tx, &link, now_ms).await?;
         tx.commit().await?;
         Ok(())
