@@ -159,6 +159,7 @@ async fn listen_to_other_processes(
     wakers: Arc<Wakers>,
     clock: Clock,
 ) {
+    let everything = Signals::EVENTS | Signals::RUNS | Signals::MESSAGES | Signals::WORKFLOWS;
     let mut pause = std::time::Duration::from_millis(500);
     loop {
         let mut announcements = match store.announcements().await {
@@ -172,17 +173,11 @@ async fn listen_to_other_processes(
             }
         };
         pause = std::time::Duration::from_millis(500);
+        // What was announced before listening began (the loops' first passes may have run
+        // before it) is looked for once, as after a lost connection.
+        let mut signals = everything;
         loop {
-            let signals = match announcements.next().await {
-                Ok(Heard::Signals(s)) => s,
-                Ok(Heard::Missed) => {
-                    Signals::EVENTS | Signals::RUNS | Signals::MESSAGES | Signals::WORKFLOWS
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "lost the other processes' announcements; listening again");
-                    break;
-                }
-            };
+            tracing::debug!(?signals, "announcements of other processes");
             if signals.contains(Signals::WORKFLOWS)
                 && let Err(e) = registry.refresh(clock.now_ms()).await
             {
@@ -197,6 +192,14 @@ async fn listen_to_other_processes(
             if signals.contains(Signals::MESSAGES) {
                 wakers.delivery.notify_one();
             }
+            signals = match announcements.next().await {
+                Ok(Heard::Signals(s)) => s,
+                Ok(Heard::Missed) => everything,
+                Err(e) => {
+                    tracing::warn!(error = %e, "lost the other processes' announcements; listening again");
+                    break;
+                }
+            };
         }
     }
 }

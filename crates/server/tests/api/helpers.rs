@@ -216,6 +216,12 @@ impl TestOptions {
     }
 
     /// Adds `workflows/{id}.yaml`.
+    /// How long an idle loop sleeps when nothing wakes it.
+    pub fn poll_interval(mut self, poll: Duration) -> Self {
+        self.poll_interval = poll;
+        self
+    }
+
     pub fn workflow(mut self, id: &str, yaml: &str) -> Self {
         self.workflows.push((format!("{id}.yaml"), yaml.to_owned()));
         self
@@ -466,6 +472,31 @@ impl TestApp {
             smtp: self.smtp.clone(),
             clock: self.clock.clone(),
         }
+    }
+
+    /// A second process on the same database, SMTP sink and clock, with its own copy of the
+    /// workflow and template folders (as on another machine) and these options.
+    pub async fn another_process(&self, options: TestOptions) -> TestApp {
+        let root = tempfile::tempdir().expect("temp dir");
+        let copy = |from: &PathBuf, name: &str| {
+            let to = root.path().join(name);
+            std::fs::create_dir_all(&to).unwrap();
+            for entry in std::fs::read_dir(from).unwrap() {
+                let entry = entry.unwrap();
+                std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+            }
+            to
+        };
+        let workflows = copy(&self.env.workflows, "workflows");
+        let templates = copy(&self.env.templates, "templates");
+        let env = Arc::new(Env {
+            database_url: self.env.database_url.clone(),
+            backend: self.env.backend,
+            root,
+            workflows,
+            templates,
+        });
+        launch(env, options, self.smtp.clone(), self.clock.clone()).await
     }
 
     pub fn url(&self, path: &str) -> String {

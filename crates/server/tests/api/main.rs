@@ -23,4 +23,5 @@ mod admin;
 mod metrics;
 mod opt_outs;
 mod real_path;
+mod shared_database;
 mod sms;
