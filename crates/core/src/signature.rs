@@ -125,6 +125,33 @@ pub struct SignedHeaders<'a> {
     pub signature: Option<&'a str>,
 }
 
+impl<'a> SignedHeaders<'a> {
+    /// What can be checked before the body is read: the three headers are present and the
+    /// timestamp is within [`TOLERANCE_SECS`] of `now_unix`. A request refused here costs no
+    /// body read.
+    pub fn check_fresh(&self, now_unix: i64) -> Result<(), SignatureError> {
+        let (_, _, _, ts) = self.fields()?;
+        // abs_diff: a timestamp of i64::MIN or MAX must be refused, not overflow.
+        if now_unix.abs_diff(ts) > TOLERANCE_SECS.unsigned_abs() {
+            return Err(SignatureError::TimestampOutOfTolerance);
+        }
+        Ok(())
+    }
+
+    /// (id, timestamp as sent, signatures, timestamp).
+    fn fields(&self) -> Result<(&'a str, &'a str, &'a str, i64), SignatureError> {
+        let present = |v: Option<&'a str>, name| {
+            v.filter(|s| !s.is_empty())
+                .ok_or(SignatureError::MissingHeader(name))
+        };
+        let id = present(self.id, "webhook-id")?;
+        let ts_raw = present(self.timestamp, "webhook-timestamp")?;
+        let sigs = present(self.signature, "webhook-signature")?;
+        let ts: i64 = ts_raw.parse().map_err(|_| SignatureError::BadTimestamp)?;
+        Ok((id, ts_raw, sigs, ts))
+    }
+}
+
 /// Checks that some signature in the header was made with some secret over this exact body, and
 /// that the timestamp is within [`TOLERANCE_SECS`] of `now_unix`.
 pub fn verify(
@@ -133,12 +160,8 @@ pub fn verify(
     body: &[u8],
     now_unix: i64,
 ) -> Result<(), SignatureError> {
-    let (_, ts) = verify_signature_only(secrets, headers, body)?;
-    // abs_diff: a timestamp of i64::MIN or MAX must be refused, not overflow.
-    if now_unix.abs_diff(ts) > TOLERANCE_SECS.unsigned_abs() {
-        return Err(SignatureError::TimestampOutOfTolerance);
-    }
-    Ok(())
+    headers.check_fresh(now_unix)?;
+    verify_signature_only(secrets, headers, body).map(drop)
 }
 
 /// The signature check without the clock check; returns the id and timestamp it covered.
@@ -147,19 +170,7 @@ pub fn verify_signature_only<'a>(
     headers: SignedHeaders<'a>,
     body: &[u8],
 ) -> Result<(&'a str, i64), SignatureError> {
-    let id = headers
-        .id
-        .filter(|s| !s.is_empty())
-        .ok_or(SignatureError::MissingHeader("webhook-id"))?;
-    let ts_raw = headers
-        .timestamp
-        .filter(|s| !s.is_empty())
-        .ok_or(SignatureError::MissingHeader("webhook-timestamp"))?;
-    let sigs = headers
-        .signature
-        .filter(|s| !s.is_empty())
-        .ok_or(SignatureError::MissingHeader("webhook-signature"))?;
-    let ts: i64 = ts_raw.parse().map_err(|_| SignatureError::BadTimestamp)?;
+    let (id, ts_raw, sigs, ts) = headers.fields()?;
     let candidates: Vec<Vec<u8>> = sigs
         .split(' ')
         .filter_map(|s| s.strip_prefix("v1,"))

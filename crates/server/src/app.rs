@@ -120,6 +120,9 @@ impl Application {
                 .admin_token
                 .filter(|t| !t.is_empty())
                 .map(Arc::from),
+            intake_slots: Arc::new(tokio::sync::Semaphore::new(
+                crate::routes::MAX_EVENT_REQUESTS_IN_FLIGHT,
+            )),
             redeem_limiter: Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(
                 per_minute,
             ))),

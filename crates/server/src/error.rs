@@ -11,6 +11,8 @@ pub struct ApiError {
     pub message: String,
     /// Extra fields (e.g. `index` and `field` of a refused event).
     pub detail: serde_json::Map<String, serde_json::Value>,
+    /// Seconds after which a retry may succeed (`Retry-After`).
+    pub retry_after: Option<u32>,
 }
 
 impl ApiError {
@@ -19,7 +21,12 @@ impl ApiError {
             status,
             message: message.into(),
             detail: Default::default(),
+            retry_after: None,
         }
+    }
+    pub fn retry_after(mut self, seconds: u32) -> Self {
+        self.retry_after = Some(seconds);
+        self
     }
     pub fn with(mut self, key: &str, value: impl serde::Serialize) -> Self {
         self.detail.insert(key.into(), json!(value));
@@ -32,7 +39,13 @@ impl IntoResponse for ApiError {
         let mut body = serde_json::Map::new();
         body.insert("error".into(), json!(self.message));
         body.extend(self.detail);
-        (self.status, Json(serde_json::Value::Object(body))).into_response()
+        let mut response = (self.status, Json(serde_json::Value::Object(body))).into_response();
+        if let Some(seconds) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        response
     }
 }
 
@@ -43,5 +56,6 @@ impl From<herald_store::StoreError> for ApiError {
             StatusCode::SERVICE_UNAVAILABLE,
             "storage is unavailable; retry later",
         )
+        .retry_after(1)
     }
 }

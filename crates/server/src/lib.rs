@@ -36,6 +36,9 @@ pub struct AppState {
     pub templates: std::path::PathBuf,
     /// `HERALD_ADMIN_TOKEN`; `None` turns the admin API off.
     pub admin_token: Option<Arc<str>>,
+    /// Event requests being read, verified or stored at once; more are answered 503 before
+    /// their body is read, so bodies in memory stay bounded.
+    pub intake_slots: Arc<tokio::sync::Semaphore>,
     /// Redemption attempts per client address (GCRA, keyed by IP).
     pub redeem_limiter: Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
 }

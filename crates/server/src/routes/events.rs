@@ -6,6 +6,7 @@ use axum::Json;
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
+use futures::StreamExt;
 use herald_core::event::{self, BodyKind};
 use herald_core::signature::{self, SignedHeaders};
 use herald_store::{Accepted, NewEvent};
@@ -18,11 +19,16 @@ pub async fn post_events(
     State(state): State<AppState>,
     request: Request,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
+    // Load is shed before any body is read: bodies in memory stay bounded by the slots.
+    let Ok(_slot) = state.intake_slots.clone().try_acquire_owned() else {
+        rejected("busy");
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "too many event requests in flight; retry shortly",
+        )
+        .retry_after(1));
+    };
     let (parts, body) = request.into_parts();
-    let body = read_body(&parts.headers, body)
-        .await
-        .inspect_err(|_| rejected("too_large"))?;
-
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
     let signed = SignedHeaders {
         id: header("webhook-id"),
@@ -30,18 +36,14 @@ pub async fn post_events(
         signature: header("webhook-signature"),
     };
     let now = state.clock.now();
-    if let Err(e) = signature::verify(&state.secrets, signed, &body, now.timestamp()) {
-        tracing::info!(reason = %e, "event request refused: signature");
-        rejected("signature");
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            format!("invalid webhook signature: {e}"),
-        )
-        .with(
-            "hint",
-            "sign requests with the Standard Webhooks scheme and HERALD_WEBHOOK_SECRET",
-        ));
-    }
+    // Unsigned or stale requests are refused before their body is read.
+    signed
+        .check_fresh(now.timestamp())
+        .map_err(signature_refused)?;
+    let body = read_body(&parts.headers, body)
+        .await
+        .inspect_err(|_| rejected("too_large"))?;
+    signature::verify(&state.secrets, signed, &body, now.timestamp()).map_err(signature_refused)?;
 
     let kind = body_kind(header(header::CONTENT_TYPE.as_str()))
         .inspect_err(|_| rejected("content_type"))?;
@@ -84,7 +86,21 @@ pub async fn post_events(
     Ok((StatusCode::ACCEPTED, Json(json!({ "events": listed }))))
 }
 
-/// Counts a refused request by reason: `too_large`, `signature`, `content_type` or `invalid`.
+fn signature_refused(e: signature::SignatureError) -> ApiError {
+    tracing::info!(reason = %e, "event request refused: signature");
+    rejected("signature");
+    ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        format!("invalid webhook signature: {e}"),
+    )
+    .with(
+        "hint",
+        "sign requests with the Standard Webhooks scheme and HERALD_WEBHOOK_SECRET",
+    )
+}
+
+/// Counts a refused request by reason: `busy`, `too_large`, `signature`, `content_type` or
+/// `invalid`.
 fn rejected(reason: &'static str) {
     metrics::counter!("herald_events_rejected_total", "reason" => reason).increment(1);
 }
@@ -102,10 +118,17 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes,
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > MAX_BODY_BYTES as u64) {
-        // Read (and drop) a bounded amount first: a client that writes its whole body before
-        // reading the answer would otherwise see a broken pipe instead of the 413.
+        // Read and drop (never buffer) a bounded amount first: a client that writes its whole
+        // body before reading the answer would otherwise see a broken pipe instead of the 413.
         if declared.is_some_and(|n| n <= DRAIN_BYTES as u64) {
-            let _ = axum::body::to_bytes(body, DRAIN_BYTES).await;
+            let mut frames = body.into_data_stream();
+            let mut drained = 0;
+            while drained < DRAIN_BYTES {
+                match frames.next().await {
+                    Some(Ok(chunk)) => drained += chunk.len(),
+                    _ => break,
+                }
+            }
         }
         return Err(too_large());
     }

@@ -31,6 +31,8 @@ both_backends!(
     control_character_in_any_field_gets_400_and_later_events_flow,
     control_character_in_a_batch_refuses_all_of_it,
     oversized_body_gets_413,
+    unsigned_or_stale_requests_are_refused_before_their_body_is_read,
+    requests_over_the_in_flight_limit_get_503_with_retry_after,
     wrong_content_type_gets_415,
     invalid_phone_does_not_invalidate_the_event,
     grants_follow_event_time,
@@ -780,8 +782,9 @@ async fn oversized_body_gets_413(backend: Backend) {
     assert!(body.len() > 1024 * 1024);
     let (status, answer) = post_oversized(&app, &body, CLOUDEVENT).await;
     assert_eq!(status, 413, "{answer}");
+    let answer = answer_body(&answer);
     let answer: Value =
-        serde_json::from_str(&answer).unwrap_or_else(|_| panic!("413 body is not JSON: {answer}"));
+        serde_json::from_str(answer).unwrap_or_else(|_| panic!("413 body is not JSON: {answer}"));
     assert!(answer["error"].is_string(), "{answer}");
 
     // A batch over 1 MiB made of small events.
@@ -845,7 +848,38 @@ async fn post_oversized(app: &TestApp, body: &[u8], content_type: &str) -> (u16,
             let _ = stream.write_all(body).await;
         }
     }
-    // Read until the head and the whole declared body of the answer are in.
+    read_answer(&mut stream, answer).await
+}
+
+/// Sends a request head for `POST /v1/events` declaring `length` body bytes, with `headers`.
+async fn send_head(
+    app: &TestApp,
+    length: usize,
+    headers: &[(&str, String)],
+) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", app.port))
+        .await
+        .expect("connect");
+    let mut head = format!(
+        "POST /v1/events HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {CLOUDEVENT}\r\nContent-Length: {length}\r\n"
+    );
+    for (name, value) in headers {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    head.push_str("\r\n");
+    stream
+        .write_all(head.as_bytes())
+        .await
+        .expect("write the head");
+    stream
+}
+
+/// Reads one answer (head and declared body), starting from what was already read; returns the
+/// status and the whole answer's text.
+async fn read_answer(stream: &mut tokio::net::TcpStream, mut answer: Vec<u8>) -> (u16, String) {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 8192];
     loop {
         let text = String::from_utf8_lossy(&answer).into_owned();
         if let Some(end) = text.find("\r\n\r\n") {
@@ -864,7 +898,7 @@ async fn post_oversized(app: &TestApp, body: &[u8], content_type: &str) -> (u16,
                     .nth(1)
                     .and_then(|s| s.parse().ok())
                     .expect("status line");
-                return (status, text[end + 4..].to_owned());
+                return (status, text);
             }
         }
         let n = tokio::time::timeout(std::time::Duration::from_secs(10), stream.read(&mut buf))
@@ -1054,3 +1088,121 @@ trait Tap: Sized {
     }
 }
 impl Tap for Value {}
+
+fn answer_body(answer: &str) -> &str {
+    answer.split_once("\r\n\r\n").map_or("", |(_, body)| body)
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// Unsigned or stale requests cost no body read: 40 of them, each declaring (and sending) 8 MiB,
+/// are answered 401 from their head alone and leave memory where it was.
+async fn unsigned_or_stale_requests_are_refused_before_their_body_is_read(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
+    const DECLARED: usize = 8 * 1024 * 1024;
+    let stale_ts = (app.clock.now().timestamp() - 3600).to_string();
+    let rss_before = rss_bytes();
+    let mut clients = Vec::new();
+    for i in 0..40 {
+        let headers: Vec<(&str, String)> = if i % 2 == 0 {
+            vec![]
+        } else {
+            vec![
+                ("webhook-id", format!("msg_stale_{i}")),
+                ("webhook-timestamp", stale_ts.clone()),
+                ("webhook-signature", format!("v1,{DECOY}")),
+            ]
+        };
+        let mut stream = send_head(&app, DECLARED, &headers).await;
+        clients.push(tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut buf = [0u8; 4096];
+            // The answer comes from the head alone, before any body byte is sent.
+            let n = tokio::time::timeout(std::time::Duration::from_secs(5), stream.read(&mut buf))
+                .await
+                .expect("no answer to the head alone within 5 s")
+                .expect("read");
+            let (status, answer) = read_answer(&mut stream, buf[..n].to_vec()).await;
+            // Then the body, as a careless client sends it anyway; herald does not read it.
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..DECLARED / chunk.len() {
+                let write = stream.write_all(&chunk);
+                match tokio::time::timeout(std::time::Duration::from_millis(200), write).await {
+                    Ok(Ok(())) => {}
+                    _ => break,
+                }
+            }
+            (status, answer)
+        }));
+    }
+    for client in clients {
+        let (status, answer) = client.await.unwrap();
+        assert_eq!(status, 401, "{answer}");
+        assert!(answer.contains("webhook"), "{answer}");
+    }
+    let grown = rss_bytes().saturating_sub(rss_before);
+    assert!(
+        grown < 50 * 1024 * 1024,
+        "memory grew by {} MB for 40 refused requests",
+        grown / (1024 * 1024)
+    );
+    assert_eq!(
+        app.metric("herald_events_rejected_total{reason=\"signature\"}")
+            .await,
+        Some(40.0)
+    );
+    app.assert_healthy().await;
+}
+
+/// More event requests than herald handles at once are shed with 503 and `Retry-After` before
+/// their body is read; once the others finish, posts are accepted again.
+async fn requests_over_the_in_flight_limit_get_503_with_retry_after(backend: Backend) {
+    let Some(app) = spawn_app(TestOptions::new(backend)).await else {
+        return;
+    };
+    // Freshly signed heads whose bodies never come: each holds its slot while herald waits.
+    let mut holders = Vec::new();
+    for _ in 0..128 {
+        holders.push(send_head(&app, 1000, &app.signature_headers(b"")).await);
+    }
+    let mut shed = None;
+    let shed_seen = eventually(async || {
+        let mut stream = send_head(&app, 2, &app.signature_headers(b"{}")).await;
+        use tokio::io::AsyncWriteExt;
+        let _ = stream.write_all(b"{}").await;
+        let (status, answer) = read_answer(&mut stream, Vec::new()).await;
+        let done = status == 503;
+        shed = Some(answer);
+        done
+    })
+    .await;
+    let answer = shed.unwrap_or_default();
+    assert!(shed_seen, "the 129th request was not shed: {answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    let body: Value = serde_json::from_str(answer_body(&answer)).expect("a JSON error");
+    assert!(body["error"].as_str().unwrap().contains("retry"), "{body}");
+    drop(holders);
+    let accepted = eventually(async || {
+        app.post_event(&new_signup(contact("c_after_shed", "Ann")))
+            .await
+            .status()
+            == 202
+    })
+    .await;
+    assert!(
+        accepted,
+        "posts are accepted again once the others are gone"
+    );
+}
