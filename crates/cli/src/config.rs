@@ -45,6 +45,9 @@ pub struct Config {
     #[serde(deserialize_with = "optional_secret")]
     pub sms_auth_token: Option<SecretString>,
     pub sms_from: Option<String>,
+    /// Comma-separated CIDRs of the proxies in front of herald whose `X-Forwarded-For` /
+    /// `Forwarded` name the client (for per-client rate limits).
+    pub trusted_proxies: Option<String>,
     /// Appended to the first SMS a contact receives.
     pub sms_opt_out_line: String,
     pub learner_link_ttl: Duration,
@@ -76,6 +79,7 @@ impl Default for Config {
             sms_account_sid: None,
             sms_auth_token: None,
             sms_from: None,
+            trusted_proxies: None,
             sms_opt_out_line: "Reply STOP to opt out".into(),
             learner_link_ttl: Duration::from_secs(24 * 3600),
             learner_link_uses: 5,
@@ -133,6 +137,24 @@ impl Config {
             .unwrap_or_else(|| format!("http://{}", self.listen))
             .trim_end_matches('/')
             .to_owned()
+    }
+
+    pub fn trusted_proxies(&self) -> Result<Vec<ipnet::IpNet>> {
+        let list = self.trusted_proxies.as_deref().unwrap_or_default();
+        list.split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                // A bare address is a network of one.
+                s.parse::<ipnet::IpNet>()
+                    .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| {
+                        anyhow!(
+                            "HERALD_TRUSTED_PROXIES: {s:?} is not an address or a CIDR such as 10.0.0.0/8"
+                        )
+                    })
+            })
+            .collect()
     }
 
     pub fn timezone(&self) -> Result<chrono_tz::Tz> {
@@ -405,6 +427,28 @@ mod tests {
         let err = error("learner_link_uses = -2", &[]);
         assert!(
             err.contains("learner_link_uses") && err.contains("out of range"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn trusted_proxies_are_addresses_or_cidrs() {
+        let config = load(
+            "",
+            &[("HERALD_TRUSTED_PROXIES", "10.0.0.0/8, 192.168.1.7,::1")],
+        )
+        .unwrap();
+        let nets: Vec<String> = config
+            .trusted_proxies()
+            .unwrap()
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(nets, ["10.0.0.0/8", "192.168.1.7/32", "::1/128"]);
+        let config = load("", &[("HERALD_TRUSTED_PROXIES", "10.0.0.0/8,proxy.local")]).unwrap();
+        let err = config.trusted_proxies().unwrap_err().to_string();
+        assert!(
+            err.contains("HERALD_TRUSTED_PROXIES") && err.contains("proxy.local"),
             "{err}"
         );
     }

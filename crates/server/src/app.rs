@@ -23,8 +23,11 @@ pub struct Settings {
     pub clock: Clock,
     /// `HERALD_ADMIN_TOKEN`; `None` turns the admin API off.
     pub admin_token: Option<String>,
-    /// Magic-link redemption attempts allowed per client address and minute.
+    /// Magic-link redemption attempts allowed per client address and minute (views of a link's
+    /// page: ten times as many).
     pub redeem_per_minute: u32,
+    /// Proxies whose forwarding headers name the client (`HERALD_TRUSTED_PROXIES`).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `herald serve --dev`: serves the dev mailbox page, which shows every stored message and
     /// its sign-in links to anyone who can reach the server (local development only).
     pub dev: bool,
@@ -126,6 +129,10 @@ impl Application {
             redeem_limiter: Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(
                 per_minute,
             ))),
+            view_limiter: Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(
+                per_minute.saturating_mul(std::num::NonZeroU32::new(10).expect("10")),
+            ))),
+            trusted_proxies: Arc::new(settings.trusted_proxies),
         };
         Ok(Self {
             listener,
@@ -158,13 +165,18 @@ impl Application {
             return Ok(());
         };
         let app = routes::router(self.state.clone());
-        // The keyed limiter keeps a cell per client address; forget idle ones now and then.
-        let limiter = self.state.redeem_limiter.clone();
+        // The keyed limiters keep a cell per client address; forget idle ones now and then.
+        let limiters = [
+            self.state.redeem_limiter.clone(),
+            self.state.view_limiter.clone(),
+        ];
         let cleanup = tokio::spawn(async move {
             let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
             loop {
                 tick.tick().await;
-                limiter.retain_recent();
+                for limiter in &limiters {
+                    limiter.retain_recent();
+                }
             }
         });
         let served = axum::serve(

@@ -4,6 +4,7 @@
 //! drains, in the manner of mini-redis.
 
 mod app;
+mod client_ip;
 mod error;
 mod html;
 mod routes;
@@ -41,4 +42,9 @@ pub struct AppState {
     pub intake_slots: Arc<tokio::sync::Semaphore>,
     /// Redemption attempts per client address (GCRA, keyed by IP).
     pub redeem_limiter: Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
+    /// Views of a link's page (`GET /l/{token}`, what mail scanners fetch) per client address:
+    /// counted apart from redemptions, with ten times their budget.
+    pub view_limiter: Arc<governor::DefaultKeyedRateLimiter<std::net::IpAddr>>,
+    /// Proxies whose `X-Forwarded-For` / `Forwarded` name the client (`HERALD_TRUSTED_PROXIES`).
+    pub trusted_proxies: Arc<Vec<ipnet::IpNet>>,
 }

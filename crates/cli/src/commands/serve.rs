@@ -53,6 +53,7 @@ async fn run(config: Config, http: Option<Vec<WebhookSecret>>, dev: bool) -> Res
             .as_ref()
             .map(|t| t.expose_secret().to_owned()),
         redeem_per_minute: 30,
+        trusted_proxies: config.trusted_proxies()?,
         dev,
     };
     let mailbox = settings.engine.smtp.is_none();

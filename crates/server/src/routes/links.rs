@@ -7,11 +7,11 @@ use crate::AppState;
 use crate::error::ApiError;
 use crate::html::{escape, no_store, page, private_page};
 use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use herald_engine::links::{self, looks_like_token};
 use herald_store::{LinkKind, LinkRefusal, NewSession};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 /// "Email me a new link": at most one per 10 minutes and five a day per contact.
 const RESEND_WINDOW_MS: i64 = 10 * 60 * 1000;
@@ -21,9 +21,10 @@ const DAY_MS: i64 = 24 * 3600 * 1000;
 pub async fn show(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(token): Path<String>,
 ) -> Result<Response, ApiError> {
-    limit(&state, peer)?;
+    limit(&state.view_limiter, client(&state, peer, &headers))?;
     let checked = match looks_like_token(&token) {
         true => {
             state
@@ -54,9 +55,11 @@ pub async fn show(
 pub async fn redeem(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(token): Path<String>,
 ) -> Result<Response, ApiError> {
-    limit(&state, peer).inspect_err(|_| redemption("rate_limited"))?;
+    limit(&state.redeem_limiter, client(&state, peer, &headers))
+        .inspect_err(|_| redemption("rate_limited"))?;
     if !looks_like_token(&token) {
         redemption(LinkRefusal::Unknown.as_str());
         return Ok(refusal_page(&token, LinkRefusal::Unknown));
@@ -106,9 +109,10 @@ pub async fn redeem(
 pub async fn new_link(
     State(state): State<AppState>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     Path(token): Path<String>,
 ) -> Result<Response, ApiError> {
-    limit(&state, peer)?;
+    limit(&state.redeem_limiter, client(&state, peer, &headers))?;
     if looks_like_token(&token) {
         let now_ms = state.clock.now_ms();
         if let Err((LinkRefusal::Expired | LinkRefusal::UsedUp, Some(contact))) =
@@ -142,8 +146,15 @@ fn redemption(outcome: &'static str) {
     metrics::counter!("herald_link_redemptions_total", "outcome" => outcome).increment(1);
 }
 
-fn limit(state: &AppState, peer: SocketAddr) -> Result<(), ApiError> {
-    state.redeem_limiter.check_key(&peer.ip()).map_err(|_| {
+fn client(state: &AppState, peer: SocketAddr, headers: &HeaderMap) -> IpAddr {
+    crate::client_ip::client_ip(peer, headers, &state.trusted_proxies)
+}
+
+fn limit(
+    limiter: &governor::DefaultKeyedRateLimiter<IpAddr>,
+    client: IpAddr,
+) -> Result<(), ApiError> {
+    limiter.check_key(&client).map_err(|_| {
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too many sign-in attempts from this address; wait a minute and try again",

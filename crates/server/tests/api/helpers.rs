@@ -152,6 +152,7 @@ pub struct TestOptions {
     /// `false`: no SMTP, emails go to the dev mailbox.
     pub smtp: bool,
     pub dev: bool,
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// `Some(start)`: a manual clock starting there.
     pub manual_clock: Option<i64>,
     pub lease: Duration,
@@ -186,6 +187,7 @@ impl TestOptions {
             templates: Vec::new(),
             smtp: true,
             dev: false,
+            trusted_proxies: Vec::new(),
             manual_clock: None,
             lease: Duration::from_secs(30),
             retry_base: Duration::from_millis(20),
@@ -235,6 +237,12 @@ impl TestOptions {
 
     pub fn without_smtp(mut self) -> Self {
         self.smtp = false;
+        self
+    }
+
+    /// `HERALD_TRUSTED_PROXIES`.
+    pub fn trusted_proxy(mut self, cidr: &str) -> Self {
+        self.trusted_proxies.push(cidr.parse().expect("a CIDR"));
         self
     }
 
@@ -396,6 +404,7 @@ async fn launch(
         clock: clock.clone(),
         admin_token: options.admin_token.clone(),
         redeem_per_minute: options.redeem_per_minute,
+        trusted_proxies: options.trusted_proxies.clone(),
         dev: options.dev,
     };
     let app = match Application::build(settings).await {

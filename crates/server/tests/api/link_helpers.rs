@@ -418,6 +418,25 @@ impl<'a> Jar<'a> {
         }
     }
 
+    /// A jar whose requests arrive through a proxy that names `client` in `X-Forwarded-For`.
+    pub fn behind_proxy(app: &'a TestApp, client: &str) -> Self {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert("x-forwarded-for", client.parse().expect("a header value"));
+        let client = reqwest::Client::builder()
+            .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
+            .default_headers(headers)
+            .timeout(Duration::from_secs(30))
+            .build()
+            .expect("client");
+        Self {
+            app,
+            client,
+            cookie: None,
+            set_cookie: None,
+        }
+    }
+
     async fn send(&mut self, req: reqwest::RequestBuilder) -> Page {
         let req = match &self.cookie {
             Some(c) => req.header("cookie", c.clone()),

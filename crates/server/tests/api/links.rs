@@ -30,6 +30,7 @@ both_backends!(
     redemption_emits_user_login_which_triggers_workflows,
     mints_redemptions_and_refusals_are_audited,
     cross_site_form_posts_are_refused,
+    rate_limits_follow_the_client_named_by_a_trusted_proxy,
     no_new_link_for_a_contact_whose_offer_was_removed,
 );
 
@@ -826,12 +827,14 @@ async fn redemption_is_rate_limited_per_client_address(backend: Backend) {
     let token = app.mint_token("c_rate").await;
     let mut jar = Jar::new(&app);
     for i in 0..3 {
-        assert_eq!(jar.open(&unknown_token()).await.status, 404, "attempt {i}");
+        assert_eq!(
+            jar.redeem(&unknown_token()).await.status,
+            404,
+            "attempt {i}"
+        );
     }
-    let p = jar.open(&token).await;
-    assert_eq!(p.status, 429, "the 4th attempt within a minute: {p:?}");
     let p = jar.redeem(&token).await;
-    assert_eq!(p.status, 429, "{p:?}");
+    assert_eq!(p.status, 429, "the 4th attempt within a minute: {p:?}");
     assert!(p.set_cookie().is_none());
     assert_eq!(jar.post(&format!("/l/{token}/new-link")).await.status, 429);
     assert_eq!(
@@ -839,13 +842,66 @@ async fn redemption_is_rate_limited_per_client_address(backend: Backend) {
         Some((0, false)),
         "a limited attempt uses nothing"
     );
+    // Views of a link's page (what mail scanners fetch) are counted apart, ten times as many.
+    for i in 0..30 {
+        assert_eq!(jar.open(&unknown_token()).await.status, 404, "view {i}");
+    }
+    assert_eq!(jar.open(&token).await.status, 429, "the 31st view");
     // Other endpoints are not limited.
     assert_eq!(jar.get("/healthz").await.status, 200);
     assert_eq!(jar.portal().await.status, 401);
-    // Another client address is not affected.
+    // Another client address is not affected, and its views spend none of its redemptions.
     let other: std::net::IpAddr = "127.0.0.2".parse().unwrap();
     let mut elsewhere = Jar::from_address(&app, other);
+    for _ in 0..30 {
+        assert_eq!(elsewhere.open(&token).await.status, 200);
+    }
     elsewhere.sign_in(&token).await;
+}
+
+/// Behind a trusted proxy every request comes from the proxy: the client it names is the one
+/// counted, so two learners behind it have their own budgets; from anyone else the header is
+/// ignored (a client could write it to dodge the limit).
+async fn rate_limits_follow_the_client_named_by_a_trusted_proxy(backend: Backend) {
+    let opts = link_options(backend)
+        .redeem_per_minute(3)
+        .trusted_proxy("127.0.0.1/32");
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    enroll(&app, "c_proxied", "Ann").await;
+    let token = app.mint_token("c_proxied").await;
+    let mut ann = Jar::behind_proxy(&app, "203.0.113.1");
+    for _ in 0..3 {
+        assert_eq!(ann.redeem(&unknown_token()).await.status, 404);
+    }
+    assert_eq!(
+        ann.redeem(&token).await.status,
+        429,
+        "Ann's budget is spent"
+    );
+    let mut bo = Jar::behind_proxy(&app, "203.0.113.2");
+    bo.sign_in(&token).await;
+
+    // Not from the trusted proxy (127.0.0.2): X-Forwarded-For is ignored, so a new name in it
+    // each time buys nothing.
+    let forger = reqwest::Client::builder()
+        .no_proxy()
+        .local_address("127.0.0.2".parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap();
+    for i in 0..4 {
+        let status = forger
+            .post(app.url(&format!("/l/{}", unknown_token())))
+            .header("x-forwarded-for", format!("198.51.100.{i}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16();
+        let expected = if i < 3 { 404 } else { 429 };
+        assert_eq!(status, expected, "attempt {i}");
+    }
 }
 
 async fn user_link_opens_the_staff_view_and_regenerates(backend: Backend) {
