@@ -79,6 +79,18 @@ pub(crate) fn grants<'e>(events: &'e [(i64, CourseEvent)]) -> Vec<GrantFact<'e>>
         .collect()
 }
 
+/// Contacts that lost an offer grant in this batch, once each: if they now hold no active offer,
+/// their learner links are revoked and their learner sessions end (a re-grant must not bring an
+/// old link back to life).
+pub(crate) fn lost_an_offer<'e>(events: &'e [(i64, CourseEvent)]) -> Vec<&'e str> {
+    let mut seen = HashSet::new();
+    grants(events)
+        .into_iter()
+        .filter(|g| g.kind == "offer" && !g.active && seen.insert(g.contact_id))
+        .map(|g| g.contact_id)
+        .collect()
+}
+
 /// An offer as one event describes it.
 pub(crate) struct OfferFact<'e> {
     /// The event's position in the batch.

@@ -432,14 +432,16 @@ async fn classify(conn: &mut SqliteConnection, token_hash: &str, now_ms: i64) ->
         Option<i64>,
         bool,
     ) = (r.get(2), r.get(3), r.get(4), r.get(5), r.get(6));
-    let refusal = if revoked.is_some() {
+    // No access at all is the reason that matters most (a learner whose last offer was
+    // removed, whose links were revoked with it, is told that, not that a link was replaced).
+    let refusal = if kind == LinkKind::Learner && !entitled {
+        Some(LinkRefusal::NotEntitled)
+    } else if revoked.is_some() {
         Some(LinkRefusal::Revoked)
     } else if expires.is_some_and(|e| e <= now_ms) {
         Some(LinkRefusal::Expired)
     } else if max_uses.is_some_and(|m| uses >= m) {
         Some(LinkRefusal::UsedUp)
-    } else if kind == LinkKind::Learner && !entitled {
-        Some(LinkRefusal::NotEntitled)
     } else {
         None
     };

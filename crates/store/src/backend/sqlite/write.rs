@@ -46,6 +46,7 @@ impl SqliteStore {
         }
         let contacts = json_list(events.iter().map(|(_, e)| e.contact_id()));
         project(&mut tx, &events).await?;
+        end_learner_access(&mut tx, &projection::lost_an_offer(&events), now_ms).await?;
         let contact_rows = sqlx::query(
             "SELECT id, email, phone, first_name, last_name, timezone, custom_fields FROM contacts
              WHERE id IN (SELECT value FROM json_each(?))",
@@ -695,6 +696,34 @@ async fn insert_run_effects(
         .bind(now_ms)
         .execute(&mut *conn)
         .await?;
+    }
+    Ok(())
+}
+
+/// Revokes the learner links and ends the learner sessions of those of `contacts` that hold no
+/// active offer grant any more.
+async fn end_learner_access(
+    conn: &mut SqliteConnection,
+    contacts: &[&str],
+    now_ms: i64,
+) -> Result<()> {
+    if contacts.is_empty() {
+        return Ok(());
+    }
+    let ids = json_list(contacts.iter().copied());
+    for sql in [
+        "UPDATE magic_links SET revoked_ms = ?1 WHERE kind = 'learner' AND revoked_ms IS NULL
+           AND contact_id IN (SELECT value FROM json_each(?2))
+           AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.contact_id = magic_links.contact_id AND g.kind = 'offer' AND g.active)",
+        "UPDATE sessions SET ended_ms = ?1 WHERE kind = 'learner' AND ended_ms IS NULL
+           AND contact_id IN (SELECT value FROM json_each(?2))
+           AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.contact_id = sessions.contact_id AND g.kind = 'offer' AND g.active)",
+    ] {
+        sqlx::query(sql)
+            .bind(now_ms)
+            .bind(&ids)
+            .execute(&mut *conn)
+            .await?;
     }
     Ok(())
 }

@@ -1,0 +1,3 @@
+-- Ending a contact's live sessions (a regenerated link, a last offer removed) finds them by
+-- contact instead of reading every session.
+CREATE INDEX sessions_live_contact ON sessions (contact_id) WHERE ended_ms IS NULL;
