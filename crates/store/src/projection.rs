@@ -82,7 +82,7 @@ pub(crate) fn grants<'e>(events: &'e [(i64, CourseEvent)]) -> Vec<GrantFact<'e>>
 /// Contacts that lost an offer grant in this batch, once each: if they now hold no active offer,
 /// their learner links are revoked and their learner sessions end (a re-grant must not bring an
 /// old link back to life).
-pub(crate) fn lost_an_offer<'e>(events: &'e [(i64, CourseEvent)]) -> Vec<&'e str> {
+pub(crate) fn lost_an_offer(events: &[(i64, CourseEvent)]) -> Vec<&str> {
     let mut seen = HashSet::new();
     grants(events)
         .into_iter()
