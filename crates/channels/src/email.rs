@@ -84,16 +84,23 @@ pub fn build_message(email: &OutgoingEmail) -> Result<Message, SendError> {
             .map_err(|_| SendError::Permanent(format!("invalid header name {name:?}")))?;
         builder = builder.raw_header(HeaderValue::new(name, value.clone()));
     }
-    let built = match (&email.text, &email.html) {
-        (Some(text), Some(html)) => builder.multipart(MultiPart::alternative_plain_html(
-            text.clone(),
-            html.clone(),
-        )),
-        (Some(text), None) => builder.singlepart(SinglePart::plain(text.clone())),
-        (None, Some(html)) => builder.singlepart(SinglePart::html(html.clone())),
+    let text = email.text.as_deref().map(unix_line_breaks);
+    let html = email.html.as_deref().map(unix_line_breaks);
+    let built = match (text, html) {
+        (Some(text), Some(html)) => {
+            builder.multipart(MultiPart::alternative_plain_html(text, html))
+        }
+        (Some(text), None) => builder.singlepart(SinglePart::plain(text)),
+        (None, Some(html)) => builder.singlepart(SinglePart::html(html)),
         (None, None) => builder.singlepart(SinglePart::plain(String::new())),
     };
     built.map_err(|e| SendError::Permanent(format!("could not build the message: {e}")))
+}
+
+/// Every line break as `\n`, which the encoder writes as CRLF: a bare CR from an event's
+/// values must not reach the DATA stream, where SMTP servers read it differently (smuggling).
+fn unix_line_breaks(part: &str) -> String {
+    part.replace("\r\n", "\n").replace('\r', "\n")
 }
 
 #[cfg(test)]
@@ -121,6 +128,25 @@ mod tests {
             raw.contains("List-Unsubscribe: <https://h.test/u/x>"),
             "{raw}"
         );
+    }
+
+    #[test]
+    fn a_bare_carriage_return_never_reaches_the_data_stream() {
+        let mut e = email();
+        e.text = Some("Hi Ann\r.\rMAIL FROM:<x@evil.test>\r\nbye".into());
+        e.html = Some("<p>a\rb</p>".into());
+        let raw = build_message(&e).unwrap().formatted();
+        for (i, byte) in raw.iter().enumerate() {
+            if *byte == b'\r' {
+                assert_eq!(
+                    raw.get(i + 1),
+                    Some(&b'\n'),
+                    "bare CR at {i}: {:?}",
+                    String::from_utf8_lossy(&raw)
+                );
+            }
+        }
+        // (A line of a lone dot is stuffed by lettre when it writes DATA.)
     }
 
     #[test]
