@@ -89,6 +89,8 @@ pub struct ParsedTemplate {
     pub custom_values: Vec<TemplateRef>,
     /// Constructs herald cannot render: partials, decorators, unknown helpers.
     pub unsupported: Vec<TemplateRef>,
+    /// `{{{ … }}}`: values written without HTML escaping (the expression as written).
+    pub unescaped: Vec<TemplateRef>,
 }
 
 impl ParsedTemplate {
@@ -111,6 +113,7 @@ impl ParsedTemplate {
             fields,
             custom_values,
             unsupported,
+            unescaped,
             ..
         } = walker;
         Ok(Self {
@@ -118,6 +121,7 @@ impl ParsedTemplate {
             fields,
             custom_values,
             unsupported,
+            unescaped,
         })
     }
 
@@ -135,6 +139,7 @@ struct Walker<'s> {
     fields: Vec<TemplateRef>,
     custom_values: Vec<TemplateRef>,
     unsupported: Vec<TemplateRef>,
+    unescaped: Vec<TemplateRef>,
 }
 
 impl<'s> Walker<'s> {
@@ -145,6 +150,7 @@ impl<'s> Walker<'s> {
             fields: Vec::new(),
             custom_values: Vec::new(),
             unsupported: Vec::new(),
+            unescaped: Vec::new(),
         }
     }
 
@@ -177,8 +183,17 @@ impl<'s> Walker<'s> {
                     }
                     continue;
                 }
-                TemplateElement::Expression(ref ht) | TemplateElement::HtmlExpression(ref ht) => {
+                TemplateElement::Expression(ref ht) => {
                     self.expression(&ht.name, &ht.params, ht.hash.values(), scoped, pos);
+                }
+                TemplateElement::HtmlExpression(ref ht) => {
+                    self.expression(&ht.name, &ht.params, ht.hash.values(), scoped, pos);
+                    let name = match &ht.name {
+                        Parameter::Path(path) => path_text(path),
+                        Parameter::Name(name) => name.clone(),
+                        other => format!("{other:?}"),
+                    };
+                    self.unescaped.push(TemplateRef { name, pos });
                 }
                 TemplateElement::HelperBlock(ref mut ht) => {
                     self.expression(&ht.name, &ht.params, ht.hash.values(), scoped, pos);

@@ -739,7 +739,11 @@ impl<'a> Compiler<'a> {
                 return false;
             }
             (None, html, text) => (
-                html.as_ref().and_then(|h| self.inline_template(h)),
+                html.as_ref().and_then(|h| {
+                    let parsed = self.inline_template(h)?;
+                    self.warn_unescaped(&parsed, &Origin::Inline(h.node));
+                    Some(parsed)
+                }),
                 text.as_ref().and_then(|t| self.inline_template(t)),
             ),
         };
@@ -774,9 +778,28 @@ impl<'a> Compiler<'a> {
             );
             return (None, None);
         }
-        let html = html_src.and_then(|src| self.file_template(&html_file, src));
+        let html = html_src.and_then(|src| {
+            let parsed = self.file_template(&html_file, src)?;
+            self.warn_unescaped(
+                &parsed,
+                &Origin::File(format!("{TEMPLATES_LABEL}/{html_file}")),
+            );
+            Some(parsed)
+        });
         let text = text_src.and_then(|src| self.file_template(&text_file, src));
         (html, text)
+    }
+
+    /// `{{{ … }}}` in HTML writes the value unescaped: an event's value (a name) could then
+    /// carry markup or a script into the email.
+    fn warn_unescaped(&mut self, parsed: &ParsedTemplate, origin: &Origin) {
+        for raw in &parsed.unescaped {
+            let message = format!(
+                "`{{{{{{{0}}}}}}}` writes {0} into the HTML without escaping: a value from an event could carry markup; use `{{{{{0}}}}}` unless it is HTML you trust",
+                raw.name
+            );
+            self.template_diagnostic(Severity::Warning, origin, Some(raw.pos), message);
+        }
     }
 
     /// Checks the body of an SMS step and adds it at `pc`; returns whether it uses `<<login_url>>`.

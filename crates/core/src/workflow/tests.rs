@@ -920,3 +920,28 @@ fn waits_and_timeouts_longer_than_ten_years_are_refused_where_written() {
         "{e:#?}"
     );
 }
+
+#[test]
+fn unescaped_values_in_html_are_a_warning() {
+    let yaml = with_steps(
+        "trigger: {event: new_signup}",
+        &["  - send_email: {subject: Hi, template: hello}"],
+    );
+    let (_, warnings) = compiled_with(
+        &yaml,
+        &[
+            (
+                "hello.html.hbs",
+                "<p>Hi {{contact.first_name}}</p>\n<p>{{{contact.last_name}}}</p>",
+            ),
+            ("hello.txt.hbs", "Hi {{{contact.first_name}}}"),
+        ],
+        &[],
+    );
+    let shown: Vec<String> = warnings.iter().map(ToString::to_string).collect();
+    assert_one(
+        &shown,
+        "templates/hello.html.hbs:2:4: warning: `{{{contact.last_name}}}` writes contact.last_name into the HTML without escaping",
+    );
+    assert_eq!(shown.len(), 1, "plain text is not HTML: {shown:?}");
+}
