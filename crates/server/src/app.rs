@@ -191,9 +191,10 @@ impl Application {
     }
 }
 
-/// A database URL without its password, for error messages.
+/// A database URL without its password (`user:password@` or a `password=` parameter), for
+/// error messages.
 pub fn redact_url(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
+    let mut out = match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s => {
             let creds = &url[s + 3..at];
             match creds.split_once(':') {
@@ -202,7 +203,18 @@ pub fn redact_url(url: &str) -> String {
             }
         }
         _ => url.to_owned(),
+    };
+    if let Some((base, query)) = out.split_once('?') {
+        let query: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.eq_ignore_ascii_case("password") => format!("{key}=***"),
+                _ => pair.to_owned(),
+            })
+            .collect();
+        out = format!("{base}?{}", query.join("&"));
     }
+    out
 }
 
 #[cfg(test)]
@@ -216,6 +228,10 @@ mod tests {
         assert_eq!(
             super::redact_url("sqlite://herald.db"),
             "sqlite://herald.db"
+        );
+        assert_eq!(
+            super::redact_url("postgres://u@h/db?sslmode=require&password=hunter2"),
+            "postgres://u@h/db?sslmode=require&password=***"
         );
     }
 }
