@@ -176,8 +176,13 @@ delegate! {
     /// Sets aside the oldest undispatched event (its dispatch keeps failing) with the error, so
     /// the events behind it go on. Returns its (source, id).
     fn set_aside_next_event(&self, error: String, now_ms: i64) -> Option<(String, String)>;
-    /// Ends a live run as dead (advancing it keeps failing), cancelling its queued messages.
-    fn set_run_dead(&self, run_id: String, error: String, now_ms: i64) -> bool;
+    /// Ends a live run as `state` (dead: advancing it keeps failing; cancelled: an operator's
+    /// cancel) with `reason`, cancelling its queued messages that no send holds. Returns the run's
+    /// state afterwards (`state` only if it was live), `None` for an unknown run.
+    fn end_run(&self, run_id: String, state: RunState, reason: String, now_ms: i64) -> Option<RunState>;
+    /// Queues a failed or dead message again (attempts from zero, due now, the same Message-ID).
+    /// Returns its status afterwards (`queued` only if it was failed or dead), `None` if unknown.
+    fn retry_message(&self, message_id: String, now_ms: i64) -> Option<MessageStatus>;
     /// Marks a queued message dead (recording its delivery keeps failing).
     fn set_message_dead(&self, message_id: String, error: String, now_ms: i64) -> bool;
     /// Events set aside, oldest first, after the given `seq`.

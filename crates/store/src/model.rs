@@ -46,6 +46,8 @@ pub enum RunState {
     Failed,
     Refused,
     Dead,
+    /// Ended by an operator (`POST /v1/runs/{id}/cancel`).
+    Cancelled,
 }
 
 impl RunState {
@@ -59,6 +61,7 @@ impl RunState {
             Self::Failed => "failed",
             Self::Refused => "refused",
             Self::Dead => "dead",
+            Self::Cancelled => "cancelled",
         }
     }
     pub fn parse(s: &str) -> Option<Self> {
@@ -71,6 +74,7 @@ impl RunState {
             Self::Failed,
             Self::Refused,
             Self::Dead,
+            Self::Cancelled,
         ]
         .into_iter()
         .find(|st| st.as_str() == s)
@@ -84,7 +88,7 @@ impl RunState {
     pub fn stops_sends(self) -> bool {
         matches!(
             self,
-            Self::Parked | Self::Exited | Self::Failed | Self::Dead
+            Self::Parked | Self::Exited | Self::Failed | Self::Dead | Self::Cancelled
         )
     }
 }
@@ -200,7 +204,7 @@ pub enum MessageStatus {
     Failed,
     Skipped,
     Suppressed,
-    /// Its run ended (exit, disabled workflow, failure) before it was sent.
+    /// Its run ended (exit, disabled workflow, failure, an operator's cancel) before it was sent.
     Cancelled,
     /// Set aside because recording its delivery kept failing (the reason holds the last error).
     Dead,

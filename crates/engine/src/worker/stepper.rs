@@ -72,7 +72,7 @@ impl Shared {
                 tracing::error!(run = %advance.write.run_id, error = %error, "run set aside: the database keeps rejecting its step");
                 telemetry::set_aside("runs");
                 self.store
-                    .set_run_dead(advance.write.run_id, error, now_ms)
+                    .end_run(advance.write.run_id, RunState::Dead, error, now_ms)
                     .await
                     .map(drop)
             },

@@ -162,20 +162,47 @@ pub async fn messages(
     let next = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|m| m.id.clone()))
         .flatten();
-    let messages: Vec<Value> = rows
-        .into_iter()
-        .map(|m| {
-            json!({
-                "id": m.id, "run_id": m.run_id, "step_id": m.step_id, "workflow": m.workflow_id,
-                "contact_id": m.contact_id, "channel": m.channel, "recipient": m.recipient, "subject": m.subject,
-                "status": m.status, "reason": m.reason, "attempts": m.attempts,
-                "message_id": m.header_message_id, "provider_id": m.provider_id, "segments": m.segments,
-                "scheduled_for": if m.status == herald_store::MessageStatus::Queued { opt_time(m.due_ms) } else { Value::Null },
-                "created_at": rfc3339(m.created_ms), "updated_at": rfc3339(m.updated_ms), "sent_at": opt_time(m.sent_ms),
-            })
-        })
-        .collect();
+    let messages: Vec<Value> = rows.into_iter().map(message_json).collect();
     Ok(Json(json!({ "messages": messages, "next_cursor": next })))
+}
+
+fn message_json(m: herald_store::MessageRow) -> Value {
+    json!({
+        "id": m.id, "run_id": m.run_id, "step_id": m.step_id, "workflow": m.workflow_id,
+        "contact_id": m.contact_id, "channel": m.channel, "recipient": m.recipient, "subject": m.subject,
+        "status": m.status, "reason": m.reason, "attempts": m.attempts,
+        "message_id": m.header_message_id, "provider_id": m.provider_id, "segments": m.segments,
+        "scheduled_for": if m.status == herald_store::MessageStatus::Queued { opt_time(m.due_ms) } else { Value::Null },
+        "created_at": rfc3339(m.created_ms), "updated_at": rfc3339(m.updated_ms), "sent_at": opt_time(m.sent_ms),
+    })
+}
+
+/// `POST /v1/messages/{id}/retry`: a failed (or dead) message is queued again with a fresh
+/// attempt count and the same Message-ID.
+pub async fn retry_message(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let now_ms = state.clock.now_ms();
+    match state.store.retry_message(id.clone(), now_ms).await? {
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no message {id:?}"),
+        )),
+        Some(herald_store::MessageStatus::Queued) => {
+            state.wakers.all();
+            state.store.announce(herald_store::Signals::MESSAGES);
+            Ok(Json(json!({ "id": id, "status": "queued" })))
+        }
+        Some(status) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "message {id:?} is {}: only failed or dead messages are retried",
+                status.as_str()
+            ),
+        )
+        .with("status", status.as_str())),
+    }
 }
 
 /// `GET /v1/events?status=dead&after=&limit=`: the events set aside because their dispatch kept
@@ -232,7 +259,7 @@ pub async fn runs(
     {
         return Err(ApiError::new(
             StatusCode::BAD_REQUEST,
-            format!("unknown state {s:?}: use active, waiting_event, parked, completed, exited, failed, refused or dead"),
+            format!("unknown state {s:?}: use active, waiting_event, parked, completed, exited, failed, refused, dead or cancelled"),
         )
         .with("field", "state"));
     }
@@ -243,23 +270,56 @@ pub async fn runs(
     let next = (rows.len() as i64 == limit)
         .then(|| rows.last().map(|r| r.id.clone()))
         .flatten();
-    let runs: Vec<Value> = rows
-        .into_iter()
-        .map(|r| {
-            let steps: Vec<Value> = r
-                .steps
-                .iter()
-                .map(|s| json!({"step_id": s.step_id, "kind": s.kind, "outcome": s.outcome, "at": rfc3339(s.at_ms)}))
-                .collect();
-            json!({
-                "id": r.id, "workflow": r.workflow_id, "workflow_version": r.workflow_version,
-                "contact_id": r.contact_id, "state": r.state, "reason": r.reason,
-                "next_step_at": opt_time(r.due_ms), "created_at": rfc3339(r.created_ms),
-                "updated_at": rfc3339(r.updated_ms), "ended_at": opt_time(r.ended_ms), "steps": steps,
-            })
-        })
-        .collect();
+    let runs: Vec<Value> = rows.into_iter().map(run_json).collect();
     Ok(Json(json!({ "runs": runs, "next_cursor": next })))
+}
+
+fn run_json(r: herald_store::RunRow) -> Value {
+    let steps: Vec<Value> = r
+        .steps
+        .iter()
+        .map(|s| json!({"step_id": s.step_id, "kind": s.kind, "outcome": s.outcome, "at": rfc3339(s.at_ms)}))
+        .collect();
+    json!({
+        "id": r.id, "workflow": r.workflow_id, "workflow_version": r.workflow_version,
+        "contact_id": r.contact_id, "state": r.state, "reason": r.reason,
+        "next_step_at": opt_time(r.due_ms), "created_at": rfc3339(r.created_ms),
+        "updated_at": rfc3339(r.updated_ms), "ended_at": opt_time(r.ended_ms), "steps": steps,
+    })
+}
+
+/// `POST /v1/runs/{id}/cancel`: a live run ends as `cancelled`; its queued messages become
+/// `cancelled` (one already being sent is sent). Cancelling a cancelled run again is a no-op.
+pub async fn cancel_run(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    use herald_store::RunState;
+    let now_ms = state.clock.now_ms();
+    let after = state
+        .store
+        .end_run(
+            id.clone(),
+            RunState::Cancelled,
+            "cancelled by an operator".into(),
+            now_ms,
+        )
+        .await?;
+    match after {
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no run {id:?}"),
+        )),
+        Some(RunState::Cancelled) => Ok(Json(json!({ "id": id, "state": "cancelled" }))),
+        Some(ended) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            format!(
+                "run {id:?} already ended ({}): only live runs are cancelled",
+                ended.as_str()
+            ),
+        )
+        .with("state", ended.as_str())),
+    }
 }
 
 /// `GET /v1/contacts/{id}`: details, grants and opt-outs.

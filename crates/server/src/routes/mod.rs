@@ -36,6 +36,8 @@ pub fn router(state: AppState) -> Router {
             post(admin::regenerate_user_link),
         )
         .route("/v1/messages", get(admin::messages))
+        .route("/v1/messages/{id}/retry", post(admin::retry_message))
+        .route("/v1/runs/{id}/cancel", post(admin::cancel_run))
         .route("/v1/events", get(admin::events))
         .route("/v1/runs", get(admin::runs))
         .route("/v1/contacts/{id}", get(admin::contact))

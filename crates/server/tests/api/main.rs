@@ -21,6 +21,7 @@ mod portal;
 
 mod admin;
 mod metrics;
+mod operator;
 mod opt_outs;
 mod real_path;
 mod shared_database;

@@ -2,7 +2,8 @@
 //! last error, so the queue behind it goes on.
 
 use super::{PgStore, retrying};
-use crate::{DeadEventRow, Result};
+use crate::decode::{message_status, run_state};
+use crate::{DeadEventRow, MessageStatus, Result, RunState};
 use sqlx::Row;
 
 impl PgStore {
@@ -31,32 +32,69 @@ impl PgStore {
         })
     }
 
-    pub async fn set_run_dead(&self, run_id: String, error: String, now_ms: i64) -> Result<bool> {
-        retrying!("set a run dead", async {
+    pub async fn end_run(
+        &self,
+        run_id: String,
+        state: RunState,
+        reason: String,
+        now_ms: i64,
+    ) -> Result<Option<RunState>> {
+        retrying!("end a run", async {
             let mut tx = self.pool.begin().await?;
-            let n = sqlx::query(
-                "UPDATE runs SET state = 'dead', reason = $1, due_ms = NULL, ended_ms = $2, updated_ms = $2,
+            sqlx::query(
+                "UPDATE runs SET state = $1, reason = $2, due_ms = NULL, ended_ms = $3, updated_ms = $3,
                         locked_until_ms = NULL, lease_token = NULL
-                 WHERE id = $3 AND state IN ('active', 'waiting_event', 'parked')",
+                 WHERE id = $4 AND state IN ('active', 'waiting_event', 'parked')",
             )
-            .bind(&error)
+            .bind(state.as_str())
+            .bind(&reason)
             .bind(now_ms)
             .bind(&run_id)
             .execute(&mut *tx)
-            .await?
-            .rows_affected();
+            .await?;
+            let after: Option<String> = sqlx::query_scalar("SELECT state FROM runs WHERE id = $1")
+                .bind(&run_id)
+                .fetch_optional(&mut *tx)
+                .await?;
             sqlx::query(
-                "UPDATE messages SET status = 'cancelled', reason = 'run is dead', due_ms = NULL,
+                "UPDATE messages SET status = 'cancelled', reason = $3, due_ms = NULL,
                         updated_ms = $1, locked_until_ms = NULL, lease_token = NULL
                  WHERE run_id = $2 AND status = 'queued'
                    AND (locked_until_ms IS NULL OR locked_until_ms <= $1)",
             )
             .bind(now_ms)
             .bind(&run_id)
+            .bind(format!("run {}", state.as_str()))
             .execute(&mut *tx)
             .await?;
             tx.commit().await?;
-            Ok(n > 0)
+            after.map(|s| run_state(&s)).transpose()
+        })
+    }
+
+    pub async fn retry_message(
+        &self,
+        message_id: String,
+        now_ms: i64,
+    ) -> Result<Option<MessageStatus>> {
+        retrying!("retry a message", async {
+            let mut tx = self.pool.begin().await?;
+            sqlx::query(
+                "UPDATE messages SET status = 'queued', attempts = 0, reason = NULL, due_ms = $1,
+                        updated_ms = $1, locked_until_ms = NULL, lease_token = NULL
+                 WHERE id = $2 AND status IN ('failed', 'dead')",
+            )
+            .bind(now_ms)
+            .bind(&message_id)
+            .execute(&mut *tx)
+            .await?;
+            let after: Option<String> =
+                sqlx::query_scalar("SELECT status FROM messages WHERE id = $1")
+                    .bind(&message_id)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+            tx.commit().await?;
+            after.map(|s| message_status(&s)).transpose()
         })
     }
 

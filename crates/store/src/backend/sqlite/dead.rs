@@ -2,7 +2,8 @@
 //! last error, so the queue behind it goes on.
 
 use super::SqliteStore;
-use crate::{DeadEventRow, Result};
+use crate::decode::{message_status, run_state};
+use crate::{DeadEventRow, MessageStatus, Result, RunState};
 use sqlx::Row;
 
 impl SqliteStore {
@@ -24,25 +25,59 @@ impl SqliteStore {
         Ok(row.map(|r| (r.get(0), r.get(1))))
     }
 
-    pub async fn set_run_dead(&self, run_id: String, error: String, now_ms: i64) -> Result<bool> {
+    pub async fn end_run(
+        &self,
+        run_id: String,
+        state: RunState,
+        reason: String,
+        now_ms: i64,
+    ) -> Result<Option<RunState>> {
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, super::write::BEGIN).await?;
-        let n = sqlx::query(
-            "UPDATE runs SET state = 'dead', reason = ?, due_ms = NULL, ended_ms = ?, updated_ms = ?,
+        sqlx::query(
+            "UPDATE runs SET state = ?, reason = ?, due_ms = NULL, ended_ms = ?, updated_ms = ?,
                     locked_until_ms = NULL, lease_token = NULL
              WHERE id = ? AND state IN ('active', 'waiting_event', 'parked')",
         )
-        .bind(&error)
+        .bind(state.as_str())
+        .bind(&reason)
         .bind(now_ms)
         .bind(now_ms)
         .bind(&run_id)
         .execute(&mut *tx)
-        .await?
-        .rows_affected();
-        super::write::cancel_queued_messages(&mut tx, &[run_id.as_str()], "run is dead", now_ms)
+        .await?;
+        let after: Option<String> = sqlx::query_scalar("SELECT state FROM runs WHERE id = ?")
+            .bind(&run_id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        let reason = format!("run {}", state.as_str());
+        super::write::cancel_queued_messages(&mut tx, &[run_id.as_str()], &reason, now_ms).await?;
+        tx.commit().await?;
+        after.map(|s| run_state(&s)).transpose()
+    }
+
+    pub async fn retry_message(
+        &self,
+        message_id: String,
+        now_ms: i64,
+    ) -> Result<Option<MessageStatus>> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, super::write::BEGIN).await?;
+        sqlx::query(
+            "UPDATE messages SET status = 'queued', attempts = 0, reason = NULL, due_ms = ?1,
+                    updated_ms = ?1, locked_until_ms = NULL, lease_token = NULL
+             WHERE id = ?2 AND status IN ('failed', 'dead')",
+        )
+        .bind(now_ms)
+        .bind(&message_id)
+        .execute(&mut *tx)
+        .await?;
+        let after: Option<String> = sqlx::query_scalar("SELECT status FROM messages WHERE id = ?")
+            .bind(&message_id)
+            .fetch_optional(&mut *tx)
             .await?;
         tx.commit().await?;
-        Ok(n > 0)
+        after.map(|s| message_status(&s)).transpose()
     }
 
     pub async fn set_message_dead(

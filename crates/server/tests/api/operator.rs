@@ -1,0 +1,146 @@
+//! What an operator does to runs and messages through the admin API: cancel a run (its queued
+//! messages are cancelled, nothing more is sent), and retry failed messages once the relay is
+//! back (the same Message-ID, a fresh attempt count).
+
+use crate::helpers::*;
+use crate::link_helpers::ADMIN_TOKEN;
+use crate::smtp_sink::Stage;
+use herald_store::{MessageStatus, RunState};
+use std::time::Duration;
+
+both_backends!(
+    cancelling_a_run_during_its_wait_sends_nothing_more,
+    failed_messages_are_retried_once_the_relay_is_back,
+);
+
+const DAY: Duration = Duration::from_secs(86_400);
+
+const WELCOME_THEN_REMINDER: &str = r#"
+name: Welcome and a reminder
+trigger:
+  event: offer_access_granted
+steps:
+  - id: welcome
+    send_email:
+      subject: "Welcome {{contact.first_name}}"
+      text: "Hi {{contact.first_name}}"
+  - wait: 1d
+  - id: reminder
+    send_email:
+      subject: "Reminder for {{contact.first_name}}"
+      text: "Still there?"
+"#;
+
+async fn cancelling_a_run_during_its_wait_sends_nothing_more(backend: Backend) {
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .admin_token(ADMIN_TOKEN)
+        .workflow("welcome", WELCOME_THEN_REMINDER);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    for id in ["c_stop", "c_go"] {
+        app.accept(&offer_granted(contact(id, "Ann"), "o_pro"))
+            .await;
+    }
+    app.wait_for_mails(2).await;
+    app.settle().await;
+    let run = app.runs_of("c_stop").await.remove(0);
+    assert_eq!(run.state, RunState::Active, "{run:?}");
+
+    let path = format!("/v1/runs/{}/cancel", run.id);
+    let (status, body) = app.admin_post(&path).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["state"], "cancelled");
+    let (status, body) = app.admin_post(&path).await;
+    assert_eq!(status, 200, "cancelling again changes nothing: {body}");
+
+    app.advance(2 * DAY);
+    app.settle().await;
+    let to: Vec<Vec<String>> = app
+        .sink()
+        .received()
+        .into_iter()
+        .map(|m| m.rcpt_to)
+        .collect();
+    assert_eq!(
+        to.len(),
+        3,
+        "welcomes for both, a reminder for c_go only: {to:?}"
+    );
+    assert_eq!(to[2], vec!["c_go@example.com".to_owned()]);
+    let run = app.runs_of("c_stop").await.remove(0);
+    assert_eq!(run.state, RunState::Cancelled, "{run:?}");
+    assert_eq!(run.reason.as_deref(), Some("cancelled by an operator"));
+
+    // A run that already ended is not cancelled; an unknown one is not found.
+    let done = app.runs_of("c_go").await.remove(0);
+    assert_eq!(done.state, RunState::Completed);
+    let (status, body) = app
+        .admin_post(&format!("/v1/runs/{}/cancel", done.id))
+        .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["state"], "completed");
+    let (status, body) = app.admin_post("/v1/runs/no-such-run/cancel").await;
+    assert_eq!(status, 404, "{body}");
+}
+
+const WELCOME: &str = r#"
+name: Welcome
+trigger:
+  event: offer_access_granted
+steps:
+  - id: welcome
+    send_email:
+      subject: "Welcome {{contact.first_name}}"
+      text: "Hi {{contact.first_name}}"
+"#;
+
+async fn failed_messages_are_retried_once_the_relay_is_back(backend: Backend) {
+    let opts = TestOptions::new(backend)
+        .admin_token(ADMIN_TOKEN)
+        .workflow("welcome", WELCOME);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    // The relay refuses every message for good (a 5xx fails at once, without retries).
+    app.sink().fail_all(Stage::Data, 554);
+    let events: Vec<_> = (0..50)
+        .map(|i| offer_granted(contact(&format!("c_relay_{i}"), "Ann"), "o_pro"))
+        .collect();
+    app.accept_batch(&events).await;
+    app.wait_for_status(50, MessageStatus::Failed).await;
+    app.settle().await;
+    assert_eq!(app.sink().count(), 0);
+
+    app.sink().clear_faults();
+    let failed = app.messages().await;
+    for m in &failed {
+        let (status, body) = app
+            .admin_post(&format!("/v1/messages/{}/retry", m.id))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["status"], "queued");
+    }
+    let mails = app.wait_for_mails(50).await;
+    app.settle().await;
+    assert_eq!(app.sink().count(), 50, "each retried message sent once");
+    let sent = app.messages().await;
+    for m in &sent {
+        assert_eq!(m.status, MessageStatus::Sent, "{m:?}");
+        assert_eq!(m.attempts, 1, "a fresh attempt count: {m:?}");
+    }
+    let mut ids_sent: Vec<String> = mails.iter().map(|m| m.message_id()).collect();
+    let mut ids_stored: Vec<String> = failed.iter().map(|m| m.header_message_id.clone()).collect();
+    ids_sent.sort();
+    ids_stored.sort();
+    assert_eq!(ids_sent, ids_stored, "retried with the Message-ID each had");
+
+    let (status, body) = app
+        .admin_post(&format!("/v1/messages/{}/retry", sent[0].id))
+        .await;
+    assert_eq!(status, 409, "a sent message is not sent again: {body}");
+    assert_eq!(body["status"], "sent");
+    let (status, _) = app.admin_post("/v1/messages/nope/retry").await;
+    assert_eq!(status, 404);
+}
