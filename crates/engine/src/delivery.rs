@@ -8,7 +8,7 @@ use crate::registry::Registry;
 use crate::runner::with_latest_contact;
 use herald_channels::SendError;
 use herald_channels::email::OutgoingEmail;
-use herald_core::workflow::Instr;
+use herald_core::workflow::{Category, CompiledWorkflow, Instr};
 use herald_store::{Channel, ClaimedMessage, DeliveryResult, MailboxItem, MessageOutcome};
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,29 +31,35 @@ pub enum LoginLink {
     Failed(String),
 }
 
+/// Whether the contact's opt-out stops this message: it stops marketing only.
+fn suppressed(m: &ClaimedMessage, wf: &CompiledWorkflow) -> bool {
+    m.opted_out && wf.category == Category::Marketing
+}
+
 impl Delivery {
     /// Whether the send step of this message renders `<<login_url>>`, so a link must be minted
     /// for it. Messages that will not be sent (cancelled, suppressed, no recipient) need none.
     pub fn needs_login_link(&self, m: &ClaimedMessage) -> bool {
-        if m.run_state.stops_sends() || m.opted_out || m.recipient.is_none() {
+        if m.run_state.stops_sends() || m.recipient.is_none() {
             return false;
         }
         let snapshot = self.registry.snapshot();
         snapshot
             .version(&m.workflow_id, &m.workflow_version)
             .is_some_and(|wf| {
-                matches!(
-                    wf.program.get(m.pc as usize),
-                    Some(
-                        Instr::SendEmail {
-                            uses_login_url: true,
-                            ..
-                        } | Instr::SendSms {
-                            uses_login_url: true,
-                            ..
-                        }
+                !suppressed(m, wf)
+                    && matches!(
+                        wf.program.get(m.pc as usize),
+                        Some(
+                            Instr::SendEmail {
+                                uses_login_url: true,
+                                ..
+                            } | Instr::SendSms {
+                                uses_login_url: true,
+                                ..
+                            }
+                        )
                     )
-                )
             })
     }
 
@@ -89,7 +95,7 @@ impl Delivery {
             };
             return outcome;
         };
-        if m.opted_out {
+        if suppressed(&m, wf) {
             let channel = m.channel.as_str();
             outcome.result = DeliveryResult::Suppressed {
                 reason: format!("contact opted out of {channel}"),

@@ -84,6 +84,7 @@ pub fn compile(
         version: bundle.version(),
         name,
         enabled: doc.enabled,
+        category: doc.category,
         trigger,
         re_entry: doc.re_entry,
         exit_when,

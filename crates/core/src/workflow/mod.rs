@@ -77,6 +77,16 @@ impl std::fmt::Display for Diagnostic {
     }
 }
 
+/// What a workflow's messages are, for a contact's opt-outs: unsubscribe and STOP suppress
+/// marketing only; transactional messages (receipts, access, sign-in) still go out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Category {
+    #[default]
+    Marketing,
+    Transactional,
+}
+
 /// A checked workflow version, ready to match events and run.
 #[derive(Debug)]
 pub struct CompiledWorkflow {
@@ -86,6 +96,7 @@ pub struct CompiledWorkflow {
     pub name: String,
     /// `false`: a draft, loaded and checked but never triggered.
     pub enabled: bool,
+    pub category: Category,
     pub trigger: Trigger,
     /// `true`: a contact may run this workflow again once an earlier run has ended.
     pub re_entry: bool,

@@ -92,6 +92,7 @@ pub fn parse_workflow(yaml: &str) -> Result<WorkflowDoc, SchemaError> {
 pub struct WorkflowDoc {
     pub name: At<String>,
     pub enabled: bool,
+    pub category: super::Category,
     pub trigger: At<TriggerDoc>,
     pub re_entry: bool,
     pub exit_when: Option<At<MatcherDoc>>,
@@ -247,6 +248,8 @@ struct RawWorkflowDoc {
     name: Spanned<String>,
     #[serde(default = "enabled_by_default")]
     enabled: bool,
+    #[serde(default)]
+    category: super::Category,
     trigger: Spanned<TriggerDoc>,
     #[serde(default)]
     re_entry: bool,
@@ -375,6 +378,7 @@ impl RawWorkflowDoc {
         WorkflowDoc {
             name: r.at(self.name),
             enabled: self.enabled,
+            category: self.category,
             trigger: r.at(self.trigger),
             re_entry: self.re_entry,
             exit_when: self.exit_when.map(|m| r.at(m)),

@@ -945,3 +945,23 @@ fn unescaped_values_in_html_are_a_warning() {
     );
     assert_eq!(shown.len(), 1, "plain text is not HTML: {shown:?}");
 }
+
+#[test]
+fn category_is_marketing_unless_transactional() {
+    let steps = ["  - send_email: {subject: Hi, text: Hello}"];
+    let plain = compiled(&with_steps("trigger: {event: new_signup}", &steps));
+    assert_eq!(plain.category, super::Category::Marketing);
+    let tx = compiled(&with_steps(
+        "category: transactional\ntrigger: {event: new_signup}",
+        &steps,
+    ));
+    assert_eq!(tx.category, super::Category::Transactional);
+    let e = errors(&with_steps(
+        "category: newsletter\ntrigger: {event: new_signup}",
+        &steps,
+    ));
+    assert!(
+        e.len() == 1 && e[0].contains("newsletter") && e[0].contains("transactional"),
+        "{e:?}"
+    );
+}

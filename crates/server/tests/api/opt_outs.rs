@@ -20,6 +20,7 @@ both_backends!(
     sms_keywords_opt_out_and_back_in,
     stop_applies_to_every_contact_with_that_phone,
     queued_sms_is_suppressed_after_stop_and_start_resumes,
+    unsubscribe_stops_marketing_but_not_transactional_email,
 );
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -794,4 +795,61 @@ async fn suppression_counts_no_attempt(backend: Backend) {
             "{id}: suppression is no send attempt: {m:#?}"
         );
     }
+}
+
+/// Access and receipts are not marketing: after an unsubscribe, a `category: transactional`
+/// workflow's email still goes out, while a marketing one (the default) is suppressed.
+async fn unsubscribe_stops_marketing_but_not_transactional_email(backend: Backend) {
+    const ACCESS: &str = r#"
+name: Your access
+category: transactional
+trigger:
+  event: offer_access_granted
+steps:
+  - id: access
+    send_email:
+      subject: "Your access to {{offer.title}}"
+      text: "Start here"
+"#;
+    const PROMO: &str = r#"
+name: Promotion
+trigger:
+  event: offer_access_granted
+steps:
+  - id: promo
+    send_email:
+      subject: "Our next course"
+      text: "Have a look"
+"#;
+    let opts = TestOptions::new(backend)
+        .workflow("hello", COURSE)
+        .workflow("access", ACCESS)
+        .workflow("promo", PROMO);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    let ann = contact("c_tx", "Ann");
+    app.accept(&new_signup(ann.clone())).await;
+    let mails = app.wait_for_mails(1).await;
+    let path = path_of(&unsubscribe_url(&mails[0]));
+    assert_eq!(one_click(&app, &path).await.status(), 200);
+    assert_eq!(app.opted_out_channels("c_tx").await, [Channel::Email]);
+
+    app.accept(&offer_granted(ann, "o_pro")).await;
+    app.settle().await;
+    let by_step: std::collections::BTreeMap<String, MessageStatus> = app
+        .messages_of("c_tx")
+        .await
+        .into_iter()
+        .map(|m| (m.step_id, m.status))
+        .collect();
+    assert_eq!(by_step["access"], MessageStatus::Sent, "{by_step:?}");
+    assert_eq!(by_step["promo"], MessageStatus::Suppressed, "{by_step:?}");
+    let subjects: Vec<String> = app
+        .sink()
+        .received()
+        .iter()
+        .map(|m| m.parse().subject)
+        .collect();
+    assert_eq!(subjects, ["Welcome", "Your access to Rust Pro"]);
 }
