@@ -164,6 +164,8 @@ delegate! {
     fn save_workflow_versions(&self, versions: Vec<(String, String, String)>, now_ms: i64) -> ();
     /// The bundles (id, version, bundle JSON) of every version a live run is pinned to.
     fn live_workflow_versions(&self) -> Vec<(String, String, String)>;
+    /// The contact's newest `limit` events, oldest first.
+    fn contact_events(&self, contact_id: String, limit: i64) -> Vec<ContactEventRow>;
     /// The bundle JSON of one stored workflow version.
     fn workflow_version(&self, id: String, version: String) -> Option<String>;
     /// Whether each workflow is enabled, as the last reload of any process recorded it.

@@ -597,6 +597,21 @@ pub struct DeadEventRow {
     pub dead_ms: i64,
 }
 
+/// A contact's stored event, for their timeline.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct ContactEventRow {
+    pub source: String,
+    pub id: String,
+    /// The CloudEvents type as posted (`course.new_signup`).
+    #[serde(rename = "type")]
+    pub event_type: String,
+    pub time_ms: i64,
+    pub received_ms: i64,
+    pub dispatched: bool,
+    /// Set aside: the last error of its dispatch.
+    pub dead_error: Option<String>,
+}
+
 /// Whether an event's `contact` object carries any detail besides its id.
 pub fn carries_contact_details(contact: &serde_json::Map<String, serde_json::Value>) -> bool {
     [

@@ -327,13 +327,17 @@ pub async fn contact(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let Some(c) = state.store.contact(id.clone()).await? else {
+    Ok(Json(contact_json(&state, &id).await?))
+}
+
+async fn contact_json(state: &AppState, id: &str) -> Result<Value, ApiError> {
+    let Some(c) = state.store.contact(id.to_owned()).await? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no contact {id:?}"),
         ));
     };
-    let grants = state.store.grants(id.clone()).await?;
+    let grants = state.store.grants(id.to_owned()).await?;
     let active: Vec<Value> = grants
         .iter()
         .filter(|g| g.active)
@@ -344,11 +348,94 @@ pub async fn contact(
         .as_deref()
         .and_then(|s| serde_json::from_str(s).ok())
         .unwrap_or(Value::Null);
-    Ok(Json(json!({
+    Ok(json!({
         "id": c.id, "email": c.email, "phone": c.phone, "first_name": c.first_name, "last_name": c.last_name,
         "timezone": c.timezone, "custom_fields": custom, "grants": active,
-        "opt_outs": state.store.opt_outs(id).await?,
-    })))
+        "opt_outs": state.store.opt_outs(id.to_owned()).await?,
+    }))
+}
+
+/// How many of each kind of record a timeline shows (the newest).
+const TIMELINE_LIMIT: i64 = 500;
+
+/// `GET /v1/contacts/{id}/timeline`: what happened to the contact, oldest first: events in,
+/// runs started, each step, runs ended, messages with their outcome, opt-outs and link activity.
+pub async fn timeline(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let contact = contact_json(&state, &id).await?;
+    let by_contact = || herald_store::ListFilter {
+        contact_id: Some(id.clone()),
+        workflow_id: None,
+        status: None,
+        after: None,
+        limit: TIMELINE_LIMIT,
+    };
+    let mut items: Vec<(i64, Value)> = Vec::new();
+    for e in state
+        .store
+        .contact_events(id.clone(), TIMELINE_LIMIT)
+        .await?
+    {
+        items.push((
+            e.received_ms,
+            json!({
+                "kind": "event", "at": rfc3339(e.received_ms), "type": e.event_type, "id": e.id,
+                "source": e.source, "time": rfc3339(e.time_ms),
+                "status": if e.dead_error.is_some() { "dead" } else if e.dispatched { "processed" } else { "pending" },
+                "error": e.dead_error,
+            }),
+        ));
+    }
+    for r in state.store.runs(by_contact()).await? {
+        items.push((
+            r.created_ms,
+            json!({"kind": "run_started", "at": rfc3339(r.created_ms), "run_id": r.id,
+                   "workflow": r.workflow_id, "workflow_version": r.workflow_version}),
+        ));
+        for step in &r.steps {
+            items.push((
+                step.at_ms,
+                json!({"kind": "step", "at": rfc3339(step.at_ms), "run_id": r.id, "workflow": r.workflow_id,
+                       "step_id": step.step_id, "step": step.kind, "outcome": step.outcome}),
+            ));
+        }
+        if let Some(ended) = r.ended_ms {
+            items.push((
+                ended,
+                json!({"kind": "run_ended", "at": rfc3339(ended), "run_id": r.id, "workflow": r.workflow_id,
+                       "state": r.state, "reason": r.reason}),
+            ));
+        }
+    }
+    for m in state.store.messages(by_contact()).await? {
+        let at = m.sent_ms.unwrap_or(m.updated_ms);
+        let mut item = message_json(m);
+        item["kind"] = json!("message");
+        item["at"] = rfc3339(at);
+        items.push((at, item));
+    }
+    for o in state.store.opt_outs(id.clone()).await? {
+        items.push((
+            o.at_ms,
+            json!({"kind": "opt_out", "at": rfc3339(o.at_ms), "channel": o.channel, "source": o.source}),
+        ));
+    }
+    for a in state
+        .store
+        .link_audit(Some(id.clone()), TIMELINE_LIMIT)
+        .await?
+    {
+        items.push((
+            a.at_ms,
+            json!({"kind": "link", "at": rfc3339(a.at_ms), "action": a.action, "link": a.kind, "reason": a.reason}),
+        ));
+    }
+    // Stable: records of one instant keep the order above (an event before the run it started).
+    items.sort_by_key(|(at, _)| *at);
+    let timeline: Vec<Value> = items.into_iter().map(|(_, item)| item).collect();
+    Ok(Json(json!({ "contact": contact, "timeline": timeline })))
 }
 
 /// `POST /v1/workflows/reload`: reload workflows and templates, or say why they do not check

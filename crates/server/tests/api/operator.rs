@@ -1,6 +1,6 @@
 //! What an operator does to runs and messages through the admin API: cancel a run (its queued
 //! messages are cancelled, nothing more is sent), and retry failed messages once the relay is
-//! back (the same Message-ID, a fresh attempt count).
+//! back (the same Message-ID, a fresh attempt count), and read a contact's timeline.
 
 use crate::helpers::*;
 use crate::link_helpers::ADMIN_TOKEN;
@@ -11,6 +11,7 @@ use std::time::Duration;
 both_backends!(
     cancelling_a_run_during_its_wait_sends_nothing_more,
     failed_messages_are_retried_once_the_relay_is_back,
+    a_contacts_timeline_tells_what_happened_in_order,
 );
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -142,5 +143,57 @@ async fn failed_messages_are_retried_once_the_relay_is_back(backend: Backend) {
     assert_eq!(status, 409, "a sent message is not sent again: {body}");
     assert_eq!(body["status"], "sent");
     let (status, _) = app.admin_post("/v1/messages/nope/retry").await;
+    assert_eq!(status, 404);
+}
+
+async fn a_contacts_timeline_tells_what_happened_in_order(backend: Backend) {
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .admin_token(ADMIN_TOKEN)
+        .workflow("welcome", WELCOME_THEN_REMINDER);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_story", "Ann"), "o_pro"))
+        .await;
+    app.wait_for_mails(1).await;
+    app.advance(2 * DAY);
+    app.wait_for_mails(2).await;
+    app.settle().await;
+    let (status, body) = app.admin_post("/v1/contacts/c_story/magic-link").await;
+    assert_eq!(status, 200, "{body}");
+
+    let (status, body) = app.admin_get("/v1/contacts/c_story/timeline").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["contact"]["id"], "c_story");
+    let items = body["timeline"].as_array().expect("a timeline");
+    let kinds: Vec<&str> = items.iter().map(|i| i["kind"].as_str().unwrap()).collect();
+    let first = |kind: &str| kinds.iter().position(|k| *k == kind);
+    assert_eq!(kinds[0], "event", "{kinds:?}");
+    assert!(first("event") < first("run_started"), "{kinds:?}");
+    assert!(first("run_started") < first("message"), "{kinds:?}");
+    let messages: Vec<&serde_json::Value> =
+        items.iter().filter(|i| i["kind"] == "message").collect();
+    assert_eq!(messages.len(), 2, "{body}");
+    assert!(messages.iter().all(|m| m["status"] == "sent"), "{body}");
+    assert_eq!(messages[0]["step_id"], "welcome");
+    assert_eq!(messages[1]["step_id"], "reminder");
+    let ended = items
+        .iter()
+        .find(|i| i["kind"] == "run_ended")
+        .expect("the run ended");
+    assert_eq!(ended["state"], "completed", "{body}");
+    assert!(
+        items
+            .iter()
+            .any(|i| i["kind"] == "link" && i["action"] == "mint"),
+        "the minted link: {body}"
+    );
+    let times: Vec<&str> = items.iter().map(|i| i["at"].as_str().unwrap()).collect();
+    let mut sorted = times.clone();
+    sorted.sort();
+    assert_eq!(times, sorted, "oldest first");
+
+    let (status, _) = app.admin_get("/v1/contacts/nobody/timeline").await;
     assert_eq!(status, 404);
 }

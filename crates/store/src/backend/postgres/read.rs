@@ -8,7 +8,8 @@
 use super::{PgStore, contact_at, sql_limit};
 use crate::decode::{channel, message_status, run_state};
 use crate::{
-    ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, Result, RunRow, StepRecord,
+    ContactEventRow, ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, Result, RunRow,
+    StepRecord,
 };
 use sqlx::Row;
 use std::collections::HashMap;
@@ -40,6 +41,24 @@ impl PgStore {
             .into_iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
+    }
+
+    pub async fn contact_events(
+        &self,
+        contact_id: String,
+        limit: i64,
+    ) -> Result<Vec<ContactEventRow>> {
+        // The newest `limit`, oldest first.
+        let mut rows: Vec<ContactEventRow> = sqlx::query_as(
+            "SELECT source, id, 'course.' || type AS event_type, time_ms, received_ms, dispatched, dead_error
+             FROM events WHERE contact_id = $1 ORDER BY seq DESC LIMIT $2",
+        )
+        .bind(contact_id)
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.reverse();
+        Ok(rows)
     }
 
     pub async fn workflow_version(&self, id: String, version: String) -> Result<Option<String>> {

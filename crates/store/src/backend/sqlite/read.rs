@@ -4,7 +4,8 @@ use super::SqliteStore;
 use super::write::contact_at;
 use crate::decode::{channel, message_status, run_state};
 use crate::{
-    ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, Result, RunRow, StepRecord,
+    ContactEventRow, ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow, Result, RunRow,
+    StepRecord,
 };
 use sqlx::Row;
 
@@ -34,6 +35,24 @@ impl SqliteStore {
             .into_iter()
             .map(|r| (r.get(0), r.get(1), r.get(2)))
             .collect())
+    }
+
+    pub async fn contact_events(
+        &self,
+        contact_id: String,
+        limit: i64,
+    ) -> Result<Vec<ContactEventRow>> {
+        // The newest `limit`, oldest first.
+        let mut rows: Vec<ContactEventRow> = sqlx::query_as(
+            "SELECT source, id, 'course.' || type AS event_type, time_ms, received_ms, dispatched, dead_error
+             FROM events WHERE contact_id = ? ORDER BY seq DESC LIMIT ?",
+        )
+        .bind(contact_id)
+        .bind(limit)
+        .fetch_all(&self.readers)
+        .await?;
+        rows.reverse();
+        Ok(rows)
     }
 
     pub async fn workflow_version(&self, id: String, version: String) -> Result<Option<String>> {
