@@ -355,6 +355,61 @@ async fn contact_json(state: &AppState, id: &str) -> Result<Value, ApiError> {
     }))
 }
 
+/// `GET /v1/contacts/{id}/export`: everything herald holds on the contact, as JSON (details,
+/// every grant, the events received, runs, messages, opt-outs, link activity).
+pub async fn export(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let contact = contact_json(&state, &id).await?;
+    let all = || herald_store::ListFilter {
+        contact_id: Some(id.clone()),
+        workflow_id: None,
+        status: None,
+        after: None,
+        limit: i64::MAX,
+    };
+    let grants: Vec<Value> = state
+        .store
+        .grants(id.clone())
+        .await?
+        .into_iter()
+        .map(|g| json!({"kind": g.kind, "id": g.item_id, "active": g.active, "changed_at": rfc3339(g.changed_ms)}))
+        .collect();
+    let events: Vec<Value> = state
+        .store
+        .contact_events(id.clone(), i64::MAX)
+        .await?
+        .into_iter()
+        .map(|e| json!({"source": e.source, "id": e.id, "type": e.event_type, "time": rfc3339(e.time_ms), "received_at": rfc3339(e.received_ms)}))
+        .collect();
+    let runs: Vec<Value> = state
+        .store
+        .runs(all())
+        .await?
+        .into_iter()
+        .map(run_json)
+        .collect();
+    let messages: Vec<Value> = state
+        .store
+        .messages(all())
+        .await?
+        .into_iter()
+        .map(message_json)
+        .collect();
+    let links: Vec<Value> = state
+        .store
+        .link_audit(Some(id.clone()), i64::MAX)
+        .await?
+        .into_iter()
+        .map(|a| json!({"at": rfc3339(a.at_ms), "action": a.action, "link": a.kind, "reason": a.reason}))
+        .collect();
+    Ok(Json(json!({
+        "contact": contact, "grants": grants, "events": events, "runs": runs,
+        "messages": messages, "link_activity": links,
+    })))
+}
+
 /// How many of each kind of record a timeline shows (the newest).
 const TIMELINE_LIMIT: i64 = 500;
 

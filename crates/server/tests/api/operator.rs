@@ -196,4 +196,16 @@ async fn a_contacts_timeline_tells_what_happened_in_order(backend: Backend) {
 
     let (status, _) = app.admin_get("/v1/contacts/nobody/timeline").await;
     assert_eq!(status, 404);
+
+    // The export holds all of it.
+    let (status, export) = app.admin_get("/v1/contacts/c_story/export").await;
+    assert_eq!(status, 200, "{export}");
+    assert_eq!(export["contact"]["email"], "c_story@example.com");
+    assert_eq!(export["events"].as_array().unwrap().len(), 1, "{export}");
+    assert_eq!(export["events"][0]["type"], "course.offer_access_granted");
+    assert_eq!(export["runs"].as_array().unwrap().len(), 1);
+    assert_eq!(export["messages"].as_array().unwrap().len(), 2);
+    assert_eq!(export["grants"][0]["id"], "o_pro");
+    let (status, _) = app.admin_get("/v1/contacts/nobody/export").await;
+    assert_eq!(status, 404);
 }
