@@ -18,4 +18,8 @@ pub enum SendError {
     /// Will not pass (SMTP 5xx, an invalid address): failed at once.
     #[error("permanent failure: {0}")]
     Permanent(String),
+    /// The receiving server says the mailbox does not exist (SMTP 5xx with status 5.1.1): the
+    /// address is suppressed for future email.
+    #[error("mailbox does not exist: {0}")]
+    NoSuchMailbox(String),
 }

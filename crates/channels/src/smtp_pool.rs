@@ -209,13 +209,23 @@ fn implicit_tls_connector() -> tokio_rustls::TlsConnector {
     tokio_rustls::TlsConnector::from(Arc::new(config))
 }
 
-/// A lettre error as a delivery outcome: 5xx replies are permanent, everything else may pass later.
+/// A lettre error as a delivery outcome: 5xx replies are permanent (a 5.1.1 "no such mailbox"
+/// among them told apart), everything else may pass later.
 fn classify(e: lettre::transport::smtp::Error) -> SendError {
-    if e.is_permanent() {
-        SendError::Permanent(e.to_string())
+    let text = e.to_string();
+    if !e.is_permanent() {
+        SendError::Transient(text)
+    } else if names_no_such_mailbox(&text) {
+        SendError::NoSuchMailbox(text)
     } else {
-        SendError::Transient(e.to_string())
+        SendError::Permanent(text)
     }
+}
+
+/// Whether a reply's text carries the enhanced status 5.1.1 (bad destination mailbox).
+fn names_no_such_mailbox(text: &str) -> bool {
+    text.split(|c: char| c.is_whitespace() || c == ':' || c == '(' || c == ')')
+        .any(|word| word == "5.1.1")
 }
 
 /// Why one exchange on one connection failed.
@@ -372,6 +382,19 @@ impl AsyncWrite for ImplicitTlsStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_5_1_1_reply_is_told_apart() {
+        assert!(names_no_such_mailbox(
+            "permanent error (550): 5.1.1 Mailbox unavailable"
+        ));
+        assert!(!names_no_such_mailbox(
+            "permanent error (554): 5.7.1 Message rejected"
+        ));
+        assert!(!names_no_such_mailbox(
+            "permanent error (550): 5.1.10 null MX"
+        ));
+    }
 
     #[test]
     fn url_forms_choose_security_port_and_credentials() {

@@ -246,6 +246,9 @@ impl Delivery {
         match result {
             Ok(()) => DeliveryResult::Sent { provider_id: None },
             Err(SendError::Permanent(reason)) => DeliveryResult::Failed { reason },
+            Err(SendError::NoSuchMailbox(reason)) => DeliveryResult::Bounced {
+                reason: format!("bounced: {reason}"),
+            },
             Err(SendError::Transient(reason)) => {
                 self.retry(attempts_before, reason, Duration::ZERO)
             }

@@ -28,7 +28,7 @@ pub fn delivery(channel: &'static str, result: &DeliveryResult) {
         DeliveryResult::Retry { .. } => "queued",
         DeliveryResult::Failed { .. } => "failed",
         DeliveryResult::Skipped { .. } => "skipped",
-        DeliveryResult::Suppressed { .. } => "suppressed",
+        DeliveryResult::Suppressed { .. } | DeliveryResult::Bounced { .. } => "suppressed",
         DeliveryResult::Cancelled { .. } => "cancelled",
     };
     message(channel, status);

@@ -73,5 +73,9 @@ pub(crate) fn outcome_columns(result: &DeliveryResult, now_ms: i64) -> OutcomeCo
         DeliveryResult::Skipped { reason } => not_tried(MessageStatus::Skipped, reason),
         DeliveryResult::Suppressed { reason } => not_tried(MessageStatus::Suppressed, reason),
         DeliveryResult::Cancelled { reason } => not_tried(MessageStatus::Cancelled, reason),
+        DeliveryResult::Bounced { reason } => OutcomeColumns {
+            attempted: true,
+            ..not_tried(MessageStatus::Suppressed, reason)
+        },
     }
 }

@@ -235,6 +235,9 @@ delegate! {
     /// Opts a contact out of a channel (`true`) or back in (`false`); returns whether anything changed.
     fn set_opt_out(&self, contact_id: String, channel: Channel, opted_out: bool, source: String, now_ms: i64) -> bool;
     fn opt_outs(&self, contact_id: String) -> Vec<OptOutRow>;
+    /// Opts every contact with this email address (any case) out of email, with `source` (a
+    /// provider's bounce or complaint); returns their ids.
+    fn suppress_email_address(&self, address: String, source: String, now_ms: i64) -> Vec<String>;
     /// Ids of the contacts whose phone is this E.164 number (inbound SMS keywords).
     fn contacts_by_phone(&self, phone: String) -> Vec<String>;
     fn link_audit(&self, contact_id: Option<String>, limit: i64) -> Vec<LinkAuditRow>;

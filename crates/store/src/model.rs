@@ -327,6 +327,11 @@ pub enum DeliveryResult {
     Cancelled {
         reason: String,
     },
+    /// The receiving server said the mailbox does not exist: the message is `suppressed` and
+    /// the contact opted out of email (source `bounced`) in the same write.
+    Bounced {
+        reason: String,
+    },
 }
 
 #[derive(Debug, Clone)]

@@ -410,6 +410,54 @@ pub async fn export(
     })))
 }
 
+/// `POST /v1/suppressions` body: an address a provider reported.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Suppression {
+    email: String,
+    reason: SuppressionReason,
+}
+
+#[derive(Debug, Clone, Copy, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum SuppressionReason {
+    Bounced,
+    Complaint,
+}
+
+/// `POST /v1/suppressions` `{"email": …, "reason": "bounced" | "complaint"}`: a bounce or a
+/// complaint reported by a provider; every contact with that address is opted out of email.
+pub async fn suppress(
+    State(state): State<AppState>,
+    body: Result<Json<Suppression>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(s) = body.map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, e.body_text()).with(
+            "hint",
+            r#"send {"email": "ann@example.com", "reason": "bounced"} (or "complaint")"#,
+        )
+    })?;
+    let email = s.email.trim();
+    if email.is_empty() || !email.contains('@') || email.len() > 320 {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("{email:?} is not an email address"),
+        )
+        .with("field", "email"));
+    }
+    let source = match s.reason {
+        SuppressionReason::Bounced => "bounced",
+        SuppressionReason::Complaint => "complaint",
+    };
+    let contacts = state
+        .store
+        .suppress_email_address(email.to_owned(), source.into(), state.clock.now_ms())
+        .await?;
+    Ok(Json(
+        json!({ "email": email, "reason": source, "contacts": contacts }),
+    ))
+}
+
 /// How many of each kind of record a timeline shows (the newest).
 const TIMELINE_LIMIT: i64 = 500;
 

@@ -43,6 +43,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/contacts/{id}", get(admin::contact))
         .route("/v1/contacts/{id}/timeline", get(admin::timeline))
         .route("/v1/contacts/{id}/export", get(admin::export))
+        .route("/v1/suppressions", post(admin::suppress))
         .route("/v1/workflows/reload", post(admin::reload))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

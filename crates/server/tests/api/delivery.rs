@@ -468,14 +468,15 @@ async fn permanent_smtp_failure_fails_at_once(backend: Backend) {
     let Some(app) = spawn_app(opts).await else {
         return;
     };
-    app.sink().fail_next(1, Stage::Rcpt, 550);
+    // (A 550 5.1.1, no such mailbox, is a bounce: see the opt-out tests.)
+    app.sink().fail_next(1, Stage::Rcpt, 554);
     app.accept(&new_signup(contact("c_550", "Ann"))).await;
     let rows = app.wait_for_status(1, MessageStatus::Failed).await;
     let m = &rows[0];
     assert_eq!(m.attempts, 1, "a permanent failure was retried: {m:#?}");
     let reason = m.reason.clone().unwrap_or_default();
     assert!(
-        reason.contains("550") || reason.contains("Mailbox unavailable"),
+        reason.contains("554") && reason.contains("5.7.1"),
         "the reason should carry the SMTP answer: {reason}"
     );
     assert!(m.sent_ms.is_none());

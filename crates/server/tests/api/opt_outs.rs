@@ -21,6 +21,8 @@ both_backends!(
     stop_applies_to_every_contact_with_that_phone,
     queued_sms_is_suppressed_after_stop_and_start_resumes,
     unsubscribe_stops_marketing_but_not_transactional_email,
+    a_mailbox_that_does_not_exist_gets_no_further_email,
+    a_complaint_reported_by_the_provider_suppresses_the_address,
 );
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -852,4 +854,124 @@ steps:
         .map(|m| m.parse().subject)
         .collect();
     assert_eq!(subjects, ["Welcome", "Your access to Rust Pro"]);
+}
+
+/// A 550 5.1.1 (no such mailbox) suppresses the address: that message is `suppressed` with reason
+/// bounced, the contact is opted out of email, and later emails are not attempted.
+async fn a_mailbox_that_does_not_exist_gets_no_further_email(backend: Backend) {
+    const TWO_EMAILS: &str = r#"
+name: Welcome and a reminder
+trigger:
+  event: offer_access_granted
+steps:
+  - id: welcome
+    send_email:
+      subject: "Welcome"
+      text: "Hi"
+  - wait: 1d
+  - id: reminder
+    send_email:
+      subject: "Reminder"
+      text: "Still there?"
+"#;
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("welcome", TWO_EMAILS);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.sink().fail_next(1, crate::smtp_sink::Stage::Rcpt, 550);
+    app.accept(&offer_granted(contact("c_nomailbox", "Ann"), "o_pro"))
+        .await;
+    let rows = app.wait_for_status(1, MessageStatus::Suppressed).await;
+    assert!(
+        rows[0]
+            .reason
+            .as_deref()
+            .is_some_and(|r| r.starts_with("bounced") && r.contains("5.1.1")),
+        "{rows:?}"
+    );
+    assert_eq!(rows[0].attempts, 1, "it was tried once");
+    assert_eq!(
+        app.opted_out_channels("c_nomailbox").await,
+        [Channel::Email]
+    );
+
+    app.advance(2 * DAY);
+    app.settle().await;
+    let messages = app.messages_of("c_nomailbox").await;
+    assert_eq!(messages.len(), 2, "{messages:?}");
+    assert!(
+        messages
+            .iter()
+            .all(|m| m.status == MessageStatus::Suppressed),
+        "{messages:?}"
+    );
+    assert_eq!(app.sink().count(), 0);
+    assert_eq!(
+        app.sink().refusals().len(),
+        1,
+        "the reminder was never attempted"
+    );
+}
+
+async fn a_complaint_reported_by_the_provider_suppresses_the_address(backend: Backend) {
+    let opts = TestOptions::new(backend)
+        .admin_token(ADMIN_TOKEN)
+        .workflow("signup", &one_email_workflow("new_signup", "Hi", false))
+        .workflow(
+            "lesson",
+            &one_email_workflow("lesson_completed", "Well done", false),
+        );
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    let ann = contact("c_complains", "Ann");
+    app.accept(&new_signup(ann.clone())).await;
+    app.wait_for_mails(1).await;
+    let post = |body: Value| {
+        app.client
+            .post(app.url("/v1/suppressions"))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+    };
+    let r = post(json!({"email": "C_Complains@Example.com", "reason": "complaint"}))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: Value = r.json().await.unwrap();
+    assert_eq!(body["contacts"], json!(["c_complains"]), "{body}");
+    assert_eq!(
+        app.opted_out_channels("c_complains").await,
+        [Channel::Email]
+    );
+
+    app.accept(&lesson_completed(ann, "p_rust101", "Ownership"))
+        .await;
+    app.settle().await;
+    let statuses: Vec<MessageStatus> = app
+        .messages_of("c_complains")
+        .await
+        .into_iter()
+        .map(|m| m.status)
+        .collect();
+    assert!(
+        statuses.contains(&MessageStatus::Suppressed),
+        "{statuses:?}"
+    );
+    assert_eq!(app.sink().count(), 1, "nothing after the complaint");
+
+    // Bad requests are refused with a reason; nothing changes.
+    for bad in [
+        json!({"email": "x@example.com"}),
+        json!({"email": "x@example.com", "reason": "spam"}),
+        json!({"email": "no-at-sign", "reason": "bounced"}),
+        json!({"email": "x@example.com", "reason": "bounced", "extra": 1}),
+    ] {
+        let r = post(bad.clone()).await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        let body: Value = r.json().await.unwrap();
+        assert!(body["error"].is_string(), "{body}");
+    }
 }

@@ -31,6 +31,32 @@ impl PgStore {
         Ok(changed.rows_affected() > 0)
     }
 
+    pub async fn suppress_email_address(
+        &self,
+        address: String,
+        source: String,
+        now_ms: i64,
+    ) -> Result<Vec<String>> {
+        let mut tx = self.pool.begin().await?;
+        let ids: Vec<String> = sqlx::query_scalar(
+            "SELECT id FROM contacts WHERE lower(email) = lower($1) ORDER BY id",
+        )
+        .bind(&address)
+        .fetch_all(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO opt_outs (contact_id, channel, source, at_ms)
+             SELECT id, 'email', $2, $3 FROM UNNEST($1::text[]) AS u(id) ON CONFLICT DO NOTHING",
+        )
+        .bind(&ids)
+        .bind(&source)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ids)
+    }
+
     pub async fn opt_outs(&self, contact_id: String) -> Result<Vec<OptOutRow>> {
         let rows = sqlx::query(
             "SELECT channel, source, at_ms FROM opt_outs WHERE contact_id = $1 ORDER BY channel",

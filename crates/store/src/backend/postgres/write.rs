@@ -3,6 +3,7 @@
 //! trips of a call do not grow with the size of its batch.
 
 use super::{PgStore, contact_at, retrying, sql_limit};
+use crate::DeliveryResult;
 use crate::decode::{channel, outcome_columns, parse_stored_event, run_state};
 use crate::{
     Accepted, ClaimedMessage, ClaimedRun, DispatchInput, EnrollmentCounts, LiveRun, MailboxItem,
@@ -394,8 +395,10 @@ impl PgStore {
             Vec::with_capacity(n),
         );
         let mut segments = Vec::with_capacity(n);
+        let mut attempted = Vec::with_capacity(n);
         for o in &outcomes {
             let c = outcome_columns(&o.result, now_ms);
+            attempted.push(c.attempted);
             ids.push(o.message_id.as_str());
             tokens.push(o.lease_token.as_str());
             statuses.push(c.status.as_str());
@@ -412,10 +415,10 @@ impl PgStore {
                     provider_id = COALESCE(u.provider_id, messages.provider_id),
                     sent_ms = COALESCE(u.sent_ms, messages.sent_ms), subject = COALESCE(u.subject, messages.subject),
                     segments = COALESCE(u.segments, messages.segments),
-                    attempts = messages.attempts + CASE WHEN u.status IN ('suppressed', 'skipped', 'cancelled') THEN 0 ELSE 1 END,
+                    attempts = messages.attempts + CASE WHEN u.attempted THEN 1 ELSE 0 END,
                     updated_ms = $9, locked_until_ms = NULL, lease_token = NULL
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::int8[], $8::text[], $10::int8[])
-                  WITH ORDINALITY AS u(id, token, status, reason, due_ms, provider_id, sent_ms, subject, segments, n)
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::int8[], $8::text[], $10::int8[], $11::bool[])
+                  WITH ORDINALITY AS u(id, token, status, reason, due_ms, provider_id, sent_ms, subject, segments, attempted, n)
              WHERE messages.id = u.id AND messages.lease_token = u.token
              RETURNING u.n",
         )
@@ -429,6 +432,7 @@ impl PgStore {
         .bind(&subjects)
         .bind(now_ms)
         .bind(&segments)
+        .bind(&attempted)
         .fetch_all(&mut *tx)
         .await?
         .iter()
@@ -436,7 +440,11 @@ impl PgStore {
         .collect();
 
         let mut mail = MailColumns::default();
+        let mut bounced = Vec::new();
         for (n, o) in (1..).zip(&outcomes) {
+            if updated.contains(&n) && matches!(o.result, DeliveryResult::Bounced { .. }) {
+                bounced.push(o.message_id.as_str());
+            }
             if !updated.contains(&n) {
                 tracing::warn!(message = %o.message_id, "message lease lost before delivery finished; outcome dropped");
             } else if let Some(m) = &o.mailbox {
@@ -467,6 +475,17 @@ impl PgStore {
             .bind(&mail.texts)
             .bind(&mail.htmls)
             .bind(&mail.created)
+            .execute(&mut *tx)
+            .await?;
+        }
+        if !bounced.is_empty() {
+            sqlx::query(
+                "INSERT INTO opt_outs (contact_id, channel, source, at_ms)
+                 SELECT DISTINCT contact_id, 'email', 'bounced', $1::int8 FROM messages WHERE id = ANY($2)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(now_ms)
+            .bind(&bounced)
             .execute(&mut *tx)
             .await?;
         }

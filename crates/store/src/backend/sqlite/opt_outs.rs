@@ -32,6 +32,32 @@ impl SqliteStore {
         Ok(changed.rows_affected() > 0)
     }
 
+    pub async fn suppress_email_address(
+        &self,
+        address: String,
+        source: String,
+        now_ms: i64,
+    ) -> Result<Vec<String>> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, super::write::BEGIN).await?;
+        let ids: Vec<String> =
+            sqlx::query_scalar("SELECT id FROM contacts WHERE lower(email) = lower(?) ORDER BY id")
+                .bind(&address)
+                .fetch_all(&mut *tx)
+                .await?;
+        sqlx::query(
+            "INSERT INTO opt_outs (contact_id, channel, source, at_ms)
+             SELECT value, 'email', ?2, ?3 FROM json_each(?1) WHERE true ON CONFLICT DO NOTHING",
+        )
+        .bind(serde_json::to_string(&ids).expect("strings serialize"))
+        .bind(&source)
+        .bind(now_ms)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(ids)
+    }
+
     pub async fn opt_outs(&self, contact_id: String) -> Result<Vec<OptOutRow>> {
         let rows = sqlx::query(
             "SELECT channel, source, at_ms FROM opt_outs WHERE contact_id = ? ORDER BY channel",

@@ -1,6 +1,7 @@
 //! Every write of the SQLite backend, each one transaction on the writer connection.
 
 use super::{SqliteStore, json_list, json_rows};
+use crate::DeliveryResult;
 use crate::decode::{channel, outcome_columns, parse_stored_event, run_state};
 use crate::{
     Accepted, ClaimedMessage, ClaimedRun, DispatchInput, EnrollmentCounts, LiveRun, MailboxItem,
@@ -378,6 +379,19 @@ impl SqliteStore {
         for m in written.iter().filter_map(|o| o.mailbox.as_ref()) {
             insert_mailbox(&mut tx, m).await?;
         }
+        let bounced = bounced_ids(&written);
+        if !bounced.is_empty() {
+            sqlx::query(
+                "INSERT INTO opt_outs (contact_id, channel, source, at_ms)
+                 SELECT contact_id, 'email', 'bounced', ?1 FROM messages
+                 WHERE id IN (SELECT value FROM json_each(?2))
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(now_ms)
+            .bind(json_list(bounced.iter().copied()))
+            .execute(&mut *tx)
+            .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
@@ -698,6 +712,15 @@ async fn insert_run_effects(
         .await?;
     }
     Ok(())
+}
+
+/// The ids of the outcomes that bounced (the mailbox does not exist).
+fn bounced_ids<'a>(outcomes: &[&'a MessageOutcome]) -> Vec<&'a str> {
+    outcomes
+        .iter()
+        .filter(|o| matches!(o.result, DeliveryResult::Bounced { .. }))
+        .map(|o| o.message_id.as_str())
+        .collect()
 }
 
 /// Revokes the learner links and ends the learner sessions of those of `contacts` that hold no
