@@ -1,0 +1,12 @@
+//! herald as its users run it: real `herald serve` and `herald worker` processes (the binary this
+//! package builds, started as child processes), a real SMTP server, SQLite and PostgreSQL. What
+//! in-process tests cannot show is tested here: a `kill -9` in the middle of a burst of login-link
+//! welcomes, several processes sharing one PostgreSQL database, a worker whose links the HTTP
+//! process must accept, and a reload on one process reaching the others.
+
+mod harness;
+#[path = "../../../server/tests/api/smtp_sink.rs"]
+mod smtp_sink;
+
+mod crash;
+mod scale_out;
