@@ -36,6 +36,9 @@ pub enum Command {
         /// A CloudEvents JSON file.
         #[arg(long)]
         event: PathBuf,
+        /// Also print the workflow as a Mermaid flowchart (paste it into GitHub, GitLab or a wiki).
+        #[arg(long)]
+        diagram: bool,
     },
     /// Sign and post events (a JSON object or array), as a course platform would.
     SendEvent {

@@ -23,7 +23,11 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
         Command::Serve { dev } => serve::serve(config, dev).await,
         Command::Worker => serve::worker(config).await,
         Command::Check => check::check(&config),
-        Command::Preview { workflow, event } => preview::preview(&config, &workflow, &event),
+        Command::Preview {
+            workflow,
+            event,
+            diagram,
+        } => preview::preview(&config, &workflow, &event, diagram),
         Command::SendEvent { file, url } => send_event::send_event(&config, &file, url).await,
         Command::Links { action } => links::links(&config, action).await,
         Command::Migrate => {

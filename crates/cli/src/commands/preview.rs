@@ -1,4 +1,5 @@
-//! `herald preview WORKFLOW --event FILE`: render every send step for an event; send nothing.
+//! `herald preview WORKFLOW --event FILE [--diagram]`: render every send step for an event (and,
+//! asked, draw the workflow as a Mermaid flowchart); send nothing.
 
 use crate::config::Config;
 use anyhow::{Context, Result, bail};
@@ -8,7 +9,7 @@ use herald_engine::registry::{Sources, read_bundles};
 use std::path::Path;
 use std::process::ExitCode;
 
-pub fn preview(config: &Config, id: &str, event_file: &Path) -> Result<ExitCode> {
+pub fn preview(config: &Config, id: &str, event_file: &Path, diagram: bool) -> Result<ExitCode> {
     let sources = Sources {
         workflows: config.workflows.clone(),
         templates: config.templates.clone(),
@@ -27,6 +28,12 @@ pub fn preview(config: &Config, id: &str, event_file: &Path) -> Result<ExitCode>
             bail!("workflow {id} does not check");
         }
     };
+    if diagram {
+        println!(
+            "── {id} as a Mermaid flowchart\n```mermaid\n{}```\n",
+            wf.mermaid()
+        );
+    }
     let body = std::fs::read(event_file)
         .with_context(|| format!("cannot read {}", event_file.display()))?;
     let event = parse_body(BodyKind::Single, &body, chrono::Utc::now())

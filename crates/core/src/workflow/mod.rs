@@ -11,6 +11,7 @@
 mod bundle;
 mod compile;
 mod condition;
+mod diagram;
 mod parse;
 mod time;
 

@@ -965,3 +965,39 @@ fn category_is_marketing_unless_transactional() {
         "{e:?}"
     );
 }
+
+#[test]
+fn the_diagram_shows_every_step_and_both_branches() {
+    let yaml = with_steps(
+        "trigger: {event: [offer_access_granted, new_signup]}",
+        &[
+            "  - id: hello",
+            "    send_email: {subject: Hi, text: Hello}",
+            "  - wait: 2d",
+            "  - id: check",
+            "    if: {field: offer.id, equals: o_pro}",
+            "    then:",
+            "      - id: pro_tip",
+            "        send_sms: {body: \"Tip \\\"one\\\"\"}",
+            "    else:",
+            "      - wait: {event: lesson_completed, timeout: 3d}",
+        ],
+    );
+    let diagram = compiled(&yaml).mermaid();
+    for expected in [
+        "flowchart TD",
+        r#"start(["offer_access_granted or new_signup"]) --> s0"#,
+        r#"s0["email: hello"]"#,
+        r#"s1[/"wait 2d"/]"#,
+        "s2 -->|yes| s3",
+        r#"s3["SMS: pro_tip"]"#,
+        r#"wait for lesson_completed, at most 3d"#,
+        "done([done])",
+    ] {
+        assert!(
+            diagram.contains(expected),
+            "missing {expected:?} in:\n{diagram}"
+        );
+    }
+    assert!(diagram.contains("s2 -->|no| s5"), "{diagram}");
+}
