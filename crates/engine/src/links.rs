@@ -96,6 +96,7 @@ impl LinkPolicy {
         store
             .regenerate_link(
                 self.learner_link(token.hash, contact_id, None, now_ms),
+                None,
                 now_ms,
             )
             .await?;
@@ -152,9 +153,14 @@ impl LinkPolicy {
                 max_uses: None,
                 expires_ms: None,
             };
-            store.regenerate_link(link, now_ms).await?;
+            // The new link and its generation together: a crash between them would leave a
+            // generation whose link was never stored.
             store
-                .set_site_value("user_link_generation".into(), generation.to_string())
+                .regenerate_link(
+                    link,
+                    Some(("user_link_generation".into(), generation.to_string())),
+                    now_ms,
+                )
                 .await?;
         }
         Ok(self.url(&raw))

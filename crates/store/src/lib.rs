@@ -209,9 +209,9 @@ delegate! {
     /// Returns, per link, whether it was (a contact without a grant gets none).
     fn mint_message_links(&self, links: Vec<NewLink>, now_ms: i64) -> Vec<bool>;
     /// Revokes every live link of the contact (learner) or the site's user link (`None`) and ends
-    /// every session of that kind and contact, then stores `link`: regeneration, in one
-    /// transaction.
-    fn regenerate_link(&self, link: NewLink, now_ms: i64) -> ();
+    /// every session of that kind and contact, then stores `link` and, if given, a site value
+    /// (the staff link's generation): regeneration, in one transaction.
+    fn regenerate_link(&self, link: NewLink, site_value: Option<(String, String)>, now_ms: i64) -> ();
     /// Read-only: would this link open the portal now? (GET /l/{token} changes nothing.)
     fn check_link(&self, token_hash: String, now_ms: i64) -> Result<LinkHolder, (LinkRefusal, Option<String>)>;
     /// Redeems a link atomically: validity, use count and entitlement are checked by the statement

@@ -2738,7 +2738,7 @@ async fn magic_links_regenerate_sessions_and_site_values(db: &TestDb) {
     s.mint_link(learner_link("b1", "c2", None, None, None), T0)
         .await
         .unwrap();
-    s.regenerate_link(user_link("u1"), T0).await.unwrap();
+    s.regenerate_link(user_link("u1"), None, T0).await.unwrap();
     assert_eq!(
         s.check_link("u1".into(), T0).await.unwrap(),
         Ok(LinkHolder {
@@ -2748,7 +2748,7 @@ async fn magic_links_regenerate_sessions_and_site_values(db: &TestDb) {
     );
 
     // Regenerating a learner's link revokes all of theirs and nobody else's.
-    s.regenerate_link(learner_link("a3", "c1", None, None, None), T0 + 1)
+    s.regenerate_link(learner_link("a3", "c1", None, None, None), None, T0 + 1)
         .await
         .unwrap();
     for old in ["a1", "a2"] {
@@ -2779,7 +2779,20 @@ async fn magic_links_regenerate_sessions_and_site_values(db: &TestDb) {
     assert_eq!(revoked, Err((LinkRefusal::Revoked, Some("c1".into()))));
 
     // Regenerating the user link revokes only the user link; a user redemption stores no event.
-    s.regenerate_link(user_link("u2"), T0 + 3).await.unwrap();
+    s.regenerate_link(
+        user_link("u2"),
+        Some(("user_link_generation".into(), "2".into())),
+        T0 + 3,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.site_value("user_link_generation".into(), "0".into())
+            .await
+            .unwrap(),
+        "2",
+        "the site value is written with the link"
+    );
     assert_eq!(
         s.check_link("u1".into(), T0 + 4).await.unwrap(),
         Err((LinkRefusal::Revoked, None))

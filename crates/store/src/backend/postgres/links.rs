@@ -103,7 +103,12 @@ impl PgStore {
         Ok(minted)
     }
 
-    pub async fn regenerate_link(&self, link: NewLink, now_ms: i64) -> Result<()> {
+    pub async fn regenerate_link(
+        &self,
+        link: NewLink,
+        site_value: Option<(String, String)>,
+        now_ms: i64,
+    ) -> Result<()> {
         let mut tx = self.pool.begin().await?;
         sqlx::query(
             "UPDATE magic_links SET revoked_ms = $1 WHERE revoked_ms IS NULL AND kind = $2
@@ -126,6 +131,13 @@ impl PgStore {
         .execute(&mut *tx)
         .await?;
         insert_link(&mut tx, &link, now_ms).await?;
+        if let Some((name, value)) = &site_value {
+            sqlx::query("INSERT INTO site (name, value) VALUES ($1, $2) ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+                .bind(name)
+                .bind(value)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }

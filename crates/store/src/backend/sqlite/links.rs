@@ -105,7 +105,12 @@ impl SqliteStore {
         Ok(minted)
     }
 
-    pub async fn regenerate_link(&self, link: NewLink, now_ms: i64) -> Result<()> {
+    pub async fn regenerate_link(
+        &self,
+        link: NewLink,
+        site_value: Option<(String, String)>,
+        now_ms: i64,
+    ) -> Result<()> {
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
         sqlx::query(
@@ -131,6 +136,13 @@ impl SqliteStore {
         .execute(&mut *tx)
         .await?;
         insert_link(&mut tx, &link, now_ms).await?;
+        if let Some((name, value)) = &site_value {
+            sqlx::query("INSERT INTO site (name, value) VALUES (?, ?) ON CONFLICT (name) DO UPDATE SET value = excluded.value")
+                .bind(name)
+                .bind(value)
+                .execute(&mut *tx)
+                .await?;
+        }
         tx.commit().await?;
         Ok(())
     }
