@@ -155,3 +155,72 @@ async fn a_run_started_on_a_reloaded_version_is_finished_by_another_process() {
     );
     assert!(!b.log_text().contains("is not loaded"), "{}", b.log_text());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_of_three_processes_killed_under_load_loses_nothing() {
+    let Some(site) = Site::new(true, &[("welcome", WELCOME_WITH_LINK)]).await else {
+        return;
+    };
+    let sink = SmtpSink::start().await;
+    sink.hold_after(100);
+    let mut a = Herald::start(&site, 0, Role::Serve, &sink.url(), "2s").await;
+    let b = Herald::start(&site, 1, Role::Serve, &sink.url(), "2s").await;
+    let _worker = Herald::start(&site, 2, Role::Worker, &sink.url(), "2s").await;
+    let ids: Vec<String> = (0..600).map(|i| format!("c_k_{i}")).collect();
+    for (k, chunk) in ids.chunks(100).enumerate() {
+        let events: Vec<_> = chunk.iter().map(|id| grant(id)).collect();
+        if k % 2 == 0 { &a } else { &b }.post(&events).await;
+    }
+    let in_flight = eventually(Duration::from_secs(30), async || {
+        sink.count() >= 100 && sink.held() > 0
+    })
+    .await;
+    assert!(
+        in_flight,
+        "never had sends in flight: {} sent",
+        sink.count()
+    );
+    a.kill();
+    let killed_at = Instant::now();
+    sink.release();
+    let all = eventually(Duration::from_secs(60), async || {
+        sink.received()
+            .iter()
+            .map(|m| m.rcpt_to[0].clone())
+            .collect::<HashSet<_>>()
+            .len()
+            == 600
+    })
+    .await;
+    assert!(all, "not every learner got a welcome after the kill");
+    eprintln!(
+        "one of three killed with sends in flight: all 600 delivered {:.1} s later, {} sent twice",
+        killed_at.elapsed().as_secs_f64(),
+        sink.count() - 600
+    );
+    let mut ids_of: std::collections::HashMap<String, HashSet<String>> = Default::default();
+    for m in sink.received() {
+        ids_of
+            .entry(m.rcpt_to[0].clone())
+            .or_default()
+            .insert(m.message_id());
+    }
+    assert!(
+        ids_of.values().all(|ids| ids.len() == 1),
+        "a learner got two different messages"
+    );
+    let messages = b.messages().await;
+    let sent = messages.iter().filter(|m| m["status"] == "sent").count();
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            b.messages()
+                .await
+                .iter()
+                .filter(|m| m["status"] == "sent")
+                .count()
+                == 600
+        })
+        .await,
+        "{sent} of 600 recorded as sent"
+    );
+}
