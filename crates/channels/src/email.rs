@@ -2,6 +2,7 @@
 //! fixed by the caller so that every retry of one message carries the same one.
 
 use crate::SendError;
+use crate::dkim::Dkim;
 use crate::smtp_pool::{Pool, Relay};
 use lettre::Message;
 use lettre::message::header::{HeaderName, HeaderValue};
@@ -43,6 +44,8 @@ pub const POOL_SIZE: u32 = 32;
 pub struct SmtpSender {
     /// The connections to the relay; cloning shares them.
     pool: Arc<Pool>,
+    /// Signs every message when configured.
+    dkim: Option<Arc<Dkim>>,
 }
 
 impl SmtpSender {
@@ -52,12 +55,22 @@ impl SmtpSender {
         let relay = Relay::from_url(url)?;
         Ok(Self {
             pool: Arc::new(Pool::new(relay, POOL_SIZE as usize)),
+            dkim: None,
         })
+    }
+
+    /// Signs every message sent with this DKIM configuration.
+    pub fn with_dkim(mut self, dkim: Dkim) -> Self {
+        self.dkim = Some(Arc::new(dkim));
+        self
     }
 
     /// Sends one email and classifies any failure.
     pub async fn send(&self, email: &OutgoingEmail) -> Result<(), SendError> {
-        let message = build_message(email)?;
+        let mut message = build_message(email)?;
+        if let Some(dkim) = &self.dkim {
+            dkim.sign(&mut message);
+        }
         self.pool
             .send(message.envelope(), &message.formatted())
             .await

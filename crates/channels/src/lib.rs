@@ -2,6 +2,7 @@
 //! transiently (retry later) or permanently (stop). Where the message goes when no provider is
 //! configured, the dev mailbox, is decided by the engine, which stores the copy in the database.
 
+pub mod dkim;
 pub mod email;
 pub mod sms;
 mod smtp_pool;

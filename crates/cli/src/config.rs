@@ -45,6 +45,11 @@ pub struct Config {
     #[serde(deserialize_with = "optional_secret")]
     pub sms_auth_token: Option<SecretString>,
     pub sms_from: Option<String>,
+    /// DKIM: the signing domain (`d=`), the selector (`s=`) and the file with the RSA private key
+    /// (PEM, PKCS#1 or PKCS#8); all three or none.
+    pub dkim_domain: Option<String>,
+    pub dkim_selector: Option<String>,
+    pub dkim_key: Option<PathBuf>,
     /// Comma-separated CIDRs of the proxies in front of herald whose `X-Forwarded-For` /
     /// `Forwarded` name the client (for per-client rate limits).
     pub trusted_proxies: Option<String>,
@@ -80,6 +85,9 @@ impl Default for Config {
             sms_auth_token: None,
             sms_from: None,
             trusted_proxies: None,
+            dkim_domain: None,
+            dkim_selector: None,
+            dkim_key: None,
             sms_opt_out_line: "Reply STOP to opt out".into(),
             learner_link_ttl: Duration::from_secs(24 * 3600),
             learner_link_uses: 5,
@@ -137,6 +145,34 @@ impl Config {
             .unwrap_or_else(|| format!("http://{}", self.listen))
             .trim_end_matches('/')
             .to_owned()
+    }
+
+    /// The DKIM signer, when configured; an error names what is missing or wrong.
+    pub fn dkim(&self) -> Result<Option<herald_channels::dkim::Dkim>> {
+        match (&self.dkim_domain, &self.dkim_selector, &self.dkim_key) {
+            (None, None, None) => Ok(None),
+            (Some(domain), Some(selector), Some(key)) => {
+                let pem = std::fs::read_to_string(key)
+                    .map_err(|e| anyhow!("HERALD_DKIM_KEY: cannot read {}: {e}", key.display()))?;
+                Ok(Some(herald_channels::dkim::Dkim::new(
+                    domain, selector, &pem,
+                )?))
+            }
+            _ => {
+                let missing: Vec<&str> = [
+                    (self.dkim_domain.is_none(), "HERALD_DKIM_DOMAIN"),
+                    (self.dkim_selector.is_none(), "HERALD_DKIM_SELECTOR"),
+                    (self.dkim_key.is_none(), "HERALD_DKIM_KEY"),
+                ]
+                .into_iter()
+                .filter_map(|(absent, name)| absent.then_some(name))
+                .collect();
+                Err(anyhow!(
+                    "DKIM needs HERALD_DKIM_DOMAIN, HERALD_DKIM_SELECTOR and HERALD_DKIM_KEY together; missing: {}",
+                    missing.join(", ")
+                ))
+            }
+        }
     }
 
     pub fn trusted_proxies(&self) -> Result<Vec<ipnet::IpNet>> {
@@ -429,6 +465,28 @@ mod tests {
             err.contains("learner_link_uses") && err.contains("out of range"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn dkim_needs_all_three_settings_and_a_readable_key() {
+        let config = load("", &[("HERALD_DKIM_DOMAIN", "school.example.com")]).unwrap();
+        let err = config.dkim().unwrap_err().to_string();
+        assert!(
+            err.contains("HERALD_DKIM_SELECTOR") && err.contains("HERALD_DKIM_KEY"),
+            "{err}"
+        );
+        let config = load(
+            "",
+            &[
+                ("HERALD_DKIM_DOMAIN", "school.example.com"),
+                ("HERALD_DKIM_SELECTOR", "s1"),
+                ("HERALD_DKIM_KEY", "/nonexistent/dkim.pem"),
+            ],
+        )
+        .unwrap();
+        let err = config.dkim().unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/dkim.pem"), "{err}");
+        assert!(load("", &[]).unwrap().dkim().unwrap().is_none());
     }
 
     #[test]

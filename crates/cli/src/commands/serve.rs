@@ -106,6 +106,14 @@ pub fn engine_config(config: &Config) -> Result<EngineConfig> {
         .map(|url| SmtpSender::from_url(url.expose_secret()))
         .transpose()
         .context("HERALD_SMTP_URL")?;
+    if let Some(dkim) = config.dkim()? {
+        match engine.smtp.take() {
+            Some(smtp) => engine.smtp = Some(smtp.with_dkim(dkim)),
+            None => tracing::warn!(
+                "DKIM is configured but HERALD_SMTP_URL is not: the dev mailbox is not signed"
+            ),
+        }
+    }
     engine.sms_opt_out_line = config.sms_opt_out_line.clone();
     engine.sms = match &config.sms_url {
         Some(url) => Some(herald_channels::sms::SmsSender::new(

@@ -109,6 +109,18 @@ impl Herald {
     /// sending email to `smtp_url`, and waits until it is healthy (a worker: until it has
     /// migrated and loaded, which a short pause after its start stands for).
     pub async fn start(site: &Site, n: usize, role: Role, smtp_url: &str, lease: &str) -> Self {
+        Self::start_with(site, n, role, smtp_url, lease, &[]).await
+    }
+
+    /// As [`Herald::start`], with more environment variables.
+    pub async fn start_with(
+        site: &Site,
+        n: usize,
+        role: Role,
+        smtp_url: &str,
+        lease: &str,
+        env: &[(&str, String)],
+    ) -> Self {
         install_crypto();
         let workflows = site.workflows(n);
         if n != 0 {
@@ -148,6 +160,7 @@ impl Herald {
         .env("HERALD_SMTP_URL", smtp_url)
         .env("HERALD_LEASE", lease)
         .env("HERALD_LOG", "warn,herald=info")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
