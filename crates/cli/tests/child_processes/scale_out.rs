@@ -145,13 +145,30 @@ async fn a_run_started_on_a_reloaded_version_is_finished_by_another_process() {
     let welcomed = eventually(Duration::from_secs(20), async || sink.count() >= 1).await;
     assert!(welcomed, "no welcome");
     a.kill();
-    let finished = eventually(Duration::from_secs(30), async || sink.count() >= 2).await;
+    let day_two = |sink: &SmtpSink| {
+        sink.received()
+            .iter()
+            .map(|m| m.parse().subject)
+            .find(|s| s.starts_with("Day two"))
+    };
+    let finished = eventually(Duration::from_secs(30), async || day_two(&sink).is_some()).await;
     assert!(finished, "B did not finish the run:\n{}", b.log_text());
-    let subjects: Vec<String> = sink.received().iter().map(|m| m.parse().subject).collect();
     assert_eq!(
-        subjects,
-        ["Welcome Ann", "Day two, new edition"],
+        day_two(&sink).as_deref(),
+        Some("Day two, new edition"),
         "the run went on with the version it was started on"
+    );
+    // A welcome accepted but not recorded before the kill is sent again, as the same message.
+    let welcomes: HashSet<String> = sink
+        .received()
+        .iter()
+        .filter(|m| m.parse().subject == "Welcome Ann")
+        .map(|m| m.message_id())
+        .collect();
+    assert_eq!(
+        welcomes.len(),
+        1,
+        "one welcome message, whatever its repeats"
     );
     assert!(!b.log_text().contains("is not loaded"), "{}", b.log_text());
 }
