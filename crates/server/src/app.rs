@@ -72,6 +72,9 @@ impl Application {
                 url: redact_url(&settings.database_url),
                 source,
             })?;
+        // The same site secret keys the erased contacts' address hashes (the hash separates
+        // the two uses).
+        store.set_address_key(herald_store::AddressKey::new(key.clone().into_bytes()));
         settings.engine.unsubscribe =
             herald_engine::unsubscribe::UnsubscribeKey::new(key.into_bytes());
         let custom: Vec<String> = settings.engine.custom_values.keys().cloned().collect();

@@ -9,12 +9,14 @@
 mod announce;
 pub mod backend;
 mod decode;
+mod erasure;
 mod ingest;
 pub mod model;
 mod projection;
 
 pub use announce::{Announcements, Heard, Signals};
 pub use backend::Backend;
+pub use erasure::{AddressKey, Erased};
 pub use model::*;
 
 use std::sync::Arc;
@@ -34,6 +36,8 @@ pub enum StoreError {
     Batch(String),
     #[error("the store is shutting down")]
     Closed,
+    #[error("the store is not ready for this: {0}")]
+    NotConfigured(&'static str),
 }
 
 impl StoreError {
@@ -76,6 +80,9 @@ pub struct Store {
     backend: Arc<Backend>,
     ingest: ingest::Ingestor,
     announcer: Arc<announce::Announcer>,
+    /// Hashes the addresses of erased contacts who had opted out; set once the site's secret is
+    /// known (see [`Store::set_address_key`]).
+    address_key: Arc<std::sync::OnceLock<AddressKey>>,
 }
 
 /// The planner the dispatcher runs inside its transaction: pure, synchronous, given the batch
@@ -92,7 +99,50 @@ impl Store {
             ingest: ingest::Ingestor::start(backend.clone(), announcer.clone()),
             announcer,
             backend,
+            address_key: Arc::default(),
         })
+    }
+
+    /// The key of the erased contacts' address hashes (a site secret). Until it is set, dispatch
+    /// does not look for erased addresses and erasure is refused; the first key set stays.
+    pub fn set_address_key(&self, key: AddressKey) {
+        let _ = self.address_key.set(key);
+    }
+
+    /// Runs the planner over up to `limit` undispatched events and applies its plan together with
+    /// the membership projection, in one transaction (a contact whose address belonged to an
+    /// erased, opted-out contact is opted out again). Returns how many events it dispatched.
+    pub async fn dispatch(
+        &self,
+        limit: i64,
+        now_ms: i64,
+        window_start_ms: i64,
+        planner: Planner<'_>,
+    ) -> Result<usize> {
+        let key = self.address_key.get();
+        match &*self.backend {
+            Backend::Sqlite(b) => {
+                b.dispatch(limit, now_ms, window_start_ms, planner, key)
+                    .await
+            }
+            Backend::Postgres(b) => {
+                b.dispatch(limit, now_ms, window_start_ms, planner, key)
+                    .await
+            }
+        }
+    }
+
+    /// Removes everything herald holds on a contact, in one transaction, keeping only the keyed
+    /// hash of each address they had opted out of. `None` for an unknown contact.
+    pub async fn erase_contact(&self, contact_id: String, now_ms: i64) -> Result<Option<Erased>> {
+        let key = self
+            .address_key
+            .get()
+            .ok_or(StoreError::NotConfigured("no address key set"))?;
+        match &*self.backend {
+            Backend::Sqlite(b) => b.erase_contact(contact_id, key, now_ms).await,
+            Backend::Postgres(b) => b.erase_contact(contact_id, key, now_ms).await,
+        }
     }
 
     /// Tells the other processes on this database that there is work or news (returns at once;
@@ -145,9 +195,6 @@ macro_rules! delegate {
 delegate! {
     /// Checks that the database answers (for `/healthz`).
     fn ping(&self) -> ();
-    /// Runs the planner over up to `limit` undispatched events and applies its plan together with
-    /// the membership projection, in one transaction. Returns how many events it dispatched.
-    fn dispatch(&self, limit: i64, now_ms: i64, window_start_ms: i64, planner: Planner<'_>) -> usize;
     /// Claims up to `limit` runs due at `now_ms` under a lease of `lease_ms`.
     fn claim_runs(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Vec<ClaimedRun>;
     /// Writes advanced runs whose lease still holds; the others are dropped (the lease was lost).

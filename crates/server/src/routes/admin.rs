@@ -410,6 +410,27 @@ pub async fn export(
     })))
 }
 
+/// `DELETE /v1/contacts/{id}`: everything herald holds on the contact is removed (details,
+/// grants, events, runs, messages, links, sessions, opt-outs, dev-mailbox copies). Only an
+/// address they had opted out of is kept, as a keyed hash, so a later event with it cannot
+/// subscribe them again.
+pub async fn erase(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    match state
+        .store
+        .erase_contact(id.clone(), state.clock.now_ms())
+        .await?
+    {
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no contact {id:?}"),
+        )),
+        Some(erased) => Ok(Json(json!({ "id": id, "erased": erased }))),
+    }
+}
+
 /// `POST /v1/suppressions` body: an address a provider reported.
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -40,7 +40,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/runs/{id}/cancel", post(admin::cancel_run))
         .route("/v1/events", get(admin::events))
         .route("/v1/runs", get(admin::runs))
-        .route("/v1/contacts/{id}", get(admin::contact))
+        .route(
+            "/v1/contacts/{id}",
+            get(admin::contact).delete(admin::erase),
+        )
         .route("/v1/contacts/{id}/timeline", get(admin::timeline))
         .route("/v1/contacts/{id}/export", get(admin::export))
         .route("/v1/suppressions", post(admin::suppress))

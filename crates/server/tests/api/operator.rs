@@ -1,6 +1,7 @@
 //! What an operator does to runs and messages through the admin API: cancel a run (its queued
 //! messages are cancelled, nothing more is sent), and retry failed messages once the relay is
-//! back (the same Message-ID, a fresh attempt count), and read a contact's timeline.
+//! back (the same Message-ID, a fresh attempt count), read a contact's timeline and export, and
+//! erase a contact.
 
 use crate::helpers::*;
 use crate::link_helpers::ADMIN_TOKEN;
@@ -12,6 +13,7 @@ both_backends!(
     cancelling_a_run_during_its_wait_sends_nothing_more,
     failed_messages_are_retried_once_the_relay_is_back,
     a_contacts_timeline_tells_what_happened_in_order,
+    erasure_removes_everything_but_keeps_an_opt_out,
 );
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -208,4 +210,94 @@ async fn a_contacts_timeline_tells_what_happened_in_order(backend: Backend) {
     assert_eq!(export["grants"][0]["id"], "o_pro");
     let (status, _) = app.admin_get("/v1/contacts/nobody/export").await;
     assert_eq!(status, 404);
+}
+
+async fn admin_delete(app: &TestApp, path: &str) -> (u16, serde_json::Value) {
+    let r = app
+        .client
+        .delete(app.url(path))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("DELETE");
+    let status = r.status().as_u16();
+    (status, r.json().await.unwrap_or_default())
+}
+
+/// Export, then erase: the contact, their events, runs and messages are gone. Their address,
+/// which had unsubscribed, stays suppressed when the same person comes back; another erased
+/// contact who had not unsubscribed is welcomed again like anyone new.
+async fn erasure_removes_everything_but_keeps_an_opt_out(backend: Backend) {
+    let opts = TestOptions::new(backend)
+        .admin_token(ADMIN_TOKEN)
+        .workflow("welcome", WELCOME);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    for id in ["c_gone", "c_back"] {
+        app.accept(&offer_granted(contact(id, "Ann"), "o_pro"))
+            .await;
+    }
+    app.wait_for_mails(2).await;
+    app.settle().await;
+    let (status, _) = app.admin_post("/v1/contacts/c_gone/magic-link").await;
+    assert_eq!(status, 200);
+    // c_gone unsubscribes (as an operator records it for them).
+    let changed = app
+        .store
+        .set_opt_out(
+            "c_gone".into(),
+            herald_store::Channel::Email,
+            true,
+            "one_click".into(),
+            0,
+        )
+        .await
+        .unwrap();
+    assert!(changed);
+
+    let (status, export) = app.admin_get("/v1/contacts/c_gone/export").await;
+    assert_eq!(status, 200, "{export}");
+    for id in ["c_gone", "c_back"] {
+        let (status, body) = admin_delete(&app, &format!("/v1/contacts/{id}")).await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["erased"]["events"], 1, "{body}");
+        assert_eq!(body["erased"]["runs"], 1, "{body}");
+        assert_eq!(body["erased"]["messages"], 1, "{body}");
+    }
+    let (status, _) = app.admin_get("/v1/contacts/c_gone").await;
+    assert_eq!(status, 404);
+    assert!(app.messages_of("c_gone").await.is_empty());
+    assert!(app.runs_of("c_gone").await.is_empty());
+    let (status, _) = admin_delete(&app, "/v1/contacts/c_gone").await;
+    assert_eq!(status, 404, "erasing twice: nothing left");
+
+    // Both come back with the same addresses.
+    for id in ["c_gone", "c_back"] {
+        app.accept(&offer_granted(contact(id, "Ann"), "o_pro"))
+            .await;
+    }
+    app.settle().await;
+    let gone = app.messages_of("c_gone").await;
+    assert_eq!(gone.len(), 1);
+    assert_eq!(gone[0].status, MessageStatus::Suppressed, "{gone:?}");
+    let back = app.messages_of("c_back").await;
+    assert_eq!(back[0].status, MessageStatus::Sent, "{back:?}");
+    let mut to: Vec<String> = app
+        .sink()
+        .received()
+        .into_iter()
+        .flat_map(|m| m.rcpt_to)
+        .collect();
+    to.sort();
+    assert_eq!(
+        to,
+        [
+            "c_back@example.com",
+            "c_back@example.com",
+            "c_gone@example.com"
+        ]
+        .map(String::from),
+        "the unsubscribed address got nothing after coming back"
+    );
 }

@@ -1,6 +1,7 @@
 //! Opt-outs, PostgreSQL flavour.
 
 use super::PgStore;
+use crate::erasure::{AddressKey, Erased};
 use crate::{Channel, OptOutRow, Result, StoreError};
 use sqlx::Row;
 
@@ -55,6 +56,77 @@ impl PgStore {
         .await?;
         tx.commit().await?;
         Ok(ids)
+    }
+
+    pub async fn erase_contact(
+        &self,
+        contact_id: String,
+        key: &AddressKey,
+        now_ms: i64,
+    ) -> Result<Option<Erased>> {
+        let mut tx = self.pool.begin().await?;
+        let Some((email, phone)): Option<(Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT email, phone FROM contacts WHERE id = $1")
+                .bind(&contact_id)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let mut erased = Erased::default();
+        let opted_out: Vec<(String, String)> =
+            sqlx::query_as("SELECT channel, source FROM opt_outs WHERE contact_id = $1")
+                .bind(&contact_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        for (channel, source) in opted_out {
+            let channel = crate::decode::channel(&channel)?;
+            let address = match channel {
+                Channel::Email => email.as_deref(),
+                Channel::Sms => phone.as_deref(),
+            };
+            if let Some(address) = address.filter(|a| !a.trim().is_empty()) {
+                erased.suppressed_addresses += sqlx::query("INSERT INTO suppressed_addresses (address_hash, channel, source, at_ms) VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING")
+                    .bind(key.hash(channel, address))
+                    .bind(channel.as_str())
+                    .bind(&source)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+        }
+        // Children first: steps before their runs.
+        let counted = [
+            "DELETE FROM run_steps WHERE run_id IN (SELECT id FROM runs WHERE contact_id = $1)",
+            "DELETE FROM messages WHERE contact_id = $1",
+            "DELETE FROM runs WHERE contact_id = $1",
+            "DELETE FROM events WHERE contact_id = $1",
+            "DELETE FROM magic_links WHERE contact_id = $1",
+            "DELETE FROM sessions WHERE contact_id = $1",
+            "DELETE FROM link_audit WHERE contact_id = $1",
+            "DELETE FROM opt_outs WHERE contact_id = $1",
+            "DELETE FROM grants WHERE contact_id = $1",
+            "DELETE FROM contacts WHERE id = $1",
+        ];
+        let mut removed = Vec::with_capacity(counted.len());
+        for sql in counted {
+            removed.push(
+                sqlx::query(sql)
+                    .bind(&contact_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected(),
+            );
+        }
+        (erased.messages, erased.runs, erased.events) = (removed[1], removed[2], removed[3]);
+        sqlx::query("DELETE FROM mailbox WHERE recipient = $1 OR recipient = $2")
+            .bind(email.as_deref().unwrap_or_default())
+            .bind(phone.as_deref().unwrap_or_default())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(erased))
     }
 
     pub async fn opt_outs(&self, contact_id: String) -> Result<Vec<OptOutRow>> {

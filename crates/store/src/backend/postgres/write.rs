@@ -5,6 +5,7 @@
 use super::{PgStore, contact_at, retrying, sql_limit};
 use crate::DeliveryResult;
 use crate::decode::{channel, outcome_columns, parse_stored_event, run_state};
+use crate::erasure::AddressKey;
 use crate::{
     Accepted, ClaimedMessage, ClaimedRun, DispatchInput, EnrollmentCounts, LiveRun, MailboxItem,
     MessageOutcome, NewEvent, Planner, Result, RunAdvance, RunWrite, projection,
@@ -32,10 +33,11 @@ impl PgStore {
         now_ms: i64,
         window_start_ms: i64,
         planner: Planner<'_>,
+        address_key: Option<&AddressKey>,
     ) -> Result<usize> {
         retrying!(
             "dispatch",
-            self.try_dispatch(limit, now_ms, window_start_ms, planner)
+            self.try_dispatch(limit, now_ms, window_start_ms, planner, address_key)
         )
     }
 
@@ -45,6 +47,7 @@ impl PgStore {
         now_ms: i64,
         window_start_ms: i64,
         planner: Planner<'_>,
+        address_key: Option<&AddressKey>,
     ) -> Result<usize> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('herald.dispatch:' || COALESCE(current_schema(), ''), 0))")
@@ -65,6 +68,9 @@ impl PgStore {
         let contacts: Vec<&str> = distinct(events.iter().map(|(_, e)| e.contact_id()));
         project(&mut tx, &events).await?;
         end_learner_access(&mut tx, &projection::lost_an_offer(&events), now_ms).await?;
+        if let Some(key) = address_key {
+            opt_out_suppressed_addresses(&mut tx, key, &events, now_ms).await?;
+        }
         let contact_rows = sqlx::query(
             "SELECT id, email, phone, first_name, last_name, timezone, custom_fields FROM contacts WHERE id = ANY($1)",
         )
@@ -873,6 +879,45 @@ async fn insert_run_effects(
         .bind(now_ms)
         .execute(&mut *conn)
         .await?;
+    }
+    Ok(())
+}
+
+/// Opts the contacts of a batch out again where their address belongs to an erased contact who
+/// had opted out (kept as a keyed hash).
+async fn opt_out_suppressed_addresses(
+    conn: &mut PgConnection,
+    key: &AddressKey,
+    events: &[(i64, CourseEvent)],
+    now_ms: i64,
+) -> Result<()> {
+    let facts = projection::contacts(events);
+    let hashes = key.hashes_of(facts.iter().map(|c| (c.id, c.fields[0], c.fields[1])));
+    if hashes.is_empty() {
+        return Ok(());
+    }
+    let all: Vec<&str> = hashes.iter().map(|(_, _, h)| h.as_str()).collect();
+    let suppressed: HashMap<String, String> = sqlx::query_as(
+        "SELECT address_hash, source FROM suppressed_addresses WHERE address_hash = ANY($1)",
+    )
+    .bind(&all)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    for (contact, channel, hash) in &hashes {
+        if let Some(source) = suppressed.get(hash) {
+            sqlx::query(
+                "INSERT INTO opt_outs (contact_id, channel, source, at_ms) VALUES ($1, $2, $3, $4)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(contact)
+            .bind(channel.as_str())
+            .bind(source)
+            .bind(now_ms)
+            .execute(&mut *conn)
+            .await?;
+        }
     }
     Ok(())
 }

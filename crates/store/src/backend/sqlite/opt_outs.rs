@@ -1,6 +1,7 @@
 //! Opt-outs, SQLite flavour.
 
 use super::SqliteStore;
+use crate::erasure::{AddressKey, Erased};
 use crate::{Channel, OptOutRow, Result, StoreError};
 use sqlx::Row;
 
@@ -56,6 +57,78 @@ impl SqliteStore {
         .await?;
         tx.commit().await?;
         Ok(ids)
+    }
+
+    pub async fn erase_contact(
+        &self,
+        contact_id: String,
+        key: &AddressKey,
+        now_ms: i64,
+    ) -> Result<Option<Erased>> {
+        let mut conn = self.writer.lock().await;
+        let mut tx = sqlx::Connection::begin_with(&mut *conn, super::write::BEGIN).await?;
+        let Some((email, phone)): Option<(Option<String>, Option<String>)> =
+            sqlx::query_as("SELECT email, phone FROM contacts WHERE id = ?")
+                .bind(&contact_id)
+                .fetch_optional(&mut *tx)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let mut erased = Erased::default();
+        let opted_out: Vec<(String, String)> =
+            sqlx::query_as("SELECT channel, source FROM opt_outs WHERE contact_id = ?")
+                .bind(&contact_id)
+                .fetch_all(&mut *tx)
+                .await?;
+        for (channel, source) in opted_out {
+            let channel = crate::decode::channel(&channel)?;
+            let address = match channel {
+                Channel::Email => email.as_deref(),
+                Channel::Sms => phone.as_deref(),
+            };
+            if let Some(address) = address.filter(|a| !a.trim().is_empty()) {
+                erased.suppressed_addresses += sqlx::query("INSERT INTO suppressed_addresses (address_hash, channel, source, at_ms) VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING")
+                    .bind(key.hash(channel, address))
+                    .bind(channel.as_str())
+                    .bind(&source)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+            }
+        }
+        // Children first: steps before their runs.
+        let counted = [
+            "DELETE FROM run_steps WHERE run_id IN (SELECT id FROM runs WHERE contact_id = ?)",
+            "DELETE FROM messages WHERE contact_id = ?",
+            "DELETE FROM runs WHERE contact_id = ?",
+            "DELETE FROM events WHERE contact_id = ?",
+            "DELETE FROM magic_links WHERE contact_id = ?",
+            "DELETE FROM sessions WHERE contact_id = ?",
+            "DELETE FROM link_audit WHERE contact_id = ?",
+            "DELETE FROM opt_outs WHERE contact_id = ?",
+            "DELETE FROM grants WHERE contact_id = ?",
+            "DELETE FROM contacts WHERE id = ?",
+        ];
+        let mut removed = Vec::with_capacity(counted.len());
+        for sql in counted {
+            removed.push(
+                sqlx::query(sql)
+                    .bind(&contact_id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected(),
+            );
+        }
+        (erased.messages, erased.runs, erased.events) = (removed[1], removed[2], removed[3]);
+        sqlx::query("DELETE FROM mailbox WHERE recipient = ? OR recipient = ?")
+            .bind(email.as_deref().unwrap_or_default())
+            .bind(phone.as_deref().unwrap_or_default())
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        Ok(Some(erased))
     }
 
     pub async fn opt_outs(&self, contact_id: String) -> Result<Vec<OptOutRow>> {

@@ -3,6 +3,7 @@
 use super::{SqliteStore, json_list, json_rows};
 use crate::DeliveryResult;
 use crate::decode::{channel, outcome_columns, parse_stored_event, run_state};
+use crate::erasure::AddressKey;
 use crate::{
     Accepted, ClaimedMessage, ClaimedRun, DispatchInput, EnrollmentCounts, LiveRun, MailboxItem,
     MessageOutcome, NewEvent, Planner, Result, RunAdvance, RunWrite, projection,
@@ -29,6 +30,7 @@ impl SqliteStore {
         now_ms: i64,
         window_start_ms: i64,
         planner: Planner<'_>,
+        address_key: Option<&AddressKey>,
     ) -> Result<usize> {
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
@@ -48,6 +50,9 @@ impl SqliteStore {
         let contacts = json_list(events.iter().map(|(_, e)| e.contact_id()));
         project(&mut tx, &events).await?;
         end_learner_access(&mut tx, &projection::lost_an_offer(&events), now_ms).await?;
+        if let Some(key) = address_key {
+            opt_out_suppressed_addresses(&mut tx, key, &events, now_ms).await?;
+        }
         let contact_rows = sqlx::query(
             "SELECT id, email, phone, first_name, last_name, timezone, custom_fields FROM contacts
              WHERE id IN (SELECT value FROM json_each(?))",
@@ -721,6 +726,45 @@ fn bounced_ids<'a>(outcomes: &[&'a MessageOutcome]) -> Vec<&'a str> {
         .filter(|o| matches!(o.result, DeliveryResult::Bounced { .. }))
         .map(|o| o.message_id.as_str())
         .collect()
+}
+
+/// Opts the contacts of a batch out again where their address belongs to an erased contact who
+/// had opted out (kept as a keyed hash).
+async fn opt_out_suppressed_addresses(
+    conn: &mut SqliteConnection,
+    key: &AddressKey,
+    events: &[(i64, CourseEvent)],
+    now_ms: i64,
+) -> Result<()> {
+    let facts = projection::contacts(events);
+    let hashes = key.hashes_of(facts.iter().map(|c| (c.id, c.fields[0], c.fields[1])));
+    if hashes.is_empty() {
+        return Ok(());
+    }
+    let suppressed: HashMap<String, String> = sqlx::query_as(
+        "SELECT address_hash, source FROM suppressed_addresses
+         WHERE address_hash IN (SELECT value FROM json_each(?))",
+    )
+    .bind(json_list(hashes.iter().map(|(_, _, h)| h.as_str())))
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .collect();
+    for (contact, channel, hash) in &hashes {
+        if let Some(source) = suppressed.get(hash) {
+            sqlx::query(
+                "INSERT INTO opt_outs (contact_id, channel, source, at_ms) VALUES (?, ?, ?, ?)
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(contact)
+            .bind(channel.as_str())
+            .bind(source)
+            .bind(now_ms)
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 /// Revokes the learner links and ends the learner sessions of those of `contacts` that hold no
