@@ -78,8 +78,14 @@ async fn run(config: Config, http: Option<Vec<WebhookSecret>>, dev: bool) -> Res
         app.state().registry.clone(),
         app.state().clock.clone(),
     ));
+    let watcher = reload_on_file_change(
+        app.state().registry.clone(),
+        app.state().clock.clone(),
+        &sources(&config),
+    )?;
     app.run(shutdown_signal()).await?;
     reloader.abort();
+    watcher.abort();
     tracing::info!("herald stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -198,6 +204,65 @@ async fn shutdown_signal() {
     let terminate = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = terminate => {} }
     tracing::info!("shutting down: finishing requests and batches in flight");
+}
+
+/// How long the files must be still before a reload: an editor's save (or a deploy copying
+/// several files) becomes one reload.
+const FILE_CHANGE_SETTLE: std::time::Duration = std::time::Duration::from_millis(300);
+
+/// A change to a file in the workflows or templates folder reloads them, as SIGHUP does: a set
+/// that does not check is refused whole and the running set stays.
+fn reload_on_file_change(
+    registry: Arc<Registry>,
+    clock: Clock,
+    sources: &Sources,
+) -> Result<tokio::task::JoinHandle<()>> {
+    use notify_debouncer_mini::notify::RecursiveMode;
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let mut debouncer = notify_debouncer_mini::new_debouncer(
+        FILE_CHANGE_SETTLE,
+        move |result: notify_debouncer_mini::DebounceEventResult| {
+            // Only workflow and template files: a database or log kept in the same folder must
+            // not cause reloads.
+            let relevant = result.is_ok_and(|events| {
+                events.iter().any(|e| {
+                    e.path
+                        .extension()
+                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "hbs")
+                })
+            });
+            if relevant {
+                let _ = tx.send(());
+            }
+        },
+    )
+    .context("cannot watch the workflow files")?;
+    for dir in [&sources.workflows, &sources.templates] {
+        if dir.is_dir() {
+            debouncer
+                .watcher()
+                .watch(dir, RecursiveMode::Recursive)
+                .with_context(|| format!("cannot watch {}", dir.display()))?;
+        }
+    }
+    Ok(tokio::spawn(async move {
+        // The debouncer stops when dropped: it lives as long as this task.
+        let _debouncer = debouncer;
+        while rx.recv().await.is_some() {
+            match registry.reload(clock.now_ms()).await {
+                Ok(warnings) => {
+                    for w in warnings {
+                        tracing::warn!(%w, "workflow warning");
+                    }
+                    tracing::info!("workflow files changed: reloaded");
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "workflow files changed but do not check; the running set stays"
+                ),
+            }
+        }
+    }))
 }
 
 /// `kill -HUP`: reload workflows and templates; a set that does not check is refused as a whole

@@ -241,3 +241,43 @@ async fn one_of_three_processes_killed_under_load_loses_nothing() {
         "{sent} of 600 recorded as sent"
     );
 }
+
+/// Saving a workflow file is enough: the running process reloads it (no SIGHUP, no API call),
+/// and a file that does not check is refused while the running version stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_saved_workflow_file_is_reloaded_by_the_running_process() {
+    let Some(site) = Site::new(false, &[("two", TWO_STEPS)]).await else {
+        return;
+    };
+    let sink = SmtpSink::start().await;
+    let herald = Herald::start(&site, 0, Role::Serve, &sink.url(), "5s").await;
+    site.write_workflow(0, "two", "name: [broken\n");
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    herald.post(&[grant("c_before_fix")]).await;
+    assert!(
+        eventually(Duration::from_secs(10), async || sink.count() >= 1).await,
+        "a broken file stopped the running version"
+    );
+    assert_eq!(sink.received()[0].parse().subject, "Welcome Ann");
+    site.write_workflow(0, "two", &TWO_STEPS.replace("Welcome {{", "Hello again {{"));
+    let reloaded = eventually(Duration::from_secs(10), async || {
+        herald
+            .log_text()
+            .contains("workflow files changed: reloaded")
+    })
+    .await;
+    assert!(reloaded, "no reload after the save:\n{}", herald.log_text());
+    herald.post(&[grant("c_after_fix")]).await;
+    let sent = eventually(Duration::from_secs(10), async || {
+        sink.received()
+            .iter()
+            .any(|m| m.parse().subject == "Hello again Ann")
+    })
+    .await;
+    assert!(sent, "the saved version was not used");
+    assert!(
+        herald.log_text().contains("do not check"),
+        "the broken save was reported:\n{}",
+        herald.log_text()
+    );
+}
