@@ -28,6 +28,9 @@ pub struct Settings {
     pub redeem_per_minute: u32,
     /// Proxies whose forwarding headers name the client (`HERALD_TRUSTED_PROXIES`).
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    /// Event requests handled at once; more are answered 503 (see
+    /// [`crate::MAX_EVENT_REQUESTS_IN_FLIGHT`]).
+    pub event_requests_in_flight: usize,
     /// `herald serve --dev`: serves the dev mailbox page, which shows every stored message and
     /// its sign-in links to anyone who can reach the server (local development only).
     pub dev: bool,
@@ -127,7 +130,7 @@ impl Application {
                 .filter(|t| !t.is_empty())
                 .map(Arc::from),
             intake_slots: Arc::new(tokio::sync::Semaphore::new(
-                crate::routes::MAX_EVENT_REQUESTS_IN_FLIGHT,
+                settings.event_requests_in_flight.max(1),
             )),
             redeem_limiter: Arc::new(governor::RateLimiter::keyed(governor::Quota::per_minute(
                 per_minute,

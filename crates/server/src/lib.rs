@@ -10,7 +10,7 @@ mod html;
 mod routes;
 
 pub use app::{Application, BuildError, Settings, redact_url};
-pub use routes::router;
+pub use routes::{MAX_EVENT_REQUESTS_IN_FLIGHT, router};
 
 use herald_core::signature::WebhookSecret;
 use herald_engine::{Clock, Registry, Wakers};

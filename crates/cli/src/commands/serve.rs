@@ -54,6 +54,7 @@ async fn run(config: Config, http: Option<Vec<WebhookSecret>>, dev: bool) -> Res
             .map(|t| t.expose_secret().to_owned()),
         redeem_per_minute: 30,
         trusted_proxies: config.trusted_proxies()?,
+        event_requests_in_flight: herald_server::MAX_EVENT_REQUESTS_IN_FLIGHT,
         dev,
     };
     let mailbox = settings.engine.smtp.is_none();

@@ -19,8 +19,8 @@ use std::time::Duration;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::timeout::TimeoutLayer;
 
-/// Event requests handled at once (each may hold a body of up to 1 MiB): 128 MiB at most, and
-/// twice what the benchmarks keep in flight.
+/// Event requests handled at once by default (each may hold a body of up to 1 MiB): 128 MiB at
+/// most, and twice what the benchmarks keep in flight.
 pub const MAX_EVENT_REQUESTS_IN_FLIGHT: usize = 128;
 
 /// The whole HTTP surface; tests may call it without a socket.

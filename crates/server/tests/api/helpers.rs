@@ -153,6 +153,7 @@ pub struct TestOptions {
     pub smtp: bool,
     pub dev: bool,
     pub trusted_proxies: Vec<ipnet::IpNet>,
+    pub event_requests_in_flight: usize,
     /// `Some(start)`: a manual clock starting there.
     pub manual_clock: Option<i64>,
     pub lease: Duration,
@@ -188,6 +189,7 @@ impl TestOptions {
             smtp: true,
             dev: false,
             trusted_proxies: Vec::new(),
+            event_requests_in_flight: herald_server::MAX_EVENT_REQUESTS_IN_FLIGHT,
             manual_clock: None,
             lease: Duration::from_secs(30),
             retry_base: Duration::from_millis(20),
@@ -237,6 +239,12 @@ impl TestOptions {
 
     pub fn without_smtp(mut self) -> Self {
         self.smtp = false;
+        self
+    }
+
+    /// Event requests handled at once before 503.
+    pub fn event_requests_in_flight(mut self, n: usize) -> Self {
+        self.event_requests_in_flight = n;
         self
     }
 
@@ -405,6 +413,7 @@ async fn launch(
         admin_token: options.admin_token.clone(),
         redeem_per_minute: options.redeem_per_minute,
         trusted_proxies: options.trusted_proxies.clone(),
+        event_requests_in_flight: options.event_requests_in_flight,
         dev: options.dev,
     };
     let app = match Application::build(settings).await {
