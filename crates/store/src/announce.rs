@@ -4,15 +4,22 @@
 //! process) there is no one to tell.
 //!
 //! Announcing is cheap for the caller: it sets a bit and returns; one task sends whatever bits
-//! gathered meanwhile as one `NOTIFY`, so a burst of commits costs a few notifications, not one
-//! each. Every process tags its notifications with an origin of its own and ignores its own.
+//! gathered over a few milliseconds as one `NOTIFY`, so a stream of commits costs at most a
+//! couple of hundred notifications a second, not one each (every `NOTIFY` commit takes
+//! PostgreSQL's notification queue lock). Every process tags its notifications with an origin of
+//! its own and ignores its own.
 
 use crate::backend::postgres::PgStore;
 use crate::{Backend, Result};
 use sqlx::postgres::PgListener;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU8, Ordering};
+use std::time::Duration;
 use tokio::sync::Notify;
+
+/// How long announcements gather before one `NOTIFY` carries them: the most another process
+/// waits longer than it would for a notification per commit.
+const GATHER: Duration = Duration::from_millis(5);
 
 /// A set of announcements.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -107,6 +114,7 @@ async fn send(announcer: Arc<Announcer>, backend: Arc<Backend>) {
     };
     loop {
         announcer.wake.notified().await;
+        tokio::time::sleep(GATHER).await;
         let signals = Signals(announcer.pending.swap(0, Ordering::Relaxed));
         if signals.is_empty() {
             continue;

@@ -71,7 +71,6 @@ conformance! {
     queue_stats_count_due_work,
     processes_hear_each_others_announcements,
     workflow_states_and_versions_are_read_back,
-    dispatch_takes_only_events_received_before_its_now,
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -2579,9 +2578,7 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
     );
     assert_eq!(s.session("other".into(), T0 + 2).await.unwrap(), None);
     let logins = Mutex::new(Vec::new());
-    // After the redemption that stored the login event (a pass takes only events received
-    // before its `now`).
-    s.dispatch(10, T0 + 2, 0, &|input: &DispatchInput| {
+    s.dispatch(10, T0, 0, &|input: &DispatchInput| {
         logins
             .lock()
             .unwrap()
@@ -3133,41 +3130,4 @@ async fn workflow_states_and_versions_are_read_back(db: &TestDb) {
         states,
         vec![("nudge".to_owned(), true), ("welcome".to_owned(), false)]
     );
-}
-
-/// A dispatch pass takes only the events received before its `now`, in order: an event stored
-/// while a pass was starting waits for the next one, so no run starts before its event.
-async fn dispatch_takes_only_events_received_before_its_now(db: &TestDb) {
-    let s = &db.store;
-    s.accept_events(vec![
-        NewEvent {
-            received_ms: T0,
-            ..contact_event("early", "c1", T0)
-        },
-        NewEvent {
-            received_ms: T0 + 10,
-            ..contact_event("late", "c1", T0)
-        },
-        NewEvent {
-            received_ms: T0 + 1,
-            ..contact_event("after_late", "c2", T0)
-        },
-    ])
-    .await
-    .unwrap();
-    let seen = Mutex::new(Vec::new());
-    let record = |input: &DispatchInput| {
-        seen.lock()
-            .unwrap()
-            .extend(input.events.iter().map(|(_, e)| e.id.clone()));
-        DispatchPlan::default()
-    };
-    assert_eq!(s.dispatch(10, T0 + 5, 0, &record).await.unwrap(), 1);
-    assert_eq!(
-        *seen.lock().unwrap(),
-        ["early"],
-        "stops at the first later event"
-    );
-    assert_eq!(s.dispatch(10, T0 + 10, 0, &record).await.unwrap(), 2);
-    assert_eq!(*seen.lock().unwrap(), ["early", "late", "after_late"]);
 }

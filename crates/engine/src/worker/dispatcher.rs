@@ -103,7 +103,10 @@ impl Shared {
             let snapshot = self.registry.snapshot();
             let plan = dispatch::Planner {
                 workflows: &snapshot,
-                now_ms,
+                // The clock read now that the events are selected: an event stored while this
+                // pass waited for the database is planned at its own time, not before it (its
+                // waits would otherwise end early).
+                now_ms: self.clock.now_ms(),
                 default_timezone: self.config.default_timezone,
                 message_host: &host,
             }

@@ -54,18 +54,16 @@ impl PgStore {
             .execute(&mut *tx)
             .await?;
         let rows =
-            sqlx::query("SELECT seq, body, received_ms FROM events WHERE NOT dispatched ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED")
+            sqlx::query("SELECT seq, body FROM events WHERE NOT dispatched ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED")
                 .bind(sql_limit(limit))
                 .fetch_all(&mut *tx)
                 .await?;
-        let mut events = Vec::with_capacity(rows.len());
-        // Only events received before this pass's `now`, in order: one stored while the pass
-        // began waits for the next pass, so nothing starts before the event that starts it.
-        for row in rows.iter().take_while(|r| r.get::<i64, _>(2) <= now_ms) {
-            events.push((row.get::<i64, _>(0), parse_stored_event(row.get(1))?));
-        }
-        if events.is_empty() {
+        if rows.is_empty() {
             return Ok(0);
+        }
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            events.push((row.get::<i64, _>(0), parse_stored_event(row.get(1))?));
         }
         let contacts: Vec<&str> = distinct(events.iter().map(|(_, e)| e.contact_id()));
         project(&mut tx, &events).await?;

@@ -34,21 +34,17 @@ impl SqliteStore {
     ) -> Result<usize> {
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
-        let rows = sqlx::query(
-            "SELECT seq, body, received_ms FROM events WHERE dispatched = 0 ORDER BY seq LIMIT ?",
-        )
-        .bind(limit)
-        .fetch_all(&mut *tx)
-        .await?;
-        let mut events = Vec::with_capacity(rows.len());
-        // Only events received before this pass's `now`, in order: one stored while the pass
-        // waited for the writer waits for the next pass, so nothing starts before the event
-        // that starts it.
-        for row in rows.iter().take_while(|r| r.get::<i64, _>(2) <= now_ms) {
-            events.push((row.get::<i64, _>(0), parse_stored_event(row.get(1))?));
-        }
-        if events.is_empty() {
+        let rows =
+            sqlx::query("SELECT seq, body FROM events WHERE dispatched = 0 ORDER BY seq LIMIT ?")
+                .bind(limit)
+                .fetch_all(&mut *tx)
+                .await?;
+        if rows.is_empty() {
             return Ok(0);
+        }
+        let mut events = Vec::with_capacity(rows.len());
+        for row in &rows {
+            events.push((row.get::<i64, _>(0), parse_stored_event(row.get(1))?));
         }
         let contacts = json_list(events.iter().map(|(_, e)| e.contact_id()));
         project(&mut tx, &events).await?;
