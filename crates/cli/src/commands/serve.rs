@@ -218,38 +218,50 @@ fn reload_on_file_change(
     clock: Clock,
     sources: &Sources,
 ) -> Result<tokio::task::JoinHandle<()>> {
-    use notify_debouncer_mini::notify::RecursiveMode;
+    use notify::{EventKind, RecursiveMode, Watcher, event::ModifyKind};
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-    let mut debouncer = notify_debouncer_mini::new_debouncer(
-        FILE_CHANGE_SETTLE,
-        move |result: notify_debouncer_mini::DebounceEventResult| {
-            // Only workflow and template files: a database or log kept in the same folder must
-            // not cause reloads.
-            let relevant = result.is_ok_and(|events| {
-                events.iter().any(|e| {
-                    e.path
-                        .extension()
-                        .is_some_and(|x| x == "yaml" || x == "yml" || x == "hbs")
-                })
-            });
-            if relevant {
-                let _ = tx.send(());
-            }
-        },
-    )
+    let mut watcher = notify::recommended_watcher(move |result: notify::Result<notify::Event>| {
+        // Only writes, creations, removals and renames of workflow and template files count:
+        // reading them (as every reload does) or touching their metadata must not set off a
+        // reload, or reloads would set off each other forever.
+        let Ok(event) = result else { return };
+        let changed = matches!(
+            event.kind,
+            EventKind::Create(_)
+                | EventKind::Remove(_)
+                | EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Name(_) | ModifyKind::Any)
+        );
+        let ours = event.paths.iter().any(|p| {
+            p.extension()
+                .is_some_and(|x| x == "yaml" || x == "yml" || x == "hbs")
+        });
+        if changed && ours {
+            let _ = tx.send(());
+        }
+    })
     .context("cannot watch the workflow files")?;
     for dir in [&sources.workflows, &sources.templates] {
         if dir.is_dir() {
-            debouncer
-                .watcher()
+            watcher
                 .watch(dir, RecursiveMode::Recursive)
                 .with_context(|| format!("cannot watch {}", dir.display()))?;
         }
     }
     Ok(tokio::spawn(async move {
-        // The debouncer stops when dropped: it lives as long as this task.
-        let _debouncer = debouncer;
+        // The watcher stops when dropped: it lives as long as this task.
+        let _watcher = watcher;
         while rx.recv().await.is_some() {
+            // Quiet for a moment first, then one reload for everything that changed meanwhile.
+            loop {
+                tokio::time::sleep(FILE_CHANGE_SETTLE).await;
+                let mut more = false;
+                while rx.try_recv().is_ok() {
+                    more = true;
+                }
+                if !more {
+                    break;
+                }
+            }
             match registry.reload(clock.now_ms()).await {
                 Ok(warnings) => {
                     for w in warnings {

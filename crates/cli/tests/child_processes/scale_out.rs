@@ -251,6 +251,16 @@ async fn a_saved_workflow_file_is_reloaded_by_the_running_process() {
     };
     let sink = SmtpSink::start().await;
     let herald = Herald::start(&site, 0, Role::Serve, &sink.url(), "5s").await;
+    let reloads = || herald.log_text().matches("workflow files changed").count();
+    // Reading the files (as every reload does) is not a change.
+    let _ = std::fs::read_to_string(site.workflows(0).join("two.yaml")).unwrap();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert_eq!(
+        reloads(),
+        0,
+        "a read set off a reload:\n{}",
+        herald.log_text()
+    );
     site.write_workflow(0, "two", "name: [broken\n");
     tokio::time::sleep(Duration::from_millis(800)).await;
     herald.post(&[grant("c_before_fix")]).await;
@@ -275,6 +285,16 @@ async fn a_saved_workflow_file_is_reloaded_by_the_running_process() {
     })
     .await;
     assert!(sent, "the saved version was not used");
+    // Two saves, two reloads, and no more: a reload does not set off the next one.
+    let settled = reloads();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(settled, 2, "{}", herald.log_text());
+    assert_eq!(
+        reloads(),
+        settled,
+        "reloads went on by themselves:\n{}",
+        herald.log_text()
+    );
     assert!(
         herald.log_text().contains("do not check"),
         "the broken save was reported:\n{}",
