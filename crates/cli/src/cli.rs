@@ -54,6 +54,19 @@ pub enum Command {
     },
     /// Apply database migrations and exit.
     Migrate,
+    /// Match stored events since a time to workflows again, starting the runs they did not start
+    /// (a workflow added or fixed later); nothing runs twice.
+    Replay {
+        /// RFC 3339 time, date (UTC midnight), or a duration ago (24h, 7d).
+        #[arg(long, value_name = "TIME")]
+        since: String,
+        /// Only this workflow (repeatable); default: every enabled workflow started by events.
+        #[arg(long, value_name = "ID")]
+        workflow: Vec<String>,
+        /// Print what would be replayed, store nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// List the dev mailbox.
     Mailbox {
         #[arg(long, default_value_t = 20)]

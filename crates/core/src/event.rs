@@ -6,13 +6,17 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde_json::{Map, Value};
 use std::fmt;
 
+/// The `source` of the events herald writes itself.
+pub const HERALD_SOURCE: &str = "herald";
+
 /// The most events one batch request may carry.
 pub const MAX_BATCH: usize = 1_000;
 /// Upper bound on identifiers (event id, source, contact id, ...): generous for real ids, small
 /// enough that a hostile client cannot make us index megabyte keys.
 pub const MAX_ID_LEN: usize = 256;
 
-/// The twelve course event types. The workflow trigger name is the part after `course.`.
+/// The twelve course event types (the workflow trigger name is the part after `course.`), and
+/// the one herald writes itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EventType {
     CategoryStarted,
@@ -27,6 +31,10 @@ pub enum EventType {
     ProductStarted,
     ProductCompleted,
     UserLogin,
+    /// `herald.enrollment`: herald enrolls `data.contact` in the workflow `data.workflow.id`
+    /// (an operator's enrollment, a schedule's tick). Not in [`EventType::ALL`]: never accepted
+    /// from the platform, never a trigger, an `exit_when` or an awaited event.
+    Enrollment,
 }
 
 impl EventType {
@@ -60,12 +68,16 @@ impl EventType {
             Self::ProductStarted => "product_started",
             Self::ProductCompleted => "product_completed",
             Self::UserLogin => "user_login",
+            Self::Enrollment => "enrollment",
         }
     }
 
     /// The CloudEvents `type`, e.g. `course.lesson_completed`.
     pub fn cloudevent_type(self) -> String {
-        format!("course.{}", self.trigger_name())
+        match self {
+            Self::Enrollment => ENROLLMENT_TYPE.to_owned(),
+            course => format!("course.{}", course.trigger_name()),
+        }
     }
 
     pub fn from_trigger_name(name: &str) -> Option<Self> {
@@ -82,6 +94,7 @@ impl EventType {
             Self::CategoryStarted | Self::CategoryCompleted => &["product", "category"],
             Self::LessonStarted | Self::LessonCompleted => &["product", "lesson"],
             Self::NewSignup | Self::UserLogin => &[],
+            Self::Enrollment => &["workflow"],
             Self::OfferAccessGranted | Self::OfferAccessRemoved => &["offer"],
             Self::ProductAccessGranted
             | Self::ProductAccessRemoved
@@ -102,6 +115,7 @@ impl EventType {
             }
             Self::NewSignup => &["contact", "offer"],
             Self::UserLogin => &["contact"],
+            Self::Enrollment => &["contact", "workflow"],
             Self::OfferAccessGranted | Self::OfferAccessRemoved => &["contact", "offer"],
             Self::ProductAccessGranted
             | Self::ProductAccessRemoved
@@ -210,11 +224,31 @@ pub fn parse_body(
     }
 }
 
+/// The CloudEvents `type` of [`EventType::Enrollment`].
+pub const ENROLLMENT_TYPE: &str = "herald.enrollment";
+
 /// Validates one event envelope and its `data` against the rules of its type.
 pub fn parse_event(
     index: usize,
     value: Value,
     received_at: DateTime<Utc>,
+) -> Result<CourseEvent, EventError> {
+    parse_event_of(index, value, received_at, EventType::from_cloudevent_type)
+}
+
+/// Reads back an event herald stored: a course event, or one herald wrote itself.
+pub fn parse_stored_event(value: Value) -> Result<CourseEvent, EventError> {
+    parse_event_of(0, value, DateTime::UNIX_EPOCH, |ty| match ty {
+        ENROLLMENT_TYPE => Some(EventType::Enrollment),
+        course => EventType::from_cloudevent_type(course),
+    })
+}
+
+fn parse_event_of(
+    index: usize,
+    value: Value,
+    received_at: DateTime<Utc>,
+    event_type: fn(&str) -> Option<EventType>,
 ) -> Result<CourseEvent, EventError> {
     let err = |field: &str, msg: &str| EventError::field(index, field, msg);
     let Value::Object(mut obj) = value else {
@@ -241,7 +275,7 @@ pub fn parse_event(
     let id = required_id(&obj, "id").map_err(|m| err("id", &m))?;
     let source = required_id(&obj, "source").map_err(|m| err("source", &m))?;
     let ty = match obj.get("type") {
-        Some(Value::String(t)) => EventType::from_cloudevent_type(t).ok_or_else(|| {
+        Some(Value::String(t)) => event_type(t).ok_or_else(|| {
             err("type", &format!("unknown event type {t:?}: expected one of course.lesson_completed, course.offer_access_granted, ..."))
         })?,
         Some(_) => return Err(err("type", "must be a string")),
@@ -444,6 +478,11 @@ fn validate_data(ty: EventType, data: &Map<String, Value>) -> Result<(), FieldEr
             None => {}
         }
     }
+    if ty == EventType::Enrollment {
+        let workflow = object(data, "workflow")?
+            .ok_or_else(|| ("workflow".to_owned(), "is required".to_owned()))?;
+        required_id(workflow, "id").map_err(|m| ("workflow.id".to_owned(), m))?;
+    }
     if let Some(offer) = object(data, "offer")?
         && let Some(ids) = offer.get("product_ids")
     {
@@ -482,6 +521,77 @@ fn optional_string(obj: &Map<String, Value>, parent: &str, key: &str) -> Result<
 }
 
 impl CourseEvent {
+    /// The `herald.enrollment` event that enrolls `contact_id` in `workflow_id`. `id` makes it
+    /// unique in the `herald` source: a repeated request with the same id enrolls once.
+    pub fn enrollment(
+        id: String,
+        workflow_id: &str,
+        contact_id: &str,
+        origin: &str,
+        now: DateTime<Utc>,
+    ) -> Self {
+        let mut data = Map::new();
+        data.insert("contact".into(), serde_json::json!({ "id": contact_id }));
+        data.insert("workflow".into(), serde_json::json!({ "id": workflow_id }));
+        data.insert("enrollment".into(), serde_json::json!({ "origin": origin }));
+        Self {
+            id,
+            source: HERALD_SOURCE.to_owned(),
+            event_type: EventType::Enrollment,
+            time: now,
+            time_raw: now.to_rfc3339_opts(SecondsFormat::Millis, true),
+            data,
+        }
+    }
+
+    /// The enrollment event that replays `original` into `workflow_id`: it carries the original's
+    /// data and time (so the run renders as the original would have), and names the original.
+    pub fn replayed(original: &CourseEvent, workflow_id: &str) -> Self {
+        let id = Self::enrollment_id("replay", &[workflow_id, &original.source, &original.id]);
+        let mut event = Self::enrollment(
+            id,
+            workflow_id,
+            original.contact_id(),
+            "replay",
+            original.time,
+        );
+        let mut data = original.data.clone();
+        data.insert("workflow".into(), event.data["workflow"].clone());
+        data.insert(
+            "enrollment".into(),
+            serde_json::json!({
+                "origin": "replay",
+                "event": {"source": original.source, "id": original.id, "type": original.event_type.cloudevent_type()},
+            }),
+        );
+        event.data = data;
+        event.time_raw = original.time_raw.clone();
+        event
+    }
+
+    /// An enrollment event id made from what it enrolls for (`prefix` and `parts`, e.g. a
+    /// schedule's workflow, tick and contact): the same parts give the same id, so storing it
+    /// again is a duplicate, whoever stores it. Hashed, so it stays short whatever the parts.
+    pub fn enrollment_id(prefix: &str, parts: &[&str]) -> String {
+        use sha2::{Digest, Sha256};
+        let mut hash = Sha256::new();
+        for part in parts {
+            hash.update(part.as_bytes());
+            hash.update([0]);
+        }
+        let digest = hash.finalize();
+        let hex: String = digest[..20].iter().map(|b| format!("{b:02x}")).collect();
+        format!("{prefix}_{hex}")
+    }
+
+    /// The workflow an enrollment event enrolls its contact in.
+    pub fn enrolls_in(&self) -> Option<&str> {
+        match self.event_type {
+            EventType::Enrollment => self.object("workflow")?.get("id")?.as_str(),
+            _ => None,
+        }
+    }
+
     /// The contact's id; validation guarantees it is present.
     pub fn contact_id(&self) -> &str {
         self.data["contact"]["id"]

@@ -20,6 +20,9 @@ pub struct Planner<'a> {
     pub now_ms: i64,
     pub default_timezone: chrono_tz::Tz,
     pub message_host: &'a str,
+    /// Postpone a batch with a live run whose pinned version is not loaded (see
+    /// [`DispatchPlan::postponed`]), rather than plan it without that run's `exit_when` and waits.
+    pub wait_for_versions: bool,
 }
 
 impl Planner<'_> {
@@ -29,6 +32,18 @@ impl Planner<'_> {
         let mut live: Vec<LiveRun> = input.live_runs.clone();
         let mut counts: HashMap<(String, String), EnrollmentCounts> = input.counts.clone();
         let now = chrono::DateTime::from_timestamp_millis(self.now_ms).unwrap_or_default();
+        // A live run's `exit_when` and event waits are in its pinned version: without it, the
+        // run would miss this batch's events.
+        if self.wait_for_versions
+            && input.live_runs.iter().any(|r| {
+                self.workflows
+                    .version(&r.workflow_id, &r.workflow_version)
+                    .is_none()
+            })
+        {
+            plan.postponed = true;
+            return plan;
+        }
 
         for (seq, event) in &input.events {
             // Trigger filters, conditions and recipients see the contact's latest details.
@@ -69,11 +84,20 @@ impl Planner<'_> {
                 run.wait_event = None;
             }
 
-            for wf in self
-                .workflows
-                .current
-                .values()
-                .filter(|wf| self.workflows.is_enabled(&wf.id) && wf.trigger_matches(event))
+            // An enrollment event names its workflow; a course event starts every workflow
+            // whose trigger it matches.
+            let targets: Vec<_> = match event.enrolls_in() {
+                Some(id) => self.workflows.current.get(id).into_iter().collect(),
+                None => self
+                    .workflows
+                    .current
+                    .values()
+                    .filter(|wf| wf.trigger_matches(event))
+                    .collect(),
+            };
+            for wf in targets
+                .into_iter()
+                .filter(|wf| self.workflows.is_enabled(&wf.id))
             {
                 let key = (contact.to_owned(), wf.id.clone());
                 let c = counts.entry(key).or_default();

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
 /// The engine's loops, by name.
-pub const LOOP_NAMES: [&str; 3] = ["dispatcher", "stepper", "deliverer"];
+pub const LOOP_NAMES: [&str; 4] = ["dispatcher", "stepper", "deliverer", "scheduler"];
 
 /// What `/healthz` says of one loop.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -76,7 +76,7 @@ impl Drop for AliveGuard<'_> {
 /// The health of every loop of one engine.
 pub struct Loops {
     started: Instant,
-    loops: [LoopHealth; 3],
+    loops: [LoopHealth; 4],
 }
 
 impl Default for Loops {
@@ -132,7 +132,9 @@ impl Loops {
                 let oldest_due = match l.name {
                     "dispatcher" => queues.oldest_event_ms,
                     "stepper" => queues.oldest_run_due_ms,
-                    _ => queues.oldest_message_due_ms,
+                    "deliverer" => queues.oldest_message_due_ms,
+                    // The scheduler checks its clock every pass: it always has work due.
+                    _ => Some(i64::MIN),
                 };
                 let due_for = oldest_due.map_or(0, |at| now_ms.saturating_sub(at).max(0) as u64);
                 let idle_for = elapsed.saturating_sub(l.last_progress.load(Ordering::SeqCst));

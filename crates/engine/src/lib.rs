@@ -12,6 +12,7 @@ pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod dispatch;
+pub mod enrollment;
 pub mod health;
 pub mod links;
 pub mod registry;
@@ -37,6 +38,7 @@ pub struct Wakers {
     dispatch: Notify,
     steps: Notify,
     delivery: Notify,
+    schedules: Notify,
 }
 
 impl Wakers {
@@ -56,7 +58,7 @@ impl Wakers {
 pub struct Engine {
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
-    /// The three loops.
+    /// The four loops.
     loops: Vec<JoinHandle<()>>,
     /// The deliverer's recorder and heartbeat, which outlive the loops until sends drain.
     background: Vec<JoinHandle<()>>,
@@ -98,6 +100,7 @@ impl Engine {
             loops: health,
             deliverer,
             dispatch_quarantine: Default::default(),
+            schedules: Default::default(),
         });
         let loops = vec![
             spawn_loop(
@@ -117,9 +120,16 @@ impl Engine {
             spawn_loop(
                 "deliverer",
                 shared.clone(),
-                rx,
+                rx.clone(),
                 |s| &s.wakers.delivery,
                 |s| async move { s.deliver_once().await },
+            ),
+            spawn_loop(
+                "scheduler",
+                shared.clone(),
+                rx,
+                |s| &s.wakers.schedules,
+                |s| async move { s.schedule_once().await },
             ),
         ];
         Self {

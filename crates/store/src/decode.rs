@@ -7,9 +7,7 @@ use herald_core::CourseEvent;
 pub(crate) fn parse_stored_event(body: &str) -> Result<CourseEvent> {
     let value: serde_json::Value =
         serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    // Stored events were validated on the way in; `time` is present, so the receipt time is unused.
-    herald_core::event::parse_event(0, value, chrono::DateTime::UNIX_EPOCH)
-        .map_err(|e| StoreError::Corrupt(e.to_string()))
+    herald_core::event::parse_stored_event(value).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 pub(crate) fn run_state(s: &str) -> Result<RunState> {

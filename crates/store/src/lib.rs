@@ -213,6 +213,16 @@ delegate! {
     fn live_workflow_versions(&self) -> Vec<(String, String, String)>;
     /// The contact's newest `limit` events, oldest first.
     fn contact_events(&self, contact_id: String, limit: i64) -> Vec<ContactEventRow>;
+    /// The contacts an audience picks, by id.
+    fn audience(&self, query: AudienceQuery) -> Vec<String>;
+    /// The enrollment counts in one workflow of each of `contact_ids` that herald knows (an
+    /// unknown id has no row).
+    fn enrollment_counts(&self, workflow_id: String, contact_ids: Vec<String>, window_start_ms: i64) -> Vec<(String, EnrollmentCounts)>;
+    /// Course events received since `since_ms` (not herald's enrollments, not set-aside ones),
+    /// after `after_seq`, in order: what a replay matches again.
+    fn course_events_since(&self, since_ms: i64, after_seq: i64, limit: i64) -> Vec<(i64, herald_core::CourseEvent)>;
+    /// The triggering event (its `seq`) and workflow of every run of these contacts.
+    fn runs_started_by_events(&self, contact_ids: Vec<String>) -> Vec<(i64, String)>;
     /// The bundle JSON of one stored workflow version.
     fn workflow_version(&self, id: String, version: String) -> Option<String>;
     /// Whether each workflow is enabled, as the last reload of any process recorded it.

@@ -105,6 +105,16 @@ pub struct LiveRun {
     pub wait_event: Option<String>,
 }
 
+/// An audience with its cutoff resolved: holders of an active grant of any of `offers` or
+/// `products` (every contact when both are empty), and with `inactive_before_ms`, only those whose
+/// latest course event is older.
+#[derive(Debug, Clone, Default)]
+pub struct AudienceQuery {
+    pub offers: Vec<String>,
+    pub products: Vec<String>,
+    pub inactive_before_ms: Option<i64>,
+}
+
 /// How often a contact was enrolled in a workflow: what the enrollment rules need.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct EnrollmentCounts {
@@ -138,6 +148,9 @@ pub struct DispatchPlan {
     pub exits: Vec<RunExit>,
     /// Runs waiting for an event that has now arrived: due at once.
     pub resumes: Vec<String>,
+    /// The planner cannot plan this batch yet (it lacks a workflow version a live run is pinned
+    /// to): nothing is written and the events stay undispatched.
+    pub postponed: bool,
 }
 
 #[derive(Debug, Clone)]

@@ -21,9 +21,12 @@ pub(crate) struct ContactFacts<'e> {
     pub event_ms: i64,
 }
 
+/// An enrollment event herald wrote itself is no news of the contact (no details, no activity):
+/// it adds no row.
 pub(crate) fn contacts<'e>(events: &'e [(i64, CourseEvent)]) -> Vec<ContactFacts<'e>> {
     events
         .iter()
+        .filter(|(_, e)| e.event_type != EventType::Enrollment)
         .map(|(_, e)| {
             let contact = e.object("contact").expect("validated contact");
             let field = |k: &str| contact.get(k).and_then(|v| v.as_str());

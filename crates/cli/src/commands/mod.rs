@@ -4,6 +4,7 @@ mod check;
 mod links;
 mod mailbox;
 mod preview;
+mod replay;
 mod send_event;
 mod serve;
 
@@ -37,5 +38,10 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Mailbox { limit } => mailbox::mailbox(&config, limit).await,
+        Command::Replay {
+            since,
+            workflow,
+            dry_run,
+        } => replay::replay(&config, &since, &workflow, dry_run).await,
     }
 }

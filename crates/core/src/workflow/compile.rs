@@ -13,12 +13,12 @@ use super::bundle::{
     TEMPLATES_LABEL, email_template_files, is_valid_template_name, sms_template_file,
 };
 use super::parse::{
-    At, ConditionDoc, EventNames, Node, Pos, STEP_KINDS, SendEmailDoc, SendSmsDoc, SendWindowDoc,
-    StepDoc, StepKind, TriggerDoc, WaitDoc, WhereDoc, parse_workflow,
+    At, AudienceDoc, ConditionDoc, EventNames, Node, Pos, STEP_KINDS, SendEmailDoc, SendSmsDoc,
+    SendWindowDoc, StepDoc, StepKind, TriggerDoc, WaitDoc, WhereDoc, parse_workflow,
 };
 use super::{
-    CompiledWorkflow, Condition, Diagnostic, EventMatcher, FieldFilter, FieldTest, Instr,
-    SendWindow, Severity, TimezoneChoice, Trigger, WaitSpec, WorkflowBundle,
+    Audience, CompiledWorkflow, Condition, Diagnostic, EventMatcher, FieldFilter, FieldTest, Instr,
+    Schedule, SendWindow, Severity, TimezoneChoice, Trigger, WaitSpec, WorkflowBundle,
 };
 use crate::Duration;
 use crate::event::EventType;
@@ -205,42 +205,164 @@ impl<'a> Compiler<'a> {
         self.diagnostics.push(d);
     }
 
+    fn warning(&mut self, pos: impl Into<Pos>, message: impl Into<String>) {
+        let d = diagnostic(Severity::Warning, &self.bundle.path, pos.into(), message);
+        self.diagnostics.push(d);
+    }
+
     // --- trigger, filters, exit_when ---------------------------------------------------------
 
     fn trigger(&mut self, trigger: &At<TriggerDoc>) -> Trigger {
         let t = &trigger.value;
+        if let Some(schedule) = &t.schedule {
+            return self.schedule_trigger(schedule, t);
+        }
+        if let Some(node) = &t.timezone {
+            self.error(
+                node.referenced,
+                "`timezone` belongs to schedule triggers, not event triggers",
+            );
+        }
+        if let Some(node) = &t.audience {
+            self.error(
+                node.referenced,
+                "`audience` belongs to schedule triggers, not event triggers",
+            );
+        }
         let mut events = Vec::new();
         let mut filters = Vec::new();
-        if let Some(schedule) = &t.schedule {
-            self.error(
-                schedule.referenced,
-                "schedule triggers are not supported yet: use `event:`",
-            );
-        } else {
-            for (key, node) in [("timezone", &t.timezone), ("audience", &t.audience)] {
-                if let Some(node) = node {
-                    self.error(
-                        node.referenced,
-                        format!("`{key}` belongs to schedule triggers, not event triggers"),
-                    );
+        match &t.event {
+            None => self.error(
+                trigger.pos(),
+                "a trigger needs `event:` (a trigger name or a list of them) or `schedule:` (a cron expression)",
+            ),
+            Some(names) => {
+                events = self.event_names(names);
+                if !events.is_empty() {
+                    self.trigger_scope = Some(Rc::new(FieldScope::of(&events)));
                 }
-            }
-            match &t.event {
-                None => self.error(
-                    trigger.pos(),
-                    "a trigger needs `event:` (a trigger name or a list of them)",
-                ),
-                Some(names) => {
-                    events = self.event_names(names);
-                    if !events.is_empty() {
-                        self.trigger_scope = Some(Rc::new(FieldScope::of(&events)));
-                    }
-                    let scope = self.trigger_scope.clone();
-                    filters = self.filters(t.filters.as_ref(), scope.as_deref());
-                }
+                let scope = self.trigger_scope.clone();
+                filters = self.filters(t.filters.as_ref(), scope.as_deref());
             }
         }
         Trigger::Events(EventMatcher { events, filters })
+    }
+
+    /// `schedule:` with `timezone` and `audience`. Its runs see the contact only (no trigger
+    /// event carries anything else), which is what templates are checked against.
+    fn schedule_trigger(&mut self, schedule: &Spanned<String>, t: &TriggerDoc) -> Trigger {
+        if let Some(names) = &t.event {
+            self.error(
+                names.referenced,
+                "a trigger has either `event:` or `schedule:`, not both: make two workflows",
+            );
+        }
+        if let Some((field, _)) = t.filters.as_ref().and_then(|w| w.0.first()) {
+            self.error(
+                field.referenced,
+                "`where` filters events; a schedule picks its contacts with `audience`",
+            );
+        }
+        self.trigger_scope = Some(Rc::new(FieldScope::of(&[EventType::Enrollment])));
+        let parser = croner::parser::CronParser::builder()
+            .seconds(croner::parser::Seconds::Disallowed)
+            .year(croner::parser::Year::Disallowed)
+            .build();
+        let cron = parser
+            .parse(schedule.value.trim())
+            .map_err(|e| {
+                self.error(
+                    schedule.referenced,
+                    format!(
+                        "`{}` is not a 5-field cron expression (minute hour day-of-month month day-of-week, e.g. \"0 9 * * MON\"): {e}",
+                        schedule.value
+                    ),
+                )
+            })
+            .ok();
+        let timezone = match &t.timezone {
+            None => None,
+            Some(tz) if tz.value == "contact" => {
+                self.error(
+                    tz.referenced,
+                    "a schedule ticks once for everyone: name one zone such as Europe/Berlin (leave it out for HERALD_TIMEZONE)",
+                );
+                None
+            }
+            Some(tz) => match tz.value.parse::<chrono_tz::Tz>() {
+                Ok(zone) => Some(zone),
+                Err(_) => {
+                    self.error(
+                        tz.referenced,
+                        format!(
+                            "unknown time zone `{}`: use an IANA name such as Europe/Berlin",
+                            tz.value
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let audience = match &t.audience {
+            Some(audience) => self.audience(audience),
+            None => {
+                self.error(
+                    schedule.referenced,
+                    "a schedule trigger needs `audience:` (offers, products, inactive_for); `audience: {}` is every contact",
+                );
+                Audience::default()
+            }
+        };
+        match cron {
+            Some(cron) => Trigger::Schedule(Box::new(Schedule {
+                expression: schedule.value.trim().to_owned(),
+                cron,
+                timezone,
+                audience,
+            })),
+            None => Trigger::Events(EventMatcher {
+                events: Vec::new(),
+                filters: Vec::new(),
+            }),
+        }
+    }
+
+    fn audience(&mut self, audience: &Spanned<AudienceDoc>) -> Audience {
+        let a = &audience.value;
+        let mut ids = |list: &Option<Spanned<Vec<Spanned<String>>>>, what: &str| {
+            let Some(list) = list else { return Vec::new() };
+            if list.value.is_empty() {
+                self.error(
+                    list.referenced,
+                    format!("`{what}` lists nothing: leave it out, or name at least one id"),
+                );
+            }
+            let mut out: Vec<String> = list
+                .value
+                .iter()
+                .map(|id| id.value.trim().to_owned())
+                .collect();
+            out.sort();
+            out.dedup();
+            out
+        };
+        let offers = ids(&a.offers, "offers");
+        let products = ids(&a.products, "products");
+        let inactive_for = a
+            .inactive_for
+            .as_ref()
+            .and_then(|d| self.duration(&d.value, d.referenced.into()));
+        if offers.is_empty() && products.is_empty() {
+            self.warning(
+                audience.referenced,
+                "this audience lists no offer or product: every contact herald knows is enrolled at each tick",
+            );
+        }
+        Audience {
+            offers,
+            products,
+            inactive_for,
+        }
     }
 
     /// The event types named; unknown names are reported (and left out).

@@ -23,6 +23,7 @@ impl CompiledWorkflow {
                 .map(ToString::to_string)
                 .collect::<Vec<_>>()
                 .join(" or "),
+            super::Trigger::Schedule(s) => format!("schedule: {}", s.expression),
         };
         let _ = writeln!(out, "    start([{}]) --> {}", quote(&trigger), node(0));
         for (pc, instr) in self.program.iter().enumerate() {

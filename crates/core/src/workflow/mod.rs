@@ -22,8 +22,10 @@ pub use bundle::{TEMPLATES_LABEL, bundle_from};
 pub use compile::{BUILTIN_CUSTOM_VALUES, compile};
 pub use time::{add_duration, next_local_time, resolve_timezone};
 
+use crate::Duration;
 use crate::event::{CourseEvent, EventType};
 use crate::template::{CustomValues, RenderError, RenderedEmail, TemplateSet};
+use chrono::{DateTime, Utc};
 use serde_json::Value;
 use std::collections::BTreeMap;
 
@@ -117,6 +119,71 @@ pub struct CompiledWorkflow {
 pub enum Trigger {
     /// Any of these event types, when `filter` matches.
     Events(EventMatcher),
+    /// Every tick of a cron schedule, one run per contact in the audience.
+    Schedule(Box<Schedule>),
+}
+
+/// `trigger: {schedule: "0 9 * * MON", timezone: Europe/Berlin, audience: {...}}`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Schedule {
+    /// The 5-field cron expression as written.
+    pub expression: String,
+    pub cron: croner::Cron,
+    /// `None`: `HERALD_TIMEZONE`.
+    pub timezone: Option<chrono_tz::Tz>,
+    pub audience: Audience,
+}
+
+/// Who a schedule's tick (or an operator's enrollment by audience) enrolls: contacts holding an
+/// active grant of any listed offer or product (a product also through an offer that includes
+/// it), and with `inactive_for`, only those with no course event for that long. Nothing listed
+/// means every contact herald knows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Audience {
+    pub offers: Vec<String>,
+    pub products: Vec<String>,
+    pub inactive_for: Option<Duration>,
+}
+
+/// One tick of a schedule: when it is, and its wall-clock time in the schedule's zone, which
+/// names it (a wall-clock time repeated when the clocks go back is one tick, not two).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tick {
+    pub at: DateTime<Utc>,
+    pub local: String,
+}
+
+impl Schedule {
+    /// The zone the expression is read in.
+    pub fn zone(&self, default_timezone: chrono_tz::Tz) -> chrono_tz::Tz {
+        self.timezone.unwrap_or(default_timezone)
+    }
+
+    /// The latest tick at or before `now`.
+    pub fn latest_tick(&self, now: DateTime<Utc>, default_timezone: chrono_tz::Tz) -> Option<Tick> {
+        let zone = self.zone(default_timezone);
+        let at = self
+            .cron
+            .find_previous_occurrence(&now.with_timezone(&zone), true)
+            .ok()?;
+        Some(Tick {
+            at: at.with_timezone(&Utc),
+            local: at.naive_local().format("%Y-%m-%dT%H:%M").to_string(),
+        })
+    }
+
+    /// The first tick after `now`.
+    pub fn next_tick(
+        &self,
+        now: DateTime<Utc>,
+        default_timezone: chrono_tz::Tz,
+    ) -> Option<DateTime<Utc>> {
+        let zone = self.zone(default_timezone);
+        self.cron
+            .find_next_occurrence(&now.with_timezone(&zone), false)
+            .ok()
+            .map(|t| t.with_timezone(&Utc))
+    }
 }
 
 /// A set of event types plus `where` filters.
@@ -228,8 +295,18 @@ impl CompiledWorkflow {
     /// Whether `event` matches the trigger and its filters, enabled or not (where the enabled
     /// state is decided elsewhere, e.g. shared between processes).
     pub fn trigger_matches(&self, event: &CourseEvent) -> bool {
-        let Trigger::Events(m) = &self.trigger;
-        m.matches(event)
+        match &self.trigger {
+            Trigger::Events(m) => m.matches(event),
+            Trigger::Schedule(_) => false,
+        }
+    }
+
+    /// The schedule, for a workflow a schedule starts.
+    pub fn schedule(&self) -> Option<&Schedule> {
+        match &self.trigger {
+            Trigger::Schedule(s) => Some(s),
+            Trigger::Events(_) => None,
+        }
     }
 
     /// Whether `event` ends a run of this workflow for its contact (`exit_when`).

@@ -101,17 +101,26 @@ pub struct WorkflowDoc {
     pub steps: Vec<At<StepDoc>>,
 }
 
-/// `trigger:`. `timezone` and `audience` belong to schedule triggers, which are reported as not
-/// supported yet rather than refused as unknown keys.
+/// `trigger:`: `event` (with `where`), or `schedule` (with `timezone` and `audience`).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TriggerDoc {
     pub event: Option<Spanned<EventNames>>,
     #[serde(rename = "where")]
     pub filters: Option<WhereDoc>,
-    pub schedule: Option<Spanned<IgnoredAny>>,
-    pub timezone: Option<Spanned<IgnoredAny>>,
-    pub audience: Option<Spanned<IgnoredAny>>,
+    pub schedule: Option<Spanned<String>>,
+    pub timezone: Option<Spanned<String>>,
+    pub audience: Option<Spanned<AudienceDoc>>,
+}
+
+/// A schedule's `audience:`: holders of any listed offer or product, optionally only those
+/// inactive for a while.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AudienceDoc {
+    pub offers: Option<Spanned<Vec<Spanned<String>>>>,
+    pub products: Option<Spanned<Vec<Spanned<String>>>>,
+    pub inactive_for: Option<Spanned<String>>,
 }
 
 /// `exit_when:` (and the shape of an event trigger): event names plus optional filters.

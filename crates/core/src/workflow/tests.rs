@@ -126,7 +126,9 @@ fn the_spec_example_compiles() {
         ("t", "Welcome new members", true, false)
     );
     assert_eq!(wf.version, wf.bundle.version());
-    let Trigger::Events(m) = &wf.trigger;
+    let Trigger::Events(m) = &wf.trigger else {
+        panic!("an event trigger: {:?}", wf.trigger)
+    };
     assert_eq!(
         m.events,
         [EventType::OfferAccessGranted, EventType::NewSignup]
@@ -529,19 +531,129 @@ fn unknown_triggers_list_the_valid_ones() {
     assert!(e[1].starts_with("workflows/t.yaml:4:20: error: unknown trigger `finished`"));
 }
 
+fn schedule(lines: &[&str]) -> Schedule {
+    let wf = compiled_with(
+        &yaml(lines),
+        &[("weekly.html.hbs", "Hi {{contact.first_name}}")],
+        &[],
+    )
+    .0;
+    wf.schedule().cloned().expect("a schedule trigger")
+}
+
+fn at(text: &str) -> chrono::DateTime<chrono::Utc> {
+    text.parse().expect("an RFC 3339 instant")
+}
+
+const WEEKLY: [&str; 9] = [
+    "name: Weekly",
+    "re_entry: true",
+    "trigger:",
+    "  schedule: \"0 9 * * MON\"",
+    "  timezone: Europe/Berlin",
+    "  audience: {offers: [o_pro, o_basic], products: [p_async], inactive_for: 7d}",
+    "steps:",
+    "  - send_email: {subject: Still there?, template: weekly}",
+    "",
+];
+
 #[test]
-fn schedule_triggers_are_refused_clearly() {
+fn a_schedule_trigger_compiles_with_its_zone_and_audience() {
+    let s = schedule(&WEEKLY);
+    assert_eq!(s.expression, "0 9 * * MON");
+    assert_eq!(s.timezone, Some(chrono_tz::Europe::Berlin));
+    assert_eq!(
+        s.audience,
+        Audience {
+            offers: vec!["o_basic".into(), "o_pro".into()],
+            products: vec!["p_async".into()],
+            inactive_for: Some("7d".parse().unwrap()),
+        }
+    );
+    // Monday 2026-11-30, 09:00 in Berlin is 08:00 UTC.
+    let berlin = chrono_tz::UTC;
+    let tick = s.latest_tick(at("2026-12-02T12:00:00Z"), berlin).unwrap();
+    assert_eq!(tick.at, at("2026-11-30T08:00:00Z"));
+    assert_eq!(tick.local, "2026-11-30T09:00");
+    assert_eq!(
+        s.latest_tick(at("2026-11-30T08:00:00Z"), berlin)
+            .unwrap()
+            .at,
+        at("2026-11-30T08:00:00Z"),
+        "a tick is due at its own instant"
+    );
+    assert_eq!(
+        s.next_tick(at("2026-11-30T08:00:00Z"), berlin),
+        Some(at("2026-12-07T08:00:00Z"))
+    );
+}
+
+#[test]
+fn a_schedule_without_a_zone_ticks_in_the_default_zone() {
+    let mut lines = WEEKLY;
+    lines[4] = "  # no zone";
+    let s = schedule(&lines);
+    assert_eq!(s.timezone, None);
+    let tick = s
+        .latest_tick(at("2026-12-02T12:00:00Z"), chrono_tz::America::New_York)
+        .unwrap();
+    assert_eq!(tick.at, at("2026-11-30T14:00:00Z"));
+}
+
+#[test]
+fn a_schedule_tick_keeps_its_wall_clock_name_across_daylight_saving() {
+    // 01:30 every day in New York: on 2026-11-01 the clocks go back at 02:00, so 01:30 happens
+    // twice; both instants carry the same name, which is what makes it one tick.
+    let mut lines = WEEKLY;
+    lines[3] = "  schedule: \"30 1 * * *\"";
+    lines[4] = "  timezone: America/New_York";
+    let s = schedule(&lines);
+    let default = chrono_tz::UTC;
+    let first = s.latest_tick(at("2026-11-01T05:45:00Z"), default).unwrap();
+    assert_eq!(first.local, "2026-11-01T01:30");
+    let later = s.latest_tick(at("2026-11-01T06:45:00Z"), default).unwrap();
+    assert_eq!(later.local, "2026-11-01T01:30", "{later:?}");
+    // Spring forward (2026-03-08, 02:00 -> 03:00): 01:30 exists once.
+    let spring = s.latest_tick(at("2026-03-08T12:00:00Z"), default).unwrap();
+    assert_eq!(spring.local, "2026-03-08T01:30");
+}
+
+#[test]
+fn schedule_triggers_are_checked() {
     let e = errors(&yaml(&[
         "name: T",
         "trigger:",
-        "  schedule: \"0 9 * * MON\"",
+        "  schedule: \"0 9 * MON\"",
         "  timezone: Europe/Berlin",
         "  audience: {offers: [o_pro]}",
         "steps: []",
     ]));
     assert_one(
         &e,
-        "workflows/t.yaml:3:13: error: schedule triggers are not supported yet",
+        "workflows/t.yaml:3:13: error: `0 9 * MON` is not a 5-field cron expression",
+    );
+
+    let e = errors(&yaml(&[
+        "name: T",
+        "trigger:",
+        "  schedule: \"0 9 * * MON\"",
+        "  timezone: contact",
+        "  audience: {offers: [o_pro], inactive_for: 7 days}",
+        "steps: []",
+    ]));
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert!(e[0].starts_with("workflows/t.yaml:4:13: error: a schedule ticks once for everyone"));
+    assert!(e[1].starts_with("workflows/t.yaml:5:45: error:"), "{e:#?}");
+
+    let e = errors(&yaml(&[
+        "name: T",
+        "trigger:",
+        "  schedule: \"0 9 * * MON\"",
+        "steps: []",
+    ]));
+    assert_one(
+        &e,
+        "workflows/t.yaml:3:13: error: a schedule trigger needs `audience:`",
     );
 
     let e = errors(&yaml(&[
@@ -554,6 +666,47 @@ fn schedule_triggers_are_refused_clearly() {
     assert_one(
         &e,
         "workflows/t.yaml:4:13: error: `timezone` belongs to schedule triggers",
+    );
+}
+
+#[test]
+fn a_scheduled_run_sees_the_contact_only() {
+    let e = errors_with(
+        &yaml(&[
+            "name: T",
+            "trigger:",
+            "  schedule: \"0 9 * * MON\"",
+            "  audience: {offers: [o_pro]}",
+            "steps:",
+            "  - send_email: {subject: Hi, template: weekly}",
+        ]),
+        &[(
+            "weekly.html.hbs",
+            "{{offer.title}} for {{contact.first_name}}",
+        )],
+    );
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert!(e[0].contains("offer.title"), "{e:#?}");
+}
+
+#[test]
+fn an_audience_of_everyone_is_a_warning() {
+    let (_, warnings) = compiled_with(
+        &yaml(&[
+            "name: T",
+            "trigger:",
+            "  schedule: \"0 9 * * MON\"",
+            "  audience: {}",
+            "steps: []",
+        ]),
+        &[],
+        &[],
+    );
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    assert!(
+        warnings[0]
+            .to_string()
+            .contains("every contact herald knows")
     );
 }
 

@@ -35,7 +35,7 @@ impl Shared {
         } else {
             self.config.batch_size
         };
-        let error = match AssertUnwindSafe(self.dispatch_batch(limit))
+        let error = match AssertUnwindSafe(self.dispatch_loading_versions(limit))
             .catch_unwind()
             .await
         {
@@ -89,11 +89,35 @@ impl Shared {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    async fn dispatch_batch(&self, limit: i64) -> Result<usize, StoreError> {
+    /// One batch; if a live run of it is pinned to a version this process lacks, the version is
+    /// loaded from the database and the batch planned again (then without a version that could
+    /// not be loaded, so one bad stored version cannot hold up dispatch).
+    async fn dispatch_loading_versions(&self, limit: i64) -> Result<usize, StoreError> {
+        match self.dispatch_batch(limit, true).await? {
+            Batch::Dispatched(n) => Ok(n),
+            Batch::Missing(versions) => {
+                self.load_pinned_versions(versions.iter().map(|(w, v)| (w.as_str(), v.as_str())))
+                    .await?;
+                match self.dispatch_batch(limit, false).await? {
+                    Batch::Dispatched(n) => Ok(n),
+                    Batch::Missing(_) => unreachable!("planned without waiting for versions"),
+                }
+            }
+        }
+    }
+
+    async fn dispatch_batch(
+        &self,
+        limit: i64,
+        wait_for_versions: bool,
+    ) -> Result<Batch, StoreError> {
         let now_ms = self.clock.now_ms();
         let host = self.config.public_host();
         // What the planner decided, recorded as metrics only once its transaction committed.
         let started = std::sync::Mutex::new(Vec::new());
+        // The versions live runs are pinned to that this process lacked, when planning waited
+        // for them.
+        let missing = std::sync::Mutex::new(Vec::<(String, String)>::new());
         let plan = |input: &DispatchInput| {
             for (_, event) in &input.events {
                 self.config.fault_point(Stage::Dispatch, event.contact_id());
@@ -109,8 +133,24 @@ impl Shared {
                 now_ms: self.clock.now_ms(),
                 default_timezone: self.config.default_timezone,
                 message_host: &host,
+                wait_for_versions,
             }
             .plan(input);
+            let mut missing = missing.lock().unwrap_or_else(|p| p.into_inner());
+            missing.clear();
+            if plan.postponed {
+                missing.extend(
+                    input
+                        .live_runs
+                        .iter()
+                        .filter(|r| {
+                            snapshot
+                                .version(&r.workflow_id, &r.workflow_version)
+                                .is_none()
+                        })
+                        .map(|r| (r.workflow_id.clone(), r.workflow_version.clone())),
+                );
+            }
             let mut started = started.lock().unwrap_or_else(|p| p.into_inner());
             started.clear();
             started.extend(plan.new_runs.iter().map(|r| {
@@ -131,6 +171,10 @@ impl Shared {
                 &plan,
             )
             .await?;
+        let missing = missing.into_inner().unwrap_or_else(|p| p.into_inner());
+        if !missing.is_empty() {
+            return Ok(Batch::Missing(missing));
+        }
         for (workflow, state, messages) in started.into_inner().unwrap_or_else(|p| p.into_inner()) {
             if state != RunState::Refused {
                 telemetry::run_started(&workflow);
@@ -144,6 +188,12 @@ impl Shared {
             self.wakers.steps.notify_one();
             self.store.announce(Signals::RUNS | Signals::MESSAGES);
         }
-        Ok(n)
+        Ok(Batch::Dispatched(n))
     }
+}
+
+enum Batch {
+    Dispatched(usize),
+    /// Nothing was written: these versions, pinned by live runs of the batch, are not loaded.
+    Missing(Vec<(String, String)>),
 }

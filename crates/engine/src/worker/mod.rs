@@ -4,10 +4,12 @@
 
 mod deliverer;
 mod dispatcher;
+mod scheduler;
 mod stepper;
 
 pub(crate) use deliverer::Deliverer;
 pub(crate) use dispatcher::DispatchQuarantine;
+pub(crate) use scheduler::ScheduleMemory;
 
 use crate::health::Loops;
 use crate::{Clock, EngineConfig, Registry, RegistryError, Wakers};
@@ -33,6 +35,7 @@ pub(crate) struct Shared {
     pub loops: Arc<Loops>,
     pub deliverer: Deliverer,
     pub dispatch_quarantine: std::sync::Mutex<DispatchQuarantine>,
+    pub schedules: ScheduleMemory,
 }
 
 impl Shared {

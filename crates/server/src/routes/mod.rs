@@ -2,6 +2,7 @@
 
 mod admin;
 mod cross_site;
+mod enrollments;
 mod events;
 mod health;
 mod links;
@@ -48,6 +49,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/contacts/{id}/export", get(admin::export))
         .route("/v1/suppressions", post(admin::suppress))
         .route("/v1/workflows/reload", post(admin::reload))
+        .route("/v1/workflows/{id}/enrollments", post(enrollments::enroll))
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             admin::require_token,

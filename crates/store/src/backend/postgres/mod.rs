@@ -16,6 +16,7 @@
 //! `_sqlx_migrations`, are then created in and read from that schema (it must exist).
 
 mod dead;
+mod enroll;
 mod links;
 #[cfg(target_os = "linux")]
 mod nodelay;

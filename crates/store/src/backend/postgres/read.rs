@@ -50,7 +50,7 @@ impl PgStore {
     ) -> Result<Vec<ContactEventRow>> {
         // The newest `limit`, oldest first.
         let mut rows: Vec<ContactEventRow> = sqlx::query_as(
-            "SELECT source, id, 'course.' || type AS event_type, time_ms, received_ms, dispatched, dead_error
+            "SELECT source, id, CASE WHEN type = 'enrollment' THEN 'herald.enrollment' ELSE 'course.' || type END AS event_type, time_ms, received_ms, dispatched, dead_error
              FROM events WHERE contact_id = $1 ORDER BY seq DESC LIMIT $2",
         )
         .bind(contact_id)

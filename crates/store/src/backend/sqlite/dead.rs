@@ -104,7 +104,7 @@ impl SqliteStore {
     pub async fn dead_events(&self, after_seq: i64, limit: i64) -> Result<Vec<DeadEventRow>> {
         // Events store the trigger name; the row carries the type as posted.
         Ok(sqlx::query_as(
-            "SELECT seq, source, id, 'course.' || type AS event_type, contact_id, dead_error AS error,
+            "SELECT seq, source, id, CASE WHEN type = 'enrollment' THEN 'herald.enrollment' ELSE 'course.' || type END AS event_type, contact_id, dead_error AS error,
                     received_ms, dead_ms
              FROM events WHERE dead_error IS NOT NULL AND seq > ? ORDER BY seq LIMIT ?",
         )

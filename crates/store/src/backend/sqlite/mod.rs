@@ -4,6 +4,7 @@
 //! `BEGIN IMMEDIATE`, and reads use a separate pool beside the writer.
 
 mod dead;
+mod enroll;
 mod links;
 mod opt_outs;
 mod read;

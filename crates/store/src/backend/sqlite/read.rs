@@ -44,7 +44,7 @@ impl SqliteStore {
     ) -> Result<Vec<ContactEventRow>> {
         // The newest `limit`, oldest first.
         let mut rows: Vec<ContactEventRow> = sqlx::query_as(
-            "SELECT source, id, 'course.' || type AS event_type, time_ms, received_ms, dispatched, dead_error
+            "SELECT source, id, CASE WHEN type = 'enrollment' THEN 'herald.enrollment' ELSE 'course.' || type END AS event_type, time_ms, received_ms, dispatched, dead_error
              FROM events WHERE contact_id = ? ORDER BY seq DESC LIMIT ?",
         )
         .bind(contact_id)

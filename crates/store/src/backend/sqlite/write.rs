@@ -103,6 +103,10 @@ impl SqliteStore {
             contacts: contact_rows,
         };
         let plan = planner(&input);
+        if plan.postponed {
+            // Rolled back: the events stay undispatched.
+            return Ok(0);
+        }
 
         insert_runs(&mut tx, &plan.new_runs, now_ms).await?;
         for exit in &plan.exits {
