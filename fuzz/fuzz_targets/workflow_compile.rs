@@ -1,0 +1,101 @@
+//! `herald check` and loading on arbitrary files: each input is compiled once as a workflow's YAML
+//! (with a fixed set of template files) and once as the text of every template file of a fixed,
+//! valid workflow, loaded as the registry does (`bundle_from`, then `compile`). Nothing may
+//! panic; a workflow that compiles is also matched against an event and its messages rendered.
+#![no_main]
+
+use chrono::{DateTime, Utc};
+use herald_core::event::{BodyKind, CourseEvent, parse_body};
+use herald_core::template::CustomValues;
+use herald_core::workflow::{Instr, bundle_from, compile};
+use libfuzzer_sys::fuzz_target;
+use std::collections::BTreeMap;
+
+/// Uses every kind of step, an email template and an SMS template.
+const WORKFLOW: &str = r#"name: Fuzz
+trigger:
+  event: [lesson_completed, offer_access_granted]
+exit_when:
+  event: product_completed
+send_window:
+  days: [mon, tue, wed, thu, fri]
+  between: ["09:00", "18:00"]
+steps:
+  - send_email:
+      subject: "Hi {{default contact.first_name 'there'}}"
+      template: welcome
+  - wait: 2d
+  - if:
+      any:
+        - { field: contact.phone, exists: true }
+        - { field: lesson.title, equals: Ownership }
+    then:
+      - send_sms: {template: nudge}
+    else:
+      - wait: {until: "09:00", days: [mon], timezone: contact}
+  - wait: {event: lesson_completed, timeout: 3d}
+"#;
+
+const EVENT: &str = r#"{"specversion": "1.0", "id": "evt_1", "source": "https://school.example.com",
+  "type": "course.lesson_completed", "time": "2026-11-24T10:00:00+01:00",
+  "data": {"contact": {"id": "c_1", "email": "ann@example.com", "first_name": "Ann", "phone": "+15551234567"},
+           "product": {"id": "p_1", "title": "Rust 101"}, "lesson": {"id": "l_1", "title": "Ownership"},
+           "offer": {"id": "o_1", "title": "Pro", "product_ids": ["p_1"]}}}"#;
+
+fuzz_target!(|data: &[u8]| {
+    let text = String::from_utf8_lossy(data);
+    let templates = BTreeMap::from([
+        ("welcome.html.hbs", "<p>Hi {{contact.first_name}}, <<support_email>></p>".to_owned()),
+        ("welcome.txt.hbs", "Hi {{contact.first_name}}, <<login_url>>".to_owned()),
+        ("nudge.sms.hbs", "Back to {{lesson.title}}? <<login_url>>".to_owned()),
+    ]);
+    check(&text, &templates);
+    let as_templates = templates.keys().map(|name| (*name, text.to_string())).collect();
+    check(WORKFLOW, &as_templates);
+});
+
+fn check(yaml: &str, templates: &BTreeMap<&str, String>) {
+    let load = |name: &str| templates.get(name).cloned();
+    let bundle = bundle_from("fuzz", "workflows/fuzz.yaml", yaml, &load);
+    let _ = bundle.version();
+    let Ok((workflow, _warnings)) = compile(bundle, &["support_email".to_owned()]) else {
+        return;
+    };
+    let now: DateTime<Utc> = "2026-11-24T12:00:00Z".parse().expect("a valid instant");
+    let event = parse_body(BodyKind::Single, EVENT.as_bytes(), now).expect("a valid event");
+    let event: &CourseEvent = &event[0];
+    let _ = workflow.triggered_by(event);
+    let _ = workflow.exits_on(event);
+    if let Some(schedule) = workflow.schedule() {
+        if let Some(tick) = schedule.latest_tick(now, chrono_tz::UTC) {
+            assert!(tick.at <= now, "{tick:?} is after {now}");
+        }
+        if let Some(next) = schedule.next_tick(now, chrono_tz::UTC) {
+            assert!(next > now, "{next} is not after {now}");
+        }
+    }
+    if let Some(window) = &workflow.send_window {
+        assert!(window.next_open(now, chrono_tz::Europe::Berlin) >= now);
+    }
+    let context = event.template_context();
+    let custom = CustomValues::from([
+        ("login_url".to_owned(), "https://herald.test/l/abc?a=1&b=2".to_owned()),
+        ("unsubscribe_url".to_owned(), "https://herald.test/u/xyz".to_owned()),
+        ("support_email".to_owned(), "help@school.example.com".to_owned()),
+    ]);
+    for (pc, instr) in workflow.program.iter().enumerate() {
+        match instr {
+            Instr::SendEmail { .. } => {
+                let _ = workflow.render_email(pc, &context, &custom);
+            }
+            Instr::SendSms { .. } => {
+                let _ = workflow.render_sms(pc, &context, &custom);
+            }
+            Instr::Wait { wait, .. } => {
+                assert!(wait.deadline(now, Some("Europe/Berlin"), chrono_tz::UTC) >= now);
+            }
+            Instr::Branch { else_pc, .. } => assert!(*else_pc <= workflow.program.len()),
+            Instr::Jump { to } => assert!(*to <= workflow.program.len()),
+        }
+    }
+}
