@@ -547,7 +547,7 @@ impl CourseEvent {
     /// The enrollment event that replays `original` into `workflow_id`: it carries the original's
     /// data and time (so the run renders as the original would have), and names the original.
     pub fn replayed(original: &CourseEvent, workflow_id: &str) -> Self {
-        let id = Self::enrollment_id("replay", &[workflow_id, &original.source, &original.id]);
+        let id = Self::replay_id(original, workflow_id);
         let mut event = Self::enrollment(
             id,
             workflow_id,
@@ -567,6 +567,11 @@ impl CourseEvent {
         event.data = data;
         event.time_raw = original.time_raw.clone();
         event
+    }
+
+    /// The id of [`CourseEvent::replayed`]: one per original event and workflow.
+    pub fn replay_id(original: &CourseEvent, workflow_id: &str) -> String {
+        Self::enrollment_id("replay", &[workflow_id, &original.source, &original.id])
     }
 
     /// An enrollment event id made from what it enrolls for (`prefix` and `parts`, e.g. a

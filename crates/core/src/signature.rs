@@ -84,6 +84,12 @@ impl WebhookSecret {
         Ok(Self { key })
     }
 
+    /// Shorter than the 24 bytes Standard Webhooks asks for (accepted down to 16, see
+    /// [`WebhookSecret::from_bytes`]): worth a warning.
+    pub fn is_short(&self) -> bool {
+        self.key.len() < 24
+    }
+
     /// The `whsec_…` form of this secret.
     pub fn to_whsec(&self) -> String {
         format!("whsec_{}", STANDARD.encode(&self.key))
@@ -321,5 +327,18 @@ mod tests {
         ))
         .unwrap();
         assert!(verify_signature_only(&list, headers(V1_ID, V1_TS, V1_SIG), V1_BODY).is_ok());
+    }
+
+    #[test]
+    fn secrets_under_24_bytes_are_accepted_but_short() {
+        // The published vector's secret decodes to 24 bytes; 16 to 23 are accepted and flagged.
+        assert!(!secrets(V1_SECRET)[0].is_short());
+        let short = WebhookSecret::from_bytes(vec![7; 16]).unwrap();
+        assert!(short.is_short());
+        assert!(!WebhookSecret::from_bytes(vec![7; 32]).unwrap().is_short());
+        assert_eq!(
+            WebhookSecret::from_bytes(vec![7; 15]).unwrap_err(),
+            SecretError::BadLength(15)
+        );
     }
 }

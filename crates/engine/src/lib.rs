@@ -51,6 +51,7 @@ impl Wakers {
         self.dispatch.notify_one();
         self.steps.notify_one();
         self.delivery.notify_one();
+        self.schedules.notify_one();
     }
 }
 

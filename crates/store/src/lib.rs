@@ -223,6 +223,8 @@ delegate! {
     fn course_events_since(&self, since_ms: i64, after_seq: i64, limit: i64) -> Vec<(i64, herald_core::CourseEvent)>;
     /// The triggering event (its `seq`) and workflow of every run of these contacts.
     fn runs_started_by_events(&self, contact_ids: Vec<String>) -> Vec<(i64, String)>;
+    /// Which of `ids` are stored as events of `source`.
+    fn stored_event_ids(&self, source: String, ids: Vec<String>) -> Vec<String>;
     /// The bundle JSON of one stored workflow version.
     fn workflow_version(&self, id: String, version: String) -> Option<String>;
     /// Whether each workflow is enabled, as the last reload of any process recorded it.

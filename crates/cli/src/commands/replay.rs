@@ -8,6 +8,7 @@
 use crate::config::Config;
 use anyhow::{Context, Result, bail};
 use herald_core::CourseEvent;
+use herald_core::event::HERALD_SOURCE;
 use herald_core::workflow::CompiledWorkflow;
 use herald_engine::enrollment::store_enrollments;
 use herald_engine::registry::{Sources, compile_all, read_bundles};
@@ -58,24 +59,40 @@ pub async fn replay(
             .await?
             .into_iter()
             .collect();
+        let mut candidates = Vec::new();
         for (seq, event) in &page {
             for (i, wf) in workflows.iter().enumerate() {
                 if !wf.trigger_matches(event) {
                     continue;
                 }
-                let counts = per_workflow.entry(&wf.id).or_default();
                 if ran.contains(&(*seq, wf.id.clone())) {
-                    counts.1 += 1;
+                    per_workflow.entry(&wf.id).or_default().1 += 1;
                 } else {
-                    counts.0 += 1;
-                    to_enroll.insert((*seq, i));
+                    candidates.push((*seq, i, CourseEvent::replay_id(event, &wf.id)));
                 }
+            }
+        }
+        let replayed: HashSet<String> = store
+            .stored_event_ids(
+                HERALD_SOURCE.to_owned(),
+                candidates.iter().map(|(_, _, id)| id.clone()).collect(),
+            )
+            .await?
+            .into_iter()
+            .collect();
+        for (seq, i, id) in candidates {
+            let counts = per_workflow.entry(&workflows[i].id).or_default();
+            if replayed.contains(&id) {
+                counts.1 += 1;
+            } else {
+                counts.0 += 1;
+                to_enroll.insert((seq, i));
             }
         }
     }
     println!("{read} event(s) read");
     for (id, (new, ran)) in &per_workflow {
-        println!("  {id}: {new} to replay, {ran} already started a run");
+        println!("  {id}: {new} to replay, {ran} already started a run or were replayed");
     }
     if dry_run || to_enroll.is_empty() {
         println!(

@@ -10,4 +10,5 @@ mod smtp_sink;
 
 mod crash;
 mod dkim;
+mod replay;
 mod scale_out;

@@ -18,7 +18,7 @@ async fn healthz_answers_ok(backend: Backend) {
     let body: Value = response.json().await.unwrap();
     assert_eq!(
         body,
-        json!({"status": "ok", "loops": {"dispatcher": "ok", "stepper": "ok", "deliverer": "ok"}})
+        json!({"status": "ok", "loops": {"dispatcher": "ok", "stepper": "ok", "deliverer": "ok", "scheduler": "ok"}})
     );
     assert_eq!(app.get("/no/such/route").await.status(), 404);
     // Listing events set aside is the admin API's: no token, no listing.

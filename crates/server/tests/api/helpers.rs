@@ -610,15 +610,37 @@ impl TestApp {
         self.admin_json(reqwest::Method::POST, path).await
     }
 
+    /// `POST path` with a JSON body and extra headers, with the configured admin token.
+    pub async fn admin_post_json(
+        &self,
+        path: &str,
+        body: &Value,
+        headers: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut request = self.client.post(self.url(path)).json(body);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        self.admin_send(reqwest::Method::POST, path, request).await
+    }
+
     async fn admin_json(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
+        let request = self.client.request(method.clone(), self.url(path));
+        self.admin_send(method, path, request).await
+    }
+
+    async fn admin_send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        request: reqwest::RequestBuilder,
+    ) -> (u16, Value) {
         let token = self
             .options
             .admin_token
             .as_deref()
             .expect("this app was built without an admin token (TestOptions::admin_token)");
-        let response = self
-            .client
-            .request(method.clone(), self.url(path))
+        let response = request
             .bearer_auth(token)
             .send()
             .await

@@ -20,6 +20,7 @@ mod links;
 mod portal;
 
 mod admin;
+mod enrollments;
 mod metrics;
 mod operator;
 mod opt_outs;

@@ -16,6 +16,10 @@ mod postgres {
     async fn a_reload_on_one_process_reaches_the_other() {
         super::a_reload_on_one_process_reaches_the_other().await
     }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn exit_when_holds_on_a_process_without_the_runs_version() {
+        super::exit_when_holds_on_a_process_without_the_runs_version().await
+    }
 }
 
 const WELCOME: &str = r#"
@@ -138,4 +142,82 @@ async fn a_reload_on_one_process_reaches_the_other() {
         sent.iter().all(|m| m.status == MessageStatus::Sent),
         "{sent:#?}"
     );
+}
+
+const NUDGE: &str = r#"
+name: Nudge
+trigger:
+  event: offer_access_granted
+exit_when:
+  event: lesson_completed
+steps:
+  - wait: 1d
+  - id: nudge
+    send_email:
+      subject: "Start your first lesson, {{contact.first_name}}"
+      text: "It takes ten minutes."
+"#;
+
+/// A run started on a version only process A has (A reloaded an edited file after B started)
+/// is ended by its `exit_when` when B dispatches the event: B loads the version from the
+/// database rather than planning without the run's exit condition.
+async fn exit_when_holds_on_a_process_without_the_runs_version() {
+    let opts = || options().workflow("nudge", NUDGE);
+    let Some(a) = spawn_app(opts()).await else {
+        return;
+    };
+    let b = a.another_process(opts()).await;
+    std::fs::write(
+        a.env.workflows.join("nudge.yaml"),
+        NUDGE.replace("Start your first lesson", "Your first lesson awaits"),
+    )
+    .unwrap();
+    let (status, body) = a.admin_post("/v1/workflows/reload").await;
+    assert_eq!(status, 200, "{body}");
+    // B takes in the reload before the run exists, so it cannot have loaded the version then.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let version = a.state.registry.snapshot().current["nudge"].version.clone();
+    assert!(
+        b.state
+            .registry
+            .snapshot()
+            .version("nudge", &version)
+            .is_none(),
+        "B has A's new version before any run needs it"
+    );
+
+    a.accept(&offer_granted(contact("c_exit", "Ann"), "o_pro"))
+        .await;
+    wait_for("A to start the run on its version", async || {
+        a.runs_of("c_exit")
+            .await
+            .iter()
+            .any(|r| r.workflow_id == "nudge" && r.workflow_version == version)
+    })
+    .await;
+
+    // Only B dispatches from here.
+    assert!(a.state.loops.pause("dispatcher"));
+    b.accept(&event(
+        "lesson_completed",
+        serde_json::json!({"contact": {"id": "c_exit"}, "product": product("p_rust101", "Rust 101"),
+               "lesson": {"id": "l_1", "title": "Ownership"}}),
+    ))
+    .await;
+    b.settle().await;
+    let run = a
+        .runs_of("c_exit")
+        .await
+        .into_iter()
+        .find(|r| r.workflow_id == "nudge")
+        .expect("the nudge run");
+    assert_eq!(
+        (run.state, run.reason.as_deref()),
+        (
+            herald_store::RunState::Exited,
+            Some("exit_when: lesson_completed")
+        ),
+        "{run:#?}"
+    );
+    assert!(a.state.loops.resume("dispatcher"));
 }

@@ -95,4 +95,14 @@ impl PgStore {
                 .await?,
         )
     }
+
+    pub async fn stored_event_ids(&self, source: String, ids: Vec<String>) -> Result<Vec<String>> {
+        Ok(
+            sqlx::query_scalar("SELECT id FROM events WHERE source = $1 AND id = ANY($2)")
+                .bind(&source)
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await?,
+        )
+    }
 }

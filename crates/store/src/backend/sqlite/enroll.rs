@@ -95,4 +95,14 @@ impl SqliteStore {
         .fetch_all(&self.readers)
         .await?)
     }
+
+    pub async fn stored_event_ids(&self, source: String, ids: Vec<String>) -> Result<Vec<String>> {
+        Ok(sqlx::query_scalar(
+            "SELECT id FROM events WHERE source = ? AND id IN (SELECT value FROM json_each(?))",
+        )
+        .bind(&source)
+        .bind(json_list(ids.iter().map(String::as_str)))
+        .fetch_all(&self.readers)
+        .await?)
+    }
 }
