@@ -41,6 +41,7 @@ trigger:
   audience: {offers: [o_pro], products: [p_async], inactive_for: 7d}
 steps:
   - send_email: {subject: "Hi {{contact.first_name}}", text: "Still there?"}
+'
 
 # durations: the first character picks the place in the workflow; '0' to '8' cover all nine.
 for value in 30s 15m 4h 2d 3d 1w 09:00 18:00 02:30 Europe/Berlin America/New_York contact mon fri; do

@@ -337,9 +337,9 @@ proptest! {
         skew in -300i64..=300,
         body in vec(any::<u8>(), 0..64),
         others in header(),
-        key in vec(any::<u8>(), 16..=64),
+        key in vec(any::<u8>(), 24..=64),
     ) {
-        let secret = WebhookSecret::from_bytes(key).expect("16 to 64 bytes");
+        let secret = WebhookSecret::from_bytes(key).expect("24 to 64 bytes");
         let signed = secret.sign(&id, timestamp, &body);
         let list = format!("{} {signed}", others.unwrap_or_default());
         let ts = timestamp.to_string();
@@ -366,7 +366,7 @@ proptest! {
     fn secrets_survive_their_whsec_form_padded_or_not(key in vec(any::<u8>(), 0..80)) {
         let length = key.len();
         let Ok(secret) = WebhookSecret::from_bytes(key) else {
-            prop_assert!(!(16..=64).contains(&length));
+            prop_assert!(!(24..=64).contains(&length));
             return Ok(());
         };
         let whsec = secret.to_whsec();
@@ -385,7 +385,7 @@ proptest! {
         text in prop_oneof![any::<String>(), "(whsec_)?[A-Za-z0-9+/=, ]{0,100}"],
     ) {
         if let Err(SecretError::BadLength(n)) = WebhookSecret::parse(&text) {
-            prop_assert!(!(16..=64).contains(&n));
+            prop_assert!(!(24..=64).contains(&n));
         }
         let _ = parse_secrets(&text);
     }

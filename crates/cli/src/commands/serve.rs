@@ -148,13 +148,6 @@ fn webhook_secrets(config: &Config, dev: bool) -> Result<Vec<WebhookSecret>> {
                 "HERALD_WEBHOOK_SECRET is empty: set one or more whsec_… secrets, comma-separated"
             );
         }
-        for (i, _) in secrets.iter().enumerate().filter(|(_, s)| s.is_short()) {
-            tracing::warn!(
-                secret = i + 1,
-                "HERALD_WEBHOOK_SECRET: this secret is shorter than the 24 bytes Standard Webhooks asks for; \
-                 rotate to a longer one (add it before the old one, comma-separated)"
-            );
-        }
         return Ok(secrets);
     }
     if !dev {
