@@ -145,6 +145,21 @@ impl Store {
         }
     }
 
+    /// Opts every contact with each email address out of email (`source` per address: bounced,
+    /// complaint, ...), and keeps the address's keyed hash so that a contact who arrives with it
+    /// later is opted out too. Returns the contacts opted out.
+    pub async fn suppress_email_addresses(
+        &self,
+        addresses: Vec<(String, String)>,
+        now_ms: i64,
+    ) -> Result<Vec<String>> {
+        let key = self.address_key.get();
+        match &*self.backend {
+            Backend::Sqlite(b) => b.suppress_email_addresses(addresses, key, now_ms).await,
+            Backend::Postgres(b) => b.suppress_email_addresses(addresses, key, now_ms).await,
+        }
+    }
+
     /// Tells the other processes on this database that there is work or news (returns at once;
     /// see [`Signals`]). Stored events are announced by the store itself.
     pub fn announce(&self, signals: Signals) {
@@ -294,9 +309,8 @@ delegate! {
     /// Opts a contact out of a channel (`true`) or back in (`false`); returns whether anything changed.
     fn set_opt_out(&self, contact_id: String, channel: Channel, opted_out: bool, source: String, now_ms: i64) -> bool;
     fn opt_outs(&self, contact_id: String) -> Vec<OptOutRow>;
-    /// Opts every contact with this email address (any case) out of email, with `source` (a
-    /// provider's bounce or complaint); returns their ids.
-    fn suppress_email_address(&self, address: String, source: String, now_ms: i64) -> Vec<String>;
+    /// Every opt-out with the contact's current addresses, oldest first.
+    fn suppression_list(&self) -> Vec<SuppressionRow>;
     /// Ids of the contacts whose phone is this E.164 number (inbound SMS keywords).
     fn contacts_by_phone(&self, phone: String) -> Vec<String>;
     fn link_audit(&self, contact_id: Option<String>, limit: i64) -> Vec<LinkAuditRow>;

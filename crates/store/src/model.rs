@@ -564,6 +564,17 @@ pub fn login_event(source: &str, contact_id: &str, now_ms: i64) -> NewEvent {
     }
 }
 
+/// An opt-out with the contact's current addresses (the suppression list).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+pub struct SuppressionRow {
+    pub contact_id: String,
+    pub email: Option<String>,
+    pub phone: Option<String>,
+    pub channel: String,
+    pub source: String,
+    pub at_ms: i64,
+}
+
 /// A contact's opt-out of one channel.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct OptOutRow {

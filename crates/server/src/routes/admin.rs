@@ -130,7 +130,7 @@ impl ListQuery {
     }
 }
 
-fn rfc3339(ms: i64) -> Value {
+pub(crate) fn rfc3339(ms: i64) -> Value {
     chrono::DateTime::from_timestamp_millis(ms).map_or(Value::Null, |t| {
         json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
     })
@@ -203,6 +203,93 @@ pub async fn retry_message(
         )
         .with("status", status.as_str())),
     }
+}
+
+/// `POST /v1/messages/retry` body: which failed messages to queue again.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryFilter {
+    /// `failed` (default) or `dead`.
+    status: Option<String>,
+    /// Only messages whose last change is at or after this RFC 3339 time.
+    since: Option<String>,
+    workflow: Option<String>,
+    contact_id: Option<String>,
+}
+
+/// The most messages one `POST /v1/messages/retry` queues again; `more` says to call again.
+const MAX_RETRY: usize = 10_000;
+
+/// `POST /v1/messages/retry` `{"status": "failed", "since": "2026-12-04T22:00:00Z", "workflow":
+/// …, "contact_id": …}`: every matching message is queued again as by
+/// `POST /v1/messages/{id}/retry` (after the relay was down, say).
+pub async fn retry_messages(
+    State(state): State<AppState>,
+    body: Result<Json<RetryFilter>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<Value>, ApiError> {
+    let Json(f) = body.map_err(|e| {
+        ApiError::new(StatusCode::BAD_REQUEST, e.body_text()).with(
+            "hint",
+            r#"send {"status": "failed", "since": "2026-12-04T22:00:00Z"} (workflow and contact_id optional)"#,
+        )
+    })?;
+    let status = f.status.unwrap_or_else(|| "failed".into());
+    if !matches!(status.as_str(), "failed" | "dead") {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("status {status:?}: only failed or dead messages are retried"),
+        )
+        .with("field", "status"));
+    }
+    let since_ms = match &f.since {
+        None => i64::MIN,
+        Some(t) => chrono::DateTime::parse_from_rfc3339(t)
+            .map_err(|_| {
+                ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("since {t:?} is not an RFC 3339 time such as 2026-12-04T22:00:00Z"),
+                )
+                .with("field", "since")
+            })?
+            .timestamp_millis(),
+    };
+    let now_ms = state.clock.now_ms();
+    let mut retried = Vec::new();
+    let mut after = None;
+    let more = loop {
+        let page = state
+            .store
+            .messages(herald_store::ListFilter {
+                contact_id: f.contact_id.clone(),
+                workflow_id: f.workflow.clone(),
+                status: Some(status.clone()),
+                after: after.clone(),
+                limit: MAX_PAGE,
+            })
+            .await?;
+        let Some(last) = page.last() else { break false };
+        after = Some(last.id.clone());
+        for m in page.iter().filter(|m| m.updated_ms >= since_ms) {
+            if retried.len() == MAX_RETRY {
+                break;
+            }
+            if state.store.retry_message(m.id.clone(), now_ms).await?
+                == Some(herald_store::MessageStatus::Queued)
+            {
+                retried.push(m.id.clone());
+            }
+        }
+        if retried.len() == MAX_RETRY {
+            break true;
+        }
+    };
+    if !retried.is_empty() {
+        state.wakers.all();
+        state.store.announce(herald_store::Signals::MESSAGES);
+    }
+    Ok(Json(
+        json!({ "retried": retried.len(), "message_ids": retried, "more": more }),
+    ))
 }
 
 /// `GET /v1/events?status=dead&after=&limit=`: the events set aside because their dispatch kept
@@ -429,54 +516,6 @@ pub async fn erase(
         )),
         Some(erased) => Ok(Json(json!({ "id": id, "erased": erased }))),
     }
-}
-
-/// `POST /v1/suppressions` body: an address a provider reported.
-#[derive(Debug, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Suppression {
-    email: String,
-    reason: SuppressionReason,
-}
-
-#[derive(Debug, Clone, Copy, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-enum SuppressionReason {
-    Bounced,
-    Complaint,
-}
-
-/// `POST /v1/suppressions` `{"email": …, "reason": "bounced" | "complaint"}`: a bounce or a
-/// complaint reported by a provider; every contact with that address is opted out of email.
-pub async fn suppress(
-    State(state): State<AppState>,
-    body: Result<Json<Suppression>, axum::extract::rejection::JsonRejection>,
-) -> Result<Json<Value>, ApiError> {
-    let Json(s) = body.map_err(|e| {
-        ApiError::new(StatusCode::BAD_REQUEST, e.body_text()).with(
-            "hint",
-            r#"send {"email": "ann@example.com", "reason": "bounced"} (or "complaint")"#,
-        )
-    })?;
-    let email = s.email.trim();
-    if email.is_empty() || !email.contains('@') || email.len() > 320 {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("{email:?} is not an email address"),
-        )
-        .with("field", "email"));
-    }
-    let source = match s.reason {
-        SuppressionReason::Bounced => "bounced",
-        SuppressionReason::Complaint => "complaint",
-    };
-    let contacts = state
-        .store
-        .suppress_email_address(email.to_owned(), source.into(), state.clock.now_ms())
-        .await?;
-    Ok(Json(
-        json!({ "email": email, "reason": source, "contacts": contacts }),
-    ))
 }
 
 /// How many of each kind of record a timeline shows (the newest).

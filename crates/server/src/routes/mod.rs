@@ -11,6 +11,7 @@ mod mailbox;
 pub mod metrics;
 mod portal;
 mod sms;
+mod suppressions;
 mod unsubscribe;
 
 use crate::AppState;
@@ -37,6 +38,7 @@ pub fn router(state: AppState) -> Router {
             post(admin::regenerate_user_link),
         )
         .route("/v1/messages", get(admin::messages))
+        .route("/v1/messages/retry", post(admin::retry_messages))
         .route("/v1/messages/{id}/retry", post(admin::retry_message))
         .route("/v1/runs/{id}/cancel", post(admin::cancel_run))
         .route("/v1/events", get(admin::events))
@@ -47,7 +49,18 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/contacts/{id}/timeline", get(admin::timeline))
         .route("/v1/contacts/{id}/export", get(admin::export))
-        .route("/v1/suppressions", post(admin::suppress))
+        .route(
+            "/v1/suppressions",
+            post(suppressions::suppress)
+                .layer(axum::extract::DefaultBodyLimit::max(
+                    suppressions::MAX_CSV_BYTES,
+                ))
+                .get(suppressions::list),
+        )
+        .route(
+            "/v1/contacts/{id}/opt-outs",
+            post(suppressions::set_opt_out),
+        )
         .route("/v1/workflows/reload", post(admin::reload))
         .route("/v1/workflows/{id}/enrollments", post(enrollments::enroll))
         .route_layer(axum::middleware::from_fn_with_state(

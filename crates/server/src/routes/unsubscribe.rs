@@ -1,4 +1,4 @@
-//! `/u/{token}`: unsubscribe from email. GET shows a confirmation page and changes nothing (mail
+//! `/u/{token}`: unsubscribe from marketing email (what still comes is listed). GET shows a confirmation page and changes nothing (mail
 //! scanners fetch links); POST, from that page's form or as an RFC 8058 one-click request
 //! (`List-Unsubscribe=One-Click`), opts the contact out and answers `200`, never a redirect.
 
@@ -15,11 +15,31 @@ pub async fn show(State(state): State<AppState>, Path(token): Path<String>) -> R
         return unknown();
     }
     let body = format!(
-        "<h1>Unsubscribe from these emails?</h1><p>You will no longer receive course emails from this school.</p>\
-         <form method=\"post\" action=\"/u/{}\"><button type=\"submit\">Unsubscribe</button></form>",
-        escape(&token)
+        "<h1>Stop marketing email?</h1><p>You will no longer receive course news, reminders and offers by email.</p>\
+         <form method=\"post\" action=\"/u/{}\"><button type=\"submit\">Stop marketing email</button></form>{}",
+        escape(&token),
+        still_comes(&state)
     );
     private_page(StatusCode::OK, page("Unsubscribe", &body))
+}
+
+/// What unsubscribing does not stop: sign-in links the learner asks for, and the school's
+/// transactional workflows, by name.
+fn still_comes(state: &AppState) -> String {
+    let snapshot = state.registry.snapshot();
+    let mut items = vec!["sign-in links you ask for".to_owned()];
+    items.extend(
+        snapshot
+            .current
+            .values()
+            .filter(|w| {
+                w.category == herald_core::workflow::Category::Transactional
+                    && snapshot.is_enabled(&w.id)
+            })
+            .map(|w| escape(&w.name)),
+    );
+    let list: String = items.iter().map(|i| format!("<li>{i}</li>")).collect();
+    format!("<p>You will still receive:</p><ul>{list}</ul>")
 }
 
 pub async fn unsubscribe(
@@ -48,9 +68,11 @@ pub async fn unsubscribe(
     {
         tracing::info!(source, "contact opted out of email");
     }
-    let body =
-        "<h1>You are unsubscribed</h1><p>You will receive no more course emails from us.</p>";
-    Ok(private_page(StatusCode::OK, page("Unsubscribed", body)))
+    let body = format!(
+        "<h1>You are unsubscribed</h1><p>You will receive no more marketing email from us.</p>{}",
+        still_comes(&state)
+    );
+    Ok(private_page(StatusCode::OK, page("Unsubscribed", &body)))
 }
 
 fn unknown() -> Response {

@@ -27,3 +27,4 @@ mod opt_outs;
 mod real_path;
 mod shared_database;
 mod sms;
+mod suppressions;

@@ -118,13 +118,46 @@ async fn failed_messages_are_retried_once_the_relay_is_back(backend: Backend) {
 
     app.sink().clear_faults();
     let failed = app.messages().await;
-    for m in &failed {
+    // Ten one by one, the other forty by a filter (every message failed since an hour ago).
+    for m in &failed[..10] {
         let (status, body) = app
             .admin_post(&format!("/v1/messages/{}/retry", m.id))
             .await;
         assert_eq!(status, 200, "{body}");
         assert_eq!(body["status"], "queued");
     }
+    let in_an_hour = (chrono::Utc::now() + chrono::TimeDelta::hours(1)).to_rfc3339();
+    let (status, body) = app
+        .admin_post_json(
+            "/v1/messages/retry",
+            &serde_json::json!({"status": "failed", "since": in_an_hour}),
+            &[],
+        )
+        .await;
+    assert_eq!(
+        (status, &body["retried"]),
+        (200, &serde_json::json!(0)),
+        "nothing failed after `since`: {body}"
+    );
+    let an_hour_ago = (chrono::Utc::now() - chrono::TimeDelta::hours(1)).to_rfc3339();
+    let (status, body) = app
+        .admin_post_json(
+            "/v1/messages/retry",
+            &serde_json::json!({"status": "failed", "since": an_hour_ago, "workflow": "welcome"}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["retried"], 40, "{body}");
+    assert_eq!(body["more"], false, "{body}");
+    let (status, body) = app
+        .admin_post_json(
+            "/v1/messages/retry",
+            &serde_json::json!({"status": "sent"}),
+            &[],
+        )
+        .await;
+    assert_eq!(status, 400, "sent messages are not retried: {body}");
     let mails = app.wait_for_mails(50).await;
     app.settle().await;
     assert_eq!(app.sink().count(), 50, "each retried message sent once");

@@ -834,6 +834,15 @@ steps:
     app.accept(&new_signup(ann.clone())).await;
     let mails = app.wait_for_mails(1).await;
     let path = path_of(&unsubscribe_url(&mails[0]));
+    // The page says what stops and what still comes (the transactional workflow, by name).
+    let (status, page) = get(&app, &path).await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains("Stop marketing email"), "{page}");
+    assert!(
+        page.contains("<li>Your access</li>") && page.contains("sign-in links"),
+        "{page}"
+    );
+    assert!(!page.contains("Promotion"), "{page}");
     assert_eq!(one_click(&app, &path).await.status(), 200);
     assert_eq!(app.opted_out_channels("c_tx").await, [Channel::Email]);
 

@@ -33,30 +33,53 @@ impl SqliteStore {
         Ok(changed.rows_affected() > 0)
     }
 
-    pub async fn suppress_email_address(
+    pub async fn suppress_email_addresses(
         &self,
-        address: String,
-        source: String,
+        addresses: Vec<(String, String)>,
+        key: Option<&AddressKey>,
         now_ms: i64,
     ) -> Result<Vec<String>> {
         let mut conn = self.writer.lock().await;
         let mut tx = sqlx::Connection::begin_with(&mut *conn, super::write::BEGIN).await?;
-        let ids: Vec<String> =
-            sqlx::query_scalar("SELECT id FROM contacts WHERE lower(email) = lower(?) ORDER BY id")
-                .bind(&address)
-                .fetch_all(&mut *tx)
-                .await?;
-        sqlx::query(
-            "INSERT INTO opt_outs (contact_id, channel, source, at_ms)
-             SELECT value, 'email', ?2, ?3 FROM json_each(?1) WHERE true ON CONFLICT DO NOTHING",
-        )
-        .bind(serde_json::to_string(&ids).expect("strings serialize"))
-        .bind(&source)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
+        let mut opted_out = Vec::new();
+        for (address, source) in &addresses {
+            let ids: Vec<String> = sqlx::query_scalar(
+                "SELECT id FROM contacts WHERE lower(email) = lower(?) ORDER BY id",
+            )
+            .bind(address)
+            .fetch_all(&mut *tx)
+            .await?;
+            sqlx::query(
+                "INSERT INTO opt_outs (contact_id, channel, source, at_ms)
+                 SELECT value, 'email', ?2, ?3 FROM json_each(?1) WHERE true ON CONFLICT DO NOTHING",
+            )
+            .bind(serde_json::to_string(&ids).expect("strings serialize"))
+            .bind(source)
+            .bind(now_ms)
+            .execute(&mut *tx)
+            .await?;
+            if let Some(key) = key {
+                sqlx::query("INSERT INTO suppressed_addresses (address_hash, channel, source, at_ms) VALUES (?, 'email', ?, ?) ON CONFLICT DO NOTHING")
+                    .bind(key.hash(Channel::Email, address))
+                    .bind(source)
+                    .bind(now_ms)
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            opted_out.extend(ids);
+        }
         tx.commit().await?;
-        Ok(ids)
+        Ok(opted_out)
+    }
+
+    pub async fn suppression_list(&self) -> Result<Vec<crate::SuppressionRow>> {
+        Ok(sqlx::query_as(
+            "SELECT o.contact_id, c.email, c.phone, o.channel, o.source, o.at_ms
+             FROM opt_outs o LEFT JOIN contacts c ON c.id = o.contact_id
+             ORDER BY o.at_ms, o.contact_id, o.channel",
+        )
+        .fetch_all(&self.readers)
+        .await?)
     }
 
     pub async fn erase_contact(
