@@ -304,3 +304,59 @@ mod tests {
         assert!(backoff(&cfg, 40) <= cfg.retry_cap);
     }
 }
+
+/// What an operator reads of a message: its content rendered again from its pinned version, its
+/// event and the contact's current details. Sign-in and unsubscribe links appear as markers,
+/// never as working links.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ReviewedContent {
+    pub subject: Option<String>,
+    pub text: Option<String>,
+    pub html: Option<String>,
+}
+
+/// The marker that stands for a learner's sign-in link in reviewed content.
+pub const LOGIN_LINK_MARKER: &str = "[sign-in link]";
+/// The marker that stands for the unsubscribe link in reviewed content.
+pub const UNSUBSCRIBE_LINK_MARKER: &str = "[unsubscribe link]";
+
+pub fn render_for_review(
+    source: &herald_store::MessageSource,
+    workflows: &crate::registry::Snapshot,
+    config: &EngineConfig,
+) -> Result<ReviewedContent, String> {
+    let wf = workflows
+        .version(&source.workflow_id, &source.workflow_version)
+        .ok_or_else(|| {
+            format!(
+                "workflow version {}@{} is not loaded",
+                source.workflow_id, source.workflow_version
+            )
+        })?;
+    let event = with_latest_contact(&source.event, &source.contact);
+    let context = event.template_context();
+    let mut custom = config.custom_values.clone();
+    custom.insert("login_url".into(), LOGIN_LINK_MARKER.into());
+    custom.insert("unsubscribe_url".into(), UNSUBSCRIBE_LINK_MARKER.into());
+    let pc = source.pc as usize;
+    match source.channel {
+        Channel::Email => {
+            let r = wf
+                .render_email(pc, &context, &custom)
+                .map_err(|e| e.to_string())?;
+            Ok(ReviewedContent {
+                subject: Some(r.subject),
+                text: r.text,
+                html: r.html,
+            })
+        }
+        Channel::Sms => Ok(ReviewedContent {
+            subject: None,
+            text: Some(
+                wf.render_sms(pc, &context, &custom)
+                    .map_err(|e| e.to_string())?,
+            ),
+            html: None,
+        }),
+    }
+}

@@ -266,6 +266,8 @@ delegate! {
     /// The dev mailbox, newest first.
     fn mailbox(&self, limit: i64) -> Vec<MailboxItem>;
     fn messages(&self, filter: ListFilter) -> Vec<MessageRow>;
+    /// What each of these messages is rendered from (none for a message whose event was erased).
+    fn message_sources(&self, ids: Vec<String>) -> Vec<MessageSource>;
     fn runs(&self, filter: ListFilter) -> Vec<RunRow>;
     fn contact(&self, id: String) -> Option<ContactRow>;
     fn grants(&self, contact_id: String) -> Vec<GrantRow>;

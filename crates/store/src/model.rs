@@ -282,6 +282,18 @@ pub struct ClaimedRun {
     pub contact: ContactRow,
 }
 
+/// What a message is rendered from: enough to render it again for an operator to read.
+#[derive(Debug, Clone)]
+pub struct MessageSource {
+    pub id: String,
+    pub workflow_id: String,
+    pub workflow_version: String,
+    pub pc: i64,
+    pub channel: Channel,
+    pub event: CourseEvent,
+    pub contact: ContactRow,
+}
+
 /// A claimed run's new state, written only if `lease_token` still holds.
 #[derive(Debug, Clone)]
 pub struct RunAdvance {

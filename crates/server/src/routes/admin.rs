@@ -518,6 +518,40 @@ pub async fn erase(
     }
 }
 
+/// The content of each message as an operator reads it (rendered again from its pinned version,
+/// its event and the contact's current details, links as markers), by message id: an object
+/// with subject, text and html, or with the error that kept it from rendering.
+async fn reviewed_contents(
+    state: &AppState,
+    ids: Vec<String>,
+) -> Result<std::collections::HashMap<String, Value>, ApiError> {
+    let sources = state.store.message_sources(ids).await?;
+    let mut versions: Vec<(String, String)> = sources
+        .iter()
+        .map(|s| (s.workflow_id.clone(), s.workflow_version.clone()))
+        .collect();
+    versions.sort();
+    versions.dedup();
+    if let Err(e) = state.registry.ensure_versions(&versions).await {
+        tracing::warn!(error = %e, "a message's workflow version could not be loaded for review");
+    }
+    let snapshot = state.registry.snapshot();
+    Ok(sources
+        .iter()
+        .map(|source| {
+            let content = match herald_engine::delivery::render_for_review(
+                source,
+                &snapshot,
+                &state.engine,
+            ) {
+                Ok(c) => json!(c),
+                Err(e) => json!({ "error": e }),
+            };
+            (source.id.clone(), content)
+        })
+        .collect())
+}
+
 /// How many of each kind of record a timeline shows (the newest).
 const TIMELINE_LIMIT: i64 = 500;
 
@@ -572,11 +606,16 @@ pub async fn timeline(
             ));
         }
     }
-    for m in state.store.messages(by_contact()).await? {
+    let messages = state.store.messages(by_contact()).await?;
+    let mut contents =
+        reviewed_contents(&state, messages.iter().map(|m| m.id.clone()).collect()).await?;
+    for m in messages {
         let at = m.sent_ms.unwrap_or(m.updated_ms);
+        let content = contents.remove(&m.id).unwrap_or(Value::Null);
         let mut item = message_json(m);
         item["kind"] = json!("message");
         item["at"] = rfc3339(at);
+        item["content"] = content;
         items.push((at, item));
     }
     for o in state.store.opt_outs(id.clone()).await? {

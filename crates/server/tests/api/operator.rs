@@ -185,7 +185,10 @@ async fn a_contacts_timeline_tells_what_happened_in_order(backend: Backend) {
     let opts = TestOptions::new(backend)
         .manual_clock()
         .admin_token(ADMIN_TOKEN)
-        .workflow("welcome", WELCOME_THEN_REMINDER);
+        .workflow(
+            "welcome",
+            &WELCOME_THEN_REMINDER.replace("Still there?", "Still there? <<login_url>>"),
+        );
     let Some(app) = spawn_app(opts).await else {
         return;
     };
@@ -213,6 +216,30 @@ async fn a_contacts_timeline_tells_what_happened_in_order(backend: Backend) {
     assert!(messages.iter().all(|m| m["status"] == "sent"), "{body}");
     assert_eq!(messages[0]["step_id"], "welcome");
     assert_eq!(messages[1]["step_id"], "reminder");
+    // What was sent, to read: the reminder's sign-in link (a working one in the email) shows as
+    // a marker, never as a token.
+    assert_eq!(
+        messages[0]["content"],
+        serde_json::json!({"subject": "Welcome Ann", "text": "Hi Ann", "html": null}),
+        "{body}"
+    );
+    assert_eq!(
+        messages[1]["content"]["text"], "Still there? [sign-in link]",
+        "{body}"
+    );
+    let sent_reminder = app
+        .sink()
+        .received()
+        .iter()
+        .map(|m| m.parse())
+        .find(|m| m.subject.starts_with("Reminder"))
+        .expect("the reminder was sent");
+    let sent_text = sent_reminder.text.unwrap_or_default();
+    assert!(sent_text.contains("/l/"), "{sent_text}");
+    assert!(
+        !body.to_string().contains("/l/"),
+        "a link in the timeline: {body}"
+    );
     let ended = items
         .iter()
         .find(|i| i["kind"] == "run_ended")

@@ -262,4 +262,30 @@ impl PgStore {
             oldest_message_due_ms: row.get(5),
         })
     }
+
+    pub async fn message_sources(&self, ids: Vec<String>) -> Result<Vec<crate::MessageSource>> {
+        let rows = sqlx::query(
+            "SELECT m.id, m.workflow_id, r.workflow_version, m.pc, m.channel, e.body,
+                    c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields
+             FROM messages m JOIN runs r ON r.id = m.run_id JOIN events e ON e.seq = r.event_seq
+             LEFT JOIN contacts c ON c.id = m.contact_id
+             WHERE m.id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(crate::MessageSource {
+                    id: r.get(0),
+                    workflow_id: r.get(1),
+                    workflow_version: r.get(2),
+                    pc: r.get(3),
+                    channel: channel(r.get(4))?,
+                    event: crate::decode::parse_stored_event(r.get(5))?,
+                    contact: contact_at(r, 6),
+                })
+            })
+            .collect()
+    }
 }
