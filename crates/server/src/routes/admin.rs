@@ -34,13 +34,18 @@ pub async fn require_token(
         })
         .map(|(_, token)| token.trim())
         .unwrap_or("");
-    if !bool::from(given.as_bytes().ct_eq(expected.as_bytes())) {
+    if !token_matches(expected, given) {
         return Err(
             ApiError::new(StatusCode::UNAUTHORIZED, "missing or wrong bearer token")
                 .with("hint", "send Authorization: Bearer <HERALD_ADMIN_TOKEN>"),
         );
     }
     Ok(next.run(request).await)
+}
+
+/// Whether `given` is the admin token, compared in constant time.
+pub(crate) fn token_matches(expected: &str, given: &str) -> bool {
+    bool::from(given.as_bytes().ct_eq(expected.as_bytes()))
 }
 
 /// `POST /v1/contacts/{id}/magic-link`: a new learner link; every older one stops working.
@@ -561,6 +566,13 @@ pub async fn timeline(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
+    Ok(Json(timeline_of(&state, &id).await?))
+}
+
+/// `{"contact": …, "timeline": [...]}` of [`timeline`].
+pub(crate) async fn timeline_of(state: &AppState, id: &str) -> Result<Value, ApiError> {
+    let id = id.to_owned();
+    let state = state.clone();
     let contact = contact_json(&state, &id).await?;
     let by_contact = || herald_store::ListFilter {
         contact_id: Some(id.clone()),
@@ -637,7 +649,7 @@ pub async fn timeline(
     // Stable: records of one instant keep the order above (an event before the run it started).
     items.sort_by_key(|(at, _)| *at);
     let timeline: Vec<Value> = items.into_iter().map(|(_, item)| item).collect();
-    Ok(Json(json!({ "contact": contact, "timeline": timeline })))
+    Ok(json!({ "contact": contact, "timeline": timeline }))
 }
 
 /// `POST /v1/workflows/reload`: reload workflows and templates, or say why they do not check

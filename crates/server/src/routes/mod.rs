@@ -12,6 +12,7 @@ pub mod metrics;
 mod portal;
 mod sms;
 mod suppressions;
+mod timeline_page;
 mod unsubscribe;
 
 use crate::AppState;
@@ -67,7 +68,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             admin::require_token,
         ));
-    // The pages a learner's browser posts forms from.
+    // The pages a browser posts forms from (a learner's; the team's timeline page).
     let browser = Router::new()
         .route("/l/{token}", get(links::show).post(links::redeem))
         .route("/l/{token}/new-link", post(links::new_link))
@@ -76,6 +77,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/u/{token}",
             get(unsubscribe::show).post(unsubscribe::unsubscribe),
+        )
+        .route(
+            "/admin/contacts/{id}/timeline",
+            get(timeline_page::show).post(timeline_page::show_posted),
         )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),

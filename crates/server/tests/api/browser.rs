@@ -148,8 +148,18 @@ async fn learner_follows_the_emailed_link_to_the_portal_in_chromium() {
     // The public URL (http://herald.test) is configuration; the browser reaches this server.
     let link = emailed.replace(&app.options.public_url, &app.address);
 
+    let (driver, browser, _profile) = chromium(&out).await;
+    let result = drive(&browser, &app, &link, &token, &out).await;
+    let _ = browser.close().await;
+    drop(driver);
+    result.unwrap_or_else(|e| panic!("browser step failed: {e}"));
+}
+
+/// chromedriver and a headless Chromium session on it, with a fresh profile (kept alive by the
+/// returned folder).
+async fn chromium(out: &Path) -> (Driver, fantoccini::Client, tempfile::TempDir) {
     let profile = tempfile::tempdir().expect("profile dir");
-    let mut driver = Driver::start(&out);
+    let mut driver = Driver::start(out);
     driver.wait_ready().await;
     let caps = json!({
         "browserName": "chrome",
@@ -174,11 +184,98 @@ async fn learner_follows_the_emailed_link_to_the_portal_in_chromium() {
                 out.join("chromedriver.log").display()
             )
         });
+    (driver, browser, profile)
+}
 
-    let result = drive(&browser, &app, &link, &token, &out).await;
+/// The team opens a contact's timeline on a phone: the page asks for the admin token (a wrong
+/// one is refused), then shows what happened, each message's content with its sign-in link as a
+/// marker, without horizontal scrolling. Saves `target/test-output/timeline-phone.png`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_team_reads_a_timeline_on_a_phone_in_chromium() {
+    if !browser_available() {
+        return;
+    }
+    let out = output_dir();
+    let Some(app) = spawn_app(link_options(Backend::Sqlite).workflow("welcome", WELCOME)).await
+    else {
+        return;
+    };
+    app.accept(&grant_offer(
+        contact("c_phone", "Ann"),
+        pro_offer(),
+        T_GRANT,
+    ))
+    .await;
+    app.wait_for_mails(1).await;
+    app.settle().await;
+
+    let (driver, browser, _profile) = chromium(&out).await;
+    let result = read_timeline(&browser, &app, &out).await;
     let _ = browser.close().await;
     drop(driver);
     result.unwrap_or_else(|e| panic!("browser step failed: {e}"));
+}
+
+async fn read_timeline(
+    browser: &fantoccini::Client,
+    app: &TestApp,
+    out: &Path,
+) -> Result<(), fantoccini::error::CmdError> {
+    browser.set_window_size(390, 844).await?;
+    browser
+        .goto(&format!("{}/admin/contacts/c_phone/timeline", app.address))
+        .await?;
+    let submit = async |token: &str| -> Result<(), fantoccini::error::CmdError> {
+        let field = browser.find(Locator::Css("input[name=token]")).await?;
+        field.clear().await?;
+        field.send_keys(token).await?;
+        browser
+            .find(Locator::Css("button[type=submit]"))
+            .await?
+            .click()
+            .await?;
+        Ok(())
+    };
+    submit("not-the-token").await?;
+    let alert = browser
+        .find(Locator::Css("[role=alert]"))
+        .await?
+        .text()
+        .await?;
+    assert_eq!(alert, "That is not the admin token.");
+    submit(ADMIN_TOKEN).await?;
+    // The list is on the timeline page only (the form page has a heading too).
+    browser.wait().for_element(Locator::Css("ol")).await?;
+    let heading = browser.find(Locator::Css("h1")).await?.text().await?;
+    assert_eq!(heading, "Ann");
+    let source = browser.source().await?;
+    for expected in [
+        "Run started",
+        "welcome",
+        "Message",
+        "sent",
+        "[sign-in link]",
+    ] {
+        assert!(source.contains(expected), "{expected:?} missing:\n{source}");
+    }
+    assert!(
+        !source.contains("/l/"),
+        "a working link on the page:\n{source}"
+    );
+    assert!(
+        !browser.current_url().await?.as_str().contains("token"),
+        "the token went into the URL"
+    );
+    let fits = browser
+        .execute(
+            "return document.documentElement.scrollWidth <= window.innerWidth;",
+            vec![],
+        )
+        .await?;
+    assert_eq!(fits, json!(true), "the page scrolls sideways on a phone");
+    std::fs::write(out.join("timeline-phone.png"), browser.screenshot().await?)
+        .expect("write timeline-phone.png");
+    Ok(())
 }
 
 async fn drive(

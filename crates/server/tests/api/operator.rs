@@ -14,6 +14,7 @@ both_backends!(
     failed_messages_are_retried_once_the_relay_is_back,
     a_contacts_timeline_tells_what_happened_in_order,
     erasure_removes_everything_but_keeps_an_opt_out,
+    the_timeline_page_needs_the_admin_token,
 );
 
 const DAY: Duration = Duration::from_secs(86_400);
@@ -360,4 +361,77 @@ async fn erasure_removes_everything_but_keeps_an_opt_out(backend: Backend) {
         .map(String::from),
         "the unsubscribed address got nothing after coming back"
     );
+}
+
+async fn the_timeline_page_needs_the_admin_token(backend: Backend) {
+    let opts = TestOptions::new(backend)
+        .admin_token(ADMIN_TOKEN)
+        .workflow("welcome", WELCOME);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_page", "Ann"), "o_pro"))
+        .await;
+    app.wait_for_mails(1).await;
+    app.settle().await;
+    let path = "/admin/contacts/c_page/timeline";
+    let page = |r: reqwest::Response| async move {
+        let status = r.status().as_u16();
+        (status, r.text().await.unwrap_or_default())
+    };
+
+    // Without the token: a form, and nothing about the contact.
+    let (status, html) = page(app.client.get(app.url(path)).send().await.unwrap()).await;
+    assert_eq!(status, 200);
+    assert!(
+        html.contains("name=\"token\"") && !html.contains("c_page@example.com"),
+        "{html}"
+    );
+    let (status, html) = page(
+        app.client
+            .post(app.url(path))
+            .form(&[("token", "wrong")])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 401, "{html}");
+    assert!(!html.contains("c_page@example.com"), "{html}");
+
+    for request in [
+        app.client.get(app.url(path)).bearer_auth(ADMIN_TOKEN),
+        app.client
+            .post(app.url(path))
+            .form(&[("token", ADMIN_TOKEN)]),
+    ] {
+        let (status, html) = page(request.send().await.unwrap()).await;
+        assert_eq!(status, 200, "{html}");
+        assert!(
+            html.contains("c_page@example.com") && html.contains("Welcome Ann"),
+            "{html}"
+        );
+    }
+    // A page on another site cannot post the token form for the team.
+    let (status, _) = page(
+        app.client
+            .post(app.url(path))
+            .header("sec-fetch-site", "cross-site")
+            .form(&[("token", ADMIN_TOKEN)])
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 403);
+    let (status, _) = page(
+        app.client
+            .get(app.url("/admin/contacts/c_nobody/timeline"))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .await
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 404);
 }
