@@ -36,7 +36,7 @@ steps:
       text: "Here is how the course works."
 "#;
 
-const CONTACTS: usize = 30;
+const CONTACTS: usize = 1_000;
 
 async fn a_workflow_added_later_gets_the_runs_it_missed(postgres: bool) {
     let Some(site) = Site::new(postgres, &[("welcome", WELCOME)]).await else {

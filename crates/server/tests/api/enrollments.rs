@@ -12,6 +12,7 @@ both_backends!(
     enrolling_by_contact_id_names_each_refusal,
     enrolling_an_audience_picks_holders_and_the_inactive,
     a_schedule_enrolls_its_audience_once_per_tick,
+    three_hundred_holders_enrolled_by_audience_get_one_sign_in_email_each,
 );
 
 const HOUR: Duration = Duration::from_secs(3_600);
@@ -359,4 +360,65 @@ async fn a_schedule_enrolls_its_audience_once_per_tick(backend: Backend) {
     let (status, health) = app.health().await;
     assert_eq!(status, 200, "{health}");
     assert_eq!(health["loops"]["scheduler"], "ok", "{health}");
+}
+
+/// A school enrolls every holder of an offer in a new onboarding whose email carries a sign-in
+/// link: each of 300 gets one email with a working link, and enrolling again is refused for each
+/// (`re_entry: false`).
+async fn three_hundred_holders_enrolled_by_audience_get_one_sign_in_email_each(backend: Backend) {
+    const WITH_LINK: &str = r#"
+name: Onboarding with a link
+trigger:
+  event: lesson_completed
+steps:
+  - id: hello
+    send_email:
+      subject: "Your courses, {{contact.first_name}}"
+      text: "Sign in: <<login_url>>"
+"#;
+    let opts = TestOptions::new(backend)
+        .admin_token(ADMIN_TOKEN)
+        .workflow("onboarding", WITH_LINK);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    let grants: Vec<Value> = (0..300)
+        .map(|i| offer_granted(contact(&format!("c_{i:03}"), "Ann"), "o_pro"))
+        .collect();
+    app.accept_batch(&grants).await;
+    app.settle().await;
+
+    let audience = json!({"audience": {"offers": ["o_pro"]}});
+    let (status, answer) = app
+        .admin_post_json(&enroll_path("onboarding"), &audience, &[])
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["accepted"].as_array().map(Vec::len), Some(300));
+    let mails = app.wait_for_mails(300).await;
+    app.settle().await;
+    assert_eq!(app.sink().count(), 300);
+    let mut recipients: Vec<String> = mails.iter().flat_map(|m| m.rcpt_to.clone()).collect();
+    recipients.sort();
+    recipients.dedup();
+    assert_eq!(recipients.len(), 300, "one email per holder");
+    assert!(
+        mails
+            .iter()
+            .all(|m| m.parse().text.unwrap_or_default().contains("/l/")),
+        "every email carries a sign-in link"
+    );
+
+    let (status, answer) = app
+        .admin_post_json(&enroll_path("onboarding"), &audience, &[])
+        .await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(answer["accepted"], json!([]));
+    let refused = answer["refused"].as_array().expect("refusals");
+    assert_eq!(refused.len(), 300);
+    assert!(
+        refused.iter().all(|r| r["reason"] == "already_enrolled"),
+        "{answer}"
+    );
+    app.settle().await;
+    assert_eq!(app.sink().count(), 300, "nothing sent twice");
 }
