@@ -75,21 +75,21 @@ pub fn compile_all(
     custom_values: &[String],
 ) -> Result<(Vec<CompiledWorkflow>, Vec<Diagnostic>), Vec<Diagnostic>> {
     let mut compiled = Vec::new();
-    let mut warnings = Vec::new();
-    let mut errors = Vec::new();
+    // Every diagnostic, in file order: warnings are shown beside errors, not dropped.
+    let mut diagnostics = Vec::new();
     for bundle in bundles {
         match workflow::compile(bundle, custom_values) {
             Ok((wf, w)) => {
-                warnings.extend(w);
+                diagnostics.extend(w);
                 compiled.push(wf);
             }
-            Err(d) => errors.extend(d.into_iter().filter(|d| d.severity == Severity::Error)),
+            Err(d) => diagnostics.extend(d),
         }
     }
-    if errors.is_empty() {
-        Ok((compiled, warnings))
+    if diagnostics.iter().any(|d| d.severity == Severity::Error) {
+        Err(diagnostics)
     } else {
-        Err(errors)
+        Ok((compiled, diagnostics))
     }
 }
 
@@ -184,7 +184,10 @@ impl Registry {
             Ok((compiled, _)) => Some(compiled),
             Err(RegistryError::Invalid(d)) => {
                 tracing::warn!(
-                    errors = d.len(),
+                    errors = d
+                        .iter()
+                        .filter(|d| d.severity == herald_core::workflow::Severity::Error)
+                        .count(),
                     "this process's workflow files do not check; it keeps its running set and adopts the stored states only"
                 );
                 None

@@ -124,11 +124,14 @@ impl FieldScope {
         }
     }
 
-    /// Why `path` can never hold a value for these events, if it cannot. `what` names the kind of
-    /// reference for the message ("merge field", "field").
-    fn problem(&self, path: &str, what: &str) -> Option<String> {
+    /// What is wrong with `path` for these events, if anything: an error for a field that can
+    /// never hold a value (or a near miss of one that can), a warning for a field herald does not
+    /// know (a platform may send more than herald knows; it then renders as sent). `what` names
+    /// the kind of reference for the message ("merge field", "field").
+    fn problem(&self, path: &str, what: &str) -> Option<(Severity, String)> {
         let mut parts = path.split('.');
         let root = parts.next().unwrap_or_default();
+        let field = parts.next();
         let events = self
             .events
             .iter()
@@ -136,28 +139,99 @@ impl FieldScope {
             .collect::<Vec<_>>()
             .join(", ");
         let objects = self.objects.iter().copied().collect::<Vec<_>>().join(", ");
-        match root {
-            "event" => match (parts.next(), parts.next()) {
+        if root == "event" {
+            return match (field, parts.next()) {
                 (None, _) | (Some("id" | "source" | "type" | "time"), None) => None,
-                _ => Some(format!(
-                    "{what} `{path}` does not exist: event has id, source, type and time"
+                _ => Some((
+                    Severity::Error,
+                    format!("{what} `{path}` does not exist: event has id, source, type and time"),
                 )),
-            },
-            "contact" => None,
-            _ if self.objects.contains(root) => None,
-            _ if EventType::ALL
-                .iter()
-                .any(|t| t.possible_objects().contains(&root)) =>
-            {
-                Some(format!(
-                    "{what} `{path}` can never be filled: {events} events carry {objects} (and event.*), never {root}"
-                ))
-            }
-            _ => Some(format!(
-                "unknown {what} `{path}`: fields start with event, {objects}"
-            )),
+            };
         }
+        if root == "contact" || self.objects.contains(root) {
+            let (Some(field), Some(known)) = (field, known_fields(root)) else {
+                return None;
+            };
+            if known.contains(&field) {
+                return None;
+            }
+            let list = known.join(", ");
+            return Some(match near_miss(field, known) {
+                Some(meant) => (
+                    Severity::Error,
+                    format!(
+                        "{what} `{path}` is not a field of {root}: did you mean `{root}.{meant}`? ({root} has {list})"
+                    ),
+                ),
+                None => (
+                    Severity::Warning,
+                    format!(
+                        "{what} `{path}` is not a field herald knows of {root} ({list}): it renders empty unless your platform sends it"
+                    ),
+                ),
+            });
+        }
+        let every_object: BTreeSet<&str> = EventType::ALL
+            .iter()
+            .flat_map(|t| t.possible_objects().iter().copied())
+            .collect();
+        if every_object.contains(root) {
+            return Some((
+                Severity::Error,
+                format!(
+                    "{what} `{path}` can never be filled: {events} events carry {objects} (and event.*), never {root}"
+                ),
+            ));
+        }
+        let roots: Vec<&str> = self.objects.iter().copied().chain(["event"]).collect();
+        Some(match near_miss(root, &roots) {
+            Some(meant) => (
+                Severity::Error,
+                format!(
+                    "unknown {what} `{path}`: did you mean `{meant}`? (fields start with event, {objects})"
+                ),
+            ),
+            None => (
+                Severity::Warning,
+                format!(
+                    "{what} `{path}` names an object herald does not know (fields start with event, {objects}): it renders empty unless your platform sends `{root}` in the event's data"
+                ),
+            ),
+        })
     }
+}
+
+/// The fields herald knows of each object of an event's `data` (the product contract's
+/// envelope); `contact.custom_fields.*` is open.
+fn known_fields(object: &str) -> Option<&'static [&'static str]> {
+    match object {
+        "contact" => Some(&[
+            "id",
+            "email",
+            "phone",
+            "first_name",
+            "last_name",
+            "timezone",
+            "custom_fields",
+        ]),
+        "offer" => Some(&["id", "title", "product_ids"]),
+        "product" => Some(&["id", "title", "url"]),
+        "category" | "lesson" => Some(&["id", "title"]),
+        "workflow" => Some(&["id"]),
+        _ => None,
+    }
+}
+
+/// The known name `name` is most likely a typo of: at most two edits away (one for short
+/// names), closest first.
+fn near_miss<'k>(name: &str, known: &[&'k str]) -> Option<&'k str> {
+    let limit = if name.len() <= 4 { 1 } else { 2 };
+    known
+        .iter()
+        .map(|k| (strsim::damerau_levenshtein(name, k), *k))
+        .filter(|(d, _)| *d <= limit)
+        .min()
+        .map(|(_, k)| k)
 }
 
 /// Where a template's text came from, to turn positions inside it into file positions.
@@ -444,8 +518,14 @@ impl<'a> Compiler<'a> {
                 field.referenced,
                 format!("`{path}` is not a field path: write dotted names such as offer.id or contact.custom_fields.company"),
             );
-        } else if let Some(problem) = scope.and_then(|s| s.problem(path, "field")) {
-            self.error(field.referenced, problem);
+        } else if let Some((severity, problem)) = scope.and_then(|s| s.problem(path, "field")) {
+            let d = diagnostic(
+                severity,
+                &self.bundle.path,
+                field.referenced.into(),
+                problem,
+            );
+            self.diagnostics.push(d);
         }
     }
 
@@ -845,6 +925,22 @@ impl<'a> Compiler<'a> {
     /// not compile, so a partial set is never used.
     fn email(&mut self, pc: usize, email: &SendEmailDoc, node: Node) -> bool {
         let subject = self.inline_template(&email.subject);
+        // A subject is shown in inbox lists and kept with the message: no link that signs in
+        // or unsubscribes belongs there.
+        for value in subject.iter().flat_map(|s| &s.custom_values) {
+            if BUILTIN_CUSTOM_VALUES.contains(&value.name.as_str()) {
+                let message = format!(
+                    "`<<{}>>` in a subject: subjects show in inbox lists and are stored with the message; put the link in the body",
+                    value.name
+                );
+                self.template_diagnostic(
+                    Severity::Error,
+                    &Origin::Inline(email.subject.node),
+                    Some(value.pos),
+                    message,
+                );
+            }
+        }
         let (html, text) = match (&email.template, &email.html, &email.text) {
             (Some(name), None, None) => self.email_files(name),
             (Some(name), _, _) => {
@@ -1000,12 +1096,12 @@ impl<'a> Compiler<'a> {
             }
         };
         for field in &parsed.fields {
-            if let Some(problem) = self
+            if let Some((severity, problem)) = self
                 .trigger_scope
                 .as_deref()
                 .and_then(|s| s.problem(&field.name, "merge field"))
             {
-                self.template_diagnostic(Severity::Error, origin, Some(field.pos), problem);
+                self.template_diagnostic(severity, origin, Some(field.pos), problem);
             }
         }
         let removal_trigger = self

@@ -735,12 +735,15 @@ fn where_paths_must_be_well_formed_and_carried() {
         "workflows/t.yaml:7:18: error: `where` values are strings, numbers or true/false, not [\"a\"]",
         "workflows/t.yaml:8:5: error: field `event.typ` does not exist: event has id, source, type and time",
         "workflows/t.yaml:9:15: error: an empty list never matches",
-        "workflows/t.yaml:11:5: error: unknown field `wat`: fields start with event, category, contact, lesson, offer, product",
-        "workflows/t.yaml:14:27: error: unknown field `wat.id`: fields start with event, category, contact, lesson, offer, product",
+        "workflows/t.yaml:11:5: warning: field `wat` names an object herald does not know (fields start with event, category, contact, lesson, offer, product)",
+        "workflows/t.yaml:14:27: warning: field `wat.id` names an object herald does not know",
     ];
     assert_eq!(e.len(), expected.len(), "{e:#?}");
     for (got, want) in e.iter().zip(expected) {
-        assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
+        assert!(
+            got.starts_with(want),
+            "\n got: {got}\nwant: {want}\nall: {e:#?}"
+        );
     }
 }
 
@@ -775,7 +778,10 @@ fn invalid_durations_times_zones_and_days() {
     ];
     assert_eq!(e.len(), expected.len(), "{e:#?}");
     for (got, want) in e.iter().zip(expected) {
-        assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
+        assert!(
+            got.starts_with(want),
+            "\n got: {got}\nwant: {want}\nall: {e:#?}"
+        );
     }
 }
 
@@ -803,7 +809,10 @@ fn conditions_need_exactly_one_test() {
     ];
     assert_eq!(e.len(), expected.len(), "{e:#?}");
     for (got, want) in e.iter().zip(expected) {
-        assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
+        assert!(
+            got.starts_with(want),
+            "\n got: {got}\nwant: {want}\nall: {e:#?}"
+        );
     }
 }
 
@@ -857,7 +866,10 @@ fn email_and_sms_need_one_source_of_body() {
     ];
     assert_eq!(e.len(), expected.len(), "{e:#?}");
     for (got, want) in e.iter().zip(expected) {
-        assert!(got.starts_with(want), "\n got: {got}\nwant: {want}");
+        assert!(
+            got.starts_with(want),
+            "\n got: {got}\nwant: {want}\nall: {e:#?}"
+        );
     }
 }
 
@@ -915,7 +927,7 @@ fn merge_fields_the_trigger_never_carries() {
         "workflows/t.yaml:10:9: error: merge field `lesson` can never be filled",
         "workflows/t.yaml:10:23: error: merge field `lesson.id` can never be filled",
         "workflows/t.yaml:11:25: error: merge field `event.foo` does not exist",
-        "workflows/t.yaml:11:39: error: unknown merge field `wat`",
+        "workflows/t.yaml:11:39: warning: merge field `wat` names an object herald does not know",
     ];
     assert_eq!(e.len(), expected.len(), "{e:#?}");
     for (got, want) in e.iter().zip(expected) {
@@ -936,8 +948,8 @@ fn custom_values_must_be_known() {
         "trigger: {event: new_signup}",
         &[
             "  - send_email:",
-            "      subject: \"<<unsubscribe_url>>\"",
-            "      text: \"Write to <<support_email>> or <<login_url>>\"",
+            "      subject: \"Hi\"",
+            "      text: \"Write to <<support_email>> or <<login_url>> <<unsubscribe_url>>\"",
         ],
     );
     let e = errors(&yaml);
@@ -1153,4 +1165,46 @@ fn the_diagram_shows_every_step_and_both_branches() {
         );
     }
     assert!(diagram.contains("s2 -->|no| s5"), "{diagram}");
+}
+
+#[test]
+fn typos_in_field_names_are_caught_with_a_suggestion() {
+    let steps = [
+        "  - send_email:",
+        "      subject: \"Hi {{contact.frist_name}}\"",
+        "      text: \"{{offer.titel}} {{contcat.first_name}} {{contact.custom_fields.anything}}\"",
+        "  - send_sms: {body: '{{offer.coupon}} {{coupon.code}} {{contact.last_name}}'}",
+    ];
+    let e = errors_with(
+        &with_steps("trigger: {event: offer_access_granted}", &steps),
+        &[],
+    );
+    let expected = [
+        "workflows/t.yaml:5:20: error: merge field `contact.frist_name` is not a field of contact: did you mean `contact.first_name`?",
+        "workflows/t.yaml:6:14: error: merge field `offer.titel` is not a field of offer: did you mean `offer.title`?",
+        "workflows/t.yaml:6:30: error: unknown merge field `contcat.first_name`: did you mean `contact`?",
+        "workflows/t.yaml:7:23: warning: merge field `offer.coupon` is not a field herald knows of offer (id, title, product_ids)",
+        "workflows/t.yaml:7:40: warning: merge field `coupon.code` names an object herald does not know",
+    ];
+    assert_eq!(e.len(), expected.len(), "{e:#?}");
+    for (got, want) in e.iter().zip(expected) {
+        assert!(
+            got.starts_with(want),
+            "\n got: {got}\nwant: {want}\nall: {e:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_link_in_a_subject_is_refused() {
+    let steps = ["  - send_email: {subject: \"Sign in: <<login_url>>\", text: \"Hi\"}"];
+    let e = errors_with(
+        &with_steps("trigger: {event: offer_access_granted}", &steps),
+        &[],
+    );
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert!(
+        e[0].starts_with("workflows/t.yaml:4:37: error: `<<login_url>>` in a subject"),
+        "{e:#?}"
+    );
 }
