@@ -32,6 +32,7 @@ both_backends!(
     cross_site_form_posts_are_refused,
     rate_limits_follow_the_client_named_by_a_trusted_proxy,
     no_new_link_for_a_contact_whose_offer_was_removed,
+    an_unsubscribed_learner_still_gets_the_sign_in_email_they_ask_for,
 );
 
 /// Sends one email carrying `<<login_url>>` when an offer is granted.
@@ -1202,4 +1203,39 @@ async fn no_new_link_for_a_contact_whose_offer_was_removed(backend: Backend) {
     assert!(p.body.contains("Check your inbox"), "{}", p.body);
     expect_mail_count(&app, 0, "a link sent to a contact without an offer").await;
     assert_eq!(table_dump(&app, "magic_links").await.len(), links_before);
+}
+
+/// Unsubscribing stops marketing email, never the sign-in email a learner asks for.
+async fn an_unsubscribed_learner_still_gets_the_sign_in_email_they_ask_for(backend: Backend) {
+    let opts = link_options(backend).learner_links(Duration::from_secs(3600), 5);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    enroll(&app, "c_unsub", "Ann").await;
+    let token = app.mint_token("c_unsub").await;
+    let changed = app
+        .store
+        .set_opt_out(
+            "c_unsub".into(),
+            herald_store::Channel::Email,
+            true,
+            "unsubscribe_link".into(),
+            app.clock.now_ms(),
+        )
+        .await
+        .unwrap();
+    assert!(changed);
+    app.advance(Duration::from_secs(2 * 3600));
+    let mut jar = Jar::new(&app);
+    assert_eq!(jar.redeem(&token).await.status, 410);
+    let p = jar.post(&format!("/l/{token}/new-link")).await;
+    assert_eq!(p.status, 200, "{p:?}");
+    let mails = app.wait_for_mails(1).await;
+    assert_eq!(mails[0].rcpt_to, ["c_unsub@example.com"]);
+    let fresh = token_in_mail(&app, &mails[0]);
+    assert_eq!(
+        jar.redeem(&fresh).await.status,
+        303,
+        "the new link signs in"
+    );
 }
