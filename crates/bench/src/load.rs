@@ -57,28 +57,46 @@ pub struct Post {
 /// A signing HTTP client for one endpoint.
 pub struct Client {
     http: reqwest::Client,
-    url: String,
+    /// Where posts go, in turn (several herald processes behind one imagined load balancer).
+    urls: Vec<String>,
+    next: std::sync::atomic::AtomicUsize,
     secret: WebhookSecret,
 }
 
 impl Client {
     pub fn new(url: String, secret: WebhookSecret, connections: usize) -> anyhow::Result<Self> {
+        Self::spread(vec![url], secret, connections)
+    }
+
+    /// A client whose posts go to each of `urls` in turn.
+    pub fn spread(
+        urls: Vec<String>,
+        secret: WebhookSecret,
+        connections: usize,
+    ) -> anyhow::Result<Self> {
+        anyhow::ensure!(!urls.is_empty(), "no URL to post to");
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(connections)
             .pool_idle_timeout(Duration::from_secs(90))
             .tcp_nodelay(true)
             .timeout(Duration::from_secs(60))
             .build()?;
-        Ok(Self { http, url, secret })
+        Ok(Self {
+            http,
+            urls,
+            next: std::sync::atomic::AtomicUsize::new(0),
+            secret,
+        })
     }
 
     /// Signs (Standard Webhooks) and posts; returns the status code, or an error text.
     pub async fn post(&self, post: Post) -> Result<u16, String> {
         let ts = unix_now();
         let signature = self.secret.sign(&post.webhook_id, ts, post.body.as_bytes());
+        let turn = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let response = self
             .http
-            .post(&self.url)
+            .post(&self.urls[turn % self.urls.len()])
             .header("content-type", post.content_type)
             .header("webhook-id", post.webhook_id)
             .header("webhook-timestamp", ts.to_string())

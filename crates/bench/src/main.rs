@@ -73,6 +73,10 @@ struct Args {
     /// is not `warn`.
     #[arg(long, default_value = "warn")]
     herald_log: String,
+    /// herald processes sharing the database in scenario C (PostgreSQL only), posts spread
+    /// over them in turn, as behind a load balancer.
+    #[arg(long, default_value_t = 1)]
+    processes: usize,
     /// Run only these scenarios (comma-separated letters, e.g. `E,A,C`).
     #[arg(long, value_delimiter = ',')]
     only: Option<Vec<String>>,
@@ -175,6 +179,9 @@ async fn run(args: Args) -> Result<ExitCode> {
     let mut key = vec![0u8; 32];
     getrandom::fill(&mut key).map_err(|e| anyhow::anyhow!("random source: {e}"))?;
     let secret = WebhookSecret::from_bytes(key)?;
+    if args.processes == 0 || (args.processes > 1 && args.backend != BackendKind::Postgres) {
+        bail!("--processes takes 1, or more on PostgreSQL (SQLite is one process's database)");
+    }
     let plan = Plan::new(&args);
     let sink = smtp::SmtpSink::start()
         .await
@@ -297,6 +304,47 @@ fn data_phase_note(arrivals: &[smtp::Arrival]) -> String {
     )
 }
 
+/// The herald processes of one scenario on one database: posts go to each in turn.
+struct Fleet {
+    first: Herald,
+    others: Vec<Herald>,
+}
+
+impl Fleet {
+    fn all(&self) -> impl Iterator<Item = &Herald> {
+        std::iter::once(&self.first).chain(&self.others)
+    }
+
+    fn client(&self, secret: &WebhookSecret, connections: usize) -> Result<Arc<Client>> {
+        let urls = self.all().map(Herald::events_url).collect();
+        Ok(Arc::new(Client::spread(urls, secret.clone(), connections)?))
+    }
+
+    /// CPU seconds of every process since the last mark.
+    fn cpu_since_mark(&mut self) -> f64 {
+        self.first.cpu_since_mark()
+            + self
+                .others
+                .iter_mut()
+                .map(Herald::cpu_since_mark)
+                .sum::<f64>()
+    }
+
+    /// The largest peak memory of the processes.
+    fn peak_rss(&self) -> Option<u64> {
+        self.all().filter_map(Herald::peak_rss).max()
+    }
+
+    fn note(&self, r: &mut ScenarioResult) {
+        if !self.others.is_empty() {
+            r.notes.push(format!(
+                "{} herald processes on one database, posts spread over them in turn (CPU summed, memory the largest)",
+                self.others.len() + 1
+            ));
+        }
+    }
+}
+
 /// CPU time used so far by the bench process and by the whole machine.
 struct CpuMark {
     bench: f64,
@@ -400,6 +448,32 @@ impl Bench {
         Ok(h)
     }
 
+    /// `--processes` herald processes on `db` for a scenario that runs on its own database
+    /// (`spread`), else one.
+    async fn start_fleet(&self, db: &Database, id: &str, spread: bool) -> Result<Fleet> {
+        let n = if spread { self.args.processes } else { 1 };
+        let mut others = Vec::new();
+        for p in 1..n {
+            others.push(self.start_herald(db, &format!("{id}{p}")).await?);
+        }
+        let first = self.start_herald(db, id).await?;
+        Ok(Fleet { first, others })
+    }
+
+    async fn stop_fleet(&self, fleet: Fleet, r: &mut ScenarioResult) -> Result<()> {
+        for other in fleet.others {
+            let problems = other.log_problems();
+            if let Some(first) = problems.first() {
+                r.notes.push(format!(
+                    "another process logged {} warnings/errors, first: {first}",
+                    problems.len()
+                ));
+            }
+            other.stop(Duration::from_secs(10)).await?;
+        }
+        self.stop_herald(fleet.first, r).await
+    }
+
     /// Reads what the scenario left in herald's log, stops it and forgets the sink's arrivals.
     async fn stop_herald(&self, h: Herald, r: &mut ScenarioResult) -> Result<()> {
         let problems = h.log_problems();
@@ -475,8 +549,8 @@ impl Bench {
         } else {
             IngestEvents::Offer
         };
-        let mut h = self.start_herald(db, id).await?;
-        let client = self.client(h.events_url(), self.args.concurrency)?;
+        let mut h = self.start_fleet(db, id, on.is_none()).await?;
+        let client = h.client(&self.secret, self.args.concurrency)?;
         h.cpu_since_mark();
         let cpu0 = CpuMark::now();
         let mut out = load::closed_loop(
@@ -499,6 +573,7 @@ impl Bench {
         r.herald_cpu_cores = Some(h.cpu_since_mark() / wall);
         cpu0.finish(&mut r, wall);
         r.peak_rss_mb = mb(h.peak_rss());
+        h.note(&mut r);
         if kind == IngestEvents::Lesson {
             r.title = "ingest: single lesson_completed posts (start no run)".into();
             r.notes.push(format!(
@@ -533,7 +608,7 @@ impl Bench {
             ));
         }
         r.peak_rss_mb = mb(h.peak_rss()).or(r.peak_rss_mb);
-        self.stop_herald(h, &mut r).await?;
+        self.stop_fleet(h, &mut r).await?;
         if let Some(db) = fresh {
             db.drop_now().await?;
         }
@@ -598,9 +673,9 @@ impl Bench {
             Some(_) => None,
         };
         let db = on.or(fresh.as_ref()).expect("a database");
-        let mut h = self.start_herald(db, id).await?;
+        let mut h = self.start_fleet(db, id, on.is_none()).await?;
         let n = self.plan.c_events;
-        let client = self.client(h.events_url(), self.args.concurrency)?;
+        let client = h.client(&self.secret, self.args.concurrency)?;
         h.cpu_since_mark();
         let cpu0 = CpuMark::now();
         let start = Instant::now();
@@ -646,6 +721,7 @@ impl Bench {
         r.herald_cpu_cores = Some(h.cpu_since_mark() / wall);
         cpu0.finish(&mut r, wall);
         r.peak_rss_mb = mb(h.peak_rss());
+        h.note(&mut r);
         r.notes.push(format!(
             "{n} single posts, {} in flight, all posted after {:.2} s ({:.0} posts/s); herald opened {} SMTP connections for them",
             self.args.concurrency,
@@ -659,7 +735,7 @@ impl Bench {
                 .push("gave up waiting for the remaining emails".into());
         }
         r.check = Some(check);
-        self.stop_herald(h, &mut r).await?;
+        self.stop_fleet(h, &mut r).await?;
         if let Some(db) = fresh {
             db.drop_now().await?;
         }
