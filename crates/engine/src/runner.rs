@@ -154,6 +154,54 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
     }
 }
 
+/// A run simulated from its start: every step as the engine would take it, with its time.
+#[derive(Debug, Clone, Default)]
+pub struct Simulated {
+    pub steps: Vec<StepRecord>,
+    pub messages: Vec<NewMessage>,
+    /// The program counters of the steps taken, for marking the path in a diagram.
+    pub taken: std::collections::BTreeSet<usize>,
+}
+
+/// Runs `wf` for `event` from `start` to its end as the engine would, assuming no awaited event
+/// comes (each event wait runs to its timeout) and every message goes when it is due: what
+/// `herald preview` shows. Pure; a workflow that never ends stops after 10,000 waits.
+pub fn simulate(
+    wf: &CompiledWorkflow,
+    event: &CourseEvent,
+    start: DateTime<Utc>,
+    default_timezone: chrono_tz::Tz,
+) -> Simulated {
+    let mut out = Simulated::default();
+    let (mut now, mut pc) = (start, 0);
+    for _ in 0..10_000 {
+        let ctx = RunContext {
+            event,
+            now,
+            default_timezone,
+            message_host: "preview.invalid",
+        };
+        let advanced = advance(wf, pc, &ctx);
+        for step in &advanced.steps {
+            out.taken.extend(
+                wf.program
+                    .iter()
+                    .position(|i| i.step_id() == Some(step.step_id.as_str())),
+            );
+        }
+        out.steps.extend(advanced.steps);
+        out.messages.extend(advanced.messages);
+        match (advanced.state, advanced.due_ms) {
+            (RunState::Active | RunState::WaitingEvent, Some(due)) => {
+                now = DateTime::from_timestamp_millis(due).unwrap_or(now).max(now);
+                pc = advanced.pc;
+            }
+            _ => break,
+        }
+    }
+    out
+}
+
 /// The address a message goes to, or why there is none (then the message is skipped and the run
 /// goes on).
 fn recipient(channel: Channel, event: &CourseEvent) -> (Option<String>, Option<String>) {

@@ -1,11 +1,15 @@
-//! `herald preview WORKFLOW --event FILE [--diagram]`: render every send step for an event (and,
-//! asked, draw the workflow as a Mermaid flowchart); send nothing.
+//! `herald preview WORKFLOW --event FILE [--diagram]`: the path this event takes through the
+//! workflow (branches evaluated, each step's time in the contact's time zone, waits and send
+//! windows applied, an awaited event assumed not to come), the messages as they would be sent,
+//! and, asked, the workflow as a Mermaid flowchart with that path marked. Sends nothing.
 
 use crate::config::Config;
 use anyhow::{Context, Result, bail};
 use herald_core::event::{BodyKind, parse_body};
-use herald_core::workflow::{self, Instr};
+use herald_core::workflow::{self, Instr, TimezoneChoice};
 use herald_engine::registry::{Sources, read_bundles};
+use herald_engine::runner;
+use herald_store::{Channel, MessageStatus};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -28,12 +32,6 @@ pub fn preview(config: &Config, id: &str, event_file: &Path, diagram: bool) -> R
             bail!("workflow {id} does not check");
         }
     };
-    if diagram {
-        println!(
-            "── {id} as a Mermaid flowchart\n```mermaid\n{}```\n",
-            wf.mermaid()
-        );
-    }
     let body = std::fs::read(event_file)
         .with_context(|| format!("cannot read {}", event_file.display()))?;
     let event = parse_body(BodyKind::Single, &body, chrono::Utc::now())
@@ -41,9 +39,50 @@ pub fn preview(config: &Config, id: &str, event_file: &Path, diagram: bool) -> R
         .remove(0);
     if !wf.triggered_by(&event) {
         println!(
-            "note: this event would not trigger {id} (trigger or `where` does not match, or the workflow is a draft)"
+            "note: this event would not trigger {id} (trigger or `where` does not match, or the workflow is a draft); the path below is what a run would do"
         );
     }
+    let default_zone = config.timezone()?;
+    let contact_zone = event.field("contact.timezone");
+    let zone = workflow::resolve_timezone(
+        &TimezoneChoice::Contact,
+        contact_zone.as_ref().and_then(|v| v.as_str()),
+        default_zone,
+    );
+    let run = runner::simulate(&wf, &event, event.time, default_zone);
+    let local = |ms: i64| {
+        chrono::DateTime::from_timestamp_millis(ms)
+            .map(|t| {
+                t.with_timezone(&zone)
+                    .format("%a %Y-%m-%d %H:%M")
+                    .to_string()
+            })
+            .unwrap_or_default()
+    };
+
+    println!("── the path of this event (times in {zone}, starting at the event's time)");
+    for step in &run.steps {
+        println!(
+            "{}  {:<12} {:<10} {}",
+            local(step.at_ms),
+            step.step_id,
+            step.kind,
+            step.outcome
+        );
+    }
+    if wf.program.iter().any(|i| {
+        matches!(
+            i,
+            Instr::Wait {
+                wait: workflow::WaitSpec::Event { .. },
+                ..
+            }
+        )
+    }) {
+        println!("(an awaited event is assumed not to come: each such wait runs to its timeout)");
+    }
+    println!();
+
     let context = event.template_context();
     let mut custom = config.custom_values.clone();
     custom.insert(
@@ -54,12 +93,21 @@ pub fn preview(config: &Config, id: &str, event_file: &Path, diagram: bool) -> R
         "unsubscribe_url".into(),
         format!("{}/u/PREVIEW-TOKEN", config.public_url()),
     );
-    for (pc, instr) in wf.program.iter().enumerate() {
-        match instr {
-            Instr::SendEmail { step_id, from, .. } => {
+    for message in &run.messages {
+        let pc = message.pc as usize;
+        let when = match (message.status, message.due_ms) {
+            (MessageStatus::Queued, Some(due)) => format!("goes {}", local(due)),
+            _ => format!(
+                "skipped: {}",
+                message.reason.as_deref().unwrap_or("no address")
+            ),
+        };
+        match (message.channel, wf.program.get(pc)) {
+            (Channel::Email, Some(Instr::SendEmail { from, .. })) => {
                 let email = wf.render_email(pc, &context, &custom)?;
-                println!("── step {step_id}: send_email");
+                println!("── step {}: send_email, {when}", message.step_id);
                 println!("From: {}", from.as_deref().unwrap_or(&config.email_from));
+                println!("To: {}", message.recipient.as_deref().unwrap_or("-"));
                 println!("Subject: {}", email.subject);
                 if let Some(text) = email.text {
                     println!("\n[text]\n{text}");
@@ -69,14 +117,22 @@ pub fn preview(config: &Config, id: &str, event_file: &Path, diagram: bool) -> R
                 }
                 println!();
             }
-            Instr::SendSms { step_id, .. } => {
+            (Channel::Sms, _) => {
                 println!(
-                    "── step {step_id}: send_sms\n{}\n",
+                    "── step {}: send_sms, {when}\nTo: {}\n{}\n",
+                    message.step_id,
+                    message.recipient.as_deref().unwrap_or("-"),
                     wf.render_sms(pc, &context, &custom)?
                 );
             }
             _ => {}
         }
+    }
+    if diagram {
+        println!(
+            "── {id} as a Mermaid flowchart, this event's path marked\n```mermaid\n{}```",
+            wf.mermaid(&run.taken)
+        );
     }
     Ok(ExitCode::SUCCESS)
 }

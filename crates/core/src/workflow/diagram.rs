@@ -6,7 +6,9 @@ use super::{CompiledWorkflow, Condition, FieldTest, Instr, TimezoneChoice, WaitS
 use std::fmt::Write;
 
 impl CompiledWorkflow {
-    pub fn mermaid(&self) -> String {
+    /// The workflow as a Mermaid flowchart; the steps at the program counters in `taken` (the
+    /// path one event takes, see `herald preview`) are marked.
+    pub fn mermaid(&self, taken: &std::collections::BTreeSet<usize>) -> String {
         let end = self.program.len();
         let node = |pc: usize| {
             if pc >= end {
@@ -54,6 +56,11 @@ impl CompiledWorkflow {
             }
         }
         out.push_str("    done([done])\n");
+        if !taken.is_empty() {
+            let nodes: Vec<String> = taken.iter().map(|pc| node(*pc)).collect();
+            out.push_str("    classDef taken fill:#d3f9d8,stroke:#2b8a3e,stroke-width:2px\n");
+            let _ = writeln!(out, "    class start,{},done taken", nodes.join(","));
+        }
         out
     }
 }
@@ -67,7 +74,7 @@ fn wait_label(wait: &WaitSpec) -> String {
     match wait {
         WaitSpec::For(d) => format!("wait {d}"),
         WaitSpec::Until { at, days, timezone } => {
-            let days = if days.len() == 7 {
+            let days = if days.is_empty() || days.len() == 7 {
                 "any day".to_owned()
             } else {
                 days.iter()

@@ -250,6 +250,19 @@ pub enum Instr {
     },
 }
 
+impl Instr {
+    /// The step this instruction is (a jump is no step).
+    pub fn step_id(&self) -> Option<&str> {
+        match self {
+            Self::SendEmail { step_id, .. }
+            | Self::SendSms { step_id, .. }
+            | Self::Wait { step_id, .. }
+            | Self::Branch { step_id, .. } => Some(step_id),
+            Self::Jump { .. } => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum WaitSpec {
     /// `wait: 2d`.

@@ -1148,7 +1148,7 @@ fn the_diagram_shows_every_step_and_both_branches() {
             "      - wait: {event: lesson_completed, timeout: 3d}",
         ],
     );
-    let diagram = compiled(&yaml).mermaid();
+    let diagram = compiled(&yaml).mermaid(&Default::default());
     for expected in [
         "flowchart TD",
         r#"start(["offer_access_granted or new_signup"]) --> s0"#,
