@@ -414,8 +414,35 @@ fn registry(escape: fn(&str) -> String) -> Handlebars<'static> {
 /// What kind of message the templates at one program counter make.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum MessageKind {
-    Email { html: bool, text: bool },
+    Email {
+        html: bool,
+        text: bool,
+        html_layout: bool,
+        text_layout: bool,
+    },
     Sms,
+}
+
+impl MessageKind {
+    fn has_html_layout(&self) -> bool {
+        matches!(
+            self,
+            Self::Email {
+                html_layout: true,
+                ..
+            }
+        )
+    }
+
+    fn has_text_layout(&self) -> bool {
+        matches!(
+            self,
+            Self::Email {
+                text_layout: true,
+                ..
+            }
+        )
+    }
 }
 
 /// The compiled templates of one workflow version, keyed by the program counter of their step.
@@ -440,11 +467,15 @@ impl Default for TemplateSet {
 }
 
 /// The parts of one email, each already parsed; at least one of `html` and `text` is present.
+/// A layout part wraps the body part of its kind: it places the rendered body with
+/// `{{{body}}}`.
 #[derive(Debug, Clone)]
 pub struct EmailTemplates {
     pub subject: ParsedTemplate,
     pub html: Option<ParsedTemplate>,
     pub text: Option<ParsedTemplate>,
+    pub html_layout: Option<ParsedTemplate>,
+    pub text_layout: Option<ParsedTemplate>,
 }
 
 impl EmailTemplates {
@@ -453,8 +484,13 @@ impl EmailTemplates {
         std::iter::once(&self.subject)
             .chain(&self.html)
             .chain(&self.text)
+            .chain(&self.html_layout)
+            .chain(&self.text_layout)
     }
 }
+
+/// The name a layout places the rendered body under.
+pub const LAYOUT_BODY: &str = "body";
 
 impl TemplateSet {
     /// Adds the email of the send step at `pc`.
@@ -462,7 +498,17 @@ impl TemplateSet {
         let kind = MessageKind::Email {
             html: email.html.is_some(),
             text: email.text.is_some(),
+            html_layout: email.html.is_some() && email.html_layout.is_some(),
+            text_layout: email.text.is_some() && email.text_layout.is_some(),
         };
+        if let Some(layout) = email.html_layout.filter(|_| kind.has_html_layout()) {
+            self.escaped
+                .register_template(&part_name(pc, "html_layout"), layout.template);
+        }
+        if let Some(layout) = email.text_layout.filter(|_| kind.has_text_layout()) {
+            self.plain
+                .register_template(&part_name(pc, "text_layout"), layout.template);
+        }
         self.plain
             .register_template(&part_name(pc, "subject"), email.subject.template);
         if let Some(html) = email.html {
@@ -491,18 +537,35 @@ impl TemplateSet {
         context: &Value,
         custom: &CustomValues,
     ) -> Result<RenderedEmail, RenderError> {
-        let Some(&MessageKind::Email { html, text }) = self.messages.get(&pc) else {
+        let Some(&MessageKind::Email {
+            html,
+            text,
+            html_layout,
+            text_layout,
+        }) = self.messages.get(&pc)
+        else {
             return Err(self.not_a(pc, "an email"));
         };
         let context = with_custom_values(context, custom);
         let subject = self.render(&self.plain, pc, "subject", &context)?;
+        let part = |registry, name: &str, layout: bool| -> Result<String, RenderError> {
+            let body = self.render(registry, pc, name, &context)?;
+            if !layout {
+                return Ok(body);
+            }
+            let mut wrapped = context.clone();
+            if let Value::Object(map) = &mut wrapped {
+                map.insert(LAYOUT_BODY.into(), Value::String(body));
+            }
+            self.render(registry, pc, &format!("{name}_layout"), &wrapped)
+        };
         Ok(RenderedEmail {
             subject: one_line(&subject),
             html: html
-                .then(|| self.render(&self.escaped, pc, "html", &context))
+                .then(|| part(&self.escaped, "html", html_layout))
                 .transpose()?,
             text: text
-                .then(|| self.render(&self.plain, pc, "text", &context))
+                .then(|| part(&self.plain, "text", text_layout))
                 .transpose()?,
         })
     }
@@ -562,6 +625,8 @@ pub fn render_standalone_email(
         subject: parse("subject", subject_src)?,
         html: html_src.map(|s| parse("html", s)).transpose()?,
         text: text_src.map(|s| parse("text", s)).transpose()?,
+        html_layout: None,
+        text_layout: None,
     };
     let mut set = TemplateSet::default();
     set.insert_email(0, email);

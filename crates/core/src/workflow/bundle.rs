@@ -9,6 +9,13 @@ use std::collections::BTreeMap;
 /// The folder name template files are reported under in diagnostics (`templates/welcome.html.hbs`).
 pub const TEMPLATES_LABEL: &str = "templates";
 
+/// The layout every email is wrapped in when `templates/layout.html.hbs` or `layout.txt.hbs`
+/// exists and the workflow or step names no other (`layout: none` for none).
+pub const DEFAULT_LAYOUT: &str = "layout";
+
+/// The layout name that means no layout.
+pub const NO_LAYOUT: &str = "none";
+
 /// File names of an email template `name`: the HTML body and the text body; either may be absent.
 pub(super) fn email_template_files(name: &str) -> [String; 2] {
     [format!("{name}.html.hbs"), format!("{name}.txt.hbs")]
@@ -40,15 +47,29 @@ pub fn bundle_from(
     load_template: &dyn Fn(&str) -> Option<String>,
 ) -> WorkflowBundle {
     let mut files = Vec::new();
+    let email_files = |files: &mut Vec<(String, String)>, name: &str| {
+        if name == NO_LAYOUT {
+            return;
+        }
+        files.extend(
+            email_template_files(name)
+                .into_iter()
+                .map(|f| (name.to_owned(), f)),
+        );
+    };
     if let Ok(doc) = parse_workflow(yaml) {
+        // The default layout, when there is one, wraps every email.
+        email_files(&mut files, DEFAULT_LAYOUT);
+        if let Some(layout) = &doc.layout {
+            email_files(&mut files, &layout.value);
+        }
         doc.visit_steps(&mut |step| match step.kind.as_ref().map(|k| &k.value) {
             Some(StepKind::SendEmail(email)) => {
                 if let Some(name) = &email.template {
-                    files.extend(
-                        email_template_files(&name.value)
-                            .into_iter()
-                            .map(|f| (name.value.clone(), f)),
-                    );
+                    email_files(&mut files, &name.value);
+                }
+                if let Some(layout) = &email.layout {
+                    email_files(&mut files, &layout.value);
                 }
             }
             Some(StepKind::SendSms(sms)) => {
@@ -140,7 +161,8 @@ mod tests {
             "{:?}",
             asked.borrow()
         );
-        assert_eq!(asked.borrow().len(), 3);
+        // welcome.html/txt, nudge.sms, and the default layout's two files.
+        assert_eq!(asked.borrow().len(), 5);
     }
 
     #[test]

@@ -10,7 +10,8 @@
 //! text could never appear, which is a mistake worth reporting.
 
 use super::bundle::{
-    TEMPLATES_LABEL, email_template_files, is_valid_template_name, sms_template_file,
+    DEFAULT_LAYOUT, NO_LAYOUT, TEMPLATES_LABEL, email_template_files, is_valid_template_name,
+    sms_template_file,
 };
 use super::parse::{
     At, AudienceDoc, ConditionDoc, EventNames, Node, Pos, STEP_KINDS, SendEmailDoc, SendSmsDoc,
@@ -22,7 +23,7 @@ use super::{
 };
 use crate::Duration;
 use crate::event::EventType;
-use crate::template::{EmailTemplates, ParsedTemplate, TemplatePos, TemplateSet};
+use crate::template::{EmailTemplates, LAYOUT_BODY, ParsedTemplate, TemplatePos, TemplateSet};
 use chrono::{NaiveTime, Weekday};
 use serde_json::Value;
 use serde_saphyr::Spanned;
@@ -67,6 +68,7 @@ pub fn compile(
         EventMatcher { events, filters }
     });
     c.default_from = doc.from.as_ref().and_then(|f| c.sender(f));
+    c.workflow_layout = doc.layout.clone();
     let send_window = doc.send_window.as_ref().and_then(|w| c.send_window(w));
     c.steps(&doc.steps, None);
 
@@ -250,6 +252,12 @@ struct Compiler<'a> {
     /// rather than each reported again).
     trigger_scope: Option<Rc<FieldScope>>,
     default_from: Option<String>,
+    /// The workflow's `layout:`.
+    workflow_layout: Option<At<String>>,
+    /// Layouts checked so far, by name: each is checked (and reported) once.
+    layouts: BTreeMap<String, (Option<ParsedTemplate>, Option<ParsedTemplate>)>,
+    /// Checking a layout: `body` is the email it wraps, not an event field.
+    in_layout: bool,
     /// Every step id so far, with where it was defined.
     step_ids: BTreeMap<String, Pos>,
     program: Vec<Instr>,
@@ -268,6 +276,9 @@ impl<'a> Compiler<'a> {
             diagnostics: Vec::new(),
             trigger_scope: None,
             default_from: None,
+            workflow_layout: None,
+            layouts: BTreeMap::new(),
+            in_layout: false,
             step_ids: BTreeMap::new(),
             program: Vec::new(),
             templates: TemplateSet::default(),
@@ -967,10 +978,13 @@ impl<'a> Compiler<'a> {
             ),
         };
         let Some(subject) = subject else { return false };
+        let (html_layout, text_layout) = self.layout(email.layout.as_ref());
         let email = EmailTemplates {
             subject,
             html,
             text,
+            html_layout,
+            text_layout,
         };
         let uses_login_url = email.parts().any(|p| p.uses_custom_value("login_url"));
         self.templates.insert_email(pc, email);
@@ -1006,6 +1020,68 @@ impl<'a> Compiler<'a> {
             Some(parsed)
         });
         let text = text_src.and_then(|src| self.file_template(&text_file, src));
+        (html, text)
+    }
+
+    /// The layout of an email step: the step's `layout:`, else the workflow's, else the default
+    /// layout when its files exist; `none` for none.
+    fn layout(
+        &mut self,
+        step: Option<&At<String>>,
+    ) -> (Option<ParsedTemplate>, Option<ParsedTemplate>) {
+        let chosen = step.or(self.workflow_layout.as_ref()).cloned();
+        let name = chosen
+            .as_ref()
+            .map_or(DEFAULT_LAYOUT.to_owned(), |l| l.value.trim().to_owned());
+        if name == NO_LAYOUT {
+            return (None, None);
+        }
+        if let Some(checked) = self.layouts.get(&name) {
+            return checked.clone();
+        }
+        if let Some(at) = &chosen
+            && !self.valid_template_name(at)
+        {
+            return (None, None);
+        }
+        let [html_file, text_file] = email_template_files(&name);
+        let (html_src, text_src) = (
+            self.bundle.templates.get(&html_file),
+            self.bundle.templates.get(&text_file),
+        );
+        if html_src.is_none() && text_src.is_none() {
+            if let Some(at) = &chosen {
+                self.error(
+                    at.pos(),
+                    format!("layout `{name}` not found: create {TEMPLATES_LABEL}/{html_file} and/or {TEMPLATES_LABEL}/{text_file} (or write `layout: none`)"),
+                );
+            }
+            return (None, None);
+        }
+        self.in_layout = true;
+        let check = |c: &mut Self, file: &str, src: &str, html: bool| {
+            let parsed = c.file_template(file, src)?;
+            let origin = Origin::File(format!("{TEMPLATES_LABEL}/{file}"));
+            if !parsed.fields.iter().any(|f| f.name == LAYOUT_BODY) {
+                let place = if html { "{{{body}}}" } else { "{{body}}" };
+                c.template_diagnostic(
+                    Severity::Error,
+                    &origin,
+                    None,
+                    format!("a layout places the email with {place}, and this one does not"),
+                );
+            }
+            if html {
+                let mut shown = parsed.clone();
+                shown.unescaped.retain(|r| r.name != LAYOUT_BODY);
+                c.warn_unescaped(&shown, &origin);
+            }
+            Some(parsed)
+        };
+        let html = html_src.and_then(|src| check(self, &html_file, src, true));
+        let text = text_src.and_then(|src| check(self, &text_file, src, false));
+        self.in_layout = false;
+        self.layouts.insert(name, (html.clone(), text.clone()));
         (html, text)
     }
 
@@ -1096,6 +1172,9 @@ impl<'a> Compiler<'a> {
             }
         };
         for field in &parsed.fields {
+            if self.in_layout && field.name == LAYOUT_BODY {
+                continue;
+            }
             if let Some((severity, problem)) = self
                 .trigger_scope
                 .as_deref()

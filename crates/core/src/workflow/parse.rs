@@ -97,6 +97,8 @@ pub struct WorkflowDoc {
     pub re_entry: bool,
     pub exit_when: Option<At<MatcherDoc>>,
     pub from: Option<At<String>>,
+    /// The layout of every email of the workflow (`none` for none).
+    pub layout: Option<At<String>>,
     pub send_window: Option<At<SendWindowDoc>>,
     pub steps: Vec<At<StepDoc>>,
 }
@@ -183,6 +185,8 @@ pub struct SendEmailDoc {
     pub html: Option<At<String>>,
     pub text: Option<At<String>>,
     pub from: Option<At<String>>,
+    /// The layout of this email (`none` for none), over the workflow's.
+    pub layout: Option<At<String>>,
 }
 
 /// `send_sms:`.
@@ -264,6 +268,7 @@ struct RawWorkflowDoc {
     re_entry: bool,
     exit_when: Option<Spanned<MatcherDoc>>,
     from: Option<Spanned<String>>,
+    layout: Option<Spanned<String>>,
     send_window: Option<Spanned<SendWindowDoc>>,
     steps: Vec<Spanned<RawStepDoc>>,
 }
@@ -296,6 +301,7 @@ struct RawSendEmailDoc {
     html: Option<Spanned<String>>,
     text: Option<Spanned<String>>,
     from: Option<Spanned<String>>,
+    layout: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -353,6 +359,7 @@ impl Resolver<'_> {
                     html: e.html.map(|t| self.at(t)),
                     text: e.text.map(|t| self.at(t)),
                     from: e.from.map(|t| self.at(t)),
+                    layout: e.layout.map(|t| self.at(t)),
                 }),
                 RawStepKind::SendSms(m) => StepKind::SendSms(SendSmsDoc {
                     body: m.body.map(|t| self.at(t)),
@@ -392,6 +399,7 @@ impl RawWorkflowDoc {
             re_entry: self.re_entry,
             exit_when: self.exit_when.map(|m| r.at(m)),
             from: self.from.map(|f| r.at(f)),
+            layout: self.layout.map(|l| r.at(l)),
             send_window: self.send_window.map(|w| r.at(w)),
             steps: r.steps(self.steps),
         }

@@ -1208,3 +1208,120 @@ fn a_link_in_a_subject_is_refused() {
         "{e:#?}"
     );
 }
+
+const LAYOUT_HTML: &str = "<div class=\"brand\">{{contact.first_name}}</div>{{{body}}}<footer><<unsubscribe_url>></footer>";
+const LAYOUT_TEXT: &str = "{{body}}\n--\nSchool · <<unsubscribe_url>>";
+
+fn layout_templates<'a>(extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+    let mut t = vec![
+        ("layout.html.hbs", LAYOUT_HTML),
+        ("layout.txt.hbs", LAYOUT_TEXT),
+        ("plain.txt.hbs", "{{body}} (plain)"),
+    ];
+    t.extend_from_slice(extra);
+    t
+}
+
+fn render_layout_email(yaml: &str, pc: usize) -> crate::template::RenderedEmail {
+    let (wf, warnings) = compiled_with(yaml, &layout_templates(&[]), &[]);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    let event = event(
+        "new_signup",
+        json!({"contact": {"id": "c1", "first_name": "Ann <b>"}}),
+    );
+    let custom = crate::template::CustomValues::from([(
+        "unsubscribe_url".to_owned(),
+        "https://h.test/u/x?a=1".to_owned(),
+    )]);
+    wf.render_email(pc, &event.template_context(), &custom)
+        .unwrap()
+}
+
+#[test]
+fn the_default_layout_wraps_every_email() {
+    let yaml = with_steps(
+        "trigger: {event: new_signup}",
+        &[
+            "  - send_email: {subject: Hi, html: \"<p>Hi {{contact.first_name}}</p>\", text: \"Hi\"}",
+        ],
+    );
+    let email = render_layout_email(&yaml, 0);
+    assert_eq!(
+        email.html.as_deref(),
+        Some(
+            "<div class=\"brand\">Ann &lt;b&gt;</div><p>Hi Ann &lt;b&gt;</p><footer>https://h.test/u/x?a&#x3D;1</footer>"
+        ),
+        "the body is placed as rendered, values escaped once (as everywhere in HTML)"
+    );
+    assert_eq!(
+        email.text.as_deref(),
+        Some("Hi\n--\nSchool · https://h.test/u/x?a=1")
+    );
+}
+
+#[test]
+fn a_workflow_or_step_chooses_its_layout_or_none() {
+    let yaml = yaml(&[
+        "name: T",
+        "layout: plain",
+        "trigger: {event: new_signup}",
+        "steps:",
+        "  - send_email: {subject: A, text: \"a\"}",
+        "  - send_email: {subject: B, text: \"b\", layout: none}",
+        "  - send_email: {subject: C, text: \"c\", layout: layout}",
+    ]);
+    assert_eq!(
+        render_layout_email(&yaml, 0).text.as_deref(),
+        Some("a (plain)")
+    );
+    assert_eq!(render_layout_email(&yaml, 1).text.as_deref(), Some("b"));
+    assert_eq!(
+        render_layout_email(&yaml, 2).text.as_deref(),
+        Some("c\n--\nSchool · https://h.test/u/x?a=1")
+    );
+}
+
+#[test]
+fn layouts_are_checked_like_templates() {
+    let missing = yaml(&[
+        "name: T",
+        "trigger: {event: new_signup}",
+        "steps:",
+        "  - send_email: {subject: A, text: \"a\", layout: brand}",
+    ]);
+    let e = errors_with(&missing, &layout_templates(&[]));
+    assert_one(
+        &e,
+        "workflows/t.yaml:4:49: error: layout `brand` not found: create templates/brand.html.hbs",
+    );
+
+    let plain = with_steps(
+        "trigger: {event: new_signup}",
+        &["  - send_email: {subject: A, text: \"a\", layout: brand}"],
+    );
+    let e = errors_with(
+        &plain,
+        &[("brand.txt.hbs", "No body here, {{contact.frist_name}}")],
+    );
+    assert_eq!(e.len(), 2, "{e:#?}");
+    assert!(
+        e.iter().any(|d| d
+            .starts_with("templates/brand.txt.hbs:1:15: error: merge field `contact.frist_name`")),
+        "{e:#?}"
+    );
+    assert!(
+        e.iter()
+            .any(|d| d.contains("a layout places the email with {{body}}")),
+        "{e:#?}"
+    );
+
+    // A sign-in link in the layout makes every email of the workflow mint one.
+    let (wf, _) = compiled_with(&plain, &[("brand.txt.hbs", "{{body}} <<login_url>>")], &[]);
+    assert!(matches!(
+        wf.program[0],
+        Instr::SendEmail {
+            uses_login_url: true,
+            ..
+        }
+    ));
+}

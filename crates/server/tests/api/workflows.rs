@@ -6,6 +6,7 @@ use herald_store::RunState;
 use std::time::Duration;
 
 both_backends!(
+    one_layout_wraps_the_emails_of_three_workflows,
     wait_two_days_then_send,
     if_then_else_branches,
     re_entry_false_runs_once_true_runs_again,
@@ -737,4 +738,75 @@ async fn a_later_email_goes_to_the_current_address(backend: Backend) {
         "the later email went to the old address"
     );
     assert!(mails[1].parse().text.unwrap().contains("Annie"));
+}
+
+/// A school's header and footer written once: `templates/layout.html.hbs` and `layout.txt.hbs`
+/// wrap the emails of three workflows, each with its own unsubscribe link in the footer, and a
+/// workflow that says `layout: none` goes out bare.
+async fn one_layout_wraps_the_emails_of_three_workflows(backend: Backend) {
+    let workflow = |name: &str, trigger: &str, layout: &str| {
+        format!(
+            "name: {name}\n{layout}trigger: {{event: {trigger}}}\nsteps:\n  - send_email:\n      subject: \"{name}\"\n      html: \"<p>{name} for {{{{contact.first_name}}}}</p>\"\n      text: \"{name} for {{{{contact.first_name}}}}\"\n"
+        )
+    };
+    let opts = TestOptions::new(backend)
+        .template(
+            "layout.html.hbs",
+            "<header>Rust School</header>{{{body}}}<footer><a href=\"<<unsubscribe_url>>\">Unsubscribe</a></footer>",
+        )
+        .template("layout.txt.hbs", "{{body}}\n--\nRust School\nUnsubscribe: <<unsubscribe_url>>")
+        .workflow("welcome", &workflow("Welcome", "new_signup", ""))
+        .workflow("access", &workflow("Access", "offer_access_granted", ""))
+        .workflow("lesson", &workflow("Lesson", "lesson_completed", ""))
+        .workflow("bare", &workflow("Bare", "offer_access_granted", "layout: none\n"));
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    let ann = contact("c_layout", "Ann");
+    app.accept(&event(
+        "new_signup",
+        serde_json::json!({"contact": ann.clone()}),
+    ))
+    .await;
+    app.accept(&offer_granted(ann.clone(), "o_pro")).await;
+    app.accept(&event(
+        "lesson_completed",
+        serde_json::json!({"contact": ann, "product": product("p_rust101", "Rust 101"),
+               "lesson": {"id": "l_1", "title": "Ownership"}}),
+    ))
+    .await;
+    let mails = app.wait_for_mails(4).await;
+    app.settle().await;
+    for mail in &mails {
+        let email = mail.parse();
+        let html = email.html.clone().unwrap_or_default();
+        let text = email.text.clone().unwrap_or_default().replace("\r\n", "\n");
+        let body = format!("<p>{} for Ann</p>", email.subject);
+        if email.subject == "Bare" {
+            assert_eq!(html, body, "layout: none");
+            continue;
+        }
+        assert!(
+            html.starts_with("<header>Rust School</header><p>"),
+            "{html}"
+        );
+        assert!(html.contains(&body), "{html}");
+        let unsubscribe = email
+            .header("List-Unsubscribe")
+            .expect("List-Unsubscribe")
+            .trim_matches(['<', '>'])
+            .to_owned();
+        // HTML escapes `=` in the URL, which a browser reads back.
+        assert!(
+            html.contains(&unsubscribe.replace('=', "&#x3D;")),
+            "the footer's link is the message's own: {html}"
+        );
+        assert!(
+            text.starts_with(&format!(
+                "{} for Ann\n--\nRust School\nUnsubscribe: {unsubscribe}",
+                email.subject
+            )),
+            "{text}"
+        );
+    }
 }
