@@ -72,6 +72,9 @@ fn preview_shows_the_path_its_times_and_the_marked_diagram() {
     );
     assert!(line("── step welcome: send_email").ends_with("goes Sat 2026-03-07 15:00"));
     assert!(line("── step mail_them: send_email").ends_with("goes Sun 2026-03-08 09:00"));
+    // Every send step is rendered; the one off the path says so.
+    assert!(line("── step text_them: send_sms").ends_with("not on this event's path"));
+    assert!(text.contains("Good morning Ann"), "{text}");
     assert!(text.contains("Subject: Welcome Ann"), "{text}");
     assert!(text.contains("/l/PREVIEW-TOKEN"), "{text}");
     // The diagram marks welcome (s0), the wait (s1), the if (s2) and the else branch (s5).

@@ -1,7 +1,8 @@
 //! `herald preview WORKFLOW --event FILE [--diagram]`: the path this event takes through the
 //! workflow (branches evaluated, each step's time in the contact's time zone, waits and send
-//! windows applied, an awaited event assumed not to come), the messages as they would be sent,
-//! and, asked, the workflow as a Mermaid flowchart with that path marked. Sends nothing.
+//! windows applied, an awaited event assumed not to come), every send step rendered for the
+//! event (those off the path marked so), and, asked, the workflow as a Mermaid flowchart with the
+//! path marked. Sends nothing.
 
 use crate::config::Config;
 use anyhow::{Context, Result, bail};
@@ -9,7 +10,7 @@ use herald_core::event::{BodyKind, parse_body};
 use herald_core::workflow::{self, Instr, TimezoneChoice};
 use herald_engine::registry::{Sources, read_bundles};
 use herald_engine::runner;
-use herald_store::{Channel, MessageStatus};
+use herald_store::MessageStatus;
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -93,21 +94,24 @@ pub fn preview(config: &Config, id: &str, event_file: &Path, diagram: bool) -> R
         "unsubscribe_url".into(),
         format!("{}/u/PREVIEW-TOKEN", config.public_url()),
     );
-    for message in &run.messages {
-        let pc = message.pc as usize;
-        let when = match (message.status, message.due_ms) {
-            (MessageStatus::Queued, Some(due)) => format!("goes {}", local(due)),
-            _ => format!(
-                "skipped: {}",
-                message.reason.as_deref().unwrap_or("no address")
-            ),
+    // Every send step is rendered (a branch this event does not take is shown too, marked).
+    for (pc, instr) in wf.program.iter().enumerate() {
+        let (Instr::SendEmail { step_id, .. } | Instr::SendSms { step_id, .. }) = instr else {
+            continue;
         };
-        match (message.channel, wf.program.get(pc)) {
-            (Channel::Email, Some(Instr::SendEmail { from, .. })) => {
+        let on_path = run.messages.iter().find(|m| m.pc as usize == pc);
+        let when = match on_path.map(|m| (m.status, m.due_ms, m.reason.as_deref())) {
+            Some((MessageStatus::Queued, Some(due), _)) => format!("goes {}", local(due)),
+            Some((_, _, reason)) => format!("skipped: {}", reason.unwrap_or("no address")),
+            None => "not on this event's path".to_owned(),
+        };
+        let to = on_path.and_then(|m| m.recipient.as_deref()).unwrap_or("-");
+        match instr {
+            Instr::SendEmail { from, .. } => {
                 let email = wf.render_email(pc, &context, &custom)?;
-                println!("── step {}: send_email, {when}", message.step_id);
+                println!("── step {step_id}: send_email, {when}");
                 println!("From: {}", from.as_deref().unwrap_or(&config.email_from));
-                println!("To: {}", message.recipient.as_deref().unwrap_or("-"));
+                println!("To: {to}");
                 println!("Subject: {}", email.subject);
                 if let Some(text) = email.text {
                     println!("\n[text]\n{text}");
@@ -117,15 +121,12 @@ pub fn preview(config: &Config, id: &str, event_file: &Path, diagram: bool) -> R
                 }
                 println!();
             }
-            (Channel::Sms, _) => {
+            _ => {
                 println!(
-                    "── step {}: send_sms, {when}\nTo: {}\n{}\n",
-                    message.step_id,
-                    message.recipient.as_deref().unwrap_or("-"),
+                    "── step {step_id}: send_sms, {when}\nTo: {to}\n{}\n",
                     wf.render_sms(pc, &context, &custom)?
                 );
             }
-            _ => {}
         }
     }
     if diagram {
