@@ -320,8 +320,16 @@ async fn a_schedule_enrolls_its_audience_once_per_tick(backend: Backend) {
         .await;
     app.settle().await;
     // The clock stands on a tick (10:00Z is 11:00 in Berlin); a schedule seen for the first time
-    // starts at its next tick, so this one does not fire.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // starts at its next tick, so this one does not fire: the scheduler only records it.
+    let key = "schedule:hourly:0 * * * *@Europe/Berlin".to_owned();
+    wait_for("the scheduler to take in the schedule", async || {
+        !app.store
+            .site_value(key.clone(), String::new())
+            .await
+            .expect("site_value")
+            .is_empty()
+    })
+    .await;
     app.settle().await;
     assert_eq!(app.sink().count(), 0, "{:#?}", app.messages().await);
 
