@@ -330,6 +330,11 @@ async fn a_schedule_enrolls_its_audience_once_per_tick(backend: Backend) {
             .is_empty()
     })
     .await;
+    let armed_at = app
+        .store
+        .site_value(key.clone(), String::new())
+        .await
+        .expect("site_value");
     app.settle().await;
     assert_eq!(app.sink().count(), 0, "{:#?}", app.messages().await);
 
@@ -348,6 +353,37 @@ async fn a_schedule_enrolls_its_audience_once_per_tick(backend: Backend) {
         ],
         "one run per holder of o_pro, once though two schedulers saw the tick"
     );
+
+    // A process that stored a tick's enrollments and died before recording the tick fires it
+    // again when it comes back: each enrollment is stored once, so no one gets a second run.
+    let fired_at = app
+        .store
+        .site_value(key.clone(), String::new())
+        .await
+        .expect("site_value");
+    app.store
+        .set_site_value(key.clone(), armed_at)
+        .await
+        .expect("set_site_value");
+    let app = app.shutdown().await.restart().await;
+    wait_for(
+        "the restarted scheduler to fire the tick again",
+        async || {
+            app.store
+                .site_value(key.clone(), String::new())
+                .await
+                .expect("site_value")
+                == fired_at
+        },
+    )
+    .await;
+    app.settle().await;
+    assert_eq!(
+        app.runs().await.len(),
+        2,
+        "the tick fired again enrolled no one twice"
+    );
+    assert_eq!(app.sink().count(), 2);
 
     // Five hours down: the latest missed tick fires once, not five times.
     app.advance(5 * HOUR);
