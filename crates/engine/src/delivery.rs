@@ -5,7 +5,7 @@
 use crate::Clock;
 use crate::config::EngineConfig;
 use crate::registry::Registry;
-use crate::runner::with_latest_contact;
+use crate::runner::{with_latest_contact, with_wait_outcome};
 use herald_channels::SendError;
 use herald_channels::email::OutgoingEmail;
 use herald_core::workflow::{Category, CompiledWorkflow, Instr};
@@ -102,7 +102,11 @@ impl Delivery {
             };
             return outcome;
         }
-        let event = with_latest_contact(&m.event, &m.contact);
+        let event = with_wait_outcome(
+            wf,
+            with_latest_contact(&m.event, &m.contact),
+            m.awaited.as_ref(),
+        );
         let context = event.template_context();
         let mut custom = self.config.custom_values.clone();
         let unsubscribe_url = self
@@ -333,7 +337,11 @@ pub fn render_for_review(
                 source.workflow_id, source.workflow_version
             )
         })?;
-    let event = with_latest_contact(&source.event, &source.contact);
+    let event = with_wait_outcome(
+        wf,
+        with_latest_contact(&source.event, &source.contact),
+        source.awaited.as_ref(),
+    );
     let context = event.template_context();
     let mut custom = config.custom_values.clone();
     custom.insert("login_url".into(), LOGIN_LINK_MARKER.into());

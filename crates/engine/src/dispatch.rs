@@ -6,7 +6,8 @@
 use crate::registry::Snapshot;
 use crate::runner::{self, RunContext};
 use herald_store::{
-    DispatchInput, DispatchPlan, EnrollmentCounts, LiveRun, RunExit, RunState, RunWrite, StepRecord,
+    DispatchInput, DispatchPlan, EnrollmentCounts, LiveRun, RunExit, RunResume, RunState, RunWrite,
+    StepRecord,
 };
 use std::collections::HashMap;
 
@@ -75,11 +76,17 @@ impl Planner<'_> {
                 }
                 if run.state == RunState::WaitingEvent && run.wait_event.as_deref() == Some(trigger)
                 {
-                    plan.resumes.push(run.run_id.clone());
+                    plan.resumes.push(RunResume {
+                        run_id: run.run_id.clone(),
+                        event_seq: *seq,
+                    });
                 }
                 true
             });
-            for run in live.iter_mut().filter(|r| plan.resumes.contains(&r.run_id)) {
+            for run in live
+                .iter_mut()
+                .filter(|r| plan.resumes.iter().any(|resume| resume.run_id == r.run_id))
+            {
                 run.state = RunState::Active;
                 run.wait_event = None;
             }

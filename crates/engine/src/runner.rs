@@ -242,6 +242,28 @@ pub fn valid_e164(s: &str) -> bool {
         && !digits.starts_with('0')
 }
 
+/// The event a run's steps read, for a workflow that waits for events: its trigger event with
+/// `received` (whether the last event wait got its event, not its timeout) and `awaited` (that
+/// event's objects and `event.*`), as conditions and templates name them.
+pub fn with_wait_outcome(
+    wf: &CompiledWorkflow,
+    mut event: CourseEvent,
+    awaited: Option<&CourseEvent>,
+) -> CourseEvent {
+    if wf.waits_for_events() {
+        event.data.insert(
+            "received".into(),
+            serde_json::Value::Bool(awaited.is_some()),
+        );
+        if let Some(awaited) = awaited {
+            event
+                .data
+                .insert("awaited".into(), awaited.template_context());
+        }
+    }
+    event
+}
+
 /// Lays the contact's latest stored details over the event's `contact` object, so that a message
 /// sent days after the trigger goes to the current address.
 pub fn with_latest_contact(event: &CourseEvent, contact: &ContactRow) -> CourseEvent {

@@ -147,10 +147,17 @@ pub struct DispatchPlan {
     /// Live runs ended by `exit_when`.
     pub exits: Vec<RunExit>,
     /// Runs waiting for an event that has now arrived: due at once.
-    pub resumes: Vec<String>,
+    pub resumes: Vec<RunResume>,
     /// The planner cannot plan this batch yet (it lacks a workflow version a live run is pinned
     /// to): nothing is written and the events stay undispatched.
     pub postponed: bool,
+}
+
+/// A run whose awaited event came: `event_seq` is that event, which its next steps can read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunResume {
+    pub run_id: String,
+    pub event_seq: i64,
 }
 
 #[derive(Debug, Clone)]
@@ -280,6 +287,8 @@ pub struct ClaimedRun {
     pub lease_token: String,
     pub event: CourseEvent,
     pub contact: ContactRow,
+    /// The event that ended the run's last event wait (`None` when it timed out, or before any).
+    pub awaited: Option<CourseEvent>,
 }
 
 /// What a message is rendered from: enough to render it again for an operator to read.
@@ -292,6 +301,8 @@ pub struct MessageSource {
     pub channel: Channel,
     pub event: CourseEvent,
     pub contact: ContactRow,
+    /// As [`ClaimedRun::awaited`], for the message's run.
+    pub awaited: Option<CourseEvent>,
 }
 
 /// A claimed run's new state, written only if `lease_token` still holds.
@@ -326,6 +337,8 @@ pub struct ClaimedMessage {
     pub first_on_channel: bool,
     /// The state of the message's run at claim time: a run that stops sends cancels it.
     pub run_state: RunState,
+    /// The event that ended its run's last event wait, as for [`ClaimedRun::awaited`].
+    pub awaited: Option<CourseEvent>,
 }
 
 /// What happened to one delivery attempt.

@@ -8,7 +8,8 @@ use herald_core::CourseEvent;
 use herald_store::{
     Accepted, Channel, DeliveryResult, DispatchInput, DispatchPlan, LinkHolder, LinkKind,
     LinkRefusal, ListFilter, MailboxItem, MessageOutcome, MessageStatus, NewEvent, NewLink,
-    NewMessage, NewSession, RunAdvance, RunExit, RunState, RunWrite, Signals, StepRecord, Store,
+    NewMessage, NewSession, RunAdvance, RunExit, RunResume, RunState, RunWrite, Signals,
+    StepRecord, Store,
 };
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};
@@ -827,7 +828,10 @@ impl TestPlanner {
                         r.contact_id == contact
                             && r.wait_event.as_deref() == Some("lesson_completed")
                     }) {
-                        plan.resumes.push(live.run_id.clone());
+                        plan.resumes.push(RunResume {
+                            run_id: live.run_id.clone(),
+                            event_seq: *seq,
+                        });
                     }
                 }
                 "new_signup" if e.field("contact.first_name") == Some(json!("Wait")) => {
@@ -1116,6 +1120,11 @@ async fn dispatch_exits_and_resumes_runs(db: &TestDb) {
             .collect::<Vec<_>>(),
         ["run_e2"]
     );
+    assert_eq!(
+        claimed[0].awaited.as_ref().map(|e| e.id.as_str()),
+        Some("e4"),
+        "the claim carries the event that ended the wait"
+    );
 
     // An exit or resume of a run that is not (or no longer) in that state changes nothing.
     let plan = |_: &DispatchInput| DispatchPlan {
@@ -1123,7 +1132,10 @@ async fn dispatch_exits_and_resumes_runs(db: &TestDb) {
             run_id: "run_e1".into(),
             reason: "again".into(),
         }],
-        resumes: vec!["run_e1".into()],
+        resumes: vec![RunResume {
+            run_id: "run_e1".into(),
+            event_seq: 1,
+        }],
         ..DispatchPlan::default()
     };
     accept(s, vec![contact_event("e5", "c1", T0)]).await;

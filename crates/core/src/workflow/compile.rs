@@ -61,6 +61,25 @@ pub fn compile(
         c.error(doc.name.pos(), "`name` must not be empty");
     }
     let trigger = c.trigger(&doc.trigger);
+    // Steps after an event wait may read `received` and `awaited.*`.
+    let mut awaited = Vec::new();
+    doc.visit_steps(&mut |step| {
+        if let Some(StepKind::Wait(WaitDoc::Map(wait))) = step.kind.as_ref().map(|k| &k.value)
+            && let Some(event) = wait
+                .event
+                .as_ref()
+                .and_then(|e| EventType::from_trigger_name(&e.value))
+            && !awaited.contains(&event)
+        {
+            awaited.push(event);
+        }
+    });
+    if let Some(scope) = &c.trigger_scope {
+        c.trigger_scope = Some(Rc::new(FieldScope {
+            awaited,
+            ..FieldScope::clone(scope)
+        }));
+    }
     let exit_when = doc.exit_when.as_ref().map(|m| {
         let events = c.event_names(&m.value.event);
         let scope = (!events.is_empty()).then(|| FieldScope::of(&events));
@@ -109,9 +128,12 @@ fn diagnostic(severity: Severity, file: &str, pos: Pos, message: impl Into<Strin
 }
 
 /// The fields a set of event types can carry.
+#[derive(Clone)]
 struct FieldScope {
     events: Vec<EventType>,
     objects: BTreeSet<&'static str>,
+    /// The events the workflow's steps wait for: `awaited.*` holds one of them.
+    awaited: Vec<EventType>,
 }
 
 impl FieldScope {
@@ -123,6 +145,7 @@ impl FieldScope {
         Self {
             events: events.to_vec(),
             objects,
+            awaited: Vec::new(),
         }
     }
 
@@ -141,6 +164,34 @@ impl FieldScope {
             .collect::<Vec<_>>()
             .join(", ");
         let objects = self.objects.iter().copied().collect::<Vec<_>>().join(", ");
+        if matches!(root, "received" | "awaited") {
+            if self.awaited.is_empty() {
+                return Some((
+                    Severity::Error,
+                    format!(
+                        "{what} `{path}` is set by a `wait: {{event: …}}` step, and this workflow has none"
+                    ),
+                ));
+            }
+            return match (root, field) {
+                (_, None) => None,
+                ("received", Some(_)) => Some((
+                    Severity::Error,
+                    format!("{what} `{path}` does not exist: `received` is true or false"),
+                )),
+                (_, Some(_)) => {
+                    let rest = &path["awaited.".len()..];
+                    FieldScope::of(&self.awaited)
+                        .problem(rest, what)
+                        .map(|(severity, message)| {
+                            let message = message
+                                .replacen(&format!("`{rest}`"), &format!("`{path}`"), 1)
+                                .replace("did you mean `", "did you mean `awaited.");
+                            (severity, message)
+                        })
+                }
+            };
+        }
         if root == "event" {
             return match (field, parts.next()) {
                 (None, _) | (Some("id" | "source" | "type" | "time"), None) => None,

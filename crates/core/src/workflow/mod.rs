@@ -314,6 +314,20 @@ impl CompiledWorkflow {
         }
     }
 
+    /// Whether a step waits for an event (`wait: {event: …}`): its later steps can then read
+    /// `received` and `awaited.*`.
+    pub fn waits_for_events(&self) -> bool {
+        self.program.iter().any(|i| {
+            matches!(
+                i,
+                Instr::Wait {
+                    wait: WaitSpec::Event { .. },
+                    ..
+                }
+            )
+        })
+    }
+
     /// The schedule, for a workflow a schedule starts.
     pub fn schedule(&self) -> Option<&Schedule> {
         match &self.trigger {

@@ -1325,3 +1325,38 @@ fn layouts_are_checked_like_templates() {
         }
     ));
 }
+
+#[test]
+fn steps_after_an_event_wait_read_received_and_awaited() {
+    let steps = [
+        "  - wait: {event: lesson_completed, timeout: 3d}",
+        "  - if: {field: received, equals: true}",
+        "    then:",
+        "      - send_email: {subject: \"Great start on {{awaited.lesson.title}}\", text: \"{{awaited.event.time}}\"}",
+        "    else:",
+        "      - send_email: {subject: \"Lesson 1 is waiting\", text: \"{{awaited.lesson.titel}}\"}",
+    ];
+    let e = errors(&with_steps(
+        "trigger: {event: offer_access_granted}",
+        &steps,
+    ));
+    assert_one(
+        &e,
+        "workflows/t.yaml:9:61: error: merge field `awaited.lesson.titel` is not a field of lesson: did you mean `awaited.lesson.title`?",
+    );
+    let mut fixed = steps;
+    fixed[5] = "      - send_email: {subject: \"Lesson 1 is waiting\", text: \"{{#if received}}?{{/if}}\"}";
+    compiled(&with_steps(
+        "trigger: {event: offer_access_granted}",
+        &fixed,
+    ));
+
+    let e = errors(&with_steps(
+        "trigger: {event: offer_access_granted}",
+        &["  - if: {field: received, equals: true}", "    then: []"],
+    ));
+    assert_one(
+        &e,
+        "workflows/t.yaml:4:17: error: field `received` is set by a `wait: {event: …}` step, and this workflow has none",
+    );
+}

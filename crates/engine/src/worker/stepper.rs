@@ -114,7 +114,16 @@ impl Shared {
                 write.due_ms = Some(now.timestamp_millis());
             }
             Some(wf) => {
-                let event = runner::with_latest_contact(&run.event, &run.contact);
+                // A run claimed while still waiting for an event has reached its timeout.
+                let received = run
+                    .awaited
+                    .as_ref()
+                    .filter(|_| run.state != RunState::WaitingEvent);
+                let event = runner::with_wait_outcome(
+                    wf,
+                    runner::with_latest_contact(&run.event, &run.contact),
+                    received,
+                );
                 let ctx = runner::RunContext {
                     event: &event,
                     now,

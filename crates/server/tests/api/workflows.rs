@@ -7,6 +7,7 @@ use std::time::Duration;
 
 both_backends!(
     one_layout_wraps_the_emails_of_three_workflows,
+    the_step_after_an_event_wait_knows_whether_it_came,
     wait_two_days_then_send,
     if_then_else_branches,
     re_entry_false_runs_once_true_runs_again,
@@ -809,4 +810,81 @@ async fn one_layout_wraps_the_emails_of_three_workflows(backend: Backend) {
             "{text}"
         );
     }
+}
+
+/// The nudge marketers ask for most: three days after access, praise the learner who started
+/// (naming the lesson they completed) and remind the one who did not. `received` and
+/// `awaited.*` come from the wait, also when the run is finished by the stepper days later.
+async fn the_step_after_an_event_wait_knows_whether_it_came(backend: Backend) {
+    const NUDGE: &str = r#"
+name: Started yet?
+trigger:
+  event: offer_access_granted
+steps:
+  - wait: {event: lesson_completed, timeout: 3d}
+  - if:
+      all:
+        - {field: received, equals: true}
+    then:
+      - id: praise
+        send_email:
+          subject: "Great start on {{awaited.lesson.title}}, {{contact.first_name}}"
+          text: "You finished it at {{awaited.event.time}}."
+    else:
+      - id: remind
+        send_email:
+          subject: "Your first lesson is waiting, {{contact.first_name}}"
+          text: "It takes ten minutes."
+"#;
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("nudge", NUDGE);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    app.accept(&offer_granted(contact("c_keen", "Ann"), "o_pro"))
+        .await;
+    app.accept(&offer_granted(contact("c_busy", "Bo"), "o_pro"))
+        .await;
+    app.settle().await;
+    app.accept(&at(
+        lesson_completed(contact("c_keen", "Ann"), "p_rust101", "Ownership"),
+        "2026-11-24T11:00:00Z",
+    ))
+    .await;
+    app.wait_for_mails(1).await;
+    // Recorded before the clock jumps three days (a jump past a send's lease would free it).
+    app.settle().await;
+    app.advance(Duration::from_secs(3 * 86_400 + 60));
+    app.wait_for_mails(2).await;
+    app.settle().await;
+    let mut mails = subjects(&app);
+    mails.sort();
+    assert_eq!(
+        mails,
+        [
+            (
+                "c_busy@example.com".to_owned(),
+                "Your first lesson is waiting, Bo".to_owned()
+            ),
+            (
+                "c_keen@example.com".to_owned(),
+                "Great start on Ownership, Ann".to_owned()
+            ),
+        ],
+        "{:#?}\n{:#?}",
+        app.runs().await,
+        app.messages().await
+    );
+    let praise = app
+        .sink()
+        .received()
+        .iter()
+        .map(|m| m.parse())
+        .find(|m| m.subject.starts_with("Great"))
+        .expect("the praise");
+    assert_eq!(
+        praise.text.as_deref().map(str::trim),
+        Some("You finished it at 2026-11-24T11:00:00Z.")
+    );
 }

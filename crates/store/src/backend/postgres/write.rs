@@ -174,12 +174,19 @@ impl PgStore {
             .await?;
         }
         if !plan.resumes.is_empty() {
+            let (ids, seqs): (Vec<&str>, Vec<i64>) = plan
+                .resumes
+                .iter()
+                .map(|r| (r.run_id.as_str(), r.event_seq))
+                .unzip();
             sqlx::query(
-                "UPDATE runs SET state = 'active', wait_event = NULL, due_ms = $1, updated_ms = $1
-                 WHERE id = ANY($2) AND state = 'waiting_event'",
+                "UPDATE runs SET state = 'active', wait_event = NULL, due_ms = $1, updated_ms = $1, awaited_seq = u.seq
+                 FROM UNNEST($2::text[], $3::bigint[]) AS u(id, seq)
+                 WHERE runs.id = u.id AND runs.state = 'waiting_event'",
             )
             .bind(now_ms)
-            .bind(&plan.resumes)
+            .bind(&ids)
+            .bind(&seqs)
             .execute(&mut *tx)
             .await?;
         }
@@ -211,10 +218,11 @@ impl PgStore {
                  claimed AS (
                      UPDATE runs SET locked_until_ms = $1, lease_token = $2 FROM picked WHERE runs.id = picked.id
                      RETURNING runs.id, runs.workflow_id, runs.workflow_version, runs.contact_id, runs.event_seq,
-                               runs.state, runs.pc, runs.due_ms)
+                               runs.state, runs.pc, runs.due_ms, runs.awaited_seq)
                  SELECT r.id, r.workflow_id, r.workflow_version, r.contact_id, r.event_seq, r.state, r.pc, e.body,
-                        c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields
+                        c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields, aw.body
                  FROM claimed r JOIN events e ON e.seq = r.event_seq LEFT JOIN contacts c ON c.id = r.contact_id
+                 LEFT JOIN events aw ON aw.seq = r.awaited_seq
                  ORDER BY r.due_ms, r.id",
             )
             .bind(now_ms + lease_ms)
@@ -237,6 +245,10 @@ impl PgStore {
                     lease_token: token.clone(),
                     event: parse_stored_event(r.get(7))?,
                     contact: contact_at(&r, 8),
+                    awaited: r
+                        .get::<Option<&str>, _>(15)
+                        .map(parse_stored_event)
+                        .transpose()?,
                 })
             })
             .collect()
@@ -263,8 +275,10 @@ impl PgStore {
         }
         let mut tx = self.pool.begin().await?;
         let updated: HashSet<i64> = sqlx::query(
+            // A run advanced from `waiting_event` timed out: its last event wait received nothing.
             "UPDATE runs SET state = u.state, reason = u.reason, pc = u.pc, wait_event = u.wait_event, due_ms = u.due_ms,
-                    updated_ms = $9, ended_ms = u.ended_ms, locked_until_ms = NULL, lease_token = NULL
+                    updated_ms = $9, ended_ms = u.ended_ms, locked_until_ms = NULL, lease_token = NULL,
+                    awaited_seq = CASE WHEN runs.state = 'waiting_event' THEN NULL ELSE runs.awaited_seq END
              FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::int8[], $6::text[], $7::int8[], $8::int8[])
                   WITH ORDINALITY AS u(id, token, state, reason, pc, wait_event, due_ms, ended_ms, n)
              WHERE runs.id = u.id AND runs.lease_token = u.token
@@ -323,9 +337,9 @@ impl PgStore {
                         c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields,
                     EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel),
                     NOT EXISTS (SELECT 1 FROM messages p WHERE p.contact_id = m.contact_id AND p.channel = m.channel AND p.status = 'sent'),
-                    r.state
+                    r.state, aw.body
                  FROM claimed m JOIN runs r ON r.id = m.run_id JOIN events e ON e.seq = r.event_seq
-                 LEFT JOIN contacts c ON c.id = m.contact_id
+                 LEFT JOIN contacts c ON c.id = m.contact_id LEFT JOIN events aw ON aw.seq = r.awaited_seq
                  ORDER BY m.due_ms, m.id",
             )
             .bind(now_ms + lease_ms)
@@ -354,6 +368,10 @@ impl PgStore {
                     opted_out: r.get(18),
                     first_on_channel: r.get(19),
                     run_state: run_state(r.get(20))?,
+                    awaited: r
+                        .get::<Option<&str>, _>(21)
+                        .map(parse_stored_event)
+                        .transpose()?,
                 })
             })
             .collect()

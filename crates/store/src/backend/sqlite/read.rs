@@ -253,9 +253,9 @@ impl SqliteStore {
     pub async fn message_sources(&self, ids: Vec<String>) -> Result<Vec<crate::MessageSource>> {
         let rows = sqlx::query(
             "SELECT m.id, m.workflow_id, r.workflow_version, m.pc, m.channel, e.body,
-                    c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields
+                    c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields, aw.body
              FROM messages m JOIN runs r ON r.id = m.run_id JOIN events e ON e.seq = r.event_seq
-             LEFT JOIN contacts c ON c.id = m.contact_id
+             LEFT JOIN contacts c ON c.id = m.contact_id LEFT JOIN events aw ON aw.seq = r.awaited_seq
              WHERE m.id IN (SELECT value FROM json_each(?))",
         )
         .bind(super::json_list(ids.iter().map(String::as_str)))
@@ -271,6 +271,10 @@ impl SqliteStore {
                     channel: channel(r.get(4))?,
                     event: crate::decode::parse_stored_event(r.get(5))?,
                     contact: contact_at(r, 6),
+                    awaited: r
+                        .get::<Option<&str>, _>(13)
+                        .map(crate::decode::parse_stored_event)
+                        .transpose()?,
                 })
             })
             .collect()

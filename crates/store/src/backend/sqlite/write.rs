@@ -124,14 +124,15 @@ impl SqliteStore {
             let reason = format!("run exited: {}", exit.reason);
             cancel_queued_messages(&mut tx, &[exit.run_id.as_str()], &reason, now_ms).await?;
         }
-        for run_id in &plan.resumes {
+        for resume in &plan.resumes {
             sqlx::query(
-                "UPDATE runs SET state = 'active', wait_event = NULL, due_ms = ?, updated_ms = ?
+                "UPDATE runs SET state = 'active', wait_event = NULL, due_ms = ?, updated_ms = ?, awaited_seq = ?
                  WHERE id = ? AND state = 'waiting_event'",
             )
             .bind(now_ms)
             .bind(now_ms)
-            .bind(run_id)
+            .bind(resume.event_seq)
+            .bind(&resume.run_id)
             .execute(&mut *tx)
             .await?;
         }
@@ -177,8 +178,9 @@ impl SqliteStore {
         let ids = json_list(rows.iter().map(|r| r.get::<&str, _>(0)));
         let claimed = sqlx::query(
             "SELECT r.id, r.workflow_id, r.workflow_version, r.contact_id, r.event_seq, r.state, r.pc, e.body,
-                    c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields
+                    c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields, aw.body
              FROM runs r JOIN events e ON e.seq = r.event_seq LEFT JOIN contacts c ON c.id = r.contact_id
+             LEFT JOIN events aw ON aw.seq = r.awaited_seq
              WHERE r.id IN (SELECT value FROM json_each(?))",
         )
         .bind(&ids)
@@ -197,6 +199,10 @@ impl SqliteStore {
                 lease_token: token.clone(),
                 event: parse_stored_event(r.get(7))?,
                 contact: contact_at(&r, 8),
+                awaited: r
+                    .get::<Option<&str>, _>(15)
+                    .map(parse_stored_event)
+                    .transpose()?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -235,9 +241,11 @@ impl SqliteStore {
             ])
         }));
         sqlx::query(
+            // A run advanced from `waiting_event` timed out: its last event wait received nothing.
             "UPDATE runs SET state = j.value ->> 1, reason = j.value ->> 2, pc = j.value ->> 3,
                     wait_event = j.value ->> 4, due_ms = j.value ->> 5, updated_ms = ?2,
-                    ended_ms = j.value ->> 6, locked_until_ms = NULL, lease_token = NULL
+                    ended_ms = j.value ->> 6, locked_until_ms = NULL, lease_token = NULL,
+                    awaited_seq = CASE WHEN runs.state = 'waiting_event' THEN NULL ELSE runs.awaited_seq END
              FROM json_each(?1) AS j
              WHERE runs.id = j.value ->> 0",
         )
@@ -290,9 +298,9 @@ impl SqliteStore {
                     c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields,
                     EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel),
                     NOT EXISTS (SELECT 1 FROM messages p WHERE p.contact_id = m.contact_id AND p.channel = m.channel AND p.status = 'sent'),
-                    r.state
+                    r.state, aw.body
              FROM messages m JOIN runs r ON r.id = m.run_id JOIN events e ON e.seq = r.event_seq
-             LEFT JOIN contacts c ON c.id = m.contact_id
+             LEFT JOIN contacts c ON c.id = m.contact_id LEFT JOIN events aw ON aw.seq = r.awaited_seq
              WHERE m.id IN (SELECT value FROM json_each(?))",
         )
         .bind(&ids)
@@ -317,6 +325,10 @@ impl SqliteStore {
                 opted_out: r.get(18),
                 first_on_channel: r.get(19),
                 run_state: run_state(r.get(20))?,
+                awaited: r
+                    .get::<Option<&str>, _>(21)
+                    .map(parse_stored_event)
+                    .transpose()?,
             })
         })
         .collect::<Result<Vec<_>>>()?;
