@@ -103,7 +103,8 @@ async fn a_suppression_list_moves_in_and_out_as_csv(backend: Backend) {
 
     let (status, list) = app.admin_get("/v1/suppressions").await;
     assert_eq!(status, 200, "{list}");
-    let listed: Vec<(&str, &str)> = list["suppressions"]
+    // Oldest first; the two opt-outs may fall in the same millisecond, so compare as a set.
+    let mut listed: Vec<(&str, &str)> = list["suppressions"]
         .as_array()
         .expect("a list")
         .iter()
@@ -114,6 +115,7 @@ async fn a_suppression_list_moves_in_and_out_as_csv(backend: Backend) {
             )
         })
         .collect();
+    listed.sort();
     assert_eq!(
         listed,
         [("c_known", "bounced"), ("c_later", "unsubscribed")]
@@ -141,7 +143,9 @@ async fn a_suppression_list_moves_in_and_out_as_csv(backend: Backend) {
     );
     assert_eq!(lines.len(), 3, "{text}");
     assert!(
-        lines[1].starts_with("c_known@example.com,bounced,email,,c_known,"),
+        lines[1..]
+            .iter()
+            .any(|l| l.starts_with("c_known@example.com,bounced,email,,c_known,")),
         "{text}"
     );
 
