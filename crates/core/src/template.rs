@@ -25,11 +25,32 @@ pub type CustomValues = BTreeMap<String, String>;
 /// carries under this key is overwritten at render time.
 pub const CUSTOM_VALUES_KEY: &str = "__custom";
 
-/// Helpers herald templates may call: handlebars' built-ins plus `default`.
-pub const KNOWN_HELPERS: [&str; 18] = [
-    "if", "unless", "each", "with", "lookup", "raw", "log", "eq", "ne", "gt", "gte", "lt", "lte",
-    "and", "or", "not", "len", "default",
+/// Helpers herald templates may call: handlebars' built-ins plus `default` and `format_date`.
+pub const KNOWN_HELPERS: [&str; 19] = [
+    "if",
+    "unless",
+    "each",
+    "with",
+    "lookup",
+    "raw",
+    "log",
+    "eq",
+    "ne",
+    "gt",
+    "gte",
+    "lt",
+    "lte",
+    "and",
+    "or",
+    "not",
+    "len",
+    "default",
+    "format_date",
 ];
+
+/// The custom value under which the engine passes `HERALD_TIMEZONE` to `format_date` (for a
+/// contact without a time zone). Not a `<<name>>` a template can write.
+pub const DEFAULT_TIMEZONE_VALUE: &str = "__default_timezone";
 
 /// Block helpers whose body sees another context (an element, an object) rather than the event.
 const SCOPING_HELPERS: [&str; 2] = ["each", "with"];
@@ -319,6 +340,11 @@ impl<'s> Walker<'s> {
                     pos,
                 });
             }
+            Parameter::Name(helper) if helper == "format_date" => {
+                if let Some(problem) = format_date_problem(params) {
+                    self.unsupported.push(TemplateRef { name: problem, pos });
+                }
+            }
             Parameter::Path(path) if params.is_empty() => self.path(path, scoped, pos),
             Parameter::Path(path) => {
                 self.unsupported.push(TemplateRef {
@@ -408,6 +434,7 @@ fn registry(escape: fn(&str) -> String) -> Handlebars<'static> {
     r.set_strict_mode(false);
     r.register_escape_fn(escape);
     r.register_helper("default", Box::new(DefaultHelper));
+    r.register_helper("format_date", Box::new(FormatDateHelper));
     r
 }
 
@@ -638,6 +665,67 @@ fn part_name(pc: usize, part: &str) -> String {
 }
 
 /// The render context: the event's, with the custom values under their reserved key.
+/// What is wrong with a `format_date` call, if anything: it takes a time and a format in quotes.
+fn format_date_problem(params: &[Parameter]) -> Option<String> {
+    let usage =
+        "format_date takes a time and a format in quotes: {{format_date event.time \"%e %B %Y\"}}";
+    match params {
+        [_, Parameter::Literal(Value::String(format))] => chrono::format::StrftimeItems::new(
+            format,
+        )
+        .parse()
+        .is_err()
+        .then(|| {
+            format!("`{format}` is not a date format: use strftime fields such as %e %B %Y, %H:%M")
+        }),
+        _ => Some(usage.to_owned()),
+    }
+}
+
+/// `{{format_date TIME "FORMAT"}}`: an RFC 3339 time (`event.time`, `awaited.event.time`) in the
+/// contact's time zone (else `HERALD_TIMEZONE`), formatted with strftime fields. A value that is
+/// not a time renders empty, like a missing field.
+struct FormatDateHelper;
+
+impl HelperDef for FormatDateHelper {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        ctx: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, handlebars::RenderError> {
+        let time = h
+            .param(0)
+            .and_then(|p| p.value().as_str())
+            .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok());
+        let format = h
+            .param(1)
+            .and_then(|p| p.value().as_str())
+            .unwrap_or_default();
+        let Some(time) = time else {
+            return Ok(ScopedJson::Derived(Value::Null));
+        };
+        // Checked when the template was compiled; an unusable format renders nothing rather than
+        // failing the message.
+        let Ok(items) = chrono::format::StrftimeItems::new(format).parse() else {
+            return Ok(ScopedJson::Derived(Value::Null));
+        };
+        let root = ctx.data();
+        let zone = [
+            root.pointer("/contact/timezone"),
+            root.pointer(&format!("/{CUSTOM_VALUES_KEY}/{DEFAULT_TIMEZONE_VALUE}")),
+        ]
+        .into_iter()
+        .flatten()
+        .find_map(|z| z.as_str()?.parse::<chrono_tz::Tz>().ok())
+        .unwrap_or(chrono_tz::UTC);
+        let local = time.with_timezone(&zone);
+        let text = local.format_with_items(items.iter()).to_string();
+        Ok(ScopedJson::Derived(Value::String(text)))
+    }
+}
+
 fn with_custom_values(context: &Value, custom: &CustomValues) -> Value {
     let mut context = match context {
         Value::Object(map) => map.clone(),
@@ -882,5 +970,59 @@ mod tests {
         );
         assert!(set.render_email(3, &ctx(), &c).is_err());
         assert!(set.render_sms(4, &ctx(), &c).is_err());
+    }
+
+    #[test]
+    fn format_date_shows_a_time_in_the_contacts_zone_or_the_default_one() {
+        let template = "{{format_date event.time \"%A %e %B %Y, %H:%M\"}}";
+        let render = |contact: Value, zone: Option<&str>| {
+            let mut values = custom(&[]);
+            if let Some(zone) = zone {
+                values.insert(DEFAULT_TIMEZONE_VALUE.into(), zone.into());
+            }
+            let context = json!({"contact": contact, "event": {"time": "2026-03-08T13:30:00Z"}});
+            render_standalone_email(template, None, Some(template), &context, &values)
+                .unwrap()
+                .subject
+        };
+        assert_eq!(
+            render(
+                json!({"timezone": "America/New_York"}),
+                Some("Europe/Berlin")
+            ),
+            "Sunday  8 March 2026, 09:30",
+            "the contact's zone, after the clocks went forward"
+        );
+        assert_eq!(
+            render(json!({}), Some("Europe/Berlin")),
+            "Sunday  8 March 2026, 14:30"
+        );
+        assert_eq!(
+            render(json!({"timezone": "Mars/Olympus"}), None),
+            "Sunday  8 March 2026, 13:30"
+        );
+        let not_a_time = json!({"event": {"time": "soon"}});
+        let e =
+            render_standalone_email(template, None, Some("x"), &not_a_time, &custom(&[])).unwrap();
+        assert_eq!(e.subject, "", "a value that is not a time renders empty");
+    }
+
+    #[test]
+    fn format_date_is_checked() {
+        let problems = |source: &str| {
+            ParsedTemplate::parse(source)
+                .unwrap()
+                .unsupported
+                .into_iter()
+                .map(|r| r.name)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            problems("{{format_date event.time \"%d.%m.%Y\"}}"),
+            Vec::<String>::new()
+        );
+        assert!(problems("{{format_date event.time \"%Q\"}}")[0].contains("not a date format"));
+        assert!(problems("{{format_date event.time}}")[0].contains("takes a time and a format"));
+        assert!(problems("{{format_date event.time lesson.title}}")[0].contains("in quotes"));
     }
 }

@@ -94,6 +94,10 @@ pub fn preview(config: &Config, id: &str, event_file: &Path, diagram: bool) -> R
         "unsubscribe_url".into(),
         format!("{}/u/PREVIEW-TOKEN", config.public_url()),
     );
+    custom.insert(
+        herald_core::template::DEFAULT_TIMEZONE_VALUE.into(),
+        default_zone.name().into(),
+    );
     // Every send step is rendered (a branch this event does not take is shown too, marked).
     for (pc, instr) in wf.program.iter().enumerate() {
         let (Instr::SendEmail { step_id, .. } | Instr::SendSms { step_id, .. }) = instr else {

@@ -1360,3 +1360,17 @@ fn steps_after_an_event_wait_read_received_and_awaited() {
         "workflows/t.yaml:4:17: error: field `received` is set by a `wait: {event: …}` step, and this workflow has none",
     );
 }
+
+#[test]
+fn format_date_formats_are_checked_by_herald_check() {
+    let e = errors(&with_steps(
+        "trigger: {event: new_signup}",
+        &["  - send_email: {subject: \"Since {{format_date event.time '%Q'}}\", text: \"x\"}"],
+    ));
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert!(e[0].contains("`%Q` is not a date format"), "{e:#?}");
+    compiled(&with_steps(
+        "trigger: {event: new_signup}",
+        &["  - send_email: {subject: \"Since {{format_date event.time '%e %B'}}\", text: \"x\"}"],
+    ));
+}
