@@ -27,8 +27,14 @@ impl Duration {
     pub const fn as_secs(self) -> u64 {
         self.secs
     }
+    /// Milliseconds, saturating at `i64::MAX` (a duration is never negative).
     pub const fn as_millis(self) -> i64 {
-        (self.secs as i64).saturating_mul(1000)
+        let secs = if self.secs > i64::MAX as u64 {
+            i64::MAX
+        } else {
+            self.secs as i64
+        };
+        secs.saturating_mul(1000)
     }
     pub fn to_std(self) -> std::time::Duration {
         std::time::Duration::from_secs(self.secs)

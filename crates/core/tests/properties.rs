@@ -926,3 +926,10 @@ proptest! {
 }
 
 // --- regressions found by the fuzz targets ----------------------------------------------------
+
+#[test]
+fn an_absurdly_long_duration_has_positive_milliseconds() {
+    // fuzz/artifacts/durations: "25555557555526w" is more seconds than an i64 holds.
+    let d: Duration = "25555557555526w".parse().expect("fits in u64 seconds");
+    assert_eq!(d.as_millis(), i64::MAX);
+}

@@ -74,7 +74,9 @@ pub async fn enroll(
                 .audience(AudienceQuery {
                     offers: audience.offers,
                     products: audience.products,
-                    inactive_before_ms: audience.inactive_for.map(|d| now_ms - d.as_millis()),
+                    inactive_before_ms: audience
+                        .inactive_for
+                        .map(|d| now_ms.saturating_sub(d.as_millis())),
                 })
                 .await?
         }

@@ -201,7 +201,9 @@ fn parse_since(
     let ago: herald_core::Duration = text.parse().with_context(|| {
         format!("--since {text:?}: give an RFC 3339 time (2026-12-01T09:00:00Z), a date (2026-12-01) or a duration ago (24h, 7d)")
     })?;
-    Ok(now - chrono::TimeDelta::milliseconds(ago.as_millis()))
+    chrono::TimeDelta::try_milliseconds(ago.as_millis())
+        .and_then(|ago| now.checked_sub_signed(ago))
+        .with_context(|| format!("--since {text:?} reaches before any time herald can hold"))
 }
 
 #[cfg(test)]
@@ -217,5 +219,8 @@ mod tests {
         assert_eq!(at("24h"), "2026-12-04T10:00:00+00:00");
         let e = parse_since("yesterday", now).unwrap_err().to_string();
         assert!(e.contains("--since \"yesterday\""), "{e}");
+        // Found by fuzzing durations: an absurd duration is refused, not a panic.
+        let e = parse_since("25555557555526w", now).unwrap_err().to_string();
+        assert!(e.contains("before any time"), "{e}");
     }
 }

@@ -94,7 +94,9 @@ impl Shared {
             .audience(AudienceQuery {
                 offers: audience.offers.clone(),
                 products: audience.products.clone(),
-                inactive_before_ms: audience.inactive_for.map(|d| now_ms - d.as_millis()),
+                inactive_before_ms: audience
+                    .inactive_for
+                    .map(|d| now_ms.saturating_sub(d.as_millis())),
             })
             .await?;
         let events: Vec<NewEvent> = contacts
