@@ -69,17 +69,7 @@ pub async fn enroll(
     }
     let mut contacts = match enrollees {
         Enrollees::Contacts(ids) => ids,
-        Enrollees::Audience(audience) => {
-            store
-                .audience(AudienceQuery {
-                    offers: audience.offers,
-                    products: audience.products,
-                    inactive_before_ms: audience
-                        .inactive_for
-                        .map(|d| now_ms.saturating_sub(d.as_millis())),
-                })
-                .await?
-        }
+        Enrollees::Audience(audience) => store.audience(audience_query(&audience, now_ms)).await?,
     };
     contacts.sort();
     contacts.dedup();
@@ -123,6 +113,17 @@ pub async fn enroll(
         .collect();
     store_enrollments(store, events).await?;
     Ok(report)
+}
+
+/// The store's query for an audience at `now_ms` (who is inactive is measured from then).
+pub fn audience_query(audience: &Audience, now_ms: i64) -> AudienceQuery {
+    AudienceQuery {
+        offers: audience.offers.clone(),
+        products: audience.products.clone(),
+        inactive_before_ms: audience
+            .inactive_for
+            .map(|d| now_ms.saturating_sub(d.as_millis())),
+    }
 }
 
 /// Stores enrollment events in batches and tells every process there are events to dispatch.

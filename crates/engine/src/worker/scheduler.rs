@@ -11,7 +11,7 @@
 use super::{Pass, Shared};
 use herald_core::CourseEvent;
 use herald_core::workflow::{Schedule, Tick};
-use herald_store::{AudienceQuery, NewEvent, StoreError};
+use herald_store::{NewEvent, StoreError};
 use std::collections::HashMap;
 
 /// The last tick handled, by schedule key, as this process knows it.
@@ -91,13 +91,7 @@ impl Shared {
         let audience = &schedule.audience;
         let contacts = self
             .store
-            .audience(AudienceQuery {
-                offers: audience.offers.clone(),
-                products: audience.products.clone(),
-                inactive_before_ms: audience
-                    .inactive_for
-                    .map(|d| now_ms.saturating_sub(d.as_millis())),
-            })
+            .audience(crate::enrollment::audience_query(audience, now_ms))
             .await?;
         let events: Vec<NewEvent> = contacts
             .iter()
