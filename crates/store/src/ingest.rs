@@ -16,6 +16,8 @@ const MAX_BATCH_EVENTS: usize = 5_000;
 
 struct Request {
     events: Vec<NewEvent>,
+    /// How many events the request brought (its answer has as many entries).
+    count: usize,
     reply: oneshot::Sender<Result<Vec<Accepted>>>,
 }
 
@@ -35,7 +37,11 @@ impl Ingestor {
     pub(crate) async fn accept(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>> {
         let (reply, answer) = oneshot::channel();
         self.tx
-            .send(Request { events, reply })
+            .send(Request {
+                count: events.len(),
+                events,
+                reply,
+            })
             .await
             .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
@@ -75,20 +81,24 @@ async fn run(backend: Arc<Backend>, announcer: Arc<Announcer>, mut rx: mpsc::Rec
 }
 
 /// Stores one group and answers each of its requests; whether any event was new.
-async fn commit(backend: &Backend, batch: Vec<Request>) -> bool {
-    let events: Vec<&NewEvent> = batch.iter().flat_map(|r| r.events.iter()).collect();
-    match backend.insert_events(&events).await {
+async fn commit(backend: &Backend, mut batch: Vec<Request>) -> bool {
+    let events: Vec<NewEvent> = batch
+        .iter_mut()
+        .flat_map(|r| std::mem::take(&mut r.events))
+        .collect();
+    let count = events.len();
+    match backend.insert_events(events).await {
         Ok(results) => {
             let any_new = results.iter().any(|a| matches!(a, Accepted::New));
             let mut results = results.into_iter();
             for req in batch {
-                let mine = results.by_ref().take(req.events.len()).collect();
+                let mine = results.by_ref().take(req.count).collect();
                 let _ = req.reply.send(Ok(mine));
             }
             any_new
         }
         Err(e) => {
-            tracing::error!(error = %e, events = events.len(), "event batch could not be stored");
+            tracing::error!(error = %e, events = count, "event batch could not be stored");
             let msg = e.to_string();
             for req in batch {
                 let _ = req.reply.send(Err(StoreError::Batch(msg.clone())));

@@ -37,7 +37,10 @@ impl Backend {
         }
     }
 
-    pub(crate) async fn insert_events(&self, events: &[&NewEvent]) -> Result<Vec<crate::Accepted>> {
+    pub(crate) async fn insert_events(
+        &self,
+        events: Vec<NewEvent>,
+    ) -> Result<Vec<crate::Accepted>> {
         match self {
             Self::Sqlite(b) => b.insert_events(events).await,
             Self::Postgres(b) => b.insert_events(events).await,

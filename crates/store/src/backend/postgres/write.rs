@@ -17,8 +17,9 @@ use std::hash::Hash;
 
 impl PgStore {
     /// One statement for the whole batch, atomic on its own.
-    pub(crate) async fn insert_events(&self, events: &[&NewEvent]) -> Result<Vec<Accepted>> {
-        retrying!("insert events", insert_event_rows(&self.pool, events))
+    pub(crate) async fn insert_events(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>> {
+        let events: Vec<&NewEvent> = events.iter().collect();
+        retrying!("insert events", insert_event_rows(&self.pool, &events))
     }
 
     /// Dispatchers of several processes take turns: each holds a transaction-scoped advisory lock

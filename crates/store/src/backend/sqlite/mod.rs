@@ -1,7 +1,8 @@
 //! SQLite backend: the embedded default. WAL with `synchronous=FULL`, so a committed event is on
-//! disk before its `202`. All writes go through one connection behind an async mutex (SQLite has
-//! one writer anyway; queueing here beats spinning on SQLITE_BUSY), every write transaction is
-//! `BEGIN IMMEDIATE`, and reads use a separate pool beside the writer.
+//! disk before its `202`. All writes go through one connection (SQLite has one writer anyway;
+//! queueing here beats spinning on SQLITE_BUSY), every write transaction is `BEGIN IMMEDIATE`,
+//! the engine's writes share commits (see [`writer`]), and reads use a separate pool beside the
+//! writer.
 
 mod dead;
 mod enroll;
@@ -9,21 +10,22 @@ mod links;
 mod opt_outs;
 mod read;
 mod write;
+mod writer;
 
 use crate::Result;
+use sqlx::ConnectOptions;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{ConnectOptions, SqliteConnection};
 use std::str::FromStr;
 use std::time::Duration;
-use tokio::sync::Mutex;
+use writer::Writer;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
 pub struct SqliteStore {
     /// The only connection that writes.
-    writer: Mutex<SqliteConnection>,
+    writer: Writer,
     /// Connections for reads (admin API, mailbox, health); WAL lets them run beside the writer.
     readers: SqlitePool,
 }
@@ -45,7 +47,7 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await?;
         Ok(Self {
-            writer: Mutex::new(writer),
+            writer: Writer::new(writer),
             readers,
         })
     }

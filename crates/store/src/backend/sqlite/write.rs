@@ -16,12 +16,15 @@ use std::collections::{HashMap, HashSet};
 pub(super) const BEGIN: &str = "BEGIN IMMEDIATE";
 
 impl SqliteStore {
-    pub(crate) async fn insert_events(&self, events: &[&NewEvent]) -> Result<Vec<Accepted>> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
-        let out = insert_event_rows(&mut tx, events).await?;
-        tx.commit().await?;
-        Ok(out)
+    pub(crate) async fn insert_events(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>> {
+        self.writer
+            .run(move |conn| {
+                Box::pin(async move {
+                    let events: Vec<&NewEvent> = events.iter().collect();
+                    insert_event_rows(conn, &events).await
+                })
+            })
+            .await
     }
 
     pub async fn dispatch(
@@ -32,119 +35,21 @@ impl SqliteStore {
         planner: Planner<'_>,
         address_key: Option<&AddressKey>,
     ) -> Result<usize> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
-        let rows =
-            sqlx::query("SELECT seq, body FROM events WHERE dispatched = 0 ORDER BY seq LIMIT ?")
-                .bind(limit)
-                .fetch_all(&mut *tx)
-                .await?;
-        if rows.is_empty() {
-            return Ok(0);
-        }
-        let mut events = Vec::with_capacity(rows.len());
-        for row in &rows {
-            events.push((row.get::<i64, _>(0), parse_stored_event(row.get(1))?));
-        }
-        let contacts = json_list(events.iter().map(|(_, e)| e.contact_id()));
-        project(&mut tx, &events).await?;
-        end_learner_access(&mut tx, &projection::lost_an_offer(&events), now_ms).await?;
-        if let Some(key) = address_key {
-            opt_out_suppressed_addresses(&mut tx, key, &events, now_ms).await?;
-        }
-        let contact_rows = sqlx::query(
-            "SELECT id, email, phone, first_name, last_name, timezone, custom_fields FROM contacts
-             WHERE id IN (SELECT value FROM json_each(?))",
+        let mut group = self.writer.lead().await?;
+        let outcome = dispatch_batch(
+            group.conn(),
+            limit,
+            now_ms,
+            window_start_ms,
+            planner,
+            address_key,
         )
-        .bind(&contacts)
-        .fetch_all(&mut *tx)
-        .await?
-        .iter()
-        .map(|r| {
-            let c = contact_at(r, 0);
-            (c.id.clone(), c)
-        })
-        .collect();
-
-        let live_runs = sqlx::query(
-            "SELECT id, workflow_id, workflow_version, contact_id, state, wait_event FROM runs
-             WHERE contact_id IN (SELECT value FROM json_each(?)) AND state IN ('active', 'waiting_event', 'parked')",
-        )
-        .bind(&contacts)
-        .fetch_all(&mut *tx)
-        .await?
-        .into_iter()
-        .map(|r| live_run(&r))
-        .collect::<Result<Vec<_>>>()?;
-
-        let mut counts = HashMap::new();
-        for r in sqlx::query(
-            "SELECT contact_id, workflow_id,
-                    SUM(CASE WHEN state <> 'refused' THEN 1 ELSE 0 END),
-                    SUM(CASE WHEN state <> 'refused' AND created_ms >= ? THEN 1 ELSE 0 END),
-                    MAX(CASE WHEN state IN ('active', 'waiting_event', 'parked') THEN 1 ELSE 0 END)
-             FROM runs WHERE contact_id IN (SELECT value FROM json_each(?)) GROUP BY contact_id, workflow_id",
-        )
-        .bind(window_start_ms)
-        .bind(&contacts)
-        .fetch_all(&mut *tx)
-        .await?
-        {
-            counts.insert(
-                (r.get::<String, _>(0), r.get::<String, _>(1)),
-                EnrollmentCounts { total: r.get(2), recent: r.get(3), live: r.get::<i64, _>(4) == 1 },
-            );
+        .await;
+        match outcome {
+            Ok(Dispatched::Events(n)) => group.finish(Ok(n)).await,
+            Ok(Dispatched::Postponed) => group.undo(0).await,
+            Err(e) => group.finish(Err(e)).await,
         }
-
-        let input = DispatchInput {
-            events,
-            live_runs,
-            counts,
-            contacts: contact_rows,
-        };
-        let plan = planner(&input);
-        if plan.postponed {
-            // Rolled back: the events stay undispatched.
-            return Ok(0);
-        }
-
-        insert_runs(&mut tx, &plan.new_runs, now_ms).await?;
-        for exit in &plan.exits {
-            sqlx::query(
-                "UPDATE runs SET state = 'exited', reason = ?, due_ms = NULL, ended_ms = ?, updated_ms = ?,
-                        locked_until_ms = NULL, lease_token = NULL
-                 WHERE id = ? AND state IN ('active', 'waiting_event', 'parked')",
-            )
-            .bind(&exit.reason)
-            .bind(now_ms)
-            .bind(now_ms)
-            .bind(&exit.run_id)
-            .execute(&mut *tx)
-            .await?;
-            let reason = format!("run exited: {}", exit.reason);
-            cancel_queued_messages(&mut tx, &[exit.run_id.as_str()], &reason, now_ms).await?;
-        }
-        for resume in &plan.resumes {
-            sqlx::query(
-                "UPDATE runs SET state = 'active', wait_event = NULL, due_ms = ?, updated_ms = ?, awaited_seq = ?
-                 WHERE id = ? AND state = 'waiting_event'",
-            )
-            .bind(now_ms)
-            .bind(now_ms)
-            .bind(resume.event_seq)
-            .bind(&resume.run_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-        let seqs: Vec<String> = input.events.iter().map(|(s, _)| s.to_string()).collect();
-        sqlx::query(
-            "UPDATE events SET dispatched = 1 WHERE seq IN (SELECT value FROM json_each(?))",
-        )
-        .bind(json_list(seqs.iter().map(String::as_str)))
-        .execute(&mut *tx)
-        .await?;
-        tx.commit().await?;
-        Ok(input.events.len())
     }
 
     pub async fn claim_runs(
@@ -154,108 +59,18 @@ impl SqliteStore {
         lease_ms: i64,
     ) -> Result<Vec<ClaimedRun>> {
         let token = uuid::Uuid::new_v4().to_string();
-        // No explicit transaction: the lease is one statement (atomic and durable on its own),
-        // and the read after it sees the leased rows unchanged, as the writer is held meanwhile.
-        // A claim that finds nothing, the common case when idle, is then one round trip. Should
-        // the read fail, the rows stay leased until the lease runs out, then are claimed again.
-        let mut conn = self.writer.lock().await;
-        let rows = sqlx::query(
-            "UPDATE runs SET locked_until_ms = ?, lease_token = ?
-             WHERE id IN (SELECT id FROM runs WHERE state IN ('active', 'waiting_event') AND due_ms <= ?
-                          AND (locked_until_ms IS NULL OR locked_until_ms <= ?) ORDER BY due_ms LIMIT ?)
-             RETURNING id",
-        )
-        .bind(now_ms + lease_ms)
-        .bind(&token)
-        .bind(now_ms)
-        .bind(now_ms)
-        .bind(limit)
-        .fetch_all(&mut *conn)
-        .await?;
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ids = json_list(rows.iter().map(|r| r.get::<&str, _>(0)));
-        let claimed = sqlx::query(
-            "SELECT r.id, r.workflow_id, r.workflow_version, r.contact_id, r.event_seq, r.state, r.pc, e.body,
-                    c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields, aw.body
-             FROM runs r JOIN events e ON e.seq = r.event_seq LEFT JOIN contacts c ON c.id = r.contact_id
-             LEFT JOIN events aw ON aw.seq = r.awaited_seq
-             WHERE r.id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|r| {
-            Ok(ClaimedRun {
-                run_id: r.get(0),
-                workflow_id: r.get(1),
-                workflow_version: r.get(2),
-                contact_id: r.get(3),
-                event_seq: r.get(4),
-                state: run_state(r.get(5))?,
-                pc: r.get(6),
-                lease_token: token.clone(),
-                event: parse_stored_event(r.get(7))?,
-                contact: contact_at(&r, 8),
-                awaited: r
-                    .get::<Option<&str>, _>(15)
-                    .map(parse_stored_event)
-                    .transpose()?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-        Ok(claimed)
+        self.writer
+            .run(move |conn| Box::pin(claim_runs(conn, token, now_ms, limit, lease_ms)))
+            .await
     }
 
     pub async fn finish_runs(&self, now_ms: i64, advances: Vec<RunAdvance>) -> Result<()> {
         if advances.is_empty() {
             return Ok(());
         }
-        let mut conn = self.writer.lock().await;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
-        let written: Vec<&RunWrite> = under_current_lease(
-            &mut tx,
-            "SELECT id, lease_token FROM runs WHERE id IN (SELECT value FROM json_each(?))",
-            &advances,
-            |a| (&a.write.run_id, &a.lease_token),
-            |a| tracing::warn!(run = %a.write.run_id, "run lease lost before its step finished; result dropped"),
-        )
-        .await?
-        .into_iter()
-        .map(|a| &a.write)
-        .collect();
-        if written.is_empty() {
-            return Ok(());
-        }
-        let rows = json_rows(written.iter().map(|w| {
-            json!([
-                w.run_id,
-                w.state.as_str(),
-                w.reason,
-                w.pc,
-                w.wait_event,
-                w.due_ms,
-                (!w.state.is_live()).then_some(now_ms),
-            ])
-        }));
-        sqlx::query(
-            // A run advanced from `waiting_event` timed out: its last event wait received nothing.
-            "UPDATE runs SET state = j.value ->> 1, reason = j.value ->> 2, pc = j.value ->> 3,
-                    wait_event = j.value ->> 4, due_ms = j.value ->> 5, updated_ms = ?2,
-                    ended_ms = j.value ->> 6, locked_until_ms = NULL, lease_token = NULL,
-                    awaited_seq = CASE WHEN runs.state = 'waiting_event' THEN NULL ELSE runs.awaited_seq END
-             FROM json_each(?1) AS j
-             WHERE runs.id = j.value ->> 0",
-        )
-        .bind(rows)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        insert_run_effects(&mut tx, &written, now_ms).await?;
-        tx.commit().await?;
-        Ok(())
+        self.writer
+            .run(move |conn| Box::pin(finish_runs(conn, now_ms, advances)))
+            .await
     }
 
     pub async fn claim_messages(
@@ -265,87 +80,27 @@ impl SqliteStore {
         lease_ms: i64,
     ) -> Result<Vec<ClaimedMessage>> {
         let token = uuid::Uuid::new_v4().to_string();
-        // No explicit transaction: the lease is one statement (atomic and durable on its own),
-        // and the read after it sees the leased rows unchanged, as the writer is held meanwhile.
-        // A claim that finds nothing, the common case when idle, is then one round trip. Should
-        // the read fail, the rows stay leased until the lease runs out, then are claimed again.
-        let mut conn = self.writer.lock().await;
-        let rows = sqlx::query(
-            // A run's messages go in step order: one waits while an earlier step's message of its
-            // run is still queued (being sent, or waiting for a retry).
-            "UPDATE messages SET locked_until_ms = ?, lease_token = ?
-             WHERE id IN (SELECT m.id FROM messages m WHERE m.status = 'queued' AND m.due_ms <= ?
-                          AND (m.locked_until_ms IS NULL OR m.locked_until_ms <= ?)
-                          AND NOT EXISTS (SELECT 1 FROM messages p
-                                          WHERE p.run_id = m.run_id AND p.status = 'queued' AND p.pc < m.pc)
-                          ORDER BY m.due_ms LIMIT ?)
-             RETURNING id",
-        )
-        .bind(now_ms + lease_ms)
-        .bind(&token)
-        .bind(now_ms)
-        .bind(now_ms)
-        .bind(limit)
-        .fetch_all(&mut *conn)
-        .await?;
-        if rows.is_empty() {
-            return Ok(Vec::new());
-        }
-        let ids = json_list(rows.iter().map(|r| r.get::<&str, _>(0)));
-        let claimed = sqlx::query(
-            "SELECT m.id, m.run_id, m.step_id, m.pc, m.workflow_id, r.workflow_version, m.channel, m.recipient,
-                    m.header_message_id, m.attempts, e.body,
-                    c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields,
-                    EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel),
-                    NOT EXISTS (SELECT 1 FROM messages p WHERE p.contact_id = m.contact_id AND p.channel = m.channel AND p.status = 'sent'),
-                    r.state, aw.body
-             FROM messages m JOIN runs r ON r.id = m.run_id JOIN events e ON e.seq = r.event_seq
-             LEFT JOIN contacts c ON c.id = m.contact_id LEFT JOIN events aw ON aw.seq = r.awaited_seq
-             WHERE m.id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(&ids)
-        .fetch_all(&mut *conn)
-        .await?
-        .into_iter()
-        .map(|r| {
-            Ok(ClaimedMessage {
-                id: r.get(0),
-                run_id: r.get(1),
-                step_id: r.get(2),
-                pc: r.get(3),
-                workflow_id: r.get(4),
-                workflow_version: r.get(5),
-                channel: channel(r.get(6))?,
-                recipient: r.get(7),
-                header_message_id: r.get(8),
-                attempts: r.get(9),
-                lease_token: token.clone(),
-                event: parse_stored_event(r.get(10))?,
-                contact: contact_at(&r, 11),
-                opted_out: r.get(18),
-                first_on_channel: r.get(19),
-                run_state: run_state(r.get(20))?,
-                awaited: r
-                    .get::<Option<&str>, _>(21)
-                    .map(parse_stored_event)
-                    .transpose()?,
-            })
-        })
-        .collect::<Result<Vec<_>>>()?;
-        Ok(claimed)
+        self.writer
+            .run(move |conn| Box::pin(claim_messages(conn, token, now_ms, limit, lease_ms)))
+            .await
     }
 
     pub async fn extend_message_lease(&self, lease_token: String, until_ms: i64) -> Result<u64> {
-        let mut conn = self.writer.lock().await;
-        let n = sqlx::query(
-            "UPDATE messages SET locked_until_ms = ? WHERE lease_token = ? AND status = 'queued'",
-        )
-        .bind(until_ms)
-        .bind(&lease_token)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        Ok(n)
+        self.writer
+            .run(move |conn| {
+                Box::pin(async move {
+                    let n = sqlx::query(
+                        "UPDATE messages SET locked_until_ms = ? WHERE lease_token = ? AND status = 'queued'",
+                    )
+                    .bind(until_ms)
+                    .bind(&lease_token)
+                    .execute(&mut *conn)
+                    .await?
+                    .rows_affected();
+                    Ok(n)
+                })
+            })
+            .await
     }
 
     pub async fn complete_messages(
@@ -356,64 +111,9 @@ impl SqliteStore {
         if outcomes.is_empty() {
             return Ok(());
         }
-        let mut conn = self.writer.lock().await;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
-        let written = under_current_lease(
-            &mut tx,
-            "SELECT id, lease_token FROM messages WHERE id IN (SELECT value FROM json_each(?))",
-            &outcomes,
-            |o| (&o.message_id, &o.lease_token),
-            |o| tracing::warn!(message = %o.message_id, "message lease lost before delivery finished; outcome dropped"),
-        )
-        .await?;
-        if written.is_empty() {
-            return Ok(());
-        }
-        let rows = json_rows(written.iter().map(|o| {
-            let c = outcome_columns(&o.result, now_ms);
-            json!([
-                o.message_id,
-                c.status.as_str(),
-                c.reason,
-                c.due_ms,
-                c.provider_id,
-                c.sent_ms,
-                o.subject,
-                o.segments,
-                i64::from(c.attempted),
-            ])
-        }));
-        sqlx::query(
-            "UPDATE messages SET status = j.value ->> 1, reason = j.value ->> 2, due_ms = j.value ->> 3,
-                    provider_id = COALESCE(j.value ->> 4, provider_id), sent_ms = COALESCE(j.value ->> 5, sent_ms),
-                    subject = COALESCE(j.value ->> 6, subject), segments = COALESCE(j.value ->> 7, segments),
-                    attempts = attempts + (j.value ->> 8),
-                    updated_ms = ?2, locked_until_ms = NULL, lease_token = NULL
-             FROM json_each(?1) AS j
-             WHERE messages.id = j.value ->> 0",
-        )
-        .bind(rows)
-        .bind(now_ms)
-        .execute(&mut *tx)
-        .await?;
-        for m in written.iter().filter_map(|o| o.mailbox.as_ref()) {
-            insert_mailbox(&mut tx, m).await?;
-        }
-        let bounced = bounced_ids(&written);
-        if !bounced.is_empty() {
-            sqlx::query(
-                "INSERT INTO opt_outs (contact_id, channel, source, at_ms)
-                 SELECT contact_id, 'email', 'bounced', ?1 FROM messages
-                 WHERE id IN (SELECT value FROM json_each(?2))
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(now_ms)
-            .bind(json_list(bounced.iter().copied()))
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
+        self.writer
+            .run(move |conn| Box::pin(complete_messages(conn, now_ms, outcomes)))
+            .await
     }
 
     pub async fn add_to_mailbox(&self, item: MailboxItem) -> Result<()> {
@@ -554,6 +254,375 @@ async fn insert_mailbox(conn: &mut SqliteConnection, m: &MailboxItem) -> Result<
     .execute(&mut *conn)
     .await?;
     Ok(())
+}
+
+/// Leases up to `limit` due runs to `token` and reads what stepping them needs.
+async fn claim_runs(
+    conn: &mut SqliteConnection,
+    token: String,
+    now_ms: i64,
+    limit: i64,
+    lease_ms: i64,
+) -> Result<Vec<ClaimedRun>> {
+    let rows = sqlx::query(
+        "UPDATE runs SET locked_until_ms = ?, lease_token = ?
+         WHERE id IN (SELECT id FROM runs WHERE state IN ('active', 'waiting_event') AND due_ms <= ?
+                      AND (locked_until_ms IS NULL OR locked_until_ms <= ?) ORDER BY due_ms LIMIT ?)
+         RETURNING id",
+    )
+    .bind(now_ms + lease_ms)
+    .bind(&token)
+    .bind(now_ms)
+    .bind(now_ms)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = json_list(rows.iter().map(|r| r.get::<&str, _>(0)));
+    let claimed = sqlx::query(
+        "SELECT r.id, r.workflow_id, r.workflow_version, r.contact_id, r.event_seq, r.state, r.pc, e.body,
+                c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields, aw.body
+         FROM runs r JOIN events e ON e.seq = r.event_seq LEFT JOIN contacts c ON c.id = r.contact_id
+         LEFT JOIN events aw ON aw.seq = r.awaited_seq
+         WHERE r.id IN (SELECT value FROM json_each(?))",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| {
+        Ok(ClaimedRun {
+            run_id: r.get(0),
+            workflow_id: r.get(1),
+            workflow_version: r.get(2),
+            contact_id: r.get(3),
+            event_seq: r.get(4),
+            state: run_state(r.get(5))?,
+            pc: r.get(6),
+            lease_token: token.clone(),
+            event: parse_stored_event(r.get(7))?,
+            contact: contact_at(&r, 8),
+            awaited: r
+                .get::<Option<&str>, _>(15)
+                .map(parse_stored_event)
+                .transpose()?,
+        })
+    })
+    .collect::<Result<Vec<_>>>()?;
+    Ok(claimed)
+}
+
+/// Writes advanced runs whose lease still holds.
+async fn finish_runs(
+    conn: &mut SqliteConnection,
+    now_ms: i64,
+    advances: Vec<RunAdvance>,
+) -> Result<()> {
+    let written: Vec<&RunWrite> = under_current_lease(
+        conn,
+        "SELECT id, lease_token FROM runs WHERE id IN (SELECT value FROM json_each(?))",
+        &advances,
+        |a| (&a.write.run_id, &a.lease_token),
+        |a| tracing::warn!(run = %a.write.run_id, "run lease lost before its step finished; result dropped"),
+    )
+    .await?
+    .into_iter()
+    .map(|a| &a.write)
+    .collect();
+    if written.is_empty() {
+        return Ok(());
+    }
+    let rows = json_rows(written.iter().map(|w| {
+        json!([
+            w.run_id,
+            w.state.as_str(),
+            w.reason,
+            w.pc,
+            w.wait_event,
+            w.due_ms,
+            (!w.state.is_live()).then_some(now_ms),
+        ])
+    }));
+    sqlx::query(
+        // A run advanced from `waiting_event` timed out: its last event wait received nothing.
+        "UPDATE runs SET state = j.value ->> 1, reason = j.value ->> 2, pc = j.value ->> 3,
+                wait_event = j.value ->> 4, due_ms = j.value ->> 5, updated_ms = ?2,
+                ended_ms = j.value ->> 6, locked_until_ms = NULL, lease_token = NULL,
+                awaited_seq = CASE WHEN runs.state = 'waiting_event' THEN NULL ELSE runs.awaited_seq END
+         FROM json_each(?1) AS j
+         WHERE runs.id = j.value ->> 0",
+    )
+    .bind(rows)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await?;
+    insert_run_effects(conn, &written, now_ms).await?;
+    Ok(())
+}
+
+/// Leases up to `limit` due messages to `token` (each after its run's earlier steps' messages)
+/// and reads what sending them needs.
+async fn claim_messages(
+    conn: &mut SqliteConnection,
+    token: String,
+    now_ms: i64,
+    limit: i64,
+    lease_ms: i64,
+) -> Result<Vec<ClaimedMessage>> {
+    let rows = sqlx::query(
+        // A run's messages go in step order: one waits while an earlier step's message of its
+        // run is still queued (being sent, or waiting for a retry).
+        "UPDATE messages SET locked_until_ms = ?, lease_token = ?
+         WHERE id IN (SELECT m.id FROM messages m WHERE m.status = 'queued' AND m.due_ms <= ?
+                      AND (m.locked_until_ms IS NULL OR m.locked_until_ms <= ?)
+                      AND NOT EXISTS (SELECT 1 FROM messages p
+                                      WHERE p.run_id = m.run_id AND p.status = 'queued' AND p.pc < m.pc)
+                      ORDER BY m.due_ms LIMIT ?)
+         RETURNING id",
+    )
+    .bind(now_ms + lease_ms)
+    .bind(&token)
+    .bind(now_ms)
+    .bind(now_ms)
+    .bind(limit)
+    .fetch_all(&mut *conn)
+    .await?;
+    if rows.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids = json_list(rows.iter().map(|r| r.get::<&str, _>(0)));
+    let claimed = sqlx::query(
+        "SELECT m.id, m.run_id, m.step_id, m.pc, m.workflow_id, r.workflow_version, m.channel, m.recipient,
+                m.header_message_id, m.attempts, e.body,
+                c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields,
+                EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel),
+                NOT EXISTS (SELECT 1 FROM messages p WHERE p.contact_id = m.contact_id AND p.channel = m.channel AND p.status = 'sent'),
+                r.state, aw.body
+         FROM messages m JOIN runs r ON r.id = m.run_id JOIN events e ON e.seq = r.event_seq
+         LEFT JOIN contacts c ON c.id = m.contact_id LEFT JOIN events aw ON aw.seq = r.awaited_seq
+         WHERE m.id IN (SELECT value FROM json_each(?))",
+    )
+    .bind(&ids)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| {
+        Ok(ClaimedMessage {
+            id: r.get(0),
+            run_id: r.get(1),
+            step_id: r.get(2),
+            pc: r.get(3),
+            workflow_id: r.get(4),
+            workflow_version: r.get(5),
+            channel: channel(r.get(6))?,
+            recipient: r.get(7),
+            header_message_id: r.get(8),
+            attempts: r.get(9),
+            lease_token: token.clone(),
+            event: parse_stored_event(r.get(10))?,
+            contact: contact_at(&r, 11),
+            opted_out: r.get(18),
+            first_on_channel: r.get(19),
+            run_state: run_state(r.get(20))?,
+            awaited: r
+                .get::<Option<&str>, _>(21)
+                .map(parse_stored_event)
+                .transpose()?,
+        })
+    })
+    .collect::<Result<Vec<_>>>()?;
+    Ok(claimed)
+}
+
+/// Records delivery outcomes whose lease still holds.
+async fn complete_messages(
+    conn: &mut SqliteConnection,
+    now_ms: i64,
+    outcomes: Vec<MessageOutcome>,
+) -> Result<()> {
+    let written = under_current_lease(
+        conn,
+        "SELECT id, lease_token FROM messages WHERE id IN (SELECT value FROM json_each(?))",
+        &outcomes,
+        |o| (&o.message_id, &o.lease_token),
+        |o| tracing::warn!(message = %o.message_id, "message lease lost before delivery finished; outcome dropped"),
+    )
+    .await?;
+    if written.is_empty() {
+        return Ok(());
+    }
+    let rows = json_rows(written.iter().map(|o| {
+        let c = outcome_columns(&o.result, now_ms);
+        json!([
+            o.message_id,
+            c.status.as_str(),
+            c.reason,
+            c.due_ms,
+            c.provider_id,
+            c.sent_ms,
+            o.subject,
+            o.segments,
+            i64::from(c.attempted),
+        ])
+    }));
+    sqlx::query(
+        "UPDATE messages SET status = j.value ->> 1, reason = j.value ->> 2, due_ms = j.value ->> 3,
+                provider_id = COALESCE(j.value ->> 4, provider_id), sent_ms = COALESCE(j.value ->> 5, sent_ms),
+                subject = COALESCE(j.value ->> 6, subject), segments = COALESCE(j.value ->> 7, segments),
+                attempts = attempts + (j.value ->> 8),
+                updated_ms = ?2, locked_until_ms = NULL, lease_token = NULL
+         FROM json_each(?1) AS j
+         WHERE messages.id = j.value ->> 0",
+    )
+    .bind(rows)
+    .bind(now_ms)
+    .execute(&mut *conn)
+    .await?;
+    for m in written.iter().filter_map(|o| o.mailbox.as_ref()) {
+        insert_mailbox(conn, m).await?;
+    }
+    let bounced = bounced_ids(&written);
+    if !bounced.is_empty() {
+        sqlx::query(
+            "INSERT INTO opt_outs (contact_id, channel, source, at_ms)
+             SELECT contact_id, 'email', 'bounced', ?1 FROM messages
+             WHERE id IN (SELECT value FROM json_each(?2))
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(now_ms)
+        .bind(json_list(bounced.iter().copied()))
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// What one dispatch did.
+enum Dispatched {
+    Events(usize),
+    /// The planner needs workflow versions not loaded yet: the batch is undone and waits.
+    Postponed,
+}
+
+/// Plans and applies one batch of undispatched events with their membership projection, on the
+/// caller's transaction.
+async fn dispatch_batch(
+    conn: &mut SqliteConnection,
+    limit: i64,
+    now_ms: i64,
+    window_start_ms: i64,
+    planner: Planner<'_>,
+    address_key: Option<&AddressKey>,
+) -> Result<Dispatched> {
+    let rows =
+        sqlx::query("SELECT seq, body FROM events WHERE dispatched = 0 ORDER BY seq LIMIT ?")
+            .bind(limit)
+            .fetch_all(&mut *conn)
+            .await?;
+    if rows.is_empty() {
+        return Ok(Dispatched::Events(0));
+    }
+    let mut events = Vec::with_capacity(rows.len());
+    for row in &rows {
+        events.push((row.get::<i64, _>(0), parse_stored_event(row.get(1))?));
+    }
+    let contacts = json_list(events.iter().map(|(_, e)| e.contact_id()));
+    project(conn, &events).await?;
+    end_learner_access(conn, &projection::lost_an_offer(&events), now_ms).await?;
+    if let Some(key) = address_key {
+        opt_out_suppressed_addresses(conn, key, &events, now_ms).await?;
+    }
+    let contact_rows = sqlx::query(
+        "SELECT id, email, phone, first_name, last_name, timezone, custom_fields FROM contacts
+         WHERE id IN (SELECT value FROM json_each(?))",
+    )
+    .bind(&contacts)
+    .fetch_all(&mut *conn)
+    .await?
+    .iter()
+    .map(|r| {
+        let c = contact_at(r, 0);
+        (c.id.clone(), c)
+    })
+    .collect();
+
+    let live_runs = sqlx::query(
+        "SELECT id, workflow_id, workflow_version, contact_id, state, wait_event FROM runs
+         WHERE contact_id IN (SELECT value FROM json_each(?)) AND state IN ('active', 'waiting_event', 'parked')",
+    )
+    .bind(&contacts)
+    .fetch_all(&mut *conn)
+    .await?
+    .into_iter()
+    .map(|r| live_run(&r))
+    .collect::<Result<Vec<_>>>()?;
+
+    let mut counts = HashMap::new();
+    for r in sqlx::query(
+        "SELECT contact_id, workflow_id,
+                SUM(CASE WHEN state <> 'refused' THEN 1 ELSE 0 END),
+                SUM(CASE WHEN state <> 'refused' AND created_ms >= ? THEN 1 ELSE 0 END),
+                MAX(CASE WHEN state IN ('active', 'waiting_event', 'parked') THEN 1 ELSE 0 END)
+         FROM runs WHERE contact_id IN (SELECT value FROM json_each(?)) GROUP BY contact_id, workflow_id",
+    )
+    .bind(window_start_ms)
+    .bind(&contacts)
+    .fetch_all(&mut *conn)
+    .await?
+    {
+        counts.insert(
+            (r.get::<String, _>(0), r.get::<String, _>(1)),
+            EnrollmentCounts { total: r.get(2), recent: r.get(3), live: r.get::<i64, _>(4) == 1 },
+        );
+    }
+
+    let input = DispatchInput {
+        events,
+        live_runs,
+        counts,
+        contacts: contact_rows,
+    };
+    let plan = planner(&input);
+    if plan.postponed {
+        return Ok(Dispatched::Postponed);
+    }
+
+    insert_runs(conn, &plan.new_runs, now_ms).await?;
+    for exit in &plan.exits {
+        sqlx::query(
+            "UPDATE runs SET state = 'exited', reason = ?, due_ms = NULL, ended_ms = ?, updated_ms = ?,
+                    locked_until_ms = NULL, lease_token = NULL
+             WHERE id = ? AND state IN ('active', 'waiting_event', 'parked')",
+        )
+        .bind(&exit.reason)
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(&exit.run_id)
+        .execute(&mut *conn)
+        .await?;
+        let reason = format!("run exited: {}", exit.reason);
+        cancel_queued_messages(conn, &[exit.run_id.as_str()], &reason, now_ms).await?;
+    }
+    for resume in &plan.resumes {
+        sqlx::query(
+            "UPDATE runs SET state = 'active', wait_event = NULL, due_ms = ?, updated_ms = ?, awaited_seq = ?
+             WHERE id = ? AND state = 'waiting_event'",
+        )
+        .bind(now_ms)
+        .bind(now_ms)
+        .bind(resume.event_seq)
+        .bind(&resume.run_id)
+        .execute(&mut *conn)
+        .await?;
+    }
+    let seqs: Vec<String> = input.events.iter().map(|(s, _)| s.to_string()).collect();
+    sqlx::query("UPDATE events SET dispatched = 1 WHERE seq IN (SELECT value FROM json_each(?))")
+        .bind(json_list(seqs.iter().map(String::as_str)))
+        .execute(&mut *conn)
+        .await?;
+    Ok(Dispatched::Events(input.events.len()))
 }
 
 /// Of `items`, in order, those whose row still holds the lease the item carries (`key`: row id

@@ -1,0 +1,407 @@
+//! The one writer connection, and group commit across the engine's loops.
+//!
+//! SQLite has one writer and each `COMMIT` is an fsync (`synchronous=FULL`). Intake, dispatch,
+//! claims, link mints and delivery outcomes each come as a unit of work; the units waiting when
+//! the writer comes free run in one transaction, each under its own savepoint (a unit that fails
+//! is undone alone and its caller gets the error), and share one `COMMIT`. Callers are answered
+//! only after that commit, so nothing is reported stored that is not on disk.
+//!
+//! There is no writer task: whichever caller gets the connection leads the group (flat
+//! combining). A leader's own work may borrow from it (the dispatcher's planner, see
+//! [`Writer::lead`]); queued units are owned (see [`Writer::run`]) so that any leader can run
+//! them.
+
+use crate::{Result, StoreError};
+use futures::future::BoxFuture;
+use sqlx::SqliteConnection;
+use std::any::Any;
+use std::sync::Mutex as SyncMutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::{Mutex, MutexGuard, oneshot};
+
+/// Queued units one transaction takes at most, so that one commit stays short.
+const MAX_GROUP: usize = 64;
+
+type Output = Box<dyn Any + Send>;
+type Work =
+    Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<Output>> + Send>;
+
+struct Unit {
+    work: Work,
+    reply: oneshot::Sender<Result<Output>>,
+}
+
+pub(super) struct Writer {
+    conn: Mutex<SqliteConnection>,
+    queue: SyncMutex<Vec<Unit>>,
+    /// A group was dropped before it finished (its caller was cancelled): the connection may
+    /// still be inside its transaction, which the next leader rolls back.
+    abandoned: AtomicBool,
+}
+
+impl Writer {
+    pub(super) fn new(conn: SqliteConnection) -> Self {
+        Self {
+            conn: Mutex::new(conn),
+            queue: SyncMutex::new(Vec::new()),
+            abandoned: AtomicBool::new(false),
+        }
+    }
+
+    /// The connection alone, outside any group, for work that runs its own transaction
+    /// (migrations, administrative writes).
+    pub(super) async fn lock(&self) -> MutexGuard<'_, SqliteConnection> {
+        let mut conn = self.conn.lock().await;
+        self.recover(&mut conn).await;
+        conn
+    }
+
+    /// Runs `work` in a write transaction, possibly beside other callers' units, and answers
+    /// after the commit.
+    pub(super) async fn run<T, W>(&self, work: W) -> Result<T>
+    where
+        T: Send + 'static,
+        W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T>> + Send + 'static,
+    {
+        let (reply, mut answer) = oneshot::channel();
+        let work: Work = Box::new(move |conn| {
+            Box::pin(async move { work(conn).await.map(|t| Box::new(t) as Output) })
+        });
+        self.queue
+            .lock()
+            .expect("writer queue")
+            .push(Unit { work, reply });
+        loop {
+            tokio::select! {
+                // A leader that took this unit answers before it lets the connection go, so the
+                // answer is looked at first.
+                biased;
+                answer = &mut answer => {
+                    let output = answer.map_err(|_| StoreError::Closed)??;
+                    return Ok(*output.downcast::<T>().expect("a unit's output has its type"));
+                }
+                conn = self.conn.lock() => {
+                    let group = self.start(conn, false).await;
+                    if let Ok(Some(group)) = group {
+                        // Its outcome reaches every unit, this one included, through `answer`.
+                        let _ = group.finish(Ok(())).await;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Opens a write transaction that the caller leads: the caller does its own work on
+    /// [`Group::conn`] and then [`Group::finish`]es, which runs the units queued meanwhile and
+    /// commits all of it at once.
+    pub(super) async fn lead(&self) -> Result<Group<'_>> {
+        let conn = self.conn.lock().await;
+        Ok(self
+            .start(conn, true)
+            .await?
+            .expect("a leader with work always opens a group"))
+    }
+
+    /// Begins a group's transaction (`None`: nothing to do). With `own_work`, the caller's work
+    /// follows under a savepoint of its own; the queued units are taken at the commit, so that
+    /// those arriving meanwhile join it.
+    async fn start<'w>(
+        &'w self,
+        mut conn: MutexGuard<'w, SqliteConnection>,
+        own_work: bool,
+    ) -> Result<Option<Group<'w>>> {
+        self.recover(&mut conn).await;
+        if !own_work && self.queue.lock().expect("writer queue").is_empty() {
+            return Ok(None);
+        }
+        let begun = match execute(&mut conn, "BEGIN IMMEDIATE").await {
+            Ok(()) if own_work => execute(&mut conn, "SAVEPOINT unit").await,
+            begun => begun,
+        };
+        if let Err(e) = begun {
+            let _ = execute(&mut conn, "ROLLBACK").await;
+            if !own_work {
+                answer_all(self.take_queued(), &e);
+            }
+            return Err(e);
+        }
+        self.abandoned.store(true, Ordering::Relaxed);
+        Ok(Some(Group {
+            writer: self,
+            conn,
+            taken: Vec::new(),
+            own_savepoint: own_work,
+        }))
+    }
+
+    fn take_queued(&self) -> Vec<Unit> {
+        let mut queue = self.queue.lock().expect("writer queue");
+        let take = queue.len().min(MAX_GROUP);
+        queue.drain(..take).collect()
+    }
+
+    async fn recover(&self, conn: &mut SqliteConnection) {
+        if self.abandoned.swap(false, Ordering::Relaxed) {
+            // Fails harmlessly when the abandoned group had finished after all.
+            let _ = execute(conn, "ROLLBACK").await;
+        }
+    }
+}
+
+/// One open write transaction and the queued units it will run before its commit.
+pub(super) struct Group<'w> {
+    writer: &'w Writer,
+    conn: MutexGuard<'w, SqliteConnection>,
+    /// Queued units taken at the commit and not run yet.
+    taken: Vec<Unit>,
+    /// The leader's own work runs under a savepoint of its own (see [`Writer::start`]).
+    own_savepoint: bool,
+}
+
+impl Group<'_> {
+    pub(super) fn conn(&mut self) -> &mut SqliteConnection {
+        &mut self.conn
+    }
+
+    /// Ends the leader's own work (`own`: its outcome; an error undoes it alone), runs the queued
+    /// units, commits, and answers every unit. Returns `own`, or the commit's error.
+    pub(super) async fn finish<T>(self, own: Result<T>) -> Result<T> {
+        let keep = own.is_ok();
+        self.end(keep).await.and(own)
+    }
+
+    /// Like [`Group::finish`], but the leader's own work is undone although it did not fail.
+    pub(super) async fn undo<T>(self, value: T) -> Result<T> {
+        self.end(false).await.map(|()| value)
+    }
+
+    async fn end(mut self, keep_own: bool) -> Result<()> {
+        let outcome = self.commit(keep_own).await;
+        self.writer.abandoned.store(false, Ordering::Relaxed);
+        outcome
+    }
+
+    async fn commit(&mut self, own_ok: bool) -> Result<()> {
+        let mut broken = None;
+        if self.own_savepoint {
+            broken = execute(&mut self.conn, savepoint_end(own_ok)).await.err();
+        }
+        self.taken = self.writer.take_queued();
+        self.taken.reverse();
+        let mut done = Vec::with_capacity(self.taken.len());
+        while broken.is_none() {
+            let Some(unit) = self.taken.pop() else { break };
+            match isolated(&mut self.conn, unit.work).await {
+                Ok(outcome) => done.push((unit.reply, outcome)),
+                Err(e) => {
+                    let _ = unit.reply.send(Err(StoreError::Batch(e.to_string())));
+                    broken = Some(e);
+                }
+            }
+        }
+        let failure = match broken {
+            Some(e) => Some(e),
+            None => execute(&mut self.conn, "COMMIT").await.err(),
+        };
+        if let Some(e) = failure {
+            let _ = execute(&mut self.conn, "ROLLBACK").await;
+            let message = e.to_string();
+            for (reply, _) in done {
+                let _ = reply.send(Err(StoreError::Batch(message.clone())));
+            }
+            answer_all(std::mem::take(&mut self.taken), &e);
+            return Err(e);
+        }
+        for (reply, outcome) in done {
+            let _ = reply.send(outcome);
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Group<'_> {
+    /// A group dropped while committing (its caller was cancelled) puts the units it took and
+    /// had not run back at the front of the queue, for the next leader.
+    fn drop(&mut self) {
+        if !self.taken.is_empty() {
+            let mut queue = self.writer.queue.lock().expect("writer queue");
+            queue.splice(0..0, self.taken.drain(..).rev());
+        }
+    }
+}
+
+/// Runs one unit under a savepoint: kept if it succeeds, undone alone if not. The outer error
+/// means the transaction itself broke (a savepoint statement failed).
+async fn isolated(conn: &mut SqliteConnection, work: Work) -> Result<Result<Output>> {
+    execute(conn, "SAVEPOINT unit").await?;
+    let outcome = work(conn).await;
+    execute(conn, savepoint_end(outcome.is_ok())).await?;
+    Ok(outcome)
+}
+
+fn savepoint_end(keep: bool) -> &'static str {
+    if keep {
+        "RELEASE unit"
+    } else {
+        "ROLLBACK TO unit; RELEASE unit"
+    }
+}
+
+fn answer_all(units: Vec<Unit>, error: &StoreError) {
+    let message = error.to_string();
+    for unit in units {
+        let _ = unit.reply.send(Err(StoreError::Batch(message.clone())));
+    }
+}
+
+async fn execute(conn: &mut SqliteConnection, sql: &'static str) -> Result<()> {
+    sqlx::raw_sql(sql).execute(conn).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sqlx::sqlite::SqliteConnectOptions;
+    use sqlx::{ConnectOptions, Connection};
+    use std::sync::Arc;
+
+    struct Db {
+        writer: Arc<Writer>,
+        reader: SqliteConnection,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn db() -> Db {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteConnectOptions::new()
+            .filename(dir.path().join("w.db"))
+            .create_if_missing(true)
+            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
+        let mut conn = options.clone().connect().await.unwrap();
+        sqlx::raw_sql("CREATE TABLE t (x INTEGER NOT NULL UNIQUE)")
+            .execute(&mut conn)
+            .await
+            .unwrap();
+        Db {
+            writer: Arc::new(Writer::new(conn)),
+            reader: options.connect().await.unwrap(),
+            _dir: dir,
+        }
+    }
+
+    async fn insert(conn: &mut SqliteConnection, x: i64) -> Result<i64> {
+        sqlx::query("INSERT INTO t (x) VALUES (?)")
+            .bind(x)
+            .execute(&mut *conn)
+            .await?;
+        Ok(sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&mut *conn)
+            .await?)
+    }
+
+    async fn stored(reader: &mut SqliteConnection) -> Vec<i64> {
+        sqlx::query_scalar("SELECT x FROM t ORDER BY x")
+            .fetch_all(reader)
+            .await
+            .unwrap()
+    }
+
+    fn queued(writer: &Writer) -> usize {
+        writer.queue.lock().unwrap().len()
+    }
+
+    /// Starts `run(insert x)` on its own task.
+    fn spawn_insert(writer: &Arc<Writer>, x: i64) -> tokio::task::JoinHandle<Result<i64>> {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            writer
+                .run(move |conn| Box::pin(async move { insert(conn, x).await }))
+                .await
+        })
+    }
+
+    async fn until_queued(writer: &Writer, n: usize) {
+        while queued(writer) < n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_units_join_the_leaders_transaction_and_fail_alone() {
+        let mut db = db().await;
+        let mut group = db.writer.lead().await.unwrap();
+        let first = spawn_insert(&db.writer, 1);
+        let duplicate = spawn_insert(&db.writer, 10);
+        let second = spawn_insert(&db.writer, 2);
+        until_queued(&db.writer, 3).await;
+        let own = insert(group.conn(), 10).await;
+        // Nothing is visible before the one commit.
+        assert_eq!(stored(&mut db.reader).await, Vec::<i64>::new());
+        assert_eq!(group.finish(own).await.unwrap(), 1);
+
+        // Each unit saw the leader's row: they ran inside its transaction.
+        assert_eq!(first.await.unwrap().unwrap(), 2);
+        let refused = duplicate.await.unwrap().unwrap_err();
+        assert!(refused.is_rejection(), "{refused}");
+        assert_eq!(second.await.unwrap().unwrap(), 3);
+        assert_eq!(stored(&mut db.reader).await, vec![1, 2, 10]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_undone_leader_keeps_the_queued_units() {
+        let mut db = db().await;
+        let mut group = db.writer.lead().await.unwrap();
+        let queued_insert = spawn_insert(&db.writer, 3);
+        until_queued(&db.writer, 1).await;
+        insert(group.conn(), 10).await.unwrap();
+        assert_eq!(group.undo("postponed").await.unwrap(), "postponed");
+        assert_eq!(queued_insert.await.unwrap().unwrap(), 1);
+        assert_eq!(stored(&mut db.reader).await, vec![3]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_abandoned_group_is_rolled_back_by_the_next_writer() {
+        let mut db = db().await;
+        let mut group = db.writer.lead().await.unwrap();
+        insert(group.conn(), 10).await.unwrap();
+        drop(group);
+        assert_eq!(spawn_insert(&db.writer, 4).await.unwrap().unwrap(), 1);
+        let mut conn = db.writer.lock().await;
+        let mut tx = conn.begin().await.unwrap();
+        insert(&mut tx, 5).await.unwrap();
+        tx.commit().await.unwrap();
+        drop(conn);
+        assert_eq!(stored(&mut db.reader).await, vec![4, 5]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_units_of_a_leader_that_panics_run_in_the_next_group() {
+        let mut db = db().await;
+        let writer = db.writer.clone();
+        let (queued_tx, queued_rx) = oneshot::channel();
+        let leader = tokio::spawn(async move {
+            let mut group = writer.lead().await.unwrap();
+            insert(group.conn(), 10).await.unwrap();
+            queued_rx.await.unwrap();
+            panic!("the leader's own work panics");
+        });
+        let queued_insert = spawn_insert(&db.writer, 6);
+        until_queued(&db.writer, 1).await;
+        queued_tx.send(()).unwrap();
+        assert!(leader.await.unwrap_err().is_panic());
+        assert_eq!(queued_insert.await.unwrap().unwrap(), 1);
+        assert_eq!(stored(&mut db.reader).await, vec![6]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_concurrent_units_are_each_stored_once() {
+        let mut db = db().await;
+        let tasks: Vec<_> = (0..300).map(|x| spawn_insert(&db.writer, x)).collect();
+        for task in tasks {
+            task.await.unwrap().unwrap();
+        }
+        assert_eq!(stored(&mut db.reader).await, (0..300).collect::<Vec<_>>());
+        assert_eq!(queued(&db.writer), 0);
+    }
+}
