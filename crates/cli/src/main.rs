@@ -6,6 +6,11 @@ mod config;
 
 use clap::Parser;
 
+/// mimalloc rather than glibc's malloc: allocation was a sixth of herald's CPU under load (see
+/// BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();

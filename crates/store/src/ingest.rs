@@ -1,9 +1,10 @@
 //! Group commit for event intake. Request handlers hand their events to one task over a channel;
 //! it writes whatever has queued up (up to [`MAX_BATCH_EVENTS`]) in one transaction and answers
 //! every handler after that commit. Under load many posts share one fsync; when idle a single
-//! post is committed at once, without waiting for company. PostgreSQL commits several groups at
-//! once (its commits wait on the WAL flush, which it shares between them); SQLite has one writer,
-//! so one group at a time.
+//! post is committed at once, without waiting for company. Several groups may be in flight:
+//! PostgreSQL commits them at once (its commits wait on the WAL flush, which it shares between
+//! them); SQLite's writer runs the groups waiting for it in one transaction with the engine's
+//! work.
 
 use crate::announce::{Announcer, Signals};
 use crate::{Accepted, Backend, NewEvent, Result, StoreError};

@@ -31,7 +31,7 @@ impl Backend {
     /// Event groups the intake task may be committing at once (see `ingest`).
     pub(crate) fn commits_in_flight(&self) -> usize {
         match self {
-            Self::Sqlite(_) => 1,
+            Self::Sqlite(_) => sqlite::INTAKE_COMMITS_IN_FLIGHT,
             // The pool has room for these beside the engine and the API (see its size).
             Self::Postgres(_) => postgres::INTAKE_COMMITS_IN_FLIGHT,
         }

@@ -21,6 +21,10 @@ use std::str::FromStr;
 use std::time::Duration;
 use writer::Writer;
 
+/// Event groups the intake hands the writer at once: one in the commit under way and one queued
+/// to join the next (see [`writer`]), so posts never wait for a commit they could share.
+pub(crate) const INTAKE_COMMITS_IN_FLIGHT: usize = 2;
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqlite");
 
 pub struct SqliteStore {
