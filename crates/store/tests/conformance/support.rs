@@ -1,22 +1,14 @@
 //! Test databases: a fresh SQLite file or a fresh PostgreSQL schema per test, behind one type.
 //!
-//! Other crates' tests may copy this file (or include it with `#[path = "…"] mod support;`):
-//! it depends only on herald-store, sqlx, tokio, uuid and tempfile.
-//!
-//! PostgreSQL comes from `HERALD_TEST_DATABASE_URL` (default
-//! `postgres://postgres@127.0.0.1:5432/test`). Each test gets its own schema, selected by the
-//! libpq `options=-csearch_path%3D<schema>` URL parameter, and dropped when the [`TestDb`] is
-//! dropped (also when the test panics). When the server cannot be reached the test is skipped
-//! with a note on stderr, except under `CI=true`, where it fails: CI must not pass by skipping.
+//! The PostgreSQL schemas come from `herald_test_support::postgres`, which says which server the
+//! tests use and when a test skips rather than fails; a schema is dropped with its [`TestDb`].
 
 #![allow(dead_code)]
 
 use herald_store::Store;
+use herald_test_support::postgres::TestSchema;
+pub use herald_test_support::postgres::server_url as pg_server_url;
 use sqlx::Connection;
-use std::time::Duration;
-
-/// The default test server, as the project's CI starts it.
-pub const DEFAULT_PG_URL: &str = "postgres://postgres@127.0.0.1:5432/test";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -33,55 +25,8 @@ pub struct TestDb {
     pub kind: Kind,
     /// Keeps the SQLite file until the test ends.
     _dir: Option<tempfile::TempDir>,
-    /// (server URL, schema) to drop at the end.
-    pg_schema: Option<(String, String)>,
-}
-
-/// The PostgreSQL server URL the tests use.
-pub fn pg_server_url() -> String {
-    std::env::var("HERALD_TEST_DATABASE_URL")
-        .ok()
-        .filter(|u| !u.is_empty())
-        .unwrap_or_else(|| DEFAULT_PG_URL.to_owned())
-}
-
-/// `url` with the libpq parameter that makes `schema` the search path of every connection.
-pub fn url_with_schema(url: &str, schema: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}options=-csearch_path%3D{schema}")
-}
-
-/// Whether a missing database must fail the test rather than skip it.
-pub fn in_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v.eq_ignore_ascii_case("true"))
-}
-
-/// Reports that PostgreSQL is unreachable: a panic in CI, otherwise a note on stderr (and the
-/// caller skips the test).
-pub fn pg_unavailable(test: &str, reason: &str) {
-    if in_ci() {
-        panic!(
-            "PostgreSQL test {test} cannot run under CI=true: {reason} (set HERALD_TEST_DATABASE_URL or start the server)"
-        );
-    }
-    eprintln!("skipping PostgreSQL test {test}: {reason}");
-}
-
-/// A schema name for `test`: unique, lowercase, at most 63 bytes.
-fn schema_name(test: &str) -> String {
-    let clean: String = test
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .take(36)
-        .collect();
-    let unique = uuid::Uuid::new_v4().simple().to_string();
-    format!("t_{clean}_{}", &unique[..16])
+    /// The PostgreSQL schema, dropped with the `TestDb`.
+    pg_schema: Option<TestSchema>,
 }
 
 impl TestDb {
@@ -103,42 +48,18 @@ impl TestDb {
 
     /// A migrated store on a fresh schema of the test server; `None` when the test is skipped.
     pub async fn postgres(test: &str) -> Option<TestDb> {
-        let server = pg_server_url();
-        let schema = schema_name(test);
-        let created = async {
-            let mut admin = sqlx::PgConnection::connect(&server).await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-                .execute(&mut admin)
-                .await?;
-            admin.close().await
-        };
-        match tokio::time::timeout(Duration::from_secs(10), created).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                pg_unavailable(test, &format!("{server}: {e}"));
-                return None;
-            }
-            Err(_) => {
-                pg_unavailable(test, &format!("{server}: no answer within 10 s"));
-                return None;
-            }
-        }
-        let url = url_with_schema(&server, &schema);
+        let schema = TestSchema::create(test).await?;
         // From here on the server is there: a failure is a real one.
-        let pg_schema = Some((server, schema));
-        let store = match Store::connect(&url).await {
-            Ok(store) => store,
-            Err(e) => {
-                drop_schema(pg_schema);
-                panic!("open the PostgreSQL test store at {url}: {e}");
-            }
-        };
+        let url = schema.url().to_owned();
+        let store = Store::connect(&url)
+            .await
+            .unwrap_or_else(|e| panic!("open the PostgreSQL test store at {url}: {e}"));
         Some(TestDb {
             store,
             url,
             kind: Kind::Postgres,
             _dir: None,
-            pg_schema,
+            pg_schema: Some(schema),
         })
     }
 
@@ -152,7 +73,7 @@ impl TestDb {
 
     /// The test's schema (PostgreSQL only).
     pub fn schema(&self) -> Option<&str> {
-        self.pg_schema.as_ref().map(|(_, s)| s.as_str())
+        self.pg_schema.as_ref().map(TestSchema::name)
     }
 
     /// Runs a raw query whose columns are all text (`CAST(x AS TEXT)` where needed) and returns
@@ -187,41 +108,5 @@ impl TestDb {
                     .collect()
             }
         }
-    }
-}
-
-impl Drop for TestDb {
-    fn drop(&mut self) {
-        drop_schema(self.pg_schema.take());
-    }
-}
-
-/// Drops a test schema on a thread of its own (a `Drop` cannot await, and may run inside the
-/// test's runtime). Failures are only reported: a leftover schema is harmless.
-fn drop_schema(pg_schema: Option<(String, String)>) {
-    let Some((server, schema)) = pg_schema else {
-        return;
-    };
-    let dropped = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .expect("runtime");
-        rt.block_on(async {
-            let mut admin = sqlx::PgConnection::connect(&server).await?;
-            sqlx::query("SET lock_timeout = '5s'")
-                .execute(&mut admin)
-                .await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "DROP SCHEMA IF EXISTS {schema} CASCADE"
-            )))
-            .execute(&mut admin)
-            .await?;
-            admin.close().await
-        })
-    })
-    .join();
-    if let Ok(Err(e)) = dropped {
-        eprintln!("could not drop a test schema: {e}");
     }
 }
