@@ -10,16 +10,18 @@
 //! Without `--herald-bin` it first runs `cargo build --release -p herald` in this workspace, so
 //! it never measures a stale binary.
 
+mod arrival;
 mod ceiling;
 mod herald;
 mod load;
 mod report;
-mod smtp;
 
 use anyhow::{Context, Result, bail};
+use arrival::Arrival;
 use clap::Parser;
 use herald::{BackendKind, Database, Herald, Sources, StartSpec};
 use herald_core::signature::WebhookSecret;
+use herald_test_support::smtp::SmtpSink;
 use load::{Client, Outcome, Post};
 use report::{Check, ScenarioResult};
 use std::collections::HashMap;
@@ -143,7 +145,7 @@ struct Bench {
     plan: Plan,
     binary: PathBuf,
     sources: Sources,
-    sink: smtp::SmtpSink,
+    sink: SmtpSink,
     secret: WebhookSecret,
     /// Event time of every posted event.
     time: String,
@@ -183,9 +185,7 @@ async fn run(args: Args) -> Result<ExitCode> {
         bail!("--processes takes 1, or more on PostgreSQL (SQLite is one process's database)");
     }
     let plan = Plan::new(&args);
-    let sink = smtp::SmtpSink::start()
-        .await
-        .context("start the SMTP sink")?;
+    let sink = SmtpSink::start().await;
     let machine = report::machine();
     println!("herald-bench: {} on {machine}", args.backend.name());
     println!(
@@ -291,7 +291,7 @@ fn default_binary() -> PathBuf {
 }
 
 /// How long herald's SMTP client took from the sink's `354` to the final `.`, per message.
-fn data_phase_note(arrivals: &[smtp::Arrival]) -> String {
+fn data_phase_note(arrivals: &[Arrival]) -> String {
     let mut d: Vec<u64> = arrivals
         .iter()
         .map(|a| a.data_phase.as_micros() as u64)
@@ -430,6 +430,11 @@ impl Bench {
                 body,
             }
         })
+    }
+
+    /// What the bench reads from each message the sink accepted since the scenario started.
+    fn arrivals(&self) -> Vec<Arrival> {
+        self.sink.received().iter().map(Arrival::of).collect()
     }
 
     async fn start_herald(&self, db: &Database, label: &str) -> Result<Herald> {
@@ -597,7 +602,11 @@ impl Bench {
             let began = Instant::now();
             let drained = self
                 .sink
-                .wait_for_count(out.ok, self.plan.drain_timeout, Duration::from_secs(30))
+                .wait_for_count(
+                    out.ok as usize,
+                    self.plan.drain_timeout,
+                    Duration::from_secs(30),
+                )
                 .await;
             r.notes.push(format!(
                 "then {} of {} emails arrived {:.1} s after the last post{}",
@@ -690,12 +699,16 @@ impl Bench {
         let posted = start.elapsed();
         let all = self
             .sink
-            .wait_for_count(out.ok, self.plan.drain_timeout, Duration::from_secs(30))
+            .wait_for_count(
+                out.ok as usize,
+                self.plan.drain_timeout,
+                Duration::from_secs(30),
+            )
             .await;
         // A short grace period in which a duplicate would show up.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let wall = start.elapsed().as_secs_f64();
-        let arrivals = self.sink.snapshot();
+        let arrivals = self.arrivals();
         let mut r = ScenarioResult::new(
             id,
             "end to end: emails/s, first post to last email",
@@ -760,11 +773,15 @@ impl Bench {
         .await;
         let all = self
             .sink
-            .wait_for_count(out.ok, Duration::from_secs(60), Duration::from_secs(20))
+            .wait_for_count(
+                out.ok as usize,
+                Duration::from_secs(60),
+                Duration::from_secs(20),
+            )
             .await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         let wall = start.elapsed().as_secs_f64();
-        let arrivals = self.sink.snapshot();
+        let arrivals = self.arrivals();
         let mut latencies: Vec<u64> = arrivals
             .iter()
             .filter_map(|a| {
@@ -867,9 +884,10 @@ impl Bench {
         let caught_up = sentinel_ok.is_ok()
             && self
                 .sink
-                .wait_until(remaining, remaining, |a| {
-                    a.iter()
-                        .any(|x| x.event_id.as_deref() == Some("f-sentinel"))
+                .wait_until(remaining, remaining, |received| {
+                    received
+                        .iter()
+                        .any(|m| Arrival::of(m).event_id.as_deref() == Some("f-sentinel"))
                 })
                 .await;
         let total_s = start.elapsed().as_secs_f64();

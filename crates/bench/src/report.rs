@@ -1,7 +1,7 @@
 //! Results: one object per scenario, the targets, the printed table and the machine.
 
+use crate::arrival::Arrival;
 use crate::herald::BackendKind;
-use crate::smtp::Arrival;
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::path::Path;

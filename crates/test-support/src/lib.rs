@@ -7,3 +7,11 @@
 
 pub mod postgres;
 pub mod smtp;
+
+/// The name of the running test: libtest runs each test on a thread named after it.
+pub fn current_test() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("unnamed test")
+        .to_owned()
+}

@@ -4,7 +4,7 @@
 //! signs them in.
 
 use crate::harness::*;
-use crate::smtp_sink::SmtpSink;
+use herald_test_support::smtp::SmtpSink;
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 

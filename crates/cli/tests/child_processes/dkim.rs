@@ -3,7 +3,7 @@
 //! signature itself is verified the way a receiver does in herald-channels' tests.)
 
 use crate::harness::*;
-use crate::smtp_sink::SmtpSink;
+use herald_test_support::smtp::SmtpSink;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

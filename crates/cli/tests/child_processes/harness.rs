@@ -6,6 +6,8 @@
 #![allow(dead_code)]
 
 use herald_core::signature::WebhookSecret;
+use herald_test_support::current_test;
+use herald_test_support::postgres::TestSchema;
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -46,6 +48,8 @@ pub fn install_crypto() {
 pub struct Site {
     pub root: tempfile::TempDir,
     pub database_url: String,
+    /// The PostgreSQL schema, dropped with the site.
+    _pg_schema: Option<TestSchema>,
 }
 
 impl Site {
@@ -53,21 +57,20 @@ impl Site {
     /// `None` when PostgreSQL is wanted but unreachable outside CI (under `CI=true` that fails).
     pub async fn new(postgres: bool, workflows: &[(&str, &str)]) -> Option<Self> {
         let root = tempfile::tempdir().expect("temp dir");
-        let database_url = if postgres {
-            match fresh_pg_schema().await {
-                Ok(url) => url,
-                Err(reason) if std::env::var("CI").is_ok_and(|v| v == "true") => {
-                    panic!("PostgreSQL is required under CI=true but is unusable: {reason}")
-                }
-                Err(reason) => {
-                    eprintln!("skipping PostgreSQL test: {reason}");
-                    return None;
-                }
-            }
+        let pg_schema = if postgres {
+            Some(TestSchema::create(&current_test()).await?)
         } else {
-            format!("sqlite://{}", root.path().join("herald.db").display())
+            None
         };
-        let site = Self { root, database_url };
+        let database_url = match &pg_schema {
+            Some(schema) => schema.url().to_owned(),
+            None => format!("sqlite://{}", root.path().join("herald.db").display()),
+        };
+        let site = Self {
+            root,
+            database_url,
+            _pg_schema: pg_schema,
+        };
         for (name, yaml) in workflows {
             site.write_workflow(0, name, yaml);
         }
@@ -412,57 +415,7 @@ pub async fn eventually(within: Duration, mut check: impl AsyncFnMut() -> bool) 
     }
 }
 
-async fn fresh_pg_schema() -> Result<String, String> {
-    use sqlx::Connection;
-    let base = std::env::var("HERALD_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
-    let mut conn = tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&base))
-        .await
-        .map_err(|_| format!("connecting to {base} timed out"))?
-        .map_err(|e| format!("cannot connect to {base}: {e}"))?;
-    sweep_dead_schemas(&mut conn).await;
-    // The process id names the schema, so an earlier run's leftovers are told apart.
-    let schema = format!(
-        "herald_p_{}_{}",
-        std::process::id(),
-        uuid::Uuid::new_v4().simple()
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&mut conn)
-        .await
-        .map_err(|e| format!("cannot create schema {schema}: {e}"))?;
-    let _ = conn.close().await;
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Ok(format!("{base}{sep}options=-csearch_path%3D{schema}"))
-}
-
-/// Drops the schemas of earlier test processes that are no longer running.
-async fn sweep_dead_schemas(conn: &mut sqlx::PgConnection) {
-    let Ok(names) = sqlx::query_scalar::<_, String>(
-        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'herald\\_p\\_%'",
-    )
-    .fetch_all(&mut *conn)
-    .await
-    else {
-        return;
-    };
-    for name in names {
-        let pid = name
-            .strip_prefix("herald_p_")
-            .and_then(|r| r.split('_').next())
-            .and_then(|p| p.parse::<u32>().ok());
-        let alive = pid.is_some_and(|p| std::path::Path::new(&format!("/proc/{p}")).exists());
-        if !alive {
-            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "SET lock_timeout = '2s'; DROP SCHEMA IF EXISTS {name} CASCADE"
-            )))
-            .execute(&mut *conn)
-            .await;
-        }
-    }
-}
-
 /// The text of a received mail's text part (quoted-printable decoded).
-pub fn text_of(mail: &crate::smtp_sink::ReceivedMail) -> String {
+pub fn text_of(mail: &herald_test_support::smtp::ReceivedMail) -> String {
     mail.parse().text.unwrap_or_default()
 }

@@ -5,8 +5,6 @@
 //! process must accept, and a reload on one process reaching the others.
 
 mod harness;
-#[path = "../../../server/tests/api/smtp_sink.rs"]
-mod smtp_sink;
 
 mod crash;
 mod dkim;

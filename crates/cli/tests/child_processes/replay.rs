@@ -3,7 +3,7 @@
 //! comes first (`--dry-run` stores nothing), and replaying again starts nothing twice.
 
 use crate::harness::*;
-use crate::smtp_sink::SmtpSink;
+use herald_test_support::smtp::SmtpSink;
 use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,7 @@
 //! finished by another after the first is killed.
 
 use crate::harness::*;
-use crate::smtp_sink::SmtpSink;
+use herald_test_support::smtp::SmtpSink;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 

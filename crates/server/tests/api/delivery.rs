@@ -2,8 +2,8 @@
 //! filters, skipped sends, and the retry policy against a real SMTP server.
 
 use crate::helpers::*;
-use crate::smtp_sink::Stage;
 use herald_store::MessageStatus;
+use herald_test_support::smtp::Stage;
 use serde_json::json;
 use std::collections::HashSet;
 

@@ -5,8 +5,8 @@
 //! message is sent again after its lease runs out, with the same `Message-ID`.
 
 use crate::helpers::*;
-use crate::smtp_sink::ReceivedMail;
 use herald_store::{MessageStatus, RunState};
+use herald_test_support::smtp::ReceivedMail;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

@@ -5,17 +5,18 @@
 
 #![allow(dead_code)]
 
-use crate::smtp_sink::{ReceivedMail, SmtpSink};
 use herald_channels::email::SmtpSender;
 use herald_core::signature::WebhookSecret;
 use herald_engine::{Clock, EngineConfig, Sources};
 use herald_server::{AppState, Application, Settings};
 use herald_store::{ListFilter, MessageRow, MessageStatus, RunRow, Store};
+use herald_test_support::current_test;
+use herald_test_support::postgres::TestSchema;
+use herald_test_support::smtp::{ReceivedMail, SmtpSink};
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 use tempfile::TempDir;
 use tokio::sync::oneshot;
@@ -75,70 +76,6 @@ pub fn install_crypto() {
 pub enum Backend {
     Sqlite,
     Postgres,
-}
-
-/// The PostgreSQL server the tests use (each test in a schema of its own).
-pub fn pg_base_url() -> String {
-    std::env::var("HERALD_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
-}
-
-static SCHEMA_COUNTER: AtomicUsize = AtomicUsize::new(0);
-static SWEPT: AtomicBool = AtomicBool::new(false);
-
-/// Creates a fresh schema and returns the URL that selects it, or why PostgreSQL is unusable.
-async fn fresh_pg_schema() -> Result<String, String> {
-    use sqlx::Connection;
-    let base = pg_base_url();
-    let mut conn = tokio::time::timeout(Duration::from_secs(5), sqlx::PgConnection::connect(&base))
-        .await
-        .map_err(|_| format!("connecting to {base} timed out"))?
-        .map_err(|e| format!("cannot connect to {base}: {e}"))?;
-    if !SWEPT.swap(true, Ordering::SeqCst) {
-        sweep_dead_schemas(&mut conn).await;
-    }
-    let schema = format!(
-        "herald_t_{}_{}",
-        std::process::id(),
-        SCHEMA_COUNTER.fetch_add(1, Ordering::SeqCst)
-    );
-    sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-        "DROP SCHEMA IF EXISTS {schema} CASCADE; CREATE SCHEMA {schema}"
-    )))
-    .execute(&mut conn)
-    .await
-    .map_err(|e| format!("cannot create schema {schema}: {e}"))?;
-    let _ = conn.close().await;
-    let sep = if base.contains('?') { '&' } else { '?' };
-    Ok(format!("{base}{sep}options=-csearch_path%3D{schema}"))
-}
-
-/// Drops the schemas left by earlier test processes that are no longer running.
-async fn sweep_dead_schemas(conn: &mut sqlx::PgConnection) {
-    let Ok(names) = sqlx::query_scalar::<_, String>(
-        "SELECT nspname::text FROM pg_namespace WHERE nspname LIKE 'herald\\_t\\_%'",
-    )
-    .fetch_all(&mut *conn)
-    .await
-    else {
-        return;
-    };
-    for name in names {
-        let pid = name
-            .strip_prefix("herald_t_")
-            .and_then(|r| r.split('_').next())
-            .and_then(|p| p.parse::<u32>().ok());
-        let alive = pid.is_some_and(|p| {
-            p == std::process::id() || std::path::Path::new(&format!("/proc/{p}")).exists()
-        });
-        if !alive {
-            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "SET lock_timeout = '2s'; DROP SCHEMA IF EXISTS {name} CASCADE"
-            )))
-            .execute(&mut *conn)
-            .await;
-        }
-    }
 }
 
 /// How a test wants its application.
@@ -297,6 +234,8 @@ pub struct Env {
     pub templates: PathBuf,
     pub database_url: String,
     pub backend: Backend,
+    /// The PostgreSQL schema, shared by every process on it and dropped after the last.
+    pg_schema: Option<Arc<TestSchema>>,
 }
 
 /// A running application and handles to everything around it.
@@ -336,18 +275,13 @@ impl Crashed {
 pub async fn spawn_app(options: TestOptions) -> Option<TestApp> {
     install_crypto();
     let root = tempfile::tempdir().expect("temp dir");
-    let database_url = match options.backend {
-        Backend::Sqlite => format!("sqlite://{}", root.path().join("herald.db").display()),
-        Backend::Postgres => match fresh_pg_schema().await {
-            Ok(url) => url,
-            Err(reason) => {
-                if std::env::var("CI").is_ok_and(|v| v == "true") {
-                    panic!("PostgreSQL is required under CI=true but is unusable: {reason}");
-                }
-                eprintln!("skipping PostgreSQL test: {reason}");
-                return None;
-            }
-        },
+    let pg_schema = match options.backend {
+        Backend::Sqlite => None,
+        Backend::Postgres => Some(Arc::new(TestSchema::create(&current_test()).await?)),
+    };
+    let database_url = match &pg_schema {
+        Some(schema) => schema.url().to_owned(),
+        None => format!("sqlite://{}", root.path().join("herald.db").display()),
     };
     let workflows = root.path().join("workflows");
     let templates = root.path().join("templates");
@@ -365,6 +299,7 @@ pub async fn spawn_app(options: TestOptions) -> Option<TestApp> {
         templates,
         database_url,
         backend: options.backend,
+        pg_schema,
     });
     let smtp = if options.smtp {
         Some(SmtpSink::start().await)
@@ -510,6 +445,7 @@ impl TestApp {
         let env = Arc::new(Env {
             database_url: self.env.database_url.clone(),
             backend: self.env.backend,
+            pg_schema: self.env.pg_schema.clone(),
             root,
             workflows,
             templates,

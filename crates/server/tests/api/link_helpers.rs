@@ -147,7 +147,7 @@ pub fn link_tokens(public_url: &str, text: &str) -> Vec<String> {
 }
 
 /// The one token in the text part of a received email.
-pub fn token_in_mail(app: &TestApp, mail: &crate::smtp_sink::ReceivedMail) -> String {
+pub fn token_in_mail(app: &TestApp, mail: &herald_test_support::smtp::ReceivedMail) -> String {
     let email = mail.parse();
     let text = email
         .text

@@ -567,7 +567,8 @@ async fn a_retried_send_keeps_one_working_link_per_message(backend: Backend) {
     else {
         return;
     };
-    app.sink().fail_next(1, crate::smtp_sink::Stage::Data, 451);
+    app.sink()
+        .fail_next(1, herald_test_support::smtp::Stage::Data, 451);
     enroll(&app, "c_retry", "Ann").await;
     wait_for("the first attempt to be refused", async || {
         app.sink().refusals().len() == 1

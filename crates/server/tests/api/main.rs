@@ -1,11 +1,10 @@
 //! herald's HTTP-level test suite: one binary (so it links once), one module per area. Each test runs the
 //! whole application in-process (`Application::build` on port 0) against SQLite and, when it is
-//! reachable, PostgreSQL, with a real SMTP server (`smtp_sink`) on loopback.
+//! reachable, PostgreSQL, with a real SMTP server (`herald_test_support::smtp`) on loopback.
 
 #[macro_use]
 mod helpers;
 mod link_helpers;
-mod smtp_sink;
 mod twilio_stub;
 
 mod delivery;

@@ -5,8 +5,8 @@
 
 use crate::helpers::*;
 use crate::link_helpers::ADMIN_TOKEN;
-use crate::smtp_sink::Stage;
 use herald_store::{MessageStatus, RunState};
+use herald_test_support::smtp::Stage;
 use std::time::Duration;
 
 both_backends!(

@@ -96,7 +96,7 @@ async fn course_app(backend: Backend, stub: &TwilioStub) -> Option<TestApp> {
 }
 
 /// The unsubscribe URL a received email carries in `List-Unsubscribe`.
-fn unsubscribe_url(mail: &crate::smtp_sink::ReceivedMail) -> String {
+fn unsubscribe_url(mail: &herald_test_support::smtp::ReceivedMail) -> String {
     let email = mail.parse();
     let header = email
         .header("List-Unsubscribe")
@@ -116,7 +116,7 @@ fn path_of(url: &str) -> String {
 }
 
 /// The email received for `rcpt`.
-fn mail_to(app: &TestApp, rcpt: &str) -> crate::smtp_sink::ReceivedMail {
+fn mail_to(app: &TestApp, rcpt: &str) -> herald_test_support::smtp::ReceivedMail {
     app.sink()
         .received()
         .into_iter()
@@ -891,7 +891,8 @@ steps:
     let Some(app) = spawn_app(opts).await else {
         return;
     };
-    app.sink().fail_next(1, crate::smtp_sink::Stage::Rcpt, 550);
+    app.sink()
+        .fail_next(1, herald_test_support::smtp::Stage::Rcpt, 550);
     app.accept(&offer_granted(contact("c_nomailbox", "Ann"), "o_pro"))
         .await;
     let rows = app.wait_for_status(1, MessageStatus::Suppressed).await;

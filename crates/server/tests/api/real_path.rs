@@ -12,8 +12,8 @@ mod faults;
 mod lifecycle;
 
 use crate::helpers::*;
-use crate::smtp_sink::ReceivedMail;
 use herald_store::{MessageRow, MessageStatus, RunRow};
+use herald_test_support::smtp::ReceivedMail;
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;

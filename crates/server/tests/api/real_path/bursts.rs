@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::link_helpers::link_tokens;
-use crate::smtp_sink::Stage as SmtpStage;
+use herald_test_support::smtp::Stage as SmtpStage;
 use std::time::Instant;
 
 both_backends!(
