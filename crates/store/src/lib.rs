@@ -1,6 +1,6 @@
 //! herald's one storage API over two backends (SQLite by default, PostgreSQL for several
 //! processes), in the shape of Stalwart's store: an enum over backends with a folder per backend,
-//! hand-written SQL in each, and one conformance suite (`tests/conformance.rs`) run against both.
+//! hand-written SQL in each, and one conformance suite (`tests/conformance/`) run against both.
 //!
 //! Writes come in batches: single-event posts are group-committed by the [`ingest`] task, and the
 //! engine claims and completes runs and messages many at a time, so durability (an fsync or a
