@@ -9,8 +9,8 @@ use herald_core::signature::{SignedHeaders, WebhookSecret, verify};
 use herald_core::template::CustomValues;
 use herald_core::workflow::{Instr, bundle_from, compile};
 use herald_store::{
-    Channel, DispatchInput, DispatchPlan, MessageStatus, NewEvent, NewMessage, RunState, RunWrite,
-    StepRecord, Store,
+    Channel, DispatchInput, DispatchPlan, DispatchRequest, MessageStatus, NewEvent, NewMessage,
+    RunState, RunWrite, StepRecord, Store,
 };
 use std::hint::black_box;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -185,7 +185,7 @@ async fn seeded_store(n: usize) -> (Store, tempfile::TempDir) {
         plan
     };
     while store
-        .dispatch(1_000, T0, 0, &planner)
+        .dispatch(DispatchRequest::new(1_000, T0, 0, &planner))
         .await
         .expect("dispatch")
         > 0

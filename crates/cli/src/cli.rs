@@ -39,6 +39,10 @@ pub enum Command {
         /// Also print the workflow as a Mermaid flowchart (paste it into GitHub, GitLab or a wiki).
         #[arg(long)]
         diagram: bool,
+        /// A fact of the contact's state for conditions such as `holds_offer`, beyond what the
+        /// event itself says: `holds_offer=o_pro`, `completed_lesson=l_2`, ... (repeatable).
+        #[arg(long, value_name = "FACT=ID")]
+        assume: Vec<String>,
     },
     /// Sign and post events (a JSON object or array), as a course platform would.
     SendEvent {

@@ -460,8 +460,8 @@ fn check_workflow(yaml: &str, templates: &BTreeMap<&str, String>) -> Option<Comp
     let _ = bundle.version();
     let (workflow, _warnings) = compile(bundle, &["support_email".to_owned()]).ok()?;
     let event = lesson_event();
-    let _ = workflow.triggered_by(&event);
-    let _ = workflow.exits_on(&event);
+    let _ = workflow.triggered_by(&event, &herald_core::workflow::ContactState::default());
+    let _ = workflow.exits_on(&event, &herald_core::workflow::ContactState::default());
     if let Some(window) = &workflow.send_window {
         assert!(window.next_open(now(), chrono_tz::Europe::Berlin) >= now());
     }

@@ -5,6 +5,7 @@
 
 use crate::registry::Snapshot;
 use crate::runner::{self, RunContext};
+use herald_core::workflow::ContactState;
 use herald_store::{
     DispatchInput, DispatchPlan, EnrollmentCounts, LiveRun, RunExit, RunResume, RunState, RunWrite,
     StepRecord,
@@ -45,7 +46,15 @@ impl Planner<'_> {
             plan.postponed = true;
             return plan;
         }
+        // A reload since the dispatcher decided whether to load the contacts' state may have
+        // brought a workflow whose conditions read it: plan again, with the state.
+        if self.wait_for_versions && input.states.is_none() && self.workflows.reads_contact_state()
+        {
+            plan.postponed = true;
+            return plan;
+        }
 
+        let no_state = ContactState::default();
         for (seq, event) in &input.events {
             // Trigger filters, conditions and recipients see the contact's latest details.
             let event = &match input.contacts.get(event.contact_id()) {
@@ -53,6 +62,11 @@ impl Planner<'_> {
                 None => event.clone(),
             };
             let contact = event.contact_id();
+            let state = input
+                .states
+                .as_ref()
+                .and_then(|states| states.get(contact))
+                .unwrap_or(&no_state);
             let trigger = event.event_type.trigger_name();
 
             live.retain(|run| {
@@ -62,7 +76,7 @@ impl Planner<'_> {
                 let exits = self
                     .workflows
                     .version(&run.workflow_id, &run.workflow_version)
-                    .is_some_and(|wf| wf.exits_on(event));
+                    .is_some_and(|wf| wf.exits_on(event, state));
                 if exits {
                     plan.exits.push(RunExit {
                         run_id: run.run_id.clone(),
@@ -99,7 +113,7 @@ impl Planner<'_> {
                     .workflows
                     .current
                     .values()
-                    .filter(|wf| wf.trigger_matches(event))
+                    .filter(|wf| wf.trigger_matches(event, state))
                     .collect(),
             };
             for wf in targets
@@ -140,6 +154,7 @@ impl Planner<'_> {
                 }
                 let ctx = RunContext {
                     event,
+                    state,
                     now,
                     default_timezone: self.default_timezone,
                     message_host: self.message_host,

@@ -106,6 +106,12 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
+    /// Whether a loaded version's filters or conditions read the contact's state, which is then
+    /// loaded for dispatch.
+    pub fn reads_contact_state(&self) -> bool {
+        self.versions.values().any(|wf| wf.reads_contact_state)
+    }
+
     pub fn version(&self, id: &str, version: &str) -> Option<&Arc<CompiledWorkflow>> {
         self.versions.get(&(id.to_owned(), version.to_owned()))
     }

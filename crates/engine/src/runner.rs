@@ -5,13 +5,16 @@
 
 use chrono::{DateTime, Utc};
 use herald_core::CourseEvent;
-use herald_core::workflow::{self, CompiledWorkflow, Instr, WaitSpec};
+use herald_core::workflow::{self, CompiledWorkflow, ContactState, Instr, WaitSpec};
 use herald_store::{Channel, ContactRow, MessageStatus, NewMessage, RunState, StepRecord};
 
 /// Everything the interpreter reads besides the workflow.
 pub struct RunContext<'a> {
     /// The trigger event, with the contact's latest details laid over it.
     pub event: &'a CourseEvent,
+    /// What the contact holds and has completed; loaded only for a workflow whose conditions read
+    /// it ([`CompiledWorkflow::reads_contact_state`]), empty otherwise.
+    pub state: &'a ContactState,
     pub now: DateTime<Utc>,
     pub default_timezone: chrono_tz::Tz,
     /// Host for generated `Message-ID`s.
@@ -132,7 +135,7 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
                 condition,
                 else_pc,
             } => {
-                let taken = condition.evaluate(ctx.event);
+                let taken = condition.evaluate(ctx.event, ctx.state);
                 record(
                     &mut steps,
                     step_id,
@@ -169,6 +172,7 @@ pub struct Simulated {
 pub fn simulate(
     wf: &CompiledWorkflow,
     event: &CourseEvent,
+    state: &ContactState,
     start: DateTime<Utc>,
     default_timezone: chrono_tz::Tz,
 ) -> Simulated {
@@ -177,6 +181,7 @@ pub fn simulate(
     for _ in 0..10_000 {
         let ctx = RunContext {
             event,
+            state,
             now,
             default_timezone,
             message_host: "preview.invalid",
@@ -314,6 +319,7 @@ mod tests {
         let now = DateTime::<Utc>::MAX_UTC - chrono::TimeDelta::days(1);
         let ctx = RunContext {
             event: &event,
+            state: &ContactState::default(),
             now,
             default_timezone: chrono_tz::UTC,
             message_host: "h",

@@ -3,11 +3,42 @@
 
 use crate::{Channel, DeliveryResult, MessageStatus, Result, RunState, StoreError};
 use herald_core::CourseEvent;
+use herald_core::workflow::ContactState;
+use std::collections::HashMap;
 
 pub(crate) fn parse_stored_event(body: &str) -> Result<CourseEvent> {
     let value: serde_json::Value =
         serde_json::from_str(body).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     herald_core::event::parse_stored_event(value).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+/// Folds the rows of a backend's contact-state query, `(contact_id, fact, id)`, into one state
+/// per contact: fact `offer` or `product` for what the contact holds, a completion trigger
+/// (`lesson_completed`, ...) for what it completed. Every contact asked for gets a state, empty
+/// when nothing is known.
+pub(crate) fn contact_states(
+    contact_ids: &[String],
+    rows: impl IntoIterator<Item = (String, String, Option<String>)>,
+) -> HashMap<String, ContactState> {
+    let mut states: HashMap<String, ContactState> = contact_ids
+        .iter()
+        .map(|id| (id.clone(), ContactState::default()))
+        .collect();
+    for (contact_id, fact, id) in rows {
+        let (Some(state), Some(id)) = (states.get_mut(&contact_id), id) else {
+            continue;
+        };
+        match fact.as_str() {
+            "offer" => {
+                state.offers.insert(id);
+            }
+            "product" => {
+                state.products.insert(id);
+            }
+            completion => state.add_completion(completion, id),
+        }
+    }
+    states
 }
 
 pub(crate) fn run_state(s: &str) -> Result<RunState> {

@@ -89,6 +89,33 @@ pub struct Store {
 /// and the current runs of its contacts.
 pub type Planner<'a> = &'a (dyn Fn(&DispatchInput) -> DispatchPlan + Send + Sync);
 
+/// One dispatch pass as the dispatcher asks for it.
+#[derive(Clone, Copy)]
+pub struct DispatchRequest<'a> {
+    /// At most this many undispatched events, oldest first.
+    pub limit: i64,
+    pub now_ms: i64,
+    /// Runs created since then count as recent enrollments ([`EnrollmentCounts::recent`]).
+    pub window_start_ms: i64,
+    /// Load the state of the batch's contacts for the planner ([`DispatchInput::states`]): only
+    /// when a workflow's conditions read it, as it costs a query per batch.
+    pub contact_states: bool,
+    pub planner: Planner<'a>,
+}
+
+impl<'a> DispatchRequest<'a> {
+    /// A pass that does not load the contacts' state.
+    pub fn new(limit: i64, now_ms: i64, window_start_ms: i64, planner: Planner<'a>) -> Self {
+        Self {
+            limit,
+            now_ms,
+            window_start_ms,
+            contact_states: false,
+            planner,
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating a SQLite file if needed) and migrates the database at `url`.
     pub async fn connect(url: &str) -> Result<Self> {
@@ -112,23 +139,11 @@ impl Store {
     /// Runs the planner over up to `limit` undispatched events and applies its plan together with
     /// the membership projection, in one transaction (a contact whose address belonged to an
     /// erased, opted-out contact is opted out again). Returns how many events it dispatched.
-    pub async fn dispatch(
-        &self,
-        limit: i64,
-        now_ms: i64,
-        window_start_ms: i64,
-        planner: Planner<'_>,
-    ) -> Result<usize> {
+    pub async fn dispatch(&self, request: DispatchRequest<'_>) -> Result<usize> {
         let key = self.address_key.get();
         match &*self.backend {
-            Backend::Sqlite(b) => {
-                b.dispatch(limit, now_ms, window_start_ms, planner, key)
-                    .await
-            }
-            Backend::Postgres(b) => {
-                b.dispatch(limit, now_ms, window_start_ms, planner, key)
-                    .await
-            }
+            Backend::Sqlite(b) => b.dispatch(request, key).await,
+            Backend::Postgres(b) => b.dispatch(request, key).await,
         }
     }
 
@@ -230,6 +245,9 @@ delegate! {
     fn contact_events(&self, contact_id: String, limit: i64) -> Vec<ContactEventRow>;
     /// The contacts an audience picks, by id.
     fn audience(&self, query: AudienceQuery) -> Vec<String>;
+    /// What each contact holds and has completed, as stored (every contact asked for is in the
+    /// answer, with an empty state when nothing is known).
+    fn contact_states(&self, contact_ids: Vec<String>) -> std::collections::HashMap<String, herald_core::workflow::ContactState>;
     /// The enrollment counts in one workflow of each of `contact_ids` that herald knows (an
     /// unknown id has no row).
     fn enrollment_counts(&self, workflow_id: String, contact_ids: Vec<String>, window_start_ms: i64) -> Vec<(String, EnrollmentCounts)>;

@@ -137,6 +137,9 @@ pub struct DispatchInput {
     /// The batch's contacts as the projection left them (this batch's events applied), so that
     /// messages go to the latest address even when an event carries only the contact's id.
     pub contacts: HashMap<String, ContactRow>,
+    /// The state of the batch's contacts as the projection left them, when the dispatcher asked
+    /// for it (a workflow's conditions read it).
+    pub states: Option<HashMap<String, herald_core::workflow::ContactState>>,
 }
 
 /// What the planner decided for a batch; applied in the same transaction that marks the events

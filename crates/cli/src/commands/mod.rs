@@ -28,7 +28,8 @@ pub async fn run(cli: Cli) -> Result<ExitCode> {
             workflow,
             event,
             diagram,
-        } => preview::preview(&config, &workflow, &event, diagram),
+            assume,
+        } => preview::preview(&config, &workflow, &event, diagram, &assume),
         Command::SendEvent { file, url } => send_event::send_event(&config, &file, url).await,
         Command::Links { action } => links::links(&config, action).await,
         Command::Migrate => {

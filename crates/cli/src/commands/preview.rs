@@ -2,19 +2,26 @@
 //! workflow (branches evaluated, each step's time in the contact's time zone, waits and send
 //! windows applied, an awaited event assumed not to come), every send step rendered for the
 //! event (those off the path marked so), and, asked, the workflow as a Mermaid flowchart with the
-//! path marked. Sends nothing.
+//! path marked. Conditions on the contact's state see what the event says (an offer it grants, a
+//! lesson it completes) plus the facts given with `--assume`. Sends nothing.
 
 use crate::config::Config;
 use anyhow::{Context, Result, bail};
 use herald_core::event::{BodyKind, parse_body};
-use herald_core::workflow::{self, Instr, TimezoneChoice};
+use herald_core::workflow::{self, ContactState, Instr, StateFact, TimezoneChoice};
 use herald_engine::registry::{Sources, read_bundles};
 use herald_engine::runner;
 use herald_store::MessageStatus;
 use std::path::Path;
 use std::process::ExitCode;
 
-pub fn preview(config: &Config, id: &str, event_file: &Path, diagram: bool) -> Result<ExitCode> {
+pub fn preview(
+    config: &Config,
+    id: &str,
+    event_file: &Path,
+    diagram: bool,
+    assume: &[String],
+) -> Result<ExitCode> {
     let sources = Sources {
         workflows: config.workflows.clone(),
         templates: config.templates.clone(),
@@ -38,7 +45,12 @@ pub fn preview(config: &Config, id: &str, event_file: &Path, diagram: bool) -> R
     let event = parse_body(BodyKind::Single, &body, chrono::Utc::now())
         .map_err(|e| anyhow::anyhow!("{}: {e}", event_file.display()))?
         .remove(0);
-    if !wf.triggered_by(&event) {
+    let mut state = ContactState::default();
+    state.apply(&event);
+    for fact in assume {
+        assume_fact(&mut state, fact)?;
+    }
+    if !wf.triggered_by(&event, &state) {
         println!(
             "note: this event would not trigger {id} (trigger or `where` does not match, or the workflow is a draft); the path below is what a run would do"
         );
@@ -50,7 +62,7 @@ pub fn preview(config: &Config, id: &str, event_file: &Path, diagram: bool) -> R
         contact_zone.as_ref().and_then(|v| v.as_str()),
         default_zone,
     );
-    let run = runner::simulate(&wf, &event, event.time, default_zone);
+    let run = runner::simulate(&wf, &event, &state, event.time, default_zone);
     let local = |ms: i64| {
         chrono::DateTime::from_timestamp_millis(ms)
             .map(|t| {
@@ -140,4 +152,30 @@ pub fn preview(config: &Config, id: &str, event_file: &Path, diagram: bool) -> R
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Adds `--assume FACT=ID` to the contact's state.
+fn assume_fact(state: &mut ContactState, fact: &str) -> Result<()> {
+    let known = || {
+        StateFact::ALL
+            .iter()
+            .map(|f| f.key())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (key, id) = fact
+        .split_once('=')
+        .with_context(|| format!("--assume {fact:?}: write FACT=ID, such as holds_offer=o_pro"))?;
+    let Some(kind) = StateFact::from_key(key.trim()) else {
+        bail!(
+            "--assume {fact:?}: unknown fact {key:?}; the facts are {}",
+            known()
+        );
+    };
+    let id = id.trim();
+    if id.is_empty() {
+        bail!("--assume {fact:?}: name an id after the `=`");
+    }
+    kind.ids_mut(state).insert(id.to_owned());
+    Ok(())
 }

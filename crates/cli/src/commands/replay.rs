@@ -9,12 +9,12 @@ use crate::config::Config;
 use anyhow::{Context, Result, bail};
 use herald_core::CourseEvent;
 use herald_core::event::HERALD_SOURCE;
-use herald_core::workflow::CompiledWorkflow;
+use herald_core::workflow::{CompiledWorkflow, ContactState};
 use herald_engine::enrollment::store_enrollments;
 use herald_engine::registry::{Sources, compile_all, read_bundles};
 use herald_store::{NewEvent, Store};
 use secrecy::ExposeSecret;
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::ExitCode;
 
 const PAGE: i64 = 1_000;
@@ -55,14 +55,22 @@ pub async fn replay(
             .map(|(_, e)| e.contact_id().to_owned())
             .collect();
         let ran: HashSet<(i64, String)> = store
-            .runs_started_by_events(contacts)
+            .runs_started_by_events(contacts.clone())
             .await?
             .into_iter()
             .collect();
+        // Filters on the contact's state see the contact as it is now.
+        let states = if workflows.iter().any(|w| w.reads_contact_state) {
+            store.contact_states(contacts).await?
+        } else {
+            HashMap::new()
+        };
+        let no_state = ContactState::default();
         let mut candidates = Vec::new();
         for (seq, event) in &page {
+            let state = states.get(event.contact_id()).unwrap_or(&no_state);
             for (i, wf) in workflows.iter().enumerate() {
-                if !wf.trigger_matches(event) {
+                if !wf.trigger_matches(event, state) {
                     continue;
                 }
                 if ran.contains(&(*seq, wf.id.clone())) {

@@ -18,8 +18,9 @@ use super::parse::{
     SendWindowDoc, StepDoc, StepKind, TriggerDoc, WaitDoc, WhereDoc, parse_workflow,
 };
 use super::{
-    Audience, CompiledWorkflow, Condition, Diagnostic, EventMatcher, FieldFilter, FieldTest, Instr,
-    Schedule, SendWindow, Severity, TimezoneChoice, Trigger, WaitSpec, WorkflowBundle,
+    Audience, CompiledWorkflow, Condition, Diagnostic, EventMatcher, FieldFilter, FieldTest,
+    FilterSubject, Instr, Schedule, SendWindow, Severity, StateFact, TimezoneChoice, Trigger,
+    WaitSpec, WorkflowBundle,
 };
 use crate::Duration;
 use crate::event::EventType;
@@ -100,6 +101,13 @@ pub fn compile(
         templates,
         ..
     } = c;
+    let reads_contact_state = matches!(&trigger, Trigger::Events(m) if m.reads_contact_state())
+        || exit_when
+            .as_ref()
+            .is_some_and(EventMatcher::reads_contact_state)
+        || program.iter().any(
+            |i| matches!(i, Instr::Branch { condition, .. } if condition.reads_contact_state()),
+        );
     let workflow = CompiledWorkflow {
         id: bundle.id.clone(),
         version: bundle.version(),
@@ -113,6 +121,7 @@ pub fn compile(
         program,
         bundle,
         templates,
+        reads_contact_state,
     };
     Ok((workflow, diagnostics))
 }
@@ -542,12 +551,18 @@ impl<'a> Compiler<'a> {
         let any_event = FieldScope::of(&EventType::ALL);
         let mut out = Vec::new();
         for (field, values) in filters.map(|w| &w.0[..]).unwrap_or_default() {
-            let scope = if values.value.negated {
-                scope.map(|_| &any_event)
-            } else {
-                scope
+            let subject = match StateFact::from_key(&field.value) {
+                Some(fact) => FilterSubject::State(fact),
+                None => {
+                    let scope = if values.value.negated {
+                        scope.map(|_| &any_event)
+                    } else {
+                        scope
+                    };
+                    self.field_path(field, scope);
+                    FilterSubject::Field(field.value.clone())
+                }
             };
-            self.field_path(field, scope);
             let pos = Pos::from(values.referenced);
             if let Some(bad) = values.value.values.iter().find(|v| !is_scalar(v)) {
                 self.error(
@@ -559,7 +574,7 @@ impl<'a> Compiler<'a> {
                 self.error(pos, "an empty list never matches: list at least one value");
             }
             out.push(FieldFilter {
-                field: field.value.clone(),
+                subject,
                 negated: values.value.negated,
                 values: values.value.values.clone(),
             });
@@ -918,6 +933,34 @@ impl<'a> Compiler<'a> {
         .into_iter()
         .flatten()
         .collect();
+        let facts: Vec<(StateFact, &Spanned<Value>)> = [
+            (StateFact::HoldsOffer, &c.holds_offer),
+            (StateFact::HoldsProduct, &c.holds_product),
+            (StateFact::CompletedLesson, &c.completed_lesson),
+            (StateFact::CompletedProduct, &c.completed_product),
+            (StateFact::CompletedCategory, &c.completed_category),
+        ]
+        .into_iter()
+        .filter_map(|(fact, value)| Some((fact, value.as_ref()?)))
+        .collect();
+        let kinds = [
+            c.all.is_some() || c.any.is_some(),
+            c.not.is_some(),
+            !facts.is_empty(),
+            c.field.is_some() || !tests.is_empty(),
+        ];
+        if kinds.into_iter().filter(|k| *k).count() > 1 || facts.len() > 1 {
+            self.error(pos, "a condition is one of `all`/`any`, `not`, a fact such as `holds_offer`, or `{field, test}`: put several inside `all` or `any`");
+            return None;
+        }
+        if let Some(not) = &c.not {
+            let inner = self.condition(&not.value, not.referenced.into())?;
+            return Some(Condition::Not(Box::new(inner)));
+        }
+        if let Some((fact, value)) = facts.first() {
+            let ids = self.fact_ids(fact.key(), value)?;
+            return Some(Condition::State { fact: *fact, ids });
+        }
         let group = match (&c.all, &c.any) {
             (Some(_), Some(_)) => {
                 self.error(
@@ -931,9 +974,6 @@ impl<'a> Compiler<'a> {
             (None, None) => None,
         };
         if let Some((list, all)) = group {
-            if c.field.is_some() || !tests.is_empty() {
-                self.error(pos, "a condition is either `all`/`any` or `{field, test}`: put the test inside the list");
-            }
             if list.is_empty() {
                 self.error(pos, "list at least one condition");
             }
@@ -948,7 +988,7 @@ impl<'a> Compiler<'a> {
             });
         }
         let Some(field) = &c.field else {
-            self.error(pos, "a condition needs `field` and a test (equals, not_equals, in, contains, exists, gt, lt), or `all`/`any`");
+            self.error(pos, "a condition needs `field` and a test (equals, not_equals, in, contains, exists, gt, lt), a fact of the contact (holds_offer, holds_product, completed_lesson, completed_product, completed_category), or `all`/`any`/`not`");
             return None;
         };
         let scope = self.trigger_scope.clone();
@@ -976,6 +1016,30 @@ impl<'a> Compiler<'a> {
             field: field.value.clone(),
             test,
         })
+    }
+
+    /// The ids of a state fact: one id, or a list of them (any of them).
+    fn fact_ids(&mut self, key: &str, value: &Spanned<Value>) -> Option<Vec<String>> {
+        let items = match &value.value {
+            Value::Array(items) => items.clone(),
+            other => vec![other.clone()],
+        };
+        let ids: Vec<String> = items
+            .iter()
+            .filter_map(|v| match v {
+                Value::String(s) if !s.trim().is_empty() => Some(s.clone()),
+                Value::Number(n) => Some(n.to_string()),
+                _ => None,
+            })
+            .collect();
+        if ids.is_empty() || ids.len() != items.len() {
+            self.error(
+                value.referenced,
+                format!("`{key}` takes an id or a list of ids, such as `{key}: [id_1, id_2]`"),
+            );
+            return None;
+        }
+        Some(ids)
     }
 
     // --- messages and templates --------------------------------------------------------------

@@ -102,6 +102,8 @@ fn condition_label(c: &Condition) -> String {
     match c {
         Condition::All(cs) => join(cs, "and"),
         Condition::Any(cs) => format!("({})", join(cs, "or")),
+        Condition::Not(c) => format!("not ({})", condition_label(c)),
+        Condition::State { fact, ids } => format!("{} {}", fact.key(), ids.join(" or ")),
         Condition::Test { field, test } => match test {
             FieldTest::Equals(v) => format!("{field} = {v}"),
             FieldTest::NotEquals(v) => format!("{field} ≠ {v}"),

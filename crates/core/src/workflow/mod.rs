@@ -27,7 +27,7 @@ use crate::event::{CourseEvent, EventType};
 use crate::template::{CustomValues, RenderError, RenderedEmail, TemplateSet};
 use chrono::{DateTime, Utc};
 use serde_json::Value;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The source of one workflow version: what `herald check` checks and what a run is pinned to.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -112,6 +112,9 @@ pub struct CompiledWorkflow {
     pub bundle: WorkflowBundle,
     /// The compiled templates of every send step of this version.
     pub templates: TemplateSet,
+    /// Whether a filter or condition reads the contact's state ([`ContactState`]): only then is
+    /// it loaded for this workflow's runs.
+    pub reads_contact_state: bool,
 }
 
 /// What starts a run.
@@ -193,13 +196,135 @@ pub struct EventMatcher {
     pub filters: Vec<FieldFilter>,
 }
 
-/// One `where` entry: `offer.id: [o_basic, o_pro]` or `product.id: {not: [p_free]}`.
+/// One `where` entry: `offer.id: [o_basic, o_pro]`, `product.id: {not: [p_free]}` or
+/// `holds_offer: [o_pro]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct FieldFilter {
-    pub field: String,
+    pub subject: FilterSubject,
     /// `false` for an any-of list, `true` for a `not` list.
     pub negated: bool,
     pub values: Vec<Value>,
+}
+
+/// What a `where` entry looks at.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FilterSubject {
+    /// A field path of the event, such as `offer.id`.
+    Field(String),
+    /// A fact of the contact's state: the entry holds when the state lists one of the values.
+    State(StateFact),
+}
+
+/// What herald knows of a contact beyond the event in hand, as its stored events left it: the
+/// offers and products it holds now (a product also through an offer that includes it) and the
+/// lessons, products and categories it has completed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ContactState {
+    pub offers: BTreeSet<String>,
+    pub products: BTreeSet<String>,
+    pub completed_lessons: BTreeSet<String>,
+    pub completed_products: BTreeSet<String>,
+    pub completed_categories: BTreeSet<String>,
+}
+
+/// One kind of fact in a [`ContactState`], named as conditions and filters write it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateFact {
+    HoldsOffer,
+    HoldsProduct,
+    CompletedLesson,
+    CompletedProduct,
+    CompletedCategory,
+}
+
+impl StateFact {
+    pub const ALL: [StateFact; 5] = [
+        Self::HoldsOffer,
+        Self::HoldsProduct,
+        Self::CompletedLesson,
+        Self::CompletedProduct,
+        Self::CompletedCategory,
+    ];
+
+    /// The key in YAML: `holds_offer: o_pro`.
+    pub fn key(self) -> &'static str {
+        match self {
+            Self::HoldsOffer => "holds_offer",
+            Self::HoldsProduct => "holds_product",
+            Self::CompletedLesson => "completed_lesson",
+            Self::CompletedProduct => "completed_product",
+            Self::CompletedCategory => "completed_category",
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|f| f.key() == key)
+    }
+
+    /// The ids this fact is about, in `state`.
+    pub fn ids_mut(self, state: &mut ContactState) -> &mut BTreeSet<String> {
+        match self {
+            Self::HoldsOffer => &mut state.offers,
+            Self::HoldsProduct => &mut state.products,
+            Self::CompletedLesson => &mut state.completed_lessons,
+            Self::CompletedProduct => &mut state.completed_products,
+            Self::CompletedCategory => &mut state.completed_categories,
+        }
+    }
+
+    pub fn ids(self, state: &ContactState) -> &BTreeSet<String> {
+        match self {
+            Self::HoldsOffer => &state.offers,
+            Self::HoldsProduct => &state.products,
+            Self::CompletedLesson => &state.completed_lessons,
+            Self::CompletedProduct => &state.completed_products,
+            Self::CompletedCategory => &state.completed_categories,
+        }
+    }
+}
+
+impl ContactState {
+    /// Applies what `event` itself says of its contact: an offer or product granted or removed, a
+    /// lesson, product or category completed (how `herald preview` sees a contact it has no
+    /// stored state for).
+    pub fn apply(&mut self, event: &CourseEvent) {
+        let id = |object: &str| {
+            event
+                .object(object)
+                .and_then(|o| o.get("id"))
+                .and_then(Value::as_str)
+                .map(str::to_owned)
+        };
+        let (set, object, granted) = match event.event_type {
+            EventType::OfferAccessGranted => (&mut self.offers, "offer", true),
+            EventType::OfferAccessRemoved => (&mut self.offers, "offer", false),
+            EventType::ProductAccessGranted => (&mut self.products, "product", true),
+            EventType::ProductAccessRemoved => (&mut self.products, "product", false),
+            EventType::LessonCompleted => (&mut self.completed_lessons, "lesson", true),
+            EventType::ProductCompleted => (&mut self.completed_products, "product", true),
+            EventType::CategoryCompleted => (&mut self.completed_categories, "category", true),
+            _ => return,
+        };
+        if let Some(id) = id(object) {
+            if granted {
+                set.insert(id);
+            } else {
+                set.remove(&id);
+            }
+        }
+    }
+
+    /// Records that the contact completed the item an event of `trigger` names (`lesson_completed`
+    /// with lesson `id`, ...); other triggers are ignored.
+    pub fn add_completion(&mut self, trigger: &str, id: String) {
+        let set = match trigger {
+            "lesson_completed" => &mut self.completed_lessons,
+            "product_completed" => &mut self.completed_products,
+            "category_completed" => &mut self.completed_categories,
+            _ => return,
+        };
+        set.insert(id);
+    }
 }
 
 /// `send_window`: sends outside it wait for its next opening.
@@ -280,12 +405,33 @@ pub enum WaitSpec {
     },
 }
 
-/// `if` conditions: `all`/`any` of field tests.
+/// `if` conditions: `all`/`any`/`not` of field tests and facts of the contact's state.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Condition {
     All(Vec<Condition>),
     Any(Vec<Condition>),
-    Test { field: String, test: FieldTest },
+    Not(Box<Condition>),
+    Test {
+        field: String,
+        test: FieldTest,
+    },
+    /// `holds_offer: [o_pro, o_vip]`: the contact's state lists any of `ids`.
+    State {
+        fact: StateFact,
+        ids: Vec<String>,
+    },
+}
+
+impl Condition {
+    /// Whether evaluating this condition needs the contact's state.
+    pub fn reads_contact_state(&self) -> bool {
+        match self {
+            Self::All(cs) | Self::Any(cs) => cs.iter().any(Self::reads_contact_state),
+            Self::Not(c) => c.reads_contact_state(),
+            Self::Test { .. } => false,
+            Self::State { .. } => true,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -300,16 +446,17 @@ pub enum FieldTest {
 }
 
 impl CompiledWorkflow {
-    /// Whether `event` should start a run of this workflow (enabled, trigger and filters).
-    pub fn triggered_by(&self, event: &CourseEvent) -> bool {
-        self.enabled && self.trigger_matches(event)
+    /// Whether `event` should start a run of this workflow (enabled, trigger and filters), for a
+    /// contact in `state`.
+    pub fn triggered_by(&self, event: &CourseEvent, state: &ContactState) -> bool {
+        self.enabled && self.trigger_matches(event, state)
     }
 
     /// Whether `event` matches the trigger and its filters, enabled or not (where the enabled
     /// state is decided elsewhere, e.g. shared between processes).
-    pub fn trigger_matches(&self, event: &CourseEvent) -> bool {
+    pub fn trigger_matches(&self, event: &CourseEvent, state: &ContactState) -> bool {
         match &self.trigger {
-            Trigger::Events(m) => m.matches(event),
+            Trigger::Events(m) => m.matches(event, state),
             Trigger::Schedule(_) => false,
         }
     }
@@ -337,8 +484,10 @@ impl CompiledWorkflow {
     }
 
     /// Whether `event` ends a run of this workflow for its contact (`exit_when`).
-    pub fn exits_on(&self, event: &CourseEvent) -> bool {
-        self.exit_when.as_ref().is_some_and(|m| m.matches(event))
+    pub fn exits_on(&self, event: &CourseEvent, state: &ContactState) -> bool {
+        self.exit_when
+            .as_ref()
+            .is_some_and(|m| m.matches(event, state))
     }
 
     /// Renders the email of the send step at `pc` for an event context.
@@ -365,16 +514,33 @@ impl CompiledWorkflow {
 impl EventMatcher {
     /// Type in the list and every filter passes. A field the event does not carry fails an
     /// any-of list and passes a `not` list.
-    pub fn matches(&self, event: &CourseEvent) -> bool {
-        self.events.contains(&event.event_type) && self.filters.iter().all(|f| f.matches(event))
+    pub fn matches(&self, event: &CourseEvent, state: &ContactState) -> bool {
+        self.events.contains(&event.event_type)
+            && self.filters.iter().all(|f| f.matches(event, state))
+    }
+
+    /// Whether a filter reads the contact's state.
+    pub fn reads_contact_state(&self) -> bool {
+        self.filters
+            .iter()
+            .any(|f| matches!(f.subject, FilterSubject::State(_)))
     }
 }
 
 impl FieldFilter {
-    pub fn matches(&self, event: &CourseEvent) -> bool {
-        let found = event
-            .field(&self.field)
-            .is_some_and(|v| self.values.iter().any(|want| loosely_equal(&v, want)));
+    pub fn matches(&self, event: &CourseEvent, state: &ContactState) -> bool {
+        let found = match &self.subject {
+            FilterSubject::Field(field) => event
+                .field(field)
+                .is_some_and(|v| self.values.iter().any(|want| loosely_equal(&v, want))),
+            FilterSubject::State(fact) => {
+                let ids = fact.ids(state);
+                self.values.iter().any(|want| {
+                    ids.iter()
+                        .any(|id| loosely_equal(&Value::from(id.as_str()), want))
+                })
+            }
+        };
         found != self.negated
     }
 }

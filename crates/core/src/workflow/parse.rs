@@ -215,13 +215,20 @@ pub struct WaitMapDoc {
     pub timeout: Option<Spanned<String>>,
 }
 
-/// One `if` condition: `{all: [...]}`, `{any: [...]}` or `{field, <test>}`. Which combinations
-/// make sense is checked later, with the condition's position.
+/// One `if` condition: `{all: [...]}`, `{any: [...]}`, `{not: ...}`, `{field, <test>}` or a fact
+/// of the contact's state (`{holds_offer: o_pro}`). Which combinations make sense is checked
+/// later, with the condition's position.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConditionDoc {
     pub all: Option<Vec<Spanned<ConditionDoc>>>,
     pub any: Option<Vec<Spanned<ConditionDoc>>>,
+    pub not: Option<Box<Spanned<ConditionDoc>>>,
+    pub holds_offer: Option<Spanned<Value>>,
+    pub holds_product: Option<Spanned<Value>>,
+    pub completed_lesson: Option<Spanned<Value>>,
+    pub completed_product: Option<Spanned<Value>>,
+    pub completed_category: Option<Spanned<Value>>,
     pub field: Option<Spanned<String>>,
     pub equals: Option<Value>,
     pub not_equals: Option<Value>,

@@ -137,12 +137,12 @@ fn the_spec_example_compiles() {
         m.filters,
         [
             FieldFilter {
-                field: "offer.id".into(),
+                subject: FilterSubject::Field("offer.id".into()),
                 negated: false,
                 values: vec![json!("o_basic"), json!("o_pro")]
             },
             FieldFilter {
-                field: "product.id".into(),
+                subject: FilterSubject::Field("product.id".into()),
                 negated: true,
                 values: vec![json!("p_free")]
             },
@@ -240,29 +240,44 @@ fn filters_match_any_of_and_not_lists_with_missing_field_semantics() {
         event("offer_access_granted", data)
     };
     assert!(
-        wf.triggered_by(&granted("o_pro", None)),
+        wf.triggered_by(&granted("o_pro", None), &ContactState::default()),
         "a missing field passes a `not` list"
     );
-    assert!(wf.triggered_by(&granted("o_basic", Some("p_paid"))));
-    assert!(!wf.triggered_by(&granted("o_pro", Some("p_free"))));
-    assert!(!wf.triggered_by(&granted("o_other", None)));
+    assert!(wf.triggered_by(
+        &granted("o_basic", Some("p_paid")),
+        &ContactState::default()
+    ));
+    assert!(!wf.triggered_by(&granted("o_pro", Some("p_free")), &ContactState::default()));
+    assert!(!wf.triggered_by(&granted("o_other", None), &ContactState::default()));
     assert!(
-        !wf.triggered_by(&event("new_signup", json!({"contact": contact}))),
+        !wf.triggered_by(
+            &event("new_signup", json!({"contact": contact})),
+            &ContactState::default()
+        ),
         "a missing field fails an any-of list"
     );
-    assert!(wf.triggered_by(&event(
-        "new_signup",
-        json!({"contact": contact, "offer": {"id": "o_pro"}})
-    )));
-    assert!(!wf.triggered_by(&event(
-        "user_login",
-        json!({"contact": contact, "offer": {"id": "o_pro"}})
-    )));
-    assert!(wf.exits_on(&event(
-        "product_completed",
-        json!({"contact": contact, "product": {"id": "p"}})
-    )));
-    assert!(!wf.exits_on(&granted("o_pro", None)));
+    assert!(wf.triggered_by(
+        &event(
+            "new_signup",
+            json!({"contact": contact, "offer": {"id": "o_pro"}})
+        ),
+        &ContactState::default()
+    ));
+    assert!(!wf.triggered_by(
+        &event(
+            "user_login",
+            json!({"contact": contact, "offer": {"id": "o_pro"}})
+        ),
+        &ContactState::default()
+    ));
+    assert!(wf.exits_on(
+        &event(
+            "product_completed",
+            json!({"contact": contact, "product": {"id": "p"}})
+        ),
+        &ContactState::default()
+    ));
+    assert!(!wf.exits_on(&granted("o_pro", None), &ContactState::default()));
 
     let draft = compiled(
         &SPEC_EXAMPLE
@@ -270,7 +285,7 @@ fn filters_match_any_of_and_not_lists_with_missing_field_semantics() {
             .replace("template: welcome", "text: x"),
     );
     assert!(!draft.enabled);
-    assert!(!draft.triggered_by(&granted("o_pro", None)));
+    assert!(!draft.triggered_by(&granted("o_pro", None), &ContactState::default()));
 }
 
 #[test]
@@ -285,9 +300,18 @@ fn where_values_compare_loosely() {
         "steps: []",
     ]));
     let data = |level: serde_json::Value| json!({"contact": {"id": "c", "custom_fields": {"level": level}}, "product": {"id": "p"}, "lesson": {"id": "007"}});
-    assert!(wf.triggered_by(&event("lesson_completed", data(json!("5")))));
-    assert!(wf.triggered_by(&event("lesson_completed", data(json!(5)))));
-    assert!(!wf.triggered_by(&event("lesson_completed", data(json!(6)))));
+    assert!(wf.triggered_by(
+        &event("lesson_completed", data(json!("5"))),
+        &ContactState::default()
+    ));
+    assert!(wf.triggered_by(
+        &event("lesson_completed", data(json!(5))),
+        &ContactState::default()
+    ));
+    assert!(!wf.triggered_by(
+        &event("lesson_completed", data(json!(6))),
+        &ContactState::default()
+    ));
 }
 
 #[test]
@@ -806,6 +830,109 @@ fn conditions_need_exactly_one_test() {
         "workflows/t.yaml:8:50: error: a condition needs `field` and a test",
         "workflows/t.yaml:10:9: error: compare with strings, numbers or true/false",
         "workflows/t.yaml:10:9: error: an `if` step needs `then:`",
+    ];
+    assert_eq!(e.len(), expected.len(), "{e:#?}");
+    for (got, want) in e.iter().zip(expected) {
+        assert!(
+            got.starts_with(want),
+            "\n got: {got}\nwant: {want}\nall: {e:#?}"
+        );
+    }
+}
+
+#[test]
+fn conditions_and_filters_on_the_contacts_state_compile() {
+    let wf = compiled(&yaml(&[
+        "name: T",
+        "trigger:",
+        "  event: lesson_completed",
+        "  where:",
+        "    holds_offer: {not: [o_pro]}",
+        "    lesson.id: l_1",
+        "steps:",
+        "  - if:",
+        "      any:",
+        "        - holds_product: [p_1, p_2]",
+        "        - not: {completed_lesson: l_2}",
+        "        - completed_category: 7",
+        "    then:",
+        "      - send_email: {subject: s, text: t}",
+    ]));
+    assert!(wf.reads_contact_state);
+    let Trigger::Events(m) = &wf.trigger else {
+        panic!("an event trigger")
+    };
+    assert_eq!(
+        m.filters[0],
+        FieldFilter {
+            subject: FilterSubject::State(StateFact::HoldsOffer),
+            negated: true,
+            values: vec![json!("o_pro")]
+        }
+    );
+    let Instr::Branch { condition, .. } = &wf.program[0] else {
+        panic!("a branch first: {:?}", wf.program)
+    };
+    assert_eq!(
+        condition,
+        &Condition::Any(vec![
+            Condition::State {
+                fact: StateFact::HoldsProduct,
+                ids: vec!["p_1".into(), "p_2".into()]
+            },
+            Condition::Not(Box::new(Condition::State {
+                fact: StateFact::CompletedLesson,
+                ids: vec!["l_2".into()]
+            })),
+            Condition::State {
+                fact: StateFact::CompletedCategory,
+                ids: vec!["7".into()]
+            },
+        ])
+    );
+    let lesson = |id: &str| {
+        event(
+            "lesson_completed",
+            json!({"contact": {"id": "c"}, "product": {"id": "p"}, "lesson": {"id": id}}),
+        )
+    };
+    let pro = ContactState {
+        offers: ["o_pro".to_string()].into(),
+        ..ContactState::default()
+    };
+    assert!(wf.triggered_by(&lesson("l_1"), &ContactState::default()));
+    assert!(!wf.triggered_by(&lesson("l_1"), &pro));
+    assert!(!wf.triggered_by(&lesson("l_9"), &ContactState::default()));
+    // A workflow reading only the event does not load the state.
+    assert!(
+        !compiled(&with_steps(
+            "trigger: {event: new_signup}",
+            &["  - wait: 1d"]
+        ))
+        .reads_contact_state
+    );
+}
+
+#[test]
+fn state_conditions_are_checked() {
+    let e = errors(&with_steps(
+        "trigger: {event: offer_access_granted}",
+        &[
+            "  - if: {holds_offer: o_1, completed_lesson: l_1}",
+            "    then: []",
+            "  - if: {holds_offer: []}",
+            "    then: []",
+            "  - if: {not: {holds_product: {id: p}}}",
+            "    then: []",
+            "  - if: {not: {field: offer.id, equals: a}, field: offer.id, exists: true}",
+            "    then: []",
+        ],
+    ));
+    let expected = [
+        "workflows/t.yaml:4:9: error: a condition is one of `all`/`any`, `not`, a fact such as `holds_offer`, or `{field, test}`",
+        "workflows/t.yaml:6:23: error: `holds_offer` takes an id or a list of ids",
+        "workflows/t.yaml:8:31: error: `holds_product` takes an id or a list of ids",
+        "workflows/t.yaml:10:9: error: a condition is one of",
     ];
     assert_eq!(e.len(), expected.len(), "{e:#?}");
     for (got, want) in e.iter().zip(expected) {

@@ -9,7 +9,7 @@ use super::{Pass, SET_ASIDE_AFTER, Shared, panic_message};
 use crate::config::Stage;
 use crate::{dispatch, telemetry};
 use futures::FutureExt;
-use herald_store::{DispatchInput, RunState, Signals, StoreError};
+use herald_store::{DispatchInput, DispatchRequest, RunState, Signals, StoreError};
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
@@ -115,9 +115,9 @@ impl Shared {
         let host = self.config.public_host();
         // What the planner decided, recorded as metrics only once its transaction committed.
         let started = std::sync::Mutex::new(Vec::new());
-        // The versions live runs are pinned to that this process lacked, when planning waited
-        // for them.
-        let missing = std::sync::Mutex::new(Vec::<(String, String)>::new());
+        // When planning was postponed: the versions live runs are pinned to that this process
+        // lacked (none when the contacts' state was what the planner lacked).
+        let missing = std::sync::Mutex::new(None::<Vec<(String, String)>>);
         let plan = |input: &DispatchInput| {
             for (_, event) in &input.events {
                 self.config.fault_point(Stage::Dispatch, event.contact_id());
@@ -136,21 +136,18 @@ impl Shared {
                 wait_for_versions,
             }
             .plan(input);
-            let mut missing = missing.lock().unwrap_or_else(|p| p.into_inner());
-            missing.clear();
-            if plan.postponed {
-                missing.extend(
-                    input
-                        .live_runs
-                        .iter()
-                        .filter(|r| {
-                            snapshot
-                                .version(&r.workflow_id, &r.workflow_version)
-                                .is_none()
-                        })
-                        .map(|r| (r.workflow_id.clone(), r.workflow_version.clone())),
-                );
-            }
+            *missing.lock().unwrap_or_else(|p| p.into_inner()) = plan.postponed.then(|| {
+                input
+                    .live_runs
+                    .iter()
+                    .filter(|r| {
+                        snapshot
+                            .version(&r.workflow_id, &r.workflow_version)
+                            .is_none()
+                    })
+                    .map(|r| (r.workflow_id.clone(), r.workflow_version.clone()))
+                    .collect()
+            });
             let mut started = started.lock().unwrap_or_else(|p| p.into_inner());
             started.clear();
             started.extend(plan.new_runs.iter().map(|r| {
@@ -164,15 +161,15 @@ impl Shared {
         };
         let n = self
             .store
-            .dispatch(
+            .dispatch(DispatchRequest {
                 limit,
                 now_ms,
-                now_ms.saturating_sub(dispatch::LOOP_WINDOW_MS),
-                &plan,
-            )
+                window_start_ms: now_ms.saturating_sub(dispatch::LOOP_WINDOW_MS),
+                contact_states: self.registry.snapshot().reads_contact_state(),
+                planner: &plan,
+            })
             .await?;
-        let missing = missing.into_inner().unwrap_or_else(|p| p.into_inner());
-        if !missing.is_empty() {
+        if let Some(missing) = missing.into_inner().unwrap_or_else(|p| p.into_inner()) {
             return Ok(Batch::Missing(missing));
         }
         for (workflow, state, messages) in started.into_inner().unwrap_or_else(|p| p.into_inner()) {
@@ -194,6 +191,7 @@ impl Shared {
 
 enum Batch {
     Dispatched(usize),
-    /// Nothing was written: these versions, pinned by live runs of the batch, are not loaded.
+    /// Nothing was written: these versions, pinned by live runs of the batch, are not loaded (or
+    /// none, when the planner needed the contacts' state that was not loaded).
     Missing(Vec<(String, String)>),
 }

@@ -5,9 +5,11 @@
 use super::{Pass, Shared, panic_message, write_isolating};
 use crate::config::Stage;
 use crate::{runner, telemetry};
+use herald_core::workflow::ContactState;
 use herald_store::{
     ClaimedRun, NewMessage, RunAdvance, RunState, RunWrite, Signals, StepRecord, StoreError,
 };
+use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 
 impl Shared {
@@ -30,13 +32,16 @@ impl Shared {
                 .map(|r| (r.workflow_id.as_str(), r.workflow_version.as_str())),
         )
         .await?;
+        let states = self.contact_states(&claimed).await?;
+        let no_state = ContactState::default();
         let host = self.config.public_host();
         let mut advances = Vec::with_capacity(claimed.len());
         for run in &claimed {
+            let state = states.get(&run.contact_id).unwrap_or(&no_state);
             let _span = tracing::info_span!("step", run = %run.run_id, workflow = %run.workflow_id, pc = run.pc).entered();
             let write = std::panic::catch_unwind(AssertUnwindSafe(|| {
                 self.config.fault_point(Stage::Step, &run.contact_id);
-                self.advance(run, now, &host)
+                self.advance(run, state, now, &host)
             }))
             .unwrap_or_else(|panic| {
                 let reason = format!("advancing the run panicked: {}", panic_message(&*panic));
@@ -91,10 +96,35 @@ impl Shared {
         Ok(Pass::Worked)
     }
 
+    /// The state of the contacts of those claimed runs whose workflow's conditions read it (one
+    /// query for the batch; none when no such run was claimed).
+    async fn contact_states(
+        &self,
+        claimed: &[ClaimedRun],
+    ) -> Result<HashMap<String, ContactState>, StoreError> {
+        let snapshot = self.registry.snapshot();
+        let contacts: Vec<String> = claimed
+            .iter()
+            .filter(|r| {
+                snapshot
+                    .version(&r.workflow_id, &r.workflow_version)
+                    .is_some_and(|wf| wf.reads_contact_state)
+            })
+            .map(|r| r.contact_id.clone())
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        if contacts.is_empty() {
+            return Ok(HashMap::new());
+        }
+        self.store.contact_states(contacts).await
+    }
+
     /// The new state of one claimed run.
     fn advance(
         &self,
         run: &ClaimedRun,
+        state: &ContactState,
         now: chrono::DateTime<chrono::Utc>,
         host: &str,
     ) -> RunWrite {
@@ -126,6 +156,7 @@ impl Shared {
                 );
                 let ctx = runner::RunContext {
                     event: &event,
+                    state,
                     now,
                     default_timezone: self.config.default_timezone,
                     message_host: host,

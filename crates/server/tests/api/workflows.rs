@@ -8,6 +8,7 @@ use std::time::Duration;
 both_backends!(
     one_layout_wraps_the_emails_of_three_workflows,
     the_step_after_an_event_wait_knows_whether_it_came,
+    conditions_and_filters_read_what_the_contact_holds_and_completed,
     wait_two_days_then_send,
     if_then_else_branches,
     re_entry_false_runs_once_true_runs_again,
@@ -810,6 +811,103 @@ async fn one_layout_wraps_the_emails_of_three_workflows(backend: Backend) {
             "{text}"
         );
     }
+}
+
+/// "Three days after access, if lesson 2 is still not completed, remind them", for learners who
+/// still hold the offer; and an upsell whose trigger filter reads what the learner holds. The
+/// contact's state is read when the step runs, days after the trigger: a lesson completed or an
+/// offer removed meanwhile counts.
+async fn conditions_and_filters_read_what_the_contact_holds_and_completed(backend: Backend) {
+    const NUDGE: &str = r#"
+name: Lesson 2 nudge
+trigger:
+  event: offer_access_granted
+steps:
+  - wait: 3d
+  - if:
+      all:
+        - holds_offer: o_pro
+        - not: {completed_lesson: l_borrowing}
+    then:
+      - id: remind
+        send_email:
+          subject: "Lesson 2 is waiting, {{contact.first_name}}"
+          text: "Borrowing takes ten minutes."
+"#;
+    const UPSELL: &str = r#"
+name: Go pro
+trigger:
+  event: lesson_completed
+  where:
+    holds_offer: {not: [o_pro]}
+re_entry: true
+steps:
+  - send_email:
+      subject: "Go pro, {{contact.first_name}}"
+      text: "You finished {{lesson.title}}."
+"#;
+    let opts = TestOptions::new(backend)
+        .manual_clock()
+        .workflow("nudge", NUDGE)
+        .workflow("upsell", UPSELL);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    let learners = [
+        ("c_done", "Ann"),
+        ("c_other", "Bo"),
+        ("c_idle", "Cy"),
+        ("c_gone", "Di"),
+    ];
+    for (id, name) in learners {
+        app.accept(&offer_granted(contact(id, name), "o_pro")).await;
+    }
+    app.settle().await;
+    app.accept(&lesson_completed(
+        contact("c_done", "Ann"),
+        "p_rust101",
+        "Borrowing",
+    ))
+    .await;
+    app.accept(&lesson_completed(
+        contact("c_other", "Bo"),
+        "p_rust101",
+        "Ownership",
+    ))
+    .await;
+    app.accept(&offer_removed(contact("c_gone", "Di"), "o_pro"))
+        .await;
+    // A learner without the offer completes a (free) lesson: the upsell's filter passes.
+    app.accept(&lesson_completed(
+        contact("c_free", "Ed"),
+        "p_intro",
+        "Hello",
+    ))
+    .await;
+    app.wait_for_mails(1).await;
+    app.settle().await;
+    app.advance(3 * DAY + MINUTE);
+    app.wait_for_mails(3).await;
+    app.settle().await;
+    let mut mails = subjects(&app);
+    mails.sort();
+    assert_eq!(
+        mails,
+        [
+            ("c_free@example.com".to_owned(), "Go pro, Ed".to_owned()),
+            (
+                "c_idle@example.com".to_owned(),
+                "Lesson 2 is waiting, Cy".to_owned()
+            ),
+            (
+                "c_other@example.com".to_owned(),
+                "Lesson 2 is waiting, Bo".to_owned()
+            ),
+        ],
+        "{:#?}\n{:#?}",
+        app.runs().await,
+        app.messages().await
+    );
 }
 
 /// The nudge marketers ask for most: three days after access, praise the learner who started

@@ -88,6 +88,7 @@ impl TestPlanner {
             live_runs: input.live_runs.clone(),
             counts: input.counts.clone(),
             contacts: input.contacts.clone(),
+            states: input.states.clone(),
         };
         self.seen.lock().unwrap().push(copy);
         plan
@@ -95,12 +96,12 @@ impl TestPlanner {
 
     async fn dispatch(&self, store: &Store, limit: i64, now_ms: i64) -> usize {
         store
-            .dispatch(
+            .dispatch(DispatchRequest::new(
                 limit,
                 now_ms,
                 now_ms - 86_400_000,
                 &|input: &DispatchInput| self.plan(input, now_ms),
-            )
+            ))
             .await
             .expect("dispatch")
     }
@@ -369,7 +370,12 @@ async fn dispatch_exits_and_resumes_runs(db: &TestDb) {
         ..DispatchPlan::default()
     };
     accept(s, vec![contact_event("e5", "c1", T0)]).await;
-    assert_eq!(s.dispatch(100, later + 1, 0, &plan).await.unwrap(), 1);
+    assert_eq!(
+        s.dispatch(DispatchRequest::new(100, later + 1, 0, &plan))
+            .await
+            .unwrap(),
+        1
+    );
     let still = run_row(s, "run_e1").await;
     assert_eq!(
         (still.state, still.reason.as_deref(), still.updated_ms),
@@ -413,7 +419,10 @@ async fn dispatch_takes_events_in_order_up_to_the_limit(db: &TestDb) {
     .await;
     let mut sizes = Vec::new();
     loop {
-        let n = s.dispatch(2, T0, 0, &planner).await.unwrap();
+        let n = s
+            .dispatch(DispatchRequest::new(2, T0, 0, &planner))
+            .await
+            .unwrap();
         if n == 0 {
             break;
         }
@@ -497,7 +506,7 @@ async fn dispatchers_take_turns_so_later_events_see_earlier_runs(db: &TestDb) {
     let first_store = db.store.clone();
     let first = tokio::spawn(async move {
         first_store
-            .dispatch(1, T0 + 10, 0, &*slow)
+            .dispatch(DispatchRequest::new(1, T0 + 10, 0, &*slow))
             .await
             .expect("first dispatch")
     });

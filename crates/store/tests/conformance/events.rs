@@ -43,7 +43,12 @@ async fn accept_events_deduplicates_by_source_and_id(db: &TestDb) {
         );
         DispatchPlan::default()
     };
-    assert_eq!(s.dispatch(100, T0, 0, &planner).await.unwrap(), 4);
+    assert_eq!(
+        s.dispatch(DispatchRequest::new(100, T0, 0, &planner))
+            .await
+            .unwrap(),
+        4
+    );
     let seen = seen.into_inner().unwrap();
     assert_eq!(
         seen,

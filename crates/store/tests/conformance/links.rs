@@ -112,7 +112,7 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
     );
     assert_eq!(s.session("other".into(), T0 + 2).await.unwrap(), None);
     let logins = Mutex::new(Vec::new());
-    s.dispatch(10, T0, 0, &|input: &DispatchInput| {
+    s.dispatch(DispatchRequest::new(10, T0, 0, &|input: &DispatchInput| {
         logins
             .lock()
             .unwrap()
@@ -124,7 +124,7 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
                 )
             }));
         DispatchPlan::default()
-    })
+    }))
     .await
     .unwrap();
     assert_eq!(

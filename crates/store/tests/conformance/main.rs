@@ -7,8 +7,9 @@ mod support;
 
 use herald_core::CourseEvent;
 use herald_store::{
-    Accepted, Channel, DeliveryResult, DispatchInput, DispatchPlan, ListFilter, MailboxItem,
-    MessageOutcome, MessageStatus, NewEvent, NewMessage, RunState, RunWrite, StepRecord, Store,
+    Accepted, Channel, DeliveryResult, DispatchInput, DispatchPlan, DispatchRequest, ListFilter,
+    MailboxItem, MessageOutcome, MessageStatus, NewEvent, NewMessage, RunState, RunWrite,
+    StepRecord, Store,
 };
 use serde_json::{Value, json};
 use std::sync::Mutex;
@@ -100,7 +101,7 @@ fn no_plan(_: &DispatchInput) -> DispatchPlan {
 /// Dispatches everything undispatched with a planner that plans nothing (projection only).
 async fn project_all(store: &Store, now_ms: i64) {
     while store
-        .dispatch(100, now_ms, 0, &no_plan)
+        .dispatch(DispatchRequest::new(100, now_ms, 0, &no_plan))
         .await
         .expect("dispatch")
         > 0
@@ -180,7 +181,7 @@ async fn seed_runs(store: &Store, runs: Vec<RunWrite>, now_ms: i64) {
         plan
     };
     while store
-        .dispatch(100, now_ms, 0, &planner)
+        .dispatch(DispatchRequest::new(100, now_ms, 0, &planner))
         .await
         .expect("dispatch")
         > 0

@@ -1,11 +1,13 @@
 //! The membership projection: contact details, grants by event time, the catalogue.
 
 use super::*;
+use herald_core::workflow::ContactState;
 
 conformance! {
     contact_details_latest_event_wins_and_older_fills_gaps,
     grants_follow_event_time,
     catalogue_products_offers_and_offer_products,
+    contact_state_is_what_the_contact_holds_and_completed,
 }
 
 fn row(cols: &[&str]) -> Vec<String> {
@@ -356,4 +358,91 @@ async fn catalogue_products_offers_and_offer_products(db: &TestDb) {
         products.last().unwrap(),
         &row(&["p8", "Eight", "https://s/p8", "9000"])
     );
+}
+
+async fn contact_state_is_what_the_contact_holds_and_completed(db: &TestDb) {
+    let s = &db.store;
+    let contact = json!({"id": "c1"});
+    let events = vec![
+        new_event(
+            "s1",
+            "offer_access_granted",
+            T0,
+            json!({"contact": contact, "offer": {"id": "o_pro", "product_ids": ["p_a", "p_b"]}}),
+        ),
+        grant_event("s2", "offer_access_granted", "c1", "o_old", T0),
+        grant_event("s3", "offer_access_removed", "c1", "o_old", T0 + 1),
+        grant_event("s4", "product_access_granted", "c1", "p_x", T0),
+        grant_event("s5", "product_access_granted", "c1", "p_y", T0),
+        grant_event("s6", "product_access_removed", "c1", "p_y", T0 + 1),
+        new_event(
+            "s7",
+            "lesson_completed",
+            T0 + 2,
+            json!({"contact": contact, "product": {"id": "p_a"}, "lesson": {"id": "l_1"}}),
+        ),
+        new_event(
+            "s8",
+            "category_completed",
+            T0 + 3,
+            json!({"contact": contact, "product": {"id": "p_a"}, "category": {"id": "cat_1"}}),
+        ),
+        new_event(
+            "s9",
+            "product_completed",
+            T0 + 4,
+            json!({"contact": contact, "product": {"id": "p_a"}}),
+        ),
+        contact_event("s10", "c2", T0),
+    ];
+    accept(s, events).await;
+
+    // In the dispatch transaction, asked for, the planner sees the state its batch left.
+    let seen = Mutex::new(None);
+    let planner = |input: &DispatchInput| {
+        *seen.lock().unwrap() = Some(input.states.clone());
+        DispatchPlan::default()
+    };
+    let request = DispatchRequest {
+        contact_states: true,
+        ..DispatchRequest::new(100, T0, 0, &planner)
+    };
+    assert_eq!(s.dispatch(request).await.unwrap(), 10);
+    let in_dispatch = seen
+        .into_inner()
+        .unwrap()
+        .expect("the planner ran")
+        .expect("states loaded when asked");
+
+    let set = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect();
+    let c1 = ContactState {
+        offers: set(&["o_pro"]),
+        products: set(&["p_a", "p_b", "p_x"]),
+        completed_lessons: set(&["l_1"]),
+        completed_products: set(&["p_a"]),
+        completed_categories: set(&["cat_1"]),
+    };
+    assert_eq!(in_dispatch.get("c1"), Some(&c1));
+    assert_eq!(in_dispatch.get("c2"), Some(&ContactState::default()));
+
+    let stored = s
+        .contact_states(vec!["c1".into(), "c2".into(), "c_unknown".into()])
+        .await
+        .unwrap();
+    assert_eq!(stored.len(), 3);
+    assert_eq!(stored["c1"], c1);
+    assert_eq!(stored["c2"], ContactState::default());
+    assert_eq!(stored["c_unknown"], ContactState::default());
+
+    // Not asked for, nothing is loaded.
+    accept(s, vec![contact_event("s11", "c2", T0 + 5)]).await;
+    let seen = Mutex::new(None);
+    let planner = |input: &DispatchInput| {
+        *seen.lock().unwrap() = Some(input.states.is_some());
+        DispatchPlan::default()
+    };
+    s.dispatch(DispatchRequest::new(100, T0, 0, &planner))
+        .await
+        .unwrap();
+    assert_eq!(seen.into_inner().unwrap(), Some(false));
 }

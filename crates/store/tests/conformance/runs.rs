@@ -269,15 +269,20 @@ async fn finish_runs_drops_stale_leases_and_appends_effects(db: &TestDb) {
     .unwrap();
     accept(s, vec![contact_event("probe", "c2", T0)]).await;
     let waits = Mutex::new(Vec::new());
-    s.dispatch(10, T0 + 9_002, 0, &|input: &DispatchInput| {
-        waits.lock().unwrap().extend(
-            input
-                .live_runs
-                .iter()
-                .map(|r| (r.run_id.clone(), r.state, r.wait_event.clone())),
-        );
-        DispatchPlan::default()
-    })
+    s.dispatch(DispatchRequest::new(
+        10,
+        T0 + 9_002,
+        0,
+        &|input: &DispatchInput| {
+            waits.lock().unwrap().extend(
+                input
+                    .live_runs
+                    .iter()
+                    .map(|r| (r.run_id.clone(), r.state, r.wait_event.clone())),
+            );
+            DispatchPlan::default()
+        },
+    ))
     .await
     .unwrap();
     assert_eq!(

@@ -151,15 +151,20 @@ async fn parking_a_workflow_keeps_its_runs_wait_state(db: &TestDb) {
     // The wait is intact: the dispatcher still sees what the run waits for.
     accept(s, vec![contact_event("probe", "c2", T0)]).await;
     let waits = Mutex::new(Vec::new());
-    s.dispatch(10, T0 + 4, 0, &|input: &DispatchInput| {
-        waits.lock().unwrap().extend(
-            input
-                .live_runs
-                .iter()
-                .map(|r| (r.run_id.clone(), r.wait_event.clone())),
-        );
-        DispatchPlan::default()
-    })
+    s.dispatch(DispatchRequest::new(
+        10,
+        T0 + 4,
+        0,
+        &|input: &DispatchInput| {
+            waits.lock().unwrap().extend(
+                input
+                    .live_runs
+                    .iter()
+                    .map(|r| (r.run_id.clone(), r.wait_event.clone())),
+            );
+            DispatchPlan::default()
+        },
+    ))
     .await
     .unwrap();
     assert_eq!(

@@ -7,8 +7,8 @@ use crate::DeliveryResult;
 use crate::decode::{channel, outcome_columns, parse_stored_event, run_state};
 use crate::erasure::AddressKey;
 use crate::{
-    Accepted, ClaimedMessage, ClaimedRun, DispatchInput, EnrollmentCounts, LiveRun, MailboxItem,
-    MessageOutcome, NewEvent, Planner, Result, RunAdvance, RunWrite, projection,
+    Accepted, ClaimedMessage, ClaimedRun, DispatchInput, DispatchRequest, EnrollmentCounts,
+    LiveRun, MailboxItem, MessageOutcome, NewEvent, Result, RunAdvance, RunWrite, projection,
 };
 use herald_core::CourseEvent;
 use sqlx::{PgConnection, PgExecutor, Row};
@@ -30,26 +30,24 @@ impl PgStore {
     /// `FOR UPDATE SKIP LOCKED`, so no event is dispatched twice even without the lock.
     pub async fn dispatch(
         &self,
-        limit: i64,
-        now_ms: i64,
-        window_start_ms: i64,
-        planner: Planner<'_>,
+        request: DispatchRequest<'_>,
         address_key: Option<&AddressKey>,
     ) -> Result<usize> {
-        retrying!(
-            "dispatch",
-            self.try_dispatch(limit, now_ms, window_start_ms, planner, address_key)
-        )
+        retrying!("dispatch", self.try_dispatch(request, address_key))
     }
 
     async fn try_dispatch(
         &self,
-        limit: i64,
-        now_ms: i64,
-        window_start_ms: i64,
-        planner: Planner<'_>,
+        request: DispatchRequest<'_>,
         address_key: Option<&AddressKey>,
     ) -> Result<usize> {
+        let DispatchRequest {
+            limit,
+            now_ms,
+            window_start_ms,
+            contact_states,
+            planner,
+        } = request;
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('herald.dispatch:' || COALESCE(current_schema(), ''), 0))")
             .execute(&mut *tx)
@@ -84,6 +82,13 @@ impl PgStore {
             (c.id.clone(), c)
         })
         .collect();
+
+        let states = if contact_states {
+            let ids: Vec<String> = contacts.iter().map(|c| c.to_string()).collect();
+            Some(super::enroll::contact_states(&mut *tx, &ids).await?)
+        } else {
+            None
+        };
 
         let live_runs = sqlx::query(
             "SELECT id, workflow_id, workflow_version, contact_id, state, wait_event FROM runs
@@ -134,6 +139,7 @@ impl PgStore {
             live_runs,
             counts,
             contacts: contact_rows,
+            states,
         };
         let plan = planner(&input);
         if plan.postponed {

@@ -2,12 +2,50 @@
 //! course events to replay.
 
 use super::{SqliteStore, json_list};
-use crate::decode::parse_stored_event;
+use crate::decode::{self, parse_stored_event};
 use crate::{AudienceQuery, EnrollmentCounts, Result};
 use herald_core::CourseEvent;
-use sqlx::Row;
+use herald_core::workflow::ContactState;
+use sqlx::{Row, Sqlite};
+use std::collections::HashMap;
+
+/// What each of `contact_ids` holds and has completed (see [`decode::contact_states`]); run on
+/// the writer inside a dispatch, on a reader otherwise.
+pub(super) async fn contact_states<'e>(
+    executor: impl sqlx::Executor<'e, Database = Sqlite>,
+    contact_ids: &[String],
+) -> Result<HashMap<String, ContactState>> {
+    let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "WITH asked(id) AS (SELECT value FROM json_each(?1))
+         SELECT g.contact_id, g.kind, g.item_id FROM grants g
+          WHERE g.contact_id IN asked AND g.active = 1
+         UNION
+         SELECT g.contact_id, 'product', op.product_id
+           FROM grants g JOIN offer_products op ON op.offer_id = g.item_id
+          WHERE g.contact_id IN asked AND g.kind = 'offer' AND g.active = 1
+         UNION
+         SELECT e.contact_id, e.type,
+                CASE e.type WHEN 'lesson_completed' THEN e.body ->> '$.data.lesson.id'
+                            WHEN 'product_completed' THEN e.body ->> '$.data.product.id'
+                            ELSE e.body ->> '$.data.category.id' END
+           FROM events e
+          WHERE e.contact_id IN asked
+            AND e.type IN ('lesson_completed', 'product_completed', 'category_completed')",
+    )
+    .bind(json_list(contact_ids.iter().map(String::as_str)))
+    .fetch_all(executor)
+    .await?;
+    Ok(decode::contact_states(contact_ids, rows))
+}
 
 impl SqliteStore {
+    pub async fn contact_states(
+        &self,
+        contact_ids: Vec<String>,
+    ) -> Result<HashMap<String, ContactState>> {
+        contact_states(&self.readers, &contact_ids).await
+    }
+
     pub async fn audience(&self, query: AudienceQuery) -> Result<Vec<String>> {
         let everyone = query.offers.is_empty() && query.products.is_empty();
         Ok(sqlx::query_scalar(

@@ -5,8 +5,8 @@ use crate::DeliveryResult;
 use crate::decode::{channel, outcome_columns, parse_stored_event, run_state};
 use crate::erasure::AddressKey;
 use crate::{
-    Accepted, ClaimedMessage, ClaimedRun, DispatchInput, EnrollmentCounts, LiveRun, MailboxItem,
-    MessageOutcome, NewEvent, Planner, Result, RunAdvance, RunWrite, projection,
+    Accepted, ClaimedMessage, ClaimedRun, DispatchInput, DispatchRequest, EnrollmentCounts,
+    LiveRun, MailboxItem, MessageOutcome, NewEvent, Result, RunAdvance, RunWrite, projection,
 };
 use herald_core::CourseEvent;
 use serde_json::json;
@@ -29,22 +29,11 @@ impl SqliteStore {
 
     pub async fn dispatch(
         &self,
-        limit: i64,
-        now_ms: i64,
-        window_start_ms: i64,
-        planner: Planner<'_>,
+        request: DispatchRequest<'_>,
         address_key: Option<&AddressKey>,
     ) -> Result<usize> {
         let mut group = self.writer.lead().await?;
-        let outcome = dispatch_batch(
-            group.conn(),
-            limit,
-            now_ms,
-            window_start_ms,
-            planner,
-            address_key,
-        )
-        .await;
+        let outcome = dispatch_batch(group.conn(), request, address_key).await;
         match outcome {
             Ok(Dispatched::Events(n)) => group.finish(Ok(n)).await,
             Ok(Dispatched::Postponed) => group.undo(0).await,
@@ -510,12 +499,16 @@ enum Dispatched {
 /// caller's transaction.
 async fn dispatch_batch(
     conn: &mut SqliteConnection,
-    limit: i64,
-    now_ms: i64,
-    window_start_ms: i64,
-    planner: Planner<'_>,
+    request: DispatchRequest<'_>,
     address_key: Option<&AddressKey>,
 ) -> Result<Dispatched> {
+    let DispatchRequest {
+        limit,
+        now_ms,
+        window_start_ms,
+        contact_states,
+        planner,
+    } = request;
     let rows =
         sqlx::query("SELECT seq, body FROM events WHERE dispatched = 0 ORDER BY seq LIMIT ?")
             .bind(limit)
@@ -547,6 +540,17 @@ async fn dispatch_batch(
         (c.id.clone(), c)
     })
     .collect();
+
+    let states = if contact_states {
+        let ids: HashSet<String> = events
+            .iter()
+            .map(|(_, e)| e.contact_id().to_owned())
+            .collect();
+        let ids: Vec<String> = ids.into_iter().collect();
+        Some(super::enroll::contact_states(&mut *conn, &ids).await?)
+    } else {
+        None
+    };
 
     let live_runs = sqlx::query(
         "SELECT id, workflow_id, workflow_version, contact_id, state, wait_event FROM runs
@@ -583,6 +587,7 @@ async fn dispatch_batch(
         live_runs,
         counts,
         contacts: contact_rows,
+        states,
     };
     let plan = planner(&input);
     if plan.postponed {
