@@ -59,6 +59,8 @@ pub struct Config {
     #[serde(deserialize_with = "count")]
     pub learner_link_uses: u32,
     pub timezone: String,
+    /// Locale of dates and numbers in templates for contacts without `contact.locale`.
+    pub locale: String,
     /// How long an engine loop may make no progress while work is due before `/healthz` says so.
     pub stall_limit: Duration,
     /// How long a claimed message or run is held by one process before another may take it over
@@ -92,6 +94,7 @@ impl Default for Config {
             learner_link_ttl: Duration::from_secs(24 * 3600),
             learner_link_uses: 5,
             timezone: "UTC".into(),
+            locale: "en_US".into(),
             stall_limit: Duration::from_secs(60),
             lease: Duration::from_secs(60),
             custom_values: BTreeMap::new(),
@@ -135,6 +138,7 @@ impl Config {
             .map_err(|e| anyhow!(describe(e)))
             .context("invalid configuration")?;
         config.timezone()?;
+        config.locale()?;
         config.check_database_url()?;
         Ok(config)
     }
@@ -200,6 +204,18 @@ impl Config {
                 self.timezone
             )
         })
+    }
+
+    /// The configured locale, by its normalised name (`de_DE`).
+    pub fn locale(&self) -> Result<String> {
+        herald_core::locale::parse_locale(&self.locale)
+            .map(|l| l.to_string())
+            .ok_or_else(|| {
+                anyhow!(
+                    "HERALD_LOCALE {:?} is not a locale herald knows: write a language and country such as en_US, de-DE or pt_BR",
+                    self.locale
+                )
+            })
     }
 
     /// The store quotes a URL it cannot use whole, password included, so the scheme is checked
@@ -394,6 +410,27 @@ mod tests {
             "{:#}",
             load(toml, vars).expect_err("the configuration is refused")
         )
+    }
+
+    #[test]
+    fn the_default_locale_is_read_as_people_write_it_and_checked() {
+        assert_eq!(load("", &[]).unwrap().locale().unwrap(), "en_US");
+        assert_eq!(
+            load("", &[("HERALD_LOCALE", "de-DE")])
+                .unwrap()
+                .locale()
+                .unwrap(),
+            "de_DE"
+        );
+        assert_eq!(
+            load("locale = \"fr\"", &[]).unwrap().locale().unwrap(),
+            "fr_FR"
+        );
+        let err = error("", &[("HERALD_LOCALE", "klingon")]);
+        assert!(
+            err.contains("HERALD_LOCALE \"klingon\" is not a locale herald knows"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -5,6 +5,7 @@
 
 pub mod duration;
 pub mod event;
+pub mod locale;
 pub mod signature;
 pub mod template;
 pub mod workflow;

@@ -25,8 +25,9 @@ pub type CustomValues = BTreeMap<String, String>;
 /// carries under this key is overwritten at render time.
 pub const CUSTOM_VALUES_KEY: &str = "__custom";
 
-/// Helpers herald templates may call: handlebars' built-ins plus `default` and `format_date`.
-pub const KNOWN_HELPERS: [&str; 19] = [
+/// Helpers herald templates may call: handlebars' built-ins plus `default`, `format_date` and
+/// `format_number`.
+pub const KNOWN_HELPERS: [&str; 20] = [
     "if",
     "unless",
     "each",
@@ -46,11 +47,34 @@ pub const KNOWN_HELPERS: [&str; 19] = [
     "len",
     "default",
     "format_date",
+    "format_number",
 ];
 
-/// The custom value under which the engine passes `HERALD_TIMEZONE` to `format_date` (for a
-/// contact without a time zone). Not a `<<name>>` a template can write.
-pub const DEFAULT_TIMEZONE_VALUE: &str = "__default_timezone";
+/// The custom values under which the engine passes `HERALD_TIMEZONE` and `HERALD_LOCALE` to
+/// `format_date` and `format_number` (for a contact without its own). Not `<<name>>`s a template
+/// can write.
+const DEFAULT_TIMEZONE_VALUE: &str = "__default_timezone";
+const DEFAULT_LOCALE_VALUE: &str = "__default_locale";
+
+/// Gives the date and number helpers the time zone and locale of contacts without their own.
+pub fn insert_contact_defaults(custom: &mut CustomValues, timezone: &str, locale: &str) {
+    custom.insert(DEFAULT_TIMEZONE_VALUE.into(), timezone.into());
+    custom.insert(DEFAULT_LOCALE_VALUE.into(), locale.into());
+}
+
+/// The locale of the contact being rendered for (`contact.locale`), else the configured default,
+/// else POSIX (English names, a plain `.` and no grouping).
+fn render_locale(ctx: &Context) -> chrono::Locale {
+    let root = ctx.data();
+    [
+        root.pointer("/contact/locale"),
+        root.pointer(&format!("/{CUSTOM_VALUES_KEY}/{DEFAULT_LOCALE_VALUE}")),
+    ]
+    .into_iter()
+    .flatten()
+    .find_map(|l| crate::locale::parse_locale(l.as_str()?))
+    .unwrap_or(chrono::Locale::POSIX)
+}
 
 /// Block helpers whose body sees another context (an element, an object) rather than the event.
 const SCOPING_HELPERS: [&str; 2] = ["each", "with"];
@@ -340,8 +364,13 @@ impl<'s> Walker<'s> {
                     pos,
                 });
             }
-            Parameter::Name(helper) if helper == "format_date" => {
-                if let Some(problem) = format_date_problem(params) {
+            Parameter::Name(helper) if helper == "format_date" || helper == "format_number" => {
+                let problem = if helper == "format_date" {
+                    format_date_problem(params)
+                } else {
+                    format_number_problem(params)
+                };
+                if let Some(problem) = problem {
                     self.unsupported.push(TemplateRef { name: problem, pos });
                 }
             }
@@ -435,6 +464,7 @@ fn registry(escape: fn(&str) -> String) -> Handlebars<'static> {
     r.register_escape_fn(escape);
     r.register_helper("default", Box::new(DefaultHelper));
     r.register_helper("format_date", Box::new(FormatDateHelper));
+    r.register_helper("format_number", Box::new(FormatNumberHelper));
     r
 }
 
@@ -682,9 +712,22 @@ fn format_date_problem(params: &[Parameter]) -> Option<String> {
     }
 }
 
+/// What is wrong with a `format_number` call, if anything: a value, and optionally how many
+/// decimals (0 to 10).
+fn format_number_problem(params: &[Parameter]) -> Option<String> {
+    let usage =
+        "format_number takes a number and optionally its decimals: {{format_number offer.price 2}}";
+    match params {
+        [_] => None,
+        [_, Parameter::Literal(Value::Number(n))] if n.as_u64().is_some_and(|d| d <= 10) => None,
+        _ => Some(usage.to_owned()),
+    }
+}
+
 /// `{{format_date TIME "FORMAT"}}`: an RFC 3339 time (`event.time`, `awaited.event.time`) in the
-/// contact's time zone (else `HERALD_TIMEZONE`), formatted with strftime fields. A value that is
-/// not a time renders empty, like a missing field.
+/// contact's time zone (else `HERALD_TIMEZONE`), formatted with strftime fields, names of months
+/// and days in the contact's locale (else `HERALD_LOCALE`). A value that is not a time renders
+/// empty, like a missing field.
 struct FormatDateHelper;
 
 impl HelperDef for FormatDateHelper {
@@ -721,7 +764,39 @@ impl HelperDef for FormatDateHelper {
         .find_map(|z| z.as_str()?.parse::<chrono_tz::Tz>().ok())
         .unwrap_or(chrono_tz::UTC);
         let local = time.with_timezone(&zone);
-        let text = local.format_with_items(items.iter()).to_string();
+        let text = local
+            .format_localized_with_items(items.iter(), render_locale(ctx))
+            .to_string();
+        Ok(ScopedJson::Derived(Value::String(text)))
+    }
+}
+
+/// `{{format_number VALUE [DECIMALS]}}`: a number (or a string that reads as one, as platforms
+/// send prices) with the decimal point and digit grouping of the contact's locale (else
+/// `HERALD_LOCALE`). A value that is not a number renders empty, like a missing field.
+struct FormatNumberHelper;
+
+impl HelperDef for FormatNumberHelper {
+    fn call_inner<'reg: 'rc, 'rc>(
+        &self,
+        h: &Helper<'rc>,
+        _: &'reg Handlebars<'reg>,
+        ctx: &'rc Context,
+        _: &mut RenderContext<'reg, 'rc>,
+    ) -> Result<ScopedJson<'rc>, handlebars::RenderError> {
+        let value = h.param(0).and_then(|p| match p.value() {
+            Value::Number(n) => n.as_f64(),
+            Value::String(s) => s.trim().parse::<f64>().ok(),
+            _ => None,
+        });
+        let Some(value) = value.filter(|v| v.is_finite()) else {
+            return Ok(ScopedJson::Derived(Value::Null));
+        };
+        let decimals = h
+            .param(1)
+            .and_then(|p| p.value().as_u64())
+            .map(|d| d.min(10) as usize);
+        let text = crate::locale::format_number(value, decimals, render_locale(ctx));
         Ok(ScopedJson::Derived(Value::String(text)))
     }
 }
@@ -1024,5 +1099,70 @@ mod tests {
         assert!(problems("{{format_date event.time \"%Q\"}}")[0].contains("not a date format"));
         assert!(problems("{{format_date event.time}}")[0].contains("takes a time and a format"));
         assert!(problems("{{format_date event.time lesson.title}}")[0].contains("in quotes"));
+    }
+
+    #[test]
+    fn dates_and_numbers_speak_the_contacts_locale_or_the_default_one() {
+        let template = "{{format_date event.time \"%A %e %B\"}} · {{format_number offer.price 2}} · {{format_number offer.seats}}";
+        let render = |contact: Value, default_locale: &str| {
+            let mut values = custom(&[]);
+            insert_contact_defaults(&mut values, "UTC", default_locale);
+            let context = json!({
+                "contact": contact,
+                "event": {"time": "2026-03-08T13:30:00Z"},
+                "offer": {"price": "1234.5", "seats": 12000},
+            });
+            render_standalone_email(template, None, Some(template), &context, &values)
+                .unwrap()
+                .subject
+        };
+        assert_eq!(
+            render(json!({"locale": "de-DE"}), "en_US"),
+            "Sonntag  8 März · 1.234,50 · 12.000"
+        );
+        assert_eq!(
+            render(json!({}), "fr_FR"),
+            "dimanche  8 mars · 1\u{202f}234,50 · 12\u{202f}000"
+        );
+        assert_eq!(
+            render(json!({"locale": "tlh"}), "en_US"),
+            "Sunday  8 March · 1,234.50 · 12,000",
+            "an unknown contact locale falls back to the default"
+        );
+        let not_a_number = json!({"offer": {"price": "free"}});
+        let e = render_standalone_email(
+            "{{format_number offer.price}}",
+            None,
+            Some("x"),
+            &not_a_number,
+            &custom(&[]),
+        )
+        .unwrap();
+        assert_eq!(e.subject, "", "a value that is not a number renders empty");
+    }
+
+    #[test]
+    fn format_number_is_checked() {
+        let problems = |source: &str| {
+            ParsedTemplate::parse(source)
+                .unwrap()
+                .unsupported
+                .into_iter()
+                .map(|r| r.name)
+                .collect::<Vec<_>>()
+        };
+        assert!(problems("{{format_number offer.price}}").is_empty());
+        assert!(problems("{{format_number offer.price 2}}").is_empty());
+        for bad in [
+            "{{format_number offer.price 11}}",
+            "{{format_number offer.price \"2\"}}",
+            "{{format_number offer.price 2 3}}",
+        ] {
+            assert!(
+                problems(bad)[0].contains("format_number takes a number"),
+                "{bad}: {:?}",
+                problems(bad)
+            );
+        }
     }
 }

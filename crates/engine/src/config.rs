@@ -30,6 +30,8 @@ pub struct EngineConfig {
     pub email_from: String,
     /// Time zone for contacts without a valid one (`HERALD_TIMEZONE`).
     pub default_timezone: chrono_tz::Tz,
+    /// Locale of dates and numbers for contacts without one (`HERALD_LOCALE`), as glibc names it.
+    pub default_locale: String,
     /// `[custom_values]` of herald.toml: `<<name>>` → value.
     pub custom_values: BTreeMap<String, String>,
     /// Lifetime and uses of learner links, and the base of their URLs.
@@ -75,6 +77,7 @@ impl EngineConfig {
             unsubscribe: crate::unsubscribe::UnsubscribeKey::new(Vec::new()),
             email_from: "herald <noreply@localhost>".into(),
             default_timezone: chrono_tz::UTC,
+            default_locale: "en_US".into(),
             custom_values: BTreeMap::new(),
             smtp: None,
             sms: None,

@@ -8,7 +8,7 @@ use crate::registry::Registry;
 use crate::runner::{with_latest_contact, with_wait_outcome};
 use herald_channels::SendError;
 use herald_channels::email::OutgoingEmail;
-use herald_core::template::DEFAULT_TIMEZONE_VALUE;
+use herald_core::template::insert_contact_defaults;
 use herald_core::workflow::{Category, CompiledWorkflow, Instr};
 use herald_store::{Channel, ClaimedMessage, DeliveryResult, MailboxItem, MessageOutcome};
 use std::sync::Arc;
@@ -115,9 +115,10 @@ impl Delivery {
             .unsubscribe
             .url(&self.config.public_url, event.contact_id());
         custom.insert("unsubscribe_url".into(), unsubscribe_url.clone());
-        custom.insert(
-            DEFAULT_TIMEZONE_VALUE.into(),
-            self.config.default_timezone.name().into(),
+        insert_contact_defaults(
+            &mut custom,
+            self.config.default_timezone.name(),
+            &self.config.default_locale,
         );
         let pc = m.pc as usize;
         match login {
@@ -351,9 +352,10 @@ pub fn render_for_review(
     let mut custom = config.custom_values.clone();
     custom.insert("login_url".into(), LOGIN_LINK_MARKER.into());
     custom.insert("unsubscribe_url".into(), UNSUBSCRIBE_LINK_MARKER.into());
-    custom.insert(
-        DEFAULT_TIMEZONE_VALUE.into(),
-        config.default_timezone.name().into(),
+    insert_contact_defaults(
+        &mut custom,
+        config.default_timezone.name(),
+        &config.default_locale,
     );
     let pc = source.pc as usize;
     match source.channel {

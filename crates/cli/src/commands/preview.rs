@@ -106,9 +106,10 @@ pub fn preview(
         "unsubscribe_url".into(),
         format!("{}/u/PREVIEW-TOKEN", config.public_url()),
     );
-    custom.insert(
-        herald_core::template::DEFAULT_TIMEZONE_VALUE.into(),
-        default_zone.name().into(),
+    herald_core::template::insert_contact_defaults(
+        &mut custom,
+        default_zone.name(),
+        &config.locale()?,
     );
     // Every send step is rendered (a branch this event does not take is shown too, marked).
     for (pc, instr) in wf.program.iter().enumerate() {

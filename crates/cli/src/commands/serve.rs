@@ -102,6 +102,7 @@ pub fn engine_config(config: &Config) -> Result<EngineConfig> {
     let mut engine = EngineConfig::new(config.public_url());
     engine.email_from = config.email_from.clone();
     engine.default_timezone = config.timezone()?;
+    engine.default_locale = config.locale()?;
     engine.custom_values = config.custom_values.clone();
     engine.links.learner_ttl = config.learner_link_ttl.to_std();
     engine.links.learner_uses = i64::from(config.learner_link_uses);

@@ -174,7 +174,7 @@ pub enum StepKind {
     SendEmail(SendEmailDoc),
     SendSms(SendSmsDoc),
     Wait(WaitDoc),
-    If(ConditionDoc),
+    If(Box<ConditionDoc>),
 }
 
 /// `send_email:`.
@@ -294,10 +294,10 @@ struct RawStepDoc {
 }
 
 enum RawStepKind {
-    SendEmail(RawSendEmailDoc),
+    SendEmail(Box<RawSendEmailDoc>),
     SendSms(RawSendSmsDoc),
     Wait(WaitDoc),
-    If(ConditionDoc),
+    If(Box<ConditionDoc>),
 }
 
 #[derive(Deserialize)]
@@ -463,14 +463,14 @@ impl<'de> Deserialize<'de> for RawStepDoc {
                         }
                         "send_email" => map
                             .next_value::<Spanned<RawSendEmailDoc>>()?
-                            .map(RawStepKind::SendEmail),
+                            .map(|e| RawStepKind::SendEmail(Box::new(e))),
                         "send_sms" => map
                             .next_value::<Spanned<RawSendSmsDoc>>()?
                             .map(RawStepKind::SendSms),
                         "wait" => map.next_value::<Spanned<WaitDoc>>()?.map(RawStepKind::Wait),
                         "if" => map
                             .next_value::<Spanned<ConditionDoc>>()?
-                            .map(RawStepKind::If),
+                            .map(|c| RawStepKind::If(Box::new(c))),
                         other => {
                             let problem = format!(
                                 "unknown step kind `{other}`: a step is one of {STEP_KINDS} (an `if` with \

@@ -3,12 +3,14 @@
 
 use crate::helpers::*;
 use herald_store::RunState;
+use serde_json::{Value, json};
 use std::time::Duration;
 
 both_backends!(
     one_layout_wraps_the_emails_of_three_workflows,
     the_step_after_an_event_wait_knows_whether_it_came,
     conditions_and_filters_read_what_the_contact_holds_and_completed,
+    dates_and_numbers_in_each_learners_language,
     wait_two_days_then_send,
     if_then_else_branches,
     re_entry_false_runs_once_true_runs_again,
@@ -907,6 +909,62 @@ steps:
         "{:#?}\n{:#?}",
         app.runs().await,
         app.messages().await
+    );
+}
+
+/// A learner whose platform profile says `locale: de-DE` reads German month names and German
+/// number formatting; one without a locale gets the configured default (English here).
+async fn dates_and_numbers_in_each_learners_language(backend: Backend) {
+    const RECEIPT: &str = r#"
+name: Receipt
+trigger:
+  event: offer_access_granted
+steps:
+  - send_email:
+      subject: "{{offer.title}}, {{format_date event.time \"%e %B %Y\"}}"
+      text: "{{format_number offer.price 2}} EUR"
+"#;
+    let opts = TestOptions::new(backend).workflow("receipt", RECEIPT);
+    let Some(app) = spawn_app(opts).await else {
+        return;
+    };
+    let grant = |contact: Value| {
+        at(
+            event(
+                "offer_access_granted",
+                json!({"contact": contact, "offer": {"id": "o_pro", "title": "Rust Pro", "price": 1490.5}}),
+            ),
+            "2026-03-08T13:30:00Z",
+        )
+    };
+    let mut ann = contact("c_ann", "Ann");
+    ann["locale"] = json!("de-DE");
+    app.accept(&grant(ann)).await;
+    app.accept(&grant(contact("c_bo", "Bo"))).await;
+    let mails = app.wait_for_mails(2).await;
+    let mut got: Vec<(String, String)> = mails
+        .iter()
+        .map(|m| {
+            let email = m.parse();
+            (
+                email.subject,
+                email.text.unwrap_or_default().trim().to_owned(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            (
+                "Rust Pro,  8 March 2026".to_owned(),
+                "1,490.50 EUR".to_owned()
+            ),
+            (
+                "Rust Pro,  8 März 2026".to_owned(),
+                "1.490,50 EUR".to_owned()
+            ),
+        ]
     );
 }
 
