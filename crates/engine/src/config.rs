@@ -72,6 +72,7 @@ impl EngineConfig {
                 public_url: public_url.clone(),
                 learner_ttl: Duration::from_secs(24 * 3600),
                 learner_uses: 5,
+                user_link_secret: None,
             },
             public_url,
             unsubscribe: crate::unsubscribe::UnsubscribeKey::new(Vec::new()),

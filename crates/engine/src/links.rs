@@ -5,6 +5,8 @@
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use herald_store::{LinkKind, NewLink, Store, StoreError};
+use hmac::{Hmac, KeyInit, Mac};
+use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
 
 /// A freshly generated secret and the hash under which it is stored.
@@ -45,6 +47,9 @@ pub struct LinkPolicy {
     pub public_url: String,
     pub learner_ttl: std::time::Duration,
     pub learner_uses: i64,
+    /// A secret kept outside the database (the admin token) that the user link's token is also
+    /// derived from, so that reading the database is not enough to sign in as staff.
+    pub user_link_secret: Option<SecretString>,
 }
 
 impl LinkPolicy {
@@ -120,10 +125,13 @@ impl LinkPolicy {
         Ok(self.url(&token.raw))
     }
 
-    /// The site's user (staff) link. It must be retrievable (`herald links user` prints it), so
-    /// its token is derived from a site key kept in the database and a generation number:
-    /// regenerating bumps the generation, revoking the old hash. Only the hash is in
-    /// `magic_links`, as for every link.
+    /// The site's user (staff) link. It must be retrievable (`herald links user`, the admin API
+    /// show it again), so its token is derived, not stored: from a site key kept in the
+    /// database, a generation number, and [`LinkPolicy::user_link_secret`] when set (then the
+    /// database alone does not reveal it). Regenerating bumps the generation, revoking the old
+    /// hash; only the hash is in `magic_links`, as for every link. When the derived token is no
+    /// longer a live link (the secret changed), a new generation is started, so the URL shown
+    /// always works.
     pub async fn user_link(
         &self,
         store: &Store,
@@ -138,12 +146,18 @@ impl LinkPolicy {
             .await?
             .parse()
             .unwrap_or(0);
-        let generation = if regenerate || current == 0 {
-            current + 1
-        } else {
-            current
-        };
-        let raw = derive(&key, generation);
+        let secret = self
+            .user_link_secret
+            .as_ref()
+            .map(|s| s.expose_secret().as_bytes());
+        let live = current > 0
+            && !regenerate
+            && store
+                .check_link(hash(&derive(&key, secret, current)), now_ms)
+                .await?
+                .is_ok();
+        let generation = if live { current } else { current + 1 };
+        let raw = derive(&key, secret, generation);
         if generation != current {
             let link = NewLink {
                 token_hash: hash(&raw),
@@ -167,13 +181,27 @@ impl LinkPolicy {
     }
 }
 
-/// The user link token of a generation: base64url(SHA-256(key ‖ generation)), 43 characters.
-fn derive(key: &str, generation: u64) -> String {
-    let mut h = Sha256::new();
-    h.update(key.as_bytes());
-    h.update(b"/user-link/");
-    h.update(generation.to_be_bytes());
-    URL_SAFE_NO_PAD.encode(h.finalize())
+/// The user link token of a generation, 43 base64url characters: HMAC-SHA256 keyed with the
+/// secret over the site key and generation, or without a secret SHA-256 of them.
+fn derive(key: &str, secret: Option<&[u8]>, generation: u64) -> String {
+    let digest = match secret {
+        Some(secret) => {
+            let mut mac =
+                Hmac::<Sha256>::new_from_slice(secret).expect("HMAC takes any key length");
+            mac.update(key.as_bytes());
+            mac.update(b"/user-link/");
+            mac.update(&generation.to_be_bytes());
+            mac.finalize().into_bytes()
+        }
+        None => {
+            let mut h = Sha256::new();
+            h.update(key.as_bytes());
+            h.update(b"/user-link/");
+            h.update(generation.to_be_bytes());
+            h.finalize()
+        }
+    };
+    URL_SAFE_NO_PAD.encode(digest)
 }
 
 #[cfg(test)]
@@ -192,9 +220,14 @@ mod tests {
     }
 
     #[test]
-    fn derived_user_tokens_change_with_generation() {
-        assert_ne!(derive("k", 1), derive("k", 2));
-        assert!(looks_like_token(&derive("k", 1)));
+    fn derived_user_tokens_change_with_generation_and_secret() {
+        assert_ne!(derive("k", None, 1), derive("k", None, 2));
+        assert!(looks_like_token(&derive("k", None, 1)));
+        let with = |secret: &[u8]| derive("k", Some(secret), 1);
+        assert!(looks_like_token(&with(b"admin")));
+        assert_eq!(with(b"admin"), with(b"admin"));
+        assert_ne!(with(b"admin"), with(b"other"));
+        assert_ne!(with(b"admin"), derive("k", None, 1));
     }
 
     #[test]

@@ -106,6 +106,7 @@ pub fn engine_config(config: &Config) -> Result<EngineConfig> {
     engine.custom_values = config.custom_values.clone();
     engine.links.learner_ttl = config.learner_link_ttl.to_std();
     engine.links.learner_uses = i64::from(config.learner_link_uses);
+    engine.links.user_link_secret = config.admin_token.clone();
     engine.stall_limit = config.stall_limit.to_std();
     engine.lease = config.lease.to_std();
     engine.smtp = config

@@ -322,6 +322,7 @@ async fn launch(
     let mut engine = EngineConfig::new(options.public_url.as_str());
     engine.links.learner_ttl = options.learner_ttl;
     engine.links.learner_uses = options.learner_uses;
+    engine.links.user_link_secret = options.admin_token.clone().map(Into::into);
     engine.email_from = EMAIL_FROM.into();
     engine.custom_values = options.custom_values.clone();
     engine.smtp = smtp

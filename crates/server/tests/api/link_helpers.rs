@@ -201,9 +201,10 @@ impl TestApp {
         req.send().await.expect("admin request")
     }
 
-    /// `{"url"}` of an admin endpoint called with the right token; asserts 200.
+    /// `{"url"}` of an admin endpoint called with this app's token; asserts 200.
     pub async fn admin_url(&self, method: reqwest::Method, path: &str) -> String {
-        let response = self.admin_request(method, path, Some(ADMIN_TOKEN)).await;
+        let token = self.options.admin_token.clone();
+        let response = self.admin_request(method, path, token.as_deref()).await;
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
         assert_eq!(status, 200, "admin {path}: {text}");

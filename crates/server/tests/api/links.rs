@@ -26,6 +26,7 @@ both_backends!(
     session_cookie_is_host_prefixed_and_secure_under_https,
     redemption_is_rate_limited_per_client_address,
     user_link_opens_the_staff_view_and_regenerates,
+    the_staff_link_cannot_be_derived_from_the_database_alone,
     admin_link_endpoints_require_the_token,
     redemption_emits_user_login_which_triggers_workflows,
     mints_redemptions_and_refusals_are_audited,
@@ -969,6 +970,68 @@ async fn user_link_opens_the_staff_view_and_regenerates(backend: Backend) {
     // Staff logins are not learner logins: no user_login event, no workflow.
     app.settle().await;
     expect_mail_count(&app, 0, "a staff login triggered a user_login workflow").await;
+}
+
+/// Someone who reads the database (a leaked backup) finds the site key and generation the staff
+/// link is derived from, but not the admin token it is also keyed with. A process with another
+/// admin token (the token was rotated) shows a new, working link and the old one stops.
+async fn the_staff_link_cannot_be_derived_from_the_database_alone(backend: Backend) {
+    let Some(app) = spawn_app(link_options(backend).admin_token("first-admin-token")).await else {
+        return;
+    };
+    let url = app.admin_url(Method::GET, "/v1/links/user").await;
+    let token = token_of_url(&app, &url);
+    let key = app
+        .store
+        .site_value("user_link_key".into(), String::new())
+        .await
+        .unwrap();
+    let generation: u64 = app
+        .store
+        .site_value("user_link_generation".into(), String::new())
+        .await
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(!key.is_empty() && generation > 0);
+    // What the database alone gives (the derivation without a secret).
+    let from_database = {
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let mut h = sha2::Sha256::new();
+        h.update(key.as_bytes());
+        h.update(b"/user-link/");
+        h.update(generation.to_be_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(h.finalize())
+    };
+    assert_ne!(token, from_database);
+    assert_eq!(
+        Jar::new(&app).open(&from_database).await.status,
+        404,
+        "the database-only derivation is no link"
+    );
+    let mut staff = Jar::new(&app);
+    staff.sign_in(&token).await;
+    assert!(staff.portal().await.body.contains("Staff view"));
+
+    let rotated = app
+        .another_process(link_options(backend).admin_token("second-admin-token"))
+        .await;
+    let new_url = rotated.admin_url(Method::GET, "/v1/links/user").await;
+    assert_ne!(new_url, url);
+    assert_eq!(
+        rotated.admin_url(Method::GET, "/v1/links/user").await,
+        new_url,
+        "stable under the new token"
+    );
+    let mut again = Jar::new(&rotated);
+    again.sign_in(&token_of_url(&rotated, &new_url)).await;
+    assert!(again.portal().await.body.contains("Staff view"));
+    assert_eq!(
+        Jar::new(&app).open(&token).await.status,
+        410,
+        "the old link is revoked"
+    );
 }
 
 async fn admin_link_endpoints_require_the_token(backend: Backend) {
