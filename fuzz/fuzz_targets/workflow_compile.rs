@@ -7,7 +7,7 @@
 use chrono::{DateTime, Utc};
 use herald_core::event::{BodyKind, CourseEvent, parse_body};
 use herald_core::template::CustomValues;
-use herald_core::workflow::{Instr, bundle_from, compile};
+use herald_core::workflow::{ContactState, Instr, bundle_from, compile};
 use libfuzzer_sys::fuzz_target;
 use std::collections::BTreeMap;
 
@@ -64,8 +64,10 @@ fn check(yaml: &str, templates: &BTreeMap<&str, String>) {
     let now: DateTime<Utc> = "2026-11-24T12:00:00Z".parse().expect("a valid instant");
     let event = parse_body(BodyKind::Single, EVENT.as_bytes(), now).expect("a valid event");
     let event: &CourseEvent = &event[0];
-    let _ = workflow.triggered_by(event);
-    let _ = workflow.exits_on(event);
+    let mut state = ContactState::default();
+    state.apply(event);
+    let _ = workflow.triggered_by(event, &state);
+    let _ = workflow.exits_on(event, &state);
     if let Some(schedule) = workflow.schedule() {
         if let Some(tick) = schedule.latest_tick(now, chrono_tz::UTC) {
             assert!(tick.at <= now, "{tick:?} is after {now}");
