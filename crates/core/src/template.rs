@@ -1082,16 +1082,18 @@ mod tests {
         assert_eq!(e.subject, "", "a value that is not a time renders empty");
     }
 
+    /// What the template check reports about `source`.
+    fn problems(source: &str) -> Vec<String> {
+        ParsedTemplate::parse(source)
+            .unwrap()
+            .unsupported
+            .into_iter()
+            .map(|r| r.name)
+            .collect()
+    }
+
     #[test]
     fn format_date_is_checked() {
-        let problems = |source: &str| {
-            ParsedTemplate::parse(source)
-                .unwrap()
-                .unsupported
-                .into_iter()
-                .map(|r| r.name)
-                .collect::<Vec<_>>()
-        };
         assert_eq!(
             problems("{{format_date event.time \"%d.%m.%Y\"}}"),
             Vec::<String>::new()
@@ -1143,14 +1145,6 @@ mod tests {
 
     #[test]
     fn format_number_is_checked() {
-        let problems = |source: &str| {
-            ParsedTemplate::parse(source)
-                .unwrap()
-                .unsupported
-                .into_iter()
-                .map(|r| r.name)
-                .collect::<Vec<_>>()
-        };
         assert!(problems("{{format_number offer.price}}").is_empty());
         assert!(problems("{{format_number offer.price 2}}").is_empty());
         for bad in [
