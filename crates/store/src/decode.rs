@@ -54,6 +54,20 @@ pub(crate) fn message_status(s: &str) -> Result<MessageStatus> {
         .ok_or_else(|| StoreError::Corrupt(format!("unknown message status {s:?}")))
 }
 
+/// How a row's column becomes the enum (`#[sqlx(try_from = "String")]`), through the same
+/// spelling as above.
+macro_rules! from_column {
+    ($($ty:ty => $parse:ident),*) => {$(
+        impl TryFrom<String> for $ty {
+            type Error = StoreError;
+            fn try_from(s: String) -> Result<Self> {
+                $parse(&s)
+            }
+        }
+    )*};
+}
+from_column!(RunState => run_state, Channel => channel, MessageStatus => message_status);
+
 /// The columns a delivery outcome writes.
 pub(crate) struct OutcomeColumns<'a> {
     pub status: MessageStatus,

@@ -1,6 +1,9 @@
 //! herald's one storage API over two backends (SQLite by default, PostgreSQL for several
 //! processes), in the shape of Stalwart's store: an enum over backends with a folder per backend,
 //! hand-written SQL in each, and one conformance suite (`tests/conformance/`) run against both.
+//! The reads are written once (`backend/read.rs`) over a few shared primitives (`backend/sql.rs`:
+//! a connection of either kind, a statement with its text for each, fetches that decode rows by
+//! column name); each backend's `read.rs` holds only their SQL.
 //!
 //! Writes come in batches: single-event posts are group-committed by the [`ingest`] task, and the
 //! engine claims and completes runs and messages many at a time, so durability (an fsync or a
@@ -208,7 +211,7 @@ impl Store {
     }
 }
 
-/// Dispatches every method of the public API to the backend; the one place that knows both.
+/// Dispatches to the backend the methods each implements in its own folder.
 macro_rules! delegate {
     ($( $(#[$meta:meta])* fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
         impl Store {
@@ -235,14 +238,8 @@ delegate! {
     fn extend_message_lease(&self, lease_token: String, until_ms: i64) -> u64;
     /// Records delivery outcomes whose lease still holds.
     fn complete_messages(&self, now_ms: i64, outcomes: Vec<MessageOutcome>) -> ();
-    /// The earliest due time of any run or queued message, to sleep until then.
-    fn next_due_ms(&self) -> Option<i64>;
     /// Stores workflow versions (id, version, bundle JSON); existing ones are kept.
     fn save_workflow_versions(&self, versions: Vec<(String, String, String)>, now_ms: i64) -> ();
-    /// The bundles (id, version, bundle JSON) of every version a live run is pinned to.
-    fn live_workflow_versions(&self) -> Vec<(String, String, String)>;
-    /// The contact's newest `limit` events, oldest first.
-    fn contact_events(&self, contact_id: String, limit: i64) -> Vec<ContactEventRow>;
     /// The contacts an audience picks, by id.
     fn audience(&self, query: AudienceQuery) -> Vec<String>;
     /// What each contact holds and has completed, as stored (every contact asked for is in the
@@ -258,10 +255,6 @@ delegate! {
     fn runs_started_by_events(&self, contact_ids: Vec<String>) -> Vec<(i64, String)>;
     /// Which of `ids` are stored as events of `source`.
     fn stored_event_ids(&self, source: String, ids: Vec<String>) -> Vec<String>;
-    /// The bundle JSON of one stored workflow version.
-    fn workflow_version(&self, id: String, version: String) -> Option<String>;
-    /// Whether each workflow is enabled, as the last reload of any process recorded it.
-    fn workflow_states(&self) -> Vec<(String, bool)>;
     /// Records whether each workflow is enabled and, for each whose stored state changed (or was
     /// unknown), parks its live runs (cancelling the messages they had queued) or resumes its
     /// parked ones, in the same transaction. Returns those (id, enabled,
@@ -281,18 +274,6 @@ delegate! {
     fn set_message_dead(&self, message_id: String, error: String, now_ms: i64) -> bool;
     /// Events set aside, oldest first, after the given `seq`.
     fn dead_events(&self, after_seq: i64, limit: i64) -> Vec<DeadEventRow>;
-    /// The dev mailbox, newest first.
-    fn mailbox(&self, limit: i64) -> Vec<MailboxItem>;
-    fn messages(&self, filter: ListFilter) -> Vec<MessageRow>;
-    /// What each of these messages is rendered from (none for a message whose event was erased).
-    fn message_sources(&self, ids: Vec<String>) -> Vec<MessageSource>;
-    fn runs(&self, filter: ListFilter) -> Vec<RunRow>;
-    fn contact(&self, id: String) -> Option<ContactRow>;
-    fn grants(&self, contact_id: String) -> Vec<GrantRow>;
-    /// Events stored but not yet dispatched (for metrics and tests).
-    fn undispatched_count(&self) -> i64;
-    /// Queue depths and the oldest due job at `now_ms` (for `/metrics`).
-    fn queue_stats(&self, now_ms: i64) -> QueueStats;
 
     /// Whether the contact holds at least one active offer grant (what a learner link needs).
     fn has_active_offer(&self, contact_id: String) -> bool;
@@ -334,4 +315,40 @@ delegate! {
     /// Ids of the contacts whose phone is this E.164 number (inbound SMS keywords).
     fn contacts_by_phone(&self, phone: String) -> Vec<String>;
     fn link_audit(&self, contact_id: Option<String>, limit: i64) -> Vec<LinkAuditRow>;
+}
+
+/// The reads, written once for both backends (`backend::read`) and run where the backend reads.
+macro_rules! reads {
+    ($( $(#[$meta:meta])* fn $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+        impl Store {
+            $( $(#[$meta])* pub async fn $name(&self $(, $arg: $ty)*) -> Result<$ret> {
+                backend::read::$name(self.backend.reader() $(, $arg)*).await
+            } )*
+        }
+    };
+}
+
+reads! {
+    /// The earliest due time of any run or queued message, to sleep until then.
+    fn next_due_ms(&self) -> Option<i64>;
+    /// The bundles (id, version, bundle JSON) of every version a live run is pinned to.
+    fn live_workflow_versions(&self) -> Vec<(String, String, String)>;
+    /// The contact's newest `limit` events, oldest first.
+    fn contact_events(&self, contact_id: String, limit: i64) -> Vec<ContactEventRow>;
+    /// The bundle JSON of one stored workflow version.
+    fn workflow_version(&self, id: String, version: String) -> Option<String>;
+    /// Whether each workflow is enabled, as the last reload of any process recorded it.
+    fn workflow_states(&self) -> Vec<(String, bool)>;
+    /// The dev mailbox, newest first.
+    fn mailbox(&self, limit: i64) -> Vec<MailboxItem>;
+    fn messages(&self, filter: ListFilter) -> Vec<MessageRow>;
+    /// What each of these messages is rendered from (none for a message whose event was erased).
+    fn message_sources(&self, ids: Vec<String>) -> Vec<MessageSource>;
+    fn runs(&self, filter: ListFilter) -> Vec<RunRow>;
+    fn contact(&self, id: String) -> Option<ContactRow>;
+    fn grants(&self, contact_id: String) -> Vec<GrantRow>;
+    /// Events stored but not yet dispatched (for metrics and tests).
+    fn undispatched_count(&self) -> i64;
+    /// Queue depths and the oldest due job at `now_ms` (for `/metrics`).
+    fn queue_stats(&self, now_ms: i64) -> QueueStats;
 }

@@ -20,8 +20,10 @@ pub enum Accepted {
 }
 
 /// Latest known details of a contact (the membership projection).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct ContactRow {
+    // Named apart from the id of a row it is read beside (a message's source).
+    #[sqlx(rename = "contact_id")]
     pub id: String,
     pub email: Option<String>,
     pub phone: Option<String>,
@@ -188,7 +190,7 @@ pub struct RunWrite {
 }
 
 /// One line of a run's history.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct StepRecord {
     pub step_id: String,
     pub kind: String,
@@ -389,10 +391,11 @@ pub struct MessageOutcome {
 }
 
 /// A message in the dev mailbox.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct MailboxItem {
     pub id: String,
     pub message_id: Option<String>,
+    #[sqlx(try_from = "String")]
     pub channel: Channel,
     pub sender: Option<String>,
     pub recipient: String,
@@ -403,17 +406,19 @@ pub struct MailboxItem {
 }
 
 /// A message as the admin API and tests read it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct MessageRow {
     pub id: String,
     pub run_id: String,
     pub step_id: String,
     pub workflow_id: String,
     pub contact_id: String,
+    #[sqlx(try_from = "String")]
     pub channel: Channel,
     pub recipient: Option<String>,
     pub subject: Option<String>,
     pub header_message_id: String,
+    #[sqlx(try_from = "String")]
     pub status: MessageStatus,
     pub reason: Option<String>,
     pub attempts: i64,
@@ -426,12 +431,13 @@ pub struct MessageRow {
 }
 
 /// A run as the admin API and tests read it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct RunRow {
     pub id: String,
     pub workflow_id: String,
     pub workflow_version: String,
     pub contact_id: String,
+    #[sqlx(try_from = "String")]
     pub state: RunState,
     pub reason: Option<String>,
     pub pc: i64,
@@ -439,6 +445,8 @@ pub struct RunRow {
     pub created_ms: i64,
     pub updated_ms: i64,
     pub ended_ms: Option<i64>,
+    /// Read by a second query, for all the listed runs at once.
+    #[sqlx(skip)]
     pub steps: Vec<StepRecord>,
 }
 
@@ -454,7 +462,7 @@ pub struct ListFilter {
 }
 
 /// One grant of a contact.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct GrantRow {
     pub kind: String,
     pub item_id: String,
@@ -612,7 +620,7 @@ pub struct OptOutRow {
 }
 
 /// Work waiting in the queues, for `/metrics`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
 pub struct QueueStats {
     /// Stored events the dispatcher has not handled yet.
     pub undispatched_events: i64,

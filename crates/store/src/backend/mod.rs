@@ -1,6 +1,9 @@
-//! The backends. Each folder holds one, with the same methods and its own SQL.
+//! The backends. Each folder holds one, with its own SQL. The reads are written once for both
+//! ([`read`], over the few primitives of [`sql`]); each folder's `read.rs` holds only their SQL.
 
 pub mod postgres;
+pub(crate) mod read;
+pub(crate) mod sql;
 pub mod sqlite;
 
 use crate::{NewEvent, Result, StoreError};
@@ -18,6 +21,14 @@ impl Backend {
             Ok(Self::Postgres(postgres::PgStore::connect(url).await?))
         } else {
             Err(StoreError::UnsupportedUrl(url.to_owned()))
+        }
+    }
+
+    /// Where the reads run: SQLite's reader pool, or the PostgreSQL pool.
+    pub(crate) fn reader(&self) -> sql::Conn<'_> {
+        match self {
+            Self::Sqlite(b) => sql::Conn::Sqlite(&b.readers),
+            Self::Postgres(b) => sql::Conn::Postgres(&b.pool),
         }
     }
 

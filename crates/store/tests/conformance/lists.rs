@@ -7,6 +7,8 @@ conformance! {
     mailbox_lists_newest_first,
     list_filters_and_cursor_pagination,
     queue_stats_count_due_work,
+    runs_list_every_step_of_every_run,
+    a_negative_limit_means_no_limit,
 }
 
 async fn mailbox_lists_newest_first(db: &TestDb) {
@@ -268,4 +270,96 @@ async fn queue_stats_count_due_work(db: &TestDb) {
         ),
         (0, 0, None)
     );
+}
+
+async fn runs_list_every_step_of_every_run(db: &TestDb) {
+    let s = &db.store;
+    // Step ids that sort against their order, so only `seq` can put them right.
+    let steps_of = |i: usize| -> Vec<StepRecord> {
+        (0..i % 5)
+            .map(|n| step(&format!("s{}", 9 - n), "ok", T0 + n as i64))
+            .collect()
+    };
+    let runs = (0..40)
+        .map(|i| {
+            let mut r = run_write(
+                &format!("run_{i:02}"),
+                "wf",
+                &format!("c{i}"),
+                0,
+                RunState::Active,
+                Some(T0),
+            );
+            r.steps = steps_of(i);
+            r
+        })
+        .collect();
+    seed_runs(s, runs, T0).await;
+
+    let listed = s.runs(all()).await.unwrap();
+    assert_eq!(listed.len(), 40);
+    for (i, run) in listed.iter().enumerate() {
+        assert_eq!(run.id, format!("run_{i:02}"));
+        assert_eq!(run.steps, steps_of(i), "the steps of {}", run.id);
+    }
+    // A page carries its own runs' steps, and only theirs.
+    let page = s
+        .runs(ListFilter {
+            after: Some("run_10".into()),
+            limit: 3,
+            ..ListFilter::default()
+        })
+        .await
+        .unwrap();
+    let got: Vec<_> = page
+        .iter()
+        .map(|r| (r.id.as_str(), r.steps.len()))
+        .collect();
+    assert_eq!(got, [("run_11", 1), ("run_12", 2), ("run_13", 3)]);
+}
+
+async fn a_negative_limit_means_no_limit(db: &TestDb) {
+    let s = &db.store;
+    let runs = (0..3)
+        .map(|i| {
+            let mut r = run_write(
+                &format!("run_{i}"),
+                "wf",
+                &format!("c{i}"),
+                0,
+                RunState::Active,
+                Some(T0),
+            );
+            r.messages = vec![queued_email(&format!("msg_{i}"), "s", T0)];
+            r
+        })
+        .collect();
+    seed_runs(s, runs, T0).await;
+    accept(
+        s,
+        vec![
+            contact_event("e1", "c0", T0 + 1),
+            contact_event("e2", "c0", T0 + 2),
+        ],
+    )
+    .await;
+    for m in ["a", "b", "c"] {
+        s.add_to_mailbox(mail(m, T0)).await.unwrap();
+    }
+
+    for limit in [-1, i64::MIN, i64::MAX] {
+        let f = ListFilter {
+            limit,
+            ..ListFilter::default()
+        };
+        assert_eq!(s.runs(f.clone()).await.unwrap().len(), 3, "runs, {limit}");
+        assert_eq!(s.messages(f).await.unwrap().len(), 3, "messages, {limit}");
+        assert_eq!(s.mailbox(limit).await.unwrap().len(), 3, "mailbox, {limit}");
+        let events = s.contact_events("c0".into(), limit).await.unwrap();
+        let ids: Vec<_> = events.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["seed-run_0", "e1", "e2"], "contact events, {limit}");
+    }
+    // A limit of zero is still none at all.
+    assert!(s.runs(ListFilter::default()).await.unwrap().is_empty());
+    assert!(s.contact_events("c0".into(), 0).await.unwrap().is_empty());
 }

@@ -21,7 +21,7 @@ mod links;
 #[cfg(target_os = "linux")]
 mod nodelay;
 mod opt_outs;
-mod read;
+pub(super) mod read;
 mod write;
 
 use crate::{ContactRow, Result, StoreError};
@@ -45,7 +45,7 @@ const MAX_TRIES: usize = 4;
 
 pub struct PgStore {
     /// Shared by reads and writes; each write is one transaction on one pooled connection.
-    pool: PgPool,
+    pub(super) pool: PgPool,
     /// For the listener's own connection (boxed: it is large and read once).
     options: Box<PgConnectOptions>,
     /// The `NOTIFY` channel of the processes sharing this database and schema.

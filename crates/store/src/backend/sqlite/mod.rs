@@ -8,7 +8,7 @@ mod dead;
 mod enroll;
 mod links;
 mod opt_outs;
-mod read;
+pub(super) mod read;
 mod write;
 mod writer;
 
@@ -31,7 +31,7 @@ pub struct SqliteStore {
     /// The only connection that writes.
     writer: Writer,
     /// Connections for reads (admin API, mailbox, health); WAL lets them run beside the writer.
-    readers: SqlitePool,
+    pub(super) readers: SqlitePool,
 }
 
 impl SqliteStore {
@@ -69,7 +69,7 @@ impl SqliteStore {
 }
 
 /// A JSON array of strings, for `IN (SELECT value FROM json_each(?))`: one statement, any length.
-fn json_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
+pub(super) fn json_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
     serde_json::Value::Array(
         items
             .into_iter()
