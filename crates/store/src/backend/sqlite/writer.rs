@@ -331,8 +331,12 @@ mod tests {
     async fn queued_units_join_the_leaders_transaction_and_fail_alone() {
         let mut db = db().await;
         let mut group = db.writer.lead().await.unwrap();
+        // Queued one at a time: the units run in queue order, and spawned tasks need not queue
+        // in spawn order.
         let first = spawn_insert(&db.writer, 1);
+        until_queued(&db.writer, 1).await;
         let duplicate = spawn_insert(&db.writer, 10);
+        until_queued(&db.writer, 2).await;
         let second = spawn_insert(&db.writer, 2);
         until_queued(&db.writer, 3).await;
         let own = insert(group.conn(), 10).await;
