@@ -137,23 +137,16 @@ impl Conn<'_> {
         })
     }
 
+    /// The one row the statement returns.
     pub(crate) async fn fetch_one<T: Decoded>(
         self,
         st: Statement,
         params: &[Param<'_>],
     ) -> Result<T> {
-        Ok(match self {
-            Self::Sqlite(pool) => {
-                sqlx::query_as_with(st.sqlite, sqlite_args(params)?)
-                    .fetch_one(pool)
-                    .await?
-            }
-            Self::Postgres(pool) => {
-                sqlx::query_as_with(st.postgres, pg_args(params)?)
-                    .fetch_one(pool)
-                    .await?
-            }
-        })
+        Ok(self
+            .fetch_optional(st, params)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?)
     }
 
     /// The first column of the one row the statement returns.
