@@ -283,6 +283,7 @@ pub fn with_latest_contact(event: &CourseEvent, contact: &ContactRow) -> CourseE
             ("first_name", &contact.first_name),
             ("last_name", &contact.last_name),
             ("timezone", &contact.timezone),
+            ("locale", &contact.locale),
         ];
         for (key, value) in fields {
             if let Some(v) = value {

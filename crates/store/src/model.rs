@@ -32,6 +32,8 @@ pub struct ContactRow {
     pub timezone: Option<String>,
     /// JSON object text, as the platform sent it.
     pub custom_fields: Option<String>,
+    /// The language its messages use (`de-DE`), as the platform sent it.
+    pub locale: Option<String>,
 }
 
 /// Run states. `Active` runs are due at `due_ms`; `WaitingEvent` runs wait for an event or their
@@ -686,6 +688,7 @@ pub fn carries_contact_details(contact: &serde_json::Map<String, serde_json::Val
         "last_name",
         "timezone",
         "custom_fields",
+        "locale",
     ]
     .iter()
     .any(|k| contact.get(*k).is_some_and(|v| !v.is_null()))

@@ -11,8 +11,8 @@ use std::collections::{HashMap, HashSet};
 /// The contact details one event carries.
 pub(crate) struct ContactFacts<'e> {
     pub id: &'e str,
-    /// email, phone, first_name, last_name, timezone.
-    pub fields: [Option<&'e str>; 5],
+    /// email, phone, first_name, last_name, timezone, locale.
+    pub fields: [Option<&'e str>; 6],
     /// The custom fields object as JSON text.
     pub custom_fields: Option<String>,
     /// The event's time when it carries details, else `i64::MIN`: an event without details
@@ -33,7 +33,15 @@ pub(crate) fn contacts<'e>(events: &'e [(i64, CourseEvent)]) -> Vec<ContactFacts
             let t = e.time.timestamp_millis();
             ContactFacts {
                 id: e.contact_id(),
-                fields: ["email", "phone", "first_name", "last_name", "timezone"].map(field),
+                fields: [
+                    "email",
+                    "phone",
+                    "first_name",
+                    "last_name",
+                    "timezone",
+                    "locale",
+                ]
+                .map(field),
                 custom_fields: contact
                     .get("custom_fields")
                     .filter(|v| v.is_object())

@@ -19,7 +19,7 @@ async fn contact_details_latest_event_wins_and_older_fills_gaps(db: &TestDb) {
     let first = |c: &str| {
         signup(
             &format!("{c}-1"),
-            json!({"id": c, "email": "a@example.com", "first_name": "Ann",
+            json!({"id": c, "email": "a@example.com", "first_name": "Ann", "locale": "de-DE",
                                           "custom_fields": {"company": "Acme"}}),
             T0 + 2_000,
         )
@@ -36,7 +36,7 @@ async fn contact_details_latest_event_wins_and_older_fills_gaps(db: &TestDb) {
         signup(
             &format!("{c}-3"),
             json!({"id": c, "email": "old@example.com", "first_name": "Old",
-                                          "phone": "+15551234567", "last_name": "Lee", "timezone": "Europe/Berlin",
+                                          "phone": "+15551234567", "last_name": "Lee", "timezone": "Europe/Berlin", "locale": "fr-FR",
                                           "custom_fields": {"company": "Old Co"}}),
             T0 + 1_000,
         )
@@ -49,6 +49,7 @@ async fn contact_details_latest_event_wins_and_older_fills_gaps(db: &TestDb) {
         last_name: Some("Lee".into()),
         timezone: Some("Europe/Berlin".into()),
         custom_fields: Some(json!({"company": "Acme"}).to_string()),
+        locale: Some("de-DE".into()),
     };
 
     // Across dispatches...

@@ -157,7 +157,8 @@ fn sql_limit(limit: i64) -> Option<i64> {
     (limit >= 0).then_some(limit)
 }
 
-/// The contact columns starting at `at` (id, email, phone, first, last, timezone, custom fields).
+/// The contact columns starting at `at` (id, email, phone, first, last, timezone, custom fields,
+/// locale).
 fn contact_at(r: &PgRow, at: usize) -> ContactRow {
     ContactRow {
         id: r.get::<Option<String>, _>(at).unwrap_or_default(),
@@ -167,5 +168,6 @@ fn contact_at(r: &PgRow, at: usize) -> ContactRow {
         last_name: r.get(at + 4),
         timezone: r.get(at + 5),
         custom_fields: r.get(at + 6),
+        locale: r.get(at + 7),
     }
 }

@@ -71,7 +71,7 @@ impl PgStore {
             opt_out_suppressed_addresses(&mut tx, key, &events, now_ms).await?;
         }
         let contact_rows = sqlx::query(
-            "SELECT id, email, phone, first_name, last_name, timezone, custom_fields FROM contacts WHERE id = ANY($1)",
+            "SELECT id, email, phone, first_name, last_name, timezone, custom_fields, locale FROM contacts WHERE id = ANY($1)",
         )
         .bind(&contacts)
         .fetch_all(&mut *tx)
@@ -227,7 +227,7 @@ impl PgStore {
                      RETURNING runs.id, runs.workflow_id, runs.workflow_version, runs.contact_id, runs.event_seq,
                                runs.state, runs.pc, runs.due_ms, runs.awaited_seq)
                  SELECT r.id, r.workflow_id, r.workflow_version, r.contact_id, r.event_seq, r.state, r.pc, e.body,
-                        c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields, aw.body
+                        c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields, c.locale, aw.body
                  FROM claimed r JOIN events e ON e.seq = r.event_seq LEFT JOIN contacts c ON c.id = r.contact_id
                  LEFT JOIN events aw ON aw.seq = r.awaited_seq
                  ORDER BY r.due_ms, r.id",
@@ -253,7 +253,7 @@ impl PgStore {
                     event: parse_stored_event(r.get(7))?,
                     contact: contact_at(&r, 8),
                     awaited: r
-                        .get::<Option<&str>, _>(15)
+                        .get::<Option<&str>, _>(16)
                         .map(parse_stored_event)
                         .transpose()?,
                 })
@@ -341,7 +341,7 @@ impl PgStore {
                                messages.contact_id, messages.due_ms)
                  SELECT m.id, m.run_id, m.step_id, m.pc, m.workflow_id, r.workflow_version, m.channel, m.recipient,
                         m.header_message_id, m.attempts, e.body,
-                        c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields,
+                        c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields, c.locale,
                     EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel),
                     NOT EXISTS (SELECT 1 FROM messages p WHERE p.contact_id = m.contact_id AND p.channel = m.channel AND p.status = 'sent'),
                     r.state, aw.body
@@ -372,11 +372,11 @@ impl PgStore {
                     lease_token: token.clone(),
                     event: parse_stored_event(r.get(10))?,
                     contact: contact_at(&r, 11),
-                    opted_out: r.get(18),
-                    first_on_channel: r.get(19),
-                    run_state: run_state(r.get(20))?,
+                    opted_out: r.get(19),
+                    first_on_channel: r.get(20),
+                    run_state: run_state(r.get(21))?,
                     awaited: r
-                        .get::<Option<&str>, _>(21)
+                        .get::<Option<&str>, _>(22)
                         .map(parse_stored_event)
                         .transpose()?,
                 })
@@ -993,10 +993,10 @@ async fn project_contacts(conn: &mut PgConnection, events: &[(i64, CourseEvent)]
         let times: Vec<i64> = round.iter().map(|c| c.event_ms).collect();
         let detail_times: Vec<i64> = round.iter().map(|c| c.details_ms).collect();
         sqlx::query(
-            "INSERT INTO contacts (id, email, phone, first_name, last_name, timezone, custom_fields, details_ms, last_event_ms)
-             SELECT id, email, phone, first_name, last_name, timezone, custom_fields, d, t
-             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[], $9::int8[])
-                  AS u(id, email, phone, first_name, last_name, timezone, custom_fields, t, d)
+            "INSERT INTO contacts (id, email, phone, first_name, last_name, timezone, custom_fields, details_ms, last_event_ms, locale)
+             SELECT id, email, phone, first_name, last_name, timezone, custom_fields, d, t, locale
+             FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::int8[], $9::int8[], $10::text[])
+                  AS u(id, email, phone, first_name, last_name, timezone, custom_fields, t, d, locale)
              ON CONFLICT (id) DO UPDATE SET
                email = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.email, contacts.email) ELSE COALESCE(contacts.email, excluded.email) END,
                phone = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.phone, contacts.phone) ELSE COALESCE(contacts.phone, excluded.phone) END,
@@ -1004,6 +1004,7 @@ async fn project_contacts(conn: &mut PgConnection, events: &[(i64, CourseEvent)]
                last_name = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.last_name, contacts.last_name) ELSE COALESCE(contacts.last_name, excluded.last_name) END,
                timezone = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.timezone, contacts.timezone) ELSE COALESCE(contacts.timezone, excluded.timezone) END,
                custom_fields = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.custom_fields, contacts.custom_fields) ELSE COALESCE(contacts.custom_fields, excluded.custom_fields) END,
+               locale = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.locale, contacts.locale) ELSE COALESCE(contacts.locale, excluded.locale) END,
                details_ms = GREATEST(contacts.details_ms, excluded.details_ms),
                last_event_ms = GREATEST(contacts.last_event_ms, excluded.last_event_ms)",
         )
@@ -1016,6 +1017,7 @@ async fn project_contacts(conn: &mut PgConnection, events: &[(i64, CourseEvent)]
         .bind(&custom)
         .bind(&times)
         .bind(&detail_times)
+        .bind(column(5))
         .execute(&mut *conn)
         .await?;
     }

@@ -41,7 +41,7 @@ pub(crate) const RUN_STEPS: &str = "SELECT run_id, step_id, kind, outcome, at_ms
  WHERE run_id IN (SELECT value FROM json_each(?1)) ORDER BY run_id, seq";
 
 pub(crate) const CONTACT: &str =
-    "SELECT id AS contact_id, email, phone, first_name, last_name, timezone, custom_fields
+    "SELECT id AS contact_id, email, phone, first_name, last_name, timezone, custom_fields, locale
  FROM contacts WHERE id = ?1";
 
 pub(crate) const GRANTS: &str = "SELECT kind, item_id, active, changed_ms FROM grants WHERE contact_id = ?1 ORDER BY kind, item_id";
@@ -57,7 +57,7 @@ pub(crate) const QUEUE_STATS: &str = "SELECT
    (SELECT MIN(due_ms) FROM messages WHERE status = 'queued' AND due_ms <= ?1) AS oldest_message_due_ms";
 
 pub(crate) const MESSAGE_SOURCES: &str = "SELECT m.id, m.workflow_id, r.workflow_version, m.pc, m.channel, e.body AS event,
-        COALESCE(c.id, '') AS contact_id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields,
+        COALESCE(c.id, '') AS contact_id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields, c.locale,
         aw.body AS awaited
  FROM messages m JOIN runs r ON r.id = m.run_id JOIN events e ON e.seq = r.event_seq
  LEFT JOIN contacts c ON c.id = m.contact_id LEFT JOIN events aw ON aw.seq = r.awaited_seq

@@ -272,7 +272,7 @@ async fn claim_runs(
     let ids = json_list(rows.iter().map(|r| r.get::<&str, _>(0)));
     let claimed = sqlx::query(
         "SELECT r.id, r.workflow_id, r.workflow_version, r.contact_id, r.event_seq, r.state, r.pc, e.body,
-                c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields, aw.body
+                c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields, c.locale, aw.body
          FROM runs r JOIN events e ON e.seq = r.event_seq LEFT JOIN contacts c ON c.id = r.contact_id
          LEFT JOIN events aw ON aw.seq = r.awaited_seq
          WHERE r.id IN (SELECT value FROM json_each(?))",
@@ -294,7 +294,7 @@ async fn claim_runs(
             event: parse_stored_event(r.get(7))?,
             contact: contact_at(&r, 8),
             awaited: r
-                .get::<Option<&str>, _>(15)
+                .get::<Option<&str>, _>(16)
                 .map(parse_stored_event)
                 .transpose()?,
         })
@@ -385,7 +385,7 @@ async fn claim_messages(
     let claimed = sqlx::query(
         "SELECT m.id, m.run_id, m.step_id, m.pc, m.workflow_id, r.workflow_version, m.channel, m.recipient,
                 m.header_message_id, m.attempts, e.body,
-                c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields,
+                c.id, c.email, c.phone, c.first_name, c.last_name, c.timezone, c.custom_fields, c.locale,
                 EXISTS (SELECT 1 FROM opt_outs o WHERE o.contact_id = m.contact_id AND o.channel = m.channel),
                 NOT EXISTS (SELECT 1 FROM messages p WHERE p.contact_id = m.contact_id AND p.channel = m.channel AND p.status = 'sent'),
                 r.state, aw.body
@@ -412,11 +412,11 @@ async fn claim_messages(
             lease_token: token.clone(),
             event: parse_stored_event(r.get(10))?,
             contact: contact_at(&r, 11),
-            opted_out: r.get(18),
-            first_on_channel: r.get(19),
-            run_state: run_state(r.get(20))?,
+            opted_out: r.get(19),
+            first_on_channel: r.get(20),
+            run_state: run_state(r.get(21))?,
             awaited: r
-                .get::<Option<&str>, _>(21)
+                .get::<Option<&str>, _>(22)
                 .map(parse_stored_event)
                 .transpose()?,
         })
@@ -528,7 +528,7 @@ async fn dispatch_batch(
         opt_out_suppressed_addresses(conn, key, &events, now_ms).await?;
     }
     let contact_rows = sqlx::query(
-        "SELECT id, email, phone, first_name, last_name, timezone, custom_fields FROM contacts
+        "SELECT id, email, phone, first_name, last_name, timezone, custom_fields, locale FROM contacts
          WHERE id IN (SELECT value FROM json_each(?))",
     )
     .bind(&contacts)
@@ -890,9 +890,9 @@ async fn end_learner_access(
 async fn project(conn: &mut SqliteConnection, events: &[(i64, CourseEvent)]) -> Result<()> {
     let contacts = projection::contacts(events);
     sqlx::query(
-        "INSERT INTO contacts (id, email, phone, first_name, last_name, timezone, custom_fields, details_ms, last_event_ms)
+        "INSERT INTO contacts (id, email, phone, first_name, last_name, timezone, custom_fields, details_ms, last_event_ms, locale)
          SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-                value ->> 7, value ->> 8
+                value ->> 7, value ->> 8, value ->> 9
          FROM json_each(?) WHERE true ORDER BY key
          ON CONFLICT (id) DO UPDATE SET
            email = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.email, contacts.email) ELSE COALESCE(contacts.email, excluded.email) END,
@@ -901,12 +901,13 @@ async fn project(conn: &mut SqliteConnection, events: &[(i64, CourseEvent)]) -> 
            last_name = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.last_name, contacts.last_name) ELSE COALESCE(contacts.last_name, excluded.last_name) END,
            timezone = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.timezone, contacts.timezone) ELSE COALESCE(contacts.timezone, excluded.timezone) END,
            custom_fields = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.custom_fields, contacts.custom_fields) ELSE COALESCE(contacts.custom_fields, excluded.custom_fields) END,
+           locale = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.locale, contacts.locale) ELSE COALESCE(contacts.locale, excluded.locale) END,
            details_ms = MAX(contacts.details_ms, excluded.details_ms),
            last_event_ms = MAX(contacts.last_event_ms, excluded.last_event_ms)",
     )
     .bind(json_rows(contacts.iter().map(|c| {
-        let [email, phone, first, last, zone] = c.fields;
-        json!([c.id, email, phone, first, last, zone, c.custom_fields, c.details_ms, c.event_ms])
+        let [email, phone, first, last, zone, locale] = c.fields;
+        json!([c.id, email, phone, first, last, zone, c.custom_fields, c.details_ms, c.event_ms, locale])
     })))
     .execute(&mut *conn)
     .await?;
@@ -1027,7 +1028,8 @@ fn live_run(r: &sqlx::sqlite::SqliteRow) -> Result<LiveRun> {
     })
 }
 
-/// The contact columns starting at `at` (id, email, phone, first, last, timezone, custom fields).
+/// The contact columns starting at `at` (id, email, phone, first, last, timezone, custom fields,
+/// locale).
 pub(crate) fn contact_at(r: &sqlx::sqlite::SqliteRow, at: usize) -> crate::ContactRow {
     crate::ContactRow {
         id: r.get::<Option<String>, _>(at).unwrap_or_default(),
@@ -1037,5 +1039,6 @@ pub(crate) fn contact_at(r: &sqlx::sqlite::SqliteRow, at: usize) -> crate::Conta
         last_name: r.get(at + 4),
         timezone: r.get(at + 5),
         custom_fields: r.get(at + 6),
+        locale: r.get(at + 7),
     }
 }
