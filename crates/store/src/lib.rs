@@ -157,10 +157,7 @@ impl Store {
             .address_key
             .get()
             .ok_or(StoreError::NotConfigured("no address key set"))?;
-        match &*self.backend {
-            Backend::Sqlite(b) => b.erase_contact(contact_id, key, now_ms).await,
-            Backend::Postgres(b) => b.erase_contact(contact_id, key, now_ms).await,
-        }
+        backend::opt_outs::erase_contact(&self.backend, contact_id, key.clone(), now_ms).await
     }
 
     /// Opts every contact with each email address out of email (`source` per address: bounced,
@@ -171,11 +168,8 @@ impl Store {
         addresses: Vec<(String, String)>,
         now_ms: i64,
     ) -> Result<Vec<String>> {
-        let key = self.address_key.get();
-        match &*self.backend {
-            Backend::Sqlite(b) => b.suppress_email_addresses(addresses, key, now_ms).await,
-            Backend::Postgres(b) => b.suppress_email_addresses(addresses, key, now_ms).await,
-        }
+        let key = self.address_key.get().cloned();
+        backend::opt_outs::suppress_email_addresses(&self.backend, addresses, key, now_ms).await
     }
 
     /// Tells the other processes on this database that there is work or news (returns at once;
@@ -307,13 +301,6 @@ delegate! {
     fn set_site_value(&self, name: String, value: String) -> ();
     /// Puts a message straight into the dev mailbox (system emails outside a workflow run).
     fn add_to_mailbox(&self, item: MailboxItem) -> ();
-    /// Opts a contact out of a channel (`true`) or back in (`false`); returns whether anything changed.
-    fn set_opt_out(&self, contact_id: String, channel: Channel, opted_out: bool, source: String, now_ms: i64) -> bool;
-    fn opt_outs(&self, contact_id: String) -> Vec<OptOutRow>;
-    /// Every opt-out with the contact's current addresses, oldest first.
-    fn suppression_list(&self) -> Vec<SuppressionRow>;
-    /// Ids of the contacts whose phone is this E.164 number (inbound SMS keywords).
-    fn contacts_by_phone(&self, phone: String) -> Vec<String>;
     fn link_audit(&self, contact_id: Option<String>, limit: i64) -> Vec<LinkAuditRow>;
 }
 
@@ -351,4 +338,26 @@ reads! {
     fn undispatched_count(&self) -> i64;
     /// Queue depths and the oldest due job at `now_ms` (for `/metrics`).
     fn queue_stats(&self, now_ms: i64) -> QueueStats;
+}
+
+/// Domain operations written once for both backends, each in its aggregate's module under
+/// `backend/`.
+macro_rules! written_once {
+    ($( $(#[$meta:meta])* fn $module:ident :: $name:ident(&self $(, $arg:ident : $ty:ty)*) -> $ret:ty; )*) => {
+        impl Store {
+            $( $(#[$meta])* pub async fn $name(&self $(, $arg: $ty)*) -> Result<$ret> {
+                backend::$module::$name(&self.backend $(, $arg)*).await
+            } )*
+        }
+    };
+}
+
+written_once! {
+    /// Opts a contact out of a channel (`true`) or back in (`false`); returns whether anything changed.
+    fn opt_outs::set_opt_out(&self, contact_id: String, channel: Channel, opted_out: bool, source: String, now_ms: i64) -> bool;
+    fn opt_outs::opt_outs(&self, contact_id: String) -> Vec<OptOutRow>;
+    /// Every opt-out with the contact's current addresses, oldest first.
+    fn opt_outs::suppression_list(&self) -> Vec<SuppressionRow>;
+    /// Ids of the contacts whose phone is this E.164 number (inbound SMS keywords).
+    fn opt_outs::contacts_by_phone(&self, phone: String) -> Vec<String>;
 }

@@ -614,8 +614,9 @@ pub struct SuppressionRow {
 }
 
 /// A contact's opt-out of one channel.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct OptOutRow {
+    #[sqlx(try_from = "String")]
     pub channel: Channel,
     pub source: String,
     pub at_ms: i64,

@@ -1,12 +1,19 @@
 //! The backends. Each folder holds one, with its own SQL. The reads are written once for both
 //! ([`read`], over the few primitives of [`sql`]); each folder's `read.rs` holds only their SQL.
 
+pub(crate) mod opt_outs;
 pub mod postgres;
 pub(crate) mod read;
 pub(crate) mod sql;
 pub mod sqlite;
 
 use crate::{NewEvent, Result, StoreError};
+use futures::future::BoxFuture;
+use sql::{On, Tx};
+
+/// A unit of write work written once for both backends: given the transaction and its
+/// arguments. A plain function, so that PostgreSQL can run it again after a deadlock.
+pub(crate) type WriteWork<A, T> = for<'c> fn(Tx<'c>, &'c A) -> BoxFuture<'c, Result<T>>;
 
 pub enum Backend {
     Sqlite(sqlite::SqliteStore),
@@ -29,6 +36,36 @@ impl Backend {
         match self {
             Self::Sqlite(b) => sql::Conn::Sqlite(&b.readers),
             Self::Postgres(b) => sql::Conn::Postgres(&b.pool),
+        }
+    }
+
+    /// Runs `work` in one write transaction: on SQLite in the writer's next group (see
+    /// `sqlite::writer`), on PostgreSQL in a transaction of its own, tried again when PostgreSQL
+    /// aborts it as a deadlock victim or a serialization failure.
+    pub(crate) async fn write<A, T>(
+        &self,
+        what: &'static str,
+        args: A,
+        work: WriteWork<A, T>,
+    ) -> Result<T>
+    where
+        A: Send + Sync + 'static,
+        T: Send + 'static,
+    {
+        match self {
+            Self::Sqlite(b) => {
+                b.writer
+                    .run(move |conn| Box::pin(async move { work(On::Sqlite(conn), &args).await }))
+                    .await
+            }
+            Self::Postgres(b) => {
+                postgres::retrying!(what, async {
+                    let mut tx = b.pool.begin().await?;
+                    let out = work(On::Postgres(&mut *tx), &args).await?;
+                    tx.commit().await?;
+                    Ok(out)
+                })
+            }
         }
     }
 

@@ -5,13 +5,44 @@
 use crate::Result;
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
-use sqlx::{Arguments, Decode, FromRow, PgPool, Postgres, Sqlite, SqlitePool, Type};
+use sqlx::{
+    Arguments, Decode, Executor, FromRow, PgConnection, PgPool, Postgres, Sqlite, SqliteConnection,
+    SqlitePool, Type,
+};
+
+/// A database handle of either backend: a pool ([`Conn`], where reads run) or a connection inside
+/// a write transaction ([`Tx`]). The fetches below are written once for every pair.
+pub(crate) enum On<S, P> {
+    Sqlite(S),
+    Postgres(P),
+}
 
 /// Where a read runs: SQLite's reader pool or the PostgreSQL pool.
-#[derive(Clone, Copy)]
-pub(crate) enum Conn<'a> {
-    Sqlite(&'a SqlitePool),
-    Postgres(&'a PgPool),
+pub(crate) type Conn<'a> = On<&'a SqlitePool, &'a PgPool>;
+
+/// A write transaction's connection: SQLite's writer (inside its group's transaction) or a
+/// PostgreSQL transaction. Each statement borrows it through [`Tx::at`].
+pub(crate) type Tx<'a> = On<&'a mut SqliteConnection, &'a mut PgConnection>;
+
+impl Clone for Conn<'_> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl Copy for Conn<'_> {}
+
+impl Tx<'_> {
+    /// The transaction again, for one statement.
+    pub(crate) fn at(&mut self) -> Tx<'_> {
+        match self {
+            Self::Sqlite(c) => On::Sqlite(&mut **c),
+            Self::Postgres(c) => On::Postgres(&mut **c),
+        }
+    }
+
+    pub(crate) fn is_postgres(&self) -> bool {
+        matches!(self, Self::Postgres(_))
+    }
 }
 
 /// One query in the dialect of each backend; the two take the same parameters in the same order.
@@ -19,6 +50,17 @@ pub(crate) enum Conn<'a> {
 pub(crate) struct Statement {
     pub sqlite: &'static str,
     pub postgres: &'static str,
+}
+
+impl Statement {
+    /// A query both backends read alike: `$n` parameters, which sqlx binds by number on SQLite
+    /// as on PostgreSQL.
+    pub(crate) const fn portable(sql: &'static str) -> Self {
+        Self {
+            sqlite: sql,
+            postgres: sql,
+        }
+    }
 }
 
 /// The [`Statement`] of the constant of this name in both backends' SQL modules.
@@ -98,21 +140,39 @@ fn pg_args(params: &[Param<'_>]) -> Result<PgArguments> {
     Ok(args)
 }
 
-impl Conn<'_> {
+impl<'e, S, P> On<S, P>
+where
+    S: Executor<'e, Database = Sqlite>,
+    P: Executor<'e, Database = Postgres>,
+{
+    /// Runs a statement that returns no rows; how many rows it changed.
+    pub(crate) async fn execute(self, st: Statement, params: &[Param<'_>]) -> Result<u64> {
+        Ok(match self {
+            Self::Sqlite(e) => sqlx::query_with(st.sqlite, sqlite_args(params)?)
+                .execute(e)
+                .await?
+                .rows_affected(),
+            Self::Postgres(e) => sqlx::query_with(st.postgres, pg_args(params)?)
+                .execute(e)
+                .await?
+                .rows_affected(),
+        })
+    }
+
     pub(crate) async fn fetch_all<T: Decoded>(
         self,
         st: Statement,
         params: &[Param<'_>],
     ) -> Result<Vec<T>> {
         Ok(match self {
-            Self::Sqlite(pool) => {
+            Self::Sqlite(e) => {
                 sqlx::query_as_with(st.sqlite, sqlite_args(params)?)
-                    .fetch_all(pool)
+                    .fetch_all(e)
                     .await?
             }
-            Self::Postgres(pool) => {
+            Self::Postgres(e) => {
                 sqlx::query_as_with(st.postgres, pg_args(params)?)
-                    .fetch_all(pool)
+                    .fetch_all(e)
                     .await?
             }
         })
@@ -124,14 +184,14 @@ impl Conn<'_> {
         params: &[Param<'_>],
     ) -> Result<Option<T>> {
         Ok(match self {
-            Self::Sqlite(pool) => {
+            Self::Sqlite(e) => {
                 sqlx::query_as_with(st.sqlite, sqlite_args(params)?)
-                    .fetch_optional(pool)
+                    .fetch_optional(e)
                     .await?
             }
-            Self::Postgres(pool) => {
+            Self::Postgres(e) => {
                 sqlx::query_as_with(st.postgres, pg_args(params)?)
-                    .fetch_optional(pool)
+                    .fetch_optional(e)
                     .await?
             }
         })
@@ -149,6 +209,26 @@ impl Conn<'_> {
             .ok_or(sqlx::Error::RowNotFound)?)
     }
 
+    /// The first column of every row.
+    pub(crate) async fn fetch_scalars<T: Scalar>(
+        self,
+        st: Statement,
+        params: &[Param<'_>],
+    ) -> Result<Vec<T>> {
+        Ok(match self {
+            Self::Sqlite(e) => {
+                sqlx::query_scalar_with(st.sqlite, sqlite_args(params)?)
+                    .fetch_all(e)
+                    .await?
+            }
+            Self::Postgres(e) => {
+                sqlx::query_scalar_with(st.postgres, pg_args(params)?)
+                    .fetch_all(e)
+                    .await?
+            }
+        })
+    }
+
     /// The first column of the one row the statement returns.
     pub(crate) async fn fetch_scalar<T: Scalar>(
         self,
@@ -156,14 +236,14 @@ impl Conn<'_> {
         params: &[Param<'_>],
     ) -> Result<T> {
         Ok(match self {
-            Self::Sqlite(pool) => {
+            Self::Sqlite(e) => {
                 sqlx::query_scalar_with(st.sqlite, sqlite_args(params)?)
-                    .fetch_one(pool)
+                    .fetch_one(e)
                     .await?
             }
-            Self::Postgres(pool) => {
+            Self::Postgres(e) => {
                 sqlx::query_scalar_with(st.postgres, pg_args(params)?)
-                    .fetch_one(pool)
+                    .fetch_one(e)
                     .await?
             }
         })

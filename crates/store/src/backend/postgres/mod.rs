@@ -20,7 +20,6 @@ mod enroll;
 mod links;
 #[cfg(target_os = "linux")]
 mod nodelay;
-mod opt_outs;
 pub(super) mod read;
 mod write;
 
@@ -41,7 +40,7 @@ const HTTP_READS: u32 = 4;
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
 
 /// How often a transaction aborted by a deadlock or a serialization failure is tried in all.
-const MAX_TRIES: usize = 4;
+pub(super) const MAX_TRIES: usize = 4;
 
 pub struct PgStore {
     /// Shared by reads and writes; each write is one transaction on one pooled connection.
@@ -144,10 +143,10 @@ macro_rules! retrying {
         }
     }};
 }
-use retrying;
+pub(crate) use retrying;
 
 /// A deadlock or a serialization failure: the transaction was rolled back and may be tried again.
-fn is_transient(e: &StoreError) -> bool {
+pub(super) fn is_transient(e: &StoreError) -> bool {
     matches!(e, StoreError::Database(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("40P01" | "40001")))
 }
 

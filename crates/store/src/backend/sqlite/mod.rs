@@ -7,7 +7,6 @@
 mod dead;
 mod enroll;
 mod links;
-mod opt_outs;
 pub(super) mod read;
 mod write;
 mod writer;
@@ -29,7 +28,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqli
 
 pub struct SqliteStore {
     /// The only connection that writes.
-    writer: Writer,
+    pub(super) writer: Writer,
     /// Connections for reads (admin API, mailbox, health); WAL lets them run beside the writer.
     pub(super) readers: SqlitePool,
 }

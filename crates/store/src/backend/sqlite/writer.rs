@@ -31,7 +31,7 @@ struct Unit {
     reply: oneshot::Sender<Result<Output>>,
 }
 
-pub(super) struct Writer {
+pub(in crate::backend) struct Writer {
     conn: Mutex<SqliteConnection>,
     queue: SyncMutex<Vec<Unit>>,
     /// A group was dropped before it finished (its caller was cancelled): the connection may
@@ -58,7 +58,7 @@ impl Writer {
 
     /// Runs `work` in a write transaction, possibly beside other callers' units, and answers
     /// after the commit.
-    pub(super) async fn run<T, W>(&self, work: W) -> Result<T>
+    pub(in crate::backend) async fn run<T, W>(&self, work: W) -> Result<T>
     where
         T: Send + 'static,
         W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T>> + Send + 'static,
