@@ -234,40 +234,11 @@ delegate! {
     fn complete_messages(&self, now_ms: i64, outcomes: Vec<MessageOutcome>) -> ();
     /// Stores workflow versions (id, version, bundle JSON); existing ones are kept.
     fn save_workflow_versions(&self, versions: Vec<(String, String, String)>, now_ms: i64) -> ();
-    /// The contacts an audience picks, by id.
-    fn audience(&self, query: AudienceQuery) -> Vec<String>;
-    /// What each contact holds and has completed, as stored (every contact asked for is in the
-    /// answer, with an empty state when nothing is known).
-    fn contact_states(&self, contact_ids: Vec<String>) -> std::collections::HashMap<String, herald_core::workflow::ContactState>;
-    /// The enrollment counts in one workflow of each of `contact_ids` that herald knows (an
-    /// unknown id has no row).
-    fn enrollment_counts(&self, workflow_id: String, contact_ids: Vec<String>, window_start_ms: i64) -> Vec<(String, EnrollmentCounts)>;
-    /// Course events received since `since_ms` (not herald's enrollments, not set-aside ones),
-    /// after `after_seq`, in order: what a replay matches again.
-    fn course_events_since(&self, since_ms: i64, after_seq: i64, limit: i64) -> Vec<(i64, herald_core::CourseEvent)>;
-    /// The triggering event (its `seq`) and workflow of every run of these contacts.
-    fn runs_started_by_events(&self, contact_ids: Vec<String>) -> Vec<(i64, String)>;
-    /// Which of `ids` are stored as events of `source`.
-    fn stored_event_ids(&self, source: String, ids: Vec<String>) -> Vec<String>;
     /// Records whether each workflow is enabled and, for each whose stored state changed (or was
     /// unknown), parks its live runs (cancelling the messages they had queued) or resumes its
     /// parked ones, in the same transaction. Returns those (id, enabled,
     /// runs parked or resumed).
     fn sync_workflow_states(&self, states: Vec<(String, bool)>, now_ms: i64) -> Vec<(String, bool, u64)>;
-    /// Sets aside the oldest undispatched event (its dispatch keeps failing) with the error, so
-    /// the events behind it go on. Returns its (source, id).
-    fn set_aside_next_event(&self, error: String, now_ms: i64) -> Option<(String, String)>;
-    /// Ends a live run as `state` (dead: advancing it keeps failing; cancelled: an operator's
-    /// cancel) with `reason`, cancelling its queued messages that no send holds. Returns the run's
-    /// state afterwards (`state` only if it was live), `None` for an unknown run.
-    fn end_run(&self, run_id: String, state: RunState, reason: String, now_ms: i64) -> Option<RunState>;
-    /// Queues a failed or dead message again (attempts from zero, due now, the same Message-ID).
-    /// Returns its status afterwards (`queued` only if it was failed or dead), `None` if unknown.
-    fn retry_message(&self, message_id: String, now_ms: i64) -> Option<MessageStatus>;
-    /// Marks a queued message dead (recording its delivery keeps failing).
-    fn set_message_dead(&self, message_id: String, error: String, now_ms: i64) -> bool;
-    /// Events set aside, oldest first, after the given `seq`.
-    fn dead_events(&self, after_seq: i64, limit: i64) -> Vec<DeadEventRow>;
 
     /// Whether the contact holds at least one active offer grant (what a learner link needs).
     fn has_active_offer(&self, contact_id: String) -> bool;
@@ -353,6 +324,35 @@ macro_rules! written_once {
 }
 
 written_once! {
+    /// The contacts an audience picks, by id.
+    fn enroll::audience(&self, query: AudienceQuery) -> Vec<String>;
+    /// What each contact holds and has completed, as stored (every contact asked for is in the
+    /// answer, with an empty state when nothing is known).
+    fn enroll::contact_states(&self, contact_ids: Vec<String>) -> std::collections::HashMap<String, herald_core::workflow::ContactState>;
+    /// The enrollment counts in one workflow of each of `contact_ids` that herald knows (an
+    /// unknown id has no row).
+    fn enroll::enrollment_counts(&self, workflow_id: String, contact_ids: Vec<String>, window_start_ms: i64) -> Vec<(String, EnrollmentCounts)>;
+    /// Course events received since `since_ms` (not herald's enrollments, not set-aside ones),
+    /// after `after_seq`, in order: what a replay matches again.
+    fn enroll::course_events_since(&self, since_ms: i64, after_seq: i64, limit: i64) -> Vec<(i64, herald_core::CourseEvent)>;
+    /// The triggering event (its `seq`) and workflow of every run of these contacts.
+    fn enroll::runs_started_by_events(&self, contact_ids: Vec<String>) -> Vec<(i64, String)>;
+    /// Which of `ids` are stored as events of `source`.
+    fn enroll::stored_event_ids(&self, source: String, ids: Vec<String>) -> Vec<String>;
+    /// Sets aside the oldest undispatched event (its dispatch keeps failing) with the error, so
+    /// the events behind it go on. Returns its (source, id).
+    fn dead::set_aside_next_event(&self, error: String, now_ms: i64) -> Option<(String, String)>;
+    /// Ends a live run as `state` (dead: advancing it keeps failing; cancelled: an operator's
+    /// cancel) with `reason`, cancelling its queued messages that no send holds. Returns the run's
+    /// state afterwards (`state` only if it was live), `None` for an unknown run.
+    fn dead::end_run(&self, run_id: String, state: RunState, reason: String, now_ms: i64) -> Option<RunState>;
+    /// Queues a failed or dead message again (attempts from zero, due now, the same Message-ID).
+    /// Returns its status afterwards (`queued` only if it was failed or dead), `None` if unknown.
+    fn dead::retry_message(&self, message_id: String, now_ms: i64) -> Option<MessageStatus>;
+    /// Marks a queued message dead (recording its delivery keeps failing).
+    fn dead::set_message_dead(&self, message_id: String, error: String, now_ms: i64) -> bool;
+    /// Events set aside, oldest first, after the given `seq`.
+    fn dead::dead_events(&self, after_seq: i64, limit: i64) -> Vec<DeadEventRow>;
     /// Opts a contact out of a channel (`true`) or back in (`false`); returns whether anything changed.
     fn opt_outs::set_opt_out(&self, contact_id: String, channel: Channel, opted_out: bool, source: String, now_ms: i64) -> bool;
     fn opt_outs::opt_outs(&self, contact_id: String) -> Vec<OptOutRow>;

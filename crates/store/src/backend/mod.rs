@@ -1,6 +1,8 @@
 //! The backends. Each folder holds one, with its own SQL. The reads are written once for both
 //! ([`read`], over the few primitives of [`sql`]); each folder's `read.rs` holds only their SQL.
 
+pub(crate) mod dead;
+pub(crate) mod enroll;
 pub(crate) mod opt_outs;
 pub mod postgres;
 pub(crate) mod read;

@@ -40,8 +40,15 @@ impl Tx<'_> {
         }
     }
 
-    pub(crate) fn is_postgres(&self) -> bool {
-        matches!(self, Self::Postgres(_))
+    /// Serialises this transaction with every process's dispatch pass: on PostgreSQL by the
+    /// dispatchers' transaction-scoped advisory lock; on SQLite the one writer already does.
+    pub(crate) async fn lock_dispatch(&mut self) -> Result<()> {
+        if let Self::Postgres(conn) = self {
+            sqlx::query(super::postgres::LOCK_DISPATCH)
+                .execute(&mut **conn)
+                .await?;
+        }
+        Ok(())
     }
 }
 
@@ -76,7 +83,9 @@ pub(crate) use statement;
 
 /// A bound value.
 pub(crate) enum Param<'a> {
+    Bool(bool),
     Int(i64),
+    OptInt(Option<i64>),
     Text(Option<&'a str>),
     /// A list of ids: a JSON array for SQLite's `json_each`, an array for PostgreSQL's `ANY`.
     Texts(&'a [String]),
@@ -116,7 +125,9 @@ fn sqlite_args(params: &[Param<'_>]) -> Result<SqliteArguments> {
     let mut args = SqliteArguments::default();
     for p in params {
         match p {
+            Param::Bool(b) => args.add(*b),
             Param::Int(n) => args.add(*n),
+            Param::OptInt(n) => args.add(*n),
             Param::Text(s) => args.add(*s),
             Param::Texts(items) => {
                 args.add(super::sqlite::json_list(items.iter().map(String::as_str)))
@@ -131,7 +142,9 @@ fn pg_args(params: &[Param<'_>]) -> Result<PgArguments> {
     let mut args = PgArguments::default();
     for p in params {
         match p {
+            Param::Bool(b) => args.add(*b),
             Param::Int(n) => args.add(*n),
+            Param::OptInt(n) => args.add(*n),
             Param::Text(s) => args.add(*s),
             Param::Texts(items) => args.add(*items),
         }
@@ -207,6 +220,26 @@ where
             .fetch_optional(st, params)
             .await?
             .ok_or(sqlx::Error::RowNotFound)?)
+    }
+
+    /// The first column of the row the statement returns, if any.
+    pub(crate) async fn fetch_optional_scalar<T: Scalar>(
+        self,
+        st: Statement,
+        params: &[Param<'_>],
+    ) -> Result<Option<T>> {
+        Ok(match self {
+            Self::Sqlite(e) => {
+                sqlx::query_scalar_with(st.sqlite, sqlite_args(params)?)
+                    .fetch_optional(e)
+                    .await?
+            }
+            Self::Postgres(e) => {
+                sqlx::query_scalar_with(st.postgres, pg_args(params)?)
+                    .fetch_optional(e)
+                    .await?
+            }
+        })
     }
 
     /// The first column of every row.

@@ -15,8 +15,6 @@
 //! `postgres://user@host/db?options=-csearch_path%3Dmy_schema`. Tables, including sqlx's
 //! `_sqlx_migrations`, are then created in and read from that schema (it must exist).
 
-mod dead;
-mod enroll;
 mod links;
 #[cfg(target_os = "linux")]
 mod nodelay;
@@ -38,6 +36,10 @@ const ENGINE_CONNECTIONS: u32 = 6;
 const HTTP_READS: u32 = 4;
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/postgres");
+
+/// The dispatchers' lock, held to the end of the transaction: one dispatch pass at a time across
+/// the processes on this schema, so events are dispatched in order.
+pub(crate) const LOCK_DISPATCH: &str = "SELECT pg_advisory_xact_lock(hashtextextended('herald.dispatch:' || COALESCE(current_schema(), ''), 0))";
 
 /// How often a transaction aborted by a deadlock or a serialization failure is tried in all.
 pub(super) const MAX_TRIES: usize = 4;

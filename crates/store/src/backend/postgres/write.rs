@@ -4,6 +4,7 @@
 
 use super::{PgStore, contact_at, retrying, sql_limit};
 use crate::DeliveryResult;
+use crate::backend::sql::Tx;
 use crate::decode::{channel, outcome_columns, parse_stored_event, run_state};
 use crate::erasure::AddressKey;
 use crate::{
@@ -49,9 +50,7 @@ impl PgStore {
             planner,
         } = request;
         let mut tx = self.pool.begin().await?;
-        sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended('herald.dispatch:' || COALESCE(current_schema(), ''), 0))")
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(super::LOCK_DISPATCH).execute(&mut *tx).await?;
         let rows =
             sqlx::query("SELECT seq, body FROM events WHERE NOT dispatched ORDER BY seq LIMIT $1 FOR UPDATE SKIP LOCKED")
                 .bind(sql_limit(limit))
@@ -85,7 +84,7 @@ impl PgStore {
 
         let states = if contact_states {
             let ids: Vec<String> = contacts.iter().map(|c| c.to_string()).collect();
-            Some(super::enroll::contact_states(&mut *tx, &ids).await?)
+            Some(crate::backend::enroll::contact_states_on(Tx::Postgres(&mut *tx), &ids).await?)
         } else {
             None
         };

@@ -4,8 +4,6 @@
 //! the engine's writes share commits (see [`writer`]), and reads use a separate pool beside the
 //! writer.
 
-mod dead;
-mod enroll;
 mod links;
 pub(super) mod read;
 mod write;

@@ -2,6 +2,7 @@
 
 use super::{SqliteStore, json_list, json_rows};
 use crate::DeliveryResult;
+use crate::backend::sql::Tx;
 use crate::decode::{channel, outcome_columns, parse_stored_event, run_state};
 use crate::erasure::AddressKey;
 use crate::{
@@ -547,7 +548,7 @@ async fn dispatch_batch(
             .map(|(_, e)| e.contact_id().to_owned())
             .collect();
         let ids: Vec<String> = ids.into_iter().collect();
-        Some(super::enroll::contact_states(&mut *conn, &ids).await?)
+        Some(crate::backend::enroll::contact_states_on(Tx::Sqlite(&mut *conn), &ids).await?)
     } else {
         None
     };
