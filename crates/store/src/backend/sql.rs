@@ -153,6 +153,25 @@ fn pg_args(params: &[Param<'_>]) -> Result<PgArguments> {
     Ok(args)
 }
 
+/// Runs `$statement` with `$params` on either backend: `$query` builds it (`query_with`,
+/// `query_as_with`, `query_scalar_with`), `$fetch` runs it.
+macro_rules! on_either {
+    ($on:expr, $query:ident, $fetch:ident, $statement:expr, $params:expr) => {
+        match $on {
+            On::Sqlite(e) => {
+                sqlx::$query($statement.sqlite, sqlite_args($params)?)
+                    .$fetch(e)
+                    .await?
+            }
+            On::Postgres(e) => {
+                sqlx::$query($statement.postgres, pg_args($params)?)
+                    .$fetch(e)
+                    .await?
+            }
+        }
+    };
+}
+
 impl<'e, S, P> On<S, P>
 where
     S: Executor<'e, Database = Sqlite>,
@@ -161,14 +180,18 @@ where
     /// Runs a statement that returns no rows; how many rows it changed.
     pub(crate) async fn execute(self, st: Statement, params: &[Param<'_>]) -> Result<u64> {
         Ok(match self {
-            Self::Sqlite(e) => sqlx::query_with(st.sqlite, sqlite_args(params)?)
-                .execute(e)
-                .await?
-                .rows_affected(),
-            Self::Postgres(e) => sqlx::query_with(st.postgres, pg_args(params)?)
-                .execute(e)
-                .await?
-                .rows_affected(),
+            On::Sqlite(e) => {
+                sqlx::query_with(st.sqlite, sqlite_args(params)?)
+                    .execute(e)
+                    .await?
+                    .rows_affected()
+            }
+            On::Postgres(e) => {
+                sqlx::query_with(st.postgres, pg_args(params)?)
+                    .execute(e)
+                    .await?
+                    .rows_affected()
+            }
         })
     }
 
@@ -177,18 +200,7 @@ where
         st: Statement,
         params: &[Param<'_>],
     ) -> Result<Vec<T>> {
-        Ok(match self {
-            Self::Sqlite(e) => {
-                sqlx::query_as_with(st.sqlite, sqlite_args(params)?)
-                    .fetch_all(e)
-                    .await?
-            }
-            Self::Postgres(e) => {
-                sqlx::query_as_with(st.postgres, pg_args(params)?)
-                    .fetch_all(e)
-                    .await?
-            }
-        })
+        Ok(on_either!(self, query_as_with, fetch_all, st, params))
     }
 
     pub(crate) async fn fetch_optional<T: Decoded>(
@@ -196,18 +208,7 @@ where
         st: Statement,
         params: &[Param<'_>],
     ) -> Result<Option<T>> {
-        Ok(match self {
-            Self::Sqlite(e) => {
-                sqlx::query_as_with(st.sqlite, sqlite_args(params)?)
-                    .fetch_optional(e)
-                    .await?
-            }
-            Self::Postgres(e) => {
-                sqlx::query_as_with(st.postgres, pg_args(params)?)
-                    .fetch_optional(e)
-                    .await?
-            }
-        })
+        Ok(on_either!(self, query_as_with, fetch_optional, st, params))
     }
 
     /// The one row the statement returns.
@@ -222,44 +223,22 @@ where
             .ok_or(sqlx::Error::RowNotFound)?)
     }
 
-    /// The first column of the row the statement returns, if any.
-    pub(crate) async fn fetch_optional_scalar<T: Scalar>(
-        self,
-        st: Statement,
-        params: &[Param<'_>],
-    ) -> Result<Option<T>> {
-        Ok(match self {
-            Self::Sqlite(e) => {
-                sqlx::query_scalar_with(st.sqlite, sqlite_args(params)?)
-                    .fetch_optional(e)
-                    .await?
-            }
-            Self::Postgres(e) => {
-                sqlx::query_scalar_with(st.postgres, pg_args(params)?)
-                    .fetch_optional(e)
-                    .await?
-            }
-        })
-    }
-
     /// The first column of every row.
     pub(crate) async fn fetch_scalars<T: Scalar>(
         self,
         st: Statement,
         params: &[Param<'_>],
     ) -> Result<Vec<T>> {
-        Ok(match self {
-            Self::Sqlite(e) => {
-                sqlx::query_scalar_with(st.sqlite, sqlite_args(params)?)
-                    .fetch_all(e)
-                    .await?
-            }
-            Self::Postgres(e) => {
-                sqlx::query_scalar_with(st.postgres, pg_args(params)?)
-                    .fetch_all(e)
-                    .await?
-            }
-        })
+        Ok(on_either!(self, query_scalar_with, fetch_all, st, params))
+    }
+
+    /// The first column of the row the statement returns, if any.
+    pub(crate) async fn fetch_optional_scalar<T: Scalar>(
+        self,
+        st: Statement,
+        params: &[Param<'_>],
+    ) -> Result<Option<T>> {
+        Ok(on_either!(self, query_scalar_with, fetch_optional, st, params))
     }
 
     /// The first column of the one row the statement returns.
@@ -268,17 +247,6 @@ where
         st: Statement,
         params: &[Param<'_>],
     ) -> Result<T> {
-        Ok(match self {
-            Self::Sqlite(e) => {
-                sqlx::query_scalar_with(st.sqlite, sqlite_args(params)?)
-                    .fetch_one(e)
-                    .await?
-            }
-            Self::Postgres(e) => {
-                sqlx::query_scalar_with(st.postgres, pg_args(params)?)
-                    .fetch_one(e)
-                    .await?
-            }
-        })
+        Ok(on_either!(self, query_scalar_with, fetch_one, st, params))
     }
 }
