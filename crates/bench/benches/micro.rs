@@ -185,7 +185,7 @@ async fn seeded_store(n: usize) -> (Store, tempfile::TempDir) {
         plan
     };
     while store
-        .dispatch(DispatchRequest::new(1_000, T0, 0, &planner))
+        .dispatch(DispatchRequest::new(1_000, &|| T0, i64::MAX, &planner))
         .await
         .expect("dispatch")
         > 0

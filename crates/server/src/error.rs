@@ -13,6 +13,9 @@ pub struct ApiError {
     pub detail: serde_json::Map<String, serde_json::Value>,
     /// Seconds after which a retry may succeed (`Retry-After`).
     pub retry_after: Option<u32>,
+    /// The request's body was left unread: the connection is closed after this answer, and the
+    /// client is told so, instead of racing it to reuse a connection the server drops.
+    pub body_unread: bool,
 }
 
 impl ApiError {
@@ -22,10 +25,15 @@ impl ApiError {
             message: message.into(),
             detail: Default::default(),
             retry_after: None,
+            body_unread: false,
         }
     }
     pub fn retry_after(mut self, seconds: u32) -> Self {
         self.retry_after = Some(seconds);
+        self
+    }
+    pub fn body_unread(mut self) -> Self {
+        self.body_unread = true;
         self
     }
     pub fn with(mut self, key: &str, value: impl serde::Serialize) -> Self {
@@ -44,6 +52,12 @@ impl IntoResponse for ApiError {
             response
                 .headers_mut()
                 .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
+        if self.body_unread {
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
         }
         response
     }

@@ -92,14 +92,20 @@ pub struct Store {
 /// and the current runs of its contacts.
 pub type Planner<'a> = &'a (dyn Fn(&DispatchInput) -> DispatchPlan + Send + Sync);
 
+/// The clock a dispatch pass reads, in milliseconds since the epoch.
+pub type DispatchClock<'a> = &'a (dyn Fn() -> i64 + Send + Sync);
+
 /// One dispatch pass as the dispatcher asks for it.
 #[derive(Clone, Copy)]
 pub struct DispatchRequest<'a> {
     /// At most this many undispatched events, oldest first.
     pub limit: i64,
-    pub now_ms: i64,
-    /// Runs created since then count as recent enrollments ([`EnrollmentCounts::recent`]).
-    pub window_start_ms: i64,
+    /// Read once the batch is selected, so that an event stored while the pass waited for the
+    /// database is planned at its own time ([`DispatchInput::now_ms`]).
+    pub clock: DispatchClock<'a>,
+    /// Runs created this long before "now" count as recent enrollments
+    /// ([`EnrollmentCounts::recent`]).
+    pub loop_window_ms: i64,
     /// Load the state of the batch's contacts for the planner ([`DispatchInput::states`]): only
     /// when a workflow's conditions read it, as it costs a query per batch.
     pub contact_states: bool,
@@ -108,11 +114,16 @@ pub struct DispatchRequest<'a> {
 
 impl<'a> DispatchRequest<'a> {
     /// A pass that does not load the contacts' state.
-    pub fn new(limit: i64, now_ms: i64, window_start_ms: i64, planner: Planner<'a>) -> Self {
+    pub fn new(
+        limit: i64,
+        clock: DispatchClock<'a>,
+        loop_window_ms: i64,
+        planner: Planner<'a>,
+    ) -> Self {
         Self {
             limit,
-            now_ms,
-            window_start_ms,
+            clock,
+            loop_window_ms,
             contact_states: false,
             planner,
         }

@@ -134,6 +134,8 @@ pub struct EnrollmentCounts {
 /// current run state of their contacts.
 #[derive(Debug)]
 pub struct DispatchInput {
+    /// "Now" for this batch: the request's clock read once the events were selected.
+    pub now_ms: i64,
     pub events: Vec<(i64, CourseEvent)>,
     pub live_runs: Vec<LiveRun>,
     /// Keyed by (contact id, workflow id).

@@ -111,7 +111,6 @@ impl Shared {
         limit: i64,
         wait_for_versions: bool,
     ) -> Result<Batch, StoreError> {
-        let now_ms = self.clock.now_ms();
         let host = self.config.public_host();
         // What the planner decided, recorded as metrics only once its transaction committed.
         let started = std::sync::Mutex::new(Vec::new());
@@ -127,10 +126,10 @@ impl Shared {
             let snapshot = self.registry.snapshot();
             let plan = dispatch::Planner {
                 workflows: &snapshot,
-                // The clock read now that the events are selected: an event stored while this
-                // pass waited for the database is planned at its own time, not before it (its
-                // waits would otherwise end early).
-                now_ms: self.clock.now_ms(),
+                // The clock read once the events were selected: an event stored while this pass
+                // waited for the database is planned at its own time, not before it (its waits
+                // would otherwise end early, and loop protection would count from too early).
+                now_ms: input.now_ms,
                 default_timezone: self.config.default_timezone,
                 message_host: &host,
                 wait_for_versions,
@@ -163,8 +162,8 @@ impl Shared {
             .store
             .dispatch(DispatchRequest {
                 limit,
-                now_ms,
-                window_start_ms: now_ms.saturating_sub(dispatch::LOOP_WINDOW_MS),
+                clock: &|| self.clock.now_ms(),
+                loop_window_ms: dispatch::LOOP_WINDOW_MS,
                 contact_states: self.registry.snapshot().reads_contact_state(),
                 planner: &plan,
             })

@@ -26,7 +26,8 @@ pub async fn post_events(
             StatusCode::SERVICE_UNAVAILABLE,
             "too many event requests in flight; retry shortly",
         )
-        .retry_after(1));
+        .retry_after(1)
+        .body_unread());
     };
     let (parts, body) = request.into_parts();
     let header = |name: &str| parts.headers.get(name).and_then(|v| v.to_str().ok());
@@ -39,7 +40,7 @@ pub async fn post_events(
     // Unsigned or stale requests are refused before their body is read.
     signed
         .check_fresh(now.timestamp())
-        .map_err(signature_refused)?;
+        .map_err(|e| signature_refused(e).body_unread())?;
     let body = read_body(&parts.headers, body)
         .await
         .inspect_err(|_| rejected("too_large"))?;
@@ -130,11 +131,12 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<axum::body::Bytes,
                 }
             }
         }
-        return Err(too_large());
+        return Err(too_large().body_unread());
     }
+    // A body over the limit without a declared length is read only up to the limit.
     axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
-        .map_err(|_| too_large())
+        .map_err(|_| too_large().body_unread())
 }
 
 /// Oversized bodies up to this size are read to their end before the 413 goes out.

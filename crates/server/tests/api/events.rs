@@ -1148,6 +1148,11 @@ async fn unsigned_or_stale_requests_are_refused_before_their_body_is_read(backen
         let (status, answer) = client.await.unwrap();
         assert_eq!(status, 401, "{answer}");
         assert!(answer.contains("webhook"), "{answer}");
+        // The unread body ends the connection, and the client is told so up front.
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
     }
     let grown = rss_bytes().saturating_sub(rss_before);
     assert!(
@@ -1174,21 +1179,37 @@ async fn requests_over_the_in_flight_limit_get_503_with_retry_after(backend: Bac
     for _ in 0..4 {
         holders.push(send_head(&app, 1000, &app.signature_headers(b"")).await);
     }
-    let mut shed = None;
-    let shed_seen = eventually(async || {
-        let mut stream = send_head(&app, 2, &app.signature_headers(b"{}")).await;
+    let seated = eventually(async || app.state.intake_slots.available_permits() == 0).await;
+    if !seated {
+        let mut answers = Vec::new();
+        for holder in &mut holders {
+            use tokio::io::AsyncReadExt;
+            let mut buf = [0u8; 4096];
+            let read =
+                tokio::time::timeout(std::time::Duration::from_millis(500), holder.read(&mut buf));
+            answers.push(match read.await {
+                Ok(Ok(n)) => String::from_utf8_lossy(&buf[..n]).into_owned(),
+                other => format!("{other:?}"),
+            });
+        }
+        panic!(
+            "the four requests waiting for their bodies do not hold the four slots ({} free); they were answered: {answers:#?}",
+            app.state.intake_slots.available_permits()
+        );
+    }
+    let mut stream = send_head(&app, 2, &app.signature_headers(b"{}")).await;
+    {
         use tokio::io::AsyncWriteExt;
         let _ = stream.write_all(b"{}").await;
-        let (status, answer) = read_answer(&mut stream, Vec::new()).await;
-        let done = status == 503;
-        shed = Some(answer);
-        done
-    })
-    .await;
-    let answer = shed.unwrap_or_default();
-    assert!(shed_seen, "the fifth request was not shed: {answer}");
+    }
+    let (status, answer) = read_answer(&mut stream, Vec::new()).await;
+    assert_eq!(status, 503, "the fifth request was not shed: {answer}");
     assert!(
         answer.to_ascii_lowercase().contains("retry-after: 1"),
+        "{answer}"
+    );
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
         "{answer}"
     );
     let body: Value = serde_json::from_str(answer_body(&answer)).expect("a JSON error");

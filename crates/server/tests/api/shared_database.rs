@@ -84,6 +84,8 @@ async fn a_reload_on_one_process_reaches_the_other() {
     for name in ["stepper", "deliverer"] {
         assert!(a.state.loops.pause(name), "{name}");
     }
+    // B would start the run on its own version if it dispatched the grant.
+    assert!(b.state.loops.pause("dispatcher"));
     a.accept(&offer_granted(contact("c_new_version", "Ann"), "o_pro"))
         .await;
     assert!(
@@ -105,6 +107,7 @@ async fn a_reload_on_one_process_reaches_the_other() {
     for name in ["stepper", "deliverer"] {
         assert!(a.state.loops.resume(name), "{name}");
     }
+    assert!(b.state.loops.resume("dispatcher"));
 
     // Disabled through A's files: B, whose files still say enabled, starts no run either.
     std::fs::write(
@@ -186,6 +189,8 @@ async fn exit_when_holds_on_a_process_without_the_runs_version() {
         "B has A's new version before any run needs it"
     );
 
+    // Only A dispatches the grant (B, which would start the run on its own version, waits)...
+    assert!(b.state.loops.pause("dispatcher"));
     a.accept(&offer_granted(contact("c_exit", "Ann"), "o_pro"))
         .await;
     wait_for("A to start the run on its version", async || {
@@ -196,8 +201,9 @@ async fn exit_when_holds_on_a_process_without_the_runs_version() {
     })
     .await;
 
-    // Only B dispatches from here.
+    // ...and only B dispatches from here.
     assert!(a.state.loops.pause("dispatcher"));
+    assert!(b.state.loops.resume("dispatcher"));
     b.accept(&event(
         "lesson_completed",
         serde_json::json!({"contact": {"id": "c_exit"}, "product": product("p_rust101", "Rust 101"),

@@ -84,6 +84,7 @@ impl TestPlanner {
             }
         }
         let copy = DispatchInput {
+            now_ms: input.now_ms,
             events: input.events.clone(),
             live_runs: input.live_runs.clone(),
             counts: input.counts.clone(),
@@ -98,8 +99,8 @@ impl TestPlanner {
         store
             .dispatch(DispatchRequest::new(
                 limit,
-                now_ms,
-                now_ms - 86_400_000,
+                &|| now_ms,
+                86_400_000,
                 &|input: &DispatchInput| self.plan(input, now_ms),
             ))
             .await
@@ -371,7 +372,7 @@ async fn dispatch_exits_and_resumes_runs(db: &TestDb) {
     };
     accept(s, vec![contact_event("e5", "c1", T0)]).await;
     assert_eq!(
-        s.dispatch(DispatchRequest::new(100, later + 1, 0, &plan))
+        s.dispatch(DispatchRequest::new(100, &|| later + 1, i64::MAX, &plan))
             .await
             .unwrap(),
         1
@@ -420,7 +421,7 @@ async fn dispatch_takes_events_in_order_up_to_the_limit(db: &TestDb) {
     let mut sizes = Vec::new();
     loop {
         let n = s
-            .dispatch(DispatchRequest::new(2, T0, 0, &planner))
+            .dispatch(DispatchRequest::new(2, &|| T0, i64::MAX, &planner))
             .await
             .unwrap();
         if n == 0 {
@@ -506,7 +507,7 @@ async fn dispatchers_take_turns_so_later_events_see_earlier_runs(db: &TestDb) {
     let first_store = db.store.clone();
     let first = tokio::spawn(async move {
         first_store
-            .dispatch(DispatchRequest::new(1, T0 + 10, 0, &*slow))
+            .dispatch(DispatchRequest::new(1, &|| T0 + 10, i64::MAX, &*slow))
             .await
             .expect("first dispatch")
     });

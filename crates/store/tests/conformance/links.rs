@@ -112,19 +112,24 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
     );
     assert_eq!(s.session("other".into(), T0 + 2).await.unwrap(), None);
     let logins = Mutex::new(Vec::new());
-    s.dispatch(DispatchRequest::new(10, T0, 0, &|input: &DispatchInput| {
-        logins
-            .lock()
-            .unwrap()
-            .extend(input.events.iter().map(|(_, e)| {
-                (
-                    e.event_type.trigger_name(),
-                    e.contact_id().to_owned(),
-                    e.source.clone(),
-                )
-            }));
-        DispatchPlan::default()
-    }))
+    s.dispatch(DispatchRequest::new(
+        10,
+        &|| T0,
+        i64::MAX,
+        &|input: &DispatchInput| {
+            logins
+                .lock()
+                .unwrap()
+                .extend(input.events.iter().map(|(_, e)| {
+                    (
+                        e.event_type.trigger_name(),
+                        e.contact_id().to_owned(),
+                        e.source.clone(),
+                    )
+                }));
+            DispatchPlan::default()
+        },
+    ))
     .await
     .unwrap();
     assert_eq!(

@@ -101,7 +101,7 @@ fn no_plan(_: &DispatchInput) -> DispatchPlan {
 /// Dispatches everything undispatched with a planner that plans nothing (projection only).
 async fn project_all(store: &Store, now_ms: i64) {
     while store
-        .dispatch(DispatchRequest::new(100, now_ms, 0, &no_plan))
+        .dispatch(DispatchRequest::new(100, &|| now_ms, i64::MAX, &no_plan))
         .await
         .expect("dispatch")
         > 0
@@ -181,7 +181,7 @@ async fn seed_runs(store: &Store, runs: Vec<RunWrite>, now_ms: i64) {
         plan
     };
     while store
-        .dispatch(DispatchRequest::new(100, now_ms, 0, &planner))
+        .dispatch(DispatchRequest::new(100, &|| now_ms, i64::MAX, &planner))
         .await
         .expect("dispatch")
         > 0

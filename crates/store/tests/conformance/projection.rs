@@ -406,7 +406,7 @@ async fn contact_state_is_what_the_contact_holds_and_completed(db: &TestDb) {
     };
     let request = DispatchRequest {
         contact_states: true,
-        ..DispatchRequest::new(100, T0, 0, &planner)
+        ..DispatchRequest::new(100, &|| T0, i64::MAX, &planner)
     };
     assert_eq!(s.dispatch(request).await.unwrap(), 10);
     let in_dispatch = seen
@@ -442,7 +442,7 @@ async fn contact_state_is_what_the_contact_holds_and_completed(db: &TestDb) {
         *seen.lock().unwrap() = Some(input.states.is_some());
         DispatchPlan::default()
     };
-    s.dispatch(DispatchRequest::new(100, T0, 0, &planner))
+    s.dispatch(DispatchRequest::new(100, &|| T0, i64::MAX, &planner))
         .await
         .unwrap();
     assert_eq!(seen.into_inner().unwrap(), Some(false));

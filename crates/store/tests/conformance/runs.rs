@@ -271,8 +271,8 @@ async fn finish_runs_drops_stale_leases_and_appends_effects(db: &TestDb) {
     let waits = Mutex::new(Vec::new());
     s.dispatch(DispatchRequest::new(
         10,
-        T0 + 9_002,
-        0,
+        &|| T0 + 9_002,
+        i64::MAX,
         &|input: &DispatchInput| {
             waits.lock().unwrap().extend(
                 input

@@ -153,8 +153,8 @@ async fn parking_a_workflow_keeps_its_runs_wait_state(db: &TestDb) {
     let waits = Mutex::new(Vec::new());
     s.dispatch(DispatchRequest::new(
         10,
-        T0 + 4,
-        0,
+        &|| T0 + 4,
+        i64::MAX,
         &|input: &DispatchInput| {
             waits.lock().unwrap().extend(
                 input

@@ -44,8 +44,8 @@ impl PgStore {
     ) -> Result<usize> {
         let DispatchRequest {
             limit,
-            now_ms,
-            window_start_ms,
+            clock,
+            loop_window_ms,
             contact_states,
             planner,
         } = request;
@@ -59,6 +59,8 @@ impl PgStore {
         if rows.is_empty() {
             return Ok(0);
         }
+        let now_ms = clock();
+        let window_start_ms = now_ms.saturating_sub(loop_window_ms);
         let mut events = Vec::with_capacity(rows.len());
         for row in &rows {
             events.push((row.get::<i64, _>(0), parse_stored_event(row.get(1))?));
@@ -134,6 +136,7 @@ impl PgStore {
         drop(contacts);
 
         let input = DispatchInput {
+            now_ms,
             events,
             live_runs,
             counts,

@@ -505,8 +505,8 @@ async fn dispatch_batch(
 ) -> Result<Dispatched> {
     let DispatchRequest {
         limit,
-        now_ms,
-        window_start_ms,
+        clock,
+        loop_window_ms,
         contact_states,
         planner,
     } = request;
@@ -518,6 +518,8 @@ async fn dispatch_batch(
     if rows.is_empty() {
         return Ok(Dispatched::Events(0));
     }
+    let now_ms = clock();
+    let window_start_ms = now_ms.saturating_sub(loop_window_ms);
     let mut events = Vec::with_capacity(rows.len());
     for row in &rows {
         events.push((row.get::<i64, _>(0), parse_stored_event(row.get(1))?));
@@ -584,6 +586,7 @@ async fn dispatch_batch(
     }
 
     let input = DispatchInput {
+        now_ms,
         events,
         live_runs,
         counts,
