@@ -1,7 +1,7 @@
 //! Turning stored text back into domain values, and outcomes into columns: shared by both
 //! backends, so a state or status is spelled in one place.
 
-use crate::{Channel, DeliveryResult, MessageStatus, Result, RunState, StoreError};
+use crate::{Channel, DeliveryResult, LinkKind, MessageStatus, Result, RunState, StoreError};
 use herald_core::CourseEvent;
 use herald_core::workflow::ContactState;
 use std::collections::HashMap;
@@ -54,6 +54,10 @@ pub(crate) fn message_status(s: &str) -> Result<MessageStatus> {
         .ok_or_else(|| StoreError::Corrupt(format!("unknown message status {s:?}")))
 }
 
+pub(crate) fn link_kind(s: &str) -> Result<LinkKind> {
+    LinkKind::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown link kind {s:?}")))
+}
+
 /// How a row's column becomes the enum (`#[sqlx(try_from = "String")]`), through the same
 /// spelling as above.
 macro_rules! from_column {
@@ -66,7 +70,12 @@ macro_rules! from_column {
         }
     )*};
 }
-from_column!(RunState => run_state, Channel => channel, MessageStatus => message_status);
+from_column!(
+    RunState => run_state,
+    Channel => channel,
+    MessageStatus => message_status,
+    LinkKind => link_kind
+);
 
 /// The columns a delivery outcome writes.
 pub(crate) struct OutcomeColumns<'a> {

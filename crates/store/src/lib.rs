@@ -251,39 +251,8 @@ delegate! {
     /// runs parked or resumed).
     fn sync_workflow_states(&self, states: Vec<(String, bool)>, now_ms: i64) -> Vec<(String, bool, u64)>;
 
-    /// Whether the contact holds at least one active offer grant (what a learner link needs).
-    fn has_active_offer(&self, contact_id: String) -> bool;
-    /// Stores a freshly minted link (replacing the one of the same message) and audits the mint.
-    fn mint_link(&self, link: NewLink, now_ms: i64) -> ();
-    /// The links of a batch of messages being sent, in one transaction: each is stored (replacing
-    /// the earlier one of its message) and audited if its contact holds an active offer grant.
-    /// Returns, per link, whether it was (a contact without a grant gets none).
-    fn mint_message_links(&self, links: Vec<NewLink>, now_ms: i64) -> Vec<bool>;
-    /// Revokes every live link of the contact (learner) or the site's user link (`None`) and ends
-    /// every session of that kind and contact, then stores `link` and, if given, a site value
-    /// (the staff link's generation): regeneration, in one transaction.
-    fn regenerate_link(&self, link: NewLink, site_value: Option<(String, String)>, now_ms: i64) -> ();
-    /// Read-only: would this link open the portal now? (GET /l/{token} changes nothing.)
-    fn check_link(&self, token_hash: String, now_ms: i64) -> Result<LinkHolder, (LinkRefusal, Option<String>)>;
-    /// Redeems a link atomically: validity, use count and entitlement are checked by the statement
-    /// that counts the use; on success a session starts and, for a learner, a `course.user_login`
-    /// event from `login_source` is stored in the same transaction. Refusals are audited.
-    fn redeem_link(&self, token_hash: String, now_ms: i64, session: NewSession, login_source: String) -> Result<LinkHolder, (LinkRefusal, Option<String>)>;
-    /// The live session with this id hash, if any.
-    fn session(&self, id_hash: String, now_ms: i64) -> Option<LinkHolder>;
-    fn end_session(&self, id_hash: String, now_ms: i64) -> ();
-    /// Products of the contact's active grants (offers' products plus direct product grants), or,
-    /// for `None` (staff), the whole catalogue.
-    fn portal_products(&self, contact_id: Option<String>) -> Vec<ProductRow>;
-    /// Records a request for a new link if the contact is under `max_short` requests since
-    /// `short_since_ms` and `max_day` since `day_since_ms`; returns whether it was allowed.
-    fn allow_link_resend(&self, contact_id: String, now_ms: i64, short_since_ms: i64, max_short: i64, day_since_ms: i64, max_day: i64) -> bool;
-    /// A site-wide value (e.g. the user link key), creating it with `default` if absent.
-    fn site_value(&self, name: String, default: String) -> String;
-    fn set_site_value(&self, name: String, value: String) -> ();
     /// Puts a message straight into the dev mailbox (system emails outside a workflow run).
     fn add_to_mailbox(&self, item: MailboxItem) -> ();
-    fn link_audit(&self, contact_id: Option<String>, limit: i64) -> Vec<LinkAuditRow>;
 }
 
 /// The reads, written once for both backends (`backend::read`) and run where the backend reads.
@@ -335,6 +304,37 @@ macro_rules! written_once {
 }
 
 written_once! {
+    /// Whether the contact holds at least one active offer grant (what a learner link needs).
+    fn links::has_active_offer(&self, contact_id: String) -> bool;
+    /// Stores a freshly minted link (replacing the one of the same message) and audits the mint.
+    fn links::mint_link(&self, link: NewLink, now_ms: i64) -> ();
+    /// The links of a batch of messages being sent, in one transaction: each is stored (replacing
+    /// the earlier one of its message) and audited if its contact holds an active offer grant.
+    /// Returns, per link, whether it was (a contact without a grant gets none).
+    fn links::mint_message_links(&self, links: Vec<NewLink>, now_ms: i64) -> Vec<bool>;
+    /// Revokes every live link of the contact (learner) or the site's user link (`None`) and ends
+    /// every session of that kind and contact, then stores `link` and, if given, a site value
+    /// (the staff link's generation): regeneration, in one transaction.
+    fn links::regenerate_link(&self, link: NewLink, site_value: Option<(String, String)>, now_ms: i64) -> ();
+    /// Read-only: would this link open the portal now? (GET /l/{token} changes nothing.)
+    fn links::check_link(&self, token_hash: String, now_ms: i64) -> Result<LinkHolder, (LinkRefusal, Option<String>)>;
+    /// Redeems a link atomically: validity, use count and entitlement are checked by the statement
+    /// that counts the use; on success a session starts and, for a learner, a `course.user_login`
+    /// event from `login_source` is stored in the same transaction. Refusals are audited.
+    fn links::redeem_link(&self, token_hash: String, now_ms: i64, session: NewSession, login_source: String) -> Result<LinkHolder, (LinkRefusal, Option<String>)>;
+    /// The live session with this id hash, if any.
+    fn links::session(&self, id_hash: String, now_ms: i64) -> Option<LinkHolder>;
+    fn links::end_session(&self, id_hash: String, now_ms: i64) -> ();
+    /// Products of the contact's active grants (offers' products plus direct product grants), or,
+    /// for `None` (staff), the whole catalogue.
+    fn links::portal_products(&self, contact_id: Option<String>) -> Vec<ProductRow>;
+    /// Records a request for a new link if the contact is under `max_short` requests since
+    /// `short_since_ms` and `max_day` since `day_since_ms`; returns whether it was allowed.
+    fn links::allow_link_resend(&self, contact_id: String, now_ms: i64, short_since_ms: i64, max_short: i64, day_since_ms: i64, max_day: i64) -> bool;
+    /// A site-wide value (e.g. the user link key), creating it with `default` if absent.
+    fn links::site_value(&self, name: String, default: String) -> String;
+    fn links::set_site_value(&self, name: String, value: String) -> ();
+    fn links::link_audit(&self, contact_id: Option<String>, limit: i64) -> Vec<LinkAuditRow>;
     /// The contacts an audience picks, by id.
     fn enroll::audience(&self, query: AudienceQuery) -> Vec<String>;
     /// What each contact holds and has completed, as stored (every contact asked for is in the

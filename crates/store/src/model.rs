@@ -568,7 +568,7 @@ pub struct NewSession {
 }
 
 /// A product as the portal lists it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct ProductRow {
     pub id: String,
     pub title: Option<String>,
@@ -576,7 +576,7 @@ pub struct ProductRow {
 }
 
 /// One line of the link audit trail.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct LinkAuditRow {
     pub at_ms: i64,
     pub kind: String,

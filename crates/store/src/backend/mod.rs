@@ -3,6 +3,7 @@
 
 pub(crate) mod dead;
 pub(crate) mod enroll;
+pub(crate) mod links;
 pub(crate) mod opt_outs;
 pub mod postgres;
 pub(crate) mod read;

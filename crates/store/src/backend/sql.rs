@@ -40,6 +40,34 @@ impl Tx<'_> {
         }
     }
 
+    /// Serialises count-then-record of one contact's link resends across processes (PostgreSQL's
+    /// advisory lock; SQLite's one writer already does).
+    pub(crate) async fn lock_resends(&mut self, contact_id: &str) -> Result<()> {
+        if let Self::Postgres(conn) = self {
+            sqlx::query(
+                "SELECT pg_advisory_xact_lock(hashtextextended('herald.resend:' || $1, 0))",
+            )
+            .bind(contact_id)
+            .execute(&mut **conn)
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Stores events inside this transaction, as the intake does (each backend's multi-row
+    /// insert).
+    pub(crate) async fn insert_events(
+        &mut self,
+        events: &[&crate::NewEvent],
+    ) -> Result<Vec<crate::Accepted>> {
+        match self {
+            Self::Sqlite(conn) => super::sqlite::write::insert_event_rows(conn, events).await,
+            Self::Postgres(conn) => {
+                super::postgres::write::insert_event_rows(&mut **conn, events).await
+            }
+        }
+    }
+
     /// Serialises this transaction with every process's dispatch pass: on PostgreSQL by the
     /// dispatchers' transaction-scoped advisory lock; on SQLite the one writer already does.
     pub(crate) async fn lock_dispatch(&mut self) -> Result<()> {
@@ -180,18 +208,14 @@ where
     /// Runs a statement that returns no rows; how many rows it changed.
     pub(crate) async fn execute(self, st: Statement, params: &[Param<'_>]) -> Result<u64> {
         Ok(match self {
-            On::Sqlite(e) => {
-                sqlx::query_with(st.sqlite, sqlite_args(params)?)
-                    .execute(e)
-                    .await?
-                    .rows_affected()
-            }
-            On::Postgres(e) => {
-                sqlx::query_with(st.postgres, pg_args(params)?)
-                    .execute(e)
-                    .await?
-                    .rows_affected()
-            }
+            On::Sqlite(e) => sqlx::query_with(st.sqlite, sqlite_args(params)?)
+                .execute(e)
+                .await?
+                .rows_affected(),
+            On::Postgres(e) => sqlx::query_with(st.postgres, pg_args(params)?)
+                .execute(e)
+                .await?
+                .rows_affected(),
         })
     }
 
@@ -238,7 +262,13 @@ where
         st: Statement,
         params: &[Param<'_>],
     ) -> Result<Option<T>> {
-        Ok(on_either!(self, query_scalar_with, fetch_optional, st, params))
+        Ok(on_either!(
+            self,
+            query_scalar_with,
+            fetch_optional,
+            st,
+            params
+        ))
     }
 
     /// The first column of the one row the statement returns.

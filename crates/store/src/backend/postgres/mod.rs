@@ -15,11 +15,11 @@
 //! `postgres://user@host/db?options=-csearch_path%3Dmy_schema`. Tables, including sqlx's
 //! `_sqlx_migrations`, are then created in and read from that schema (it must exist).
 
-mod links;
+pub(super) mod links;
 #[cfg(target_os = "linux")]
 mod nodelay;
 pub(super) mod read;
-mod write;
+pub(super) mod write;
 
 use crate::{ContactRow, Result, StoreError};
 use sqlx::PgPool;

@@ -650,7 +650,7 @@ async fn park_or_resume(
 
 /// Inserts events with one multi-row statement; `RETURNING` names the rows that were new, and of
 /// several copies of one event in the batch the first is the new one.
-pub(super) async fn insert_event_rows<'c>(
+pub(crate) async fn insert_event_rows<'c>(
     exec: impl PgExecutor<'c>,
     events: &[&NewEvent],
 ) -> Result<Vec<Accepted>> {

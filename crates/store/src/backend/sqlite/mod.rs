@@ -4,9 +4,9 @@
 //! the engine's writes share commits (see [`writer`]), and reads use a separate pool beside the
 //! writer.
 
-mod links;
+pub(super) mod links;
 pub(super) mod read;
-mod write;
+pub(super) mod write;
 mod writer;
 
 use crate::Result;
