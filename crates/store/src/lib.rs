@@ -243,13 +243,6 @@ delegate! {
     fn extend_message_lease(&self, lease_token: String, until_ms: i64) -> u64;
     /// Records delivery outcomes whose lease still holds.
     fn complete_messages(&self, now_ms: i64, outcomes: Vec<MessageOutcome>) -> ();
-    /// Stores workflow versions (id, version, bundle JSON); existing ones are kept.
-    fn save_workflow_versions(&self, versions: Vec<(String, String, String)>, now_ms: i64) -> ();
-    /// Records whether each workflow is enabled and, for each whose stored state changed (or was
-    /// unknown), parks its live runs (cancelling the messages they had queued) or resumes its
-    /// parked ones, in the same transaction. Returns those (id, enabled,
-    /// runs parked or resumed).
-    fn sync_workflow_states(&self, states: Vec<(String, bool)>, now_ms: i64) -> Vec<(String, bool, u64)>;
 
     /// Puts a message straight into the dev mailbox (system emails outside a workflow run).
     fn add_to_mailbox(&self, item: MailboxItem) -> ();
@@ -304,6 +297,13 @@ macro_rules! written_once {
 }
 
 written_once! {
+    /// Stores workflow versions (id, version, bundle JSON); existing ones are kept.
+    fn workflows::save_workflow_versions(&self, versions: Vec<(String, String, String)>, now_ms: i64) -> ();
+    /// Records whether each workflow is enabled and, for each whose stored state changed (or was
+    /// unknown), parks its live runs (cancelling the messages they had queued) or resumes its
+    /// parked ones, in the same transaction. Returns those (id, enabled,
+    /// runs parked or resumed).
+    fn workflows::sync_workflow_states(&self, states: Vec<(String, bool)>, now_ms: i64) -> Vec<(String, bool, u64)>;
     /// Whether the contact holds at least one active offer grant (what a learner link needs).
     fn links::has_active_offer(&self, contact_id: String) -> bool;
     /// Stores a freshly minted link (replacing the one of the same message) and audits the mint.

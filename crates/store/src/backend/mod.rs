@@ -9,6 +9,7 @@ pub mod postgres;
 pub(crate) mod read;
 pub(crate) mod sql;
 pub mod sqlite;
+pub(crate) mod workflows;
 
 use crate::{NewEvent, Result, StoreError};
 use futures::future::BoxFuture;

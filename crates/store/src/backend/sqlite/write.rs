@@ -14,8 +14,6 @@ use serde_json::json;
 use sqlx::{Row, SqliteConnection};
 use std::collections::{HashMap, HashSet};
 
-pub(super) const BEGIN: &str = "BEGIN IMMEDIATE";
-
 impl SqliteStore {
     pub(crate) async fn insert_events(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>> {
         self.writer
@@ -110,99 +108,6 @@ impl SqliteStore {
         let mut conn = self.writer.lock().await;
         insert_mailbox(&mut conn, &item).await
     }
-
-    pub async fn save_workflow_versions(
-        &self,
-        versions: Vec<(String, String, String)>,
-        now_ms: i64,
-    ) -> Result<()> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
-        for (id, version, bundle) in &versions {
-            sqlx::query(
-                "INSERT INTO workflow_versions (workflow_id, version, bundle, created_ms) VALUES (?, ?, ?, ?)
-                 ON CONFLICT (workflow_id, version) DO NOTHING",
-            )
-            .bind(id)
-            .bind(version)
-            .bind(bundle)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?;
-        }
-        tx.commit().await?;
-        Ok(())
-    }
-
-    pub async fn sync_workflow_states(
-        &self,
-        states: Vec<(String, bool)>,
-        now_ms: i64,
-    ) -> Result<Vec<(String, bool, u64)>> {
-        let mut conn = self.writer.lock().await;
-        let mut tx = sqlx::Connection::begin_with(&mut *conn, BEGIN).await?;
-        let mut changed = Vec::new();
-        for (id, enabled) in states {
-            // Only a workflow whose stored state changes (or that is new) parks or resumes, so a
-            // restart with unchanged files touches no run, and one with changed files catches up.
-            let updated = sqlx::query(
-                "INSERT INTO workflow_states (workflow_id, enabled, updated_ms) VALUES (?, ?, ?)
-                 ON CONFLICT (workflow_id) DO UPDATE SET enabled = excluded.enabled, updated_ms = excluded.updated_ms
-                 WHERE workflow_states.enabled <> excluded.enabled",
-            )
-            .bind(&id)
-            .bind(enabled)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if updated == 0 {
-                continue;
-            }
-            let runs = park_or_resume(&mut tx, &id, !enabled, now_ms).await?;
-            changed.push((id, enabled, runs));
-        }
-        tx.commit().await?;
-        Ok(changed)
-    }
-}
-
-/// Parks the live runs of a workflow (cancelling the messages they had queued) or resumes its
-/// parked ones where they stood.
-async fn park_or_resume(
-    conn: &mut SqliteConnection,
-    workflow_id: &str,
-    parked: bool,
-    now_ms: i64,
-) -> Result<u64> {
-    // A parked run keeps its pc, due time and awaited event, so resuming continues exactly
-    // where it stood.
-    let sql = if parked {
-        "UPDATE runs SET state = 'parked', updated_ms = ?
-         WHERE workflow_id = ? AND state IN ('active', 'waiting_event')"
-    } else {
-        "UPDATE runs SET state = CASE WHEN wait_event IS NULL THEN 'active' ELSE 'waiting_event' END, updated_ms = ?
-         WHERE workflow_id = ? AND state = 'parked'"
-    };
-    let n = sqlx::query(sql)
-        .bind(now_ms)
-        .bind(workflow_id)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-    if parked {
-        sqlx::query(
-            "UPDATE messages SET status = 'cancelled', reason = 'workflow disabled', due_ms = NULL,
-                    updated_ms = ?1, locked_until_ms = NULL, lease_token = NULL
-             WHERE status = 'queued' AND (locked_until_ms IS NULL OR locked_until_ms <= ?1)
-               AND run_id IN (SELECT id FROM runs WHERE workflow_id = ?2 AND state IN ('parked', 'completed'))",
-        )
-        .bind(now_ms)
-        .bind(workflow_id)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(n)
 }
 
 /// Cancels the queued messages of runs that ended before sending them; those being sent under a
