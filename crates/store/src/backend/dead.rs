@@ -2,7 +2,7 @@
 //! marked dead with its last error, so the queue behind it goes on; and the operator's way back.
 
 use super::Backend;
-use super::sql::{Param, Statement};
+use super::sql::{Param, Statement, text};
 use crate::{DeadEventRow, MessageStatus, Result, RunState};
 
 /// Each backend's spelling of "not dispatched" is the one its partial index is declared with.
@@ -46,10 +46,6 @@ const DEAD_EVENTS: Statement = Statement::portable(
             contact_id, dead_error AS error, received_ms, dead_ms
      FROM events WHERE dead_error IS NOT NULL AND seq > $1 ORDER BY seq LIMIT $2",
 );
-
-fn text(s: &str) -> Param<'_> {
-    Param::Text(Some(s))
-}
 
 #[derive(sqlx::FromRow)]
 struct EventKey {

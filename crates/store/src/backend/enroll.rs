@@ -2,7 +2,7 @@
 //! the held and completed state of named contacts, and stored course events to replay.
 
 use super::Backend;
-use super::sql::{On, Param, Statement};
+use super::sql::{On, Param, Statement, text};
 use crate::decode::{self, parse_stored_event};
 use crate::{AudienceQuery, EnrollmentCounts, Result};
 use herald_core::CourseEvent;
@@ -150,7 +150,7 @@ pub(crate) async fn enrollment_counts(
     window_start_ms: i64,
 ) -> Result<Vec<(String, EnrollmentCounts)>> {
     let params = [
-        Param::Text(Some(&workflow_id)),
+        text(&workflow_id),
         Param::Texts(&contact_ids),
         Param::Int(window_start_ms),
     ];
@@ -207,7 +207,7 @@ pub(crate) async fn stored_event_ids(
     source: String,
     ids: Vec<String>,
 ) -> Result<Vec<String>> {
-    let params = [Param::Text(Some(&source)), Param::Texts(&ids)];
+    let params = [text(&source), Param::Texts(&ids)];
     backend
         .reader()
         .fetch_scalars(STORED_EVENT_IDS, &params)

@@ -5,7 +5,7 @@
 //! (`sqlite/links.rs`, `postgres/links.rs`, `insert_event_rows` in each `write.rs`).
 
 use super::Backend;
-use super::sql::{On, Param, Statement, Tx};
+use super::sql::{On, Param, Statement, Tx, text};
 use crate::{
     LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, NewLink, NewSession, ProductRow, Result,
 };
@@ -108,10 +108,6 @@ const CLASSIFY: Statement = Statement::portable(
               AS entitled
      FROM magic_links l WHERE l.token_hash = $1",
 );
-
-fn text(s: &str) -> Param<'_> {
-    Param::Text(Some(s))
-}
 
 pub(crate) async fn has_active_offer(backend: &Backend, contact_id: String) -> Result<bool> {
     backend

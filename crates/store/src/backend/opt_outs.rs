@@ -1,7 +1,7 @@
 //! Opt-outs, the suppression list and erasure, written once for both backends.
 
 use super::Backend;
-use super::sql::{Param, Statement, Tx};
+use super::sql::{Param, Statement, Tx, text};
 use crate::erasure::{AddressKey, Erased};
 use crate::{Channel, OptOutRow, Result, SuppressionRow};
 
@@ -53,10 +53,6 @@ const ERASE: [Statement; 10] = [
 ];
 const ERASE_MAILBOX: Statement =
     Statement::portable("DELETE FROM mailbox WHERE recipient = $1 OR recipient = $2");
-
-fn text(s: &str) -> Param<'_> {
-    Param::Text(Some(s))
-}
 
 pub(crate) async fn set_opt_out(
     backend: &Backend,

@@ -119,6 +119,11 @@ pub(crate) enum Param<'a> {
     Texts(&'a [String]),
 }
 
+/// A text parameter that is never NULL.
+pub(crate) fn text(s: &str) -> Param<'_> {
+    Param::Text(Some(s))
+}
+
 /// A row type both backends can decode.
 pub(crate) trait Decoded:
     for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + Send + Unpin

@@ -1,7 +1,7 @@
 //! Workflow versions and whether each workflow is enabled, written once for both backends.
 
 use super::Backend;
-use super::sql::{Param, Statement, Tx};
+use super::sql::{Param, Statement, Tx, text};
 use crate::Result;
 
 const SAVE_VERSION: Statement = Statement::portable(
@@ -50,12 +50,7 @@ pub(crate) async fn save_workflow_versions(
             |mut tx, (versions, now_ms)| {
                 Box::pin(async move {
                     for (id, version, bundle) in versions {
-                        let params = [
-                            Param::Text(Some(id)),
-                            Param::Text(Some(version)),
-                            Param::Text(Some(bundle)),
-                            Param::Int(*now_ms),
-                        ];
+                        let params = [text(id), text(version), text(bundle), Param::Int(*now_ms)];
                         tx.at().execute(SAVE_VERSION, &params).await?;
                     }
                     Ok(())
@@ -81,11 +76,7 @@ pub(crate) async fn sync_workflow_states(
                 Box::pin(async move {
                     let mut changed = Vec::new();
                     for (id, enabled) in states {
-                        let params = [
-                            Param::Text(Some(id)),
-                            Param::Bool(*enabled),
-                            Param::Int(*now_ms),
-                        ];
+                        let params = [text(id), Param::Bool(*enabled), Param::Int(*now_ms)];
                         if tx.at().execute(SET_STATE, &params).await? > 0 {
                             let runs = park_or_resume(&mut tx, id, !enabled, *now_ms).await?;
                             changed.push((id.clone(), *enabled, runs));
@@ -106,7 +97,7 @@ async fn park_or_resume(
     parked: bool,
     now_ms: i64,
 ) -> Result<u64> {
-    let params = [Param::Int(now_ms), Param::Text(Some(workflow_id))];
+    let params = [Param::Int(now_ms), text(workflow_id)];
     let statement = if parked { PARK_RUNS } else { RESUME_RUNS };
     let n = tx.at().execute(statement, &params).await?;
     if parked {
