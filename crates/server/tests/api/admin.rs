@@ -836,15 +836,18 @@ async fn reload_reports_workflows_and_refuses_what_does_not_check(backend: Backe
         "the login_url warning should be reported: {body:#}"
     );
 
-    // A file that does not check: 422 with diagnostics, the running set stays.
-    std::fs::write(
-        app.env.workflows.join("signup.yaml"),
-        one_email_workflow("new_signup", "Changed", false),
-    )
-    .unwrap();
+    // A file that does not check: 422 with diagnostics, the running set stays. The broken file
+    // goes first: on PostgreSQL this process also hears its own last reload announced and
+    // re-reads the folder, and a re-read between the two writes must not find the changed file
+    // alone (it checks, and would go live).
     std::fs::write(
         app.env.workflows.join("broken.yaml"),
         "name: Broken\ntrigger:\n  event: new_signup\nsteps:\n  - launch_rocket: {}\n",
+    )
+    .unwrap();
+    std::fs::write(
+        app.env.workflows.join("signup.yaml"),
+        one_email_workflow("new_signup", "Changed", false),
     )
     .unwrap();
     let (status, body) = reload(&app).await;
