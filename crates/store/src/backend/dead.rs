@@ -2,7 +2,7 @@
 //! marked dead with its last error, so the queue behind it goes on; and the operator's way back.
 
 use super::Backend;
-use super::sql::{Param, Statement, text};
+use super::sql::{Param, Statement, limit_param, text};
 use crate::{DeadEventRow, MessageStatus, Result, RunState};
 
 /// Each backend's spelling of "not dispatched" is the one its partial index is declared with.
@@ -162,9 +162,8 @@ pub(crate) async fn dead_events(
     after_seq: i64,
     limit: i64,
 ) -> Result<Vec<DeadEventRow>> {
-    let limit = if limit < 0 { i64::MAX } else { limit };
     backend
         .reader()
-        .fetch_all(DEAD_EVENTS, &[Param::Int(after_seq), Param::Int(limit)])
+        .fetch_all(DEAD_EVENTS, &[Param::Int(after_seq), limit_param(limit)])
         .await
 }

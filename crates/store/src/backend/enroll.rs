@@ -2,7 +2,7 @@
 //! the held and completed state of named contacts, and stored course events to replay.
 
 use super::Backend;
-use super::sql::{On, Param, Statement, text};
+use super::sql::{On, Param, Statement, limit_param, text};
 use crate::decode::{self, parse_stored_event};
 use crate::{AudienceQuery, EnrollmentCounts, Result};
 use herald_core::CourseEvent;
@@ -177,11 +177,10 @@ pub(crate) async fn course_events_since(
     after_seq: i64,
     limit: i64,
 ) -> Result<Vec<(i64, CourseEvent)>> {
-    let limit = if limit < 0 { i64::MAX } else { limit };
     let params = [
         Param::Int(after_seq),
         Param::Int(since_ms),
-        Param::Int(limit),
+        limit_param(limit),
     ];
     let rows: Vec<(i64, String)> = backend
         .reader()

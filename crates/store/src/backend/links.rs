@@ -5,7 +5,7 @@
 //! (`sqlite/links.rs`, `postgres/links.rs`, `insert_event_rows` in each `write.rs`).
 
 use super::Backend;
-use super::sql::{On, Param, Statement, Tx, text};
+use super::sql::{On, Param, Statement, Tx, limit_param, text};
 use crate::{
     LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, NewLink, NewSession, ProductRow, Result,
 };
@@ -418,8 +418,7 @@ pub(crate) async fn link_audit(
     contact_id: Option<String>,
     limit: i64,
 ) -> Result<Vec<LinkAuditRow>> {
-    let limit = if limit < 0 { i64::MAX } else { limit };
-    let params = [Param::Text(contact_id.as_deref()), Param::Int(limit)];
+    let params = [Param::Text(contact_id.as_deref()), limit_param(limit)];
     backend.reader().fetch_all(LINK_AUDIT, &params).await
 }
 

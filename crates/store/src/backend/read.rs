@@ -2,19 +2,13 @@
 //! of the same name (`sqlite/read.rs`, `postgres/read.rs`) through [`super::sql`], and the rows
 //! are decoded by column name into the model's types.
 
-use super::sql::{Conn, Param, statement};
+use super::sql::{Conn, Param, limit_param, statement};
 use crate::decode::parse_stored_event;
 use crate::{
     Channel, ContactEventRow, ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow,
     MessageSource, QueueStats, Result, RunRow, StepRecord,
 };
 use std::collections::HashMap;
-
-/// A `LIMIT` the same on both: a negative limit means no limit (SQLite's reading; PostgreSQL
-/// refuses a negative one).
-fn limit_param(limit: i64) -> Param<'static> {
-    Param::Int(if limit < 0 { i64::MAX } else { limit })
-}
 
 fn text(s: &Option<String>) -> Param<'_> {
     Param::Text(s.as_deref())

@@ -119,6 +119,12 @@ pub(crate) enum Param<'a> {
     Texts(&'a [String]),
 }
 
+/// A `LIMIT` the same on both: a negative limit means no limit (SQLite's reading; PostgreSQL
+/// refuses a negative one).
+pub(crate) fn limit_param(limit: i64) -> Param<'static> {
+    Param::Int(if limit < 0 { i64::MAX } else { limit })
+}
+
 /// A text parameter that is never NULL.
 pub(crate) fn text(s: &str) -> Param<'_> {
     Param::Text(Some(s))
