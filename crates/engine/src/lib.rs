@@ -172,6 +172,7 @@ async fn listen_to_other_processes(
 ) {
     let everything = Signals::EVENTS | Signals::RUNS | Signals::MESSAGES | Signals::WORKFLOWS;
     let mut pause = std::time::Duration::from_millis(500);
+    let mut listened_before = false;
     loop {
         let mut announcements = match store.announcements().await {
             Ok(Some(a)) => a,
@@ -185,14 +186,22 @@ async fn listen_to_other_processes(
         };
         pause = std::time::Duration::from_millis(500);
         // What was announced before listening began (the loops' first passes may have run
-        // before it) is looked for once, as after a lost connection.
+        // before it) is looked for once, as after a lost connection; except that this process's
+        // own files, read when it loaded, are re-read only on an announced reload.
         let mut signals = everything;
+        let mut files_current = !listened_before;
+        listened_before = true;
         loop {
             tracing::debug!(?signals, "announcements of other processes");
-            if signals.contains(Signals::WORKFLOWS)
-                && let Err(e) = registry.refresh(clock.now_ms()).await
-            {
-                tracing::error!(error = %e, "could not take in another process's workflow reload");
+            if signals.contains(Signals::WORKFLOWS) {
+                let taken_in = if std::mem::take(&mut files_current) {
+                    registry.catch_up().await
+                } else {
+                    registry.refresh(clock.now_ms()).await
+                };
+                if let Err(e) = taken_in {
+                    tracing::error!(error = %e, "could not take in another process's workflow reload");
+                }
             }
             if signals.contains(Signals::EVENTS) {
                 wakers.dispatch.notify_one();

@@ -200,6 +200,24 @@ impl Registry {
             }
             Err(e) => return Err(e),
         };
+        self.adopt_stored(compiled).await
+    }
+
+    /// Takes in what other processes recorded (enabled states, versions live runs are pinned to)
+    /// without re-reading this process's files. For when this process begins to listen: it read
+    /// its files when it loaded, and reading them again then would take live whatever an
+    /// operator is halfway through editing, with no reload asked for.
+    pub async fn catch_up(&self) -> Result<(), RegistryError> {
+        let _one_at_a_time = self.reloading.lock().await;
+        self.adopt_stored(None).await
+    }
+
+    /// Makes `compiled` (if any; else the running set stays) current with the enabled states
+    /// stored in the database, and loads the versions live runs are pinned to.
+    async fn adopt_stored(
+        &self,
+        compiled: Option<Vec<CompiledWorkflow>>,
+    ) -> Result<(), RegistryError> {
         let stored: HashMap<String, bool> =
             self.store.workflow_states().await?.into_iter().collect();
         match compiled {

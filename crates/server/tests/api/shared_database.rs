@@ -17,6 +17,10 @@ mod postgres {
         super::a_reload_on_one_process_reaches_the_other().await
     }
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_process_re_reads_its_files_only_on_an_announced_reload() {
+        super::a_process_re_reads_its_files_only_on_an_announced_reload().await
+    }
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn exit_when_holds_on_a_process_without_the_runs_version() {
         super::exit_when_holds_on_a_process_without_the_runs_version().await
     }
@@ -144,6 +148,35 @@ async fn a_reload_on_one_process_reaches_the_other() {
     assert!(
         sent.iter().all(|m| m.status == MessageStatus::Sent),
         "{sent:#?}"
+    );
+}
+
+/// What a process does when it begins to listen (catching up on what it may have missed) keeps the
+/// files it loaded: an operator halfway through editing them has nothing taken live until a
+/// reload is asked for, here or on another process.
+async fn a_process_re_reads_its_files_only_on_an_announced_reload() {
+    let Some(a) = spawn_app(options()).await else {
+        return;
+    };
+    let registry = &a.state.registry;
+    let edited_live = |registry: &herald_engine::Registry| {
+        registry.snapshot().current["welcome"].bundle.yaml.contains("Welcome aboard")
+    };
+    std::fs::write(
+        a.env.workflows.join("welcome.yaml"),
+        WELCOME.replace("Welcome {{", "Welcome aboard {{"),
+    )
+    .unwrap();
+    registry.catch_up().await.expect("catch up");
+    assert!(!edited_live(registry), "caught up by re-reading the files");
+
+    // Another process's reload is announced: this one takes in its own edited files.
+    let b = a.another_process(options()).await;
+    let (status, body) = b.admin_post("/v1/workflows/reload").await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        eventually_within(WOKEN_WITHIN, async || edited_live(registry)).await,
+        "the announced reload did not reach A"
     );
 }
 
