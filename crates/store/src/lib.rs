@@ -154,11 +154,7 @@ impl Store {
     /// the membership projection, in one transaction (a contact whose address belonged to an
     /// erased, opted-out contact is opted out again). Returns how many events it dispatched.
     pub async fn dispatch(&self, request: DispatchRequest<'_>) -> Result<usize> {
-        let key = self.address_key.get();
-        match &*self.backend {
-            Backend::Sqlite(b) => b.dispatch(request, key).await,
-            Backend::Postgres(b) => b.dispatch(request, key).await,
-        }
+        backend::dispatch::dispatch(&self.backend, request, self.address_key.get()).await
     }
 
     /// Removes everything herald holds on a contact, in one transaction, keeping only the keyed

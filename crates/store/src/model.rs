@@ -98,12 +98,14 @@ impl RunState {
 }
 
 /// A live run of a contact, as the dispatcher needs to see it (exits and event waits).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, sqlx::FromRow)]
 pub struct LiveRun {
+    #[sqlx(rename = "id")]
     pub run_id: String,
     pub workflow_id: String,
     pub workflow_version: String,
     pub contact_id: String,
+    #[sqlx(try_from = "String")]
     pub state: RunState,
     /// The trigger name a `WaitingEvent` run waits for.
     pub wait_event: Option<String>,

@@ -2,11 +2,13 @@
 //! ([`read`], over the few primitives of [`sql`]); each folder's `read.rs` holds only their SQL.
 
 pub(crate) mod dead;
+pub(crate) mod dispatch;
 pub(crate) mod enroll;
 pub(crate) mod links;
 pub(crate) mod opt_outs;
 pub mod postgres;
 pub(crate) mod read;
+pub(crate) mod runs;
 pub(crate) mod sql;
 pub mod sqlite;
 pub(crate) mod workflows;
@@ -14,6 +16,8 @@ pub(crate) mod workflows;
 use crate::{NewEvent, Result, StoreError};
 use futures::future::BoxFuture;
 use sql::{On, Tx};
+use std::collections::HashSet;
+use std::hash::Hash;
 
 /// A unit of write work written once for both backends: given the transaction and its
 /// arguments. A plain function, so that PostgreSQL can run it again after a deadlock.
@@ -98,4 +102,20 @@ impl Backend {
             Self::Postgres(b) => b.insert_events(events).await,
         }
     }
+}
+
+/// Each distinct item once, in order of first appearance.
+pub(crate) fn distinct<'a>(items: impl IntoIterator<Item = &'a str>) -> Vec<&'a str> {
+    let mut seen = HashSet::new();
+    items.into_iter().filter(|i| seen.insert(*i)).collect()
+}
+
+/// The first item of each key, in order: what applying keyed writes one by one keeps, where a
+/// write consumes what a later one of the same key would need.
+pub(crate) fn first_per_key<'a, T, K: Eq + Hash>(
+    items: impl IntoIterator<Item = &'a T>,
+    key: impl Fn(&'a T) -> K,
+) -> Vec<&'a T> {
+    let mut seen = HashSet::new();
+    items.into_iter().filter(|i| seen.insert(key(i))).collect()
 }

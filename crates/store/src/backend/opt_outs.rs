@@ -5,7 +5,7 @@ use super::sql::{Param, Statement, Tx, text};
 use crate::erasure::{AddressKey, Erased};
 use crate::{Channel, OptOutRow, Result, SuppressionRow};
 
-const OPT_OUT: Statement = Statement::portable(
+pub(crate) const OPT_OUT: Statement = Statement::portable(
     "INSERT INTO opt_outs (contact_id, channel, source, at_ms) VALUES ($1, $2, $3, $4)
      ON CONFLICT DO NOTHING",
 );

@@ -68,6 +68,15 @@ impl Tx<'_> {
         }
     }
 
+    /// Writes the membership projection of a batch of events (see [`crate::projection`]), as
+    /// each backend's multi-row upserts can.
+    pub(crate) async fn project(&mut self, events: &[(i64, herald_core::CourseEvent)]) -> Result<()> {
+        match self {
+            Self::Sqlite(conn) => super::sqlite::dispatch::project(conn, events).await,
+            Self::Postgres(conn) => super::postgres::dispatch::project(conn, events).await,
+        }
+    }
+
     /// Serialises this transaction with every process's dispatch pass: on PostgreSQL by the
     /// dispatchers' transaction-scoped advisory lock; on SQLite the one writer already does.
     pub(crate) async fn lock_dispatch(&mut self) -> Result<()> {
@@ -117,6 +126,64 @@ pub(crate) enum Param<'a> {
     Text(Option<&'a str>),
     /// A list of ids: a JSON array for SQLite's `json_each`, an array for PostgreSQL's `ANY`.
     Texts(&'a [String]),
+    /// A list of numbers, bound as [`Param::Texts`] is.
+    Ints(&'a [i64]),
+    /// Rows, given column by column, so that a batch is one statement: on SQLite one JSON array
+    /// of rows (read with `json_each`, `value ->> n` being the row's n-th column, in `key`
+    /// order), on PostgreSQL one array per column (read with `UNNEST`). A statement numbers its
+    /// parameters accordingly: this is one parameter on SQLite and one per column on PostgreSQL.
+    Rows(&'a [Column<'a>]),
+}
+
+/// One column of [`Param::Rows`].
+pub(crate) enum Column<'a> {
+    Texts(Vec<Option<&'a str>>),
+    Ints(Vec<Option<i64>>),
+    Bools(Vec<bool>),
+}
+
+impl<'a> Column<'a> {
+    /// The text column of `items` that `f` reads.
+    pub(crate) fn texts<T: 'a, S: AsRef<str> + ?Sized + 'a>(
+        items: impl IntoIterator<Item = &'a T>,
+        f: impl Fn(&'a T) -> Option<&'a S>,
+    ) -> Self {
+        Self::Texts(items.into_iter().map(|i| f(i).map(AsRef::as_ref)).collect())
+    }
+
+    /// The number column of `items` that `f` reads.
+    pub(crate) fn ints<T: 'a>(
+        items: impl IntoIterator<Item = &'a T>,
+        f: impl Fn(&'a T) -> Option<i64>,
+    ) -> Self {
+        Self::Ints(items.into_iter().map(f).collect())
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Texts(v) => v.len(),
+            Self::Ints(v) => v.len(),
+            Self::Bools(v) => v.len(),
+        }
+    }
+
+    fn json(&self, row: usize) -> serde_json::Value {
+        match self {
+            Self::Texts(v) => v[row].into(),
+            Self::Ints(v) => v[row].into(),
+            Self::Bools(v) => v[row].into(),
+        }
+    }
+}
+
+/// The columns as SQLite reads them: a JSON array of row arrays.
+fn json_rows(columns: &[Column<'_>]) -> String {
+    let rows = columns.first().map_or(0, Column::len);
+    debug_assert!(columns.iter().all(|c| c.len() == rows), "ragged rows");
+    let rows: Vec<serde_json::Value> = (0..rows)
+        .map(|i| columns.iter().map(|c| c.json(i)).collect())
+        .collect();
+    serde_json::Value::Array(rows).to_string()
 }
 
 /// A `LIMIT` the same on both: a negative limit means no limit (SQLite's reading; PostgreSQL
@@ -171,6 +238,8 @@ fn sqlite_args(params: &[Param<'_>]) -> Result<SqliteArguments> {
             Param::Texts(items) => {
                 args.add(super::sqlite::json_list(items.iter().map(String::as_str)))
             }
+            Param::Ints(items) => args.add(serde_json::Value::from(*items).to_string()),
+            Param::Rows(columns) => args.add(json_rows(columns)),
         }
         .map_err(sqlx::Error::Encode)?;
     }
@@ -186,6 +255,18 @@ fn pg_args(params: &[Param<'_>]) -> Result<PgArguments> {
             Param::OptInt(n) => args.add(*n),
             Param::Text(s) => args.add(*s),
             Param::Texts(items) => args.add(*items),
+            Param::Ints(items) => args.add(*items),
+            Param::Rows(columns) => {
+                for column in *columns {
+                    match column {
+                        Column::Texts(v) => args.add(v),
+                        Column::Ints(v) => args.add(v),
+                        Column::Bools(v) => args.add(v),
+                    }
+                    .map_err(sqlx::Error::Encode)?;
+                }
+                Ok(())
+            }
         }
         .map_err(sqlx::Error::Encode)?;
     }

@@ -15,10 +15,12 @@
 //! `postgres://user@host/db?options=-csearch_path%3Dmy_schema`. Tables, including sqlx's
 //! `_sqlx_migrations`, are then created in and read from that schema (it must exist).
 
+pub(super) mod dispatch;
 pub(super) mod links;
 #[cfg(target_os = "linux")]
 mod nodelay;
 pub(super) mod read;
+pub(super) mod runs;
 pub(super) mod write;
 
 use crate::{ContactRow, Result, StoreError};

@@ -4,10 +4,12 @@
 //! the engine's writes share commits (see [`writer`]), and reads use a separate pool beside the
 //! writer.
 
+pub(super) mod dispatch;
 pub(super) mod links;
 pub(super) mod read;
+pub(super) mod runs;
 pub(super) mod write;
-mod writer;
+pub(super) mod writer;
 
 use crate::Result;
 use sqlx::ConnectOptions;

@@ -4,15 +4,13 @@ use super::{SqliteStore, json_list, json_rows};
 use crate::DeliveryResult;
 use crate::backend::sql::Tx;
 use crate::decode::{channel, outcome_columns, parse_stored_event, run_state};
-use crate::erasure::AddressKey;
 use crate::{
-    Accepted, ClaimedMessage, ClaimedRun, DispatchInput, DispatchRequest, EnrollmentCounts,
-    LiveRun, MailboxItem, MessageOutcome, NewEvent, Result, RunAdvance, RunWrite, projection,
+    Accepted, ClaimedMessage, ClaimedRun, MailboxItem, MessageOutcome, NewEvent, Result,
+    RunAdvance, RunWrite,
 };
-use herald_core::CourseEvent;
 use serde_json::json;
 use sqlx::{Row, SqliteConnection};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 
 impl SqliteStore {
     pub(crate) async fn insert_events(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>> {
@@ -24,20 +22,6 @@ impl SqliteStore {
                 })
             })
             .await
-    }
-
-    pub async fn dispatch(
-        &self,
-        request: DispatchRequest<'_>,
-        address_key: Option<&AddressKey>,
-    ) -> Result<usize> {
-        let mut group = self.writer.lead().await?;
-        let outcome = dispatch_batch(group.conn(), request, address_key).await;
-        match outcome {
-            Ok(Dispatched::Events(n)) => group.finish(Ok(n)).await,
-            Ok(Dispatched::Postponed) => group.undo(0).await,
-            Err(e) => group.finish(Err(e)).await,
-        }
     }
 
     pub async fn claim_runs(
@@ -108,28 +92,6 @@ impl SqliteStore {
         let mut conn = self.writer.lock().await;
         insert_mailbox(&mut conn, &item).await
     }
-}
-
-/// Cancels the queued messages of runs that ended before sending them; those being sent under a
-/// live lease are left to their outcome.
-pub(super) async fn cancel_queued_messages(
-    conn: &mut SqliteConnection,
-    run_ids: &[&str],
-    reason: &str,
-    now_ms: i64,
-) -> Result<()> {
-    sqlx::query(
-        "UPDATE messages SET status = 'cancelled', reason = ?1, due_ms = NULL, updated_ms = ?2,
-                locked_until_ms = NULL, lease_token = NULL
-         WHERE status = 'queued' AND (locked_until_ms IS NULL OR locked_until_ms <= ?2)
-           AND run_id IN (SELECT value FROM json_each(?3))",
-    )
-    .bind(reason)
-    .bind(now_ms)
-    .bind(json_list(run_ids.iter().copied()))
-    .execute(&mut *conn)
-    .await?;
-    Ok(())
 }
 
 async fn insert_mailbox(conn: &mut SqliteConnection, m: &MailboxItem) -> Result<()> {
@@ -253,7 +215,7 @@ async fn finish_runs(
     .bind(now_ms)
     .execute(&mut *conn)
     .await?;
-    insert_run_effects(conn, &written, now_ms).await?;
+    crate::backend::runs::insert_run_effects(Tx::Sqlite(conn), &written, now_ms).await?;
     Ok(())
 }
 
@@ -394,151 +356,6 @@ async fn complete_messages(
     Ok(())
 }
 
-/// What one dispatch did.
-enum Dispatched {
-    Events(usize),
-    /// The planner needs workflow versions not loaded yet: the batch is undone and waits.
-    Postponed,
-}
-
-/// Plans and applies one batch of undispatched events with their membership projection, on the
-/// caller's transaction.
-async fn dispatch_batch(
-    conn: &mut SqliteConnection,
-    request: DispatchRequest<'_>,
-    address_key: Option<&AddressKey>,
-) -> Result<Dispatched> {
-    let DispatchRequest {
-        limit,
-        clock,
-        loop_window_ms,
-        contact_states,
-        planner,
-    } = request;
-    let rows =
-        sqlx::query("SELECT seq, body FROM events WHERE dispatched = 0 ORDER BY seq LIMIT ?")
-            .bind(limit)
-            .fetch_all(&mut *conn)
-            .await?;
-    if rows.is_empty() {
-        return Ok(Dispatched::Events(0));
-    }
-    let now_ms = clock();
-    let window_start_ms = now_ms.saturating_sub(loop_window_ms);
-    let mut events = Vec::with_capacity(rows.len());
-    for row in &rows {
-        events.push((row.get::<i64, _>(0), parse_stored_event(row.get(1))?));
-    }
-    let contacts = json_list(events.iter().map(|(_, e)| e.contact_id()));
-    project(conn, &events).await?;
-    end_learner_access(conn, &projection::lost_an_offer(&events), now_ms).await?;
-    if let Some(key) = address_key {
-        opt_out_suppressed_addresses(conn, key, &events, now_ms).await?;
-    }
-    let contact_rows = sqlx::query(
-        "SELECT id, email, phone, first_name, last_name, timezone, custom_fields, locale FROM contacts
-         WHERE id IN (SELECT value FROM json_each(?))",
-    )
-    .bind(&contacts)
-    .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(|r| {
-        let c = contact_at(r, 0);
-        (c.id.clone(), c)
-    })
-    .collect();
-
-    let states = if contact_states {
-        let ids: HashSet<String> = events
-            .iter()
-            .map(|(_, e)| e.contact_id().to_owned())
-            .collect();
-        let ids: Vec<String> = ids.into_iter().collect();
-        Some(crate::backend::enroll::contact_states_on(Tx::Sqlite(&mut *conn), &ids).await?)
-    } else {
-        None
-    };
-
-    let live_runs = sqlx::query(
-        "SELECT id, workflow_id, workflow_version, contact_id, state, wait_event FROM runs
-         WHERE contact_id IN (SELECT value FROM json_each(?)) AND state IN ('active', 'waiting_event', 'parked')",
-    )
-    .bind(&contacts)
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .map(|r| live_run(&r))
-    .collect::<Result<Vec<_>>>()?;
-
-    let mut counts = HashMap::new();
-    for r in sqlx::query(
-        "SELECT contact_id, workflow_id,
-                SUM(CASE WHEN state <> 'refused' THEN 1 ELSE 0 END),
-                SUM(CASE WHEN state <> 'refused' AND created_ms >= ? THEN 1 ELSE 0 END),
-                MAX(CASE WHEN state IN ('active', 'waiting_event', 'parked') THEN 1 ELSE 0 END)
-         FROM runs WHERE contact_id IN (SELECT value FROM json_each(?)) GROUP BY contact_id, workflow_id",
-    )
-    .bind(window_start_ms)
-    .bind(&contacts)
-    .fetch_all(&mut *conn)
-    .await?
-    {
-        counts.insert(
-            (r.get::<String, _>(0), r.get::<String, _>(1)),
-            EnrollmentCounts { total: r.get(2), recent: r.get(3), live: r.get::<i64, _>(4) == 1 },
-        );
-    }
-
-    let input = DispatchInput {
-        now_ms,
-        events,
-        live_runs,
-        counts,
-        contacts: contact_rows,
-        states,
-    };
-    let plan = planner(&input);
-    if plan.postponed {
-        return Ok(Dispatched::Postponed);
-    }
-
-    insert_runs(conn, &plan.new_runs, now_ms).await?;
-    for exit in &plan.exits {
-        sqlx::query(
-            "UPDATE runs SET state = 'exited', reason = ?, due_ms = NULL, ended_ms = ?, updated_ms = ?,
-                    locked_until_ms = NULL, lease_token = NULL
-             WHERE id = ? AND state IN ('active', 'waiting_event', 'parked')",
-        )
-        .bind(&exit.reason)
-        .bind(now_ms)
-        .bind(now_ms)
-        .bind(&exit.run_id)
-        .execute(&mut *conn)
-        .await?;
-        let reason = format!("run exited: {}", exit.reason);
-        cancel_queued_messages(conn, &[exit.run_id.as_str()], &reason, now_ms).await?;
-    }
-    for resume in &plan.resumes {
-        sqlx::query(
-            "UPDATE runs SET state = 'active', wait_event = NULL, due_ms = ?, updated_ms = ?, awaited_seq = ?
-             WHERE id = ? AND state = 'waiting_event'",
-        )
-        .bind(now_ms)
-        .bind(now_ms)
-        .bind(resume.event_seq)
-        .bind(&resume.run_id)
-        .execute(&mut *conn)
-        .await?;
-    }
-    let seqs: Vec<String> = input.events.iter().map(|(s, _)| s.to_string()).collect();
-    sqlx::query("UPDATE events SET dispatched = 1 WHERE seq IN (SELECT value FROM json_each(?))")
-        .bind(json_list(seqs.iter().map(String::as_str)))
-        .execute(&mut *conn)
-        .await?;
-    Ok(Dispatched::Events(input.events.len()))
-}
-
 /// Of `items`, in order, those whose row still holds the lease the item carries (`key`: row id
 /// and lease token), read inside the writing transaction; `lost` is told of each other one. As if
 /// applied one by one: writing a result clears its row's lease, so a second result for the same
@@ -608,115 +425,6 @@ pub(crate) async fn insert_event_rows(
     Ok(crate::ingest::accepted_in_order(events, new))
 }
 
-/// Inserts new runs with their effects; a conflict on the one-live-run key means the contact is
-/// already in a live run of this workflow, and then nothing is written for that run.
-async fn insert_runs(conn: &mut SqliteConnection, runs: &[RunWrite], now_ms: i64) -> Result<()> {
-    if runs.is_empty() {
-        return Ok(());
-    }
-    let rows = json_rows(runs.iter().map(|w| {
-        json!([
-            w.run_id,
-            w.workflow_id,
-            w.workflow_version,
-            w.contact_id,
-            w.event_seq,
-            w.state.as_str(),
-            w.reason,
-            w.pc,
-            w.wait_event,
-            w.due_ms,
-            (!w.state.is_live()).then_some(now_ms),
-        ])
-    }));
-    let mut inserted: HashSet<String> = sqlx::query(
-        "INSERT INTO runs (id, workflow_id, workflow_version, contact_id, event_seq, state, reason, pc, wait_event,
-                           due_ms, created_ms, updated_ms, ended_ms)
-         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-                value ->> 7, value ->> 8, value ->> 9, ?2, ?2, value ->> 10
-         FROM json_each(?1) WHERE true ORDER BY key
-         ON CONFLICT DO NOTHING
-         RETURNING id",
-    )
-    .bind(rows)
-    .bind(now_ms)
-    .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(|r| r.get(0))
-    .collect();
-    // Of two writes with one run id only the first was inserted.
-    let written: Vec<&RunWrite> = runs.iter().filter(|w| inserted.remove(&w.run_id)).collect();
-    insert_run_effects(conn, &written, now_ms).await
-}
-
-/// The steps and messages of written runs, in order: steps numbered after the run's last one
-/// (SQLite computes the whole `SELECT` before inserting, as it reads the table it fills), and at
-/// most one message per (run, step).
-async fn insert_run_effects(
-    conn: &mut SqliteConnection,
-    runs: &[&RunWrite],
-    now_ms: i64,
-) -> Result<()> {
-    let steps: Vec<_> = runs
-        .iter()
-        .flat_map(|w| {
-            w.steps
-                .iter()
-                .map(move |s| json!([w.run_id, s.step_id, s.kind, s.outcome, s.at_ms]))
-        })
-        .collect();
-    if !steps.is_empty() {
-        sqlx::query(
-            "INSERT INTO run_steps (run_id, seq, step_id, kind, outcome, at_ms)
-             SELECT value ->> 0,
-                    COALESCE((SELECT MAX(s.seq) FROM run_steps s WHERE s.run_id = value ->> 0), 0)
-                      + ROW_NUMBER() OVER (PARTITION BY value ->> 0 ORDER BY key),
-                    value ->> 1, value ->> 2, value ->> 3, value ->> 4
-             FROM json_each(?)",
-        )
-        .bind(json_rows(steps))
-        .execute(&mut *conn)
-        .await?;
-    }
-    let messages: Vec<_> = runs
-        .iter()
-        .flat_map(|w| {
-            w.messages.iter().map(move |m| {
-                json!([
-                    m.id,
-                    w.run_id,
-                    m.step_id,
-                    m.pc,
-                    w.workflow_id,
-                    w.contact_id,
-                    m.channel.as_str(),
-                    m.recipient,
-                    m.header_message_id,
-                    m.status.as_str(),
-                    m.reason,
-                    m.due_ms,
-                ])
-            })
-        })
-        .collect();
-    if !messages.is_empty() {
-        sqlx::query(
-            "INSERT INTO messages (id, run_id, step_id, pc, workflow_id, contact_id, channel, recipient,
-                                   header_message_id, status, reason, due_ms, created_ms, updated_ms)
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-                    value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, ?2, ?2
-             FROM json_each(?1) WHERE true ORDER BY key
-             ON CONFLICT (run_id, step_id) DO NOTHING",
-        )
-        .bind(json_rows(messages))
-        .bind(now_ms)
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
-}
-
 /// The ids of the outcomes that bounced (the mailbox does not exist).
 fn bounced_ids<'a>(outcomes: &[&'a MessageOutcome]) -> Vec<&'a str> {
     outcomes
@@ -724,217 +432,6 @@ fn bounced_ids<'a>(outcomes: &[&'a MessageOutcome]) -> Vec<&'a str> {
         .filter(|o| matches!(o.result, DeliveryResult::Bounced { .. }))
         .map(|o| o.message_id.as_str())
         .collect()
-}
-
-/// Opts the contacts of a batch out again where their address belongs to an erased contact who
-/// had opted out (kept as a keyed hash).
-async fn opt_out_suppressed_addresses(
-    conn: &mut SqliteConnection,
-    key: &AddressKey,
-    events: &[(i64, CourseEvent)],
-    now_ms: i64,
-) -> Result<()> {
-    let facts = projection::contacts(events);
-    let hashes = key.hashes_of(facts.iter().map(|c| (c.id, c.fields[0], c.fields[1])));
-    if hashes.is_empty() {
-        return Ok(());
-    }
-    let suppressed: HashMap<String, String> = sqlx::query_as(
-        "SELECT address_hash, source FROM suppressed_addresses
-         WHERE address_hash IN (SELECT value FROM json_each(?))",
-    )
-    .bind(json_list(hashes.iter().map(|(_, _, h)| h.as_str())))
-    .fetch_all(&mut *conn)
-    .await?
-    .into_iter()
-    .collect();
-    for (contact, channel, hash) in &hashes {
-        if let Some(source) = suppressed.get(hash) {
-            sqlx::query(
-                "INSERT INTO opt_outs (contact_id, channel, source, at_ms) VALUES (?, ?, ?, ?)
-                 ON CONFLICT DO NOTHING",
-            )
-            .bind(contact)
-            .bind(channel.as_str())
-            .bind(source)
-            .bind(now_ms)
-            .execute(&mut *conn)
-            .await?;
-        }
-    }
-    Ok(())
-}
-
-/// Revokes the learner links and ends the learner sessions of those of `contacts` that hold no
-/// active offer grant any more.
-async fn end_learner_access(
-    conn: &mut SqliteConnection,
-    contacts: &[&str],
-    now_ms: i64,
-) -> Result<()> {
-    if contacts.is_empty() {
-        return Ok(());
-    }
-    let ids = json_list(contacts.iter().copied());
-    for sql in [
-        "UPDATE magic_links SET revoked_ms = ?1 WHERE kind = 'learner' AND revoked_ms IS NULL
-           AND contact_id IN (SELECT value FROM json_each(?2))
-           AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.contact_id = magic_links.contact_id AND g.kind = 'offer' AND g.active)",
-        "UPDATE sessions SET ended_ms = ?1 WHERE kind = 'learner' AND ended_ms IS NULL
-           AND contact_id IN (SELECT value FROM json_each(?2))
-           AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.contact_id = sessions.contact_id AND g.kind = 'offer' AND g.active)",
-    ] {
-        sqlx::query(sql)
-            .bind(now_ms)
-            .bind(&ids)
-            .execute(&mut *conn)
-            .await?;
-    }
-    Ok(())
-}
-
-/// The membership projection of a batch of events (see [`projection`]): one statement per
-/// table. SQLite applies the rows of a multi-row upsert one after the other, in `key` order, so
-/// the batch has exactly the effect of its events projected one by one.
-async fn project(conn: &mut SqliteConnection, events: &[(i64, CourseEvent)]) -> Result<()> {
-    let contacts = projection::contacts(events);
-    sqlx::query(
-        "INSERT INTO contacts (id, email, phone, first_name, last_name, timezone, custom_fields, details_ms, last_event_ms, locale)
-         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-                value ->> 7, value ->> 8, value ->> 9
-         FROM json_each(?) WHERE true ORDER BY key
-         ON CONFLICT (id) DO UPDATE SET
-           email = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.email, contacts.email) ELSE COALESCE(contacts.email, excluded.email) END,
-           phone = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.phone, contacts.phone) ELSE COALESCE(contacts.phone, excluded.phone) END,
-           first_name = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.first_name, contacts.first_name) ELSE COALESCE(contacts.first_name, excluded.first_name) END,
-           last_name = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.last_name, contacts.last_name) ELSE COALESCE(contacts.last_name, excluded.last_name) END,
-           timezone = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.timezone, contacts.timezone) ELSE COALESCE(contacts.timezone, excluded.timezone) END,
-           custom_fields = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.custom_fields, contacts.custom_fields) ELSE COALESCE(contacts.custom_fields, excluded.custom_fields) END,
-           locale = CASE WHEN excluded.details_ms >= contacts.details_ms THEN COALESCE(excluded.locale, contacts.locale) ELSE COALESCE(contacts.locale, excluded.locale) END,
-           details_ms = MAX(contacts.details_ms, excluded.details_ms),
-           last_event_ms = MAX(contacts.last_event_ms, excluded.last_event_ms)",
-    )
-    .bind(json_rows(contacts.iter().map(|c| {
-        let [email, phone, first, last, zone, locale] = c.fields;
-        json!([c.id, email, phone, first, last, zone, c.custom_fields, c.details_ms, c.event_ms, locale])
-    })))
-    .execute(&mut *conn)
-    .await?;
-
-    let grants = projection::grants(events);
-    if !grants.is_empty() {
-        sqlx::query(
-            "INSERT INTO grants (contact_id, kind, item_id, active, changed_ms)
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4
-             FROM json_each(?) WHERE true ORDER BY key
-             ON CONFLICT (contact_id, kind, item_id) DO UPDATE SET active = excluded.active, changed_ms = excluded.changed_ms
-             WHERE excluded.changed_ms >= grants.changed_ms",
-        )
-        .bind(json_rows(grants.iter().map(|g| {
-            json!([g.contact_id, g.kind, g.item_id, g.active, g.changed_ms])
-        })))
-        .execute(&mut *conn)
-        .await?;
-    }
-
-    let lists = project_offers(conn, events).await?;
-    let (missing, upserts) = projection::products(events, &lists);
-    if !missing.is_empty() {
-        sqlx::query(
-            "INSERT INTO products (id, updated_ms) SELECT value ->> 0, value ->> 1
-             FROM json_each(?) WHERE true ORDER BY key ON CONFLICT (id) DO NOTHING",
-        )
-        .bind(json_rows(missing.iter().map(|(id, t)| json!([id, t]))))
-        .execute(&mut *conn)
-        .await?;
-    }
-    if !upserts.is_empty() {
-        sqlx::query(
-            "INSERT INTO products (id, title, url, updated_ms)
-             SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3
-             FROM json_each(?) WHERE true ORDER BY key
-             ON CONFLICT (id) DO UPDATE SET
-               title = CASE WHEN excluded.updated_ms >= products.updated_ms THEN COALESCE(excluded.title, products.title) ELSE COALESCE(products.title, excluded.title) END,
-               url = CASE WHEN excluded.updated_ms >= products.updated_ms THEN COALESCE(excluded.url, products.url) ELSE COALESCE(products.url, excluded.url) END,
-               updated_ms = MAX(products.updated_ms, excluded.updated_ms)",
-        )
-        .bind(json_rows(
-            upserts.iter().map(|p| json!([p.id, p.title, p.url, p.time_ms])),
-        ))
-        .execute(&mut *conn)
-        .await?;
-    }
-    Ok(())
-}
-
-/// Upserts the offers and replaces the product list of each offer with that of its newest event
-/// carrying one (see [`projection::offer_lists`]).
-async fn project_offers<'e>(
-    conn: &mut SqliteConnection,
-    events: &'e [(i64, CourseEvent)],
-) -> Result<projection::OfferLists<'e>> {
-    let offers = projection::offers(events);
-    let mut newer = HashSet::new();
-    if !offers.is_empty() {
-        let stored = sqlx::query(
-            "SELECT id, title, updated_ms FROM offers WHERE id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(json_list(offers.iter().map(|o| o.id)))
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(|r| (r.get(0), (r.get(1), r.get(2))))
-        .collect();
-        let fold = projection::fold_offers(stored, &offers);
-        sqlx::query(
-            "INSERT INTO offers (id, title, updated_ms) SELECT value ->> 0, value ->> 1, value ->> 2
-             FROM json_each(?) WHERE true
-             ON CONFLICT (id) DO UPDATE SET title = excluded.title, updated_ms = excluded.updated_ms",
-        )
-        .bind(json_rows(fold.rows.iter().map(|(id, title, t)| json!([id, title, t]))))
-        .execute(&mut *conn)
-        .await?;
-        newer = fold.newer;
-    }
-    let lists = projection::offer_lists(events, &newer);
-    if !lists.final_list.is_empty() {
-        sqlx::query(
-            "DELETE FROM offer_products WHERE offer_id IN (SELECT value FROM json_each(?))",
-        )
-        .bind(json_list(lists.final_list.keys().copied()))
-        .execute(&mut *conn)
-        .await?;
-        let pairs: Vec<_> = lists
-            .final_list
-            .iter()
-            .flat_map(|(offer, index)| {
-                lists.by_event[index]
-                    .iter()
-                    .map(move |pid| json!([offer, pid]))
-            })
-            .collect();
-        if !pairs.is_empty() {
-            sqlx::query(
-                "INSERT INTO offer_products (offer_id, product_id) SELECT value ->> 0, value ->> 1
-                 FROM json_each(?) WHERE true ON CONFLICT DO NOTHING",
-            )
-            .bind(json_rows(pairs))
-            .execute(&mut *conn)
-            .await?;
-        }
-    }
-    Ok(lists)
-}
-
-fn live_run(r: &sqlx::sqlite::SqliteRow) -> Result<LiveRun> {
-    Ok(LiveRun {
-        run_id: r.get(0),
-        workflow_id: r.get(1),
-        workflow_version: r.get(2),
-        contact_id: r.get(3),
-        state: run_state(r.get(4))?,
-        wait_event: r.get(5),
-    })
 }
 
 /// The contact columns starting at `at` (id, email, phone, first, last, timezone, custom fields,

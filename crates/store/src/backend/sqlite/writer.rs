@@ -94,7 +94,7 @@ impl Writer {
     /// Opens a write transaction that the caller leads: the caller does its own work on
     /// [`Group::conn`] and then [`Group::finish`]es, which runs the units queued meanwhile and
     /// commits all of it at once.
-    pub(super) async fn lead(&self) -> Result<Group<'_>> {
+    pub(in crate::backend) async fn lead(&self) -> Result<Group<'_>> {
         let conn = self.conn.lock().await;
         Ok(self
             .start(conn, true)
@@ -149,7 +149,7 @@ impl Writer {
 }
 
 /// One open write transaction and the queued units it will run before its commit.
-pub(super) struct Group<'w> {
+pub(in crate::backend) struct Group<'w> {
     writer: &'w Writer,
     conn: MutexGuard<'w, SqliteConnection>,
     /// Queued units taken at the commit and not run yet.
@@ -159,19 +159,19 @@ pub(super) struct Group<'w> {
 }
 
 impl Group<'_> {
-    pub(super) fn conn(&mut self) -> &mut SqliteConnection {
+    pub(in crate::backend) fn conn(&mut self) -> &mut SqliteConnection {
         &mut self.conn
     }
 
     /// Ends the leader's own work (`own`: its outcome; an error undoes it alone), runs the queued
     /// units, commits, and answers every unit. Returns `own`, or the commit's error.
-    pub(super) async fn finish<T>(self, own: Result<T>) -> Result<T> {
+    pub(in crate::backend) async fn finish<T>(self, own: Result<T>) -> Result<T> {
         let keep = own.is_ok();
         self.end(keep).await.and(own)
     }
 
     /// Like [`Group::finish`], but the leader's own work is undone although it did not fail.
-    pub(super) async fn undo<T>(self, value: T) -> Result<T> {
+    pub(in crate::backend) async fn undo<T>(self, value: T) -> Result<T> {
         self.end(false).await.map(|()| value)
     }
 
