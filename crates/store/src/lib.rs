@@ -229,19 +229,6 @@ macro_rules! delegate {
 delegate! {
     /// Checks that the database answers (for `/healthz`).
     fn ping(&self) -> ();
-    /// Claims up to `limit` runs due at `now_ms` under a lease of `lease_ms`.
-    fn claim_runs(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Vec<ClaimedRun>;
-    /// Writes advanced runs whose lease still holds; the others are dropped (the lease was lost).
-    fn finish_runs(&self, now_ms: i64, advances: Vec<RunAdvance>) -> ();
-    /// Claims up to `limit` queued messages due at `now_ms` under a lease of `lease_ms`.
-    fn claim_messages(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Vec<ClaimedMessage>;
-    /// Extends the lease of the messages of one claim still being delivered (heartbeat).
-    fn extend_message_lease(&self, lease_token: String, until_ms: i64) -> u64;
-    /// Records delivery outcomes whose lease still holds.
-    fn complete_messages(&self, now_ms: i64, outcomes: Vec<MessageOutcome>) -> ();
-
-    /// Puts a message straight into the dev mailbox (system emails outside a workflow run).
-    fn add_to_mailbox(&self, item: MailboxItem) -> ();
 }
 
 /// The reads, written once for both backends (`backend::read`) and run where the backend reads.
@@ -293,6 +280,18 @@ macro_rules! written_once {
 }
 
 written_once! {
+    /// Claims up to `limit` runs due at `now_ms` under a lease of `lease_ms`.
+    fn runs::claim_runs(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Vec<ClaimedRun>;
+    /// Writes advanced runs whose lease still holds; the others are dropped (the lease was lost).
+    fn runs::finish_runs(&self, now_ms: i64, advances: Vec<RunAdvance>) -> ();
+    /// Claims up to `limit` queued messages due at `now_ms` under a lease of `lease_ms`.
+    fn messages::claim_messages(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Vec<ClaimedMessage>;
+    /// Extends the lease of the messages of one claim still being delivered (heartbeat).
+    fn messages::extend_message_lease(&self, lease_token: String, until_ms: i64) -> u64;
+    /// Records delivery outcomes whose lease still holds.
+    fn messages::complete_messages(&self, now_ms: i64, outcomes: Vec<MessageOutcome>) -> ();
+    /// Puts a message straight into the dev mailbox (system emails outside a workflow run).
+    fn messages::add_to_mailbox(&self, item: MailboxItem) -> ();
     /// Stores workflow versions (id, version, bundle JSON); existing ones are kept.
     fn workflows::save_workflow_versions(&self, versions: Vec<(String, String, String)>, now_ms: i64) -> ();
     /// Records whether each workflow is enabled and, for each whose stored state changed (or was

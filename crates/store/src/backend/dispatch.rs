@@ -9,8 +9,7 @@ use super::{Backend, distinct, first_per_key};
 use crate::decode::parse_stored_event;
 use crate::erasure::AddressKey;
 use crate::{
-    ContactRow, DispatchInput, DispatchRequest, EnrollmentCounts, LiveRun, Result,
-    projection,
+    ContactRow, DispatchInput, DispatchRequest, EnrollmentCounts, LiveRun, Result, projection,
 };
 use herald_core::CourseEvent;
 use std::collections::HashMap;
@@ -102,7 +101,7 @@ async fn dispatch_batch(
         .into_iter()
         .map(str::to_owned)
         .collect();
-    tx.project(&events).await?;
+    super::membership::project(tx.at(), &events).await?;
     end_learner_access(tx.at(), &projection::lost_an_offer(&events), now_ms).await?;
     if let Some(key) = address_key {
         opt_out_suppressed_addresses(tx.at(), key, &events, now_ms).await?;

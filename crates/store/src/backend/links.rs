@@ -1,14 +1,15 @@
 //! Magic links, sessions, the portal's reads and site values, written once for both backends.
 //! Where SQLite relies on its single writer, PostgreSQL takes a row lock (the counting `UPDATE`
-//! of a redemption) or an advisory lock (a contact's resend budget). Minting a batch of message
-//! links and storing the login event are each backend's own multi-row statements
-//! (`sqlite/links.rs`, `postgres/links.rs`, `insert_event_rows` in each `write.rs`).
+//! of a redemption) or an advisory lock (a contact's resend budget). The statements that take a
+//! batch of message links are in each backend's `links.rs`; storing the login event is each
+//! backend's multi-row event insert (`events.rs`).
 
 use super::Backend;
-use super::sql::{On, Param, Statement, Tx, limit_param, text};
+use super::sql::{Column, Param, Statement, Tx, limit_param, statement, text};
 use crate::{
     LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, NewLink, NewSession, ProductRow, Result,
 };
+use std::collections::HashSet;
 
 type Checked = std::result::Result<LinkHolder, (LinkRefusal, Option<String>)>;
 
@@ -142,20 +143,61 @@ pub(crate) async fn mint_message_links(
         .write(
             "mint message links",
             (links, now_ms),
-            |tx, (links, now_ms)| {
-                Box::pin(async move {
-                    match tx {
-                        On::Sqlite(conn) => {
-                            super::sqlite::links::mint_message_links(conn, links, *now_ms).await
-                        }
-                        On::Postgres(conn) => {
-                            super::postgres::links::mint_message_links(conn, links, *now_ms).await
-                        }
-                    }
-                })
-            },
+            |tx, (links, now_ms)| Box::pin(mint_message_links_on(tx, links, *now_ms)),
         )
         .await
+}
+
+/// Stores the links of messages being sent whose contact holds an active offer grant, with
+/// their audit; returns, per link, whether it was.
+async fn mint_message_links_on(
+    mut tx: Tx<'_>,
+    links: &[NewLink],
+    now_ms: i64,
+) -> Result<Vec<bool>> {
+    let contacts: Vec<String> = links.iter().filter_map(|l| l.contact_id.clone()).collect();
+    let entitled: HashSet<String> = tx
+        .at()
+        .fetch_scalars(statement!(links::ENTITLED), &[Param::Texts(&contacts)])
+        .await?
+        .into_iter()
+        .collect();
+    let (minted, kept) = crate::model::split_entitled(links, &entitled);
+    if kept.is_empty() {
+        return Ok(minted);
+    }
+    // A retried send re-mints: the earlier token of that message is revoked (kept, so a copy
+    // that did arrive says "replaced" rather than "unknown").
+    let messages: Vec<String> = kept.iter().filter_map(|l| l.message_id.clone()).collect();
+    tx.at()
+        .execute(
+            statement!(links::REVOKE_MESSAGES_LINKS),
+            &[Param::Int(now_ms), Param::Texts(&messages)],
+        )
+        .await?;
+    let kept = kept.iter().copied();
+    let columns = [
+        Column::texts(kept.clone(), |l| Some(&l.token_hash)),
+        Column::texts(kept.clone(), |l| Some(l.kind.as_str())),
+        Column::texts(kept.clone(), |l| l.contact_id.as_deref()),
+        Column::texts(kept.clone(), |l| l.message_id.as_deref()),
+        Column::ints(kept.clone(), |l| l.max_uses),
+        Column::ints(kept.clone(), |l| l.expires_ms),
+    ];
+    tx.at()
+        .execute(
+            statement!(links::INSERT_LINKS),
+            &[Param::Rows(&columns), Param::Int(now_ms)],
+        )
+        .await?;
+    let [_, kinds, contacts, ..] = columns;
+    tx.at()
+        .execute(
+            statement!(links::AUDIT_MINTS),
+            &[Param::Rows(&[kinds, contacts]), Param::Int(now_ms)],
+        )
+        .await?;
+    Ok(minted)
 }
 
 pub(crate) async fn regenerate_link(

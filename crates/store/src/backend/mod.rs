@@ -4,7 +4,10 @@
 pub(crate) mod dead;
 pub(crate) mod dispatch;
 pub(crate) mod enroll;
+pub(crate) mod leases;
 pub(crate) mod links;
+pub(crate) mod membership;
+pub(crate) mod messages;
 pub(crate) mod opt_outs;
 pub mod postgres;
 pub(crate) mod read;

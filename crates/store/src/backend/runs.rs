@@ -1,9 +1,121 @@
-//! Writing runs, written once for both backends over [`super::sql`]: new runs with their steps
-//! and messages, in one multi-row statement per table whatever the batch's size.
+//! Runs, written once for both backends over [`super::sql`]: new runs with their steps and
+//! messages (one multi-row statement per table whatever the batch's size), and the stepper's
+//! claims and results.
 
+use super::Backend;
+use super::leases::{claim, under_current_lease};
 use super::sql::{Column, Param, Tx, statement};
-use crate::{Result, RunWrite};
+use crate::decode::parse_stored_event;
+use crate::{ClaimedRun, ContactRow, Result, RunAdvance, RunState, RunWrite};
 use std::collections::HashSet;
+
+#[derive(sqlx::FromRow)]
+struct ClaimedRunRow {
+    id: String,
+    workflow_id: String,
+    workflow_version: String,
+    event_seq: i64,
+    #[sqlx(try_from = "String")]
+    state: RunState,
+    pc: i64,
+    event: String,
+    /// The run's contact (`contact_id`) with the details the projection holds.
+    #[sqlx(flatten)]
+    contact: ContactRow,
+    awaited: Option<String>,
+}
+
+/// Leases up to `limit` due runs and reads what stepping them needs.
+pub(crate) async fn claim_runs(
+    backend: &Backend,
+    now_ms: i64,
+    limit: i64,
+    lease_ms: i64,
+) -> Result<Vec<ClaimedRun>> {
+    let token = uuid::Uuid::new_v4().to_string();
+    let rows: Vec<ClaimedRunRow> = claim(
+        backend,
+        "claim runs",
+        statement!(runs::CLAIM_RUNS),
+        super::sqlite::runs::CLAIMED_RUNS,
+        &token,
+        (now_ms, limit, lease_ms),
+    )
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(ClaimedRun {
+                event: parse_stored_event(&r.event)?,
+                awaited: r.awaited.as_deref().map(parse_stored_event).transpose()?,
+                run_id: r.id,
+                workflow_id: r.workflow_id,
+                workflow_version: r.workflow_version,
+                contact_id: r.contact.id.clone(),
+                event_seq: r.event_seq,
+                state: r.state,
+                pc: r.pc,
+                lease_token: token.clone(),
+                contact: r.contact,
+            })
+        })
+        .collect()
+}
+
+/// Writes advanced runs whose lease still holds, with their steps and messages.
+pub(crate) async fn finish_runs(
+    backend: &Backend,
+    now_ms: i64,
+    advances: Vec<RunAdvance>,
+) -> Result<()> {
+    if advances.is_empty() {
+        return Ok(());
+    }
+    backend
+        .write(
+            "finish runs",
+            (now_ms, advances),
+            |tx, (now_ms, advances)| Box::pin(finish_on(tx, *now_ms, advances)),
+        )
+        .await
+}
+
+async fn finish_on(mut tx: Tx<'_>, now_ms: i64, advances: &[RunAdvance]) -> Result<()> {
+    let written: Vec<&RunWrite> = under_current_lease(
+        tx.at(),
+        statement!(runs::RUN_LEASES),
+        advances,
+        |a| (a.write.run_id.as_str(), a.lease_token.as_str()),
+        |a| tracing::warn!(run = %a.write.run_id, "run lease lost before its step finished; result dropped"),
+    )
+    .await?
+    .into_iter()
+    .map(|a| &a.write)
+    .collect();
+    if written.is_empty() {
+        return Ok(());
+    }
+    let columns = [
+        Column::texts(written.iter().copied(), |w| Some(&w.run_id)),
+        Column::texts(written.iter().copied(), |w| Some(w.state.as_str())),
+        Column::texts(written.iter().copied(), |w| w.reason.as_deref()),
+        Column::ints(written.iter().copied(), |w| Some(w.pc)),
+        Column::texts(written.iter().copied(), |w| w.wait_event.as_deref()),
+        Column::ints(written.iter().copied(), |w| w.due_ms),
+        Column::ints(written.iter().copied(), |w| ended_ms(w, now_ms)),
+    ];
+    tx.at()
+        .execute(
+            statement!(runs::FINISH_RUNS),
+            &[Param::Rows(&columns), Param::Int(now_ms)],
+        )
+        .await?;
+    insert_run_effects(tx, &written, now_ms).await
+}
+
+/// When a write ends its run: now, unless it leaves the run live.
+fn ended_ms(w: &RunWrite, now_ms: i64) -> Option<i64> {
+    (!w.state.is_live()).then_some(now_ms)
+}
 
 /// Inserts new runs with their effects; a conflict on the one-live-run key means the contact is
 /// already in a live run of this workflow, and then nothing is written for that run.
@@ -11,7 +123,6 @@ pub(crate) async fn insert_runs(mut tx: Tx<'_>, runs: &[RunWrite], now_ms: i64) 
     if runs.is_empty() {
         return Ok(());
     }
-    let ended = |w: &RunWrite| (!w.state.is_live()).then_some(now_ms);
     let columns = [
         Column::texts(runs, |w| Some(&w.run_id)),
         Column::texts(runs, |w| Some(&w.workflow_id)),
@@ -23,7 +134,7 @@ pub(crate) async fn insert_runs(mut tx: Tx<'_>, runs: &[RunWrite], now_ms: i64) 
         Column::ints(runs, |w| Some(w.pc)),
         Column::texts(runs, |w| w.wait_event.as_deref()),
         Column::ints(runs, |w| w.due_ms),
-        Column::ints(runs, ended),
+        Column::ints(runs, |w| ended_ms(w, now_ms)),
     ];
     let mut inserted: HashSet<String> = tx
         .at()
@@ -59,10 +170,7 @@ pub(crate) async fn insert_run_effects(
             Column::ints(&steps, |(_, s)| Some(s.at_ms)),
         ];
         tx.at()
-            .execute(
-                statement!(runs::INSERT_RUN_STEPS),
-                &[Param::Rows(&columns)],
-            )
+            .execute(statement!(runs::INSERT_RUN_STEPS), &[Param::Rows(&columns)])
             .await?;
     }
     let messages: Vec<_> = runs

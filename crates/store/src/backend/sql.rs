@@ -9,6 +9,8 @@ use sqlx::{
     Arguments, Decode, Executor, FromRow, PgConnection, PgPool, Postgres, Sqlite, SqliteConnection,
     SqlitePool, Type,
 };
+use std::collections::HashMap;
+use std::hash::Hash;
 
 /// A database handle of either backend: a pool ([`Conn`], where reads run) or a connection inside
 /// a write transaction ([`Tx`]). The fetches below are written once for every pair.
@@ -61,19 +63,43 @@ impl Tx<'_> {
         events: &[&crate::NewEvent],
     ) -> Result<Vec<crate::Accepted>> {
         match self {
-            Self::Sqlite(conn) => super::sqlite::write::insert_event_rows(conn, events).await,
+            Self::Sqlite(conn) => super::sqlite::events::insert_event_rows(conn, events).await,
             Self::Postgres(conn) => {
-                super::postgres::write::insert_event_rows(&mut **conn, events).await
+                super::postgres::events::insert_event_rows(&mut **conn, events).await
             }
         }
     }
 
-    /// Writes the membership projection of a batch of events (see [`crate::projection`]), as
-    /// each backend's multi-row upserts can.
-    pub(crate) async fn project(&mut self, events: &[(i64, herald_core::CourseEvent)]) -> Result<()> {
+    /// Splits keyed writes into the batches one multi-row upsert can take, in order, each
+    /// applying its writes in order: SQLite applies a statement's rows one after the other, so
+    /// the whole batch is one; PostgreSQL refuses to touch a row twice in one statement, so
+    /// batch `k` holds the `k`-th write of every key.
+    pub(crate) fn rounds<K: Eq + Hash, T>(
+        &self,
+        items: impl IntoIterator<Item = (K, T)>,
+    ) -> Vec<Vec<T>> {
         match self {
-            Self::Sqlite(conn) => super::sqlite::dispatch::project(conn, events).await,
-            Self::Postgres(conn) => super::postgres::dispatch::project(conn, events).await,
+            Self::Sqlite(_) => {
+                let all: Vec<T> = items.into_iter().map(|(_, item)| item).collect();
+                if all.is_empty() {
+                    Vec::new()
+                } else {
+                    vec![all]
+                }
+            }
+            Self::Postgres(_) => {
+                let mut seen: HashMap<K, usize> = HashMap::new();
+                let mut out: Vec<Vec<T>> = Vec::new();
+                for (key, item) in items {
+                    let round = seen.entry(key).or_insert(0);
+                    if *round == out.len() {
+                        out.push(Vec::new());
+                    }
+                    out[*round].push(item);
+                    *round += 1;
+                }
+                out
+            }
         }
     }
 

@@ -16,17 +16,18 @@
 //! `_sqlx_migrations`, are then created in and read from that schema (it must exist).
 
 pub(super) mod dispatch;
+pub(super) mod events;
 pub(super) mod links;
+pub(super) mod membership;
+pub(super) mod messages;
 #[cfg(target_os = "linux")]
 mod nodelay;
 pub(super) mod read;
 pub(super) mod runs;
-pub(super) mod write;
 
-use crate::{ContactRow, Result, StoreError};
+use crate::{Result, StoreError};
 use sqlx::PgPool;
-use sqlx::Row;
-use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgListener, PgPoolOptions};
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -152,25 +153,4 @@ pub(crate) use retrying;
 /// A deadlock or a serialization failure: the transaction was rolled back and may be tried again.
 pub(super) fn is_transient(e: &StoreError) -> bool {
     matches!(e, StoreError::Database(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("40P01" | "40001")))
-}
-
-/// `LIMIT` as SQLite reads it: a negative limit means no limit (PostgreSQL refuses a negative one
-/// and reads `LIMIT NULL` as none).
-fn sql_limit(limit: i64) -> Option<i64> {
-    (limit >= 0).then_some(limit)
-}
-
-/// The contact columns starting at `at` (id, email, phone, first, last, timezone, custom fields,
-/// locale).
-fn contact_at(r: &PgRow, at: usize) -> ContactRow {
-    ContactRow {
-        id: r.get::<Option<String>, _>(at).unwrap_or_default(),
-        email: r.get(at + 1),
-        phone: r.get(at + 2),
-        first_name: r.get(at + 3),
-        last_name: r.get(at + 4),
-        timezone: r.get(at + 5),
-        custom_fields: r.get(at + 6),
-        locale: r.get(at + 7),
-    }
 }

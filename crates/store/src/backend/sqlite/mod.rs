@@ -5,10 +5,12 @@
 //! writer.
 
 pub(super) mod dispatch;
+pub(super) mod events;
 pub(super) mod links;
+pub(super) mod membership;
+pub(super) mod messages;
 pub(super) mod read;
 pub(super) mod runs;
-pub(super) mod write;
 pub(super) mod writer;
 
 use crate::Result;

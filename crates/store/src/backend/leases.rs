@@ -1,0 +1,91 @@
+//! Leases, written once for both backends: claiming due rows under a fresh lease, and keeping,
+//! of the results handed back, those whose lease still holds.
+
+use super::Backend;
+use super::sql::{Conn, Decoded, Param, Statement, Tx, limit_param, text};
+use crate::Result;
+use std::collections::HashMap;
+
+/// Leases up to `limit` rows due at `now_ms` to `token` for `lease_ms` and reads them.
+/// `claim` takes (lease until, token, now, limit). On PostgreSQL it locks, leases and reads in one
+/// statement; SQLite's `RETURNING` cannot join, so there it returns the ids and `sqlite_read`
+/// (given them as a JSON array) reads the rows, in the same transaction.
+pub(crate) async fn claim<T: Decoded + 'static>(
+    backend: &Backend,
+    what: &'static str,
+    claim: Statement,
+    sqlite_read: &'static str,
+    token: &str,
+    (now_ms, limit, lease_ms): (i64, i64, i64),
+) -> Result<Vec<T>> {
+    match backend {
+        Backend::Sqlite(b) => {
+            let token = token.to_owned();
+            b.writer
+                .run(move |conn| {
+                    Box::pin(async move {
+                        let params = claim_params(&token, now_ms, limit, lease_ms);
+                        let ids: Vec<String> =
+                            Tx::Sqlite(&mut *conn).fetch_scalars(claim, &params).await?;
+                        if ids.is_empty() {
+                            return Ok(Vec::new());
+                        }
+                        Ok(sqlx::query_as(sqlite_read)
+                            .bind(super::sqlite::json_list(ids.iter().map(String::as_str)))
+                            .fetch_all(&mut *conn)
+                            .await?)
+                    })
+                })
+                .await
+        }
+        Backend::Postgres(b) => {
+            let params = claim_params(token, now_ms, limit, lease_ms);
+            super::postgres::retrying!(what, Conn::Postgres(&b.pool).fetch_all(claim, &params))
+        }
+    }
+}
+
+fn claim_params(token: &str, now_ms: i64, limit: i64, lease_ms: i64) -> [Param<'_>; 4] {
+    [
+        Param::Int(now_ms + lease_ms),
+        text(token),
+        Param::Int(now_ms),
+        limit_param(limit),
+    ]
+}
+
+#[derive(sqlx::FromRow)]
+struct LeaseRow {
+    id: String,
+    lease_token: Option<String>,
+}
+
+/// Of `items`, in order, those whose row still holds the lease the item carries (`key`: row id
+/// and lease token), read inside the writing transaction by `leases` (given the ids; on
+/// PostgreSQL it locks the rows until the transaction ends). `lost` is told of each other one.
+/// As if applied one by one: writing a result clears its row's lease, so a second result for
+/// the same row is dropped like one under a lost lease.
+pub(crate) async fn under_current_lease<'a, T>(
+    tx: Tx<'_>,
+    leases: Statement,
+    items: &'a [T],
+    key: impl Fn(&'a T) -> (&'a str, &'a str),
+    lost: impl Fn(&T),
+) -> Result<Vec<&'a T>> {
+    let ids: Vec<String> = items.iter().map(|i| key(i).0.to_owned()).collect();
+    let rows: Vec<LeaseRow> = tx.fetch_all(leases, &[Param::Texts(&ids)]).await?;
+    let mut held: HashMap<String, Option<String>> =
+        rows.into_iter().map(|r| (r.id, r.lease_token)).collect();
+    let mut kept = Vec::with_capacity(items.len());
+    for item in items {
+        let (id, token) = key(item);
+        match held.get_mut(id) {
+            Some(lease) if lease.as_deref() == Some(token) => {
+                *lease = None;
+                kept.push(item);
+            }
+            _ => lost(item),
+        }
+    }
+    Ok(kept)
+}
