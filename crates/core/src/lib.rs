@@ -7,9 +7,11 @@ pub mod duration;
 pub mod event;
 pub mod locale;
 pub mod signature;
+pub mod status;
 pub mod template;
 pub mod workflow;
 
 pub use duration::Duration;
 pub use event::{CourseEvent, EventError, EventType};
+pub use status::{Channel, MessageStatus, RunState};
 pub use workflow::{CompiledWorkflow, Diagnostic, WorkflowBundle};

@@ -1,7 +1,7 @@
 //! Turning stored text back into domain values, and outcomes into columns: shared by both
 //! backends, so a state or status is spelled in one place.
 
-use crate::{Channel, DeliveryResult, LinkKind, MessageStatus, Result, RunState, StoreError};
+use crate::{DeliveryResult, LinkKind, MessageStatus, Result, StoreError};
 use herald_core::CourseEvent;
 use herald_core::workflow::ContactState;
 use std::collections::HashMap;
@@ -41,17 +41,11 @@ pub(crate) fn contact_states(
     states
 }
 
-pub(crate) fn run_state(s: &str) -> Result<RunState> {
-    RunState::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown run state {s:?}")))
-}
-
-pub(crate) fn channel(s: &str) -> Result<Channel> {
-    Channel::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown channel {s:?}")))
-}
-
-pub(crate) fn message_status(s: &str) -> Result<MessageStatus> {
-    MessageStatus::parse(s)
-        .ok_or_else(|| StoreError::Corrupt(format!("unknown message status {s:?}")))
+/// A stored run state, message status or channel.
+pub(crate) fn stored<T: TryFrom<String, Error = herald_core::status::UnknownName>>(
+    name: String,
+) -> Result<T> {
+    T::try_from(name).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
 pub(crate) fn link_kind(s: &str) -> Result<LinkKind> {
@@ -70,12 +64,7 @@ macro_rules! from_column {
         }
     )*};
 }
-from_column!(
-    RunState => run_state,
-    Channel => channel,
-    MessageStatus => message_status,
-    LinkKind => link_kind
-);
+from_column!(LinkKind => link_kind);
 
 /// The columns a delivery outcome writes.
 pub(crate) struct OutcomeColumns<'a> {

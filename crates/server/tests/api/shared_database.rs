@@ -160,7 +160,10 @@ async fn a_process_re_reads_its_files_only_on_an_announced_reload() {
     };
     let registry = &a.state.registry;
     let edited_live = |registry: &herald_engine::Registry| {
-        registry.snapshot().current["welcome"].bundle.yaml.contains("Welcome aboard")
+        registry.snapshot().current["welcome"]
+            .bundle
+            .yaml
+            .contains("Welcome aboard")
     };
     std::fs::write(
         a.env.workflows.join("welcome.yaml"),

@@ -105,7 +105,9 @@ pub(crate) async fn end_run(
                     let reason = format!("run {}", state.as_str());
                     let params = [Param::Int(*now_ms), text(run_id), text(&reason)];
                     tx.at().execute(CANCEL_RUN_MESSAGES, &params).await?;
-                    after.map(|s| crate::decode::run_state(&s)).transpose()
+                    after
+                        .map(crate::decode::stored::<crate::RunState>)
+                        .transpose()
                 })
             },
         )
@@ -129,7 +131,9 @@ pub(crate) async fn retry_message(
                         .at()
                         .fetch_optional_scalar(MESSAGE_STATUS, &[text(message_id)])
                         .await?;
-                    after.map(|s| crate::decode::message_status(&s)).transpose()
+                    after
+                        .map(crate::decode::stored::<crate::MessageStatus>)
+                        .transpose()
                 })
             },
         )
