@@ -16,7 +16,8 @@ use std::collections::HashMap;
 
 /// Runs one dispatch pass: on SQLite in the writer's group (undone when the planner postpones),
 /// on PostgreSQL in a transaction that holds the dispatchers' lock (see [`Tx::lock_dispatch`]),
-/// tried again after a deadlock.
+/// tried again after a deadlock, and committed without waiting for the WAL flush (a pass a
+/// server crash loses is done again from the stored events; see `PgStore::relaxed`).
 pub(crate) async fn dispatch(
     backend: &Backend,
     request: DispatchRequest<'_>,
@@ -33,7 +34,7 @@ pub(crate) async fn dispatch(
         }
         Backend::Postgres(b) => {
             super::postgres::retrying!("dispatch", async {
-                let mut tx = b.pool.begin().await?;
+                let mut tx = b.relaxed.begin().await?;
                 match dispatch_batch(On::Postgres(&mut *tx), request, address_key).await? {
                     Dispatched::Events(n) => {
                         tx.commit().await?;

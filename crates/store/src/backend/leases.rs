@@ -8,8 +8,10 @@ use std::collections::HashMap;
 
 /// Leases up to `limit` rows due at `now_ms` to `token` for `lease_ms` and reads them.
 /// `claim` takes (lease until, token, now, limit). On PostgreSQL it locks, leases and reads in one
-/// statement; SQLite's `RETURNING` cannot join, so there it returns the ids and `sqlite_read`
-/// (given them as a JSON array) reads the rows, in the same transaction.
+/// statement, committed without waiting for the WAL flush (a lease a server crash loses is one
+/// that lapses; see `PgStore::relaxed`); SQLite's `RETURNING` cannot join, so there it returns
+/// the ids and `sqlite_read` (given them as a JSON array) reads the rows, in the same
+/// transaction.
 pub(crate) async fn claim<T: Decoded + 'static>(
     backend: &Backend,
     what: &'static str,
@@ -40,7 +42,7 @@ pub(crate) async fn claim<T: Decoded + 'static>(
         }
         Backend::Postgres(b) => {
             let params = claim_params(token, now_ms, limit, lease_ms);
-            super::postgres::retrying!(what, Conn::Postgres(&b.pool).fetch_all(claim, &params))
+            super::postgres::retrying!(what, Conn::Postgres(&b.relaxed).fetch_all(claim, &params))
         }
     }
 }

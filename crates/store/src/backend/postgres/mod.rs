@@ -4,7 +4,8 @@
 //! bound array instead of `json_each`, `GREATEST` instead of two-argument `MAX`, and batches
 //! written as one multi-row statement (`… FROM UNNEST($1::text[], …)`) rather than a statement per
 //! row, so a batch costs a handful of round trips whatever its size. Commits are durable (the
-//! server's default `synchronous_commit`).
+//! server's default `synchronous_commit`), except those of work that is redone from durable rows
+//! if a crash of the database server loses it (see [`PgStore::relaxed`]).
 //!
 //! Several processes share the tables, so every claim locks its rows with `FOR UPDATE SKIP
 //! LOCKED` and dispatchers take a transaction-scoped advisory lock (see [`PgStore::dispatch`]).
@@ -33,8 +34,11 @@ use std::time::Duration;
 
 /// Event groups the intake commits at once.
 pub(crate) const INTAKE_COMMITS_IN_FLIGHT: usize = 4;
-/// Connections the engine's loops and background tasks may hold at once.
-const ENGINE_CONNECTIONS: u32 = 6;
+/// Connections the engine's durable writes may hold at once: the stepper's results, link mints,
+/// the outcome recorder and the lease heartbeat.
+const ENGINE_CONNECTIONS: u32 = 4;
+/// Connections of the relaxed pool: the dispatcher and the stepper's and deliverer's claims.
+const RELAXED_CONNECTIONS: u32 = 3;
 /// Connections for the HTTP server's reads (admin API, links, portal, health).
 const HTTP_READS: u32 = 4;
 
@@ -50,6 +54,15 @@ pub(super) const MAX_TRIES: usize = 4;
 pub struct PgStore {
     /// Shared by reads and writes; each write is one transaction on one pooled connection.
     pub(super) pool: PgPool,
+    /// Connections whose commits do not wait for the WAL to reach the disk
+    /// (`synchronous_commit=off`), for the writes a crash of the database server may lose
+    /// harmlessly: dispatch passes (redone from the stored events, all or nothing) and claims
+    /// (leases, which lapse anyway). Whatever follows from them that must last is written by a
+    /// durable commit, and that commit's WAL flush carries theirs, which came before it. What a
+    /// server crash can undo is a claim whose send went out in the last moment before it: the
+    /// message is sent again with its Message-ID, as after a crash between a send and its outcome.
+    /// Saving these waits is most of the latency from post to inbox (see BENCHMARKS.md).
+    pub(super) relaxed: PgPool,
     /// For the listener's own connection (boxed: it is large and read once).
     options: Box<PgConnectOptions>,
     /// The `NOTIFY` channel of the processes sharing this database and schema.
@@ -60,23 +73,17 @@ impl PgStore {
     pub async fn connect(url: &str) -> Result<Self> {
         let options = PgConnectOptions::from_str(url)?.application_name("herald");
         // Sized from what may hold a connection at once, so no loop waits on another for one:
-        // the intake's commits in flight, the engine's six users (dispatcher, stepper, claims,
-        // link mints, the outcome recorder, the lease heartbeat) and a few HTTP reads.
-        let pool = PgPoolOptions::new()
-            .max_connections(INTAKE_COMMITS_IN_FLIGHT as u32 + ENGINE_CONNECTIONS + HTTP_READS)
-            .min_connections(0)
-            .acquire_timeout(Duration::from_secs(30))
-            .after_connect(|conn, _| {
-                Box::pin(async move {
-                    #[cfg(target_os = "linux")]
-                    nodelay::set_on(conn).await?;
-                    #[cfg(not(target_os = "linux"))]
-                    let _ = conn;
-                    Ok(())
-                })
-            })
-            .connect_with(options.clone())
-            .await?;
+        // the intake's commits in flight, the engine's durable writers and a few HTTP reads.
+        let pool = connect_pool(
+            &options,
+            INTAKE_COMMITS_IN_FLIGHT as u32 + ENGINE_CONNECTIONS + HTTP_READS,
+        )
+        .await?;
+        let relaxed = connect_pool(
+            &options.clone().options([("synchronous_commit", "off")]),
+            RELAXED_CONNECTIONS,
+        )
+        .await?;
         // Channels are database-wide: the schema is part of the name, so processes on other
         // schemas of the same database (tests, or two sites) do not hear each other.
         let schema: String = sqlx::query_scalar("SELECT current_schema()::text")
@@ -89,6 +96,7 @@ impl PgStore {
         }
         Ok(Self {
             pool,
+            relaxed,
             options: Box::new(options),
             channel,
         })
@@ -129,6 +137,24 @@ impl PgStore {
     }
 }
 
+async fn connect_pool(options: &PgConnectOptions, size: u32) -> Result<PgPool> {
+    Ok(PgPoolOptions::new()
+        .max_connections(size)
+        .min_connections(0)
+        .acquire_timeout(Duration::from_secs(30))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                #[cfg(target_os = "linux")]
+                nodelay::set_on(conn).await?;
+                #[cfg(not(target_os = "linux"))]
+                let _ = conn;
+                Ok(())
+            })
+        })
+        .connect_with(options.clone())
+        .await?)
+}
+
 /// Runs a write transaction (`$attempt`: an expression giving a fresh future each time), again
 /// when PostgreSQL chose it as a deadlock victim or refused it as a serialization failure: those
 /// roll back everything, so trying again is safe. (A macro rather than a function over an async
@@ -153,4 +179,36 @@ pub(crate) use retrying;
 /// A deadlock or a serialization failure: the transaction was rolled back and may be tried again.
 pub(super) fn is_transient(e: &StoreError) -> bool {
     matches!(e, StoreError::Database(sqlx::Error::Database(e)) if matches!(e.code().as_deref(), Some("40P01" | "40001")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PgStore;
+    use herald_test_support::postgres::TestSchema;
+
+    #[tokio::test]
+    async fn only_the_relaxed_pool_commits_without_waiting_for_the_wal() {
+        let Some(schema) = TestSchema::create("relaxed_pool").await else {
+            return;
+        };
+        let store = PgStore::connect(schema.url()).await.unwrap();
+        let sql = "SELECT current_setting('synchronous_commit')";
+        let durable: String = sqlx::query_scalar(sql)
+            .fetch_one(&store.pool)
+            .await
+            .unwrap();
+        let relaxed: String = sqlx::query_scalar(sql)
+            .fetch_one(&store.relaxed)
+            .await
+            .unwrap();
+        assert_eq!((durable.as_str(), relaxed.as_str()), ("on", "off"));
+        // The search path chosen by the URL holds on both.
+        let schemas: Vec<String> = futures::future::try_join_all(
+            [&store.pool, &store.relaxed]
+                .map(|pool| sqlx::query_scalar("SELECT current_schema()::text").fetch_one(pool)),
+        )
+        .await
+        .unwrap();
+        assert_eq!(schemas, [schema.name(), schema.name()]);
+    }
 }
