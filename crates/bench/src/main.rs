@@ -304,6 +304,29 @@ fn data_phase_note(arrivals: &[Arrival]) -> String {
     )
 }
 
+/// When the slowest 1 % of D's events were posted, as a count per second of the run: whether
+/// the tail is the start (connections opened, first plans) or spread over the run.
+fn slowest_by_second(timed: &[(u64, Instant)], start: Instant) -> String {
+    let mut by_latency: Vec<&(u64, Instant)> = timed.iter().collect();
+    by_latency.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    let slowest = &by_latency[..timed.len().div_ceil(100)];
+    let mut per_second = std::collections::BTreeMap::new();
+    for (_, sent) in slowest {
+        *per_second
+            .entry(sent.saturating_duration_since(start).as_secs())
+            .or_insert(0) += 1;
+    }
+    let counts: Vec<String> = per_second
+        .iter()
+        .map(|(second, n)| format!("{second}s: {n}"))
+        .collect();
+    format!(
+        "the slowest 1 % ({}) by second of posting: {}",
+        slowest.len(),
+        counts.join(", ")
+    )
+}
+
 /// The herald processes of one scenario on one database: posts go to each in turn.
 struct Fleet {
     first: Herald,
@@ -782,14 +805,19 @@ impl Bench {
         tokio::time::sleep(Duration::from_millis(300)).await;
         let wall = start.elapsed().as_secs_f64();
         let arrivals = self.arrivals();
-        let mut latencies: Vec<u64> = arrivals
+        // (latency, when the post was sent) of each event that arrived.
+        let timed: Vec<(u64, Instant)> = arrivals
             .iter()
             .filter_map(|a| {
                 let i: usize = a.event_id.as_deref()?.strip_prefix("d-")?.parse().ok()?;
                 let sent = (*out.sent_at.get(i)?)?;
-                Some(a.at.saturating_duration_since(sent).as_micros() as u64)
+                Some((
+                    a.at.saturating_duration_since(sent).as_micros() as u64,
+                    sent,
+                ))
             })
             .collect();
+        let mut latencies: Vec<u64> = timed.iter().map(|(l, _)| *l).collect();
         latencies.sort_unstable();
         let mut http = out.latencies_us.clone();
         http.sort_unstable();
@@ -824,6 +852,7 @@ impl Bench {
             self.sink.connections()
         ));
         r.notes.push(data_phase_note(&arrivals));
+        r.notes.push(slowest_by_second(&timed, start));
         if !all {
             r.notes
                 .push("gave up waiting for the remaining emails".into());

@@ -137,10 +137,12 @@ impl PgStore {
     }
 }
 
+/// A pool that opens its `size` connections at once and keeps them: opened on first use, they
+/// cost the first events of a burst tens of milliseconds each (see BENCHMARKS.md).
 async fn connect_pool(options: &PgConnectOptions, size: u32) -> Result<PgPool> {
     Ok(PgPoolOptions::new()
         .max_connections(size)
-        .min_connections(0)
+        .min_connections(size)
         .acquire_timeout(Duration::from_secs(30))
         .after_connect(|conn, _| {
             Box::pin(async move {
