@@ -308,7 +308,7 @@ fn data_phase_note(arrivals: &[Arrival]) -> String {
 /// the tail is the start (connections opened, first plans) or spread over the run.
 fn slowest_by_second(timed: &[(u64, Instant)], start: Instant) -> String {
     let mut by_latency: Vec<&(u64, Instant)> = timed.iter().collect();
-    by_latency.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+    by_latency.sort_unstable_by_key(|(latency, _)| std::cmp::Reverse(*latency));
     let slowest = &by_latency[..timed.len().div_ceil(100)];
     let mut per_second = std::collections::BTreeMap::new();
     for (_, sent) in slowest {
