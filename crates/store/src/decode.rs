@@ -48,23 +48,13 @@ pub(crate) fn stored<T: TryFrom<String, Error = herald_core::status::UnknownName
     T::try_from(name).map_err(|e| StoreError::Corrupt(e.to_string()))
 }
 
-pub(crate) fn link_kind(s: &str) -> Result<LinkKind> {
-    LinkKind::parse(s).ok_or_else(|| StoreError::Corrupt(format!("unknown link kind {s:?}")))
+/// How a link kind column becomes the enum (`#[sqlx(try_from = "String")]`).
+impl TryFrom<String> for LinkKind {
+    type Error = StoreError;
+    fn try_from(s: String) -> Result<Self> {
+        LinkKind::parse(&s).ok_or_else(|| StoreError::Corrupt(format!("unknown link kind {s:?}")))
+    }
 }
-
-/// How a row's column becomes the enum (`#[sqlx(try_from = "String")]`), through the same
-/// spelling as above.
-macro_rules! from_column {
-    ($($ty:ty => $parse:ident),*) => {$(
-        impl TryFrom<String> for $ty {
-            type Error = StoreError;
-            fn try_from(s: String) -> Result<Self> {
-                $parse(&s)
-            }
-        }
-    )*};
-}
-from_column!(LinkKind => link_kind);
 
 /// The columns a delivery outcome writes.
 pub(crate) struct OutcomeColumns<'a> {

@@ -6,7 +6,8 @@ use super::sql::{Conn, Decoded, Param, Statement, Tx, limit_param, text};
 use crate::Result;
 use std::collections::HashMap;
 
-/// Leases up to `limit` rows due at `now_ms` to `token` for `lease_ms` and reads them.
+/// Leases up to `limit` rows due at `now_ms` for `lease_ms` to a fresh token and reads them;
+/// returns the token with the rows.
 /// `claim` takes (lease until, token, now, limit). On PostgreSQL it locks, leases and reads in one
 /// statement, committed without waiting for the WAL flush (a lease a server crash loses is one
 /// that lapses; see `PgStore::relaxed`); SQLite's `RETURNING` cannot join, so there it returns
@@ -17,12 +18,12 @@ pub(crate) async fn claim<T: Decoded + 'static>(
     what: &'static str,
     claim: Statement,
     sqlite_read: &'static str,
-    token: &str,
     (now_ms, limit, lease_ms): (i64, i64, i64),
-) -> Result<Vec<T>> {
-    match backend {
+) -> Result<(String, Vec<T>)> {
+    let token = uuid::Uuid::new_v4().to_string();
+    let rows = match backend {
         Backend::Sqlite(b) => {
-            let token = token.to_owned();
+            let token = token.clone();
             b.writer
                 .run(move |conn| {
                     Box::pin(async move {
@@ -38,13 +39,14 @@ pub(crate) async fn claim<T: Decoded + 'static>(
                             .await?)
                     })
                 })
-                .await
+                .await?
         }
         Backend::Postgres(b) => {
-            let params = claim_params(token, now_ms, limit, lease_ms);
-            super::postgres::retrying!(what, Conn::Postgres(&b.relaxed).fetch_all(claim, &params))
+            let params = claim_params(&token, now_ms, limit, lease_ms);
+            super::postgres::retrying!(what, Conn::Postgres(&b.relaxed).fetch_all(claim, &params))?
         }
-    }
+    };
+    Ok((token, rows))
 }
 
 fn claim_params(token: &str, now_ms: i64, limit: i64, lease_ms: i64) -> [Param<'_>; 4] {

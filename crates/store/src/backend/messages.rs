@@ -41,13 +41,11 @@ pub(crate) async fn claim_messages(
     limit: i64,
     lease_ms: i64,
 ) -> Result<Vec<ClaimedMessage>> {
-    let token = uuid::Uuid::new_v4().to_string();
-    let rows: Vec<ClaimedMessageRow> = claim(
+    let (token, rows): (String, Vec<ClaimedMessageRow>) = claim(
         backend,
         "claim messages",
         statement!(messages::CLAIM_MESSAGES),
         super::sqlite::messages::CLAIMED_MESSAGES,
-        &token,
         (now_ms, limit, lease_ms),
     )
     .await?;

@@ -32,13 +32,11 @@ pub(crate) async fn claim_runs(
     limit: i64,
     lease_ms: i64,
 ) -> Result<Vec<ClaimedRun>> {
-    let token = uuid::Uuid::new_v4().to_string();
-    let rows: Vec<ClaimedRunRow> = claim(
+    let (token, rows): (String, Vec<ClaimedRunRow>) = claim(
         backend,
         "claim runs",
         statement!(runs::CLAIM_RUNS),
         super::sqlite::runs::CLAIMED_RUNS,
-        &token,
         (now_ms, limit, lease_ms),
     )
     .await?;
