@@ -68,8 +68,13 @@ for target in "${targets[@]}"; do
     # -timeout: an input that takes over 10 s is reported as a hang, not waited out.
     if ! cargo +nightly fuzz run --sanitizer none "$target" -- \
         -max_total_time="$seconds" -print_final_stats=1 -timeout=10 >"$log" 2>&1; then
-        status="CRASH (see $log and artifacts/$target/)"
-        failed=1
+        # Stopped early with SIGINT (to free the machine): not a finding.
+        if grep -q 'libFuzzer: run interrupted' "$log"; then
+            status="interrupted, no crash"
+        else
+            status="CRASH (see $log and artifacts/$target/)"
+            failed=1
+        fi
     fi
     executions=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -n 1)
     summary+=("$(printf '%-18s %6ss %12s executions  %s' "$target" "$seconds" "${executions:-?}" "$status")")
