@@ -139,7 +139,9 @@ impl PgStore {
 
 /// A pool that opens its `size` connections at once and keeps them: opened on first use, they
 /// cost the first events of a burst tens of milliseconds each (see BENCHMARKS.md). They are
-/// opened side by side: one after the other, a process took half a second to start.
+/// opened side by side (`size` acquires at once): sqlx's own opening, one after the other, took a
+/// process half a second to start. `min_connections` is what keeps them, and replaces one that
+/// closes.
 async fn connect_pool(options: &PgConnectOptions, size: u32) -> Result<PgPool> {
     let pool = PgPoolOptions::new()
         .max_connections(size)
