@@ -30,7 +30,7 @@ use herald_store::{Heard, Signals, Store};
 use std::sync::Arc;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
-use worker::{Deliverer, Shared, spawn_loop};
+use worker::{Deliverer, Runs, Shared, spawn_loop};
 
 /// Wakes the loops when there may be new work, so nothing waits for a poll tick.
 #[derive(Default)]
@@ -106,6 +106,7 @@ impl Engine {
         let loops = vec![
             spawn_loop(
                 "dispatcher",
+                Runs::BesideWriter,
                 shared.clone(),
                 rx.clone(),
                 |s| &s.wakers.dispatch,
@@ -113,6 +114,7 @@ impl Engine {
             ),
             spawn_loop(
                 "stepper",
+                Runs::Here,
                 shared.clone(),
                 rx.clone(),
                 |s| &s.wakers.steps,
@@ -120,6 +122,7 @@ impl Engine {
             ),
             spawn_loop(
                 "deliverer",
+                Runs::Here,
                 shared.clone(),
                 rx.clone(),
                 |s| &s.wakers.delivery,
@@ -127,6 +130,7 @@ impl Engine {
             ),
             spawn_loop(
                 "scheduler",
+                Runs::Here,
                 shared.clone(),
                 rx,
                 |s| &s.wakers.schedules,

@@ -41,6 +41,8 @@ pub enum StoreError {
     Closed,
     #[error("the store is not ready for this: {0}")]
     NotConfigured(&'static str),
+    #[error("could not start the database writer's thread: {0}")]
+    Thread(#[from] std::io::Error),
 }
 
 impl StoreError {
@@ -198,6 +200,17 @@ impl Store {
 
     pub fn backend(&self) -> &Backend {
         &self.backend
+    }
+
+    /// Spawns `task`, a loop that leads write transactions of its own (the dispatcher), where
+    /// those run fastest: on SQLite on the writer's thread, next to the connection; on
+    /// PostgreSQL on the caller's runtime. The returned handle is a task of the caller's
+    /// runtime: when that task is dropped or aborted, so is `task`.
+    pub fn spawn_writing<F>(&self, task: F) -> tokio::task::JoinHandle<()>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.backend.spawn_writing(task)
     }
 
     /// `true` for PostgreSQL: several processes may share the database.

@@ -75,10 +75,21 @@ pub(crate) enum Pass {
     Blocked,
 }
 
+/// Where a loop runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Runs {
+    /// On the engine's runtime.
+    Here,
+    /// Where the store runs the loops that lead write transactions (see
+    /// [`herald_store::Store::spawn_writing`]).
+    BesideWriter,
+}
+
 /// One loop: a pass; again at once if it worked, else sleep until woken, the poll interval passes
 /// or shutdown. A panic or an error in a pass is logged and the loop goes on.
 pub(crate) fn spawn_loop<F, Fut>(
     name: &'static str,
+    runs: Runs,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
     notify: fn(&Shared) -> &Notify,
@@ -88,7 +99,8 @@ where
     F: Fn(Arc<Shared>) -> Fut + Send + 'static,
     Fut: Future<Output = Result<Pass, StoreError>> + Send,
 {
-    tokio::spawn(async move {
+    let store = shared.store.clone();
+    let task = async move {
         let loops = shared.loops.clone();
         let health = loops.get(name).expect("a known loop name");
         let _alive = health.alive_while();
@@ -123,7 +135,11 @@ where
                 }
             }
         }
-    })
+    };
+    match runs {
+        Runs::Here => tokio::spawn(task),
+        Runs::BesideWriter => store.spawn_writing(task),
+    }
 }
 
 /// The text of a caught panic.

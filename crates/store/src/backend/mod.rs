@@ -80,6 +80,27 @@ impl Backend {
         }
     }
 
+    /// See [`crate::Store::spawn_writing`].
+    pub(crate) fn spawn_writing<F>(&self, task: F) -> tokio::task::JoinHandle<()>
+    where
+        F: std::future::Future<Output = ()> + Send + 'static,
+    {
+        match self {
+            Self::Sqlite(b) => {
+                let beside_writer = b.writer.executor().spawn(task);
+                tokio::spawn(async move {
+                    let _abort = AbortOnDrop(beside_writer.abort_handle());
+                    if let Err(e) = beside_writer.await
+                        && e.is_panic()
+                    {
+                        std::panic::resume_unwind(e.into_panic());
+                    }
+                })
+            }
+            Self::Postgres(_) => tokio::spawn(task),
+        }
+    }
+
     pub async fn migrate(&self) -> Result<()> {
         match self {
             Self::Sqlite(b) => b.migrate().await,
@@ -104,6 +125,16 @@ impl Backend {
             Self::Sqlite(b) => b.insert_events(events).await,
             Self::Postgres(b) => b.insert_events(events).await,
         }
+    }
+}
+
+/// Aborts a task when dropped: a task on the writer's runtime ends with the task of the caller's
+/// runtime that waits for it (see [`Backend::spawn_writing`]).
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

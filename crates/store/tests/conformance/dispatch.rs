@@ -10,6 +10,7 @@ conformance! {
     dispatch_exits_and_resumes_runs,
     dispatch_takes_events_in_order_up_to_the_limit,
     concurrent_dispatchers_dispatch_each_event_once,
+    a_loop_spawned_beside_the_writer_dispatches_and_ends_with_its_handle,
     dispatchers_take_turns_so_later_events_see_earlier_runs,
 }
 
@@ -527,4 +528,28 @@ async fn dispatchers_take_turns_so_later_events_see_earlier_runs(db: &TestDb) {
         (run.state, run.reason.as_deref()),
         (RunState::Exited, Some("goal reached"))
     );
+}
+
+/// The dispatcher runs where the store puts it (on SQLite the writer's thread): it dispatches
+/// there, and aborting its handle on the caller's runtime ends it.
+async fn a_loop_spawned_beside_the_writer_dispatches_and_ends_with_its_handle(db: &TestDb) {
+    accept(&db.store, vec![contact_event("e1", "c1", T0)]).await;
+    let (dispatched_tx, dispatched) = tokio::sync::oneshot::channel();
+    let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
+    let store = db.store.clone();
+    let handle = db.store.spawn_writing(async move {
+        let _ended = ended_tx;
+        let n = store
+            .dispatch(DispatchRequest::new(10, &|| T0, 0, &no_plan))
+            .await
+            .unwrap();
+        let _ = dispatched_tx.send(n);
+        std::future::pending::<()>().await;
+    });
+    assert_eq!(dispatched.await.unwrap(), 1);
+    handle.abort();
+    tokio::time::timeout(std::time::Duration::from_secs(10), ended)
+        .await
+        .expect("the spawned loop ended with its handle")
+        .unwrap_err();
 }

@@ -1,8 +1,8 @@
 //! SQLite backend: the embedded default. WAL with `synchronous=FULL`, so a committed event is on
 //! disk before its `202`. All writes go through one connection (SQLite has one writer anyway;
-//! queueing here beats spinning on SQLITE_BUSY), every write transaction is `BEGIN IMMEDIATE`,
-//! the engine's writes share commits (see [`writer`]), and reads use a separate pool beside the
-//! writer.
+//! queueing here beats spinning on SQLITE_BUSY), on a thread of its own; every write
+//! transaction is `BEGIN IMMEDIATE`, the engine's writes share commits (see [`writer`]), and reads
+//! use a separate pool beside the writer.
 
 pub(super) mod dispatch;
 pub(super) mod events;
@@ -19,6 +19,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 use writer::Writer;
 
@@ -30,7 +31,7 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations/sqli
 
 pub struct SqliteStore {
     /// The only connection that writes.
-    pub(super) writer: Writer,
+    pub(super) writer: Arc<Writer>,
     /// Connections for reads (admin API, mailbox, health); WAL lets them run beside the writer.
     pub(super) readers: SqlitePool,
 }
@@ -52,7 +53,7 @@ impl SqliteStore {
             .connect_with(options.read_only(true))
             .await?;
         Ok(Self {
-            writer: Writer::new(writer),
+            writer: Writer::start(writer)?,
             readers,
         })
     }

@@ -1,4 +1,4 @@
-//! The one writer connection, and group commit across the engine's loops.
+//! The one writer connection, its thread, and group commit across the engine's loops.
 //!
 //! SQLite has one writer and each `COMMIT` is an fsync (`synchronous=FULL`). Intake, dispatch,
 //! claims, link mints and delivery outcomes each come as a unit of work; the units waiting when
@@ -6,18 +6,20 @@
 //! is undone alone and its caller gets the error), and share one `COMMIT`. Callers are answered
 //! only after that commit, so nothing is reported stored that is not on disk.
 //!
-//! There is no writer task: whichever caller gets the connection leads the group (flat
-//! combining). A leader's own work may borrow from it (the dispatcher's planner, see
-//! [`Writer::lead`]); queued units are owned (see [`Writer::run`]) so that any leader can run
-//! them.
+//! The writer has a thread of its own, with a single-threaded runtime: queued units are handed
+//! to it whole ([`Writer::run`]) and it leads their groups, so that a unit's statements follow
+//! one another without waiting in the main runtime's queue behind HTTP requests. The dispatcher,
+//! which leads the largest groups with its own work ([`Writer::lead`], whose planner borrows from
+//! its caller), runs there too (see [`Writer::executor`]).
 
 use crate::{Result, StoreError};
 use futures::future::BoxFuture;
 use sqlx::SqliteConnection;
 use std::any::Any;
-use std::sync::Mutex as SyncMutex;
 use std::sync::atomic::{AtomicBool, Ordering};
-use tokio::sync::{Mutex, MutexGuard, oneshot};
+use std::sync::{Arc, Mutex as SyncMutex, Weak};
+use tokio::runtime::Handle;
+use tokio::sync::{Mutex, MutexGuard, Notify, oneshot};
 
 /// Queued units one transaction takes at most, so that one commit stays short.
 const MAX_GROUP: usize = 64;
@@ -37,15 +39,56 @@ pub(in crate::backend) struct Writer {
     /// A group was dropped before it finished (its caller was cancelled): the connection may
     /// still be inside its transaction, which the next leader rolls back.
     abandoned: AtomicBool,
+    /// Told when a unit is queued; the writer thread's leader task waits on it.
+    queued: Arc<Notify>,
+    /// The writer thread's runtime, and the sender whose drop ends the thread.
+    executor: Handle,
+    _stop: oneshot::Sender<()>,
 }
 
 impl Writer {
-    pub(super) fn new(conn: SqliteConnection) -> Self {
-        Self {
+    /// Starts the writer thread for `conn`.
+    pub(super) fn start(conn: SqliteConnection) -> std::io::Result<Arc<Self>> {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("herald-sqlite-writer".into())
+            .spawn(move || {
+                let runtime = match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => runtime,
+                    Err(e) => {
+                        let _ = handle_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                // Ends when the writer is dropped; the runtime's tasks end with it.
+                let _ = runtime.block_on(stopped);
+            })?;
+        let executor = handle_rx
+            .recv()
+            .map_err(|_| std::io::Error::other("the SQLite writer thread did not start"))??;
+        let writer = Arc::new(Self {
             conn: Mutex::new(conn),
             queue: SyncMutex::new(Vec::new()),
             abandoned: AtomicBool::new(false),
-        }
+            queued: Arc::new(Notify::new()),
+            executor,
+            _stop: stop,
+        });
+        writer
+            .executor
+            .spawn(lead_queued(Arc::downgrade(&writer), writer.queued.clone()));
+        Ok(writer)
+    }
+
+    /// The writer thread's runtime, for a loop that leads groups of its own (the dispatcher):
+    /// its statements then wait for nothing but the connection.
+    pub(in crate::backend) fn executor(&self) -> &Handle {
+        &self.executor
     }
 
     /// The connection alone, outside any group, for work that runs its own transaction
@@ -56,14 +99,14 @@ impl Writer {
         conn
     }
 
-    /// Runs `work` in a write transaction, possibly beside other callers' units, and answers
-    /// after the commit.
+    /// Runs `work` in a write transaction on the writer thread, possibly beside other callers'
+    /// units, and answers after the commit. A caller that stops waiting does not stop the work.
     pub(in crate::backend) async fn run<T, W>(&self, work: W) -> Result<T>
     where
         T: Send + 'static,
         W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T>> + Send + 'static,
     {
-        let (reply, mut answer) = oneshot::channel();
+        let (reply, answer) = oneshot::channel();
         let work: Work = Box::new(move |conn| {
             Box::pin(async move { work(conn).await.map(|t| Box::new(t) as Output) })
         });
@@ -71,24 +114,11 @@ impl Writer {
             .lock()
             .expect("writer queue")
             .push(Unit { work, reply });
-        loop {
-            tokio::select! {
-                // A leader that took this unit answers before it lets the connection go, so the
-                // answer is looked at first.
-                biased;
-                answer = &mut answer => {
-                    let output = answer.map_err(|_| StoreError::Closed)??;
-                    return Ok(*output.downcast::<T>().expect("a unit's output has its type"));
-                }
-                conn = self.conn.lock() => {
-                    let group = self.start(conn, false).await;
-                    if let Ok(Some(group)) = group {
-                        // Its outcome reaches every unit, this one included, through `answer`.
-                        let _ = group.finish(Ok(())).await;
-                    }
-                }
-            }
-        }
+        self.queued.notify_one();
+        let output = answer.await.map_err(|_| StoreError::Closed)??;
+        Ok(*output
+            .downcast::<T>()
+            .expect("a unit's output has its type"))
     }
 
     /// Opens a write transaction that the caller leads: the caller does its own work on
@@ -97,7 +127,7 @@ impl Writer {
     pub(in crate::backend) async fn lead(&self) -> Result<Group<'_>> {
         let conn = self.conn.lock().await;
         Ok(self
-            .start(conn, true)
+            .begin(conn, true)
             .await?
             .expect("a leader with work always opens a group"))
     }
@@ -105,13 +135,13 @@ impl Writer {
     /// Begins a group's transaction (`None`: nothing to do). With `own_work`, the caller's work
     /// follows under a savepoint of its own; the queued units are taken at the commit, so that
     /// those arriving meanwhile join it.
-    async fn start<'w>(
+    async fn begin<'w>(
         &'w self,
         mut conn: MutexGuard<'w, SqliteConnection>,
         own_work: bool,
     ) -> Result<Option<Group<'w>>> {
         self.recover(&mut conn).await;
-        if !own_work && self.queue.lock().expect("writer queue").is_empty() {
+        if !own_work && !self.has_queued() {
             return Ok(None);
         }
         let begun = match execute(&mut conn, "BEGIN IMMEDIATE").await {
@@ -134,6 +164,10 @@ impl Writer {
         }))
     }
 
+    fn has_queued(&self) -> bool {
+        !self.queue.lock().expect("writer queue").is_empty()
+    }
+
     fn take_queued(&self) -> Vec<Unit> {
         let mut queue = self.queue.lock().expect("writer queue");
         let take = queue.len().min(MAX_GROUP);
@@ -154,7 +188,7 @@ pub(in crate::backend) struct Group<'w> {
     conn: MutexGuard<'w, SqliteConnection>,
     /// Queued units taken at the commit and not run yet.
     taken: Vec<Unit>,
-    /// The leader's own work runs under a savepoint of its own (see [`Writer::start`]).
+    /// The leader's own work runs under a savepoint of its own (see [`Writer::begin`]).
     own_savepoint: bool,
 }
 
@@ -230,6 +264,24 @@ impl Drop for Group<'_> {
     }
 }
 
+/// The writer thread's leader: whenever units are queued and no other leader took them, it
+/// leads a group for them. Holds the writer weakly, so that dropping the store ends it.
+async fn lead_queued(writer: Weak<Writer>, queued: Arc<Notify>) {
+    loop {
+        queued.notified().await;
+        let Some(writer) = writer.upgrade() else {
+            return;
+        };
+        while writer.has_queued() {
+            let conn = writer.conn.lock().await;
+            // A failed group has answered its units with the error.
+            if let Ok(Some(group)) = writer.begin(conn, false).await {
+                let _ = group.finish(Ok(())).await;
+            }
+        }
+    }
+}
+
 /// Runs one unit under a savepoint: kept if it succeeds, undone alone if not. The outer error
 /// means the transaction itself broke (a savepoint statement failed).
 async fn isolated(conn: &mut SqliteConnection, work: Work) -> Result<Result<Output>> {
@@ -264,7 +316,6 @@ mod tests {
     use super::*;
     use sqlx::sqlite::SqliteConnectOptions;
     use sqlx::{ConnectOptions, Connection};
-    use std::sync::Arc;
 
     struct Db {
         writer: Arc<Writer>,
@@ -284,7 +335,7 @@ mod tests {
             .await
             .unwrap();
         Db {
-            writer: Arc::new(Writer::new(conn)),
+            writer: Writer::start(conn).unwrap(),
             reader: options.connect().await.unwrap(),
             _dir: dir,
         }
@@ -396,6 +447,50 @@ mod tests {
         assert!(leader.await.unwrap_err().is_panic());
         assert_eq!(queued_insert.await.unwrap().unwrap(), 1);
         assert_eq!(stored(&mut db.reader).await, vec![6]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_unit_whose_caller_stops_waiting_is_still_committed() {
+        let mut db = db().await;
+        let group = db.writer.lead().await.unwrap();
+        let abandoned = spawn_insert(&db.writer, 7);
+        until_queued(&db.writer, 1).await;
+        abandoned.abort();
+        assert!(abandoned.await.unwrap_err().is_cancelled());
+        group.finish(Ok(())).await.unwrap();
+        assert_eq!(stored(&mut db.reader).await, vec![7]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_units_run_on_the_writer_thread() {
+        let db = db().await;
+        let thread = db
+            .writer
+            .run(|_| Box::pin(async { Ok(std::thread::current().name().map(str::to_owned)) }))
+            .await
+            .unwrap();
+        assert_eq!(thread.as_deref(), Some("herald-sqlite-writer"));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_writer_ends_its_thread() {
+        let db = db().await;
+        let executor = db.writer.executor().clone();
+        let Db {
+            writer,
+            reader,
+            _dir,
+        } = db;
+        drop((writer, reader));
+        // A runtime that has shut down cancels what is spawned on it.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while executor.spawn(async {}).await.is_ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the writer thread still runs"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
