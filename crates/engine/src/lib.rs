@@ -30,7 +30,7 @@ use herald_store::{Heard, Signals, Store};
 use std::sync::Arc;
 use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
-use worker::{Deliverer, Runs, Shared, spawn_loop};
+use worker::{Deliverer, LoopTask, Runs, Shared, spawn_loop};
 
 /// Wakes the loops when there may be new work, so nothing waits for a poll tick.
 #[derive(Default)]
@@ -60,7 +60,7 @@ pub struct Engine {
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     /// The four loops.
-    loops: Vec<JoinHandle<()>>,
+    loops: Vec<LoopTask>,
     /// The deliverer's recorder and heartbeat, which outlive the loops until sends drain.
     background: Vec<JoinHandle<()>>,
 }
@@ -158,8 +158,8 @@ impl Engine {
     /// recorded (for at most one lease), then the engine returns.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        for t in std::mem::take(&mut self.loops) {
-            let _ = t.await;
+        for l in std::mem::take(&mut self.loops) {
+            let _ = l.task.await;
         }
         self.shared.deliverer.drain(self.shared.config.lease).await;
     }
@@ -232,7 +232,11 @@ async fn listen_to_other_processes(
 /// like a killed process: claims stay until their lease runs out (crash tests rely on this).
 impl Drop for Engine {
     fn drop(&mut self) {
-        for t in self.loops.iter().chain(&self.background) {
+        for l in &self.loops {
+            l.abort.abort();
+            l.task.abort();
+        }
+        for t in &self.background {
             t.abort();
         }
         self.shared.deliverer.abort_sends();

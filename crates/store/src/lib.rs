@@ -204,9 +204,13 @@ impl Store {
 
     /// Spawns `task`, a loop that leads write transactions of its own (the dispatcher), where
     /// those run fastest: on SQLite on the writer's thread, next to the connection; on
-    /// PostgreSQL on the caller's runtime. The returned handle is a task of the caller's
-    /// runtime: when that task is dropped or aborted, so is `task`.
-    pub fn spawn_writing<F>(&self, task: F) -> tokio::task::JoinHandle<()>
+    /// PostgreSQL on the caller's runtime. Returns a task of the caller's runtime that ends with
+    /// `task` (and aborts it when it is dropped or aborted), and the handle that aborts `task`
+    /// itself at once.
+    pub fn spawn_writing<F>(
+        &self,
+        task: F,
+    ) -> (tokio::task::JoinHandle<()>, tokio::task::AbortHandle)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {

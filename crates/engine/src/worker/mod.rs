@@ -19,7 +19,7 @@ use std::future::Future;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use tokio::sync::{Notify, watch};
-use tokio::task::JoinHandle;
+use tokio::task::{AbortHandle, JoinHandle};
 
 /// Failures in a row, each a rejection by the database or a panic, after which an item is set
 /// aside.
@@ -85,6 +85,13 @@ pub(crate) enum Runs {
     BesideWriter,
 }
 
+/// A running loop: the task to await (on the engine's runtime), and the handle that stops the
+/// loop at once where it runs.
+pub(crate) struct LoopTask {
+    pub task: JoinHandle<()>,
+    pub abort: AbortHandle,
+}
+
 /// One loop: a pass; again at once if it worked, else sleep until woken, the poll interval passes
 /// or shutdown. A panic or an error in a pass is logged and the loop goes on.
 pub(crate) fn spawn_loop<F, Fut>(
@@ -94,7 +101,7 @@ pub(crate) fn spawn_loop<F, Fut>(
     mut shutdown: watch::Receiver<bool>,
     notify: fn(&Shared) -> &Notify,
     work: F,
-) -> JoinHandle<()>
+) -> LoopTask
 where
     F: Fn(Arc<Shared>) -> Fut + Send + 'static,
     Fut: Future<Output = Result<Pass, StoreError>> + Send,
@@ -136,10 +143,15 @@ where
             }
         }
     };
-    match runs {
-        Runs::Here => tokio::spawn(task),
+    let (task, abort) = match runs {
+        Runs::Here => {
+            let here = tokio::spawn(task);
+            let abort = here.abort_handle();
+            (here, abort)
+        }
         Runs::BesideWriter => store.spawn_writing(task),
-    }
+    };
+    LoopTask { task, abort }
 }
 
 /// The text of a caught panic.

@@ -21,6 +21,7 @@ use futures::future::BoxFuture;
 use sql::{On, Tx};
 use std::collections::HashSet;
 use std::hash::Hash;
+use tokio::task::{AbortHandle, JoinHandle};
 
 /// A unit of write work written once for both backends: given the transaction and its
 /// arguments. A plain function, so that PostgreSQL can run it again after a deadlock.
@@ -81,23 +82,32 @@ impl Backend {
     }
 
     /// See [`crate::Store::spawn_writing`].
-    pub(crate) fn spawn_writing<F>(&self, task: F) -> tokio::task::JoinHandle<()>
+    pub(crate) fn spawn_writing<F>(&self, task: F) -> (JoinHandle<()>, AbortHandle)
     where
         F: std::future::Future<Output = ()> + Send + 'static,
     {
         match self {
             Self::Sqlite(b) => {
                 let beside_writer = b.writer.executor().spawn(task);
-                tokio::spawn(async move {
-                    let _abort = AbortOnDrop(beside_writer.abort_handle());
+                let abort = beside_writer.abort_handle();
+                // Made before the waiting task is spawned, so that dropping that task before its
+                // first poll aborts the loop too.
+                let abort_on_drop = AbortOnDrop(abort.clone());
+                let waiting = tokio::spawn(async move {
+                    let _abort = abort_on_drop;
                     if let Err(e) = beside_writer.await
                         && e.is_panic()
                     {
                         std::panic::resume_unwind(e.into_panic());
                     }
-                })
+                });
+                (waiting, abort)
             }
-            Self::Postgres(_) => tokio::spawn(task),
+            Self::Postgres(_) => {
+                let here = tokio::spawn(task);
+                let abort = here.abort_handle();
+                (here, abort)
+            }
         }
     }
 
@@ -130,7 +140,7 @@ impl Backend {
 
 /// Aborts a task when dropped: a task on the writer's runtime ends with the task of the caller's
 /// runtime that waits for it (see [`Backend::spawn_writing`]).
-struct AbortOnDrop(tokio::task::AbortHandle);
+struct AbortOnDrop(AbortHandle);
 
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {

@@ -537,7 +537,7 @@ async fn a_loop_spawned_beside_the_writer_dispatches_and_ends_with_its_handle(db
     let (dispatched_tx, dispatched) = tokio::sync::oneshot::channel();
     let (ended_tx, ended) = tokio::sync::oneshot::channel::<()>();
     let store = db.store.clone();
-    let handle = db.store.spawn_writing(async move {
+    let (handle, _) = db.store.spawn_writing(async move {
         let _ended = ended_tx;
         let n = store
             .dispatch(DispatchRequest::new(10, &|| T0, 0, &no_plan))

@@ -13,6 +13,7 @@
 //! its caller), runs there too (see [`Writer::executor`]).
 
 use crate::{Result, StoreError};
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use sqlx::SqliteConnection;
 use std::any::Any;
@@ -49,28 +50,17 @@ pub(in crate::backend) struct Writer {
 impl Writer {
     /// Starts the writer thread for `conn`.
     pub(super) fn start(conn: SqliteConnection) -> std::io::Result<Arc<Self>> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let executor = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
-        let (handle_tx, handle_rx) = std::sync::mpsc::channel();
         std::thread::Builder::new()
             .name("herald-sqlite-writer".into())
+            // Ends when the writer is dropped; the runtime's tasks end with it.
             .spawn(move || {
-                let runtime = match tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                {
-                    Ok(runtime) => runtime,
-                    Err(e) => {
-                        let _ = handle_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = handle_tx.send(Ok(runtime.handle().clone()));
-                // Ends when the writer is dropped; the runtime's tasks end with it.
                 let _ = runtime.block_on(stopped);
             })?;
-        let executor = handle_rx
-            .recv()
-            .map_err(|_| std::io::Error::other("the SQLite writer thread did not start"))??;
         let writer = Arc::new(Self {
             conn: Mutex::new(conn),
             queue: SyncMutex::new(Vec::new()),
@@ -260,6 +250,8 @@ impl Drop for Group<'_> {
         if !self.taken.is_empty() {
             let mut queue = self.writer.queue.lock().expect("writer queue");
             queue.splice(0..0, self.taken.drain(..).rev());
+            drop(queue);
+            self.writer.queued.notify_one();
         }
     }
 }
@@ -286,7 +278,21 @@ async fn lead_queued(writer: Weak<Writer>, queued: Arc<Notify>) {
 /// means the transaction itself broke (a savepoint statement failed).
 async fn isolated(conn: &mut SqliteConnection, work: Work) -> Result<Result<Output>> {
     execute(conn, "SAVEPOINT unit").await?;
-    let outcome = work(conn).await;
+    // A unit that panics is undone alone, like one that fails: the writer thread goes on.
+    let outcome = match std::panic::AssertUnwindSafe(work(conn))
+        .catch_unwind()
+        .await
+    {
+        Ok(outcome) => outcome,
+        Err(panic) => Err(StoreError::Batch(format!(
+            "the write panicked: {}",
+            panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_default()
+        ))),
+    };
     execute(conn, savepoint_end(outcome.is_ok())).await?;
     Ok(outcome)
 }
@@ -452,13 +458,59 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_unit_whose_caller_stops_waiting_is_still_committed() {
         let mut db = db().await;
-        let group = db.writer.lead().await.unwrap();
-        let abandoned = spawn_insert(&db.writer, 7);
-        until_queued(&db.writer, 1).await;
-        abandoned.abort();
-        assert!(abandoned.await.unwrap_err().is_cancelled());
-        group.finish(Ok(())).await.unwrap();
+        let (running_tx, running) = oneshot::channel();
+        let (go_on, go) = oneshot::channel::<()>();
+        let writer = db.writer.clone();
+        let caller = tokio::spawn(async move {
+            writer
+                .run(move |conn| {
+                    Box::pin(async move {
+                        let _ = running_tx.send(());
+                        let _ = go.await;
+                        insert(conn, 7).await
+                    })
+                })
+                .await
+        });
+        // Cancelled while its unit runs on the writer thread.
+        running.await.unwrap();
+        caller.abort();
+        assert!(caller.await.unwrap_err().is_cancelled());
+        go_on.send(()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while stored(&mut db.reader).await.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the unit was not committed"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         assert_eq!(stored(&mut db.reader).await, vec![7]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_unit_that_panics_fails_alone_and_the_writer_goes_on() {
+        let mut db = db().await;
+        let first = spawn_insert(&db.writer, 1);
+        first.await.unwrap().unwrap();
+        let panicked = db
+            .writer
+            .run(|conn| {
+                Box::pin(async move {
+                    insert(conn, 2).await?;
+                    panic!("a write that panics");
+                    #[allow(unreachable_code)]
+                    Ok(())
+                })
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            panicked.to_string().contains("a write that panics"),
+            "{panicked}"
+        );
+        assert_eq!(spawn_insert(&db.writer, 3).await.unwrap().unwrap(), 2);
+        assert_eq!(stored(&mut db.reader).await, vec![1, 3]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
