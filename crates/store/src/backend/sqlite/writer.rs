@@ -514,6 +514,65 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn units_a_dropped_group_puts_back_are_run_without_another_post() {
+        let mut db = db().await;
+        // Hold the writer thread, so that its leader task sees the queue only when let go.
+        let (hold_tx, hold_rx) = std::sync::mpsc::channel::<()>();
+        let (held_tx, held) = oneshot::channel();
+        db.writer.executor().spawn(async move {
+            let _ = held_tx.send(());
+            let _ = hold_rx.recv();
+        });
+        held.await.unwrap();
+
+        let (leading_tx, leading) = oneshot::channel();
+        let (commit_tx, commit) = oneshot::channel::<()>();
+        let writer = db.writer.clone();
+        let leader = tokio::spawn(async move {
+            let group = writer.lead().await.unwrap();
+            let _ = leading_tx.send(());
+            let _ = commit.await;
+            group.finish(Ok(())).await
+        });
+        leading.await.unwrap();
+        let (_go_on, go) = oneshot::channel::<()>();
+        let writer = db.writer.clone();
+        let first = tokio::spawn(async move {
+            writer
+                .run(move |conn| {
+                    Box::pin(async move {
+                        let _ = go.await;
+                        insert(conn, 1).await
+                    })
+                })
+                .await
+        });
+        until_queued(&db.writer, 1).await;
+        let second = spawn_insert(&db.writer, 2);
+        until_queued(&db.writer, 2).await;
+        // The leader's commit takes both units and waits inside the first.
+        commit_tx.send(()).unwrap();
+        while queued(&db.writer) > 0 {
+            tokio::task::yield_now().await;
+        }
+        // The writer thread's leader task wakes to an empty queue and waits again.
+        hold_tx.send(()).unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+
+        // Dropped mid-commit: the first unit is undone, the second put back, and run.
+        leader.abort();
+        assert!(leader.await.unwrap_err().is_cancelled());
+        assert!(first.await.unwrap().is_err());
+        let second = tokio::time::timeout(std::time::Duration::from_secs(10), second)
+            .await
+            .expect("the put-back unit ran")
+            .unwrap()
+            .unwrap();
+        assert_eq!(second, 1);
+        assert_eq!(stored(&mut db.reader).await, vec![2]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn queued_units_run_on_the_writer_thread() {
         let db = db().await;
         let thread = db
