@@ -378,6 +378,28 @@ mod tests {
         })
     }
 
+    /// Starts `run(insert x)` on its own task, the unit telling `running` when it starts and
+    /// then waiting for `go` (its insert follows whether `go` is sent or dropped).
+    fn spawn_insert_on_cue(
+        writer: &Arc<Writer>,
+        x: i64,
+        running: oneshot::Sender<()>,
+        go: oneshot::Receiver<()>,
+    ) -> tokio::task::JoinHandle<Result<i64>> {
+        let writer = writer.clone();
+        tokio::spawn(async move {
+            writer
+                .run(move |conn| {
+                    Box::pin(async move {
+                        let _ = running.send(());
+                        let _ = go.await;
+                        insert(conn, x).await
+                    })
+                })
+                .await
+        })
+    }
+
     async fn until_queued(writer: &Writer, n: usize) {
         while queued(writer) < n {
             tokio::task::yield_now().await;
@@ -460,18 +482,7 @@ mod tests {
         let mut db = db().await;
         let (running_tx, running) = oneshot::channel();
         let (go_on, go) = oneshot::channel::<()>();
-        let writer = db.writer.clone();
-        let caller = tokio::spawn(async move {
-            writer
-                .run(move |conn| {
-                    Box::pin(async move {
-                        let _ = running_tx.send(());
-                        let _ = go.await;
-                        insert(conn, 7).await
-                    })
-                })
-                .await
-        });
+        let caller = spawn_insert_on_cue(&db.writer, 7, running_tx, go);
         // Cancelled while its unit runs on the writer thread.
         running.await.unwrap();
         caller.abort();
@@ -536,17 +547,7 @@ mod tests {
         });
         leading.await.unwrap();
         let (_go_on, go) = oneshot::channel::<()>();
-        let writer = db.writer.clone();
-        let first = tokio::spawn(async move {
-            writer
-                .run(move |conn| {
-                    Box::pin(async move {
-                        let _ = go.await;
-                        insert(conn, 1).await
-                    })
-                })
-                .await
-        });
+        let first = spawn_insert_on_cue(&db.writer, 1, oneshot::channel().0, go);
         until_queued(&db.writer, 1).await;
         let second = spawn_insert(&db.writer, 2);
         until_queued(&db.writer, 2).await;
