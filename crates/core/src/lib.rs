@@ -15,3 +15,13 @@ pub use duration::Duration;
 pub use event::{CourseEvent, EventError, EventType};
 pub use status::{Channel, MessageStatus, RunState};
 pub use workflow::{CompiledWorkflow, Diagnostic, WorkflowBundle};
+
+/// The text of a caught panic (`catch_unwind`, a `JoinError`), for the loops and the writer that
+/// go on after one.
+pub fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "panic without a message".into())
+}

@@ -14,6 +14,7 @@ pub(crate) use scheduler::ScheduleMemory;
 use crate::health::Loops;
 use crate::{Clock, EngineConfig, Registry, RegistryError, Wakers};
 use futures::FutureExt;
+pub(crate) use herald_core::panic_message;
 use herald_store::{Store, StoreError};
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -152,15 +153,6 @@ where
         Runs::BesideWriter => store.spawn_writing(task),
     };
     LoopTask { task, abort }
-}
-
-/// The text of a caught panic.
-pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_owned())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "panic without a message".into())
 }
 
 /// Writes `items` as one batch; if the database rejects the batch, writes them one at a time,

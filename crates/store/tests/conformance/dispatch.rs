@@ -543,10 +543,15 @@ async fn a_loop_spawned_beside_the_writer_dispatches_and_ends_with_its_handle(db
             .dispatch(DispatchRequest::new(10, &|| T0, 0, &no_plan))
             .await
             .unwrap();
-        let _ = dispatched_tx.send(n);
+        let thread = std::thread::current().name().map(str::to_owned);
+        let _ = dispatched_tx.send((n, thread));
         std::future::pending::<()>().await;
     });
-    assert_eq!(dispatched.await.unwrap(), 1);
+    let (n, thread) = dispatched.await.unwrap();
+    assert_eq!(n, 1);
+    if db.kind == support::Kind::Sqlite {
+        assert_eq!(thread.as_deref(), Some("herald-sqlite-writer"));
+    }
     handle.abort();
     tokio::time::timeout(std::time::Duration::from_secs(10), ended)
         .await

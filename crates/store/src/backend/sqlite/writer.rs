@@ -42,25 +42,40 @@ pub(in crate::backend) struct Writer {
     abandoned: AtomicBool,
     /// Told when a unit is queued; the writer thread's leader task waits on it.
     queued: Arc<Notify>,
-    /// The writer thread's runtime, and the sender whose drop ends the thread.
+    /// The writer thread's runtime.
     executor: Handle,
+    /// Dropped with the writer, which ends the thread.
     _stop: oneshot::Sender<()>,
 }
 
 impl Writer {
     /// Starts the writer thread for `conn`.
     pub(super) fn start(conn: SqliteConnection) -> std::io::Result<Arc<Self>> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let executor = runtime.handle().clone();
         let (stop, stopped) = oneshot::channel::<()>();
+        let (started, runtime) = std::sync::mpsc::sync_channel(1);
+        // The runtime is built and dropped on the thread: dropping it here, in async code, would
+        // panic (should the thread fail to start, say).
         std::thread::Builder::new()
             .name("herald-sqlite-writer".into())
-            // Ends when the writer is dropped; the runtime's tasks end with it.
             .spawn(move || {
-                let _ = runtime.block_on(stopped);
+                match tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                {
+                    Ok(runtime) => {
+                        let _ = started.send(Ok(runtime.handle().clone()));
+                        // Ends when the writer is dropped; the runtime's tasks end with it.
+                        let _ = runtime.block_on(stopped);
+                    }
+                    Err(e) => {
+                        let _ = started.send(Err(e));
+                    }
+                }
             })?;
+        // Waits only while the thread builds its runtime.
+        let executor = runtime
+            .recv()
+            .map_err(|_| std::io::Error::other("the SQLite writer thread ended at its start"))??;
         let writer = Arc::new(Self {
             conn: Mutex::new(conn),
             queue: SyncMutex::new(Vec::new()),
@@ -286,11 +301,7 @@ async fn isolated(conn: &mut SqliteConnection, work: Work) -> Result<Result<Outp
         Ok(outcome) => outcome,
         Err(panic) => Err(StoreError::Batch(format!(
             "the write panicked: {}",
-            panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_owned())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_default()
+            herald_core::panic_message(&*panic)
         ))),
     };
     execute(conn, savepoint_end(outcome.is_ok())).await?;
