@@ -10,7 +10,7 @@ use herald_core::template::CustomValues;
 use herald_core::workflow::{Instr, bundle_from, compile};
 use herald_store::{
     Channel, DispatchInput, DispatchPlan, DispatchRequest, MessageStatus, NewEvent, NewMessage,
-    RunState, RunWrite, StepRecord, Store,
+    RunState, RunWrite, StepRecord, Store, Timestamp,
 };
 use std::hint::black_box;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -122,7 +122,7 @@ fn rendering(c: &mut Criterion) {
 }
 
 /// A fixed instant the seeded rows count from.
-const T0: i64 = 1_790_000_000_000;
+const T0: Timestamp = Timestamp::from_millis(1_790_000_000_000);
 
 /// A SQLite store (temporary file on disk, WAL, synchronous=FULL as herald runs it) holding
 /// `n` runs, each with one queued email.
@@ -185,7 +185,7 @@ async fn seeded_store(n: usize) -> (Store, tempfile::TempDir) {
         plan
     };
     while store
-        .dispatch(DispatchRequest::new(1_000, &|| T0, i64::MAX, &planner))
+        .dispatch(DispatchRequest::new(1_000, &|| T0, Duration::MAX, &planner))
         .await
         .expect("dispatch")
         > 0
@@ -202,18 +202,21 @@ fn claim(c: &mut Criterion) {
     let (store, _dir) = rt.block_on(seeded_store(10_000));
     // Each claim happens later than the previous one's 1 ms lease, so the same queue (10,000
     // due messages) is claimed again and again: the cost of one claim transaction, fsync included.
-    let clock = AtomicI64::new(T0 + 10);
+    let clock = AtomicI64::new(T0.millis() + 10);
     let mut g = c.benchmark_group("store");
     g.sample_size(30).measurement_time(Duration::from_secs(8));
     for limit in [1_i64, 100] {
         g.throughput(Throughput::Elements(limit as u64));
         g.bench_function(format!("sqlite_claim_messages/{limit}_of_10000"), |b| {
             b.to_async(&rt).iter_batched(
-                || clock.fetch_add(10, Ordering::Relaxed),
+                || Timestamp::from_millis(clock.fetch_add(10, Ordering::Relaxed)),
                 |now| {
                     let store = store.clone();
                     async move {
-                        let claimed = store.claim_messages(now, limit, 1).await.expect("claim");
+                        let claimed = store
+                            .claim_messages(now, limit, Duration::from_millis(1))
+                            .await
+                            .expect("claim");
                         assert_eq!(claimed.len(), limit as usize);
                         claimed
                     }

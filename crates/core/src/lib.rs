@@ -9,11 +9,13 @@ pub mod locale;
 pub mod signature;
 pub mod status;
 pub mod template;
+pub mod time;
 pub mod workflow;
 
 pub use duration::Duration;
 pub use event::{CourseEvent, EventError, EventType};
 pub use status::{Channel, MessageStatus, RunState};
+pub use time::Timestamp;
 pub use workflow::{CompiledWorkflow, Diagnostic, WorkflowBundle};
 
 /// The text of a caught panic (`catch_unwind`, a `JoinError`), for the loops and the writer that

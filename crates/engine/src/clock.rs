@@ -1,6 +1,7 @@
 //! "Now", injectable: the engine never reads the wall clock directly, so tests can move time
 //! forward by days without sleeping.
 
+use herald_store::Timestamp;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 
@@ -14,26 +15,29 @@ pub enum Clock {
 }
 
 impl Clock {
-    /// A manual clock starting at `start_ms` (epoch milliseconds).
-    pub fn manual(start_ms: i64) -> Self {
-        Self::Manual(Arc::new(AtomicI64::new(start_ms)))
+    /// A manual clock starting at `start`.
+    pub fn manual(start: Timestamp) -> Self {
+        Self::Manual(Arc::new(AtomicI64::new(start.millis())))
     }
 
-    pub fn now_ms(&self) -> i64 {
+    pub fn now(&self) -> Timestamp {
         match self {
-            Self::System => chrono::Utc::now().timestamp_millis(),
-            Self::Manual(t) => t.load(Ordering::SeqCst),
+            Self::System => Timestamp::from_datetime(chrono::Utc::now()),
+            Self::Manual(t) => Timestamp::from_millis(t.load(Ordering::SeqCst)),
         }
     }
 
-    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
-        chrono::DateTime::from_timestamp_millis(self.now_ms()).unwrap_or_default()
+    pub fn now_utc(&self) -> chrono::DateTime<chrono::Utc> {
+        self.now().to_datetime()
     }
 
     /// Moves a manual clock forward; a no-op on the system clock.
     pub fn advance(&self, by: std::time::Duration) {
         if let Self::Manual(t) = self {
-            t.fetch_add(by.as_millis() as i64, Ordering::SeqCst);
+            t.fetch_add(
+                i64::try_from(by.as_millis()).unwrap_or(i64::MAX),
+                Ordering::SeqCst,
+            );
         }
     }
 }

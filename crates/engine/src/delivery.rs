@@ -246,7 +246,7 @@ impl Delivery {
             subject: email.then_some(e.subject),
             text_body: e.text,
             html_body: e.html,
-            created_ms: self.clock.now_ms(),
+            created_ms: self.clock.now(),
         }
     }
 
@@ -276,7 +276,7 @@ impl Delivery {
         }
         let delay = backoff(&self.config, attempt).max(at_least);
         DeliveryResult::Retry {
-            due_ms: self.clock.now_ms() + delay.as_millis() as i64,
+            due_ms: self.clock.now() + delay,
             reason,
         }
     }

@@ -6,20 +6,22 @@
 use crate::registry::Snapshot;
 use crate::runner::{self, RunContext};
 use herald_core::workflow::ContactState;
+use herald_store::Timestamp;
 use herald_store::{
     DispatchInput, DispatchPlan, EnrollmentCounts, LiveRun, RunExit, RunResume, RunState, RunWrite,
     StepRecord,
 };
 use std::collections::HashMap;
+use std::time::Duration;
 
-/// Enrollments of one contact in one workflow within [`LOOP_WINDOW_MS`] beyond which further
+/// Enrollments of one contact in one workflow within [`LOOP_WINDOW`] beyond which further
 /// enrollments are refused (loop protection).
 pub const LOOP_LIMIT: i64 = 50;
-pub const LOOP_WINDOW_MS: i64 = 30 * 60 * 1000;
+pub const LOOP_WINDOW: Duration = Duration::from_secs(30 * 60);
 
 pub struct Planner<'a> {
     pub workflows: &'a Snapshot,
-    pub now_ms: i64,
+    pub now: Timestamp,
     pub default_timezone: chrono_tz::Tz,
     pub message_host: &'a str,
     /// Postpone a batch with a live run whose pinned version is not loaded (see
@@ -33,7 +35,7 @@ impl Planner<'_> {
         // Runs and counts as they stand after the events planned so far in this batch.
         let mut live: Vec<LiveRun> = input.live_runs.clone();
         let mut counts: HashMap<(String, String), EnrollmentCounts> = input.counts.clone();
-        let now = chrono::DateTime::from_timestamp_millis(self.now_ms).unwrap_or_default();
+        let now = self.now.to_datetime();
         // A live run's `exit_when` and event waits are in its pinned version: without it, the
         // run would miss this batch's events.
         if self.wait_for_versions
@@ -143,7 +145,7 @@ impl Planner<'_> {
                         outcome: format!(
                             "refused: more than {LOOP_LIMIT} enrollments within 30 minutes"
                         ),
-                        at_ms: self.now_ms,
+                        at_ms: self.now,
                     }],
                     messages: Vec::new(),
                 };

@@ -5,12 +5,12 @@
 //! is what the rules would refuse now, so the answer can name each refusal; the dispatcher still
 //! has the last word.
 
-use crate::dispatch::{LOOP_LIMIT, LOOP_WINDOW_MS};
+use crate::dispatch::{LOOP_LIMIT, LOOP_WINDOW};
 use crate::registry::Snapshot;
 use herald_core::CourseEvent;
 use herald_core::event::MAX_BATCH;
 use herald_core::workflow::Audience;
-use herald_store::{AudienceQuery, NewEvent, Signals, Store, StoreError};
+use herald_store::{AudienceQuery, NewEvent, Signals, Store, StoreError, Timestamp};
 
 /// Who to enroll.
 #[derive(Debug, Clone)]
@@ -58,7 +58,7 @@ pub async fn enroll(
     workflow_id: &str,
     enrollees: Enrollees,
     request: &str,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<EnrollmentReport, EnrollmentError> {
     let workflow = workflows
         .current
@@ -69,16 +69,12 @@ pub async fn enroll(
     }
     let mut contacts = match enrollees {
         Enrollees::Contacts(ids) => ids,
-        Enrollees::Audience(audience) => store.audience(audience_query(&audience, now_ms)).await?,
+        Enrollees::Audience(audience) => store.audience(audience_query(&audience, now)).await?,
     };
     contacts.sort();
     contacts.dedup();
     let known: std::collections::HashMap<String, herald_store::EnrollmentCounts> = store
-        .enrollment_counts(
-            workflow_id.to_owned(),
-            contacts.clone(),
-            now_ms - LOOP_WINDOW_MS,
-        )
+        .enrollment_counts(workflow_id.to_owned(), contacts.clone(), now - LOOP_WINDOW)
         .await?
         .into_iter()
         .collect();
@@ -96,7 +92,7 @@ pub async fn enroll(
             None => report.accepted.push(contact),
         }
     }
-    let at = chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default();
+    let at = now.to_datetime();
     let events: Vec<NewEvent> = report
         .accepted
         .iter()
@@ -108,21 +104,19 @@ pub async fn enroll(
                 "api",
                 at,
             ),
-            received_ms: now_ms,
+            received_ms: now,
         })
         .collect();
     store_enrollments(store, events).await?;
     Ok(report)
 }
 
-/// The store's query for an audience at `now_ms` (who is inactive is measured from then).
-pub fn audience_query(audience: &Audience, now_ms: i64) -> AudienceQuery {
+/// The store's query for an audience at `now` (who is inactive is measured from then).
+pub fn audience_query(audience: &Audience, now: Timestamp) -> AudienceQuery {
     AudienceQuery {
         offers: audience.offers.clone(),
         products: audience.products.clone(),
-        inactive_before_ms: audience
-            .inactive_for
-            .map(|d| now_ms.saturating_sub(d.as_millis())),
+        inactive_before_ms: audience.inactive_for.map(|d| now - d.to_std()),
     }
 }
 

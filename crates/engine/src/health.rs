@@ -3,7 +3,7 @@
 //! has made no progress for longer than the stall limit while its queue holds work due for that
 //! long, is reported by name.
 
-use herald_store::QueueStats;
+use herald_store::{QueueStats, Timestamp};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -117,12 +117,12 @@ impl Loops {
             .is_some()
     }
 
-    /// Each loop's status, given the queues at `now_ms` (the engine's clock).
+    /// Each loop's status, given the queues at `now` (the engine's clock).
     pub fn report(
         &self,
         stall_limit: Duration,
         queues: &QueueStats,
-        now_ms: i64,
+        now: Timestamp,
     ) -> Vec<(&'static str, LoopStatus)> {
         let elapsed = self.started.elapsed().as_millis() as u64;
         let limit_ms = stall_limit.as_millis() as u64;
@@ -134,13 +134,13 @@ impl Loops {
                     "stepper" => queues.oldest_run_due_ms,
                     "deliverer" => queues.oldest_message_due_ms,
                     // The scheduler checks its clock every pass: it always has work due.
-                    _ => Some(i64::MIN),
+                    _ => Some(Timestamp::from_millis(i64::MIN)),
                 };
-                let due_for = oldest_due.map_or(0, |at| now_ms.saturating_sub(at).max(0) as u64);
+                let due_for = oldest_due.map_or(Duration::ZERO, |at| now.since(at));
                 let idle_for = elapsed.saturating_sub(l.last_progress.load(Ordering::SeqCst));
                 let status = if !l.alive.load(Ordering::SeqCst) {
                     LoopStatus::Dead
-                } else if idle_for > limit_ms && due_for > limit_ms {
+                } else if idle_for > limit_ms && due_for > stall_limit {
                     LoopStatus::Stalled
                 } else {
                     LoopStatus::Ok
@@ -156,6 +156,7 @@ mod tests {
     use super::*;
 
     fn queues(oldest_message_due_ms: Option<i64>) -> QueueStats {
+        let oldest_message_due_ms = oldest_message_due_ms.map(Timestamp::from_millis);
         QueueStats {
             undispatched_events: 0,
             due_runs: 0,
@@ -172,7 +173,7 @@ mod tests {
         let guards: Vec<_> = loops.loops.iter().map(LoopHealth::alive_while).collect();
         std::thread::sleep(Duration::from_millis(30));
         let limit = Duration::from_millis(10);
-        let status = |q: &QueueStats| loops.report(limit, q, 1_000)[2].1;
+        let status = |q: &QueueStats| loops.report(limit, q, Timestamp::from_millis(1_000))[2].1;
         assert_eq!(status(&queues(None)), LoopStatus::Ok, "nothing due");
         assert_eq!(status(&queues(Some(995))), LoopStatus::Ok, "due only 5 ms");
         assert_eq!(status(&queues(Some(900))), LoopStatus::Stalled);

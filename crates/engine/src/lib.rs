@@ -201,7 +201,7 @@ async fn listen_to_other_processes(
                 let taken_in = if std::mem::take(&mut files_current) {
                     registry.catch_up().await
                 } else {
-                    registry.refresh(clock.now_ms()).await
+                    registry.refresh(clock.now()).await
                 };
                 if let Err(e) = taken_in {
                     tracing::error!(error = %e, "could not take in another process's workflow reload");

@@ -4,7 +4,7 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use herald_store::{LinkKind, NewLink, Store, StoreError};
+use herald_store::{LinkKind, NewLink, Store, StoreError, Timestamp};
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -62,7 +62,7 @@ impl LinkPolicy {
         hash: String,
         contact_id: &str,
         message_id: Option<String>,
-        now_ms: i64,
+        now: Timestamp,
     ) -> NewLink {
         NewLink {
             token_hash: hash,
@@ -70,7 +70,7 @@ impl LinkPolicy {
             contact_id: Some(contact_id.to_owned()),
             message_id,
             max_uses: Some(self.learner_uses),
-            expires_ms: Some(now_ms.saturating_add(self.learner_ttl.as_millis() as i64)),
+            expires_ms: Some(now + self.learner_ttl),
         }
     }
 
@@ -81,11 +81,11 @@ impl LinkPolicy {
         &self,
         contact_id: &str,
         message_id: &str,
-        now_ms: i64,
+        now: Timestamp,
     ) -> (NewLink, String) {
         let token = generate();
         (
-            self.learner_link(token.hash, contact_id, Some(message_id.to_owned()), now_ms),
+            self.learner_link(token.hash, contact_id, Some(message_id.to_owned()), now),
             self.url(&token.raw),
         )
     }
@@ -95,14 +95,14 @@ impl LinkPolicy {
         &self,
         store: &Store,
         contact_id: &str,
-        now_ms: i64,
+        now: Timestamp,
     ) -> Result<String, StoreError> {
         let token = generate();
         store
             .regenerate_link(
-                self.learner_link(token.hash, contact_id, None, now_ms),
+                self.learner_link(token.hash, contact_id, None, now),
                 None,
-                now_ms,
+                now,
             )
             .await?;
         Ok(self.url(&token.raw))
@@ -113,14 +113,11 @@ impl LinkPolicy {
         &self,
         store: &Store,
         contact_id: &str,
-        now_ms: i64,
+        now: Timestamp,
     ) -> Result<String, StoreError> {
         let token = generate();
         store
-            .mint_link(
-                self.learner_link(token.hash, contact_id, None, now_ms),
-                now_ms,
-            )
+            .mint_link(self.learner_link(token.hash, contact_id, None, now), now)
             .await?;
         Ok(self.url(&token.raw))
     }
@@ -136,7 +133,7 @@ impl LinkPolicy {
         &self,
         store: &Store,
         regenerate: bool,
-        now_ms: i64,
+        now: Timestamp,
     ) -> Result<String, StoreError> {
         let key = store
             .site_value("user_link_key".into(), generate().raw)
@@ -153,7 +150,7 @@ impl LinkPolicy {
         let live = current > 0
             && !regenerate
             && store
-                .check_link(hash(&derive(&key, secret, current)), now_ms)
+                .check_link(hash(&derive(&key, secret, current)), now)
                 .await?
                 .is_ok();
         let generation = if live { current } else { current + 1 };
@@ -173,7 +170,7 @@ impl LinkPolicy {
                 .regenerate_link(
                     link,
                     Some(("user_link_generation".into(), generation.to_string())),
-                    now_ms,
+                    now,
                 )
                 .await?;
         }

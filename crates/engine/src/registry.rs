@@ -3,7 +3,7 @@
 //! not check is refused as a whole and the running set stays.
 
 use herald_core::workflow::{self, CompiledWorkflow, Diagnostic, Severity, WorkflowBundle};
-use herald_store::{Signals, Store};
+use herald_store::{Signals, Store, Timestamp};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -143,7 +143,7 @@ impl Registry {
         sources: Sources,
         custom_values: Vec<String>,
         store: Store,
-        now_ms: i64,
+        now: Timestamp,
     ) -> Result<Self, RegistryError> {
         let registry = Self {
             sources,
@@ -153,7 +153,7 @@ impl Registry {
             reloading: tokio::sync::Mutex::new(()),
         };
         registry.load_live_versions().await?;
-        registry.reload(now_ms).await?;
+        registry.reload(now).await?;
         Ok(registry)
     }
 
@@ -165,15 +165,15 @@ impl Registry {
     /// a run can always find its version), runs of workflows whose enabled state differs from
     /// the one stored are parked or resumed, and the other processes on the database are told.
     /// Returns the warnings.
-    pub async fn reload(&self, now_ms: i64) -> Result<Vec<Diagnostic>, RegistryError> {
+    pub async fn reload(&self, now: Timestamp) -> Result<Vec<Diagnostic>, RegistryError> {
         let _one_at_a_time = self.reloading.lock().await;
-        let (compiled, warnings) = self.read_and_store(now_ms).await?;
+        let (compiled, warnings) = self.read_and_store(now).await?;
         let states = compiled.iter().map(|w| (w.id.clone(), w.enabled)).collect();
         self.swap(compiled, HashMap::new());
         // Enabled or disabled is kept in the database: a workflow whose state there differs
         // from its file (toggled now, or while this process was down, or by another process's
         // files) has its runs parked or resumed.
-        for (id, enabled, runs) in self.store.sync_workflow_states(states, now_ms).await? {
+        for (id, enabled, runs) in self.store.sync_workflow_states(states, now).await? {
             tracing::info!(workflow = %id, enabled, runs, "workflow toggled");
         }
         self.store.announce(Signals::WORKFLOWS);
@@ -184,9 +184,9 @@ impl Registry {
     /// not have on disk is loaded from the database when a run needs it, see
     /// [`Registry::ensure_versions`]) and adopts the enabled states that reload recorded. It
     /// records nothing itself, so processes with different files do not undo each other.
-    pub async fn refresh(&self, now_ms: i64) -> Result<(), RegistryError> {
+    pub async fn refresh(&self, now: Timestamp) -> Result<(), RegistryError> {
         let _one_at_a_time = self.reloading.lock().await;
-        let compiled = match self.read_and_store(now_ms).await {
+        let compiled = match self.read_and_store(now).await {
             Ok((compiled, _)) => Some(compiled),
             Err(RegistryError::Invalid(d)) => {
                 tracing::warn!(
@@ -307,7 +307,7 @@ impl Registry {
     /// Reads and checks the files, all or nothing, and stores their versions.
     async fn read_and_store(
         &self,
-        now_ms: i64,
+        now: Timestamp,
     ) -> Result<(Vec<CompiledWorkflow>, Vec<Diagnostic>), RegistryError> {
         let bundles = read_bundles(&self.sources)?;
         let (compiled, warnings) =
@@ -322,7 +322,7 @@ impl Registry {
                 )
             })
             .collect();
-        self.store.save_workflow_versions(rows, now_ms).await?;
+        self.store.save_workflow_versions(rows, now).await?;
         Ok((compiled, warnings))
     }
 

@@ -6,7 +6,9 @@
 use chrono::{DateTime, Utc};
 use herald_core::CourseEvent;
 use herald_core::workflow::{self, CompiledWorkflow, ContactState, Instr, WaitSpec};
-use herald_store::{Channel, ContactRow, MessageStatus, NewMessage, RunState, StepRecord};
+use herald_store::{
+    Channel, ContactRow, MessageStatus, NewMessage, RunState, StepRecord, Timestamp,
+};
 
 /// Everything the interpreter reads besides the workflow.
 pub struct RunContext<'a> {
@@ -27,14 +29,14 @@ pub struct Advanced {
     pub state: RunState,
     pub pc: usize,
     pub wait_event: Option<String>,
-    pub due_ms: Option<i64>,
+    pub due_ms: Option<Timestamp>,
     pub steps: Vec<StepRecord>,
     pub messages: Vec<NewMessage>,
 }
 
 /// Runs the program from `pc` until a wait or the end.
 pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Advanced {
-    let now_ms = ctx.now.timestamp_millis();
+    let now = Timestamp::from_datetime(ctx.now);
     let mut steps = Vec::new();
     let mut messages = Vec::new();
     let record = |steps: &mut Vec<StepRecord>, step_id: &str, kind: &str, outcome: String| {
@@ -42,7 +44,7 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
             step_id: step_id.to_owned(),
             kind: kind.to_owned(),
             outcome,
-            at_ms: now_ms,
+            at_ms: now,
         });
     };
     let contact_tz = ctx.event.field("contact.timezone");
@@ -76,7 +78,7 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
                         MessageStatus::Queued
                     },
                     reason: problem.clone(),
-                    due_ms: problem.is_none().then(|| due.timestamp_millis()),
+                    due_ms: problem.is_none().then(|| Timestamp::from_datetime(due)),
                 };
                 let kind = if channel == Channel::Email {
                     "send_email"
@@ -124,7 +126,7 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
                         state,
                         pc,
                         wait_event,
-                        due_ms: Some(due.timestamp_millis()),
+                        due_ms: Some(Timestamp::from_datetime(due)),
                         steps,
                         messages,
                     };
@@ -198,7 +200,7 @@ pub fn simulate(
         out.messages.extend(advanced.messages);
         match (advanced.state, advanced.due_ms) {
             (RunState::Active | RunState::WaitingEvent, Some(due)) => {
-                now = DateTime::from_timestamp_millis(due).unwrap_or(now).max(now);
+                now = due.to_datetime().max(now);
                 pc = advanced.pc;
             }
             _ => break,
@@ -329,7 +331,7 @@ mod tests {
             let advanced = advance(&wf, pc, &ctx);
             let due = advanced.due_ms.expect("a due time");
             assert!(
-                due >= now.timestamp_millis(),
+                due >= Timestamp::from_datetime(now),
                 "pc {pc}: due {due} before now"
             );
         }

@@ -86,7 +86,7 @@ impl Application {
                 settings.sources.clone(),
                 custom,
                 store.clone(),
-                settings.clock.now_ms(),
+                settings.clock.now(),
             )
             .await?,
         );

@@ -1,7 +1,7 @@
 //! Turning stored text back into domain values, and outcomes into columns: shared by both
 //! backends, so a state or status is spelled in one place.
 
-use crate::{DeliveryResult, LinkKind, MessageStatus, Result, StoreError};
+use crate::{DeliveryResult, LinkKind, MessageStatus, Result, StoreError, Timestamp};
 use herald_core::CourseEvent;
 use herald_core::workflow::ContactState;
 use std::collections::HashMap;
@@ -61,9 +61,9 @@ pub(crate) struct OutcomeColumns<'a> {
     pub status: MessageStatus,
     pub reason: Option<&'a str>,
     /// When to try again (a retry).
-    pub due_ms: Option<i64>,
+    pub due_ms: Option<Timestamp>,
     pub provider_id: Option<&'a str>,
-    pub sent_ms: Option<i64>,
+    pub sent_ms: Option<Timestamp>,
     /// Suppressed, skipped and cancelled messages were never tried: no attempt is counted.
     pub attempted: bool,
 }
@@ -79,14 +79,14 @@ fn not_tried(status: MessageStatus, reason: &str) -> OutcomeColumns<'_> {
     }
 }
 
-pub(crate) fn outcome_columns(result: &DeliveryResult, now_ms: i64) -> OutcomeColumns<'_> {
+pub(crate) fn outcome_columns(result: &DeliveryResult, now: Timestamp) -> OutcomeColumns<'_> {
     match result {
         DeliveryResult::Sent { provider_id } => OutcomeColumns {
             status: MessageStatus::Sent,
             reason: None,
             due_ms: None,
             provider_id: provider_id.as_deref(),
-            sent_ms: Some(now_ms),
+            sent_ms: Some(now),
             attempted: true,
         },
         DeliveryResult::Retry { due_ms, reason } => OutcomeColumns {

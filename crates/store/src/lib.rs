@@ -23,6 +23,7 @@ pub use erasure::{AddressKey, Erased};
 pub use model::*;
 
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -94,8 +95,8 @@ pub struct Store {
 /// and the current runs of its contacts.
 pub type Planner<'a> = &'a (dyn Fn(&DispatchInput) -> DispatchPlan + Send + Sync);
 
-/// The clock a dispatch pass reads, in milliseconds since the epoch.
-pub type DispatchClock<'a> = &'a (dyn Fn() -> i64 + Send + Sync);
+/// The clock a dispatch pass reads.
+pub type DispatchClock<'a> = &'a (dyn Fn() -> Timestamp + Send + Sync);
 
 /// One dispatch pass as the dispatcher asks for it.
 #[derive(Clone, Copy)]
@@ -103,11 +104,11 @@ pub struct DispatchRequest<'a> {
     /// At most this many undispatched events, oldest first.
     pub limit: i64,
     /// Read once the batch is selected, so that an event stored while the pass waited for the
-    /// database is planned at its own time ([`DispatchInput::now_ms`]).
+    /// database is planned at its own time ([`DispatchInput::now`]).
     pub clock: DispatchClock<'a>,
     /// Runs created this long before "now" count as recent enrollments
     /// ([`EnrollmentCounts::recent`]).
-    pub loop_window_ms: i64,
+    pub loop_window: Duration,
     /// Load the state of the batch's contacts for the planner ([`DispatchInput::states`]): only
     /// when a workflow's conditions read it, as it costs a query per batch.
     pub contact_states: bool,
@@ -119,13 +120,13 @@ impl<'a> DispatchRequest<'a> {
     pub fn new(
         limit: i64,
         clock: DispatchClock<'a>,
-        loop_window_ms: i64,
+        loop_window: Duration,
         planner: Planner<'a>,
     ) -> Self {
         Self {
             limit,
             clock,
-            loop_window_ms,
+            loop_window,
             contact_states: false,
             planner,
         }
@@ -161,12 +162,16 @@ impl Store {
 
     /// Removes everything herald holds on a contact, in one transaction, keeping only the keyed
     /// hash of each address they had opted out of. `None` for an unknown contact.
-    pub async fn erase_contact(&self, contact_id: String, now_ms: i64) -> Result<Option<Erased>> {
+    pub async fn erase_contact(
+        &self,
+        contact_id: String,
+        now: Timestamp,
+    ) -> Result<Option<Erased>> {
         let key = self
             .address_key
             .get()
             .ok_or(StoreError::NotConfigured("no address key set"))?;
-        backend::opt_outs::erase_contact(&self.backend, contact_id, key.clone(), now_ms).await
+        backend::opt_outs::erase_contact(&self.backend, contact_id, key.clone(), now).await
     }
 
     /// Opts every contact with each email address out of email (`source` per address: bounced,
@@ -175,10 +180,10 @@ impl Store {
     pub async fn suppress_email_addresses(
         &self,
         addresses: Vec<(String, String)>,
-        now_ms: i64,
+        now: Timestamp,
     ) -> Result<Vec<String>> {
         let key = self.address_key.get().cloned();
-        backend::opt_outs::suppress_email_addresses(&self.backend, addresses, key, now_ms).await
+        backend::opt_outs::suppress_email_addresses(&self.backend, addresses, key, now).await
     }
 
     /// Tells the other processes on this database that there is work or news (returns at once;
@@ -261,7 +266,7 @@ macro_rules! reads {
 
 reads! {
     /// The earliest due time of any run or queued message, to sleep until then.
-    fn next_due_ms(&self) -> Option<i64>;
+    fn next_due(&self) -> Option<Timestamp>;
     /// The bundles (id, version, bundle JSON) of every version a live run is pinned to.
     fn live_workflow_versions(&self) -> Vec<(String, String, String)>;
     /// The contact's newest `limit` events, oldest first.
@@ -280,8 +285,8 @@ reads! {
     fn grants(&self, contact_id: String) -> Vec<GrantRow>;
     /// Events stored but not yet dispatched (for metrics and tests).
     fn undispatched_count(&self) -> i64;
-    /// Queue depths and the oldest due job at `now_ms` (for `/metrics`).
-    fn queue_stats(&self, now_ms: i64) -> QueueStats;
+    /// Queue depths and the oldest due job at `now` (for `/metrics`).
+    fn queue_stats(&self, now: Timestamp) -> QueueStats;
 }
 
 /// Domain operations written once for both backends, each in its aggregate's module under
@@ -297,52 +302,52 @@ macro_rules! written_once {
 }
 
 written_once! {
-    /// Claims up to `limit` runs due at `now_ms` under a lease of `lease_ms`.
-    fn runs::claim_runs(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Vec<ClaimedRun>;
+    /// Claims up to `limit` runs due at `now` under a lease of `lease`.
+    fn runs::claim_runs(&self, now: Timestamp, limit: i64, lease: Duration) -> Vec<ClaimedRun>;
     /// Writes advanced runs whose lease still holds; the others are dropped (the lease was lost).
-    fn runs::finish_runs(&self, now_ms: i64, advances: Vec<RunAdvance>) -> ();
-    /// Claims up to `limit` queued messages due at `now_ms` under a lease of `lease_ms`.
-    fn messages::claim_messages(&self, now_ms: i64, limit: i64, lease_ms: i64) -> Vec<ClaimedMessage>;
+    fn runs::finish_runs(&self, now: Timestamp, advances: Vec<RunAdvance>) -> ();
+    /// Claims up to `limit` queued messages due at `now` under a lease of `lease`.
+    fn messages::claim_messages(&self, now: Timestamp, limit: i64, lease: Duration) -> Vec<ClaimedMessage>;
     /// Extends the lease of the messages of one claim still being delivered (heartbeat).
-    fn messages::extend_message_lease(&self, lease_token: String, until_ms: i64) -> u64;
+    fn messages::extend_message_lease(&self, lease_token: LeaseToken, until: Timestamp) -> u64;
     /// Records delivery outcomes whose lease still holds.
-    fn messages::complete_messages(&self, now_ms: i64, outcomes: Vec<MessageOutcome>) -> ();
+    fn messages::complete_messages(&self, now: Timestamp, outcomes: Vec<MessageOutcome>) -> ();
     /// Puts a message straight into the dev mailbox (system emails outside a workflow run).
     fn messages::add_to_mailbox(&self, item: MailboxItem) -> ();
     /// Stores workflow versions (id, version, bundle JSON); existing ones are kept.
-    fn workflows::save_workflow_versions(&self, versions: Vec<(String, String, String)>, now_ms: i64) -> ();
+    fn workflows::save_workflow_versions(&self, versions: Vec<(String, String, String)>, now: Timestamp) -> ();
     /// Records whether each workflow is enabled and, for each whose stored state changed (or was
     /// unknown), parks its live runs (cancelling the messages they had queued) or resumes its
     /// parked ones, in the same transaction. Returns those (id, enabled,
     /// runs parked or resumed).
-    fn workflows::sync_workflow_states(&self, states: Vec<(String, bool)>, now_ms: i64) -> Vec<(String, bool, u64)>;
+    fn workflows::sync_workflow_states(&self, states: Vec<(String, bool)>, now: Timestamp) -> Vec<(String, bool, u64)>;
     /// Whether the contact holds at least one active offer grant (what a learner link needs).
     fn links::has_active_offer(&self, contact_id: String) -> bool;
     /// Stores a freshly minted link (replacing the one of the same message) and audits the mint.
-    fn links::mint_link(&self, link: NewLink, now_ms: i64) -> ();
+    fn links::mint_link(&self, link: NewLink, now: Timestamp) -> ();
     /// The links of a batch of messages being sent, in one transaction: each is stored (replacing
     /// the earlier one of its message) and audited if its contact holds an active offer grant.
     /// Returns, per link, whether it was (a contact without a grant gets none).
-    fn links::mint_message_links(&self, links: Vec<NewLink>, now_ms: i64) -> Vec<bool>;
+    fn links::mint_message_links(&self, links: Vec<NewLink>, now: Timestamp) -> Vec<bool>;
     /// Revokes every live link of the contact (learner) or the site's user link (`None`) and ends
     /// every session of that kind and contact, then stores `link` and, if given, a site value
     /// (the staff link's generation): regeneration, in one transaction.
-    fn links::regenerate_link(&self, link: NewLink, site_value: Option<(String, String)>, now_ms: i64) -> ();
+    fn links::regenerate_link(&self, link: NewLink, site_value: Option<(String, String)>, now: Timestamp) -> ();
     /// Read-only: would this link open the portal now? (GET /l/{token} changes nothing.)
-    fn links::check_link(&self, token_hash: String, now_ms: i64) -> Result<LinkHolder, (LinkRefusal, Option<String>)>;
+    fn links::check_link(&self, token_hash: String, now: Timestamp) -> Result<LinkHolder, (LinkRefusal, Option<String>)>;
     /// Redeems a link atomically: validity, use count and entitlement are checked by the statement
     /// that counts the use; on success a session starts and, for a learner, a `course.user_login`
     /// event from `login_source` is stored in the same transaction. Refusals are audited.
-    fn links::redeem_link(&self, token_hash: String, now_ms: i64, session: NewSession, login_source: String) -> Result<LinkHolder, (LinkRefusal, Option<String>)>;
+    fn links::redeem_link(&self, token_hash: String, now: Timestamp, session: NewSession, login_source: String) -> Result<LinkHolder, (LinkRefusal, Option<String>)>;
     /// The live session with this id hash, if any.
-    fn links::session(&self, id_hash: String, now_ms: i64) -> Option<LinkHolder>;
-    fn links::end_session(&self, id_hash: String, now_ms: i64) -> ();
+    fn links::session(&self, id_hash: String, now: Timestamp) -> Option<LinkHolder>;
+    fn links::end_session(&self, id_hash: String, now: Timestamp) -> ();
     /// Products of the contact's active grants (offers' products plus direct product grants), or,
     /// for `None` (staff), the whole catalogue.
     fn links::portal_products(&self, contact_id: Option<String>) -> Vec<ProductRow>;
     /// Records a request for a new link if the contact is under `max_short` requests since
-    /// `short_since_ms` and `max_day` since `day_since_ms`; returns whether it was allowed.
-    fn links::allow_link_resend(&self, contact_id: String, now_ms: i64, short_since_ms: i64, max_short: i64, day_since_ms: i64, max_day: i64) -> bool;
+    /// `short_since` and `max_day` since `day_since`; returns whether it was allowed.
+    fn links::allow_link_resend(&self, contact_id: String, now: Timestamp, short_since: Timestamp, max_short: i64, day_since: Timestamp, max_day: i64) -> bool;
     /// A site-wide value (e.g. the user link key), creating it with `default` if absent.
     fn links::site_value(&self, name: String, default: String) -> String;
     fn links::set_site_value(&self, name: String, value: String) -> ();
@@ -354,30 +359,30 @@ written_once! {
     fn enroll::contact_states(&self, contact_ids: Vec<String>) -> std::collections::HashMap<String, herald_core::workflow::ContactState>;
     /// The enrollment counts in one workflow of each of `contact_ids` that herald knows (an
     /// unknown id has no row).
-    fn enroll::enrollment_counts(&self, workflow_id: String, contact_ids: Vec<String>, window_start_ms: i64) -> Vec<(String, EnrollmentCounts)>;
-    /// Course events received since `since_ms` (not herald's enrollments, not set-aside ones),
+    fn enroll::enrollment_counts(&self, workflow_id: String, contact_ids: Vec<String>, window_start: Timestamp) -> Vec<(String, EnrollmentCounts)>;
+    /// Course events received since `since` (not herald's enrollments, not set-aside ones),
     /// after `after_seq`, in order: what a replay matches again.
-    fn enroll::course_events_since(&self, since_ms: i64, after_seq: i64, limit: i64) -> Vec<(i64, herald_core::CourseEvent)>;
+    fn enroll::course_events_since(&self, since: Timestamp, after_seq: i64, limit: i64) -> Vec<(i64, herald_core::CourseEvent)>;
     /// The triggering event (its `seq`) and workflow of every run of these contacts.
     fn enroll::runs_started_by_events(&self, contact_ids: Vec<String>) -> Vec<(i64, String)>;
     /// Which of `ids` are stored as events of `source`.
     fn enroll::stored_event_ids(&self, source: String, ids: Vec<String>) -> Vec<String>;
     /// Sets aside the oldest undispatched event (its dispatch keeps failing) with the error, so
     /// the events behind it go on. Returns its (source, id).
-    fn dead::set_aside_next_event(&self, error: String, now_ms: i64) -> Option<(String, String)>;
+    fn dead::set_aside_next_event(&self, error: String, now: Timestamp) -> Option<(String, String)>;
     /// Ends a live run as `state` (dead: advancing it keeps failing; cancelled: an operator's
     /// cancel) with `reason`, cancelling its queued messages that no send holds. Returns the run's
     /// state afterwards (`state` only if it was live), `None` for an unknown run.
-    fn dead::end_run(&self, run_id: String, state: RunState, reason: String, now_ms: i64) -> Option<RunState>;
+    fn dead::end_run(&self, run_id: String, state: RunState, reason: String, now: Timestamp) -> Option<RunState>;
     /// Queues a failed or dead message again (attempts from zero, due now, the same Message-ID).
     /// Returns its status afterwards (`queued` only if it was failed or dead), `None` if unknown.
-    fn dead::retry_message(&self, message_id: String, now_ms: i64) -> Option<MessageStatus>;
+    fn dead::retry_message(&self, message_id: String, now: Timestamp) -> Option<MessageStatus>;
     /// Marks a queued message dead (recording its delivery keeps failing).
-    fn dead::set_message_dead(&self, message_id: String, error: String, now_ms: i64) -> bool;
+    fn dead::set_message_dead(&self, message_id: String, error: String, now: Timestamp) -> bool;
     /// Events set aside, oldest first, after the given `seq`.
     fn dead::dead_events(&self, after_seq: i64, limit: i64) -> Vec<DeadEventRow>;
     /// Opts a contact out of a channel (`true`) or back in (`false`); returns whether anything changed.
-    fn opt_outs::set_opt_out(&self, contact_id: String, channel: Channel, opted_out: bool, source: String, now_ms: i64) -> bool;
+    fn opt_outs::set_opt_out(&self, contact_id: String, channel: Channel, opted_out: bool, source: String, now: Timestamp) -> bool;
     fn opt_outs::opt_outs(&self, contact_id: String) -> Vec<OptOutRow>;
     /// Every opt-out with the contact's current addresses, oldest first.
     fn opt_outs::suppression_list(&self) -> Vec<SuppressionRow>;

@@ -2,14 +2,14 @@
 //! knows SQL, the engine knows the rules, and these types are the contract between them.
 
 use herald_core::CourseEvent;
-pub use herald_core::{Channel, MessageStatus, RunState};
+pub use herald_core::{Channel, MessageStatus, RunState, Timestamp};
 use std::collections::HashMap;
 
 /// An event accepted at the HTTP edge, about to be stored.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub event: CourseEvent,
-    pub received_ms: i64,
+    pub received_ms: Timestamp,
 }
 
 /// The answer for one stored event.
@@ -58,7 +58,7 @@ pub struct LiveRun {
 pub struct AudienceQuery {
     pub offers: Vec<String>,
     pub products: Vec<String>,
-    pub inactive_before_ms: Option<i64>,
+    pub inactive_before_ms: Option<Timestamp>,
 }
 
 /// How often a contact was enrolled in a workflow: what the enrollment rules need.
@@ -77,7 +77,7 @@ pub struct EnrollmentCounts {
 #[derive(Debug)]
 pub struct DispatchInput {
     /// "Now" for this batch: the request's clock read once the events were selected.
-    pub now_ms: i64,
+    pub now: Timestamp,
     pub events: Vec<(i64, CourseEvent)>,
     pub live_runs: Vec<LiveRun>,
     /// Keyed by (contact id, workflow id).
@@ -130,7 +130,7 @@ pub struct RunWrite {
     pub reason: Option<String>,
     pub pc: i64,
     pub wait_event: Option<String>,
-    pub due_ms: Option<i64>,
+    pub due_ms: Option<Timestamp>,
     pub steps: Vec<StepRecord>,
     pub messages: Vec<NewMessage>,
 }
@@ -141,7 +141,7 @@ pub struct StepRecord {
     pub step_id: String,
     pub kind: String,
     pub outcome: String,
-    pub at_ms: i64,
+    pub at_ms: Timestamp,
 }
 
 /// A message a send step created. Queued messages are delivered by the delivery worker; a
@@ -158,7 +158,29 @@ pub struct NewMessage {
     pub header_message_id: String,
     pub status: MessageStatus,
     pub reason: Option<String>,
-    pub due_ms: Option<i64>,
+    pub due_ms: Option<Timestamp>,
+}
+
+/// The token of one claim: the claimed rows carry it, and a result is written only while its
+/// row still does (the lease held). A fresh random one per claim.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, sqlx::Type)]
+#[sqlx(transparent)]
+pub struct LeaseToken(String);
+
+impl LeaseToken {
+    pub(crate) fn fresh() -> Self {
+        Self(uuid::Uuid::new_v4().to_string())
+    }
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+/// A token read back from elsewhere (one that may no longer hold any row).
+impl From<String> for LeaseToken {
+    fn from(token: String) -> Self {
+        Self(token)
+    }
 }
 
 /// A run claimed for advancing, with what the engine needs to advance it.
@@ -171,7 +193,7 @@ pub struct ClaimedRun {
     pub event_seq: i64,
     pub state: RunState,
     pub pc: i64,
-    pub lease_token: String,
+    pub lease_token: LeaseToken,
     pub event: CourseEvent,
     pub contact: ContactRow,
     /// The event that ended the run's last event wait (`None` when it timed out, or before any).
@@ -195,7 +217,7 @@ pub struct MessageSource {
 /// A claimed run's new state, written only if `lease_token` still holds.
 #[derive(Debug, Clone)]
 pub struct RunAdvance {
-    pub lease_token: String,
+    pub lease_token: LeaseToken,
     pub write: RunWrite,
 }
 
@@ -213,7 +235,7 @@ pub struct ClaimedMessage {
     pub header_message_id: String,
     /// Attempts before this one.
     pub attempts: i64,
-    pub lease_token: String,
+    pub lease_token: LeaseToken,
     pub event: CourseEvent,
     pub contact: ContactRow,
     /// The contact opted out of this message's channel (checked at claim time, so messages
@@ -236,7 +258,7 @@ pub enum DeliveryResult {
     },
     /// A transient failure: try again at `due_ms`.
     Retry {
-        due_ms: i64,
+        due_ms: Timestamp,
         reason: String,
     },
     Failed {
@@ -262,7 +284,7 @@ pub enum DeliveryResult {
 #[derive(Debug, Clone)]
 pub struct MessageOutcome {
     pub message_id: String,
-    pub lease_token: String,
+    pub lease_token: LeaseToken,
     /// The rendered subject (emails), recorded for the admin API.
     pub subject: Option<String>,
     /// GSM-7/UCS-2 segments of an SMS.
@@ -284,7 +306,7 @@ pub struct MailboxItem {
     pub subject: Option<String>,
     pub text_body: Option<String>,
     pub html_body: Option<String>,
-    pub created_ms: i64,
+    pub created_ms: Timestamp,
 }
 
 /// A message as the admin API and tests read it.
@@ -304,12 +326,12 @@ pub struct MessageRow {
     pub status: MessageStatus,
     pub reason: Option<String>,
     pub attempts: i64,
-    pub due_ms: Option<i64>,
+    pub due_ms: Option<Timestamp>,
     pub provider_id: Option<String>,
     pub segments: Option<i64>,
-    pub created_ms: i64,
-    pub updated_ms: i64,
-    pub sent_ms: Option<i64>,
+    pub created_ms: Timestamp,
+    pub updated_ms: Timestamp,
+    pub sent_ms: Option<Timestamp>,
 }
 
 /// A run as the admin API and tests read it.
@@ -323,10 +345,10 @@ pub struct RunRow {
     pub state: RunState,
     pub reason: Option<String>,
     pub pc: i64,
-    pub due_ms: Option<i64>,
-    pub created_ms: i64,
-    pub updated_ms: i64,
-    pub ended_ms: Option<i64>,
+    pub due_ms: Option<Timestamp>,
+    pub created_ms: Timestamp,
+    pub updated_ms: Timestamp,
+    pub ended_ms: Option<Timestamp>,
     /// Read by a second query, for all the listed runs at once.
     #[sqlx(skip)]
     pub steps: Vec<StepRecord>,
@@ -349,7 +371,7 @@ pub struct GrantRow {
     pub kind: String,
     pub item_id: String,
     pub active: bool,
-    pub changed_ms: i64,
+    pub changed_ms: Timestamp,
 }
 
 /// Which portal a link or session opens.
@@ -387,7 +409,7 @@ pub struct NewLink {
     /// The message it was minted for, if any (one link per message).
     pub message_id: Option<String>,
     pub max_uses: Option<i64>,
-    pub expires_ms: Option<i64>,
+    pub expires_ms: Option<Timestamp>,
 }
 
 /// Of links to mint for messages, whether each one's contact is entitled (holds an active offer
@@ -442,7 +464,7 @@ pub struct LinkHolder {
 #[derive(Debug, Clone)]
 pub struct NewSession {
     pub id_hash: String,
-    pub expires_ms: i64,
+    pub expires_ms: Timestamp,
 }
 
 /// A product as the portal lists it.
@@ -456,7 +478,7 @@ pub struct ProductRow {
 /// One line of the link audit trail.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct LinkAuditRow {
-    pub at_ms: i64,
+    pub at_ms: Timestamp,
     pub kind: String,
     pub contact_id: Option<String>,
     pub action: String,
@@ -465,8 +487,8 @@ pub struct LinkAuditRow {
 
 /// The `course.user_login` event herald emits itself when a learner redeems a link, so that
 /// workflows can react to logins.
-pub fn login_event(source: &str, contact_id: &str, now_ms: i64) -> NewEvent {
-    let now = chrono::DateTime::from_timestamp_millis(now_ms).unwrap_or_default();
+pub fn login_event(source: &str, contact_id: &str, at: Timestamp) -> NewEvent {
+    let now = at.to_datetime();
     let mut data = serde_json::Map::new();
     data.insert("contact".into(), serde_json::json!({ "id": contact_id }));
     NewEvent {
@@ -478,7 +500,7 @@ pub fn login_event(source: &str, contact_id: &str, now_ms: i64) -> NewEvent {
             time_raw: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             data,
         },
-        received_ms: now_ms,
+        received_ms: at,
     }
 }
 
@@ -490,7 +512,7 @@ pub struct SuppressionRow {
     pub phone: Option<String>,
     pub channel: String,
     pub source: String,
-    pub at_ms: i64,
+    pub at_ms: Timestamp,
 }
 
 /// A contact's opt-out of one channel.
@@ -499,7 +521,7 @@ pub struct OptOutRow {
     #[sqlx(try_from = "String")]
     pub channel: Channel,
     pub source: String,
-    pub at_ms: i64,
+    pub at_ms: Timestamp,
 }
 
 /// Work waiting in the queues, for `/metrics`.
@@ -512,16 +534,16 @@ pub struct QueueStats {
     /// Queued messages whose send is due.
     pub due_messages: i64,
     /// When the oldest undispatched event was received, if any.
-    pub oldest_event_ms: Option<i64>,
+    pub oldest_event_ms: Option<Timestamp>,
     /// Due time of the oldest due run, if any.
-    pub oldest_run_due_ms: Option<i64>,
+    pub oldest_run_due_ms: Option<Timestamp>,
     /// Due time of the oldest due message, if any.
-    pub oldest_message_due_ms: Option<i64>,
+    pub oldest_message_due_ms: Option<Timestamp>,
 }
 
 impl QueueStats {
     /// Due time of the oldest due run or message, if any.
-    pub fn oldest_job_due_ms(&self) -> Option<i64> {
+    pub fn oldest_job_due_ms(&self) -> Option<Timestamp> {
         match (self.oldest_run_due_ms, self.oldest_message_due_ms) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -541,8 +563,8 @@ pub struct DeadEventRow {
     pub event_type: String,
     pub contact_id: String,
     pub error: String,
-    pub received_ms: i64,
-    pub dead_ms: i64,
+    pub received_ms: Timestamp,
+    pub dead_ms: Timestamp,
 }
 
 /// A contact's stored event, for their timeline.
@@ -553,8 +575,8 @@ pub struct ContactEventRow {
     /// The CloudEvents type as posted (`course.new_signup`).
     #[serde(rename = "type")]
     pub event_type: String,
-    pub time_ms: i64,
-    pub received_ms: i64,
+    pub time_ms: Timestamp,
+    pub received_ms: Timestamp,
     pub dispatched: bool,
     /// Set aside: the last error of its dispatch.
     pub dead_error: Option<String>,

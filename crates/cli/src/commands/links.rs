@@ -11,15 +11,15 @@ use std::process::ExitCode;
 pub async fn links(config: &Config, action: LinksAction) -> Result<ExitCode> {
     let store = herald_store::Store::connect(config.database_url.expose_secret()).await?;
     let policy = engine_config(config)?.links;
-    let now_ms = Clock::System.now_ms();
+    let now = Clock::System.now();
     let url = match action {
         LinksAction::Regenerate { contact } => {
             if store.contact(contact.clone()).await?.is_none() {
                 bail!("no contact {contact:?}: herald learns contacts from course events");
             }
-            policy.regenerate_learner(&store, &contact, now_ms).await?
+            policy.regenerate_learner(&store, &contact, now).await?
         }
-        LinksAction::User { regenerate } => policy.user_link(&store, regenerate, now_ms).await?,
+        LinksAction::User { regenerate } => policy.user_link(&store, regenerate, now).await?,
     };
     println!("{url}");
     Ok(ExitCode::SUCCESS)

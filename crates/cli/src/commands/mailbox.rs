@@ -12,9 +12,7 @@ pub async fn mailbox(config: &Config, limit: i64) -> Result<ExitCode> {
         println!("The dev mailbox is empty.");
     }
     for m in items {
-        let when = chrono::DateTime::from_timestamp_millis(m.created_ms)
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_default();
+        let when = m.created_ms.to_datetime().to_rfc3339();
         println!("── {} {} → {}", when, m.channel.as_str(), m.recipient);
         if let Some(from) = &m.sender {
             println!("From: {from}");

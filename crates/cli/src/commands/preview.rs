@@ -11,7 +11,7 @@ use herald_core::event::{BodyKind, parse_body};
 use herald_core::workflow::{self, ContactState, Instr, StateFact, TimezoneChoice};
 use herald_engine::registry::{Sources, read_bundles};
 use herald_engine::runner;
-use herald_store::MessageStatus;
+use herald_store::{MessageStatus, Timestamp};
 use std::path::Path;
 use std::process::ExitCode;
 
@@ -63,14 +63,11 @@ pub fn preview(
         default_zone,
     );
     let run = runner::simulate(&wf, &event, &state, event.time, default_zone);
-    let local = |ms: i64| {
-        chrono::DateTime::from_timestamp_millis(ms)
-            .map(|t| {
-                t.with_timezone(&zone)
-                    .format("%a %Y-%m-%d %H:%M")
-                    .to_string()
-            })
-            .unwrap_or_default()
+    let local = |at: Timestamp| {
+        at.to_datetime()
+            .with_timezone(&zone)
+            .format("%a %Y-%m-%d %H:%M")
+            .to_string()
     };
 
     println!("── the path of this event (times in {zone}, starting at the event's time)");

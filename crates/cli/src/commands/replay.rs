@@ -12,7 +12,7 @@ use herald_core::event::HERALD_SOURCE;
 use herald_core::workflow::{CompiledWorkflow, ContactState};
 use herald_engine::enrollment::store_enrollments;
 use herald_engine::registry::{Sources, compile_all, read_bundles};
-use herald_store::{NewEvent, Store};
+use herald_store::{NewEvent, Store, Timestamp};
 use secrecy::ExposeSecret;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::ExitCode;
@@ -44,9 +44,7 @@ pub async fn replay(
     let mut to_enroll: HashSet<(i64, usize)> = HashSet::new();
     let mut after = 0;
     loop {
-        let page = store
-            .course_events_since(since.timestamp_millis(), after, PAGE)
-            .await?;
+        let page = store.course_events_since(since.into(), after, PAGE).await?;
         let Some((last, _)) = page.last() else { break };
         after = *last;
         read += page.len() as u64;
@@ -118,12 +116,10 @@ pub async fn replay(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} enrollments stored {msg}")
             .expect("a valid progress template"),
     );
-    let now_ms = chrono::Utc::now().timestamp_millis();
+    let now = Timestamp::from_datetime(chrono::Utc::now());
     let mut after = 0;
     loop {
-        let page = store
-            .course_events_since(since.timestamp_millis(), after, PAGE)
-            .await?;
+        let page = store.course_events_since(since.into(), after, PAGE).await?;
         let Some((last, _)) = page.last() else { break };
         after = *last;
         let mut events = Vec::new();
@@ -132,7 +128,7 @@ pub async fn replay(
                 if to_enroll.contains(&(*seq, i)) {
                     events.push(NewEvent {
                         event: CourseEvent::replayed(event, &wf.id),
-                        received_ms: now_ms,
+                        received_ms: now,
                     });
                 }
             }

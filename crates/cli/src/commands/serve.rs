@@ -264,7 +264,7 @@ fn reload_on_file_change(
                     break;
                 }
             }
-            match registry.reload(clock.now_ms()).await {
+            match registry.reload(clock.now()).await {
                 Ok(warnings) => {
                     for w in warnings {
                         tracing::warn!(%w, "workflow warning");
@@ -290,7 +290,7 @@ async fn reload_on_sighup(registry: Arc<Registry>, clock: Clock) {
             return;
         };
         while hup.recv().await.is_some() {
-            match registry.reload(clock.now_ms()).await {
+            match registry.reload(clock.now()).await {
                 Ok(warnings) => {
                     for w in warnings {
                         tracing::warn!(%w, "workflow warning");

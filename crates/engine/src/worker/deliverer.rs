@@ -17,7 +17,7 @@ use crate::delivery::{Delivery, LoginLink};
 use crate::health::Loops;
 use crate::{Clock, Wakers, telemetry};
 use futures::FutureExt;
-use herald_store::{ClaimedMessage, MessageOutcome, Store, StoreError};
+use herald_store::{ClaimedMessage, LeaseToken, MessageOutcome, Store, StoreError, Timestamp};
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -53,14 +53,14 @@ enum Finished {
 /// A finished send and the room it held.
 struct Report {
     finished: Finished,
-    lease_token: String,
+    lease_token: LeaseToken,
     _room: OwnedSemaphorePermit,
 }
 
 /// The leases of claims with messages still in flight.
 #[derive(Default)]
 struct Leases {
-    held: Mutex<HashMap<String, Lease>>,
+    held: Mutex<HashMap<LeaseToken, Lease>>,
 }
 
 struct Lease {
@@ -70,18 +70,18 @@ struct Lease {
 }
 
 impl Leases {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<LeaseToken, Lease>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether a send under this lease may still start: a third of the lease left at least.
-    fn may_send(&self, token: &str, lease: Duration) -> bool {
+    fn may_send(&self, token: &LeaseToken, lease: Duration) -> bool {
         self.lock()
             .get(token)
             .is_some_and(|l| l.valid_until > Instant::now() + lease / 3)
     }
 
-    fn finished(&self, token: &str) {
+    fn finished(&self, token: &LeaseToken) {
         let mut held = self.lock();
         if let Some(l) = held.get_mut(token) {
             l.in_flight -= 1;
@@ -184,13 +184,10 @@ impl Shared {
             return Ok(Pass::Blocked);
         }
         let lease = self.config.lease;
-        let now_ms = self.clock.now_ms();
+        let now = self.clock.now();
         let claimed_at = Instant::now();
         let limit = (self.config.batch_size.max(1) as usize).min(room);
-        let mut claimed = self
-            .store
-            .claim_messages(now_ms, limit as i64, lease.as_millis() as i64)
-            .await?;
+        let mut claimed = self.store.claim_messages(now, limit as i64, lease).await?;
         if claimed.is_empty() {
             return Ok(Pass::Idle);
         }
@@ -219,7 +216,7 @@ impl Shared {
                 m.first_on_channel = false;
             }
         }
-        let links = self.mint_links(&claimed, now_ms).await;
+        let links = self.mint_links(&claimed, now).await;
         let mut sends = d.sends.lock().unwrap_or_else(|p| p.into_inner());
         for (m, login) in claimed.into_iter().zip(links) {
             let room = d
@@ -240,14 +237,14 @@ impl Shared {
     }
 
     /// The `<<login_url>>` of each claimed message, minted in one write for the whole claim.
-    async fn mint_links(&self, claimed: &[ClaimedMessage], now_ms: i64) -> Vec<LoginLink> {
+    async fn mint_links(&self, claimed: &[ClaimedMessage], now: Timestamp) -> Vec<LoginLink> {
         let policy = &self.config.links;
         let mut links = vec![LoginLink::Unused; claimed.len()];
         let mut rows = Vec::new();
         let mut urls = Vec::new();
         for (i, m) in claimed.iter().enumerate() {
             if self.deliverer.delivery.needs_login_link(m) {
-                let (row, url) = policy.for_message(m.event.contact_id(), &m.id, now_ms);
+                let (row, url) = policy.for_message(m.event.contact_id(), &m.id, now);
                 rows.push(row);
                 urls.push((i, url));
             }
@@ -255,7 +252,7 @@ impl Shared {
         if rows.is_empty() {
             return links;
         }
-        match self.store.mint_message_links(rows, now_ms).await {
+        match self.store.mint_message_links(rows, now).await {
             Ok(minted) => {
                 for ((i, url), ok) in urls.into_iter().zip(minted) {
                     links[i] = if ok {
@@ -363,10 +360,10 @@ impl Recorder {
                 }
                 Finished::Panicked { message_id, error } => {
                     tracing::error!(message = %message_id, error = %error, "message set aside");
-                    let now_ms = self.clock.now_ms();
+                    let now = self.clock.now();
                     match self
                         .store
-                        .set_message_dead(message_id.clone(), error.clone(), now_ms)
+                        .set_message_dead(message_id.clone(), error.clone(), now)
                         .await
                     {
                         Ok(_) => telemetry::set_aside("messages"),
@@ -387,15 +384,15 @@ impl Recorder {
             .collect();
         let mut pause = Duration::from_millis(100);
         for tries in 1..=RECORD_TRIES {
-            let now_ms = self.clock.now_ms();
+            let now = self.clock.now();
             let written = write_isolating(
                 outcomes.clone(),
-                |batch| self.store.complete_messages(now_ms, batch),
+                |batch| self.store.complete_messages(now, batch),
                 |o, error| async move {
                     tracing::error!(message = %o.message_id, error = %error, "message set aside: the database keeps rejecting its outcome");
                     telemetry::set_aside("messages");
                     self.store
-                        .set_message_dead(o.message_id, error, now_ms)
+                        .set_message_dead(o.message_id, error, now)
                         .await
                         .map(drop)
                 },
@@ -430,11 +427,13 @@ async fn heartbeat(store: Store, clock: Clock, leases: Arc<Leases>, lease: Durat
     beat.tick().await;
     loop {
         beat.tick().await;
-        let tokens: Vec<String> = leases.lock().keys().cloned().collect();
+        let tokens: Vec<LeaseToken> = leases.lock().keys().cloned().collect();
         for token in tokens {
             let renewed_at = Instant::now();
-            let until_ms = clock.now_ms() + lease.as_millis() as i64;
-            match store.extend_message_lease(token.clone(), until_ms).await {
+            match store
+                .extend_message_lease(token.clone(), clock.now() + lease)
+                .await
+            {
                 Ok(_) => {
                     if let Some(l) = leases.lock().get_mut(&token) {
                         l.valid_until = renewed_at + lease;

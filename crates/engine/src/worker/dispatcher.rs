@@ -66,12 +66,8 @@ impl Shared {
         if failures == 0 {
             tracing::warn!(error = %error, "dispatch of a batch failed; dispatching one event at a time");
         } else if failures >= SET_ASIDE_AFTER {
-            let now_ms = self.clock.now_ms();
-            if let Some((source, id)) = self
-                .store
-                .set_aside_next_event(error.clone(), now_ms)
-                .await?
-            {
+            let now = self.clock.now();
+            if let Some((source, id)) = self.store.set_aside_next_event(error.clone(), now).await? {
                 tracing::error!(event_source = %source, event_id = %id, error = %error,
                     "event set aside: its dispatch failed {failures} times in a row");
                 telemetry::set_aside("events");
@@ -129,7 +125,7 @@ impl Shared {
                 // The clock read once the events were selected: an event stored while this pass
                 // waited for the database is planned at its own time, not before it (its waits
                 // would otherwise end early, and loop protection would count from too early).
-                now_ms: input.now_ms,
+                now: input.now,
                 default_timezone: self.config.default_timezone,
                 message_host: &host,
                 wait_for_versions,
@@ -162,8 +158,8 @@ impl Shared {
             .store
             .dispatch(DispatchRequest {
                 limit,
-                clock: &|| self.clock.now_ms(),
-                loop_window_ms: dispatch::LOOP_WINDOW_MS,
+                clock: &|| self.clock.now(),
+                loop_window: dispatch::LOOP_WINDOW,
                 contact_states: self.registry.snapshot().reads_contact_state(),
                 planner: &plan,
             })

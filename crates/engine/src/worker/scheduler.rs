@@ -35,7 +35,7 @@ impl ScheduleMemory {
 impl Shared {
     pub(crate) async fn schedule_once(&self) -> Result<Pass, StoreError> {
         let snapshot = self.registry.snapshot();
-        let now = self.clock.now();
+        let now = self.clock.now_utc();
         let mut fired = false;
         for wf in snapshot.current.values() {
             let Some(schedule) = wf.schedule() else {
@@ -87,11 +87,11 @@ impl Shared {
         schedule: &Schedule,
         tick: &Tick,
     ) -> Result<(), StoreError> {
-        let now_ms = self.clock.now_ms();
+        let now = self.clock.now();
         let audience = &schedule.audience;
         let contacts = self
             .store
-            .audience(crate::enrollment::audience_query(audience, now_ms))
+            .audience(crate::enrollment::audience_query(audience, now))
             .await?;
         let events: Vec<NewEvent> = contacts
             .iter()
@@ -103,7 +103,7 @@ impl Shared {
                     "schedule",
                     tick.at,
                 ),
-                received_ms: now_ms,
+                received_ms: now,
             })
             .collect();
         let stored = !events.is_empty();

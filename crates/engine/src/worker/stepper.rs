@@ -8,6 +8,7 @@ use crate::{runner, telemetry};
 use herald_core::workflow::ContactState;
 use herald_store::{
     ClaimedRun, NewMessage, RunAdvance, RunState, RunWrite, Signals, StepRecord, StoreError,
+    Timestamp,
 };
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -17,11 +18,7 @@ impl Shared {
         let now = self.clock.now();
         let claimed = self
             .store
-            .claim_runs(
-                now.timestamp_millis(),
-                self.config.batch_size,
-                self.config.lease.as_millis() as i64,
-            )
+            .claim_runs(now, self.config.batch_size, self.config.lease)
             .await?;
         if claimed.is_empty() {
             return Ok(Pass::Idle);
@@ -69,15 +66,14 @@ impl Shared {
                 )
             })
             .collect();
-        let now_ms = now.timestamp_millis();
         write_isolating(
             advances,
-            |batch| self.store.finish_runs(now_ms, batch),
+            |batch| self.store.finish_runs(now, batch),
             |advance, error| async move {
                 tracing::error!(run = %advance.write.run_id, error = %error, "run set aside: the database keeps rejecting its step");
                 telemetry::set_aside("runs");
                 self.store
-                    .end_run(advance.write.run_id, RunState::Dead, error, now_ms)
+                    .end_run(advance.write.run_id, RunState::Dead, error, now)
                     .await
                     .map(drop)
             },
@@ -125,7 +121,7 @@ impl Shared {
         &self,
         run: &ClaimedRun,
         state: &ContactState,
-        now: chrono::DateTime<chrono::Utc>,
+        now: Timestamp,
         host: &str,
     ) -> RunWrite {
         let snapshot = self.registry.snapshot();
@@ -141,7 +137,7 @@ impl Shared {
             Some(_) if !snapshot.is_enabled(&run.workflow_id) => {
                 // Disabled after the claim query ran: park it where it stands.
                 write.state = RunState::Parked;
-                write.due_ms = Some(now.timestamp_millis());
+                write.due_ms = Some(now);
             }
             Some(wf) => {
                 // A run claimed while still waiting for an event has reached its timeout.
@@ -157,7 +153,7 @@ impl Shared {
                 let ctx = runner::RunContext {
                     event: &event,
                     state,
-                    now,
+                    now: now.to_datetime(),
                     default_timezone: self.config.default_timezone,
                     message_host: host,
                 };
@@ -167,7 +163,7 @@ impl Shared {
                         step_id: "wait".into(),
                         kind: "wait".into(),
                         outcome: "timed out".into(),
-                        at_ms: now.timestamp_millis(),
+                        at_ms: now,
                     };
                     advanced.steps.insert(0, timed_out);
                 }

@@ -8,6 +8,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
+use herald_store::Timestamp;
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
@@ -62,7 +63,7 @@ pub async fn regenerate_contact_link(
     let url = state
         .engine
         .links
-        .regenerate_learner(&state.store, &id, state.clock.now_ms())
+        .regenerate_learner(&state.store, &id, state.clock.now())
         .await?;
     Ok(Json(json!({ "url": url })))
 }
@@ -72,7 +73,7 @@ pub async fn user_link(State(state): State<AppState>) -> Result<Json<Value>, Api
     let url = state
         .engine
         .links
-        .user_link(&state.store, false, state.clock.now_ms())
+        .user_link(&state.store, false, state.clock.now())
         .await?;
     Ok(Json(json!({ "url": url })))
 }
@@ -82,7 +83,7 @@ pub async fn regenerate_user_link(State(state): State<AppState>) -> Result<Json<
     let url = state
         .engine
         .links
-        .user_link(&state.store, true, state.clock.now_ms())
+        .user_link(&state.store, true, state.clock.now())
         .await?;
     Ok(Json(json!({ "url": url })))
 }
@@ -135,14 +136,14 @@ impl ListQuery {
     }
 }
 
-pub(crate) fn rfc3339(ms: i64) -> Value {
-    chrono::DateTime::from_timestamp_millis(ms).map_or(Value::Null, |t| {
+pub(crate) fn rfc3339(at: Timestamp) -> Value {
+    chrono::DateTime::from_timestamp_millis(at.millis()).map_or(Value::Null, |t| {
         json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
     })
 }
 
-fn opt_time(ms: Option<i64>) -> Value {
-    ms.map_or(Value::Null, rfc3339)
+fn opt_time(at: Option<Timestamp>) -> Value {
+    at.map_or(Value::Null, rfc3339)
 }
 
 /// `GET /v1/messages?contact_id=&workflow=&status=&after=&limit=`.
@@ -188,8 +189,8 @@ pub async fn retry_message(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    let now_ms = state.clock.now_ms();
-    match state.store.retry_message(id.clone(), now_ms).await? {
+    let now = state.clock.now();
+    match state.store.retry_message(id.clone(), now).await? {
         None => Err(ApiError::new(
             StatusCode::NOT_FOUND,
             format!("no message {id:?}"),
@@ -246,8 +247,8 @@ pub async fn retry_messages(
         )
         .with("field", "status"));
     }
-    let since_ms = match &f.since {
-        None => i64::MIN,
+    let since = match &f.since {
+        None => Timestamp::from_millis(i64::MIN),
         Some(t) => chrono::DateTime::parse_from_rfc3339(t)
             .map_err(|_| {
                 ApiError::new(
@@ -256,9 +257,10 @@ pub async fn retry_messages(
                 )
                 .with("field", "since")
             })?
-            .timestamp_millis(),
+            .to_utc()
+            .into(),
     };
-    let now_ms = state.clock.now_ms();
+    let now = state.clock.now();
     let mut retried = Vec::new();
     let mut after = None;
     let more = loop {
@@ -274,11 +276,11 @@ pub async fn retry_messages(
             .await?;
         let Some(last) = page.last() else { break false };
         after = Some(last.id.clone());
-        for m in page.iter().filter(|m| m.updated_ms >= since_ms) {
+        for m in page.iter().filter(|m| m.updated_ms >= since) {
             if retried.len() == MAX_RETRY {
                 break;
             }
-            if state.store.retry_message(m.id.clone(), now_ms).await?
+            if state.store.retry_message(m.id.clone(), now).await?
                 == Some(herald_store::MessageStatus::Queued)
             {
                 retried.push(m.id.clone());
@@ -387,14 +389,14 @@ pub async fn cancel_run(
     Path(id): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
     use herald_store::RunState;
-    let now_ms = state.clock.now_ms();
+    let now = state.clock.now();
     let after = state
         .store
         .end_run(
             id.clone(),
             RunState::Cancelled,
             "cancelled by an operator".into(),
-            now_ms,
+            now,
         )
         .await?;
     match after {
@@ -512,7 +514,7 @@ pub async fn erase(
 ) -> Result<Json<Value>, ApiError> {
     match state
         .store
-        .erase_contact(id.clone(), state.clock.now_ms())
+        .erase_contact(id.clone(), state.clock.now())
         .await?
     {
         None => Err(ApiError::new(
@@ -581,7 +583,7 @@ pub(crate) async fn timeline_of(state: &AppState, id: &str) -> Result<Value, Api
         after: None,
         limit: TIMELINE_LIMIT,
     };
-    let mut items: Vec<(i64, Value)> = Vec::new();
+    let mut items: Vec<(Timestamp, Value)> = Vec::new();
     for e in state
         .store
         .contact_events(id.clone(), TIMELINE_LIMIT)
@@ -655,7 +657,7 @@ pub(crate) async fn timeline_of(state: &AppState, id: &str) -> Result<Value, Api
 /// `POST /v1/workflows/reload`: reload workflows and templates, or say why they do not check
 /// (then the running set stays).
 pub async fn reload(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
-    match state.registry.reload(state.clock.now_ms()).await {
+    match state.registry.reload(state.clock.now()).await {
         Ok(warnings) => {
             let snapshot = state.registry.snapshot();
             let workflows: Vec<Value> = snapshot

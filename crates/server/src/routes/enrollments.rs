@@ -76,7 +76,7 @@ pub async fn enroll(
         &workflow_id,
         enrollees,
         &request_id,
-        state.clock.now_ms(),
+        state.clock.now(),
     )
     .await
     .map_err(|e| match e {

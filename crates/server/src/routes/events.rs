@@ -9,7 +9,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use futures::StreamExt;
 use herald_core::event::{self, BodyKind};
 use herald_core::signature::{self, SignedHeaders};
-use herald_store::{Accepted, NewEvent};
+use herald_store::{Accepted, NewEvent, Timestamp};
 use serde_json::{Value, json};
 
 /// Largest body accepted; more gets `413`.
@@ -36,7 +36,7 @@ pub async fn post_events(
         timestamp: header("webhook-timestamp"),
         signature: header("webhook-signature"),
     };
-    let now = state.clock.now();
+    let now = state.clock.now_utc();
     // Unsigned or stale requests are refused before their body is read.
     signed
         .check_fresh(now.timestamp())
@@ -56,7 +56,7 @@ pub async fn post_events(
             .with("field", e.field)
     })?;
 
-    let received_ms = now.timestamp_millis();
+    let received_ms = Timestamp::from_datetime(now);
     let ids: Vec<(String, String)> = events
         .iter()
         .map(|e| (e.source.clone(), e.id.clone()))

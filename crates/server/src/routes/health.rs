@@ -10,8 +10,8 @@ use herald_engine::LoopStatus;
 use serde_json::{Map, Value, json};
 
 pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>) {
-    let now_ms = state.clock.now_ms();
-    let queues = match state.store.queue_stats(now_ms).await {
+    let now = state.clock.now();
+    let queues = match state.store.queue_stats(now).await {
         Ok(q) => q,
         Err(e) => {
             tracing::error!(error = %e, "health check: database unreachable");
@@ -21,9 +21,7 @@ pub async fn healthz(State(state): State<AppState>) -> (StatusCode, Json<Value>)
             );
         }
     };
-    let report = state
-        .loops
-        .report(state.engine.stall_limit, &queues, now_ms);
+    let report = state.loops.report(state.engine.stall_limit, &queues, now);
     let unhealthy: Vec<&str> = report
         .iter()
         .filter(|(_, s)| *s != LoopStatus::Ok)

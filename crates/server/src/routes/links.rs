@@ -12,11 +12,12 @@ use axum::response::{IntoResponse, Response};
 use herald_engine::links::{self, looks_like_token};
 use herald_store::{LinkKind, LinkRefusal, NewSession};
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
 /// "Email me a new link": at most one per 10 minutes and five a day per contact.
-const RESEND_WINDOW_MS: i64 = 10 * 60 * 1000;
+const RESEND_WINDOW: Duration = Duration::from_secs(10 * 60);
 const RESEND_PER_DAY: i64 = 5;
-const DAY_MS: i64 = 24 * 3600 * 1000;
+const DAY: Duration = Duration::from_secs(24 * 3600);
 
 pub async fn show(
     State(state): State<AppState>,
@@ -29,7 +30,7 @@ pub async fn show(
         true => {
             state
                 .store
-                .check_link(links::hash(&token), state.clock.now_ms())
+                .check_link(links::hash(&token), state.clock.now())
                 .await?
         }
         false => Err((LinkRefusal::Unknown, None)),
@@ -64,14 +65,14 @@ pub async fn redeem(
         redemption(LinkRefusal::Unknown.as_str());
         return Ok(refusal_page(&token, LinkRefusal::Unknown));
     }
-    let now_ms = state.clock.now_ms();
+    let now = state.clock.now();
     let session = links::generate();
-    let expires_ms = now_ms + SESSION_TTL.as_millis() as i64;
+    let expires_ms = now + SESSION_TTL;
     let redeemed = state
         .store
         .redeem_link(
             links::hash(&token),
-            now_ms,
+            now,
             NewSession {
                 id_hash: session.hash,
                 expires_ms,
@@ -114,19 +115,19 @@ pub async fn new_link(
 ) -> Result<Response, ApiError> {
     limit(&state.redeem_limiter, client(&state, peer, &headers))?;
     if looks_like_token(&token) {
-        let now_ms = state.clock.now_ms();
+        let now = state.clock.now();
         if let Err((LinkRefusal::Expired | LinkRefusal::UsedUp, Some(contact))) =
-            state.store.check_link(links::hash(&token), now_ms).await?
+            state.store.check_link(links::hash(&token), now).await?
             // A link it could not use is not sent (and not minted).
             && state.store.has_active_offer(contact.clone()).await?
             && state
                 .store
                 .allow_link_resend(
                     contact.clone(),
-                    now_ms,
-                    now_ms - RESEND_WINDOW_MS,
+                    now,
+                    now - RESEND_WINDOW,
                     1,
-                    now_ms - DAY_MS,
+                    now - DAY,
                     RESEND_PER_DAY,
                 )
                 .await?

@@ -27,11 +27,11 @@ pub async fn send_new_link(state: &AppState, contact_id: &str) -> Result<(), Log
     let Some(to) = contact.email.clone().filter(|e| !e.is_empty()) else {
         return Ok(());
     };
-    let now_ms = state.clock.now_ms();
+    let now = state.clock.now();
     let url = state
         .engine
         .links
-        .mint_learner(&state.store, contact_id, now_ms)
+        .mint_learner(&state.store, contact_id, now)
         .await?;
     let read = |ext: &str| {
         std::fs::read_to_string(state.templates.join(format!("login_link.{ext}.hbs"))).ok()
@@ -68,7 +68,7 @@ pub async fn send_new_link(state: &AppState, contact_id: &str) -> Result<(), Log
                 subject: Some(email.subject),
                 text_body: email.text,
                 html_body: email.html,
-                created_ms: now_ms,
+                created_ms: now,
             };
             state.store.add_to_mailbox(item).await?;
         }

@@ -21,9 +21,7 @@ pub async fn page(State(state): State<AppState>) -> Result<Html<String>, ApiErro
         items.len()
     );
     for m in &items {
-        let when = chrono::DateTime::from_timestamp_millis(m.created_ms)
-            .map(|t| t.to_rfc3339())
-            .unwrap_or_default();
+        let when = m.created_ms.to_datetime().to_rfc3339();
         body.push_str(&format!(
             "<article><h2>{}</h2><p><b>{}</b> to {}{} · {}</p>",
             escape(m.subject.as_deref().unwrap_or("(SMS)")),

@@ -6,6 +6,7 @@ use crate::error::ApiError;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
+use herald_store::Timestamp;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::OnceLock;
 
@@ -33,9 +34,9 @@ pub fn handle() -> &'static PrometheusHandle {
 }
 
 pub async fn render(State(state): State<AppState>) -> Result<impl IntoResponse, ApiError> {
-    let now_ms = state.clock.now_ms();
-    let q = state.store.queue_stats(now_ms).await?;
-    let age = |at: Option<i64>| at.map_or(0.0, |at| (now_ms - at).max(0) as f64 / 1000.0);
+    let now = state.clock.now();
+    let q = state.store.queue_stats(now).await?;
+    let age = |at: Option<Timestamp>| at.map_or(0.0, |at| now.since(at).as_secs_f64());
     let mut text = handle().render();
     text.push_str(&format!(
         "# HELP herald_job_queue_depth Jobs due now, by queue.\n# TYPE herald_job_queue_depth gauge\n\

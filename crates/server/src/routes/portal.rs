@@ -52,9 +52,9 @@ fn session_id<'a>(state: &AppState, headers: &'a HeaderMap) -> Option<&'a str> {
 }
 
 pub async fn show(State(state): State<AppState>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let now_ms = state.clock.now_ms();
+    let now = state.clock.now();
     let holder = match session_id(&state, &headers) {
-        Some(id) => state.store.session(links::hash(id), now_ms).await?,
+        Some(id) => state.store.session(links::hash(id), now).await?,
         None => None,
     };
     let Some(holder) = holder else {
@@ -122,7 +122,7 @@ pub async fn logout(
     if let Some(id) = session_id(&state, &headers) {
         state
             .store
-            .end_session(links::hash(id), state.clock.now_ms())
+            .end_session(links::hash(id), state.clock.now())
             .await?;
     }
     let mut response = (StatusCode::SEE_OTHER, [(header::LOCATION, "/portal")]).into_response();

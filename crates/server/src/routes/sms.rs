@@ -67,11 +67,11 @@ pub async fn inbound(
         _ => None,
     };
     if let Some(opt_out) = opt_out {
-        let now_ms = state.clock.now_ms();
+        let now = state.clock.now();
         for contact in state.store.contacts_by_phone(from).await? {
             state
                 .store
-                .set_opt_out(contact, Channel::Sms, opt_out, "sms_keyword".into(), now_ms)
+                .set_opt_out(contact, Channel::Sms, opt_out, "sms_keyword".into(), now)
                 .await?;
         }
         tracing::info!(opt_out, "inbound SMS keyword applied");

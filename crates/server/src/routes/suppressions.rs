@@ -80,7 +80,7 @@ pub async fn suppress(
         .collect();
     let contacts = state
         .store
-        .suppress_email_addresses(rows, state.clock.now_ms())
+        .suppress_email_addresses(rows, state.clock.now())
         .await?;
     Ok(Json(match (is_csv, addresses.first()) {
         (false, Some((email, reason))) => {
@@ -273,7 +273,7 @@ pub async fn set_opt_out(
             channel,
             change.opted_out,
             "admin".into(),
-            state.clock.now_ms(),
+            state.clock.now(),
         )
         .await?;
     let opt_outs: Vec<Value> = state

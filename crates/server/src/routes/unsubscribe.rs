@@ -62,7 +62,7 @@ pub async fn unsubscribe(
             Channel::Email,
             true,
             source.into(),
-            state.clock.now_ms(),
+            state.clock.now(),
         )
         .await?
     {

@@ -216,7 +216,7 @@ async fn unsigned_or_wrongly_signed_requests_get_401_and_change_nothing(backend:
     let (id, ts, sig) = (good[0].1.clone(), good[1].1.clone(), good[2].1.clone());
     let ct = ("content-type", CLOUDEVENT.to_owned());
     let wrong_secret = WebhookSecret::parse(V1_SECRET).unwrap();
-    let now = app.clock.now().timestamp();
+    let now = app.clock.now_utc().timestamp();
     let tampered_sig = secret().sign(&id, now, b"{\"something\": \"else\"}");
 
     let cases: Vec<(&str, Vec<(&str, String)>)> = vec![
@@ -342,7 +342,7 @@ async fn timestamp_tolerance_is_five_minutes(backend: Backend) {
         return;
     };
     let body = forged_body();
-    let now = app.clock.now().timestamp();
+    let now = app.clock.now_utc().timestamp();
     let post_at = |ts: i64| {
         let body = body.clone();
         let app = &app;
@@ -398,7 +398,7 @@ async fn published_vector_is_refused_as_a_foreign_secret(backend: Backend) {
     }
     // A fresh timestamp and a valid event, still under the vector's secret: refused.
     let body = forged_body();
-    let now = app.clock.now().timestamp();
+    let now = app.clock.now_utc().timestamp();
     let headers = [
         ("content-type", CLOUDEVENT.to_owned()),
         ("webhook-id", V1_MSG_ID.to_owned()),
@@ -1112,7 +1112,7 @@ async fn unsigned_or_stale_requests_are_refused_before_their_body_is_read(backen
         return;
     };
     const DECLARED: usize = 8 * 1024 * 1024;
-    let stale_ts = (app.clock.now().timestamp() - 3600).to_string();
+    let stale_ts = (app.clock.now_utc().timestamp() - 3600).to_string();
     let rss_before = rss_bytes();
     let mut clients = Vec::new();
     for i in 0..40 {

@@ -9,7 +9,7 @@ use herald_channels::email::SmtpSender;
 use herald_core::signature::WebhookSecret;
 use herald_engine::{Clock, EngineConfig, Sources};
 use herald_server::{AppState, Application, Settings};
-use herald_store::{ListFilter, MessageRow, MessageStatus, RunRow, Store};
+use herald_store::{ListFilter, MessageRow, MessageStatus, RunRow, Store, Timestamp};
 use herald_test_support::current_test;
 use herald_test_support::postgres::TestSchema;
 use herald_test_support::smtp::{ReceivedMail, SmtpSink};
@@ -34,6 +34,8 @@ pub const SUPPORT_EMAIL: &str = "help@school.example.com";
 pub const WAIT: Duration = Duration::from_secs(15);
 /// 2026-11-24T10:00:00Z, where manual clocks start.
 pub const START_MS: i64 = 1_795_514_400_000;
+/// [`START_MS`] as the clock reads it.
+pub const START: Timestamp = Timestamp::from_millis(START_MS);
 
 pub const CLOUDEVENT: &str = "application/cloudevents+json";
 pub const CLOUDEVENT_BATCH: &str = "application/cloudevents-batch+json";
@@ -92,7 +94,7 @@ pub struct TestOptions {
     pub trusted_proxies: Vec<ipnet::IpNet>,
     pub event_requests_in_flight: usize,
     /// `Some(start)`: a manual clock starting there.
-    pub manual_clock: Option<i64>,
+    pub manual_clock: Option<Timestamp>,
     pub lease: Duration,
     pub retry_base: Duration,
     pub retry_cap: Duration,
@@ -198,7 +200,7 @@ impl TestOptions {
     }
 
     pub fn manual_clock(mut self) -> Self {
-        self.manual_clock = Some(START_MS);
+        self.manual_clock = Some(START);
         self
     }
 
@@ -465,7 +467,7 @@ impl TestApp {
     /// Standard Webhooks headers for `body`, signed with [`secret`] at the app's current time.
     pub fn signature_headers(&self, body: &[u8]) -> Vec<(&'static str, String)> {
         let id = format!("msg_{}", uuid::Uuid::new_v4().simple());
-        let ts = self.clock.now().timestamp();
+        let ts = self.clock.now_utc().timestamp();
         vec![
             ("webhook-id", id.clone()),
             ("webhook-timestamp", ts.to_string()),
@@ -675,8 +677,8 @@ impl TestApp {
                 .undispatched_count()
                 .await
                 .expect("undispatched_count");
-            let next_due = self.store.next_due_ms().await.expect("next_due_ms");
-            let now = self.clock.now_ms();
+            let next_due = self.store.next_due().await.expect("next_due");
+            let now = self.clock.now();
             last = format!("undispatched events {undispatched}, next due {next_due:?}, now {now}");
             undispatched == 0 && next_due.is_none_or(|d| d > now)
         })

@@ -5,7 +5,7 @@
 
 use crate::helpers::*;
 use crate::link_helpers::ADMIN_TOKEN;
-use herald_store::{MessageStatus, RunState};
+use herald_store::{MessageStatus, RunState, Timestamp};
 use herald_test_support::smtp::Stage;
 use std::time::Duration;
 
@@ -313,7 +313,7 @@ async fn erasure_removes_everything_but_keeps_an_opt_out(backend: Backend) {
             herald_store::Channel::Email,
             true,
             "one_click".into(),
-            0,
+            Timestamp::from_millis(0),
         )
         .await
         .unwrap();

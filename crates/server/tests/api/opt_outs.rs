@@ -357,7 +357,7 @@ async fn queued_and_held_emails_are_suppressed_after_unsubscribe(backend: Backen
     let rows = app.messages_of("c_held").await;
     let noon = rows.iter().find(|m| m.step_id == "noon_mail").unwrap();
     assert_eq!(noon.status, MessageStatus::Queued, "{noon:#?}");
-    assert_eq!(noon.due_ms, Some(START_MS + 2 * 3_600_000));
+    assert_eq!(noon.due_ms, Some(START + Duration::from_secs(2 * 3_600)));
 
     assert_eq!(
         one_click(&app, &path_of(&unsubscribe_url(&mails[0])))

@@ -142,10 +142,10 @@ async fn dead_total(app: &TestApp, queue: &str) -> f64 {
 /// Under a manual clock: when nothing is due now, moves the clock to the next due item (a retry
 /// backoff, a send window's opening) and wakes the engine. Whether it moved.
 async fn advance_to_next_due(app: &TestApp) -> bool {
-    let now = app.clock.now_ms();
-    match app.store.next_due_ms().await.expect("next_due_ms") {
+    let now = app.clock.now();
+    match app.store.next_due().await.expect("next_due") {
         Some(due) if due > now => {
-            app.advance(Duration::from_millis((due - now) as u64));
+            app.advance(due.since(now));
             true
         }
         _ => false,

@@ -108,7 +108,7 @@ async fn sms_reaches_the_provider_in_twilio_form(backend: Backend) {
     assert_eq!(m.reason, None, "{m:#?}");
     assert_eq!(m.provider_id, r.sid, "the provider's sid is stored");
     assert!(m.provider_id.is_some());
-    assert_eq!(m.sent_ms, Some(START_MS));
+    assert_eq!(m.sent_ms, Some(START));
     assert_eq!(m.segments, Some(1));
     assert_eq!(
         r.idempotency_key.as_deref(),
@@ -401,16 +401,19 @@ async fn transient_provider_errors_retry_with_exponential_backoff(backend: Backe
             reason.contains(&code.to_string()),
             "the reason should carry the provider's answer {code}: {reason:?}"
         );
-        let now = app.clock.now_ms();
-        let delay = m.due_ms.expect("a retried message has a due time") - now;
-        let full = base.saturating_mul(1 << k).min(cap).as_millis() as i64;
+        let now = app.clock.now();
+        let delay = m
+            .due_ms
+            .expect("a retried message has a due time")
+            .since(now);
+        let full = base.saturating_mul(1 << k).min(cap);
         assert!(
             delay >= full / 2 && delay <= full,
-            "retry {attempt} after a {code}: delay {delay} ms not within [{}, {full}] ms",
+            "retry {attempt} after a {code}: delay {delay:?} not within [{:?}, {full:?}]",
             full / 2
         );
         // Not a millisecond sooner.
-        app.advance(Duration::from_millis(delay as u64 - 1));
+        app.advance(delay - Duration::from_millis(1));
         app.settle().await;
         assert_eq!(
             stub.count(),
@@ -429,7 +432,7 @@ async fn transient_provider_errors_retry_with_exponential_backoff(backend: Backe
     assert_eq!(m.attempts, 5);
     assert_eq!(m.provider_id, requests[4].sid);
     assert!(m.provider_id.is_some());
-    assert_eq!(m.sent_ms, Some(app.clock.now_ms()));
+    assert_eq!(m.sent_ms, Some(app.clock.now()));
     for r in &requests {
         assert_eq!(
             r.idempotency_key.as_deref(),
@@ -468,17 +471,17 @@ async fn retry_after_is_honoured(backend: Backend) {
         .await;
         let m = wait_for_attempts(&app, &id, 1).await;
         assert_eq!(m.status, MessageStatus::Queued, "{m:#?}");
-        let now = app.clock.now_ms();
-        let delay = m.due_ms.unwrap() - now;
+        let now = app.clock.now();
+        let delay = m.due_ms.unwrap().since(now);
         assert!(
-            delay >= after as i64 * 1000,
-            "{status} with Retry-After: {after} retried after {delay} ms"
+            delay >= Duration::from_secs(after),
+            "{status} with Retry-After: {after} retried after {delay:?}"
         );
         assert!(
-            delay <= after as i64 * 1000 + 4000,
-            "{status} with Retry-After: {after}: delay {delay} ms is far beyond it"
+            delay <= Duration::from_secs(after + 4),
+            "{status} with Retry-After: {after}: delay {delay:?} is far beyond it"
         );
-        app.advance(Duration::from_millis(delay as u64 - 1));
+        app.advance(delay - Duration::from_millis(1));
         app.settle().await;
         assert_eq!(
             stub.count(),

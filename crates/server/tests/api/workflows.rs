@@ -71,7 +71,7 @@ async fn wait_two_days_then_send(backend: Backend) {
     assert_eq!(runs[0].state, RunState::Active);
     assert_eq!(
         runs[0].due_ms,
-        Some(START_MS + 2 * 86_400_000),
+        Some(START + Duration::from_secs(2 * 86_400)),
         "the wait should end two days after the start"
     );
 
@@ -415,7 +415,7 @@ async fn wait_for_event_times_out(backend: Backend) {
     app.settle().await;
     let run = &app.runs_of("c_to").await[0];
     assert_eq!(run.state, RunState::WaitingEvent);
-    assert_eq!(run.due_ms, Some(START_MS + 3 * 86_400_000));
+    assert_eq!(run.due_ms, Some(START + Duration::from_secs(3 * 86_400)));
 
     app.advance(3 * DAY - MINUTE);
     app.settle().await;

@@ -3,7 +3,7 @@
 
 use super::Backend;
 use super::sql::{Param, Statement, limit_param, text};
-use crate::{DeadEventRow, MessageStatus, Result, RunState};
+use crate::{DeadEventRow, MessageStatus, Result, RunState, Timestamp};
 
 /// Each backend's spelling of "not dispatched" is the one its partial index is declared with.
 const SET_ASIDE_NEXT_EVENT: Statement = Statement {
@@ -56,19 +56,19 @@ struct EventKey {
 pub(crate) async fn set_aside_next_event(
     backend: &Backend,
     error: String,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<Option<(String, String)>> {
     backend
         .write(
             "set aside an event",
-            (error, now_ms),
-            |mut tx, (error, now_ms)| {
+            (error, now),
+            |mut tx, (error, now)| {
                 Box::pin(async move {
                     // The event set aside must be the one dispatch keeps failing on.
                     tx.lock_dispatch().await?;
                     let key: Option<EventKey> = tx
                         .at()
-                        .fetch_optional(SET_ASIDE_NEXT_EVENT, &[text(error), Param::Int(*now_ms)])
+                        .fetch_optional(SET_ASIDE_NEXT_EVENT, &[text(error), Param::from(*now)])
                         .await?;
                     Ok(key.map(|k| (k.source, k.id)))
                 })
@@ -82,50 +82,46 @@ pub(crate) async fn end_run(
     run_id: String,
     state: RunState,
     reason: String,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<Option<RunState>> {
-    let args = (run_id, state, reason, now_ms);
+    let args = (run_id, state, reason, now);
     backend
-        .write(
-            "end a run",
-            args,
-            |mut tx, (run_id, state, reason, now_ms)| {
-                Box::pin(async move {
-                    let params = [
-                        text(state.as_str()),
-                        text(reason),
-                        Param::Int(*now_ms),
-                        text(run_id),
-                    ];
-                    tx.at().execute(END_RUN, &params).await?;
-                    let after: Option<String> = tx
-                        .at()
-                        .fetch_optional_scalar(RUN_STATE, &[text(run_id)])
-                        .await?;
-                    let reason = format!("run {}", state.as_str());
-                    let params = [Param::Int(*now_ms), text(run_id), text(&reason)];
-                    tx.at().execute(CANCEL_RUN_MESSAGES, &params).await?;
-                    after
-                        .map(crate::decode::stored::<crate::RunState>)
-                        .transpose()
-                })
-            },
-        )
+        .write("end a run", args, |mut tx, (run_id, state, reason, now)| {
+            Box::pin(async move {
+                let params = [
+                    text(state.as_str()),
+                    text(reason),
+                    Param::from(*now),
+                    text(run_id),
+                ];
+                tx.at().execute(END_RUN, &params).await?;
+                let after: Option<String> = tx
+                    .at()
+                    .fetch_optional_scalar(RUN_STATE, &[text(run_id)])
+                    .await?;
+                let reason = format!("run {}", state.as_str());
+                let params = [Param::from(*now), text(run_id), text(&reason)];
+                tx.at().execute(CANCEL_RUN_MESSAGES, &params).await?;
+                after
+                    .map(crate::decode::stored::<crate::RunState>)
+                    .transpose()
+            })
+        })
         .await
 }
 
 pub(crate) async fn retry_message(
     backend: &Backend,
     message_id: String,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<Option<MessageStatus>> {
     backend
         .write(
             "retry a message",
-            (message_id, now_ms),
-            |mut tx, (message_id, now_ms)| {
+            (message_id, now),
+            |mut tx, (message_id, now)| {
                 Box::pin(async move {
-                    let params = [Param::Int(*now_ms), text(message_id)];
+                    let params = [Param::from(*now), text(message_id)];
                     tx.at().execute(RETRY_MESSAGE, &params).await?;
                     let after: Option<String> = tx
                         .at()
@@ -144,16 +140,16 @@ pub(crate) async fn set_message_dead(
     backend: &Backend,
     message_id: String,
     error: String,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<bool> {
-    let args = (message_id, error, now_ms);
+    let args = (message_id, error, now);
     backend
         .write(
             "set a message dead",
             args,
-            |tx, (message_id, error, now_ms)| {
+            |tx, (message_id, error, now)| {
                 Box::pin(async move {
-                    let params = [text(error), Param::Int(*now_ms), text(message_id)];
+                    let params = [text(error), Param::from(*now), text(message_id)];
                     Ok(tx.execute(SET_MESSAGE_DEAD, &params).await? > 0)
                 })
             },

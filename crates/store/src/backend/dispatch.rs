@@ -9,7 +9,8 @@ use super::{Backend, distinct, first_per_key};
 use crate::decode::parse_stored_event;
 use crate::erasure::AddressKey;
 use crate::{
-    ContactRow, DispatchInput, DispatchRequest, EnrollmentCounts, LiveRun, Result, projection,
+    ContactRow, DispatchInput, DispatchRequest, EnrollmentCounts, LiveRun, Result, Timestamp,
+    projection,
 };
 use herald_core::CourseEvent;
 use std::collections::HashMap;
@@ -80,7 +81,7 @@ async fn dispatch_batch(
     let DispatchRequest {
         limit,
         clock,
-        loop_window_ms,
+        loop_window,
         contact_states,
         planner,
     } = request;
@@ -93,7 +94,7 @@ async fn dispatch_batch(
         return Ok(Dispatched::Events(0));
     }
     // Read after the batch is selected: waiting for the database must not age the reading.
-    let now_ms = clock();
+    let now = clock();
     let events = rows
         .iter()
         .map(|r| Ok((r.seq, parse_stored_event(&r.body)?)))
@@ -103,9 +104,9 @@ async fn dispatch_batch(
         .map(str::to_owned)
         .collect();
     super::membership::project(tx.at(), &events).await?;
-    end_learner_access(tx.at(), &projection::lost_an_offer(&events), now_ms).await?;
+    end_learner_access(tx.at(), &projection::lost_an_offer(&events), now).await?;
     if let Some(key) = address_key {
-        opt_out_suppressed_addresses(tx.at(), key, &events, now_ms).await?;
+        opt_out_suppressed_addresses(tx.at(), key, &events, now).await?;
     }
     let contact_rows: Vec<ContactRow> = tx
         .at()
@@ -124,15 +125,12 @@ async fn dispatch_batch(
         .at()
         .fetch_all(
             statement!(dispatch::ENROLLMENT_COUNTS),
-            &[
-                Param::Int(now_ms.saturating_sub(loop_window_ms)),
-                Param::Texts(&contacts),
-            ],
+            &[Param::from(now - loop_window), Param::Texts(&contacts)],
         )
         .await?;
 
     let input = DispatchInput {
-        now_ms,
+        now,
         events,
         live_runs,
         counts: counts
@@ -157,7 +155,7 @@ async fn dispatch_batch(
         return Ok(Dispatched::Postponed);
     }
 
-    super::runs::insert_runs(tx.at(), &plan.new_runs, now_ms).await?;
+    super::runs::insert_runs(tx.at(), &plan.new_runs, now).await?;
     // As if applied one by one: the first exit of a run ends it and later ones find it ended;
     // the first resume of a run resumes it.
     let exits = first_per_key(&plan.exits, |e| e.run_id.as_str());
@@ -166,7 +164,7 @@ async fn dispatch_batch(
             Column::texts(exits.iter().copied(), |e| Some(&e.run_id)),
             Column::texts(exits.iter().copied(), |e| Some(&e.reason)),
         ];
-        let params = [Param::Rows(&rows), Param::Int(now_ms)];
+        let params = [Param::Rows(&rows), Param::from(now)];
         tx.at()
             .execute(statement!(dispatch::EXIT_RUNS), &params)
             .await?;
@@ -185,7 +183,7 @@ async fn dispatch_batch(
         tx.at()
             .execute(
                 statement!(dispatch::RESUME_RUNS),
-                &[Param::Rows(&rows), Param::Int(now_ms)],
+                &[Param::Rows(&rows), Param::from(now)],
             )
             .await?;
     }
@@ -198,12 +196,12 @@ async fn dispatch_batch(
 
 /// Revokes the learner links and ends the learner sessions of those of `contacts` that hold no
 /// active offer grant any more.
-async fn end_learner_access(mut tx: Tx<'_>, contacts: &[&str], now_ms: i64) -> Result<()> {
+async fn end_learner_access(mut tx: Tx<'_>, contacts: &[&str], now: Timestamp) -> Result<()> {
     if contacts.is_empty() {
         return Ok(());
     }
     let contacts: Vec<String> = contacts.iter().map(|c| (*c).to_owned()).collect();
-    let params = [Param::Int(now_ms), Param::Texts(&contacts)];
+    let params = [Param::from(now), Param::Texts(&contacts)];
     tx.at()
         .execute(statement!(dispatch::END_LEARNER_LINKS), &params)
         .await?;
@@ -219,7 +217,7 @@ async fn opt_out_suppressed_addresses(
     mut tx: Tx<'_>,
     key: &AddressKey,
     events: &[(i64, CourseEvent)],
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<()> {
     let facts = projection::contacts(events);
     let hashes = key.hashes_of(facts.iter().map(|c| (c.id, c.fields[0], c.fields[1])));
@@ -239,7 +237,7 @@ async fn opt_out_suppressed_addresses(
                 text(contact),
                 text(channel.as_str()),
                 text(source),
-                Param::Int(now_ms),
+                Param::from(now),
             ];
             tx.at().execute(super::opt_outs::OPT_OUT, &params).await?;
         }

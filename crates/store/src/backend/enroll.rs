@@ -4,7 +4,7 @@
 use super::Backend;
 use super::sql::{On, Param, Statement, limit_param, text};
 use crate::decode::{self, parse_stored_event};
-use crate::{AudienceQuery, EnrollmentCounts, Result};
+use crate::{AudienceQuery, EnrollmentCounts, Result, Timestamp};
 use herald_core::CourseEvent;
 use herald_core::workflow::ContactState;
 use sqlx::{Executor, Postgres, Sqlite};
@@ -130,7 +130,7 @@ pub(crate) async fn audience(backend: &Backend, query: AudienceQuery) -> Result<
         Param::Bool(everyone),
         Param::Texts(&query.offers),
         Param::Texts(&query.products),
-        Param::OptInt(query.inactive_before_ms),
+        Param::from(query.inactive_before_ms),
     ];
     backend.reader().fetch_scalars(AUDIENCE, &params).await
 }
@@ -147,12 +147,12 @@ pub(crate) async fn enrollment_counts(
     backend: &Backend,
     workflow_id: String,
     contact_ids: Vec<String>,
-    window_start_ms: i64,
+    window_start: Timestamp,
 ) -> Result<Vec<(String, EnrollmentCounts)>> {
     let params = [
         text(&workflow_id),
         Param::Texts(&contact_ids),
-        Param::Int(window_start_ms),
+        Param::from(window_start),
     ];
     let rows: Vec<CountsRow> = backend
         .reader()
@@ -173,13 +173,13 @@ pub(crate) async fn enrollment_counts(
 
 pub(crate) async fn course_events_since(
     backend: &Backend,
-    since_ms: i64,
+    since: Timestamp,
     after_seq: i64,
     limit: i64,
 ) -> Result<Vec<(i64, CourseEvent)>> {
     let params = [
         Param::Int(after_seq),
-        Param::Int(since_ms),
+        Param::from(since),
         limit_param(limit),
     ];
     let rows: Vec<(i64, String)> = backend

@@ -3,10 +3,11 @@
 
 use super::Backend;
 use super::sql::{Conn, Decoded, Param, Statement, Tx, limit_param, text};
-use crate::Result;
+use crate::{LeaseToken, Result, Timestamp};
 use std::collections::HashMap;
+use std::time::Duration;
 
-/// Leases up to `limit` rows due at `now_ms` for `lease_ms` to a fresh token and reads them;
+/// Leases up to `limit` rows due at `now` for `lease` to a fresh token and reads them;
 /// returns the token with the rows.
 /// `claim` takes (lease until, token, now, limit). On PostgreSQL it locks, leases and reads in one
 /// statement, committed without waiting for the WAL flush (a lease a server crash loses is one
@@ -18,16 +19,16 @@ pub(crate) async fn claim<T: Decoded + 'static>(
     what: &'static str,
     claim: Statement,
     sqlite_read: &'static str,
-    (now_ms, limit, lease_ms): (i64, i64, i64),
-) -> Result<(String, Vec<T>)> {
-    let token = uuid::Uuid::new_v4().to_string();
+    (now, limit, lease): (Timestamp, i64, Duration),
+) -> Result<(LeaseToken, Vec<T>)> {
+    let token = LeaseToken::fresh();
     let rows = match backend {
         Backend::Sqlite(b) => {
             let token = token.clone();
             b.writer
                 .run(move |conn| {
                     Box::pin(async move {
-                        let params = claim_params(&token, now_ms, limit, lease_ms);
+                        let params = claim_params(&token, now, limit, lease);
                         let ids: Vec<String> =
                             Tx::Sqlite(&mut *conn).fetch_scalars(claim, &params).await?;
                         if ids.is_empty() {
@@ -42,18 +43,18 @@ pub(crate) async fn claim<T: Decoded + 'static>(
                 .await?
         }
         Backend::Postgres(b) => {
-            let params = claim_params(&token, now_ms, limit, lease_ms);
+            let params = claim_params(&token, now, limit, lease);
             super::postgres::retrying!(what, Conn::Postgres(&b.relaxed).fetch_all(claim, &params))?
         }
     };
     Ok((token, rows))
 }
 
-fn claim_params(token: &str, now_ms: i64, limit: i64, lease_ms: i64) -> [Param<'_>; 4] {
+fn claim_params(token: &LeaseToken, now: Timestamp, limit: i64, lease: Duration) -> [Param<'_>; 4] {
     [
-        Param::Int(now_ms + lease_ms),
-        text(token),
-        Param::Int(now_ms),
+        Param::from(now + lease),
+        text(token.as_str()),
+        Param::from(now),
         limit_param(limit),
     ]
 }
@@ -61,7 +62,7 @@ fn claim_params(token: &str, now_ms: i64, limit: i64, lease_ms: i64) -> [Param<'
 #[derive(sqlx::FromRow)]
 struct LeaseRow {
     id: String,
-    lease_token: Option<String>,
+    lease_token: Option<LeaseToken>,
 }
 
 /// Of `items`, in order, those whose row still holds the lease the item carries (`key`: row id
@@ -73,18 +74,18 @@ pub(crate) async fn under_current_lease<'a, T>(
     tx: Tx<'_>,
     leases: Statement,
     items: &'a [T],
-    key: impl Fn(&'a T) -> (&'a str, &'a str),
+    key: impl Fn(&'a T) -> (&'a str, &'a LeaseToken),
     lost: impl Fn(&T),
 ) -> Result<Vec<&'a T>> {
     let ids: Vec<String> = items.iter().map(|i| key(i).0.to_owned()).collect();
     let rows: Vec<LeaseRow> = tx.fetch_all(leases, &[Param::Texts(&ids)]).await?;
-    let mut held: HashMap<String, Option<String>> =
+    let mut held: HashMap<String, Option<LeaseToken>> =
         rows.into_iter().map(|r| (r.id, r.lease_token)).collect();
     let mut kept = Vec::with_capacity(items.len());
     for item in items {
         let (id, token) = key(item);
         match held.get_mut(id) {
-            Some(lease) if lease.as_deref() == Some(token) => {
+            Some(lease) if lease.as_ref() == Some(token) => {
                 *lease = None;
                 kept.push(item);
             }

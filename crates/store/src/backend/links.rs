@@ -8,6 +8,7 @@ use super::Backend;
 use super::sql::{Column, Param, Statement, Tx, limit_param, statement, text};
 use crate::{
     LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, NewLink, NewSession, ProductRow, Result,
+    Timestamp,
 };
 use std::collections::HashSet;
 
@@ -117,15 +118,15 @@ pub(crate) async fn has_active_offer(backend: &Backend, contact_id: String) -> R
         .await
 }
 
-pub(crate) async fn mint_link(backend: &Backend, link: NewLink, now_ms: i64) -> Result<()> {
+pub(crate) async fn mint_link(backend: &Backend, link: NewLink, now: Timestamp) -> Result<()> {
     backend
-        .write("mint a link", (link, now_ms), |mut tx, (link, now_ms)| {
+        .write("mint a link", (link, now), |mut tx, (link, now)| {
             Box::pin(async move {
                 if let Some(message_id) = &link.message_id {
-                    let params = [Param::Int(*now_ms), text(message_id)];
+                    let params = [Param::from(*now), text(message_id)];
                     tx.at().execute(REVOKE_MESSAGE_LINK, &params).await?;
                 }
-                insert_link(&mut tx, link, *now_ms).await
+                insert_link(&mut tx, link, *now).await
             })
         })
         .await
@@ -134,17 +135,15 @@ pub(crate) async fn mint_link(backend: &Backend, link: NewLink, now_ms: i64) -> 
 pub(crate) async fn mint_message_links(
     backend: &Backend,
     links: Vec<NewLink>,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<Vec<bool>> {
     if links.is_empty() {
         return Ok(Vec::new());
     }
     backend
-        .write(
-            "mint message links",
-            (links, now_ms),
-            |tx, (links, now_ms)| Box::pin(mint_message_links_on(tx, links, *now_ms)),
-        )
+        .write("mint message links", (links, now), |tx, (links, now)| {
+            Box::pin(mint_message_links_on(tx, links, *now))
+        })
         .await
 }
 
@@ -153,7 +152,7 @@ pub(crate) async fn mint_message_links(
 async fn mint_message_links_on(
     mut tx: Tx<'_>,
     links: &[NewLink],
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<Vec<bool>> {
     let contacts: Vec<String> = links.iter().filter_map(|l| l.contact_id.clone()).collect();
     let entitled: HashSet<String> = tx
@@ -172,7 +171,7 @@ async fn mint_message_links_on(
     tx.at()
         .execute(
             statement!(links::REVOKE_MESSAGES_LINKS),
-            &[Param::Int(now_ms), Param::Texts(&messages)],
+            &[Param::from(now), Param::Texts(&messages)],
         )
         .await?;
     let kept = kept.iter().copied();
@@ -182,19 +181,19 @@ async fn mint_message_links_on(
         Column::texts(kept.clone(), |l| l.contact_id.as_deref()),
         Column::texts(kept.clone(), |l| l.message_id.as_deref()),
         Column::ints(kept.clone(), |l| l.max_uses),
-        Column::ints(kept.clone(), |l| l.expires_ms),
+        Column::times(kept.clone(), |l| l.expires_ms),
     ];
     tx.at()
         .execute(
             statement!(links::INSERT_LINKS),
-            &[Param::Rows(&columns), Param::Int(now_ms)],
+            &[Param::Rows(&columns), Param::from(now)],
         )
         .await?;
     let [_, kinds, contacts, ..] = columns;
     tx.at()
         .execute(
             statement!(links::AUDIT_MINTS),
-            &[Param::Rows(&[kinds, contacts]), Param::Int(now_ms)],
+            &[Param::Rows(&[kinds, contacts]), Param::from(now)],
         )
         .await?;
     Ok(minted)
@@ -204,23 +203,23 @@ pub(crate) async fn regenerate_link(
     backend: &Backend,
     link: NewLink,
     site_value: Option<(String, String)>,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<()> {
-    let args = (link, site_value, now_ms);
+    let args = (link, site_value, now);
     backend
         .write(
             "regenerate a link",
             args,
-            |mut tx, (link, site_value, now_ms)| {
+            |mut tx, (link, site_value, now)| {
                 Box::pin(async move {
                     let params = [
-                        Param::Int(*now_ms),
+                        Param::from(*now),
                         text(link.kind.as_str()),
                         Param::Text(link.contact_id.as_deref()),
                     ];
                     tx.at().execute(REVOKE_LINKS, &params).await?;
                     tx.at().execute(END_SESSIONS, &params).await?;
-                    insert_link(&mut tx, link, *now_ms).await?;
+                    insert_link(&mut tx, link, *now).await?;
                     if let Some((name, value)) = site_value {
                         tx.at()
                             .execute(SET_SITE_VALUE, &[text(name), text(value)])
@@ -236,31 +235,31 @@ pub(crate) async fn regenerate_link(
 pub(crate) async fn check_link(
     backend: &Backend,
     token_hash: String,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<Checked> {
     let row = backend
         .reader()
         .fetch_optional(CLASSIFY, &[text(&token_hash)])
         .await?;
-    Ok(classify(row, now_ms))
+    Ok(classify(row, now))
 }
 
 pub(crate) async fn redeem_link(
     backend: &Backend,
     token_hash: String,
-    now_ms: i64,
+    now: Timestamp,
     session: NewSession,
     login_source: String,
 ) -> Result<Checked> {
-    let args = (token_hash, now_ms, session, login_source);
+    let args = (token_hash, now, session, login_source);
     backend
         .write(
             "redeem a link",
             args,
-            |mut tx, (token_hash, now_ms, session, login_source)| {
-                Box::pin(async move {
-                    redeem(&mut tx, token_hash, *now_ms, session, login_source).await
-                })
+            |mut tx, (token_hash, now, session, login_source)| {
+                Box::pin(
+                    async move { redeem(&mut tx, token_hash, *now, session, login_source).await },
+                )
             },
         )
         .await
@@ -269,20 +268,20 @@ pub(crate) async fn redeem_link(
 async fn redeem(
     tx: &mut Tx<'_>,
     token_hash: &str,
-    now_ms: i64,
+    now: Timestamp,
     session: &NewSession,
     login_source: &str,
 ) -> Result<Checked> {
     let redeemed: Option<HolderRow> = tx
         .at()
-        .fetch_optional(REDEEM, &[text(token_hash), Param::Int(now_ms)])
+        .fetch_optional(REDEEM, &[text(token_hash), Param::from(now)])
         .await?;
     let Some(HolderRow { kind, contact_id }) = redeemed else {
         let row = tx
             .at()
             .fetch_optional(CLASSIFY, &[text(token_hash)])
             .await?;
-        let (reason, contact) = match classify(row, now_ms) {
+        let (reason, contact) = match classify(row, now) {
             Err((r, c)) => (r, c),
             // Refused a moment ago but valid now: a race with a concurrent change; refuse as
             // unknown.
@@ -298,15 +297,15 @@ async fn redeem(
             action: "refuse",
             reason: Some(reason.as_str()),
         };
-        entry.record(tx, now_ms).await?;
+        entry.record(tx, now).await?;
         return Ok(Err((reason, contact)));
     };
     let params = [
         text(&session.id_hash),
         text(kind.as_str()),
         Param::Text(contact_id.as_deref()),
-        Param::Int(now_ms),
-        Param::Int(session.expires_ms),
+        Param::from(now),
+        Param::from(session.expires_ms),
     ];
     tx.at().execute(START_SESSION, &params).await?;
     let entry = Audit {
@@ -315,10 +314,10 @@ async fn redeem(
         action: "redeem",
         reason: None,
     };
-    entry.record(tx, now_ms).await?;
+    entry.record(tx, now).await?;
     if let (LinkKind::Learner, Some(contact)) = (kind, &contact_id) {
         // The login enters the event stream in the same transaction as the redemption.
-        let event = crate::login_event(login_source, contact, now_ms);
+        let event = crate::login_event(login_source, contact, now);
         tx.insert_events(&[&event]).await?;
     }
     Ok(Ok(LinkHolder { kind, contact_id }))
@@ -334,11 +333,11 @@ struct HolderRow {
 pub(crate) async fn session(
     backend: &Backend,
     id_hash: String,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<Option<LinkHolder>> {
     let row: Option<HolderRow> = backend
         .reader()
-        .fetch_optional(SESSION, &[text(&id_hash), Param::Int(now_ms)])
+        .fetch_optional(SESSION, &[text(&id_hash), Param::from(now)])
         .await?;
     Ok(row.map(|r| LinkHolder {
         kind: r.kind,
@@ -346,19 +345,15 @@ pub(crate) async fn session(
     }))
 }
 
-pub(crate) async fn end_session(backend: &Backend, id_hash: String, now_ms: i64) -> Result<()> {
+pub(crate) async fn end_session(backend: &Backend, id_hash: String, now: Timestamp) -> Result<()> {
     backend
-        .write(
-            "end a session",
-            (id_hash, now_ms),
-            |tx, (id_hash, now_ms)| {
-                Box::pin(async move {
-                    let params = [Param::Int(*now_ms), text(id_hash)];
-                    tx.execute(END_SESSION, &params).await?;
-                    Ok(())
-                })
-            },
-        )
+        .write("end a session", (id_hash, now), |tx, (id_hash, now)| {
+            Box::pin(async move {
+                let params = [Param::from(*now), text(id_hash)];
+                tx.execute(END_SESSION, &params).await?;
+                Ok(())
+            })
+        })
         .await
 }
 
@@ -386,29 +381,29 @@ struct Resends {
 pub(crate) async fn allow_link_resend(
     backend: &Backend,
     contact_id: String,
-    now_ms: i64,
-    short_since_ms: i64,
+    now: Timestamp,
+    short_since: Timestamp,
     max_short: i64,
-    day_since_ms: i64,
+    day_since: Timestamp,
     max_day: i64,
 ) -> Result<bool> {
     let args = (
         contact_id,
-        now_ms,
-        [short_since_ms, max_short, day_since_ms, max_day],
+        now,
+        (short_since, max_short, day_since, max_day),
     );
     backend
         .write(
             "count a resend",
             args,
-            |mut tx, (contact_id, now_ms, limits)| {
+            |mut tx, (contact_id, now, limits)| {
                 Box::pin(async move {
-                    let [short_since_ms, max_short, day_since_ms, max_day] = *limits;
+                    let (short_since, max_short, day_since, max_day) = *limits;
                     tx.lock_resends(contact_id).await?;
                     let params = [
-                        Param::Int(short_since_ms),
+                        Param::from(short_since),
                         text(contact_id),
-                        Param::Int(day_since_ms),
+                        Param::from(day_since),
                     ];
                     let sent: Resends = tx.at().fetch_one(RESENDS, &params).await?;
                     let allowed = sent.short < max_short && sent.day < max_day;
@@ -418,7 +413,7 @@ pub(crate) async fn allow_link_resend(
                         action: if allowed { "resend" } else { "resend_refused" },
                         reason: (!allowed).then_some("rate_limited"),
                     };
-                    entry.record(&mut tx, *now_ms).await?;
+                    entry.record(&mut tx, *now).await?;
                     Ok(allowed)
                 })
             },
@@ -464,15 +459,15 @@ pub(crate) async fn link_audit(
     backend.reader().fetch_all(LINK_AUDIT, &params).await
 }
 
-async fn insert_link(tx: &mut Tx<'_>, link: &NewLink, now_ms: i64) -> Result<()> {
+async fn insert_link(tx: &mut Tx<'_>, link: &NewLink, now: Timestamp) -> Result<()> {
     let params = [
         text(&link.token_hash),
         text(link.kind.as_str()),
         Param::Text(link.contact_id.as_deref()),
         Param::Text(link.message_id.as_deref()),
         Param::OptInt(link.max_uses),
-        Param::OptInt(link.expires_ms),
-        Param::Int(now_ms),
+        Param::from(link.expires_ms),
+        Param::from(now),
     ];
     tx.at().execute(INSERT_LINK, &params).await?;
     let entry = Audit {
@@ -481,7 +476,7 @@ async fn insert_link(tx: &mut Tx<'_>, link: &NewLink, now_ms: i64) -> Result<()>
         action: "mint",
         reason: None,
     };
-    entry.record(tx, now_ms).await
+    entry.record(tx, now).await
 }
 
 /// One line of the link audit trail.
@@ -493,9 +488,9 @@ struct Audit<'a> {
 }
 
 impl Audit<'_> {
-    async fn record(&self, tx: &mut Tx<'_>, now_ms: i64) -> Result<()> {
+    async fn record(&self, tx: &mut Tx<'_>, now: Timestamp) -> Result<()> {
         let params = [
-            Param::Int(now_ms),
+            Param::from(now),
             text(self.kind),
             Param::Text(self.contact_id),
             text(self.action),
@@ -512,14 +507,14 @@ struct LinkState {
     kind: LinkKind,
     contact_id: Option<String>,
     revoked_ms: Option<i64>,
-    expires_ms: Option<i64>,
+    expires_ms: Option<Timestamp>,
     uses: i64,
     max_uses: Option<i64>,
     entitled: bool,
 }
 
 /// Why a link would or would not open the portal now, in the order a learner should hear it.
-fn classify(link: Option<LinkState>, now_ms: i64) -> Checked {
+fn classify(link: Option<LinkState>, now: Timestamp) -> Checked {
     let Some(link) = link else {
         return Err((LinkRefusal::Unknown, None));
     };
@@ -529,7 +524,7 @@ fn classify(link: Option<LinkState>, now_ms: i64) -> Checked {
         Some(LinkRefusal::NotEntitled)
     } else if link.revoked_ms.is_some() {
         Some(LinkRefusal::Revoked)
-    } else if link.expires_ms.is_some_and(|e| e <= now_ms) {
+    } else if link.expires_ms.is_some_and(|e| e <= now) {
         Some(LinkRefusal::Expired)
     } else if link.max_uses.is_some_and(|m| link.uses >= m) {
         Some(LinkRefusal::UsedUp)

@@ -6,9 +6,10 @@ use super::leases::{claim, under_current_lease};
 use super::sql::{Column, Param, Statement, Tx, statement, text};
 use crate::decode::{outcome_columns, parse_stored_event};
 use crate::{
-    Channel, ClaimedMessage, ContactRow, DeliveryResult, MailboxItem, MessageOutcome, Result,
-    RunState,
+    Channel, ClaimedMessage, ContactRow, DeliveryResult, LeaseToken, MailboxItem, MessageOutcome,
+    Result, RunState, Timestamp,
 };
+use std::time::Duration;
 
 #[derive(sqlx::FromRow)]
 struct ClaimedMessageRow {
@@ -37,16 +38,16 @@ struct ClaimedMessageRow {
 /// what sending them needs.
 pub(crate) async fn claim_messages(
     backend: &Backend,
-    now_ms: i64,
+    now: Timestamp,
     limit: i64,
-    lease_ms: i64,
+    lease: Duration,
 ) -> Result<Vec<ClaimedMessage>> {
-    let (token, rows): (String, Vec<ClaimedMessageRow>) = claim(
+    let (token, rows): (LeaseToken, Vec<ClaimedMessageRow>) = claim(
         backend,
         "claim messages",
         statement!(messages::CLAIM_MESSAGES),
         super::sqlite::messages::CLAIMED_MESSAGES,
-        (now_ms, limit, lease_ms),
+        (now, limit, lease),
     )
     .await?;
     rows.into_iter()
@@ -81,16 +82,16 @@ const EXTEND_LEASE: Statement = Statement::portable(
 /// Extends the lease of the messages of one claim still being delivered (heartbeat).
 pub(crate) async fn extend_message_lease(
     backend: &Backend,
-    lease_token: String,
-    until_ms: i64,
+    lease_token: LeaseToken,
+    until: Timestamp,
 ) -> Result<u64> {
     backend
         .write(
             "extend a message lease",
-            (lease_token, until_ms),
-            |tx, (lease_token, until_ms)| {
+            (lease_token, until),
+            |tx, (lease_token, until)| {
                 Box::pin(async move {
-                    let params = [Param::Int(*until_ms), text(lease_token)];
+                    let params = [Param::from(*until), text(lease_token.as_str())];
                     tx.execute(EXTEND_LEASE, &params).await
                 })
             },
@@ -102,7 +103,7 @@ pub(crate) async fn extend_message_lease(
 /// copy, and an email opt-out for an address that bounced.
 pub(crate) async fn complete_messages(
     backend: &Backend,
-    now_ms: i64,
+    now: Timestamp,
     outcomes: Vec<MessageOutcome>,
 ) -> Result<()> {
     if outcomes.is_empty() {
@@ -111,18 +112,18 @@ pub(crate) async fn complete_messages(
     backend
         .write(
             "complete messages",
-            (now_ms, outcomes),
-            |tx, (now_ms, outcomes)| Box::pin(complete_on(tx, *now_ms, outcomes)),
+            (now, outcomes),
+            |tx, (now, outcomes)| Box::pin(complete_on(tx, *now, outcomes)),
         )
         .await
 }
 
-async fn complete_on(mut tx: Tx<'_>, now_ms: i64, outcomes: &[MessageOutcome]) -> Result<()> {
+async fn complete_on(mut tx: Tx<'_>, now: Timestamp, outcomes: &[MessageOutcome]) -> Result<()> {
     let written = under_current_lease(
         tx.at(),
         statement!(messages::MESSAGE_LEASES),
         outcomes,
-        |o| (o.message_id.as_str(), o.lease_token.as_str()),
+        |o| (o.message_id.as_str(), &o.lease_token),
         |o| tracing::warn!(message = %o.message_id, "message lease lost before delivery finished; outcome dropped"),
     )
     .await?;
@@ -131,15 +132,15 @@ async fn complete_on(mut tx: Tx<'_>, now_ms: i64, outcomes: &[MessageOutcome]) -
     }
     let rows: Vec<_> = written
         .iter()
-        .map(|o| (*o, outcome_columns(&o.result, now_ms)))
+        .map(|o| (*o, outcome_columns(&o.result, now)))
         .collect();
     let columns = [
         Column::texts(&rows, |(o, _)| Some(&o.message_id)),
         Column::texts(&rows, |(_, c)| Some(c.status.as_str())),
         Column::texts(&rows, |(_, c)| c.reason),
-        Column::ints(&rows, |(_, c)| c.due_ms),
+        Column::times(&rows, |(_, c)| c.due_ms),
         Column::texts(&rows, |(_, c)| c.provider_id),
-        Column::ints(&rows, |(_, c)| c.sent_ms),
+        Column::times(&rows, |(_, c)| c.sent_ms),
         Column::texts(&rows, |(o, _)| o.subject.as_deref()),
         Column::ints(&rows, |(o, _)| o.segments),
         Column::ints(&rows, |(_, c)| Some(i64::from(c.attempted))),
@@ -147,7 +148,7 @@ async fn complete_on(mut tx: Tx<'_>, now_ms: i64, outcomes: &[MessageOutcome]) -
     tx.at()
         .execute(
             statement!(messages::COMPLETE_MESSAGES),
-            &[Param::Rows(&columns), Param::Int(now_ms)],
+            &[Param::Rows(&columns), Param::from(now)],
         )
         .await?;
     let mailbox: Vec<&MailboxItem> = written.iter().filter_map(|o| o.mailbox.as_ref()).collect();
@@ -161,7 +162,7 @@ async fn complete_on(mut tx: Tx<'_>, now_ms: i64, outcomes: &[MessageOutcome]) -
         tx.at()
             .execute(
                 statement!(messages::OPT_OUT_BOUNCED),
-                &[Param::Int(now_ms), Param::Texts(&bounced)],
+                &[Param::from(now), Param::Texts(&bounced)],
             )
             .await?;
     }
@@ -190,7 +191,7 @@ async fn insert_mailbox(tx: Tx<'_>, items: &[&MailboxItem]) -> Result<()> {
         Column::texts(items.iter().copied(), |m| m.subject.as_deref()),
         Column::texts(items.iter().copied(), |m| m.text_body.as_deref()),
         Column::texts(items.iter().copied(), |m| m.html_body.as_deref()),
-        Column::ints(items.iter().copied(), |m| Some(m.created_ms)),
+        Column::times(items.iter().copied(), |m| Some(m.created_ms)),
     ];
     tx.execute(
         statement!(messages::INSERT_MAILBOX),

@@ -3,7 +3,7 @@
 use super::Backend;
 use super::sql::{Param, Statement, Tx, text};
 use crate::erasure::{AddressKey, Erased};
-use crate::{Channel, OptOutRow, Result, SuppressionRow};
+use crate::{Channel, OptOutRow, Result, SuppressionRow, Timestamp};
 
 pub(crate) const OPT_OUT: Statement = Statement::portable(
     "INSERT INTO opt_outs (contact_id, channel, source, at_ms) VALUES ($1, $2, $3, $4)
@@ -60,21 +60,21 @@ pub(crate) async fn set_opt_out(
     channel: Channel,
     opted_out: bool,
     source: String,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<bool> {
-    let args = (contact_id, channel, opted_out, source, now_ms);
+    let args = (contact_id, channel, opted_out, source, now);
     backend
         .write(
             "set an opt-out",
             args,
-            |tx, (contact_id, channel, opted_out, source, now_ms)| {
+            |tx, (contact_id, channel, opted_out, source, now)| {
                 Box::pin(async move {
                     let changed = if *opted_out {
                         let params = [
                             text(contact_id),
                             text(channel.as_str()),
                             text(source),
-                            Param::Int(*now_ms),
+                            Param::from(*now),
                         ];
                         tx.execute(OPT_OUT, &params).await?
                     } else {
@@ -95,14 +95,14 @@ pub(crate) async fn suppress_email_addresses(
     backend: &Backend,
     addresses: Vec<(String, String)>,
     key: Option<AddressKey>,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<Vec<String>> {
-    let args = (addresses, key, now_ms);
+    let args = (addresses, key, now);
     backend
         .write(
             "suppress addresses",
             args,
-            |mut tx, (addresses, key, now_ms)| {
+            |mut tx, (addresses, key, now)| {
                 Box::pin(async move {
                     let mut opted_out = Vec::new();
                     for (address, source) in addresses {
@@ -110,7 +110,7 @@ pub(crate) async fn suppress_email_addresses(
                             .at()
                             .fetch_scalars(CONTACTS_BY_EMAIL, &[text(address)])
                             .await?;
-                        let params = [Param::Texts(&ids), text(source), Param::Int(*now_ms)];
+                        let params = [Param::Texts(&ids), text(source), Param::from(*now)];
                         tx.at().execute(OPT_OUT_EMAILS, &params).await?;
                         if let Some(key) = key {
                             let hash = key.hash(Channel::Email, address);
@@ -118,7 +118,7 @@ pub(crate) async fn suppress_email_addresses(
                                 text(&hash),
                                 text(Channel::Email.as_str()),
                                 text(source),
-                                Param::Int(*now_ms),
+                                Param::from(*now),
                             ];
                             tx.at().execute(SUPPRESS_ADDRESS, &params).await?;
                         }
@@ -154,17 +154,13 @@ pub(crate) async fn erase_contact(
     backend: &Backend,
     contact_id: String,
     key: AddressKey,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<Option<Erased>> {
-    let args = (contact_id, key, now_ms);
+    let args = (contact_id, key, now);
     backend
-        .write(
-            "erase a contact",
-            args,
-            |mut tx, (contact_id, key, now_ms)| {
-                Box::pin(async move { erase(&mut tx, contact_id, key, *now_ms).await })
-            },
-        )
+        .write("erase a contact", args, |mut tx, (contact_id, key, now)| {
+            Box::pin(async move { erase(&mut tx, contact_id, key, *now).await })
+        })
         .await
 }
 
@@ -172,7 +168,7 @@ async fn erase(
     tx: &mut Tx<'_>,
     contact_id: &str,
     key: &AddressKey,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<Option<Erased>> {
     let Some(addresses) = tx
         .at()
@@ -194,7 +190,7 @@ async fn erase(
                 text(&hash),
                 text(channel.as_str()),
                 text(&source),
-                Param::Int(now_ms),
+                Param::from(now),
             ];
             erased.suppressed_addresses += tx.at().execute(SUPPRESS_ADDRESS, &params).await?;
         }

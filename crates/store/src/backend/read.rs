@@ -6,7 +6,7 @@ use super::sql::{Conn, Param, limit_param, statement};
 use crate::decode::parse_stored_event;
 use crate::{
     Channel, ContactEventRow, ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow,
-    MessageSource, QueueStats, Result, RunRow, StepRecord,
+    MessageSource, QueueStats, Result, RunRow, StepRecord, Timestamp,
 };
 use std::collections::HashMap;
 
@@ -14,7 +14,7 @@ fn text(s: &Option<String>) -> Param<'_> {
     Param::Text(s.as_deref())
 }
 
-pub(crate) async fn next_due_ms(conn: Conn<'_>) -> Result<Option<i64>> {
+pub(crate) async fn next_due(conn: Conn<'_>) -> Result<Option<Timestamp>> {
     conn.fetch_scalar(statement!(read::NEXT_DUE_MS), &[]).await
 }
 
@@ -153,8 +153,8 @@ pub(crate) async fn undispatched_count(conn: Conn<'_>) -> Result<i64> {
         .await
 }
 
-pub(crate) async fn queue_stats(conn: Conn<'_>, now_ms: i64) -> Result<QueueStats> {
-    conn.fetch_one(statement!(read::QUEUE_STATS), &[Param::Int(now_ms)])
+pub(crate) async fn queue_stats(conn: Conn<'_>, now: Timestamp) -> Result<QueueStats> {
+    conn.fetch_one(statement!(read::QUEUE_STATS), &[Param::from(now)])
         .await
 }
 

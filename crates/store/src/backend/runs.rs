@@ -6,8 +6,11 @@ use super::Backend;
 use super::leases::{claim, under_current_lease};
 use super::sql::{Column, Param, Tx, statement};
 use crate::decode::parse_stored_event;
-use crate::{ClaimedRun, ContactRow, Result, RunAdvance, RunState, RunWrite};
+use crate::{
+    ClaimedRun, ContactRow, LeaseToken, Result, RunAdvance, RunState, RunWrite, Timestamp,
+};
 use std::collections::HashSet;
+use std::time::Duration;
 
 #[derive(sqlx::FromRow)]
 struct ClaimedRunRow {
@@ -28,16 +31,16 @@ struct ClaimedRunRow {
 /// Leases up to `limit` due runs and reads what stepping them needs.
 pub(crate) async fn claim_runs(
     backend: &Backend,
-    now_ms: i64,
+    now: Timestamp,
     limit: i64,
-    lease_ms: i64,
+    lease: Duration,
 ) -> Result<Vec<ClaimedRun>> {
-    let (token, rows): (String, Vec<ClaimedRunRow>) = claim(
+    let (token, rows): (LeaseToken, Vec<ClaimedRunRow>) = claim(
         backend,
         "claim runs",
         statement!(runs::CLAIM_RUNS),
         super::sqlite::runs::CLAIMED_RUNS,
-        (now_ms, limit, lease_ms),
+        (now, limit, lease),
     )
     .await?;
     rows.into_iter()
@@ -62,27 +65,25 @@ pub(crate) async fn claim_runs(
 /// Writes advanced runs whose lease still holds, with their steps and messages.
 pub(crate) async fn finish_runs(
     backend: &Backend,
-    now_ms: i64,
+    now: Timestamp,
     advances: Vec<RunAdvance>,
 ) -> Result<()> {
     if advances.is_empty() {
         return Ok(());
     }
     backend
-        .write(
-            "finish runs",
-            (now_ms, advances),
-            |tx, (now_ms, advances)| Box::pin(finish_on(tx, *now_ms, advances)),
-        )
+        .write("finish runs", (now, advances), |tx, (now, advances)| {
+            Box::pin(finish_on(tx, *now, advances))
+        })
         .await
 }
 
-async fn finish_on(mut tx: Tx<'_>, now_ms: i64, advances: &[RunAdvance]) -> Result<()> {
+async fn finish_on(mut tx: Tx<'_>, now: Timestamp, advances: &[RunAdvance]) -> Result<()> {
     let written: Vec<&RunWrite> = under_current_lease(
         tx.at(),
         statement!(runs::RUN_LEASES),
         advances,
-        |a| (a.write.run_id.as_str(), a.lease_token.as_str()),
+        |a| (a.write.run_id.as_str(), &a.lease_token),
         |a| tracing::warn!(run = %a.write.run_id, "run lease lost before its step finished; result dropped"),
     )
     .await?
@@ -98,26 +99,26 @@ async fn finish_on(mut tx: Tx<'_>, now_ms: i64, advances: &[RunAdvance]) -> Resu
         Column::texts(written.iter().copied(), |w| w.reason.as_deref()),
         Column::ints(written.iter().copied(), |w| Some(w.pc)),
         Column::texts(written.iter().copied(), |w| w.wait_event.as_deref()),
-        Column::ints(written.iter().copied(), |w| w.due_ms),
-        Column::ints(written.iter().copied(), |w| ended_ms(w, now_ms)),
+        Column::times(written.iter().copied(), |w| w.due_ms),
+        Column::times(written.iter().copied(), |w| ended_at(w, now)),
     ];
     tx.at()
         .execute(
             statement!(runs::FINISH_RUNS),
-            &[Param::Rows(&columns), Param::Int(now_ms)],
+            &[Param::Rows(&columns), Param::from(now)],
         )
         .await?;
-    insert_run_effects(tx, &written, now_ms).await
+    insert_run_effects(tx, &written, now).await
 }
 
 /// When a write ends its run: now, unless it leaves the run live.
-fn ended_ms(w: &RunWrite, now_ms: i64) -> Option<i64> {
-    (!w.state.is_live()).then_some(now_ms)
+fn ended_at(w: &RunWrite, now: Timestamp) -> Option<Timestamp> {
+    (!w.state.is_live()).then_some(now)
 }
 
 /// Inserts new runs with their effects; a conflict on the one-live-run key means the contact is
 /// already in a live run of this workflow, and then nothing is written for that run.
-pub(crate) async fn insert_runs(mut tx: Tx<'_>, runs: &[RunWrite], now_ms: i64) -> Result<()> {
+pub(crate) async fn insert_runs(mut tx: Tx<'_>, runs: &[RunWrite], now: Timestamp) -> Result<()> {
     if runs.is_empty() {
         return Ok(());
     }
@@ -131,21 +132,21 @@ pub(crate) async fn insert_runs(mut tx: Tx<'_>, runs: &[RunWrite], now_ms: i64) 
         Column::texts(runs, |w| w.reason.as_deref()),
         Column::ints(runs, |w| Some(w.pc)),
         Column::texts(runs, |w| w.wait_event.as_deref()),
-        Column::ints(runs, |w| w.due_ms),
-        Column::ints(runs, |w| ended_ms(w, now_ms)),
+        Column::times(runs, |w| w.due_ms),
+        Column::times(runs, |w| ended_at(w, now)),
     ];
     let mut inserted: HashSet<String> = tx
         .at()
         .fetch_scalars(
             statement!(runs::INSERT_RUNS),
-            &[Param::Rows(&columns), Param::Int(now_ms)],
+            &[Param::Rows(&columns), Param::from(now)],
         )
         .await?
         .into_iter()
         .collect();
     // Of two writes with one run id only the first was inserted.
     let written: Vec<&RunWrite> = runs.iter().filter(|w| inserted.remove(&w.run_id)).collect();
-    insert_run_effects(tx, &written, now_ms).await
+    insert_run_effects(tx, &written, now).await
 }
 
 /// The steps and messages of written runs, in order: steps numbered after the run's last one,
@@ -153,7 +154,7 @@ pub(crate) async fn insert_runs(mut tx: Tx<'_>, runs: &[RunWrite], now_ms: i64) 
 pub(crate) async fn insert_run_effects(
     mut tx: Tx<'_>,
     runs: &[&RunWrite],
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<()> {
     let steps: Vec<_> = runs
         .iter()
@@ -165,7 +166,7 @@ pub(crate) async fn insert_run_effects(
             Column::texts(&steps, |(_, s)| Some(&s.step_id)),
             Column::texts(&steps, |(_, s)| Some(&s.kind)),
             Column::texts(&steps, |(_, s)| Some(&s.outcome)),
-            Column::ints(&steps, |(_, s)| Some(s.at_ms)),
+            Column::times(&steps, |(_, s)| Some(s.at_ms)),
         ];
         tx.at()
             .execute(statement!(runs::INSERT_RUN_STEPS), &[Param::Rows(&columns)])
@@ -188,12 +189,12 @@ pub(crate) async fn insert_run_effects(
             Column::texts(&messages, |(_, m)| Some(&m.header_message_id)),
             Column::texts(&messages, |(_, m)| Some(m.status.as_str())),
             Column::texts(&messages, |(_, m)| m.reason.as_deref()),
-            Column::ints(&messages, |(_, m)| m.due_ms),
+            Column::times(&messages, |(_, m)| m.due_ms),
         ];
         tx.at()
             .execute(
                 statement!(runs::INSERT_MESSAGES),
-                &[Param::Rows(&columns), Param::Int(now_ms)],
+                &[Param::Rows(&columns), Param::from(now)],
             )
             .await?;
     }

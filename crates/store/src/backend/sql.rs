@@ -2,7 +2,7 @@
 //! its text for each, typed parameters, and fetches that decode rows by column name (each type's
 //! `sqlx::FromRow`). The reads themselves are written once, in [`super::read`], over this.
 
-use crate::Result;
+use crate::{Result, Timestamp};
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{
@@ -161,6 +161,18 @@ pub(crate) enum Param<'a> {
     Rows(&'a [Column<'a>]),
 }
 
+impl From<Timestamp> for Param<'_> {
+    fn from(at: Timestamp) -> Self {
+        Self::Int(at.millis())
+    }
+}
+
+impl From<Option<Timestamp>> for Param<'_> {
+    fn from(at: Option<Timestamp>) -> Self {
+        Self::OptInt(at.map(Timestamp::millis))
+    }
+}
+
 /// One column of [`Param::Rows`].
 pub(crate) enum Column<'a> {
     Texts(Vec<Option<&'a str>>),
@@ -183,6 +195,19 @@ impl<'a> Column<'a> {
         f: impl Fn(&'a T) -> Option<i64>,
     ) -> Self {
         Self::Ints(items.into_iter().map(f).collect())
+    }
+
+    /// The time column of `items` that `f` reads.
+    pub(crate) fn times<T: 'a>(
+        items: impl IntoIterator<Item = &'a T>,
+        f: impl Fn(&'a T) -> Option<Timestamp>,
+    ) -> Self {
+        Self::Ints(
+            items
+                .into_iter()
+                .map(|i| f(i).map(Timestamp::millis))
+                .collect(),
+        )
     }
 
     fn len(&self) -> usize {

@@ -2,7 +2,7 @@
 
 use super::Backend;
 use super::sql::{Param, Statement, Tx, text};
-use crate::Result;
+use crate::{Result, Timestamp};
 
 const SAVE_VERSION: Statement = Statement::portable(
     "INSERT INTO workflow_versions (workflow_id, version, bundle, created_ms) VALUES ($1, $2, $3, $4)
@@ -38,7 +38,7 @@ const CANCEL_PARKED_MESSAGES: Statement = Statement::portable(
 pub(crate) async fn save_workflow_versions(
     backend: &Backend,
     versions: Vec<(String, String, String)>,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<()> {
     if versions.is_empty() {
         return Ok(());
@@ -46,11 +46,11 @@ pub(crate) async fn save_workflow_versions(
     backend
         .write(
             "save workflow versions",
-            (versions, now_ms),
-            |mut tx, (versions, now_ms)| {
+            (versions, now),
+            |mut tx, (versions, now)| {
                 Box::pin(async move {
                     for (id, version, bundle) in versions {
-                        let params = [text(id), text(version), text(bundle), Param::Int(*now_ms)];
+                        let params = [text(id), text(version), text(bundle), Param::from(*now)];
                         tx.at().execute(SAVE_VERSION, &params).await?;
                     }
                     Ok(())
@@ -66,19 +66,19 @@ pub(crate) async fn save_workflow_versions(
 pub(crate) async fn sync_workflow_states(
     backend: &Backend,
     states: Vec<(String, bool)>,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<Vec<(String, bool, u64)>> {
     backend
         .write(
             "sync workflow states",
-            (states, now_ms),
-            |mut tx, (states, now_ms)| {
+            (states, now),
+            |mut tx, (states, now)| {
                 Box::pin(async move {
                     let mut changed = Vec::new();
                     for (id, enabled) in states {
-                        let params = [text(id), Param::Bool(*enabled), Param::Int(*now_ms)];
+                        let params = [text(id), Param::Bool(*enabled), Param::from(*now)];
                         if tx.at().execute(SET_STATE, &params).await? > 0 {
-                            let runs = park_or_resume(&mut tx, id, !enabled, *now_ms).await?;
+                            let runs = park_or_resume(&mut tx, id, !enabled, *now).await?;
                             changed.push((id.clone(), *enabled, runs));
                         }
                     }
@@ -95,9 +95,9 @@ async fn park_or_resume(
     tx: &mut Tx<'_>,
     workflow_id: &str,
     parked: bool,
-    now_ms: i64,
+    now: Timestamp,
 ) -> Result<u64> {
-    let params = [Param::Int(now_ms), text(workflow_id)];
+    let params = [Param::from(now), text(workflow_id)];
     let statement = if parked { PARK_RUNS } else { RESUME_RUNS };
     let n = tx.at().execute(statement, &params).await?;
     if parked {

@@ -26,7 +26,7 @@ struct TestPlanner {
 }
 
 impl TestPlanner {
-    fn plan(&self, input: &DispatchInput, now_ms: i64) -> DispatchPlan {
+    fn plan(&self, input: &DispatchInput, now: Timestamp) -> DispatchPlan {
         let mut plan = DispatchPlan::default();
         for (seq, e) in &input.events {
             let contact = e.contact_id();
@@ -39,11 +39,11 @@ impl TestPlanner {
                         contact,
                         *seq,
                         RunState::Active,
-                        Some(now_ms + 60_000),
+                        Some(now + ms(60_000)),
                     );
                     run.pc = 1;
-                    run.steps = vec![step("welcome", "sent", now_ms)];
-                    run.messages = vec![queued_email(&format!("msg_{}", e.id), "welcome", now_ms)];
+                    run.steps = vec![step("welcome", "sent", now)];
+                    run.messages = vec![queued_email(&format!("msg_{}", e.id), "welcome", now)];
                     plan.new_runs.push(run);
                 }
                 "product_completed" => {
@@ -76,7 +76,7 @@ impl TestPlanner {
                         contact,
                         *seq,
                         RunState::WaitingEvent,
-                        Some(now_ms + 86_400_000),
+                        Some(now + ms(86_400_000)),
                     );
                     run.wait_event = Some("lesson_completed".into());
                     plan.new_runs.push(run);
@@ -85,7 +85,7 @@ impl TestPlanner {
             }
         }
         let copy = DispatchInput {
-            now_ms: input.now_ms,
+            now: input.now,
             events: input.events.clone(),
             live_runs: input.live_runs.clone(),
             counts: input.counts.clone(),
@@ -96,13 +96,13 @@ impl TestPlanner {
         plan
     }
 
-    async fn dispatch(&self, store: &Store, limit: i64, now_ms: i64) -> usize {
+    async fn dispatch(&self, store: &Store, limit: i64, now: Timestamp) -> usize {
         store
             .dispatch(DispatchRequest::new(
                 limit,
-                &|| now_ms,
-                86_400_000,
-                &|input: &DispatchInput| self.plan(input, now_ms),
+                &|| now,
+                Duration::from_secs(86_400),
+                &|input: &DispatchInput| self.plan(input, now),
             ))
             .await
             .expect("dispatch")
@@ -116,7 +116,7 @@ impl TestPlanner {
 async fn dispatch_applies_the_plan_in_one_go(db: &TestDb) {
     let s = &db.store;
     let planner = TestPlanner::default();
-    let now = T0 + 10_000;
+    let now = T0 + ms(10_000);
     accept(s, vec![granted("e1", "c1", T0), granted("e2", "c2", T0)]).await;
     assert_eq!(s.undispatched_count().await.unwrap(), 2);
     assert_eq!(planner.dispatch(s, 100, now).await, 2);
@@ -145,7 +145,7 @@ async fn dispatch_applies_the_plan_in_one_go(db: &TestDb) {
     );
     assert_eq!(
         (r1.state, r1.pc, r1.due_ms, r1.reason.as_deref()),
-        (RunState::Active, 1, Some(now + 60_000), None)
+        (RunState::Active, 1, Some(now + ms(60_000)), None)
     );
     assert_eq!(
         (r1.created_ms, r1.updated_ms, r1.ended_ms),
@@ -195,12 +195,12 @@ async fn dispatch_applies_the_plan_in_one_go(db: &TestDb) {
 async fn dispatch_keeps_one_live_run_per_workflow_and_contact(db: &TestDb) {
     let s = &db.store;
     let planner = TestPlanner::default();
-    let now = T0 + 10_000;
+    let now = T0 + ms(10_000);
     // Two grants of one contact in one batch: the planner plans two runs; the second is
     // silently not inserted, nor are its steps and messages.
     accept(
         s,
-        vec![granted("e1", "c1", T0), granted("e2", "c1", T0 + 1)],
+        vec![granted("e1", "c1", T0), granted("e2", "c1", T0 + ms(1))],
     )
     .await;
     assert_eq!(planner.dispatch(s, 100, now).await, 2);
@@ -221,8 +221,8 @@ async fn dispatch_keeps_one_live_run_per_workflow_and_contact(db: &TestDb) {
 
     // A later batch: the planner sees the live run and the counts; a second live run is still
     // refused by the key, while a refused (non-live) run may be stored beside it.
-    accept(s, vec![granted("e3", "c1", T0 + 2)]).await;
-    assert_eq!(planner.dispatch(s, 100, now + 1).await, 1);
+    accept(s, vec![granted("e3", "c1", T0 + ms(2))]).await;
+    assert_eq!(planner.dispatch(s, 100, now + ms(1)).await, 1);
     {
         let seen = planner.last();
         let input = seen.last().unwrap();
@@ -251,9 +251,9 @@ async fn dispatch_keeps_one_live_run_per_workflow_and_contact(db: &TestDb) {
 
     // Counts: refusals are not enrollments; `recent` counts from the window start.
     accept(s, vec![granted("e4", "c2", T0)]).await;
-    assert_eq!(planner.dispatch(s, 100, now + 86_400_000 + 5).await, 1);
-    accept(s, vec![granted("e5", "c1", T0 + 3)]).await;
-    assert_eq!(planner.dispatch(s, 100, now + 86_400_000 + 10).await, 1);
+    assert_eq!(planner.dispatch(s, 100, now + ms(86_400_005)).await, 1);
+    accept(s, vec![granted("e5", "c1", T0 + ms(3))]).await;
+    assert_eq!(planner.dispatch(s, 100, now + ms(86_400_010)).await, 1);
     let seen = planner.last();
     let counts = seen.last().unwrap().counts[&("c1".to_owned(), WELCOME.to_owned())];
     assert_eq!(
@@ -274,7 +274,7 @@ async fn dispatch_keeps_one_live_run_per_workflow_and_contact(db: &TestDb) {
 async fn dispatch_exits_and_resumes_runs(db: &TestDb) {
     let s = &db.store;
     let planner = TestPlanner::default();
-    let now = T0 + 10_000;
+    let now = T0 + ms(10_000);
     accept(
         s,
         vec![
@@ -287,21 +287,21 @@ async fn dispatch_exits_and_resumes_runs(db: &TestDb) {
     let waiting = run_row(s, "run_e2").await;
     assert_eq!(
         (waiting.state, waiting.due_ms),
-        (RunState::WaitingEvent, Some(now + 86_400_000))
+        (RunState::WaitingEvent, Some(now + ms(86_400_000)))
     );
 
     // The goal event exits the run; the awaited event resumes the other, due at once.
-    let later = now + 5_000;
+    let later = now + ms(5_000);
     accept(
         s,
         vec![
             new_event(
                 "e3",
                 "product_completed",
-                T0 + 1,
+                T0 + ms(1),
                 json!({"contact": {"id": "c1"}, "product": {"id": "p1"}}),
             ),
-            lesson_event("e4", "c2", json!({"id": "p1"}), T0 + 1),
+            lesson_event("e4", "c2", json!({"id": "p1"}), T0 + ms(1)),
         ],
     )
     .await;
@@ -345,7 +345,7 @@ async fn dispatch_exits_and_resumes_runs(db: &TestDb) {
         ),
         (RunState::Active, Some(later), later, None)
     );
-    let claimed = s.claim_runs(later, 10, 1_000).await.unwrap();
+    let claimed = s.claim_runs(later, 10, ms(1_000)).await.unwrap();
     assert_eq!(
         claimed
             .iter()
@@ -373,9 +373,14 @@ async fn dispatch_exits_and_resumes_runs(db: &TestDb) {
     };
     accept(s, vec![contact_event("e5", "c1", T0)]).await;
     assert_eq!(
-        s.dispatch(DispatchRequest::new(100, &|| later + 1, i64::MAX, &plan))
-            .await
-            .unwrap(),
+        s.dispatch(DispatchRequest::new(
+            100,
+            &|| later + ms(1),
+            Duration::MAX,
+            &plan
+        ))
+        .await
+        .unwrap(),
         1
     );
     let still = run_row(s, "run_e1").await;
@@ -385,8 +390,8 @@ async fn dispatch_exits_and_resumes_runs(db: &TestDb) {
     );
 
     // With the run ended, the contact may be enrolled again.
-    accept(s, vec![granted("e6", "c1", T0 + 2)]).await;
-    planner.dispatch(s, 100, later + 2).await;
+    accept(s, vec![granted("e6", "c1", T0 + ms(2))]).await;
+    planner.dispatch(s, 100, later + ms(2)).await;
     assert_eq!(run_row(s, "run_e6").await.state, RunState::Active);
 }
 
@@ -422,7 +427,7 @@ async fn dispatch_takes_events_in_order_up_to_the_limit(db: &TestDb) {
     let mut sizes = Vec::new();
     loop {
         let n = s
-            .dispatch(DispatchRequest::new(2, &|| T0, i64::MAX, &planner))
+            .dispatch(DispatchRequest::new(2, &|| T0, Duration::MAX, &planner))
             .await
             .unwrap();
         if n == 0 {
@@ -448,7 +453,7 @@ async fn concurrent_dispatchers_dispatch_each_event_once(db: &TestDb) {
         tasks.push(tokio::spawn(async move {
             let mut n = 0;
             loop {
-                let got = planner.dispatch(&store, 7, T0 + 10_000).await;
+                let got = planner.dispatch(&store, 7, T0 + ms(10_000)).await;
                 if got == 0 {
                     return n;
                 }
@@ -484,7 +489,7 @@ async fn dispatchers_take_turns_so_later_events_see_earlier_runs(db: &TestDb) {
         vec![new_event(
             "e2",
             "product_completed",
-            T0 + 1,
+            T0 + ms(1),
             json!({"contact": {"id": "c1"}, "product": {"id": "p1"}}),
         )],
     )
@@ -503,12 +508,17 @@ async fn dispatchers_take_turns_so_later_events_see_earlier_runs(db: &TestDb) {
                 .unwrap()
                 .recv_timeout(std::time::Duration::from_secs(10));
         }
-        TestPlanner::default().plan(input, T0 + 10)
+        TestPlanner::default().plan(input, T0 + ms(10))
     });
     let first_store = db.store.clone();
     let first = tokio::spawn(async move {
         first_store
-            .dispatch(DispatchRequest::new(1, &|| T0 + 10, i64::MAX, &*slow))
+            .dispatch(DispatchRequest::new(
+                1,
+                &|| T0 + ms(10),
+                Duration::MAX,
+                &*slow,
+            ))
             .await
             .expect("first dispatch")
     });
@@ -516,8 +526,11 @@ async fn dispatchers_take_turns_so_later_events_see_earlier_runs(db: &TestDb) {
         .await
         .expect("the first dispatcher reached its planner");
 
-    let second =
-        tokio::spawn(async move { TestPlanner::default().dispatch(&other, 10, T0 + 20).await });
+    let second = tokio::spawn(async move {
+        TestPlanner::default()
+            .dispatch(&other, 10, T0 + ms(20))
+            .await
+    });
     // Give the second dispatcher the chance to (wrongly) go ahead, then let the first finish.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     release_tx.send(()).unwrap();
@@ -540,7 +553,7 @@ async fn a_loop_spawned_beside_the_writer_dispatches_and_ends_with_its_handle(db
     let (handle, _) = db.store.spawn_writing(async move {
         let _ended = ended_tx;
         let n = store
-            .dispatch(DispatchRequest::new(10, &|| T0, 0, &no_plan))
+            .dispatch(DispatchRequest::new(10, &|| T0, Duration::ZERO, &no_plan))
             .await
             .unwrap();
         let thread = std::thread::current().name().map(str::to_owned);

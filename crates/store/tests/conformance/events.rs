@@ -44,7 +44,7 @@ async fn accept_events_deduplicates_by_source_and_id(db: &TestDb) {
         DispatchPlan::default()
     };
     assert_eq!(
-        s.dispatch(DispatchRequest::new(100, &|| T0, i64::MAX, &planner))
+        s.dispatch(DispatchRequest::new(100, &|| T0, Duration::MAX, &planner))
             .await
             .unwrap(),
         4

@@ -16,7 +16,7 @@ fn learner_link(
     contact: &str,
     message: Option<&str>,
     max_uses: Option<i64>,
-    expires_ms: Option<i64>,
+    expires_ms: Option<Timestamp>,
 ) -> NewLink {
     NewLink {
         token_hash: hash.into(),
@@ -46,7 +46,7 @@ fn learner(contact: &str) -> LinkHolder {
     }
 }
 
-fn session(id: &str, expires_ms: i64) -> NewSession {
+fn session(id: &str, expires_ms: Timestamp) -> NewSession {
     NewSession {
         id_hash: id.into(),
         expires_ms,
@@ -73,7 +73,7 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
     assert!(!s.has_active_offer("c2".into()).await.unwrap());
 
     s.mint_link(
-        learner_link("h1", "c1", Some("m1"), Some(1), Some(T0 + 1_000)),
+        learner_link("h1", "c1", Some("m1"), Some(1), Some(T0 + ms(1_000))),
         T0,
     )
     .await
@@ -94,28 +94,28 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
     let redeemed = s
         .redeem_link(
             "h1".into(),
-            T0 + 1,
-            session("s1", T0 + 5_000),
+            T0 + ms(1),
+            session("s1", T0 + ms(5_000)),
             SOURCE.into(),
         )
         .await
         .unwrap();
     assert_eq!(redeemed, Ok(learner("c1")));
     assert_eq!(
-        s.session("s1".into(), T0 + 2).await.unwrap(),
+        s.session("s1".into(), T0 + ms(2)).await.unwrap(),
         Some(learner("c1"))
     );
     assert_eq!(
-        s.session("s1".into(), T0 + 5_000).await.unwrap(),
+        s.session("s1".into(), T0 + ms(5_000)).await.unwrap(),
         None,
         "expired session"
     );
-    assert_eq!(s.session("other".into(), T0 + 2).await.unwrap(), None);
+    assert_eq!(s.session("other".into(), T0 + ms(2)).await.unwrap(), None);
     let logins = Mutex::new(Vec::new());
     s.dispatch(DispatchRequest::new(
         10,
         &|| T0,
-        i64::MAX,
+        Duration::MAX,
         &|input: &DispatchInput| {
             logins
                 .lock()
@@ -141,24 +141,24 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
     let again = s
         .redeem_link(
             "h1".into(),
-            T0 + 2,
-            session("s2", T0 + 5_000),
+            T0 + ms(2),
+            session("s2", T0 + ms(5_000)),
             SOURCE.into(),
         )
         .await
         .unwrap();
     assert_eq!(again, Err((LinkRefusal::UsedUp, Some("c1".into()))));
     assert_eq!(
-        s.check_link("h1".into(), T0 + 2).await.unwrap(),
+        s.check_link("h1".into(), T0 + ms(2)).await.unwrap(),
         Err((LinkRefusal::UsedUp, Some("c1".into())))
     );
-    assert_eq!(s.session("s2".into(), T0 + 3).await.unwrap(), None);
+    assert_eq!(s.session("s2".into(), T0 + ms(3)).await.unwrap(), None);
     assert_eq!(s.undispatched_count().await.unwrap(), 0);
     let unknown = s
         .redeem_link(
             "nope".into(),
-            T0 + 2,
-            session("s3", T0 + 5_000),
+            T0 + ms(2),
+            session("s3", T0 + ms(5_000)),
             SOURCE.into(),
         )
         .await
@@ -188,18 +188,18 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
     assert_eq!(s.link_audit(None, 1).await.unwrap().len(), 1);
 
     // Expired; not entitled (no active offer); unlimited uses.
-    s.mint_link(learner_link("h2", "c1", None, None, Some(T0 + 10)), T0)
+    s.mint_link(learner_link("h2", "c1", None, None, Some(T0 + ms(10))), T0)
         .await
         .unwrap();
     assert_eq!(
-        s.check_link("h2".into(), T0 + 9).await.unwrap(),
+        s.check_link("h2".into(), T0 + ms(9)).await.unwrap(),
         Ok(learner("c1"))
     );
     let expired = s
         .redeem_link(
             "h2".into(),
-            T0 + 10,
-            session("s4", T0 + 5_000),
+            T0 + ms(10),
+            session("s4", T0 + ms(5_000)),
             SOURCE.into(),
         )
         .await
@@ -213,7 +213,12 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
         Err((LinkRefusal::NotEntitled, Some("c2".into())))
     );
     let refused = s
-        .redeem_link("h3".into(), T0, session("s5", T0 + 5_000), SOURCE.into())
+        .redeem_link(
+            "h3".into(),
+            T0,
+            session("s5", T0 + ms(5_000)),
+            SOURCE.into(),
+        )
         .await
         .unwrap();
     assert_eq!(refused, Err((LinkRefusal::NotEntitled, Some("c2".into()))));
@@ -223,7 +228,7 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
     for i in 0..3 {
         let id = format!("s_many_{i}");
         assert_eq!(
-            s.redeem_link("h4".into(), T0, session(&id, T0 + 5_000), SOURCE.into())
+            s.redeem_link("h4".into(), T0, session(&id, T0 + ms(5_000)), SOURCE.into())
                 .await
                 .unwrap(),
             Ok(learner("c1"))
@@ -232,17 +237,17 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
 
     // Re-minting for the same message revokes that message's earlier link.
     s.mint_link(
-        learner_link("h1b", "c1", Some("m1"), Some(1), Some(T0 + 1_000)),
-        T0 + 3,
+        learner_link("h1b", "c1", Some("m1"), Some(1), Some(T0 + ms(1_000))),
+        T0 + ms(3),
     )
     .await
     .unwrap();
     assert_eq!(
-        s.check_link("h1".into(), T0 + 3).await.unwrap(),
+        s.check_link("h1".into(), T0 + ms(3)).await.unwrap(),
         Err((LinkRefusal::Revoked, Some("c1".into())))
     );
     assert_eq!(
-        s.check_link("h1b".into(), T0 + 3).await.unwrap(),
+        s.check_link("h1b".into(), T0 + ms(3)).await.unwrap(),
         Ok(learner("c1"))
     );
 
@@ -252,14 +257,14 @@ async fn magic_links_check_redeem_and_refuse(db: &TestDb) {
         vec![new_event(
             "r1",
             "offer_access_removed",
-            T0 + 1,
+            T0 + ms(1),
             json!({"contact": {"id": "c1"}, "offer": {"id": "o_pro"}}),
         )],
     )
     .await;
     project_all(s, T0).await;
     assert_eq!(
-        s.check_link("h4".into(), T0 + 4).await.unwrap(),
+        s.check_link("h4".into(), T0 + ms(4)).await.unwrap(),
         Err((LinkRefusal::NotEntitled, Some("c1".into())))
     );
 }
@@ -287,32 +292,37 @@ async fn magic_links_regenerate_sessions_and_site_values(db: &TestDb) {
     );
 
     // Regenerating a learner's link revokes all of theirs and nobody else's.
-    s.regenerate_link(learner_link("a3", "c1", None, None, None), None, T0 + 1)
+    s.regenerate_link(learner_link("a3", "c1", None, None, None), None, T0 + ms(1))
         .await
         .unwrap();
     for old in ["a1", "a2"] {
         assert_eq!(
-            s.check_link(old.into(), T0 + 2).await.unwrap(),
+            s.check_link(old.into(), T0 + ms(2)).await.unwrap(),
             Err((LinkRefusal::Revoked, Some("c1".into())))
         );
     }
     assert_eq!(
-        s.check_link("a3".into(), T0 + 2).await.unwrap(),
+        s.check_link("a3".into(), T0 + ms(2)).await.unwrap(),
         Ok(learner("c1"))
     );
     assert_eq!(
-        s.check_link("b1".into(), T0 + 2).await.unwrap(),
+        s.check_link("b1".into(), T0 + ms(2)).await.unwrap(),
         Ok(learner("c2"))
     );
     assert_eq!(
-        s.check_link("u1".into(), T0 + 2).await.unwrap(),
+        s.check_link("u1".into(), T0 + ms(2)).await.unwrap(),
         Ok(LinkHolder {
             kind: LinkKind::User,
             contact_id: None
         })
     );
     let revoked = s
-        .redeem_link("a1".into(), T0 + 2, session("x", T0 + 100), SOURCE.into())
+        .redeem_link(
+            "a1".into(),
+            T0 + ms(2),
+            session("x", T0 + ms(100)),
+            SOURCE.into(),
+        )
         .await
         .unwrap();
     assert_eq!(revoked, Err((LinkRefusal::Revoked, Some("c1".into()))));
@@ -321,7 +331,7 @@ async fn magic_links_regenerate_sessions_and_site_values(db: &TestDb) {
     s.regenerate_link(
         user_link("u2"),
         Some(("user_link_generation".into(), "2".into())),
-        T0 + 3,
+        T0 + ms(3),
     )
     .await
     .unwrap();
@@ -333,18 +343,18 @@ async fn magic_links_regenerate_sessions_and_site_values(db: &TestDb) {
         "the site value is written with the link"
     );
     assert_eq!(
-        s.check_link("u1".into(), T0 + 4).await.unwrap(),
+        s.check_link("u1".into(), T0 + ms(4)).await.unwrap(),
         Err((LinkRefusal::Revoked, None))
     );
     assert_eq!(
-        s.check_link("a3".into(), T0 + 4).await.unwrap(),
+        s.check_link("a3".into(), T0 + ms(4)).await.unwrap(),
         Ok(learner("c1"))
     );
     let staff = s
         .redeem_link(
             "u2".into(),
-            T0 + 4,
-            session("staff", T0 + 100),
+            T0 + ms(4),
+            session("staff", T0 + ms(100)),
             SOURCE.into(),
         )
         .await
@@ -358,15 +368,15 @@ async fn magic_links_regenerate_sessions_and_site_values(db: &TestDb) {
     );
     assert_eq!(s.undispatched_count().await.unwrap(), 0);
     assert_eq!(
-        s.session("staff".into(), T0 + 5).await.unwrap(),
+        s.session("staff".into(), T0 + ms(5)).await.unwrap(),
         Some(LinkHolder {
             kind: LinkKind::User,
             contact_id: None
         })
     );
-    s.end_session("staff".into(), T0 + 6).await.unwrap();
-    assert_eq!(s.session("staff".into(), T0 + 7).await.unwrap(), None);
-    s.end_session("staff".into(), T0 + 8).await.unwrap();
+    s.end_session("staff".into(), T0 + ms(6)).await.unwrap();
+    assert_eq!(s.session("staff".into(), T0 + ms(7)).await.unwrap(), None);
+    s.end_session("staff".into(), T0 + ms(8)).await.unwrap();
 
     // Site values: created once with the default, then only set explicitly.
     assert_eq!(
@@ -397,24 +407,25 @@ async fn magic_links_regenerate_sessions_and_site_values(db: &TestDb) {
 async fn link_resends_are_rate_limited(db: &TestDb) {
     let s = &db.store;
     // At most 2 per short window and 3 per day.
-    let allow =
-        |now: i64, short_since: i64| s.allow_link_resend("c1".into(), now, short_since, 2, T0, 3);
-    assert!(allow(T0 + 100, T0).await.unwrap());
-    assert!(allow(T0 + 101, T0).await.unwrap());
+    let allow = |now: Timestamp, short_since: Timestamp| {
+        s.allow_link_resend("c1".into(), now, short_since, 2, T0, 3)
+    };
+    assert!(allow(T0 + ms(100), T0).await.unwrap());
+    assert!(allow(T0 + ms(101), T0).await.unwrap());
     assert!(
-        !allow(T0 + 102, T0).await.unwrap(),
+        !allow(T0 + ms(102), T0).await.unwrap(),
         "third in the short window"
     );
     assert!(
-        allow(T0 + 300, T0 + 200).await.unwrap(),
+        allow(T0 + ms(300), T0 + ms(200)).await.unwrap(),
         "a new short window"
     );
     assert!(
-        !allow(T0 + 301, T0 + 301).await.unwrap(),
+        !allow(T0 + ms(301), T0 + ms(301)).await.unwrap(),
         "the day's budget is spent"
     );
     assert!(
-        s.allow_link_resend("c2".into(), T0 + 302, T0, 2, T0, 3)
+        s.allow_link_resend("c2".into(), T0 + ms(302), T0, 2, T0, 3)
             .await
             .unwrap(),
         "per contact"
@@ -444,7 +455,7 @@ async fn link_resends_are_rate_limited(db: &TestDb) {
         let store = if k % 2 == 0 { s.clone() } else { other.clone() };
         tasks.push(tokio::spawn(async move {
             store
-                .allow_link_resend("c3".into(), T0 + 500, T0, 3, T0, 10)
+                .allow_link_resend("c3".into(), T0 + ms(500), T0, 3, T0, 10)
                 .await
                 .unwrap()
         }));
@@ -494,7 +505,7 @@ async fn portal_products_follow_active_grants(db: &TestDb) {
             new_event(
                 "pr2",
                 "product_access_removed",
-                T0 + 1,
+                T0 + ms(1),
                 json!({"contact": {"id": "c1"}, "product": {"id": "p_d"}}),
             ),
             offer_event(
@@ -506,7 +517,7 @@ async fn portal_products_follow_active_grants(db: &TestDb) {
             new_event(
                 "o2r",
                 "offer_access_removed",
-                T0 + 1,
+                T0 + ms(1),
                 json!({"contact": {"id": "c2"}, "offer": {"id": "o_other"}}),
             ),
         ],

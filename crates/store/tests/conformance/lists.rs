@@ -14,16 +14,16 @@ conformance! {
 async fn mailbox_lists_newest_first(db: &TestDb) {
     let s = &db.store;
     assert!(s.mailbox(10).await.unwrap().is_empty());
-    let mut sms = mail("b", T0 + 5);
+    let mut sms = mail("b", T0 + ms(5));
     sms.channel = Channel::Sms;
     sms.subject = None;
     sms.html_body = None;
     sms.sender = None;
     sms.message_id = None;
-    s.add_to_mailbox(mail("a", T0 + 5)).await.unwrap();
+    s.add_to_mailbox(mail("a", T0 + ms(5))).await.unwrap();
     s.add_to_mailbox(sms.clone()).await.unwrap();
-    s.add_to_mailbox(mail("c", T0 + 1)).await.unwrap();
-    s.add_to_mailbox(mail("d", T0 + 9)).await.unwrap();
+    s.add_to_mailbox(mail("c", T0 + ms(1))).await.unwrap();
+    s.add_to_mailbox(mail("d", T0 + ms(9))).await.unwrap();
     // The same id again changes nothing.
     s.add_to_mailbox(mail("d", T0)).await.unwrap();
     let ids = |items: Vec<MailboxItem>| items.into_iter().map(|m| m.id).collect::<Vec<_>>();
@@ -39,10 +39,10 @@ async fn mailbox_lists_newest_first(db: &TestDb) {
     let mut run = run_write("r1", "wf", "c1", 0, RunState::Completed, None);
     run.messages = vec![queued_email("m1", "s", T0)];
     seed_runs(s, vec![run], T0).await;
-    let claimed = s.claim_messages(T0, 1, 100).await.unwrap();
+    let claimed = s.claim_messages(T0, 1, ms(100)).await.unwrap();
     let mut done = outcome(&claimed[0], DeliveryResult::Sent { provider_id: None });
-    done.mailbox = Some(mail("e", T0 + 20));
-    s.complete_messages(T0 + 20, vec![done]).await.unwrap();
+    done.mailbox = Some(mail("e", T0 + ms(20)));
+    s.complete_messages(T0 + ms(20), vec![done]).await.unwrap();
     assert_eq!(ids(s.mailbox(1).await.unwrap()), ["e"]);
 }
 
@@ -62,11 +62,11 @@ async fn list_filters_and_cursor_pagination(db: &TestDb) {
             // One live run per workflow and contact: make the others distinct workflows.
             r.workflow_id = format!("{workflow}{i}");
         }
-        r.messages = vec![queued_email(&format!("msg_{i}"), "s", T0 + i)];
+        r.messages = vec![queued_email(&format!("msg_{i}"), "s", T0 + ms(i))];
         runs.push(r);
     }
     seed_runs(s, runs, T0).await;
-    let claimed = s.claim_messages(T0, 1, 100).await.unwrap();
+    let claimed = s.claim_messages(T0, 1, ms(100)).await.unwrap();
     assert_eq!(claimed[0].id, "msg_0");
     s.complete_messages(
         T0,
@@ -229,24 +229,31 @@ async fn queue_stats_count_due_work(db: &TestDb) {
         s.queue_stats(T0).await.unwrap(),
         herald_store::QueueStats::default()
     );
-    let mut run = run_write("r1", "wf", "c1", 0, RunState::Active, Some(T0 + 50));
+    let mut run = run_write("r1", "wf", "c1", 0, RunState::Active, Some(T0 + ms(50)));
     run.messages = vec![
-        queued_email("m1", "s1", T0 + 20),
-        queued_email("m2", "s2", T0 + 500),
+        queued_email("m1", "s1", T0 + ms(20)),
+        queued_email("m2", "s2", T0 + ms(500)),
     ];
     seed_runs(
         s,
         vec![
             run,
-            run_write("r2", "wf2", "c1", 0, RunState::WaitingEvent, Some(T0 + 30)),
+            run_write(
+                "r2",
+                "wf2",
+                "c1",
+                0,
+                RunState::WaitingEvent,
+                Some(T0 + ms(30)),
+            ),
             run_write("r3", "wf3", "c1", 0, RunState::Parked, Some(T0)),
-            run_write("r4", "wf4", "c1", 0, RunState::Active, Some(T0 + 900)),
+            run_write("r4", "wf4", "c1", 0, RunState::Active, Some(T0 + ms(900))),
         ],
         T0,
     )
     .await;
     accept(s, vec![contact_event("pending", "c9", T0)]).await;
-    let stats = s.queue_stats(T0 + 100).await.unwrap();
+    let stats = s.queue_stats(T0 + ms(100)).await.unwrap();
     let received_ms = stats.oldest_event_ms;
     assert!(received_ms.is_some(), "the pending event's receipt time");
     assert_eq!(
@@ -256,12 +263,12 @@ async fn queue_stats_count_due_work(db: &TestDb) {
             due_runs: 2,
             due_messages: 1,
             oldest_event_ms: received_ms,
-            oldest_run_due_ms: Some(T0 + 30),
-            oldest_message_due_ms: Some(T0 + 20),
+            oldest_run_due_ms: Some(T0 + ms(30)),
+            oldest_message_due_ms: Some(T0 + ms(20)),
         }
     );
-    assert_eq!(stats.oldest_job_due_ms(), Some(T0 + 20));
-    let stats = s.queue_stats(T0 + 10).await.unwrap();
+    assert_eq!(stats.oldest_job_due_ms(), Some(T0 + ms(20)));
+    let stats = s.queue_stats(T0 + ms(10)).await.unwrap();
     assert_eq!(
         (
             stats.due_runs,
@@ -277,7 +284,7 @@ async fn runs_list_every_step_of_every_run(db: &TestDb) {
     // Step ids that sort against their order, so only `seq` can put them right.
     let steps_of = |i: usize| -> Vec<StepRecord> {
         (0..i % 5)
-            .map(|n| step(&format!("s{}", 9 - n), "ok", T0 + n as i64))
+            .map(|n| step(&format!("s{}", 9 - n), "ok", T0 + ms(n as u64)))
             .collect()
     };
     let runs = (0..40)
@@ -338,8 +345,8 @@ async fn a_negative_limit_means_no_limit(db: &TestDb) {
     accept(
         s,
         vec![
-            contact_event("e1", "c0", T0 + 1),
-            contact_event("e2", "c0", T0 + 2),
+            contact_event("e1", "c0", T0 + ms(1)),
+            contact_event("e2", "c0", T0 + ms(2)),
         ],
     )
     .await;

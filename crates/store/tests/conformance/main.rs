@@ -9,10 +9,11 @@ use herald_core::CourseEvent;
 use herald_store::{
     Accepted, Channel, DeliveryResult, DispatchInput, DispatchPlan, DispatchRequest, ListFilter,
     MailboxItem, MessageOutcome, MessageStatus, NewEvent, NewMessage, RunState, RunWrite,
-    StepRecord, Store,
+    StepRecord, Store, Timestamp,
 };
 use serde_json::{Value, json};
 use std::sync::Mutex;
+use std::time::Duration;
 use support::TestDb;
 
 /// Generates, for each listed test function `async fn name(db: &TestDb)`, one test per backend.
@@ -55,39 +56,38 @@ mod workflows;
 
 /// A fixed instant (2023-11-14T22:13:20Z) all test times count from; the store never reads the
 /// clock, so tests pass times explicitly.
-const T0: i64 = 1_700_000_000_000;
+const T0: Timestamp = Timestamp::from_millis(1_700_000_000_000);
 const SOURCE: &str = "https://school.example.com";
 
-fn rfc3339(ms: i64) -> String {
-    chrono::DateTime::from_timestamp_millis(ms)
-        .unwrap()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+/// A span of `n` milliseconds, the unit tests count in.
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
 }
 
-/// A course event of type `ty` (trigger name) at `time_ms`, with `data` as the platform sends it.
-fn course_event(id: &str, ty: &str, time_ms: i64, data: Value) -> CourseEvent {
+/// A course event of type `ty` (trigger name) at `time`, with `data` as the platform sends it.
+fn course_event(id: &str, ty: &str, time: Timestamp, data: Value) -> CourseEvent {
     let envelope = json!({
         "specversion": "1.0", "id": id, "source": SOURCE, "type": format!("course.{ty}"),
-        "time": rfc3339(time_ms), "data": data,
+        "time": time.to_string(), "data": data,
     });
     herald_core::event::parse_event(0, envelope, chrono::DateTime::UNIX_EPOCH)
         .expect("a valid test event")
 }
 
-fn new_event(id: &str, ty: &str, time_ms: i64, data: Value) -> NewEvent {
+fn new_event(id: &str, ty: &str, time: Timestamp, data: Value) -> NewEvent {
     NewEvent {
-        event: course_event(id, ty, time_ms, data),
+        event: course_event(id, ty, time, data),
         received_ms: T0,
     }
 }
 
 /// A `new_signup` of `contact` with the given contact details.
-fn signup(id: &str, contact: Value, time_ms: i64) -> NewEvent {
-    new_event(id, "new_signup", time_ms, json!({ "contact": contact }))
+fn signup(id: &str, contact: Value, time: Timestamp) -> NewEvent {
+    new_event(id, "new_signup", time, json!({ "contact": contact }))
 }
 
-fn contact_event(id: &str, contact: &str, time_ms: i64) -> NewEvent {
-    signup(id, json!({ "id": contact }), time_ms)
+fn contact_event(id: &str, contact: &str, time: Timestamp) -> NewEvent {
+    signup(id, json!({ "id": contact }), time)
 }
 
 async fn accept(store: &Store, events: Vec<NewEvent>) -> Vec<Accepted> {
@@ -99,9 +99,9 @@ fn no_plan(_: &DispatchInput) -> DispatchPlan {
 }
 
 /// Dispatches everything undispatched with a planner that plans nothing (projection only).
-async fn project_all(store: &Store, now_ms: i64) {
+async fn project_all(store: &Store, now: Timestamp) {
     while store
-        .dispatch(DispatchRequest::new(100, &|| now_ms, i64::MAX, &no_plan))
+        .dispatch(DispatchRequest::new(100, &|| now, Duration::MAX, &no_plan))
         .await
         .expect("dispatch")
         > 0
@@ -116,7 +116,7 @@ fn run_write(
     contact: &str,
     event_seq: i64,
     state: RunState,
-    due_ms: Option<i64>,
+    due_ms: Option<Timestamp>,
 ) -> RunWrite {
     RunWrite {
         run_id: run_id.into(),
@@ -134,7 +134,7 @@ fn run_write(
     }
 }
 
-fn step(step_id: &str, outcome: &str, at_ms: i64) -> StepRecord {
+fn step(step_id: &str, outcome: &str, at_ms: Timestamp) -> StepRecord {
     StepRecord {
         step_id: step_id.into(),
         kind: "send_email".into(),
@@ -143,7 +143,7 @@ fn step(step_id: &str, outcome: &str, at_ms: i64) -> StepRecord {
     }
 }
 
-fn queued_email(id: &str, step_id: &str, due_ms: i64) -> NewMessage {
+fn queued_email(id: &str, step_id: &str, due_ms: Timestamp) -> NewMessage {
     NewMessage {
         id: id.into(),
         step_id: step_id.into(),
@@ -159,7 +159,7 @@ fn queued_email(id: &str, step_id: &str, due_ms: i64) -> NewMessage {
 
 /// Stores one event per entry of `runs` and dispatches them with a planner that creates exactly
 /// those runs (each pinned to its own event). Returns after everything is dispatched.
-async fn seed_runs(store: &Store, runs: Vec<RunWrite>, now_ms: i64) {
+async fn seed_runs(store: &Store, runs: Vec<RunWrite>, now: Timestamp) {
     let events: Vec<NewEvent> = runs
         .iter()
         .map(|r| contact_event(&format!("seed-{}", r.run_id), &r.contact_id, T0))
@@ -181,7 +181,7 @@ async fn seed_runs(store: &Store, runs: Vec<RunWrite>, now_ms: i64) {
         plan
     };
     while store
-        .dispatch(DispatchRequest::new(100, &|| now_ms, i64::MAX, &planner))
+        .dispatch(DispatchRequest::new(100, &|| now, Duration::MAX, &planner))
         .await
         .expect("dispatch")
         > 0
@@ -225,26 +225,26 @@ fn strings(rows: Vec<Vec<Option<String>>>) -> Vec<Vec<String>> {
         .collect()
 }
 
-fn lesson_event(id: &str, contact: &str, product: Value, time_ms: i64) -> NewEvent {
+fn lesson_event(id: &str, contact: &str, product: Value, time: Timestamp) -> NewEvent {
     new_event(
         id,
         "lesson_completed",
-        time_ms,
+        time,
         json!({"contact": {"id": contact}, "product": product, "lesson": {"id": "l1"}}),
     )
 }
 
-fn offer_event(id: &str, contact: &str, offer: Value, time_ms: i64) -> NewEvent {
+fn offer_event(id: &str, contact: &str, offer: Value, time: Timestamp) -> NewEvent {
     new_event(
         id,
         "offer_access_granted",
-        time_ms,
+        time,
         json!({"contact": {"id": contact}, "offer": offer}),
     )
 }
 
-fn granted(id: &str, contact: &str, time_ms: i64) -> NewEvent {
-    offer_event(id, contact, json!({"id": "o_pro"}), time_ms)
+fn granted(id: &str, contact: &str, time: Timestamp) -> NewEvent {
+    offer_event(id, contact, json!({"id": "o_pro"}), time)
 }
 
 fn outcome(m: &herald_store::ClaimedMessage, result: DeliveryResult) -> MessageOutcome {
@@ -258,7 +258,7 @@ fn outcome(m: &herald_store::ClaimedMessage, result: DeliveryResult) -> MessageO
     }
 }
 
-fn mail(id: &str, created_ms: i64) -> MailboxItem {
+fn mail(id: &str, created_ms: Timestamp) -> MailboxItem {
     MailboxItem {
         id: id.into(),
         message_id: Some(format!("<{id}@herald.test>")),
@@ -274,8 +274,8 @@ fn mail(id: &str, created_ms: i64) -> MailboxItem {
 
 /// Records a workflow's enabled state; returns how many runs that parked or resumed (none when
 /// the stored state was already that).
-async fn set_enabled(s: &Store, workflow_id: &str, enabled: bool, now_ms: i64) -> u64 {
-    s.sync_workflow_states(vec![(workflow_id.into(), enabled)], now_ms)
+async fn set_enabled(s: &Store, workflow_id: &str, enabled: bool, now: Timestamp) -> u64 {
+    s.sync_workflow_states(vec![(workflow_id.into(), enabled)], now)
         .await
         .unwrap()
         .first()

@@ -2,7 +2,7 @@
 //! and step.
 
 use super::*;
-use herald_store::RunAdvance;
+use herald_store::{LeaseToken, RunAdvance};
 
 conformance! {
     claim_and_complete_messages_for_every_result,
@@ -36,9 +36,15 @@ async fn claim_and_complete_messages_for_every_result(db: &TestDb) {
     run.messages = ["sent", "retry", "failed", "skipped", "suppressed"]
         .iter()
         .enumerate()
-        .map(|(i, name)| queued_email(&format!("m_{name}"), &format!("step_{name}"), T0 + i as i64))
+        .map(|(i, name)| {
+            queued_email(
+                &format!("m_{name}"),
+                &format!("step_{name}"),
+                T0 + ms(i as u64),
+            )
+        })
         .collect();
-    let mut sms = queued_email("m_later", "step_later", T0 + 5_000);
+    let mut sms = queued_email("m_later", "step_later", T0 + ms(5_000));
     sms.channel = Channel::Sms;
     sms.recipient = Some("+15551234567".into());
     run.messages.push(sms);
@@ -50,24 +56,24 @@ async fn claim_and_complete_messages_for_every_result(db: &TestDb) {
     seed_runs(s, vec![run], T0).await;
 
     assert!(
-        s.claim_messages(T0 - 1, 10, 1_000)
+        s.claim_messages(T0 - ms(1), 10, ms(1_000))
             .await
             .unwrap()
             .is_empty()
     );
     // The earliest due first (the order within one claim is unspecified).
-    let first = s.claim_messages(T0 + 100, 3, 1_000).await.unwrap();
+    let first = s.claim_messages(T0 + ms(100), 3, ms(1_000)).await.unwrap();
     assert_eq!(
         sorted(first.iter().map(|m| m.id.as_str())),
         ["m_failed", "m_retry", "m_sent"]
     );
-    let rest = s.claim_messages(T0 + 100, 10, 1_000).await.unwrap();
+    let rest = s.claim_messages(T0 + ms(100), 10, ms(1_000)).await.unwrap();
     assert_eq!(
         sorted(rest.iter().map(|m| m.id.as_str())),
         ["m_skipped", "m_suppressed"]
     );
     assert!(
-        s.claim_messages(T0 + 100, 10, 1_000)
+        s.claim_messages(T0 + ms(100), 10, ms(1_000))
             .await
             .unwrap()
             .is_empty(),
@@ -104,7 +110,7 @@ async fn claim_and_complete_messages_for_every_result(db: &TestDb) {
         ("seed-r1", "c1", Some("+15551234567"))
     );
 
-    let now = T0 + 200;
+    let now = T0 + ms(200);
     let by_id = |id: &str| {
         first
             .iter()
@@ -121,7 +127,7 @@ async fn claim_and_complete_messages_for_every_result(db: &TestDb) {
     );
     sent.mailbox = Some(mail("mb1", now));
     let stale = MessageOutcome {
-        lease_token: "not-the-lease".into(),
+        lease_token: LeaseToken::from("not-the-lease".to_owned()),
         ..outcome(
             &by_id("m_failed"),
             DeliveryResult::Sent { provider_id: None },
@@ -135,7 +141,7 @@ async fn claim_and_complete_messages_for_every_result(db: &TestDb) {
             outcome(
                 &by_id("m_retry"),
                 DeliveryResult::Retry {
-                    due_ms: T0 + 60_000,
+                    due_ms: T0 + ms(60_000),
                     reason: "421 try later".into(),
                 },
             ),
@@ -182,7 +188,7 @@ async fn claim_and_complete_messages_for_every_result(db: &TestDb) {
         (
             MessageStatus::Queued,
             Some("421 try later"),
-            Some(T0 + 60_000),
+            Some(T0 + ms(60_000)),
             1
         )
     );
@@ -213,7 +219,7 @@ async fn claim_and_complete_messages_for_every_result(db: &TestDb) {
 
     // The retry is queued again: claimable at its due time, with the attempt counted.
     assert_eq!(
-        s.claim_messages(T0 + 59_999, 10, 1_000)
+        s.claim_messages(T0 + ms(59_999), 10, ms(1_000))
             .await
             .unwrap()
             .iter()
@@ -221,7 +227,10 @@ async fn claim_and_complete_messages_for_every_result(db: &TestDb) {
             .collect::<Vec<_>>(),
         ["m_later"]
     );
-    let retry = s.claim_messages(T0 + 60_000, 10, 1_000).await.unwrap();
+    let retry = s
+        .claim_messages(T0 + ms(60_000), 10, ms(1_000))
+        .await
+        .unwrap();
     assert_eq!(
         retry
             .iter()
@@ -232,19 +241,24 @@ async fn claim_and_complete_messages_for_every_result(db: &TestDb) {
     // A completion without a subject or provider id keeps the recorded ones.
     let mut done = outcome(&retry[0], DeliveryResult::Sent { provider_id: None });
     done.subject = None;
-    s.complete_messages(T0 + 60_001, vec![done]).await.unwrap();
+    s.complete_messages(T0 + ms(60_001), vec![done])
+        .await
+        .unwrap();
     let m = message_row(s, "m_retry").await;
     assert_eq!(
         (m.status, m.attempts, m.sent_ms, m.subject.as_deref()),
         (
             MessageStatus::Sent,
             2,
-            Some(T0 + 60_001),
+            Some(T0 + ms(60_001)),
             Some("Subject m_retry")
         )
     );
     // Completed messages are never claimed again, whatever the time.
-    let later = s.claim_messages(T0 + 10_000_000, 10, 1_000).await.unwrap();
+    let later = s
+        .claim_messages(T0 + ms(10_000_000), 10, ms(1_000))
+        .await
+        .unwrap();
     assert_eq!(
         later.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
         ["m_later"],
@@ -266,14 +280,14 @@ async fn one_message_per_run_and_step(db: &TestDb) {
     assert_eq!(ids(s.messages(all()).await.unwrap()), ["m1"]);
 
     // Re-running the step after a lost lease makes no second message either.
-    let claimed = s.claim_runs(T0, 1, 100).await.unwrap();
+    let claimed = s.claim_runs(T0, 1, ms(100)).await.unwrap();
     let mut w = run_write("r1", "wf", "c1", 0, RunState::Completed, None);
     w.messages = vec![
         queued_email("m3", "send", T0),
         queued_email("m4", "other", T0),
     ];
     s.finish_runs(
-        T0 + 1,
+        T0 + ms(1),
         vec![RunAdvance {
             lease_token: claimed[0].lease_token.clone(),
             write: w,

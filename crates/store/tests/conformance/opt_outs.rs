@@ -26,7 +26,7 @@ async fn opt_outs_are_kept_per_channel_and_shown_to_claims(db: &TestDb) {
             Channel::Email,
             true,
             "one_click".into(),
-            T0 + 1
+            T0 + ms(1)
         )
         .await
         .unwrap(),
@@ -38,7 +38,7 @@ async fn opt_outs_are_kept_per_channel_and_shown_to_claims(db: &TestDb) {
             Channel::Sms,
             true,
             "sms_keyword".into(),
-            T0 + 2
+            T0 + ms(2)
         )
         .await
         .unwrap()
@@ -52,7 +52,7 @@ async fn opt_outs_are_kept_per_channel_and_shown_to_claims(db: &TestDb) {
         s.opt_outs("c1".into()).await.unwrap(),
         [
             out(Channel::Email, "unsubscribe_link", T0),
-            out(Channel::Sms, "sms_keyword", T0 + 2)
+            out(Channel::Sms, "sms_keyword", T0 + ms(2))
         ]
     );
     assert!(s.opt_outs("c2".into()).await.unwrap().is_empty());
@@ -71,7 +71,7 @@ async fn opt_outs_are_kept_per_channel_and_shown_to_claims(db: &TestDb) {
             Channel::Sms,
             false,
             "resubscribe".into(),
-            T0 + 3
+            T0 + ms(3)
         )
         .await
         .unwrap()
@@ -82,13 +82,13 @@ async fn opt_outs_are_kept_per_channel_and_shown_to_claims(db: &TestDb) {
             Channel::Sms,
             false,
             "resubscribe".into(),
-            T0 + 4
+            T0 + ms(4)
         )
         .await
         .unwrap(),
         "already in"
     );
-    let claimed = s.claim_messages(T0 + 10, 10, 100).await.unwrap();
+    let claimed = s.claim_messages(T0 + ms(10), 10, ms(100)).await.unwrap();
     let mut flags: Vec<(&str, bool)> = claimed
         .iter()
         .map(|m| (m.id.as_str(), m.opted_out))

@@ -21,14 +21,14 @@ async fn contact_details_latest_event_wins_and_older_fills_gaps(db: &TestDb) {
             &format!("{c}-1"),
             json!({"id": c, "email": "a@example.com", "first_name": "Ann", "locale": "de-DE",
                                           "custom_fields": {"company": "Acme"}}),
-            T0 + 2_000,
+            T0 + ms(2_000),
         )
     };
     let second = |c: &str| {
         signup(
             &format!("{c}-2"),
             json!({"id": c, "email": "b@example.com"}),
-            T0 + 3_000,
+            T0 + ms(3_000),
         )
     };
     // Older than both, arriving last: overwrites nothing, fills what is missing.
@@ -38,7 +38,7 @@ async fn contact_details_latest_event_wins_and_older_fills_gaps(db: &TestDb) {
             json!({"id": c, "email": "old@example.com", "first_name": "Old",
                                           "phone": "+15551234567", "last_name": "Lee", "timezone": "Europe/Berlin", "locale": "fr-FR",
                                           "custom_fields": {"company": "Old Co"}}),
-            T0 + 1_000,
+            T0 + ms(1_000),
         )
     };
     let expected = |c: &str| herald_store::ContactRow {
@@ -76,7 +76,7 @@ async fn contact_details_latest_event_wins_and_older_fills_gaps(db: &TestDb) {
         vec![signup(
             "c1-4",
             json!({"id": "c1", "first_name": "Anna"}),
-            T0 + 3_000,
+            T0 + ms(3_000),
         )],
     )
     .await;
@@ -90,18 +90,18 @@ async fn contact_details_latest_event_wins_and_older_fills_gaps(db: &TestDb) {
     assert_eq!(s.contact("nobody".into()).await.unwrap(), None);
 }
 
-fn grant_event(id: &str, ty: &str, contact: &str, item: &str, time_ms: i64) -> NewEvent {
+fn grant_event(id: &str, ty: &str, contact: &str, item: &str, time: Timestamp) -> NewEvent {
     let data = if ty.starts_with("offer") {
         json!({"contact": {"id": contact}, "offer": {"id": item}})
     } else {
         json!({"contact": {"id": contact}, "product": {"id": item}})
     };
-    new_event(id, ty, time_ms, data)
+    new_event(id, ty, time, data)
 }
 
 async fn grants_follow_event_time(db: &TestDb) {
     let s = &db.store;
-    let g = |kind: &str, item: &str, active: bool, changed: i64| herald_store::GrantRow {
+    let g = |kind: &str, item: &str, active: bool, changed: Timestamp| herald_store::GrantRow {
         kind: kind.into(),
         item_id: item.into(),
         active,
@@ -112,10 +112,22 @@ async fn grants_follow_event_time(db: &TestDb) {
     accept(
         s,
         vec![
-            grant_event("g1", "offer_access_granted", "c1", "o_pro", T0 + 2_000),
-            grant_event("g2", "offer_access_removed", "c1", "o_pro", T0 + 1_000),
-            grant_event("g3", "product_access_removed", "c1", "p_rust", T0 + 3_000),
-            grant_event("g4", "product_access_granted", "c1", "p_rust", T0 + 2_500),
+            grant_event("g1", "offer_access_granted", "c1", "o_pro", T0 + ms(2_000)),
+            grant_event("g2", "offer_access_removed", "c1", "o_pro", T0 + ms(1_000)),
+            grant_event(
+                "g3",
+                "product_access_removed",
+                "c1",
+                "p_rust",
+                T0 + ms(3_000),
+            ),
+            grant_event(
+                "g4",
+                "product_access_granted",
+                "c1",
+                "p_rust",
+                T0 + ms(2_500),
+            ),
             grant_event("g5", "offer_access_granted", "c2", "o_pro", T0),
         ],
     )
@@ -124,8 +136,8 @@ async fn grants_follow_event_time(db: &TestDb) {
     assert_eq!(
         s.grants("c1".into()).await.unwrap(),
         [
-            g("offer", "o_pro", true, T0 + 2_000),
-            g("product", "p_rust", false, T0 + 3_000)
+            g("offer", "o_pro", true, T0 + ms(2_000)),
+            g("product", "p_rust", false, T0 + ms(3_000))
         ]
     );
 
@@ -138,7 +150,7 @@ async fn grants_follow_event_time(db: &TestDb) {
             "offer_access_removed",
             "c1",
             "o_pro",
-            T0 + 1_500,
+            T0 + ms(1_500),
         )],
     )
     .await;
@@ -146,9 +158,27 @@ async fn grants_follow_event_time(db: &TestDb) {
     accept(
         s,
         vec![
-            grant_event("g7", "offer_access_granted", "c1", "o_basic", T0 + 5_000),
-            grant_event("g8", "offer_access_removed", "c1", "o_basic", T0 + 5_000),
-            grant_event("g9", "product_access_granted", "c1", "p_rust", T0 + 4_000),
+            grant_event(
+                "g7",
+                "offer_access_granted",
+                "c1",
+                "o_basic",
+                T0 + ms(5_000),
+            ),
+            grant_event(
+                "g8",
+                "offer_access_removed",
+                "c1",
+                "o_basic",
+                T0 + ms(5_000),
+            ),
+            grant_event(
+                "g9",
+                "product_access_granted",
+                "c1",
+                "p_rust",
+                T0 + ms(4_000),
+            ),
         ],
     )
     .await;
@@ -156,9 +186,9 @@ async fn grants_follow_event_time(db: &TestDb) {
     assert_eq!(
         s.grants("c1".into()).await.unwrap(),
         [
-            g("offer", "o_basic", false, T0 + 5_000),
-            g("offer", "o_pro", true, T0 + 2_000),
-            g("product", "p_rust", true, T0 + 4_000),
+            g("offer", "o_basic", false, T0 + ms(5_000)),
+            g("offer", "o_pro", true, T0 + ms(2_000)),
+            g("product", "p_rust", true, T0 + ms(4_000)),
         ]
     );
     accept(
@@ -168,14 +198,14 @@ async fn grants_follow_event_time(db: &TestDb) {
             "offer_access_removed",
             "c1",
             "o_pro",
-            T0 + 6_000,
+            T0 + ms(6_000),
         )],
     )
     .await;
     project_all(s, T0).await;
     assert_eq!(
         s.grants("c1".into()).await.unwrap()[1],
-        g("offer", "o_pro", false, T0 + 6_000)
+        g("offer", "o_pro", false, T0 + ms(6_000))
     );
     // Other contacts are untouched; non-grant events make no grants.
     assert_eq!(
@@ -214,27 +244,27 @@ async fn catalogue_products_offers_and_offer_products(db: &TestDb) {
                 "e1",
                 "c1",
                 json!({"id": "p1", "title": "Rust 101", "url": "https://s/p1"}),
-                T0 + 2_000,
+                T0 + ms(2_000),
             ),
             // Older, later: keeps the newer title, fills nothing (nothing is missing).
             lesson_event(
                 "e2",
                 "c1",
                 json!({"id": "p1", "title": "Old title", "url": "https://s/old"}),
-                T0 + 1_000,
+                T0 + ms(1_000),
             ),
             offer_event(
                 "e3",
                 "c1",
                 json!({"id": "o1", "product_ids": ["p1", "p2"]}),
-                T0 + 3_000,
+                T0 + ms(3_000),
             ),
             // The offer created p2 without a title; an older event describing p2 fills it in.
             lesson_event(
                 "e4",
                 "c1",
                 json!({"id": "p2", "title": "Async"}),
-                T0 + 1_000,
+                T0 + ms(1_000),
             ),
             // An older offer event: its product list is ignored and p3 is not created; its title
             // fills the missing one.
@@ -242,7 +272,7 @@ async fn catalogue_products_offers_and_offer_products(db: &TestDb) {
                 "e5",
                 "c1",
                 json!({"id": "o1", "title": "Pro", "product_ids": ["p3"]}),
-                T0 + 2_000,
+                T0 + ms(2_000),
             ),
         ],
     )
@@ -268,25 +298,25 @@ async fn catalogue_products_offers_and_offer_products(db: &TestDb) {
                 "e6",
                 "c2",
                 json!({"id": "o1", "title": "Pro 2", "product_ids": ["p2", "p4"]}),
-                T0 + 5_000,
+                T0 + ms(5_000),
             ),
             offer_event(
                 "e7",
                 "c2",
                 json!({"id": "o2", "product_ids": ["p5"]}),
-                T0 + 5_000,
+                T0 + ms(5_000),
             ),
             offer_event(
                 "e8",
                 "c2",
                 json!({"id": "o2", "product_ids": ["p5", "p6"]}),
-                T0 + 6_000,
+                T0 + ms(6_000),
             ),
             offer_event(
                 "e9",
                 "c2",
                 json!({"id": "o2", "product_ids": ["p7"]}),
-                T0 + 4_000,
+                T0 + ms(4_000),
             ),
         ],
     )
@@ -298,7 +328,7 @@ async fn catalogue_products_offers_and_offer_products(db: &TestDb) {
             "e10",
             "c2",
             json!({"id": "o1", "title": "Pro 3"}),
-            T0 + 7_000,
+            T0 + ms(7_000),
         )],
     )
     .await;
@@ -336,19 +366,19 @@ async fn catalogue_products_offers_and_offer_products(db: &TestDb) {
                 "e11",
                 "c3",
                 json!({"id": "o3", "product_ids": ["p8"]}),
-                T0 + 8_000,
+                T0 + ms(8_000),
             ),
             lesson_event(
                 "e12",
                 "c3",
                 json!({"id": "p8", "title": "Eight", "url": "https://s/p8"}),
-                T0 + 9_000,
+                T0 + ms(9_000),
             ),
             lesson_event(
                 "e13",
                 "c3",
                 json!({"id": "p8", "title": "Eight (old)"}),
-                T0 + 8_500,
+                T0 + ms(8_500),
             ),
         ],
     )
@@ -372,26 +402,26 @@ async fn contact_state_is_what_the_contact_holds_and_completed(db: &TestDb) {
             json!({"contact": contact, "offer": {"id": "o_pro", "product_ids": ["p_a", "p_b"]}}),
         ),
         grant_event("s2", "offer_access_granted", "c1", "o_old", T0),
-        grant_event("s3", "offer_access_removed", "c1", "o_old", T0 + 1),
+        grant_event("s3", "offer_access_removed", "c1", "o_old", T0 + ms(1)),
         grant_event("s4", "product_access_granted", "c1", "p_x", T0),
         grant_event("s5", "product_access_granted", "c1", "p_y", T0),
-        grant_event("s6", "product_access_removed", "c1", "p_y", T0 + 1),
+        grant_event("s6", "product_access_removed", "c1", "p_y", T0 + ms(1)),
         new_event(
             "s7",
             "lesson_completed",
-            T0 + 2,
+            T0 + ms(2),
             json!({"contact": contact, "product": {"id": "p_a"}, "lesson": {"id": "l_1"}}),
         ),
         new_event(
             "s8",
             "category_completed",
-            T0 + 3,
+            T0 + ms(3),
             json!({"contact": contact, "product": {"id": "p_a"}, "category": {"id": "cat_1"}}),
         ),
         new_event(
             "s9",
             "product_completed",
-            T0 + 4,
+            T0 + ms(4),
             json!({"contact": contact, "product": {"id": "p_a"}}),
         ),
         contact_event("s10", "c2", T0),
@@ -406,7 +436,7 @@ async fn contact_state_is_what_the_contact_holds_and_completed(db: &TestDb) {
     };
     let request = DispatchRequest {
         contact_states: true,
-        ..DispatchRequest::new(100, &|| T0, i64::MAX, &planner)
+        ..DispatchRequest::new(100, &|| T0, Duration::MAX, &planner)
     };
     assert_eq!(s.dispatch(request).await.unwrap(), 10);
     let in_dispatch = seen
@@ -436,13 +466,13 @@ async fn contact_state_is_what_the_contact_holds_and_completed(db: &TestDb) {
     assert_eq!(stored["c_unknown"], ContactState::default());
 
     // Not asked for, nothing is loaded.
-    accept(s, vec![contact_event("s11", "c2", T0 + 5)]).await;
+    accept(s, vec![contact_event("s11", "c2", T0 + ms(5))]).await;
     let seen = Mutex::new(None);
     let planner = |input: &DispatchInput| {
         *seen.lock().unwrap() = Some(input.states.is_some());
         DispatchPlan::default()
     };
-    s.dispatch(DispatchRequest::new(100, &|| T0, i64::MAX, &planner))
+    s.dispatch(DispatchRequest::new(100, &|| T0, Duration::MAX, &planner))
         .await
         .unwrap();
     assert_eq!(seen.into_inner().unwrap(), Some(false));

@@ -1,7 +1,7 @@
 //! The run queue: claims under a lease, finishing runs, and the earliest due work.
 
 use super::*;
-use herald_store::RunAdvance;
+use herald_store::{LeaseToken, RunAdvance};
 
 conformance! {
     claim_runs_holds_a_lease,
@@ -25,14 +25,14 @@ async fn claim_runs_holds_a_lease(db: &TestDb) {
     seed_runs(
         s,
         vec![
-            run_write("r1", "wf", "c1", 0, RunState::Active, Some(T0 + 1_000)),
+            run_write("r1", "wf", "c1", 0, RunState::Active, Some(T0 + ms(1_000))),
             run_write(
                 "r2",
                 "wf2",
                 "c1",
                 0,
                 RunState::WaitingEvent,
-                Some(T0 + 1_200),
+                Some(T0 + ms(1_200)),
             ),
             run_write("r3", "wf3", "c2", 0, RunState::Active, None),
             run_write("r4", "wf4", "c2", 0, RunState::Completed, Some(T0)),
@@ -41,11 +41,14 @@ async fn claim_runs_holds_a_lease(db: &TestDb) {
     )
     .await;
     assert!(
-        s.claim_runs(T0 + 999, 10, 500).await.unwrap().is_empty(),
+        s.claim_runs(T0 + ms(999), 10, ms(500))
+            .await
+            .unwrap()
+            .is_empty(),
         "nothing due yet"
     );
 
-    let claimed = s.claim_runs(T0 + 1_000, 10, 500).await.unwrap();
+    let claimed = s.claim_runs(T0 + ms(1_000), 10, ms(500)).await.unwrap();
     assert_eq!(claimed.len(), 1);
     let c = &claimed[0];
     assert_eq!(
@@ -78,17 +81,22 @@ async fn claim_runs_holds_a_lease(db: &TestDb) {
         ),
         ("c1", Some("ann@example.com"), Some("Ann"))
     );
-    assert!(!c.lease_token.is_empty());
+    assert!(!c.lease_token.as_str().is_empty());
 
     // Leased: not claimable until the lease runs out; a waiting run is claimable at its timeout.
-    let later = s.claim_runs(T0 + 1_200, 10, 500).await.unwrap();
+    let later = s.claim_runs(T0 + ms(1_200), 10, ms(500)).await.unwrap();
     assert_eq!(
         later.iter().map(|c| c.run_id.as_str()).collect::<Vec<_>>(),
         ["r2"]
     );
     assert_eq!(later[0].state, RunState::WaitingEvent);
-    assert!(s.claim_runs(T0 + 1_499, 10, 500).await.unwrap().is_empty());
-    let again = s.claim_runs(T0 + 1_500, 10, 500).await.unwrap();
+    assert!(
+        s.claim_runs(T0 + ms(1_499), 10, ms(500))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let again = s.claim_runs(T0 + ms(1_500), 10, ms(500)).await.unwrap();
     assert_eq!(
         again.iter().map(|c| c.run_id.as_str()).collect::<Vec<_>>(),
         ["r1"]
@@ -109,7 +117,7 @@ async fn claim_runs_holds_a_lease(db: &TestDb) {
                     "c3",
                     0,
                     RunState::Active,
-                    Some(T0 + 10 - i),
+                    Some(T0 + ms(10) - ms(i)),
                 )
             })
             .collect(),
@@ -117,12 +125,12 @@ async fn claim_runs_holds_a_lease(db: &TestDb) {
     )
     .await;
     // (The order within one claim is unspecified.)
-    let first = s.claim_runs(T0 + 100, 3, 500).await.unwrap();
+    let first = s.claim_runs(T0 + ms(100), 3, ms(500)).await.unwrap();
     assert_eq!(
         sorted(first.iter().map(|c| c.run_id.as_str())),
         ["q2", "q3", "q4"]
     );
-    let rest = s.claim_runs(T0 + 100, 3, 500).await.unwrap();
+    let rest = s.claim_runs(T0 + ms(100), 3, ms(500)).await.unwrap();
     assert_eq!(sorted(rest.iter().map(|c| c.run_id.as_str())), ["q0", "q1"]);
 }
 
@@ -140,9 +148,9 @@ async fn finish_runs_drops_stale_leases_and_appends_effects(db: &TestDb) {
     )
     .await;
 
-    let stale = s.claim_runs(T0, 10, 100).await.unwrap();
+    let stale = s.claim_runs(T0, 10, ms(100)).await.unwrap();
     assert_eq!(stale.len(), 2);
-    let fresh = s.claim_runs(T0 + 100, 10, 100).await.unwrap();
+    let fresh = s.claim_runs(T0 + ms(100), 10, ms(100)).await.unwrap();
     assert_eq!(fresh.len(), 2, "the first lease ran out");
     let token = |claims: &[herald_store::ClaimedRun], id: &str| {
         claims
@@ -153,18 +161,21 @@ async fn finish_runs_drops_stale_leases_and_appends_effects(db: &TestDb) {
             .clone()
     };
 
-    let advance = |id: &str, contact: &str, state: RunState, token: String| {
+    let advance = |id: &str, contact: &str, state: RunState, token: LeaseToken| {
         let mut w = run_write(
             id,
             "wf",
             contact,
             0,
             state,
-            (state == RunState::Active).then_some(T0 + 9_000),
+            (state == RunState::Active).then_some(T0 + ms(9_000)),
         );
         w.pc = 3;
-        w.steps = vec![step("s2", "sent", T0 + 150), step("s3", "waited", T0 + 151)];
-        w.messages = vec![queued_email(&format!("m_{id}"), "s2", T0 + 150)];
+        w.steps = vec![
+            step("s2", "sent", T0 + ms(150)),
+            step("s3", "waited", T0 + ms(151)),
+        ];
+        w.messages = vec![queued_email(&format!("m_{id}"), "s2", T0 + ms(150))];
         RunAdvance {
             lease_token: token,
             write: w,
@@ -172,7 +183,7 @@ async fn finish_runs_drops_stale_leases_and_appends_effects(db: &TestDb) {
     };
     // The late result under the lost lease is dropped, with its effects.
     s.finish_runs(
-        T0 + 150,
+        T0 + ms(150),
         vec![advance(
             "r1",
             "c1",
@@ -188,7 +199,7 @@ async fn finish_runs_drops_stale_leases_and_appends_effects(db: &TestDb) {
 
     // Under the current lease: applied, with steps appended in order and messages queued.
     s.finish_runs(
-        T0 + 150,
+        T0 + ms(150),
         vec![
             advance("r1", "c1", RunState::Completed, token(&fresh, "r1")),
             advance("r2", "c2", RunState::Active, token(&fresh, "r2")),
@@ -201,20 +212,26 @@ async fn finish_runs_drops_stale_leases_and_appends_effects(db: &TestDb) {
     let r1 = run_row(s, "r1").await;
     assert_eq!(
         (r1.state, r1.pc, r1.due_ms, r1.ended_ms, r1.updated_ms),
-        (RunState::Completed, 3, None, Some(T0 + 150), T0 + 150)
+        (
+            RunState::Completed,
+            3,
+            None,
+            Some(T0 + ms(150)),
+            T0 + ms(150)
+        )
     );
     assert_eq!(
         r1.steps,
         [
             step("start", "ok", T0),
-            step("s2", "sent", T0 + 150),
-            step("s3", "waited", T0 + 151)
+            step("s2", "sent", T0 + ms(150)),
+            step("s3", "waited", T0 + ms(151))
         ]
     );
     let r2 = run_row(s, "r2").await;
     assert_eq!(
         (r2.state, r2.due_ms, r2.ended_ms),
-        (RunState::Active, Some(T0 + 9_000), None)
+        (RunState::Active, Some(T0 + ms(9_000)), None)
     );
     assert_eq!(r2.steps.len(), 2);
     let messages = s.messages(all()).await.unwrap();
@@ -232,14 +249,19 @@ async fn finish_runs_drops_stale_leases_and_appends_effects(db: &TestDb) {
 
     // The lease is released: r2 is claimable at its due time, and the used token is dead.
     s.finish_runs(
-        T0 + 200,
+        T0 + ms(200),
         vec![advance("r2", "c2", RunState::Failed, token(&fresh, "r2"))],
     )
     .await
     .unwrap();
     assert_eq!(run_row(s, "r2").await.state, RunState::Active);
-    assert!(s.claim_runs(T0 + 8_999, 10, 100).await.unwrap().is_empty());
-    let claimed = s.claim_runs(T0 + 9_000, 10, 100).await.unwrap();
+    assert!(
+        s.claim_runs(T0 + ms(8_999), 10, ms(100))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let claimed = s.claim_runs(T0 + ms(9_000), 10, ms(100)).await.unwrap();
     assert_eq!(
         claimed
             .iter()
@@ -255,11 +277,11 @@ async fn finish_runs_drops_stale_leases_and_appends_effects(db: &TestDb) {
         "c2",
         0,
         RunState::WaitingEvent,
-        Some(T0 + 99_000),
+        Some(T0 + ms(99_000)),
     );
     w.wait_event = Some("lesson_completed".into());
     s.finish_runs(
-        T0 + 9_001,
+        T0 + ms(9_001),
         vec![RunAdvance {
             lease_token: claimed[0].lease_token.clone(),
             write: w,
@@ -271,8 +293,8 @@ async fn finish_runs_drops_stale_leases_and_appends_effects(db: &TestDb) {
     let waits = Mutex::new(Vec::new());
     s.dispatch(DispatchRequest::new(
         10,
-        &|| T0 + 9_002,
-        i64::MAX,
+        &|| T0 + ms(9_002),
+        Duration::MAX,
         &|input: &DispatchInput| {
             waits.lock().unwrap().extend(
                 input
@@ -308,7 +330,7 @@ async fn concurrent_claims_never_share_a_run(db: &TestDb) {
                     &format!("c{i:02}"),
                     0,
                     RunState::Active,
-                    Some(T0 + i),
+                    Some(T0 + ms(i)),
                 )
             })
             .collect(),
@@ -320,7 +342,10 @@ async fn concurrent_claims_never_share_a_run(db: &TestDb) {
         tasks.push(tokio::spawn(async move {
             let mut mine = Vec::new();
             loop {
-                let claimed = store.claim_runs(T0 + 100, 3, 60_000).await.expect("claim");
+                let claimed = store
+                    .claim_runs(T0 + ms(100), 3, ms(60_000))
+                    .await
+                    .expect("claim");
                 if claimed.is_empty() {
                     return mine;
                 }
@@ -341,39 +366,60 @@ async fn concurrent_claims_never_share_a_run(db: &TestDb) {
 
 async fn next_due_ms_is_the_earliest_due_work(db: &TestDb) {
     let s = &db.store;
-    assert_eq!(s.next_due_ms().await.unwrap(), None);
+    assert_eq!(s.next_due().await.unwrap(), None);
     let mut done = run_write("r_done", "wf0", "c1", 0, RunState::Completed, None);
-    done.messages = vec![queued_email("m1", "s1", T0 + 700)];
-    let mut sent = queued_email("m2", "s2", T0 + 50);
+    done.messages = vec![queued_email("m1", "s1", T0 + ms(700))];
+    let mut sent = queued_email("m2", "s2", T0 + ms(50));
     sent.status = MessageStatus::Sent;
     done.messages.push(sent);
     seed_runs(
         s,
         vec![
             done,
-            run_write("r_active", "wf1", "c1", 0, RunState::Active, Some(T0 + 900)),
+            run_write(
+                "r_active",
+                "wf1",
+                "c1",
+                0,
+                RunState::Active,
+                Some(T0 + ms(900)),
+            ),
             run_write(
                 "r_wait",
                 "wf2",
                 "c1",
                 0,
                 RunState::WaitingEvent,
-                Some(T0 + 800),
+                Some(T0 + ms(800)),
             ),
-            run_write("r_parked", "wf3", "c1", 0, RunState::Parked, Some(T0 + 10)),
-            run_write("r_failed", "wf4", "c1", 0, RunState::Failed, Some(T0 + 20)),
+            run_write(
+                "r_parked",
+                "wf3",
+                "c1",
+                0,
+                RunState::Parked,
+                Some(T0 + ms(10)),
+            ),
+            run_write(
+                "r_failed",
+                "wf4",
+                "c1",
+                0,
+                RunState::Failed,
+                Some(T0 + ms(20)),
+            ),
         ],
         T0,
     )
     .await;
     assert_eq!(
-        s.next_due_ms().await.unwrap(),
-        Some(T0 + 700),
+        s.next_due().await.unwrap(),
+        Some(T0 + ms(700)),
         "the queued message"
     );
-    let claimed = s.claim_messages(T0 + 700, 10, 100).await.unwrap();
+    let claimed = s.claim_messages(T0 + ms(700), 10, ms(100)).await.unwrap();
     s.complete_messages(
-        T0 + 701,
+        T0 + ms(701),
         vec![outcome(
             &claimed[0],
             DeliveryResult::Sent { provider_id: None },
@@ -382,14 +428,14 @@ async fn next_due_ms_is_the_earliest_due_work(db: &TestDb) {
     .await
     .unwrap();
     assert_eq!(
-        s.next_due_ms().await.unwrap(),
-        Some(T0 + 800),
+        s.next_due().await.unwrap(),
+        Some(T0 + ms(800)),
         "the waiting run's timeout"
     );
     set_enabled(s, "wf2", false, T0).await;
     assert_eq!(
-        s.next_due_ms().await.unwrap(),
-        Some(T0 + 900),
+        s.next_due().await.unwrap(),
+        Some(T0 + ms(900)),
         "parked runs are not due"
     );
 }

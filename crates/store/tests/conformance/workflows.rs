@@ -29,7 +29,7 @@ async fn workflow_versions_are_kept_and_live_ones_listed(db: &TestDb) {
             v("wf", "v1", "{\"changed\":true}"),
             v("wf", "v1", "{\"twice\":1}"),
         ],
-        T0 + 1,
+        T0 + ms(1),
     )
     .await
     .unwrap();
@@ -71,13 +71,20 @@ async fn parking_a_workflow_keeps_its_runs_wait_state(db: &TestDb) {
         "c2",
         0,
         RunState::WaitingEvent,
-        Some(T0 + 900),
+        Some(T0 + ms(900)),
     );
     waiting.wait_event = Some("lesson_completed".into());
     seed_runs(
         s,
         vec![
-            run_write("r_active", "wf", "c1", 0, RunState::Active, Some(T0 + 500)),
+            run_write(
+                "r_active",
+                "wf",
+                "c1",
+                0,
+                RunState::Active,
+                Some(T0 + ms(500)),
+            ),
             waiting,
             run_write("r_done", "wf", "c3", 0, RunState::Completed, None),
             run_write(
@@ -86,15 +93,15 @@ async fn parking_a_workflow_keeps_its_runs_wait_state(db: &TestDb) {
                 "c1",
                 0,
                 RunState::Active,
-                Some(T0 + 500),
+                Some(T0 + ms(500)),
             ),
         ],
         T0,
     )
     .await;
-    assert_eq!(set_enabled(s, "wf", false, T0 + 1).await, 2);
+    assert_eq!(set_enabled(s, "wf", false, T0 + ms(1)).await, 2);
     assert_eq!(
-        set_enabled(s, "wf", false, T0 + 2).await,
+        set_enabled(s, "wf", false, T0 + ms(2)).await,
         0,
         "already parked"
     );
@@ -102,11 +109,11 @@ async fn parking_a_workflow_keeps_its_runs_wait_state(db: &TestDb) {
         let r = run_row(s, id).await;
         assert_eq!(
             (r.state, r.updated_ms, r.reason.as_deref()),
-            (RunState::Parked, T0 + 1, None)
+            (RunState::Parked, T0 + ms(1), None)
         );
     }
     assert_eq!(run_row(s, "r_done").await.state, RunState::Completed);
-    let claimed = s.claim_runs(T0 + 10_000, 10, 100).await.unwrap();
+    let claimed = s.claim_runs(T0 + ms(10_000), 10, ms(100)).await.unwrap();
     assert_eq!(
         claimed
             .iter()
@@ -132,7 +139,7 @@ async fn parking_a_workflow_keeps_its_runs_wait_state(db: &TestDb) {
     .await;
     assert!(s.runs(all()).await.unwrap().iter().all(|r| r.id != "r_dup"));
 
-    assert_eq!(set_enabled(s, "wf", true, T0 + 3).await, 2);
+    assert_eq!(set_enabled(s, "wf", true, T0 + ms(3)).await, 2);
     let active = run_row(s, "r_active").await;
     assert_eq!(
         (
@@ -141,20 +148,20 @@ async fn parking_a_workflow_keeps_its_runs_wait_state(db: &TestDb) {
             active.reason.as_deref(),
             active.updated_ms
         ),
-        (RunState::Active, Some(T0 + 500), None, T0 + 3)
+        (RunState::Active, Some(T0 + ms(500)), None, T0 + ms(3))
     );
     let wait = run_row(s, "r_wait").await;
     assert_eq!(
         (wait.state, wait.due_ms, wait.reason.as_deref()),
-        (RunState::WaitingEvent, Some(T0 + 900), None)
+        (RunState::WaitingEvent, Some(T0 + ms(900)), None)
     );
     // The wait is intact: the dispatcher still sees what the run waits for.
     accept(s, vec![contact_event("probe", "c2", T0)]).await;
     let waits = Mutex::new(Vec::new());
     s.dispatch(DispatchRequest::new(
         10,
-        &|| T0 + 4,
-        i64::MAX,
+        &|| T0 + ms(4),
+        Duration::MAX,
         &|input: &DispatchInput| {
             waits.lock().unwrap().extend(
                 input
@@ -171,7 +178,7 @@ async fn parking_a_workflow_keeps_its_runs_wait_state(db: &TestDb) {
         waits.into_inner().unwrap(),
         [("r_wait".to_owned(), Some("lesson_completed".to_owned()))]
     );
-    assert_eq!(set_enabled(s, "wf", true, T0 + 5).await, 0);
+    assert_eq!(set_enabled(s, "wf", true, T0 + ms(5)).await, 0);
 }
 
 async fn workflow_states_and_versions_are_read_back(db: &TestDb) {

@@ -4,6 +4,7 @@
 
 use super::*;
 use crate::link_helpers::link_tokens;
+use herald_store::Timestamp;
 use herald_test_support::smtp::Stage as SmtpStage;
 use std::time::Instant;
 
@@ -149,7 +150,7 @@ async fn a_burst_with_links_retries_and_a_send_window_combined(backend: Backend)
     let workflow = format!(
         "{WELCOME}send_window:\n  days: [mon, tue, wed, thu, fri]\n  between: [\"12:00\", \"18:00\"]\n  timezone: UTC\n"
     );
-    let opening_ms = START_MS + 2 * 3_600_000;
+    let opening = START + Duration::from_secs(2 * 3_600);
     let options = TestOptions::new(backend)
         .workflow("welcome", &workflow)
         .template("welcome.txt.hbs", WELCOME_TXT)
@@ -178,19 +179,19 @@ async fn a_burst_with_links_retries_and_a_send_window_combined(backend: Backend)
         "emails reached the relay while the send window was closed (accepted, refused)"
     );
     let rows = app.messages().await;
-    let not_held: Vec<(&str, &str, Option<i64>)> = rows
+    let not_held: Vec<(&str, &str, Option<Timestamp>)> = rows
         .iter()
         .filter(|m| {
             m.status != MessageStatus::Queued
                 || !m
                     .due_ms
-                    .is_some_and(|d| (opening_ms..opening_ms + 60_000).contains(&d))
+                    .is_some_and(|d| (opening..opening + Duration::from_secs(60)).contains(&d))
         })
         .map(|m| (m.contact_id.as_str(), m.status.as_str(), m.due_ms))
         .collect();
     assert!(
         rows.len() == events.len() && not_held.is_empty(),
-        "expected {} messages queued for the window's opening at {opening_ms}; the store holds {} \
+        "expected {} messages queued for the window's opening at {opening}; the store holds {} \
          ({:?}); not so (contact, status, due): {not_held:?}",
         events.len(),
         rows.len(),
@@ -198,9 +199,7 @@ async fn a_burst_with_links_retries_and_a_send_window_combined(backend: Backend)
     );
 
     // 12:00: the window opens; the relay refuses the first 30 with a 451, which are retried.
-    app.advance(Duration::from_millis(
-        (opening_ms - START_MS) as u64 + 1_000,
-    ));
+    app.advance(opening.since(START) + Duration::from_secs(1));
     let mut last = String::new();
     let delivered = eventually(async || {
         let rows = app.messages().await;
@@ -272,14 +271,14 @@ async fn a_burst_with_links_retries_and_a_send_window_combined(backend: Backend)
         (events.len() + REFUSED) as i64,
         "attempts over all messages: one each plus one per 451"
     );
-    let early: Vec<(&str, Option<i64>)> = rows
+    let early: Vec<(&str, Option<Timestamp>)> = rows
         .iter()
-        .filter(|m| m.sent_ms.is_none_or(|s| s < opening_ms))
+        .filter(|m| m.sent_ms.is_none_or(|s| s < opening))
         .map(|m| (m.contact_id.as_str(), m.sent_ms))
         .collect();
     assert!(
         early.is_empty(),
-        "sent before the window opened at {opening_ms} (contact, sent at): {early:?}"
+        "sent before the window opened at {opening} (contact, sent at): {early:?}"
     );
 }
 

@@ -3,7 +3,7 @@
 //! restart and enabled after it (its parked runs resume where they were).
 
 use super::*;
-use herald_store::RunState;
+use herald_store::{RunState, Timestamp};
 
 both_backends!(
     exit_when_during_a_closed_send_window_cancels_the_message,
@@ -29,7 +29,7 @@ async fn reload_expecting(app: &TestApp, id: &str, enabled: bool) {
 const SATURDAY_WINDOW: &str =
     "send_window:\n  days: [sat]\n  between: [\"09:00\", \"18:00\"]\n  timezone: UTC\n";
 /// 2026-11-28T09:00:00Z, when [`SATURDAY_WINDOW`] next opens.
-const SATURDAY_9_MS: i64 = START_MS + 4 * 86_400_000 - 3_600_000;
+const SATURDAY_9: Timestamp = Timestamp::from_millis(START_MS + 4 * 86_400_000 - 3_600_000);
 
 /// Waits until each contact has one message queued for Saturday 09:00.
 async fn assert_held_until_saturday(app: &TestApp, contacts: &[&str]) {
@@ -39,9 +39,9 @@ async fn assert_held_until_saturday(app: &TestApp, contacts: &[&str]) {
     let held = |m: &MessageRow| {
         m.status == MessageStatus::Queued
             && m.due_ms
-                .is_some_and(|d| (SATURDAY_9_MS..SATURDAY_9_MS + 60_000).contains(&d))
+                .is_some_and(|d| (SATURDAY_9..SATURDAY_9 + Duration::from_secs(60)).contains(&d))
     };
-    let not_held: Vec<(&str, &str, Option<i64>)> = rows
+    let not_held: Vec<(&str, &str, Option<Timestamp>)> = rows
         .iter()
         .filter(|m| !held(m))
         .map(|m| (m.contact_id.as_str(), m.status.as_str(), m.due_ms))
@@ -49,7 +49,7 @@ async fn assert_held_until_saturday(app: &TestApp, contacts: &[&str]) {
     assert!(
         rows.len() == contacts.len() && not_held.is_empty(),
         "one message per contact of {contacts:?}, each queued for Saturday 09:00 \
-         ({SATURDAY_9_MS}); not so (contact, status, due): {not_held:?}"
+         ({SATURDAY_9}); not so (contact, status, due): {not_held:?}"
     );
     assert_eq!(
         app.sink().count(),
@@ -80,9 +80,7 @@ async fn assert_cancelled(app: &TestApp, contact: &str, why: &str) {
 /// Saturday 10:00: the window is open. Exactly `expected` receive an email (one each); the
 /// cancelled contact's message stays cancelled and never reaches the relay.
 async fn open_the_window(app: &TestApp, expected: &[&str], cancelled: &str) {
-    app.advance(Duration::from_millis(
-        (SATURDAY_9_MS + 3_600_000 - START_MS) as u64,
-    ));
+    app.advance((SATURDAY_9 + Duration::from_secs(3_600)).since(START));
     app.wait_for_mails(expected.len()).await;
     app.settle().await;
     let expected: BTreeSet<String> = expected
