@@ -9,8 +9,8 @@ use herald_core::signature::{SignedHeaders, WebhookSecret, verify};
 use herald_core::template::CustomValues;
 use herald_core::workflow::{Instr, bundle_from, compile};
 use herald_store::{
-    Channel, DispatchInput, DispatchPlan, DispatchRequest, MessageStatus, NewEvent, NewMessage,
-    RunState, RunWrite, StepRecord, Store, Timestamp,
+    Channel, DispatchInput, DispatchPlan, DispatchRequest, MessageId, MessageStatus, NewEvent,
+    NewMessage, RunId, RunState, RunWrite, StepRecord, Store, Timestamp,
 };
 use std::hint::black_box;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -150,8 +150,8 @@ async fn seeded_store(n: usize) -> (Store, tempfile::TempDir) {
     let planner = |input: &DispatchInput| {
         let mut plan = DispatchPlan::default();
         for (seq, event) in &input.events {
-            let run_id = uuid::Uuid::now_v7().to_string();
-            let message_id = uuid::Uuid::now_v7().to_string();
+            let run_id = RunId::fresh();
+            let message_id = MessageId::fresh();
             plan.new_runs.push(RunWrite {
                 run_id,
                 workflow_id: "bench".into(),

@@ -194,7 +194,7 @@ impl Delivery {
                     match &self.config.sms {
                         Some(sms) => {
                             let started = std::time::Instant::now();
-                            let sent = sms.send(&recipient, &body, &m.id).await;
+                            let sent = sms.send(&recipient, &body, m.id.as_str()).await;
                             crate::telemetry::send_latency("sms", started.elapsed().as_secs_f64());
                             outcome.result = match sent {
                                 Ok(sid) => DeliveryResult::Sent {
@@ -238,7 +238,7 @@ impl Delivery {
     fn mailbox_copy(&self, m: &ClaimedMessage, channel: Channel, e: OutgoingEmail) -> MailboxItem {
         let email = channel == Channel::Email;
         MailboxItem {
-            id: m.id.clone(),
+            id: m.id.to_string(),
             message_id: email.then_some(e.message_id),
             channel,
             sender: email.then_some(e.from),

@@ -8,8 +8,8 @@ use crate::runner::{self, RunContext};
 use herald_core::workflow::ContactState;
 use herald_store::Timestamp;
 use herald_store::{
-    DispatchInput, DispatchPlan, EnrollmentCounts, LiveRun, RunExit, RunResume, RunState, RunWrite,
-    StepRecord,
+    DispatchInput, DispatchPlan, EnrollmentCounts, LiveRun, RunExit, RunId, RunResume, RunState,
+    RunWrite, StepRecord,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -127,7 +127,7 @@ impl Planner<'_> {
                 if c.live || (!wf.re_entry && c.total > 0) {
                     continue;
                 }
-                let run_id = uuid::Uuid::now_v7().to_string();
+                let run_id = RunId::fresh();
                 let mut write = RunWrite {
                     run_id: run_id.clone(),
                     workflow_id: wf.id.clone(),

@@ -4,7 +4,7 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use herald_store::{LinkKind, NewLink, Store, StoreError, Timestamp};
+use herald_store::{LinkKind, MessageId, NewLink, Store, StoreError, Timestamp};
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -61,7 +61,7 @@ impl LinkPolicy {
         &self,
         hash: String,
         contact_id: &str,
-        message_id: Option<String>,
+        message_id: Option<MessageId>,
         now: Timestamp,
     ) -> NewLink {
         NewLink {
@@ -80,12 +80,12 @@ impl LinkPolicy {
     pub fn for_message(
         &self,
         contact_id: &str,
-        message_id: &str,
+        message_id: &MessageId,
         now: Timestamp,
     ) -> (NewLink, String) {
         let token = generate();
         (
-            self.learner_link(token.hash, contact_id, Some(message_id.to_owned()), now),
+            self.learner_link(token.hash, contact_id, Some(message_id.clone()), now),
             self.url(&token.raw),
         )
     }

@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use herald_core::CourseEvent;
 use herald_core::workflow::{self, CompiledWorkflow, ContactState, Instr, WaitSpec};
 use herald_store::{
-    Channel, ContactRow, MessageStatus, NewMessage, RunState, StepRecord, Timestamp,
+    Channel, ContactRow, MessageId, MessageStatus, NewMessage, RunState, StepRecord, Timestamp,
 };
 
 /// Everything the interpreter reads besides the workflow.
@@ -64,9 +64,9 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
                         workflow::resolve_timezone(&w.timezone, contact_tz, ctx.default_timezone),
                     )
                 });
-                let id = uuid::Uuid::now_v7();
+                let id = MessageId::fresh();
                 let message = NewMessage {
-                    id: id.to_string(),
+                    id: id.clone(),
                     step_id: step_id.clone(),
                     pc: pc as i64,
                     channel,

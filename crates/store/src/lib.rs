@@ -13,6 +13,7 @@ mod announce;
 pub mod backend;
 mod decode;
 mod erasure;
+mod ids;
 mod ingest;
 pub mod model;
 mod projection;
@@ -279,7 +280,7 @@ reads! {
     fn mailbox(&self, limit: i64) -> Vec<MailboxItem>;
     fn messages(&self, filter: ListFilter) -> Vec<MessageRow>;
     /// What each of these messages is rendered from (none for a message whose event was erased).
-    fn message_sources(&self, ids: Vec<String>) -> Vec<MessageSource>;
+    fn message_sources(&self, ids: Vec<MessageId>) -> Vec<MessageSource>;
     fn runs(&self, filter: ListFilter) -> Vec<RunRow>;
     fn contact(&self, id: String) -> Option<ContactRow>;
     fn grants(&self, contact_id: String) -> Vec<GrantRow>;
@@ -373,12 +374,12 @@ written_once! {
     /// Ends a live run as `state` (dead: advancing it keeps failing; cancelled: an operator's
     /// cancel) with `reason`, cancelling its queued messages that no send holds. Returns the run's
     /// state afterwards (`state` only if it was live), `None` for an unknown run.
-    fn dead::end_run(&self, run_id: String, state: RunState, reason: String, now: Timestamp) -> Option<RunState>;
+    fn dead::end_run(&self, run_id: RunId, state: RunState, reason: String, now: Timestamp) -> Option<RunState>;
     /// Queues a failed or dead message again (attempts from zero, due now, the same Message-ID).
     /// Returns its status afterwards (`queued` only if it was failed or dead), `None` if unknown.
-    fn dead::retry_message(&self, message_id: String, now: Timestamp) -> Option<MessageStatus>;
+    fn dead::retry_message(&self, message_id: MessageId, now: Timestamp) -> Option<MessageStatus>;
     /// Marks a queued message dead (recording its delivery keeps failing).
-    fn dead::set_message_dead(&self, message_id: String, error: String, now: Timestamp) -> bool;
+    fn dead::set_message_dead(&self, message_id: MessageId, error: String, now: Timestamp) -> bool;
     /// Events set aside, oldest first, after the given `seq`.
     fn dead::dead_events(&self, after_seq: i64, limit: i64) -> Vec<DeadEventRow>;
     /// Opts a contact out of a channel (`true`) or back in (`false`); returns whether anything changed.

@@ -1,6 +1,7 @@
 //! The rows herald stores and the batches its engine hands the store. Plain data: the store
 //! knows SQL, the engine knows the rules, and these types are the contract between them.
 
+pub use crate::ids::{LeaseToken, MessageId, RunId};
 use herald_core::CourseEvent;
 pub use herald_core::{Channel, MessageStatus, RunState, Timestamp};
 use std::collections::HashMap;
@@ -41,7 +42,7 @@ pub struct ContactRow {
 #[derive(Debug, Clone, sqlx::FromRow)]
 pub struct LiveRun {
     #[sqlx(rename = "id")]
-    pub run_id: String,
+    pub run_id: RunId,
     pub workflow_id: String,
     pub workflow_version: String,
     pub contact_id: String,
@@ -107,13 +108,13 @@ pub struct DispatchPlan {
 /// A run whose awaited event came: `event_seq` is that event, which its next steps can read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunResume {
-    pub run_id: String,
+    pub run_id: RunId,
     pub event_seq: i64,
 }
 
 #[derive(Debug, Clone)]
 pub struct RunExit {
-    pub run_id: String,
+    pub run_id: RunId,
     pub reason: String,
 }
 
@@ -121,7 +122,7 @@ pub struct RunExit {
 /// For a new run this is its first state; for a claimed run the lease token must still match.
 #[derive(Debug, Clone)]
 pub struct RunWrite {
-    pub run_id: String,
+    pub run_id: RunId,
     pub workflow_id: String,
     pub workflow_version: String,
     pub contact_id: String,
@@ -148,7 +149,7 @@ pub struct StepRecord {
 /// message already known to be undeliverable is stored as skipped with its reason.
 #[derive(Debug, Clone)]
 pub struct NewMessage {
-    pub id: String,
+    pub id: MessageId,
     pub step_id: String,
     /// The send step's program counter in the pinned workflow version (to render it).
     pub pc: i64,
@@ -161,32 +162,10 @@ pub struct NewMessage {
     pub due_ms: Option<Timestamp>,
 }
 
-/// The token of one claim: the claimed rows carry it, and a result is written only while its
-/// row still does (the lease held). A fresh random one per claim.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, sqlx::Type)]
-#[sqlx(transparent)]
-pub struct LeaseToken(String);
-
-impl LeaseToken {
-    pub(crate) fn fresh() -> Self {
-        Self(uuid::Uuid::new_v4().to_string())
-    }
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-/// A token read back from elsewhere (one that may no longer hold any row).
-impl From<String> for LeaseToken {
-    fn from(token: String) -> Self {
-        Self(token)
-    }
-}
-
 /// A run claimed for advancing, with what the engine needs to advance it.
 #[derive(Debug, Clone)]
 pub struct ClaimedRun {
-    pub run_id: String,
+    pub run_id: RunId,
     pub workflow_id: String,
     pub workflow_version: String,
     pub contact_id: String,
@@ -203,7 +182,7 @@ pub struct ClaimedRun {
 /// What a message is rendered from: enough to render it again for an operator to read.
 #[derive(Debug, Clone)]
 pub struct MessageSource {
-    pub id: String,
+    pub id: MessageId,
     pub workflow_id: String,
     pub workflow_version: String,
     pub pc: i64,
@@ -224,8 +203,8 @@ pub struct RunAdvance {
 /// A message claimed for delivery, with what is needed to render and send it.
 #[derive(Debug, Clone)]
 pub struct ClaimedMessage {
-    pub id: String,
-    pub run_id: String,
+    pub id: MessageId,
+    pub run_id: RunId,
     pub step_id: String,
     pub pc: i64,
     pub workflow_id: String,
@@ -283,7 +262,7 @@ pub enum DeliveryResult {
 
 #[derive(Debug, Clone)]
 pub struct MessageOutcome {
-    pub message_id: String,
+    pub message_id: MessageId,
     pub lease_token: LeaseToken,
     /// The rendered subject (emails), recorded for the admin API.
     pub subject: Option<String>,
@@ -312,8 +291,8 @@ pub struct MailboxItem {
 /// A message as the admin API and tests read it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct MessageRow {
-    pub id: String,
-    pub run_id: String,
+    pub id: MessageId,
+    pub run_id: RunId,
     pub step_id: String,
     pub workflow_id: String,
     pub contact_id: String,
@@ -337,7 +316,7 @@ pub struct MessageRow {
 /// A run as the admin API and tests read it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct RunRow {
-    pub id: String,
+    pub id: RunId,
     pub workflow_id: String,
     pub workflow_version: String,
     pub contact_id: String,
@@ -407,7 +386,7 @@ pub struct NewLink {
     pub kind: LinkKind,
     pub contact_id: Option<String>,
     /// The message it was minted for, if any (one link per message).
-    pub message_id: Option<String>,
+    pub message_id: Option<MessageId>,
     pub max_uses: Option<i64>,
     pub expires_ms: Option<Timestamp>,
 }

@@ -17,7 +17,9 @@ use crate::delivery::{Delivery, LoginLink};
 use crate::health::Loops;
 use crate::{Clock, Wakers, telemetry};
 use futures::FutureExt;
-use herald_store::{ClaimedMessage, LeaseToken, MessageOutcome, Store, StoreError, Timestamp};
+use herald_store::{
+    ClaimedMessage, LeaseToken, MessageId, MessageOutcome, Store, StoreError, Timestamp,
+};
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
@@ -42,7 +44,7 @@ enum Finished {
     Outcome(Box<MessageOutcome>, &'static str),
     /// The send panicked: the message is set aside.
     Panicked {
-        message_id: String,
+        message_id: MessageId,
         error: String,
     },
     /// The claim's lease could not be kept: nothing was sent and nothing is recorded; the

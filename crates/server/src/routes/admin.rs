@@ -8,7 +8,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
-use herald_store::Timestamp;
+use herald_store::{MessageId, RunId, Timestamp};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
@@ -187,7 +187,7 @@ fn message_json(m: herald_store::MessageRow) -> Value {
 /// attempt count and the same Message-ID.
 pub async fn retry_message(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(id): Path<MessageId>,
 ) -> Result<Json<Value>, ApiError> {
     let now = state.clock.now();
     match state.store.retry_message(id.clone(), now).await? {
@@ -275,7 +275,7 @@ pub async fn retry_messages(
             })
             .await?;
         let Some(last) = page.last() else { break false };
-        after = Some(last.id.clone());
+        after = Some(last.id.to_string());
         for m in page.iter().filter(|m| m.updated_ms >= since) {
             if retried.len() == MAX_RETRY {
                 break;
@@ -386,7 +386,7 @@ fn run_json(r: herald_store::RunRow) -> Value {
 /// `cancelled` (one already being sent is sent). Cancelling a cancelled run again is a no-op.
 pub async fn cancel_run(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(id): Path<RunId>,
 ) -> Result<Json<Value>, ApiError> {
     use herald_store::RunState;
     let now = state.clock.now();
@@ -530,8 +530,8 @@ pub async fn erase(
 /// with subject, text and html, or with the error that kept it from rendering.
 async fn reviewed_contents(
     state: &AppState,
-    ids: Vec<String>,
-) -> Result<std::collections::HashMap<String, Value>, ApiError> {
+    ids: Vec<MessageId>,
+) -> Result<std::collections::HashMap<MessageId, Value>, ApiError> {
     let sources = state.store.message_sources(ids).await?;
     let mut versions: Vec<(String, String)> = sources
         .iter()

@@ -651,9 +651,13 @@ async fn cursor_pagination_is_stable_under_inserts(backend: Backend) {
         let rest = walk_from(&app, path, key, 2, Some(cursor)).await;
         seen.extend(rest);
         let expected: Vec<String> = if key == "messages" {
-            app.messages().await.into_iter().map(|m| m.id).collect()
+            app.messages()
+                .await
+                .into_iter()
+                .map(|m| m.id.into())
+                .collect()
         } else {
-            app.runs().await.into_iter().map(|r| r.id).collect()
+            app.runs().await.into_iter().map(|r| r.id.into()).collect()
         };
         let unique: BTreeSet<&String> = seen.iter().collect();
         assert_eq!(unique.len(), seen.len(), "{key}: duplicates across pages");

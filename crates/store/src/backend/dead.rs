@@ -3,7 +3,7 @@
 
 use super::Backend;
 use super::sql::{Param, Statement, limit_param, text};
-use crate::{DeadEventRow, MessageStatus, Result, RunState, Timestamp};
+use crate::{DeadEventRow, MessageId, MessageStatus, Result, RunId, RunState, Timestamp};
 
 /// Each backend's spelling of "not dispatched" is the one its partial index is declared with.
 const SET_ASIDE_NEXT_EVENT: Statement = Statement {
@@ -79,7 +79,7 @@ pub(crate) async fn set_aside_next_event(
 
 pub(crate) async fn end_run(
     backend: &Backend,
-    run_id: String,
+    run_id: RunId,
     state: RunState,
     reason: String,
     now: Timestamp,
@@ -112,7 +112,7 @@ pub(crate) async fn end_run(
 
 pub(crate) async fn retry_message(
     backend: &Backend,
-    message_id: String,
+    message_id: MessageId,
     now: Timestamp,
 ) -> Result<Option<MessageStatus>> {
     backend
@@ -138,7 +138,7 @@ pub(crate) async fn retry_message(
 
 pub(crate) async fn set_message_dead(
     backend: &Backend,
-    message_id: String,
+    message_id: MessageId,
     error: String,
     now: Timestamp,
 ) -> Result<bool> {

@@ -53,7 +53,7 @@ pub(crate) async fn claim<T: Decoded + 'static>(
 fn claim_params(token: &LeaseToken, now: Timestamp, limit: i64, lease: Duration) -> [Param<'_>; 4] {
     [
         Param::from(now + lease),
-        text(token.as_str()),
+        text(token),
         Param::from(now),
         limit_param(limit),
     ]

@@ -7,8 +7,8 @@
 use super::Backend;
 use super::sql::{Column, Param, Statement, Tx, limit_param, statement, text};
 use crate::{
-    LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, NewLink, NewSession, ProductRow, Result,
-    Timestamp,
+    LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, MessageId, NewLink, NewSession, ProductRow,
+    Result, Timestamp,
 };
 use std::collections::HashSet;
 
@@ -167,7 +167,10 @@ async fn mint_message_links_on(
     }
     // A retried send re-mints: the earlier token of that message is revoked (kept, so a copy
     // that did arrive says "replaced" rather than "unknown").
-    let messages: Vec<String> = kept.iter().filter_map(|l| l.message_id.clone()).collect();
+    let messages: Vec<String> = kept
+        .iter()
+        .filter_map(|l| l.message_id.as_ref().map(MessageId::to_string))
+        .collect();
     tx.at()
         .execute(
             statement!(links::REVOKE_MESSAGES_LINKS),
@@ -179,7 +182,7 @@ async fn mint_message_links_on(
         Column::texts(kept.clone(), |l| Some(&l.token_hash)),
         Column::texts(kept.clone(), |l| Some(l.kind.as_str())),
         Column::texts(kept.clone(), |l| l.contact_id.as_deref()),
-        Column::texts(kept.clone(), |l| l.message_id.as_deref()),
+        Column::texts(kept.clone(), |l| l.message_id.as_ref()),
         Column::ints(kept.clone(), |l| l.max_uses),
         Column::times(kept.clone(), |l| l.expires_ms),
     ];
@@ -464,7 +467,7 @@ async fn insert_link(tx: &mut Tx<'_>, link: &NewLink, now: Timestamp) -> Result<
         text(&link.token_hash),
         text(link.kind.as_str()),
         Param::Text(link.contact_id.as_deref()),
-        Param::Text(link.message_id.as_deref()),
+        Param::Text(link.message_id.as_ref().map(MessageId::as_str)),
         Param::OptInt(link.max_uses),
         Param::from(link.expires_ms),
         Param::from(now),

@@ -6,15 +6,15 @@ use super::leases::{claim, under_current_lease};
 use super::sql::{Column, Param, Statement, Tx, statement, text};
 use crate::decode::{outcome_columns, parse_stored_event};
 use crate::{
-    Channel, ClaimedMessage, ContactRow, DeliveryResult, LeaseToken, MailboxItem, MessageOutcome,
-    Result, RunState, Timestamp,
+    Channel, ClaimedMessage, ContactRow, DeliveryResult, LeaseToken, MailboxItem, MessageId,
+    MessageOutcome, Result, RunId, RunState, Timestamp,
 };
 use std::time::Duration;
 
 #[derive(sqlx::FromRow)]
 struct ClaimedMessageRow {
-    id: String,
-    run_id: String,
+    id: MessageId,
+    run_id: RunId,
     step_id: String,
     pc: i64,
     workflow_id: String,
@@ -91,7 +91,7 @@ pub(crate) async fn extend_message_lease(
             (lease_token, until),
             |tx, (lease_token, until)| {
                 Box::pin(async move {
-                    let params = [Param::from(*until), text(lease_token.as_str())];
+                    let params = [Param::from(*until), text(lease_token)];
                     tx.execute(EXTEND_LEASE, &params).await
                 })
             },
@@ -156,7 +156,7 @@ async fn complete_on(mut tx: Tx<'_>, now: Timestamp, outcomes: &[MessageOutcome]
     let bounced: Vec<String> = written
         .iter()
         .filter(|o| matches!(o.result, DeliveryResult::Bounced { .. }))
-        .map(|o| o.message_id.clone())
+        .map(|o| o.message_id.to_string())
         .collect();
     if !bounced.is_empty() {
         tx.at()

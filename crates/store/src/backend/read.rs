@@ -5,8 +5,8 @@
 use super::sql::{Conn, Param, limit_param, statement};
 use crate::decode::parse_stored_event;
 use crate::{
-    Channel, ContactEventRow, ContactRow, GrantRow, ListFilter, MailboxItem, MessageRow,
-    MessageSource, QueueStats, Result, RunRow, StepRecord, Timestamp,
+    Channel, ContactEventRow, ContactRow, GrantRow, ListFilter, MailboxItem, MessageId, MessageRow,
+    MessageSource, QueueStats, Result, RunId, RunRow, StepRecord, Timestamp,
 };
 use std::collections::HashMap;
 
@@ -111,7 +111,7 @@ pub(crate) async fn messages(conn: Conn<'_>, f: ListFilter) -> Result<Vec<Messag
 
 #[derive(sqlx::FromRow)]
 struct StepRow {
-    run_id: String,
+    run_id: RunId,
     #[sqlx(flatten)]
     step: StepRecord,
 }
@@ -124,11 +124,11 @@ pub(crate) async fn runs(conn: Conn<'_>, f: ListFilter) -> Result<Vec<RunRow>> {
     if runs.is_empty() {
         return Ok(runs);
     }
-    let ids: Vec<String> = runs.iter().map(|r| r.id.clone()).collect();
+    let ids: Vec<String> = runs.iter().map(|r| r.id.to_string()).collect();
     let rows: Vec<StepRow> = conn
         .fetch_all(statement!(read::RUN_STEPS), &[Param::Texts(&ids)])
         .await?;
-    let mut steps: HashMap<String, Vec<StepRecord>> = HashMap::new();
+    let mut steps: HashMap<RunId, Vec<StepRecord>> = HashMap::new();
     for r in rows {
         steps.entry(r.run_id).or_default().push(r.step);
     }
@@ -160,7 +160,7 @@ pub(crate) async fn queue_stats(conn: Conn<'_>, now: Timestamp) -> Result<QueueS
 
 #[derive(sqlx::FromRow)]
 struct MessageSourceRow {
-    id: String,
+    id: MessageId,
     workflow_id: String,
     workflow_version: String,
     pc: i64,
@@ -174,8 +174,9 @@ struct MessageSourceRow {
 
 pub(crate) async fn message_sources(
     conn: Conn<'_>,
-    ids: Vec<String>,
+    ids: Vec<MessageId>,
 ) -> Result<Vec<MessageSource>> {
+    let ids: Vec<String> = ids.into_iter().map(String::from).collect();
     let rows: Vec<MessageSourceRow> = conn
         .fetch_all(statement!(read::MESSAGE_SOURCES), &[Param::Texts(&ids)])
         .await?;

@@ -7,14 +7,14 @@ use super::leases::{claim, under_current_lease};
 use super::sql::{Column, Param, Tx, statement};
 use crate::decode::parse_stored_event;
 use crate::{
-    ClaimedRun, ContactRow, LeaseToken, Result, RunAdvance, RunState, RunWrite, Timestamp,
+    ClaimedRun, ContactRow, LeaseToken, Result, RunAdvance, RunId, RunState, RunWrite, Timestamp,
 };
 use std::collections::HashSet;
 use std::time::Duration;
 
 #[derive(sqlx::FromRow)]
 struct ClaimedRunRow {
-    id: String,
+    id: RunId,
     workflow_id: String,
     workflow_version: String,
     event_seq: i64,
@@ -135,7 +135,7 @@ pub(crate) async fn insert_runs(mut tx: Tx<'_>, runs: &[RunWrite], now: Timestam
         Column::times(runs, |w| w.due_ms),
         Column::times(runs, |w| ended_at(w, now)),
     ];
-    let mut inserted: HashSet<String> = tx
+    let mut inserted: HashSet<RunId> = tx
         .at()
         .fetch_scalars(
             statement!(runs::INSERT_RUNS),

@@ -244,8 +244,8 @@ pub(crate) fn limit_param(limit: i64) -> Param<'static> {
 }
 
 /// A text parameter that is never NULL.
-pub(crate) fn text(s: &str) -> Param<'_> {
-    Param::Text(Some(s))
+pub(crate) fn text<S: AsRef<str> + ?Sized>(s: &S) -> Param<'_> {
+    Param::Text(Some(s.as_ref()))
 }
 
 /// A row type both backends can decode.

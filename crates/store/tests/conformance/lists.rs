@@ -89,10 +89,16 @@ async fn list_filters_and_cursor_pagination(db: &TestDb) {
         after: after.map(Into::into),
         limit,
     };
-    let run_ids =
-        |rows: Vec<herald_store::RunRow>| rows.into_iter().map(|r| r.id).collect::<Vec<_>>();
-    let msg_ids =
-        |rows: Vec<herald_store::MessageRow>| rows.into_iter().map(|m| m.id).collect::<Vec<_>>();
+    let run_ids = |rows: Vec<herald_store::RunRow>| {
+        rows.into_iter()
+            .map(|r| String::from(r.id))
+            .collect::<Vec<_>>()
+    };
+    let msg_ids = |rows: Vec<herald_store::MessageRow>| {
+        rows.into_iter()
+            .map(|m| String::from(m.id))
+            .collect::<Vec<_>>()
+    };
 
     assert_eq!(
         run_ids(

@@ -1,7 +1,7 @@
 //! The run queue: claims under a lease, finishing runs, and the earliest due work.
 
 use super::*;
-use herald_store::{LeaseToken, RunAdvance};
+use herald_store::{LeaseToken, RunAdvance, RunId};
 
 conformance! {
     claim_runs_holds_a_lease,
@@ -310,7 +310,7 @@ async fn finish_runs_drops_stale_leases_and_appends_effects(db: &TestDb) {
     assert_eq!(
         waits.into_inner().unwrap(),
         [(
-            "r2".to_owned(),
+            RunId::from("r2"),
             RunState::WaitingEvent,
             Some("lesson_completed".to_owned())
         )]

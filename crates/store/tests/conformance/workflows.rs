@@ -1,6 +1,7 @@
 //! Workflow versions and states, and parking a disabled workflow's runs.
 
 use super::*;
+use herald_store::RunId;
 
 conformance! {
     workflow_versions_are_kept_and_live_ones_listed,
@@ -176,7 +177,7 @@ async fn parking_a_workflow_keeps_its_runs_wait_state(db: &TestDb) {
     .unwrap();
     assert_eq!(
         waits.into_inner().unwrap(),
-        [("r_wait".to_owned(), Some("lesson_completed".to_owned()))]
+        [(RunId::from("r_wait"), Some("lesson_completed".to_owned()))]
     );
     assert_eq!(set_enabled(s, "wf", true, T0 + ms(5)).await, 0);
 }
