@@ -473,13 +473,18 @@ mod tests {
     async fn the_units_of_a_leader_that_panics_run_in_the_next_group() {
         let mut db = db().await;
         let writer = db.writer.clone();
+        let (leading_tx, leading) = oneshot::channel();
         let (queued_tx, queued_rx) = oneshot::channel();
         let leader = tokio::spawn(async move {
             let mut group = writer.lead().await.unwrap();
             insert(group.conn(), 10).await.unwrap();
+            leading_tx.send(()).unwrap();
             queued_rx.await.unwrap();
             panic!("the leader's own work panics");
         });
+        // Queued only once the leader holds the writer: queued earlier, the writer thread could
+        // run the unit first and the queue would never hold it.
+        leading.await.unwrap();
         let queued_insert = spawn_insert(&db.writer, 6);
         until_queued(&db.writer, 1).await;
         queued_tx.send(()).unwrap();
