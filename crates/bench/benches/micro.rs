@@ -156,7 +156,7 @@ async fn seeded_store(n: usize) -> (Store, tempfile::TempDir) {
                 run_id,
                 workflow_id: "bench".into(),
                 workflow_version: "v1".into(),
-                contact_id: event.contact_id().to_owned(),
+                contact_id: event.contact_id().into(),
                 event_seq: *seq,
                 state: RunState::Completed,
                 reason: None,

@@ -9,17 +9,7 @@ use std::time::Duration;
 /// passed where a span, a count or a limit is expected (all three are integers too); spans are
 /// [`std::time::Duration`]. Serialised as the bare number, the way the admin API shows times.
 #[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    PartialOrd,
-    Ord,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]
 #[serde(transparent)]
 #[cfg_attr(feature = "sqlx", derive(sqlx::Type), sqlx(transparent))]
@@ -72,20 +62,8 @@ impl Sub<Duration> for Timestamp {
     }
 }
 
-/// A stored time read back (how row types decode the column).
-impl From<i64> for Timestamp {
-    fn from(ms: i64) -> Self {
-        Self(ms)
-    }
-}
-
-impl From<DateTime<Utc>> for Timestamp {
-    fn from(at: DateTime<Utc>) -> Self {
-        Self::from_datetime(at)
-    }
-}
-
-/// RFC 3339 with milliseconds, for messages people read.
+/// RFC 3339 with milliseconds (`2026-01-01T00:00:00.123Z`): how herald writes a time for
+/// people and in the events it makes.
 impl fmt::Display for Timestamp {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(
@@ -93,6 +71,13 @@ impl fmt::Display for Timestamp {
                 .to_datetime()
                 .to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
         )
+    }
+}
+
+/// As [`Display`](fmt::Display), so that a failing test's times read like the admin API's.
+impl fmt::Debug for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
     }
 }
 

@@ -34,10 +34,8 @@ impl Clock {
     /// Moves a manual clock forward; a no-op on the system clock.
     pub fn advance(&self, by: std::time::Duration) {
         if let Self::Manual(t) = self {
-            t.fetch_add(
-                i64::try_from(by.as_millis()).unwrap_or(i64::MAX),
-                Ordering::SeqCst,
-            );
+            let later = |ms| Some((Timestamp::from_millis(ms) + by).millis());
+            let _ = t.fetch_update(Ordering::SeqCst, Ordering::SeqCst, later);
         }
     }
 }

@@ -6,10 +6,9 @@
 use crate::registry::Snapshot;
 use crate::runner::{self, RunContext};
 use herald_core::workflow::ContactState;
-use herald_store::Timestamp;
 use herald_store::{
-    DispatchInput, DispatchPlan, EnrollmentCounts, LiveRun, RunExit, RunId, RunResume, RunState,
-    RunWrite, StepRecord,
+    ContactId, DispatchInput, DispatchPlan, EnrollmentCounts, LiveRun, RunExit, RunId, RunResume,
+    RunState, RunWrite, StepRecord, Timestamp,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,7 +33,7 @@ impl Planner<'_> {
         let mut plan = DispatchPlan::default();
         // Runs and counts as they stand after the events planned so far in this batch.
         let mut live: Vec<LiveRun> = input.live_runs.clone();
-        let mut counts: HashMap<(String, String), EnrollmentCounts> = input.counts.clone();
+        let mut counts: HashMap<(ContactId, String), EnrollmentCounts> = input.counts.clone();
         let now = self.now.to_datetime();
         // A live run's `exit_when` and event waits are in its pinned version: without it, the
         // run would miss this batch's events.
@@ -84,7 +83,8 @@ impl Planner<'_> {
                         run_id: run.run_id.clone(),
                         reason: format!("exit_when: {trigger}"),
                     });
-                    if let Some(c) = counts.get_mut(&(contact.to_owned(), run.workflow_id.clone()))
+                    if let Some(c) =
+                        counts.get_mut(&(ContactId::from(contact), run.workflow_id.clone()))
                     {
                         c.live = false;
                     }
@@ -122,7 +122,7 @@ impl Planner<'_> {
                 .into_iter()
                 .filter(|wf| self.workflows.is_enabled(&wf.id))
             {
-                let key = (contact.to_owned(), wf.id.clone());
+                let key = (ContactId::from(contact), wf.id.clone());
                 let c = counts.entry(key).or_default();
                 if c.live || (!wf.re_entry && c.total > 0) {
                     continue;
@@ -132,7 +132,7 @@ impl Planner<'_> {
                     run_id: run_id.clone(),
                     workflow_id: wf.id.clone(),
                     workflow_version: wf.version.clone(),
-                    contact_id: contact.to_owned(),
+                    contact_id: ContactId::from(contact),
                     event_seq: *seq,
                     state: RunState::Refused,
                     reason: Some("loop_protection".into()),
@@ -177,7 +177,7 @@ impl Planner<'_> {
                         run_id,
                         workflow_id: wf.id.clone(),
                         workflow_version: wf.version.clone(),
-                        contact_id: contact.to_owned(),
+                        contact_id: ContactId::from(contact),
                         state: write.state,
                         wait_event: write.wait_event.clone(),
                     });

@@ -10,12 +10,12 @@ use crate::registry::Snapshot;
 use herald_core::CourseEvent;
 use herald_core::event::MAX_BATCH;
 use herald_core::workflow::Audience;
-use herald_store::{AudienceQuery, NewEvent, Signals, Store, StoreError, Timestamp};
+use herald_store::{AudienceQuery, ContactId, NewEvent, Signals, Store, StoreError, Timestamp};
 
 /// Who to enroll.
 #[derive(Debug, Clone)]
 pub enum Enrollees {
-    Contacts(Vec<String>),
+    Contacts(Vec<ContactId>),
     Audience(Audience),
 }
 
@@ -35,8 +35,8 @@ pub enum Refusal {
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct EnrollmentReport {
-    pub accepted: Vec<String>,
-    pub refused: Vec<(String, Refusal)>,
+    pub accepted: Vec<ContactId>,
+    pub refused: Vec<(ContactId, Refusal)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,7 @@ pub async fn enroll(
     };
     contacts.sort();
     contacts.dedup();
-    let known: std::collections::HashMap<String, herald_store::EnrollmentCounts> = store
+    let known: std::collections::HashMap<ContactId, herald_store::EnrollmentCounts> = store
         .enrollment_counts(workflow_id.to_owned(), contacts.clone(), now - LOOP_WINDOW)
         .await?
         .into_iter()
@@ -116,7 +116,7 @@ pub fn audience_query(audience: &Audience, now: Timestamp) -> AudienceQuery {
     AudienceQuery {
         offers: audience.offers.clone(),
         products: audience.products.clone(),
-        inactive_before_ms: audience.inactive_for.map(|d| now - d.to_std()),
+        inactive_before: audience.inactive_for.map(|d| now - d.to_std()),
     }
 }
 

@@ -4,7 +4,7 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
-use herald_store::{LinkKind, MessageId, NewLink, Store, StoreError, Timestamp};
+use herald_store::{ContactId, LinkKind, MessageId, NewLink, Store, StoreError, Timestamp};
 use hmac::{Hmac, KeyInit, Mac};
 use secrecy::{ExposeSecret, SecretString};
 use sha2::{Digest, Sha256};
@@ -67,7 +67,7 @@ impl LinkPolicy {
         NewLink {
             token_hash: hash,
             kind: LinkKind::Learner,
-            contact_id: Some(contact_id.to_owned()),
+            contact_id: Some(ContactId::from(contact_id)),
             message_id,
             max_uses: Some(self.learner_uses),
             expires_ms: Some(now + self.learner_ttl),

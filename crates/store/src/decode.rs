@@ -1,7 +1,7 @@
 //! Turning stored text back into domain values, and outcomes into columns: shared by both
 //! backends, so a state or status is spelled in one place.
 
-use crate::{DeliveryResult, LinkKind, MessageStatus, Result, StoreError, Timestamp};
+use crate::{ContactId, DeliveryResult, LinkKind, MessageStatus, Result, StoreError, Timestamp};
 use herald_core::CourseEvent;
 use herald_core::workflow::ContactState;
 use std::collections::HashMap;
@@ -17,15 +17,15 @@ pub(crate) fn parse_stored_event(body: &str) -> Result<CourseEvent> {
 /// (`lesson_completed`, ...) for what it completed. Every contact asked for gets a state, empty
 /// when nothing is known.
 pub(crate) fn contact_states(
-    contact_ids: &[String],
+    contact_ids: &[ContactId],
     rows: impl IntoIterator<Item = (String, String, Option<String>)>,
-) -> HashMap<String, ContactState> {
-    let mut states: HashMap<String, ContactState> = contact_ids
+) -> HashMap<ContactId, ContactState> {
+    let mut states: HashMap<ContactId, ContactState> = contact_ids
         .iter()
         .map(|id| (id.clone(), ContactState::default()))
         .collect();
     for (contact_id, fact, id) in rows {
-        let (Some(state), Some(id)) = (states.get_mut(&contact_id), id) else {
+        let (Some(state), Some(id)) = (states.get_mut(contact_id.as_str()), id) else {
             continue;
         };
         match fact.as_str() {

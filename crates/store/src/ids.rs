@@ -9,8 +9,8 @@ macro_rules! text_id {
     ($(#[$doc:meta])* $name:ident) => {
         $(#[$doc])*
         #[derive(
-            Clone, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
-            sqlx::Type,
+            Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize,
+            serde::Deserialize, sqlx::Type,
         )]
         #[serde(transparent)]
         #[sqlx(transparent)]
@@ -43,6 +43,15 @@ macro_rules! text_id {
 
         impl AsRef<str> for $name {
             fn as_ref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        /// Read as the text it is wherever text is read (SQL parameters, `Option::as_deref`);
+        /// one id type still never stands in for another.
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
                 &self.0
             }
         }
@@ -88,6 +97,11 @@ macro_rules! text_id {
 }
 
 text_id! {
+    /// A contact (learner), as the course platform names it.
+    ContactId
+}
+
+text_id! {
     /// A workflow run.
     RunId
 }
@@ -103,20 +117,26 @@ text_id! {
     LeaseToken
 }
 
-/// Fresh ids: time-ordered (UUIDv7) for what lists page through by id, random for tokens.
+/// A fresh id that sorts after every id this process made before it (UUIDv7: uuid guarantees
+/// the order within a process), for what the admin API pages through by id.
+fn time_ordered() -> String {
+    uuid::Uuid::now_v7().to_string()
+}
+
 impl RunId {
     pub fn fresh() -> Self {
-        Self(uuid::Uuid::now_v7().to_string())
+        Self(time_ordered())
     }
 }
 
 impl MessageId {
     pub fn fresh() -> Self {
-        Self(uuid::Uuid::now_v7().to_string())
+        Self(time_ordered())
     }
 }
 
 impl LeaseToken {
+    /// Random: a claim's token says nothing of when it was made.
     pub(crate) fn fresh() -> Self {
         Self(uuid::Uuid::new_v4().to_string())
     }

@@ -165,7 +165,7 @@ impl Store {
     /// hash of each address they had opted out of. `None` for an unknown contact.
     pub async fn erase_contact(
         &self,
-        contact_id: String,
+        contact_id: ContactId,
         now: Timestamp,
     ) -> Result<Option<Erased>> {
         let key = self
@@ -182,7 +182,7 @@ impl Store {
         &self,
         addresses: Vec<(String, String)>,
         now: Timestamp,
-    ) -> Result<Vec<String>> {
+    ) -> Result<Vec<ContactId>> {
         let key = self.address_key.get().cloned();
         backend::opt_outs::suppress_email_addresses(&self.backend, addresses, key, now).await
     }
@@ -271,7 +271,7 @@ reads! {
     /// The bundles (id, version, bundle JSON) of every version a live run is pinned to.
     fn live_workflow_versions(&self) -> Vec<(String, String, String)>;
     /// The contact's newest `limit` events, oldest first.
-    fn contact_events(&self, contact_id: String, limit: i64) -> Vec<ContactEventRow>;
+    fn contact_events(&self, contact_id: ContactId, limit: i64) -> Vec<ContactEventRow>;
     /// The bundle JSON of one stored workflow version.
     fn workflow_version(&self, id: String, version: String) -> Option<String>;
     /// Whether each workflow is enabled, as the last reload of any process recorded it.
@@ -282,8 +282,8 @@ reads! {
     /// What each of these messages is rendered from (none for a message whose event was erased).
     fn message_sources(&self, ids: Vec<MessageId>) -> Vec<MessageSource>;
     fn runs(&self, filter: ListFilter) -> Vec<RunRow>;
-    fn contact(&self, id: String) -> Option<ContactRow>;
-    fn grants(&self, contact_id: String) -> Vec<GrantRow>;
+    fn contact(&self, id: ContactId) -> Option<ContactRow>;
+    fn grants(&self, contact_id: ContactId) -> Vec<GrantRow>;
     /// Events stored but not yet dispatched (for metrics and tests).
     fn undispatched_count(&self) -> i64;
     /// Queue depths and the oldest due job at `now` (for `/metrics`).
@@ -323,7 +323,7 @@ written_once! {
     /// runs parked or resumed).
     fn workflows::sync_workflow_states(&self, states: Vec<(String, bool)>, now: Timestamp) -> Vec<(String, bool, u64)>;
     /// Whether the contact holds at least one active offer grant (what a learner link needs).
-    fn links::has_active_offer(&self, contact_id: String) -> bool;
+    fn links::has_active_offer(&self, contact_id: ContactId) -> bool;
     /// Stores a freshly minted link (replacing the one of the same message) and audits the mint.
     fn links::mint_link(&self, link: NewLink, now: Timestamp) -> ();
     /// The links of a batch of messages being sent, in one transaction: each is stored (replacing
@@ -335,37 +335,37 @@ written_once! {
     /// (the staff link's generation): regeneration, in one transaction.
     fn links::regenerate_link(&self, link: NewLink, site_value: Option<(String, String)>, now: Timestamp) -> ();
     /// Read-only: would this link open the portal now? (GET /l/{token} changes nothing.)
-    fn links::check_link(&self, token_hash: String, now: Timestamp) -> Result<LinkHolder, (LinkRefusal, Option<String>)>;
+    fn links::check_link(&self, token_hash: String, now: Timestamp) -> Result<LinkHolder, (LinkRefusal, Option<ContactId>)>;
     /// Redeems a link atomically: validity, use count and entitlement are checked by the statement
     /// that counts the use; on success a session starts and, for a learner, a `course.user_login`
     /// event from `login_source` is stored in the same transaction. Refusals are audited.
-    fn links::redeem_link(&self, token_hash: String, now: Timestamp, session: NewSession, login_source: String) -> Result<LinkHolder, (LinkRefusal, Option<String>)>;
+    fn links::redeem_link(&self, token_hash: String, now: Timestamp, session: NewSession, login_source: String) -> Result<LinkHolder, (LinkRefusal, Option<ContactId>)>;
     /// The live session with this id hash, if any.
     fn links::session(&self, id_hash: String, now: Timestamp) -> Option<LinkHolder>;
     fn links::end_session(&self, id_hash: String, now: Timestamp) -> ();
     /// Products of the contact's active grants (offers' products plus direct product grants), or,
     /// for `None` (staff), the whole catalogue.
-    fn links::portal_products(&self, contact_id: Option<String>) -> Vec<ProductRow>;
+    fn links::portal_products(&self, contact_id: Option<ContactId>) -> Vec<ProductRow>;
     /// Records a request for a new link if the contact is under `max_short` requests since
     /// `short_since` and `max_day` since `day_since`; returns whether it was allowed.
-    fn links::allow_link_resend(&self, contact_id: String, now: Timestamp, short_since: Timestamp, max_short: i64, day_since: Timestamp, max_day: i64) -> bool;
+    fn links::allow_link_resend(&self, contact_id: ContactId, now: Timestamp, short_since: Timestamp, max_short: i64, day_since: Timestamp, max_day: i64) -> bool;
     /// A site-wide value (e.g. the user link key), creating it with `default` if absent.
     fn links::site_value(&self, name: String, default: String) -> String;
     fn links::set_site_value(&self, name: String, value: String) -> ();
-    fn links::link_audit(&self, contact_id: Option<String>, limit: i64) -> Vec<LinkAuditRow>;
+    fn links::link_audit(&self, contact_id: Option<ContactId>, limit: i64) -> Vec<LinkAuditRow>;
     /// The contacts an audience picks, by id.
-    fn enroll::audience(&self, query: AudienceQuery) -> Vec<String>;
+    fn enroll::audience(&self, query: AudienceQuery) -> Vec<ContactId>;
     /// What each contact holds and has completed, as stored (every contact asked for is in the
     /// answer, with an empty state when nothing is known).
-    fn enroll::contact_states(&self, contact_ids: Vec<String>) -> std::collections::HashMap<String, herald_core::workflow::ContactState>;
+    fn enroll::contact_states(&self, contact_ids: Vec<ContactId>) -> std::collections::HashMap<ContactId, herald_core::workflow::ContactState>;
     /// The enrollment counts in one workflow of each of `contact_ids` that herald knows (an
     /// unknown id has no row).
-    fn enroll::enrollment_counts(&self, workflow_id: String, contact_ids: Vec<String>, window_start: Timestamp) -> Vec<(String, EnrollmentCounts)>;
+    fn enroll::enrollment_counts(&self, workflow_id: String, contact_ids: Vec<ContactId>, window_start: Timestamp) -> Vec<(ContactId, EnrollmentCounts)>;
     /// Course events received since `since` (not herald's enrollments, not set-aside ones),
     /// after `after_seq`, in order: what a replay matches again.
     fn enroll::course_events_since(&self, since: Timestamp, after_seq: i64, limit: i64) -> Vec<(i64, herald_core::CourseEvent)>;
     /// The triggering event (its `seq`) and workflow of every run of these contacts.
-    fn enroll::runs_started_by_events(&self, contact_ids: Vec<String>) -> Vec<(i64, String)>;
+    fn enroll::runs_started_by_events(&self, contact_ids: Vec<ContactId>) -> Vec<(i64, String)>;
     /// Which of `ids` are stored as events of `source`.
     fn enroll::stored_event_ids(&self, source: String, ids: Vec<String>) -> Vec<String>;
     /// Sets aside the oldest undispatched event (its dispatch keeps failing) with the error, so
@@ -383,10 +383,10 @@ written_once! {
     /// Events set aside, oldest first, after the given `seq`.
     fn dead::dead_events(&self, after_seq: i64, limit: i64) -> Vec<DeadEventRow>;
     /// Opts a contact out of a channel (`true`) or back in (`false`); returns whether anything changed.
-    fn opt_outs::set_opt_out(&self, contact_id: String, channel: Channel, opted_out: bool, source: String, now: Timestamp) -> bool;
-    fn opt_outs::opt_outs(&self, contact_id: String) -> Vec<OptOutRow>;
+    fn opt_outs::set_opt_out(&self, contact_id: ContactId, channel: Channel, opted_out: bool, source: String, now: Timestamp) -> bool;
+    fn opt_outs::opt_outs(&self, contact_id: ContactId) -> Vec<OptOutRow>;
     /// Every opt-out with the contact's current addresses, oldest first.
     fn opt_outs::suppression_list(&self) -> Vec<SuppressionRow>;
     /// Ids of the contacts whose phone is this E.164 number (inbound SMS keywords).
-    fn opt_outs::contacts_by_phone(&self, phone: String) -> Vec<String>;
+    fn opt_outs::contacts_by_phone(&self, phone: String) -> Vec<ContactId>;
 }

@@ -1,7 +1,7 @@
 //! The rows herald stores and the batches its engine hands the store. Plain data: the store
 //! knows SQL, the engine knows the rules, and these types are the contract between them.
 
-pub use crate::ids::{LeaseToken, MessageId, RunId};
+pub use crate::ids::{ContactId, LeaseToken, MessageId, RunId};
 use herald_core::CourseEvent;
 pub use herald_core::{Channel, MessageStatus, RunState, Timestamp};
 use std::collections::HashMap;
@@ -26,7 +26,7 @@ pub enum Accepted {
 pub struct ContactRow {
     // Named apart from the id of a row it is read beside (a message's source).
     #[sqlx(rename = "contact_id")]
-    pub id: String,
+    pub id: ContactId,
     pub email: Option<String>,
     pub phone: Option<String>,
     pub first_name: Option<String>,
@@ -45,7 +45,7 @@ pub struct LiveRun {
     pub run_id: RunId,
     pub workflow_id: String,
     pub workflow_version: String,
-    pub contact_id: String,
+    pub contact_id: ContactId,
     #[sqlx(try_from = "String")]
     pub state: RunState,
     /// The trigger name a `WaitingEvent` run waits for.
@@ -53,13 +53,13 @@ pub struct LiveRun {
 }
 
 /// An audience with its cutoff resolved: holders of an active grant of any of `offers` or
-/// `products` (every contact when both are empty), and with `inactive_before_ms`, only those whose
+/// `products` (every contact when both are empty), and with `inactive_before`, only those whose
 /// latest course event is older.
 #[derive(Debug, Clone, Default)]
 pub struct AudienceQuery {
     pub offers: Vec<String>,
     pub products: Vec<String>,
-    pub inactive_before_ms: Option<Timestamp>,
+    pub inactive_before: Option<Timestamp>,
 }
 
 /// How often a contact was enrolled in a workflow: what the enrollment rules need.
@@ -82,13 +82,13 @@ pub struct DispatchInput {
     pub events: Vec<(i64, CourseEvent)>,
     pub live_runs: Vec<LiveRun>,
     /// Keyed by (contact id, workflow id).
-    pub counts: HashMap<(String, String), EnrollmentCounts>,
+    pub counts: HashMap<(ContactId, String), EnrollmentCounts>,
     /// The batch's contacts as the projection left them (this batch's events applied), so that
     /// messages go to the latest address even when an event carries only the contact's id.
-    pub contacts: HashMap<String, ContactRow>,
+    pub contacts: HashMap<ContactId, ContactRow>,
     /// The state of the batch's contacts as the projection left them, when the dispatcher asked
     /// for it (a workflow's conditions read it).
-    pub states: Option<HashMap<String, herald_core::workflow::ContactState>>,
+    pub states: Option<HashMap<ContactId, herald_core::workflow::ContactState>>,
 }
 
 /// What the planner decided for a batch; applied in the same transaction that marks the events
@@ -125,7 +125,7 @@ pub struct RunWrite {
     pub run_id: RunId,
     pub workflow_id: String,
     pub workflow_version: String,
-    pub contact_id: String,
+    pub contact_id: ContactId,
     pub event_seq: i64,
     pub state: RunState,
     pub reason: Option<String>,
@@ -168,7 +168,7 @@ pub struct ClaimedRun {
     pub run_id: RunId,
     pub workflow_id: String,
     pub workflow_version: String,
-    pub contact_id: String,
+    pub contact_id: ContactId,
     pub event_seq: i64,
     pub state: RunState,
     pub pc: i64,
@@ -295,7 +295,7 @@ pub struct MessageRow {
     pub run_id: RunId,
     pub step_id: String,
     pub workflow_id: String,
-    pub contact_id: String,
+    pub contact_id: ContactId,
     #[sqlx(try_from = "String")]
     pub channel: Channel,
     pub recipient: Option<String>,
@@ -319,7 +319,7 @@ pub struct RunRow {
     pub id: RunId,
     pub workflow_id: String,
     pub workflow_version: String,
-    pub contact_id: String,
+    pub contact_id: ContactId,
     #[sqlx(try_from = "String")]
     pub state: RunState,
     pub reason: Option<String>,
@@ -336,7 +336,7 @@ pub struct RunRow {
 /// Filters of list queries; `None` means any.
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
-    pub contact_id: Option<String>,
+    pub contact_id: Option<ContactId>,
     pub workflow_id: Option<String>,
     pub status: Option<String>,
     /// Return rows with an id greater than this (cursor pagination on time-ordered ids).
@@ -384,7 +384,7 @@ impl LinkKind {
 pub struct NewLink {
     pub token_hash: String,
     pub kind: LinkKind,
-    pub contact_id: Option<String>,
+    pub contact_id: Option<ContactId>,
     /// The message it was minted for, if any (one link per message).
     pub message_id: Option<MessageId>,
     pub max_uses: Option<i64>,
@@ -395,7 +395,7 @@ pub struct NewLink {
 /// grant), and those that are: only they are stored.
 pub(crate) fn split_entitled<'a>(
     links: &'a [NewLink],
-    entitled: &std::collections::HashSet<String>,
+    entitled: &std::collections::HashSet<ContactId>,
 ) -> (Vec<bool>, Vec<&'a NewLink>) {
     let minted: Vec<bool> = links
         .iter()
@@ -436,7 +436,7 @@ impl LinkRefusal {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LinkHolder {
     pub kind: LinkKind,
-    pub contact_id: Option<String>,
+    pub contact_id: Option<ContactId>,
 }
 
 /// A session to start on redemption: the hash of its cookie value.
@@ -459,7 +459,7 @@ pub struct ProductRow {
 pub struct LinkAuditRow {
     pub at_ms: Timestamp,
     pub kind: String,
-    pub contact_id: Option<String>,
+    pub contact_id: Option<ContactId>,
     pub action: String,
     pub reason: Option<String>,
 }
@@ -467,7 +467,6 @@ pub struct LinkAuditRow {
 /// The `course.user_login` event herald emits itself when a learner redeems a link, so that
 /// workflows can react to logins.
 pub fn login_event(source: &str, contact_id: &str, at: Timestamp) -> NewEvent {
-    let now = at.to_datetime();
     let mut data = serde_json::Map::new();
     data.insert("contact".into(), serde_json::json!({ "id": contact_id }));
     NewEvent {
@@ -475,8 +474,8 @@ pub fn login_event(source: &str, contact_id: &str, at: Timestamp) -> NewEvent {
             id: format!("login_{}", uuid::Uuid::now_v7()),
             source: source.to_owned(),
             event_type: herald_core::EventType::UserLogin,
-            time: now,
-            time_raw: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            time: at.to_datetime(),
+            time_raw: at.to_string(),
             data,
         },
         received_ms: at,
@@ -486,7 +485,7 @@ pub fn login_event(source: &str, contact_id: &str, at: Timestamp) -> NewEvent {
 /// An opt-out with the contact's current addresses (the suppression list).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
 pub struct SuppressionRow {
-    pub contact_id: String,
+    pub contact_id: ContactId,
     pub email: Option<String>,
     pub phone: Option<String>,
     pub channel: String,
@@ -522,7 +521,7 @@ pub struct QueueStats {
 
 impl QueueStats {
     /// Due time of the oldest due run or message, if any.
-    pub fn oldest_job_due_ms(&self) -> Option<Timestamp> {
+    pub fn oldest_job_due(&self) -> Option<Timestamp> {
         match (self.oldest_run_due_ms, self.oldest_message_due_ms) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
@@ -540,7 +539,7 @@ pub struct DeadEventRow {
     /// The CloudEvents type as posted (`course.new_signup`).
     #[serde(rename = "type")]
     pub event_type: String,
-    pub contact_id: String,
+    pub contact_id: ContactId,
     pub error: String,
     pub received_ms: Timestamp,
     pub dead_ms: Timestamp,

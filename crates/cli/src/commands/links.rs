@@ -14,7 +14,7 @@ pub async fn links(config: &Config, action: LinksAction) -> Result<ExitCode> {
     let now = Clock::System.now();
     let url = match action {
         LinksAction::Regenerate { contact } => {
-            if store.contact(contact.clone()).await?.is_none() {
+            if store.contact(contact.as_str().into()).await?.is_none() {
                 bail!("no contact {contact:?}: herald learns contacts from course events");
             }
             policy.regenerate_learner(&store, &contact, now).await?

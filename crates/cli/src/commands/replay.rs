@@ -12,7 +12,7 @@ use herald_core::event::HERALD_SOURCE;
 use herald_core::workflow::{CompiledWorkflow, ContactState};
 use herald_engine::enrollment::store_enrollments;
 use herald_engine::registry::{Sources, compile_all, read_bundles};
-use herald_store::{NewEvent, Store, Timestamp};
+use herald_store::{ContactId, NewEvent, Store, Timestamp};
 use secrecy::ExposeSecret;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::ExitCode;
@@ -44,13 +44,15 @@ pub async fn replay(
     let mut to_enroll: HashSet<(i64, usize)> = HashSet::new();
     let mut after = 0;
     loop {
-        let page = store.course_events_since(since.into(), after, PAGE).await?;
+        let page = store
+            .course_events_since(Timestamp::from_datetime(since), after, PAGE)
+            .await?;
         let Some((last, _)) = page.last() else { break };
         after = *last;
         read += page.len() as u64;
-        let contacts: Vec<String> = page
+        let contacts: Vec<ContactId> = page
             .iter()
-            .map(|(_, e)| e.contact_id().to_owned())
+            .map(|(_, e)| ContactId::from(e.contact_id()))
             .collect();
         let ran: HashSet<(i64, String)> = store
             .runs_started_by_events(contacts.clone())
@@ -119,7 +121,9 @@ pub async fn replay(
     let now = Timestamp::from_datetime(chrono::Utc::now());
     let mut after = 0;
     loop {
-        let page = store.course_events_since(since.into(), after, PAGE).await?;
+        let page = store
+            .course_events_since(Timestamp::from_datetime(since), after, PAGE)
+            .await?;
         let Some((last, _)) = page.last() else { break };
         after = *last;
         let mut events = Vec::new();

@@ -7,8 +7,8 @@ use crate::config::Stage;
 use crate::{runner, telemetry};
 use herald_core::workflow::ContactState;
 use herald_store::{
-    ClaimedRun, NewMessage, RunAdvance, RunState, RunWrite, Signals, StepRecord, StoreError,
-    Timestamp,
+    ClaimedRun, ContactId, NewMessage, RunAdvance, RunState, RunWrite, Signals, StepRecord,
+    StoreError, Timestamp,
 };
 use std::collections::{HashMap, HashSet};
 use std::panic::AssertUnwindSafe;
@@ -97,9 +97,9 @@ impl Shared {
     async fn contact_states(
         &self,
         claimed: &[ClaimedRun],
-    ) -> Result<HashMap<String, ContactState>, StoreError> {
+    ) -> Result<HashMap<ContactId, ContactState>, StoreError> {
         let snapshot = self.registry.snapshot();
-        let contacts: Vec<String> = claimed
+        let contacts: Vec<ContactId> = claimed
             .iter()
             .filter(|r| {
                 snapshot

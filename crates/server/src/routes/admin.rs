@@ -8,7 +8,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
-use herald_store::{MessageId, RunId, Timestamp};
+use herald_store::{ContactId, MessageId, RunId, Timestamp};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
@@ -52,7 +52,7 @@ pub(crate) fn token_matches(expected: &str, given: &str) -> bool {
 /// `POST /v1/contacts/{id}/magic-link`: a new learner link; every older one stops working.
 pub async fn regenerate_contact_link(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(id): Path<ContactId>,
 ) -> Result<Json<Value>, ApiError> {
     if state.store.contact(id.clone()).await?.is_none() {
         return Err(ApiError::new(
@@ -93,7 +93,7 @@ pub async fn regenerate_user_link(State(state): State<AppState>) -> Result<Json<
 #[derive(Debug, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
-    contact_id: Option<String>,
+    contact_id: Option<ContactId>,
     workflow: Option<String>,
     status: Option<String>,
     state: Option<String>,
@@ -137,9 +137,7 @@ impl ListQuery {
 }
 
 pub(crate) fn rfc3339(at: Timestamp) -> Value {
-    chrono::DateTime::from_timestamp_millis(at.millis()).map_or(Value::Null, |t| {
-        json!(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-    })
+    json!(at.to_string())
 }
 
 fn opt_time(at: Option<Timestamp>) -> Value {
@@ -220,7 +218,7 @@ pub struct RetryFilter {
     /// Only messages whose last change is at or after this RFC 3339 time.
     since: Option<String>,
     workflow: Option<String>,
-    contact_id: Option<String>,
+    contact_id: Option<ContactId>,
 }
 
 /// The most messages one `POST /v1/messages/retry` queues again; `more` says to call again.
@@ -249,16 +247,16 @@ pub async fn retry_messages(
     }
     let since = match &f.since {
         None => Timestamp::from_millis(i64::MIN),
-        Some(t) => chrono::DateTime::parse_from_rfc3339(t)
-            .map_err(|_| {
+        Some(t) => {
+            let at = chrono::DateTime::parse_from_rfc3339(t).map_err(|_| {
                 ApiError::new(
                     StatusCode::BAD_REQUEST,
                     format!("since {t:?} is not an RFC 3339 time such as 2026-12-04T22:00:00Z"),
                 )
                 .with("field", "since")
-            })?
-            .to_utc()
-            .into(),
+            })?;
+            Timestamp::from_datetime(at.to_utc())
+        }
     };
     let now = state.clock.now();
     let mut retried = Vec::new();
@@ -419,12 +417,12 @@ pub async fn cancel_run(
 /// `GET /v1/contacts/{id}`: details, grants and opt-outs.
 pub async fn contact(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(id): Path<ContactId>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(contact_json(&state, &id).await?))
 }
 
-async fn contact_json(state: &AppState, id: &str) -> Result<Value, ApiError> {
+async fn contact_json(state: &AppState, id: &ContactId) -> Result<Value, ApiError> {
     let Some(c) = state.store.contact(id.to_owned()).await? else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -453,7 +451,7 @@ async fn contact_json(state: &AppState, id: &str) -> Result<Value, ApiError> {
 /// every grant, the events received, runs, messages, opt-outs, link activity).
 pub async fn export(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(id): Path<ContactId>,
 ) -> Result<Json<Value>, ApiError> {
     let contact = contact_json(&state, &id).await?;
     let all = || herald_store::ListFilter {
@@ -510,7 +508,7 @@ pub async fn export(
 /// subscribe them again.
 pub async fn erase(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(id): Path<ContactId>,
 ) -> Result<Json<Value>, ApiError> {
     match state
         .store
@@ -566,13 +564,13 @@ const TIMELINE_LIMIT: i64 = 500;
 /// runs started, each step, runs ended, messages with their outcome, opt-outs and link activity.
 pub async fn timeline(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(id): Path<ContactId>,
 ) -> Result<Json<Value>, ApiError> {
     Ok(Json(timeline_of(&state, &id).await?))
 }
 
 /// `{"contact": …, "timeline": [...]}` of [`timeline`].
-pub(crate) async fn timeline_of(state: &AppState, id: &str) -> Result<Value, ApiError> {
+pub(crate) async fn timeline_of(state: &AppState, id: &ContactId) -> Result<Value, ApiError> {
     let id = id.to_owned();
     let state = state.clone();
     let contact = contact_json(&state, &id).await?;

@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode};
 use herald_core::event::MAX_ID_LEN;
 use herald_core::workflow::Audience;
 use herald_engine::enrollment::{self, Enrollees, EnrollmentError};
+use herald_store::ContactId;
 use serde_json::{Value, json};
 
 /// The most contact ids one request may name.
@@ -103,7 +104,7 @@ pub async fn enroll(
     ))
 }
 
-fn contact_ids(ids: Vec<String>) -> Result<Vec<String>, ApiError> {
+fn contact_ids(ids: Vec<String>) -> Result<Vec<ContactId>, ApiError> {
     if ids.is_empty() {
         return Err(bad("contact_ids lists no contact", "contact_ids"));
     }
@@ -126,7 +127,7 @@ fn contact_ids(ids: Vec<String>) -> Result<Vec<String>, ApiError> {
             ));
         }
     }
-    Ok(ids)
+    Ok(ids.into_iter().map(ContactId::from).collect())
 }
 
 fn audience_of(a: AudienceRequest) -> Result<Audience, ApiError> {

@@ -3,7 +3,7 @@
 use crate::AppState;
 use herald_channels::email::OutgoingEmail;
 use herald_core::template::{CustomValues, render_standalone_email};
-use herald_store::{Channel, MailboxItem};
+use herald_store::{Channel, ContactId, MailboxItem};
 
 const SUBJECT: &str = "Your new sign-in link";
 const DEFAULT_TEXT: &str = "Hi {{default contact.first_name \"there\"}},\n\nhere is your new sign-in link:\n\n<<login_url>>\n\nIt signs you in with one click. If you did not ask for it, you can ignore this email.\n";
@@ -20,8 +20,8 @@ pub enum LoginMailError {
 }
 
 /// Mints a fresh link for the contact and emails it to the address on file (if any).
-pub async fn send_new_link(state: &AppState, contact_id: &str) -> Result<(), LoginMailError> {
-    let Some(contact) = state.store.contact(contact_id.to_owned()).await? else {
+pub async fn send_new_link(state: &AppState, contact_id: &ContactId) -> Result<(), LoginMailError> {
+    let Some(contact) = state.store.contact(contact_id.clone()).await? else {
         return Ok(());
     };
     let Some(to) = contact.email.clone().filter(|e| !e.is_empty()) else {

@@ -11,7 +11,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use herald_store::Channel;
+use herald_store::{Channel, ContactId};
 use serde_json::{Value, json};
 
 /// Addresses one CSV import may hold, and its size.
@@ -246,7 +246,7 @@ pub struct OptOutChange {
 /// asked by phone). Answers the contact's opt-outs as they now stand.
 pub async fn set_opt_out(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(id): Path<ContactId>,
     body: Result<Json<OptOutChange>, JsonRejection>,
 ) -> Result<Json<Value>, ApiError> {
     let Json(change) = body.map_err(|e| {

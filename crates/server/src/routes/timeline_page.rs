@@ -9,6 +9,7 @@ use axum::Form;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::Response;
+use herald_store::ContactId;
 use serde_json::Value;
 
 #[derive(Debug, serde::Deserialize)]
@@ -18,7 +19,7 @@ pub struct TokenForm {
 
 pub async fn show(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(id): Path<ContactId>,
     headers: HeaderMap,
 ) -> Response {
     let bearer = headers
@@ -35,13 +36,13 @@ pub async fn show(
 
 pub async fn show_posted(
     State(state): State<AppState>,
-    Path(id): Path<String>,
+    Path(id): Path<ContactId>,
     Form(form): Form<TokenForm>,
 ) -> Response {
     answer(&state, &id, form.token.trim()).await
 }
 
-async fn answer(state: &AppState, id: &str, token: &str) -> Response {
+async fn answer(state: &AppState, id: &ContactId, token: &str) -> Response {
     let Some(expected) = &state.admin_token else {
         let body = "<h1>The admin API is off</h1><p>Set HERALD_ADMIN_TOKEN to see timelines.</p>";
         return private_page(StatusCode::NOT_FOUND, page("Timeline", body));

@@ -8,7 +8,7 @@ use crate::html::{escape, page, private_page};
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::Response;
-use herald_store::Channel;
+use herald_store::{Channel, ContactId};
 
 pub async fn show(State(state): State<AppState>, Path(token): Path<String>) -> Response {
     if state.engine.unsubscribe.verify(&token).is_none() {
@@ -58,7 +58,7 @@ pub async fn unsubscribe(
     if state
         .store
         .set_opt_out(
-            contact,
+            ContactId::from(contact),
             Channel::Email,
             true,
             source.into(),

@@ -115,7 +115,7 @@ fn assert_all_sent(rows: &[MessageRow], expected: usize) {
 /// The state of each contact's runs, for failure messages.
 fn run_states(runs: &[RunRow]) -> Vec<(String, &'static str, Option<String>)> {
     runs.iter()
-        .map(|r| (r.contact_id.clone(), r.state.as_str(), r.reason.clone()))
+        .map(|r| (r.contact_id.to_string(), r.state.as_str(), r.reason.clone()))
         .collect()
 }
 

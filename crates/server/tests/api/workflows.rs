@@ -161,7 +161,7 @@ steps:
         .messages()
         .await
         .into_iter()
-        .map(|m| (m.contact_id, m.step_id))
+        .map(|m| (m.contact_id.into(), m.step_id))
         .collect();
     got.sort();
     let expected = [

@@ -4,13 +4,13 @@
 //! statements (`sqlite/dispatch.rs`, `postgres/dispatch.rs`), its projection and the
 //! transaction around a batch.
 
-use super::sql::{Column, On, Param, Tx, limit_param, statement, text};
+use super::sql::{Column, On, Param, Tx, limit_param, statement, text, text_list};
 use super::{Backend, distinct, first_per_key};
 use crate::decode::parse_stored_event;
 use crate::erasure::AddressKey;
 use crate::{
-    ContactRow, DispatchInput, DispatchRequest, EnrollmentCounts, LiveRun, Result, Timestamp,
-    projection,
+    ContactId, ContactRow, DispatchInput, DispatchRequest, EnrollmentCounts, LiveRun, Result,
+    Timestamp, projection,
 };
 use herald_core::CourseEvent;
 use std::collections::HashMap;
@@ -64,7 +64,7 @@ struct EventRow {
 
 #[derive(sqlx::FromRow)]
 struct CountRow {
-    contact_id: String,
+    contact_id: ContactId,
     workflow_id: String,
     total: i64,
     recent: i64,
@@ -99,9 +99,9 @@ async fn dispatch_batch(
         .iter()
         .map(|r| Ok((r.seq, parse_stored_event(&r.body)?)))
         .collect::<Result<Vec<_>>>()?;
-    let contacts: Vec<String> = distinct(events.iter().map(|(_, e)| e.contact_id()))
+    let contacts: Vec<ContactId> = distinct(events.iter().map(|(_, e)| e.contact_id()))
         .into_iter()
-        .map(str::to_owned)
+        .map(ContactId::from)
         .collect();
     super::membership::project(tx.at(), &events).await?;
     end_learner_access(tx.at(), &projection::lost_an_offer(&events), now).await?;
@@ -110,7 +110,7 @@ async fn dispatch_batch(
     }
     let contact_rows: Vec<ContactRow> = tx
         .at()
-        .fetch_all(statement!(dispatch::CONTACTS), &[Param::Texts(&contacts)])
+        .fetch_all(statement!(dispatch::CONTACTS), &[text_list(&contacts)])
         .await?;
     let states = if contact_states {
         Some(super::enroll::contact_states_on(tx.at(), &contacts).await?)
@@ -119,13 +119,13 @@ async fn dispatch_batch(
     };
     let live_runs: Vec<LiveRun> = tx
         .at()
-        .fetch_all(statement!(dispatch::LIVE_RUNS), &[Param::Texts(&contacts)])
+        .fetch_all(statement!(dispatch::LIVE_RUNS), &[text_list(&contacts)])
         .await?;
     let counts: Vec<CountRow> = tx
         .at()
         .fetch_all(
             statement!(dispatch::ENROLLMENT_COUNTS),
-            &[Param::from(now - loop_window), Param::Texts(&contacts)],
+            &[Param::from(now - loop_window), text_list(&contacts)],
         )
         .await?;
 
@@ -200,8 +200,7 @@ async fn end_learner_access(mut tx: Tx<'_>, contacts: &[&str], now: Timestamp) -
     if contacts.is_empty() {
         return Ok(());
     }
-    let contacts: Vec<String> = contacts.iter().map(|c| (*c).to_owned()).collect();
-    let params = [Param::from(now), Param::Texts(&contacts)];
+    let params = [Param::from(now), text_list(contacts)];
     tx.at()
         .execute(statement!(dispatch::END_LEARNER_LINKS), &params)
         .await?;
@@ -227,7 +226,7 @@ async fn opt_out_suppressed_addresses(
     let all: Vec<String> = hashes.iter().map(|(_, _, h)| h.clone()).collect();
     let suppressed: HashMap<String, String> = tx
         .at()
-        .fetch_all::<(String, String)>(statement!(dispatch::SUPPRESSED), &[Param::Texts(&all)])
+        .fetch_all::<(String, String)>(statement!(dispatch::SUPPRESSED), &[text_list(&all)])
         .await?
         .into_iter()
         .collect();

@@ -2,9 +2,9 @@
 //! the held and completed state of named contacts, and stored course events to replay.
 
 use super::Backend;
-use super::sql::{On, Param, Statement, limit_param, text};
+use super::sql::{On, Param, Statement, limit_param, text, text_list};
 use crate::decode::{self, parse_stored_event};
-use crate::{AudienceQuery, EnrollmentCounts, Result, Timestamp};
+use crate::{AudienceQuery, ContactId, EnrollmentCounts, Result, Timestamp};
 use herald_core::CourseEvent;
 use herald_core::workflow::ContactState;
 use sqlx::{Executor, Postgres, Sqlite};
@@ -105,39 +105,39 @@ const STORED_EVENT_IDS: Statement = Statement {
 /// reader, or inside a dispatch's transaction.
 pub(crate) async fn contact_states_on<'e, S, P>(
     on: On<S, P>,
-    contact_ids: &[String],
-) -> Result<HashMap<String, ContactState>>
+    contact_ids: &[ContactId],
+) -> Result<HashMap<ContactId, ContactState>>
 where
     S: Executor<'e, Database = Sqlite>,
     P: Executor<'e, Database = Postgres>,
 {
     let rows: Vec<(String, String, Option<String>)> = on
-        .fetch_all(CONTACT_STATES, &[Param::Texts(contact_ids)])
+        .fetch_all(CONTACT_STATES, &[text_list(contact_ids)])
         .await?;
     Ok(decode::contact_states(contact_ids, rows))
 }
 
 pub(crate) async fn contact_states(
     backend: &Backend,
-    contact_ids: Vec<String>,
-) -> Result<HashMap<String, ContactState>> {
+    contact_ids: Vec<ContactId>,
+) -> Result<HashMap<ContactId, ContactState>> {
     contact_states_on(backend.reader(), &contact_ids).await
 }
 
-pub(crate) async fn audience(backend: &Backend, query: AudienceQuery) -> Result<Vec<String>> {
+pub(crate) async fn audience(backend: &Backend, query: AudienceQuery) -> Result<Vec<ContactId>> {
     let everyone = query.offers.is_empty() && query.products.is_empty();
     let params = [
         Param::Bool(everyone),
-        Param::Texts(&query.offers),
-        Param::Texts(&query.products),
-        Param::from(query.inactive_before_ms),
+        text_list(&query.offers),
+        text_list(&query.products),
+        Param::from(query.inactive_before),
     ];
     backend.reader().fetch_scalars(AUDIENCE, &params).await
 }
 
 #[derive(sqlx::FromRow)]
 struct CountsRow {
-    contact_id: String,
+    contact_id: ContactId,
     total: i64,
     recent: i64,
     live: i64,
@@ -146,12 +146,12 @@ struct CountsRow {
 pub(crate) async fn enrollment_counts(
     backend: &Backend,
     workflow_id: String,
-    contact_ids: Vec<String>,
+    contact_ids: Vec<ContactId>,
     window_start: Timestamp,
-) -> Result<Vec<(String, EnrollmentCounts)>> {
+) -> Result<Vec<(ContactId, EnrollmentCounts)>> {
     let params = [
         text(&workflow_id),
-        Param::Texts(&contact_ids),
+        text_list(&contact_ids),
         Param::from(window_start),
     ];
     let rows: Vec<CountsRow> = backend
@@ -193,11 +193,11 @@ pub(crate) async fn course_events_since(
 
 pub(crate) async fn runs_started_by_events(
     backend: &Backend,
-    contact_ids: Vec<String>,
+    contact_ids: Vec<ContactId>,
 ) -> Result<Vec<(i64, String)>> {
     backend
         .reader()
-        .fetch_all(RUNS_STARTED_BY_EVENTS, &[Param::Texts(&contact_ids)])
+        .fetch_all(RUNS_STARTED_BY_EVENTS, &[text_list(&contact_ids)])
         .await
 }
 
@@ -206,7 +206,7 @@ pub(crate) async fn stored_event_ids(
     source: String,
     ids: Vec<String>,
 ) -> Result<Vec<String>> {
-    let params = [text(&source), Param::Texts(&ids)];
+    let params = [text(&source), text_list(&ids)];
     backend
         .reader()
         .fetch_scalars(STORED_EVENT_IDS, &params)

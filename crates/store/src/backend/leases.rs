@@ -2,7 +2,7 @@
 //! of the results handed back, those whose lease still holds.
 
 use super::Backend;
-use super::sql::{Conn, Decoded, Param, Statement, Tx, limit_param, text};
+use super::sql::{Conn, Decoded, Param, Statement, Tx, limit_param, text, text_list};
 use crate::{LeaseToken, Result, Timestamp};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -78,7 +78,7 @@ pub(crate) async fn under_current_lease<'a, T>(
     lost: impl Fn(&T),
 ) -> Result<Vec<&'a T>> {
     let ids: Vec<String> = items.iter().map(|i| key(i).0.to_owned()).collect();
-    let rows: Vec<LeaseRow> = tx.fetch_all(leases, &[Param::Texts(&ids)]).await?;
+    let rows: Vec<LeaseRow> = tx.fetch_all(leases, &[text_list(&ids)]).await?;
     let mut held: HashMap<String, Option<LeaseToken>> =
         rows.into_iter().map(|r| (r.id, r.lease_token)).collect();
     let mut kept = Vec::with_capacity(items.len());

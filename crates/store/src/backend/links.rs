@@ -5,14 +5,14 @@
 //! backend's multi-row event insert (`events.rs`).
 
 use super::Backend;
-use super::sql::{Column, Param, Statement, Tx, limit_param, statement, text};
+use super::sql::{Column, Param, Statement, Tx, limit_param, statement, text, text_list};
 use crate::{
-    LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, MessageId, NewLink, NewSession, ProductRow,
-    Result, Timestamp,
+    ContactId, LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, MessageId, NewLink, NewSession,
+    ProductRow, Result, Timestamp,
 };
 use std::collections::HashSet;
 
-type Checked = std::result::Result<LinkHolder, (LinkRefusal, Option<String>)>;
+type Checked = std::result::Result<LinkHolder, (LinkRefusal, Option<ContactId>)>;
 
 const HAS_ACTIVE_OFFER: Statement = Statement::portable(
     "SELECT EXISTS (SELECT 1 FROM grants WHERE contact_id = $1 AND kind = 'offer' AND active)",
@@ -111,7 +111,7 @@ const CLASSIFY: Statement = Statement::portable(
      FROM magic_links l WHERE l.token_hash = $1",
 );
 
-pub(crate) async fn has_active_offer(backend: &Backend, contact_id: String) -> Result<bool> {
+pub(crate) async fn has_active_offer(backend: &Backend, contact_id: ContactId) -> Result<bool> {
     backend
         .reader()
         .fetch_scalar(HAS_ACTIVE_OFFER, &[text(&contact_id)])
@@ -154,10 +154,10 @@ async fn mint_message_links_on(
     links: &[NewLink],
     now: Timestamp,
 ) -> Result<Vec<bool>> {
-    let contacts: Vec<String> = links.iter().filter_map(|l| l.contact_id.clone()).collect();
-    let entitled: HashSet<String> = tx
+    let contacts: Vec<&ContactId> = links.iter().filter_map(|l| l.contact_id.as_ref()).collect();
+    let entitled: HashSet<ContactId> = tx
         .at()
-        .fetch_scalars(statement!(links::ENTITLED), &[Param::Texts(&contacts)])
+        .fetch_scalars(statement!(links::ENTITLED), &[text_list(&contacts)])
         .await?
         .into_iter()
         .collect();
@@ -174,7 +174,7 @@ async fn mint_message_links_on(
     tx.at()
         .execute(
             statement!(links::REVOKE_MESSAGES_LINKS),
-            &[Param::from(now), Param::Texts(&messages)],
+            &[Param::from(now), text_list(&messages)],
         )
         .await?;
     let kept = kept.iter().copied();
@@ -330,7 +330,7 @@ async fn redeem(
 struct HolderRow {
     #[sqlx(try_from = "String")]
     kind: LinkKind,
-    contact_id: Option<String>,
+    contact_id: Option<ContactId>,
 }
 
 pub(crate) async fn session(
@@ -362,7 +362,7 @@ pub(crate) async fn end_session(backend: &Backend, id_hash: String, now: Timesta
 
 pub(crate) async fn portal_products(
     backend: &Backend,
-    contact_id: Option<String>,
+    contact_id: Option<ContactId>,
 ) -> Result<Vec<ProductRow>> {
     match &contact_id {
         None => backend.reader().fetch_all(CATALOGUE, &[]).await,
@@ -383,7 +383,7 @@ struct Resends {
 
 pub(crate) async fn allow_link_resend(
     backend: &Backend,
-    contact_id: String,
+    contact_id: ContactId,
     now: Timestamp,
     short_since: Timestamp,
     max_short: i64,
@@ -455,7 +455,7 @@ pub(crate) async fn set_site_value(backend: &Backend, name: String, value: Strin
 
 pub(crate) async fn link_audit(
     backend: &Backend,
-    contact_id: Option<String>,
+    contact_id: Option<ContactId>,
     limit: i64,
 ) -> Result<Vec<LinkAuditRow>> {
     let params = [Param::Text(contact_id.as_deref()), limit_param(limit)];
@@ -508,8 +508,8 @@ impl Audit<'_> {
 struct LinkState {
     #[sqlx(try_from = "String")]
     kind: LinkKind,
-    contact_id: Option<String>,
-    revoked_ms: Option<i64>,
+    contact_id: Option<ContactId>,
+    revoked_ms: Option<Timestamp>,
     expires_ms: Option<Timestamp>,
     uses: i64,
     max_uses: Option<i64>,

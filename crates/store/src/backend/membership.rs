@@ -5,7 +5,7 @@
 //! order: a batch has exactly the effect of its events projected one by one.
 
 use super::distinct;
-use super::sql::{Column, Param, Tx, statement};
+use super::sql::{Column, Param, Tx, statement, text_list};
 use crate::{Result, projection};
 use herald_core::CourseEvent;
 use std::collections::HashSet;
@@ -110,7 +110,7 @@ async fn project_offers<'e>(
             .collect();
         let stored: Vec<OfferRow> = tx
             .at()
-            .fetch_all(statement!(membership::STORED_OFFERS), &[Param::Texts(&ids)])
+            .fetch_all(statement!(membership::STORED_OFFERS), &[text_list(&ids)])
             .await?;
         let stored = stored
             .into_iter()
@@ -136,7 +136,7 @@ async fn project_offers<'e>(
         tx.at()
             .execute(
                 statement!(membership::DELETE_OFFER_PRODUCTS),
-                &[Param::Texts(&offers)],
+                &[text_list(&offers)],
             )
             .await?;
         let pairs: Vec<(&str, &str)> = lists

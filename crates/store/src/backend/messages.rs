@@ -3,7 +3,7 @@
 
 use super::Backend;
 use super::leases::{claim, under_current_lease};
-use super::sql::{Column, Param, Statement, Tx, statement, text};
+use super::sql::{Column, Param, Statement, Tx, statement, text, text_list};
 use crate::decode::{outcome_columns, parse_stored_event};
 use crate::{
     Channel, ClaimedMessage, ContactRow, DeliveryResult, LeaseToken, MailboxItem, MessageId,
@@ -153,16 +153,16 @@ async fn complete_on(mut tx: Tx<'_>, now: Timestamp, outcomes: &[MessageOutcome]
         .await?;
     let mailbox: Vec<&MailboxItem> = written.iter().filter_map(|o| o.mailbox.as_ref()).collect();
     insert_mailbox(tx.at(), &mailbox).await?;
-    let bounced: Vec<String> = written
+    let bounced: Vec<&MessageId> = written
         .iter()
         .filter(|o| matches!(o.result, DeliveryResult::Bounced { .. }))
-        .map(|o| o.message_id.to_string())
+        .map(|o| &o.message_id)
         .collect();
     if !bounced.is_empty() {
         tx.at()
             .execute(
                 statement!(messages::OPT_OUT_BOUNCED),
-                &[Param::from(now), Param::Texts(&bounced)],
+                &[Param::from(now), text_list(&bounced)],
             )
             .await?;
     }

@@ -1,9 +1,9 @@
 //! Opt-outs, the suppression list and erasure, written once for both backends.
 
 use super::Backend;
-use super::sql::{Param, Statement, Tx, text};
+use super::sql::{Param, Statement, Tx, text, text_list};
 use crate::erasure::{AddressKey, Erased};
-use crate::{Channel, OptOutRow, Result, SuppressionRow, Timestamp};
+use crate::{Channel, ContactId, OptOutRow, Result, SuppressionRow, Timestamp};
 
 pub(crate) const OPT_OUT: Statement = Statement::portable(
     "INSERT INTO opt_outs (contact_id, channel, source, at_ms) VALUES ($1, $2, $3, $4)
@@ -56,7 +56,7 @@ const ERASE_MAILBOX: Statement =
 
 pub(crate) async fn set_opt_out(
     backend: &Backend,
-    contact_id: String,
+    contact_id: ContactId,
     channel: Channel,
     opted_out: bool,
     source: String,
@@ -96,7 +96,7 @@ pub(crate) async fn suppress_email_addresses(
     addresses: Vec<(String, String)>,
     key: Option<AddressKey>,
     now: Timestamp,
-) -> Result<Vec<String>> {
+) -> Result<Vec<ContactId>> {
     let args = (addresses, key, now);
     backend
         .write(
@@ -106,11 +106,11 @@ pub(crate) async fn suppress_email_addresses(
                 Box::pin(async move {
                     let mut opted_out = Vec::new();
                     for (address, source) in addresses {
-                        let ids: Vec<String> = tx
+                        let ids: Vec<ContactId> = tx
                             .at()
                             .fetch_scalars(CONTACTS_BY_EMAIL, &[text(address)])
                             .await?;
-                        let params = [Param::Texts(&ids), text(source), Param::from(*now)];
+                        let params = [text_list(&ids), text(source), Param::from(*now)];
                         tx.at().execute(OPT_OUT_EMAILS, &params).await?;
                         if let Some(key) = key {
                             let hash = key.hash(Channel::Email, address);
@@ -152,7 +152,7 @@ struct OptOutSource {
 /// as hashes. `None` for an unknown contact.
 pub(crate) async fn erase_contact(
     backend: &Backend,
-    contact_id: String,
+    contact_id: ContactId,
     key: AddressKey,
     now: Timestamp,
 ) -> Result<Option<Erased>> {
@@ -208,7 +208,7 @@ async fn erase(
     Ok(Some(erased))
 }
 
-pub(crate) async fn opt_outs(backend: &Backend, contact_id: String) -> Result<Vec<OptOutRow>> {
+pub(crate) async fn opt_outs(backend: &Backend, contact_id: ContactId) -> Result<Vec<OptOutRow>> {
     backend
         .reader()
         .fetch_all(OPT_OUTS, &[text(&contact_id)])
@@ -216,7 +216,7 @@ pub(crate) async fn opt_outs(backend: &Backend, contact_id: String) -> Result<Ve
 }
 
 /// Ids of the contacts whose phone is this E.164 number (inbound SMS keywords).
-pub(crate) async fn contacts_by_phone(backend: &Backend, phone: String) -> Result<Vec<String>> {
+pub(crate) async fn contacts_by_phone(backend: &Backend, phone: String) -> Result<Vec<ContactId>> {
     backend
         .reader()
         .fetch_scalars(CONTACTS_BY_PHONE, &[text(&phone)])

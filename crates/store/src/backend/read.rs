@@ -2,11 +2,11 @@
 //! of the same name (`sqlite/read.rs`, `postgres/read.rs`) through [`super::sql`], and the rows
 //! are decoded by column name into the model's types.
 
-use super::sql::{Conn, Param, limit_param, statement};
+use super::sql::{Conn, Param, limit_param, statement, text_list};
 use crate::decode::parse_stored_event;
 use crate::{
-    Channel, ContactEventRow, ContactRow, GrantRow, ListFilter, MailboxItem, MessageId, MessageRow,
-    MessageSource, QueueStats, Result, RunId, RunRow, StepRecord, Timestamp,
+    Channel, ContactEventRow, ContactId, ContactRow, GrantRow, ListFilter, MailboxItem, MessageId,
+    MessageRow, MessageSource, QueueStats, Result, RunId, RunRow, StepRecord, Timestamp,
 };
 use std::collections::HashMap;
 
@@ -40,7 +40,7 @@ pub(crate) async fn live_workflow_versions(
 /// The newest `limit`, oldest first.
 pub(crate) async fn contact_events(
     conn: Conn<'_>,
-    contact_id: String,
+    contact_id: ContactId,
     limit: i64,
 ) -> Result<Vec<ContactEventRow>> {
     let mut rows: Vec<ContactEventRow> = conn
@@ -96,7 +96,7 @@ pub(crate) async fn mailbox(conn: Conn<'_>, limit: i64) -> Result<Vec<MailboxIte
 /// The filter's parameters, in the order the list statements number them.
 fn list_params(f: &ListFilter) -> [Param<'_>; 5] {
     [
-        text(&f.contact_id),
+        Param::Text(f.contact_id.as_deref()),
         text(&f.workflow_id),
         text(&f.status),
         text(&f.after),
@@ -124,9 +124,9 @@ pub(crate) async fn runs(conn: Conn<'_>, f: ListFilter) -> Result<Vec<RunRow>> {
     if runs.is_empty() {
         return Ok(runs);
     }
-    let ids: Vec<String> = runs.iter().map(|r| r.id.to_string()).collect();
+    let ids: Vec<&RunId> = runs.iter().map(|r| &r.id).collect();
     let rows: Vec<StepRow> = conn
-        .fetch_all(statement!(read::RUN_STEPS), &[Param::Texts(&ids)])
+        .fetch_all(statement!(read::RUN_STEPS), &[text_list(&ids)])
         .await?;
     let mut steps: HashMap<RunId, Vec<StepRecord>> = HashMap::new();
     for r in rows {
@@ -138,12 +138,12 @@ pub(crate) async fn runs(conn: Conn<'_>, f: ListFilter) -> Result<Vec<RunRow>> {
     Ok(runs)
 }
 
-pub(crate) async fn contact(conn: Conn<'_>, id: String) -> Result<Option<ContactRow>> {
+pub(crate) async fn contact(conn: Conn<'_>, id: ContactId) -> Result<Option<ContactRow>> {
     conn.fetch_optional(statement!(read::CONTACT), &[Param::Text(Some(&id))])
         .await
 }
 
-pub(crate) async fn grants(conn: Conn<'_>, contact_id: String) -> Result<Vec<GrantRow>> {
+pub(crate) async fn grants(conn: Conn<'_>, contact_id: ContactId) -> Result<Vec<GrantRow>> {
     conn.fetch_all(statement!(read::GRANTS), &[Param::Text(Some(&contact_id))])
         .await
 }
@@ -176,9 +176,8 @@ pub(crate) async fn message_sources(
     conn: Conn<'_>,
     ids: Vec<MessageId>,
 ) -> Result<Vec<MessageSource>> {
-    let ids: Vec<String> = ids.into_iter().map(String::from).collect();
     let rows: Vec<MessageSourceRow> = conn
-        .fetch_all(statement!(read::MESSAGE_SOURCES), &[Param::Texts(&ids)])
+        .fetch_all(statement!(read::MESSAGE_SOURCES), &[text_list(&ids)])
         .await?;
     rows.into_iter()
         .map(|r| {

@@ -150,8 +150,9 @@ pub(crate) enum Param<'a> {
     Int(i64),
     OptInt(Option<i64>),
     Text(Option<&'a str>),
-    /// A list of ids: a JSON array for SQLite's `json_each`, an array for PostgreSQL's `ANY`.
-    Texts(&'a [String]),
+    /// A list of ids: a JSON array for SQLite's `json_each`, an array for PostgreSQL's `ANY`
+    /// (made by [`text_list`]).
+    Texts(Vec<&'a str>),
     /// A list of numbers, bound as [`Param::Texts`] is.
     Ints(&'a [i64]),
     /// Rows, given column by column, so that a batch is one statement: on SQLite one JSON array
@@ -243,6 +244,11 @@ pub(crate) fn limit_param(limit: i64) -> Param<'static> {
     Param::Int(if limit < 0 { i64::MAX } else { limit })
 }
 
+/// A list of texts or ids, bound as one parameter.
+pub(crate) fn text_list<S: AsRef<str>>(items: &[S]) -> Param<'_> {
+    Param::Texts(items.iter().map(AsRef::as_ref).collect())
+}
+
 /// A text parameter that is never NULL.
 pub(crate) fn text<S: AsRef<str> + ?Sized>(s: &S) -> Param<'_> {
     Param::Text(Some(s.as_ref()))
@@ -286,9 +292,7 @@ fn sqlite_args(params: &[Param<'_>]) -> Result<SqliteArguments> {
             Param::Int(n) => args.add(*n),
             Param::OptInt(n) => args.add(*n),
             Param::Text(s) => args.add(*s),
-            Param::Texts(items) => {
-                args.add(super::sqlite::json_list(items.iter().map(String::as_str)))
-            }
+            Param::Texts(items) => args.add(super::sqlite::json_list(items.iter().copied())),
             Param::Ints(items) => args.add(serde_json::Value::from(*items).to_string()),
             Param::Rows(columns) => args.add(json_rows(columns)),
         }
@@ -305,7 +309,7 @@ fn pg_args(params: &[Param<'_>]) -> Result<PgArguments> {
             Param::Int(n) => args.add(*n),
             Param::OptInt(n) => args.add(*n),
             Param::Text(s) => args.add(*s),
-            Param::Texts(items) => args.add(*items),
+            Param::Texts(items) => args.add(items),
             Param::Ints(items) => args.add(*items),
             Param::Rows(columns) => {
                 for column in *columns {

@@ -57,7 +57,7 @@ fn audit_lines(
     rows: Vec<herald_store::LinkAuditRow>,
 ) -> Vec<(String, Option<String>, Option<String>)> {
     rows.into_iter()
-        .map(|r| (r.action, r.contact_id, r.reason))
+        .map(|r| (r.action, r.contact_id.map(String::from), r.reason))
         .collect()
 }
 

@@ -273,14 +273,10 @@ async fn queue_stats_count_due_work(db: &TestDb) {
             oldest_message_due_ms: Some(T0 + ms(20)),
         }
     );
-    assert_eq!(stats.oldest_job_due_ms(), Some(T0 + ms(20)));
+    assert_eq!(stats.oldest_job_due(), Some(T0 + ms(20)));
     let stats = s.queue_stats(T0 + ms(10)).await.unwrap();
     assert_eq!(
-        (
-            stats.due_runs,
-            stats.due_messages,
-            stats.oldest_job_due_ms()
-        ),
+        (stats.due_runs, stats.due_messages, stats.oldest_job_due()),
         (0, 0, None)
     );
 }

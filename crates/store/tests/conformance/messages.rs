@@ -127,7 +127,7 @@ async fn claim_and_complete_messages_for_every_result(db: &TestDb) {
     );
     sent.mailbox = Some(mail("mb1", now));
     let stale = MessageOutcome {
-        lease_token: LeaseToken::from("not-the-lease".to_owned()),
+        lease_token: LeaseToken::from("not-the-lease"),
         ..outcome(
             &by_id("m_failed"),
             DeliveryResult::Sent { provider_id: None },

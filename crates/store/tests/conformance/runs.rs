@@ -7,7 +7,7 @@ conformance! {
     claim_runs_holds_a_lease,
     finish_runs_drops_stale_leases_and_appends_effects,
     concurrent_claims_never_share_a_run,
-    next_due_ms_is_the_earliest_due_work,
+    next_due_is_the_earliest_due_work,
 }
 
 async fn claim_runs_holds_a_lease(db: &TestDb) {
@@ -364,7 +364,7 @@ async fn concurrent_claims_never_share_a_run(db: &TestDb) {
     assert_eq!(total, 40, "every due run was claimed");
 }
 
-async fn next_due_ms_is_the_earliest_due_work(db: &TestDb) {
+async fn next_due_is_the_earliest_due_work(db: &TestDb) {
     let s = &db.store;
     assert_eq!(s.next_due().await.unwrap(), None);
     let mut done = run_write("r_done", "wf0", "c1", 0, RunState::Completed, None);
