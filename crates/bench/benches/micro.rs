@@ -141,7 +141,7 @@ async fn seeded_store(n: usize) -> (Store, tempfile::TempDir) {
                     .remove(0);
                 NewEvent {
                     event,
-                    received_ms: T0,
+                    received: T0,
                 }
             })
             .collect();
@@ -162,7 +162,7 @@ async fn seeded_store(n: usize) -> (Store, tempfile::TempDir) {
                 reason: None,
                 pc: 1,
                 wait_event: None,
-                due_ms: None,
+                due: None,
                 steps: vec![StepRecord {
                     step_id: "welcome".into(),
                     kind: "send_email".into(),
@@ -178,7 +178,7 @@ async fn seeded_store(n: usize) -> (Store, tempfile::TempDir) {
                     recipient: Some("ann@example.com".into()),
                     status: MessageStatus::Queued,
                     reason: None,
-                    due_ms: Some(T0),
+                    due: Some(T0),
                 }],
             });
         }

@@ -276,7 +276,7 @@ impl Delivery {
         }
         let delay = backoff(&self.config, attempt).max(at_least);
         DeliveryResult::Retry {
-            due_ms: self.clock.now() + delay,
+            due: self.clock.now() + delay,
             reason,
         }
     }

@@ -138,7 +138,7 @@ impl Planner<'_> {
                     reason: Some("loop_protection".into()),
                     pc: 0,
                     wait_event: None,
-                    due_ms: None,
+                    due: None,
                     steps: vec![StepRecord {
                         step_id: "enroll".into(),
                         kind: "enroll".into(),
@@ -166,7 +166,7 @@ impl Planner<'_> {
                 write.reason = None;
                 write.pc = advanced.pc as i64;
                 write.wait_event = advanced.wait_event.clone();
-                write.due_ms = advanced.due_ms;
+                write.due = advanced.due;
                 write.steps = advanced.steps;
                 write.messages = advanced.messages;
                 c.total += 1;

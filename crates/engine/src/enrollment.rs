@@ -104,7 +104,7 @@ pub async fn enroll(
                 "api",
                 at,
             ),
-            received_ms: now,
+            received: now,
         })
         .collect();
     store_enrollments(store, events).await?;

@@ -70,7 +70,7 @@ impl LinkPolicy {
             contact_id: Some(ContactId::from(contact_id)),
             message_id,
             max_uses: Some(self.learner_uses),
-            expires_ms: Some(now + self.learner_ttl),
+            expires: Some(now + self.learner_ttl),
         }
     }
 
@@ -162,7 +162,7 @@ impl LinkPolicy {
                 contact_id: None,
                 message_id: None,
                 max_uses: None,
-                expires_ms: None,
+                expires: None,
             };
             // The new link and its generation together: a crash between them would leave a
             // generation whose link was never stored.

@@ -29,7 +29,7 @@ pub struct Advanced {
     pub state: RunState,
     pub pc: usize,
     pub wait_event: Option<String>,
-    pub due_ms: Option<Timestamp>,
+    pub due: Option<Timestamp>,
     pub steps: Vec<StepRecord>,
     pub messages: Vec<NewMessage>,
 }
@@ -78,7 +78,7 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
                         MessageStatus::Queued
                     },
                     reason: problem.clone(),
-                    due_ms: problem.is_none().then(|| Timestamp::from_datetime(due)),
+                    due: problem.is_none().then(|| Timestamp::from_datetime(due)),
                 };
                 let kind = if channel == Channel::Email {
                     "send_email"
@@ -126,7 +126,7 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
                         state,
                         pc,
                         wait_event,
-                        due_ms: Some(Timestamp::from_datetime(due)),
+                        due: Some(Timestamp::from_datetime(due)),
                         steps,
                         messages,
                     };
@@ -153,7 +153,7 @@ pub fn advance(wf: &CompiledWorkflow, mut pc: usize, ctx: &RunContext<'_>) -> Ad
         state: RunState::Completed,
         pc,
         wait_event: None,
-        due_ms: None,
+        due: None,
         steps,
         messages,
     }
@@ -198,7 +198,7 @@ pub fn simulate(
         }
         out.steps.extend(advanced.steps);
         out.messages.extend(advanced.messages);
-        match (advanced.state, advanced.due_ms) {
+        match (advanced.state, advanced.due) {
             (RunState::Active | RunState::WaitingEvent, Some(due)) => {
                 now = due.to_datetime().max(now);
                 pc = advanced.pc;
@@ -329,7 +329,7 @@ mod tests {
         };
         for pc in [0, 1] {
             let advanced = advance(&wf, pc, &ctx);
-            let due = advanced.due_ms.expect("a due time");
+            let due = advanced.due.expect("a due time");
             assert!(
                 due >= Timestamp::from_datetime(now),
                 "pc {pc}: due {due} before now"

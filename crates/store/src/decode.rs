@@ -61,9 +61,9 @@ pub(crate) struct OutcomeColumns<'a> {
     pub status: MessageStatus,
     pub reason: Option<&'a str>,
     /// When to try again (a retry).
-    pub due_ms: Option<Timestamp>,
+    pub due: Option<Timestamp>,
     pub provider_id: Option<&'a str>,
-    pub sent_ms: Option<Timestamp>,
+    pub sent: Option<Timestamp>,
     /// Suppressed, skipped and cancelled messages were never tried: no attempt is counted.
     pub attempted: bool,
 }
@@ -72,9 +72,9 @@ fn not_tried(status: MessageStatus, reason: &str) -> OutcomeColumns<'_> {
     OutcomeColumns {
         status,
         reason: Some(reason),
-        due_ms: None,
+        due: None,
         provider_id: None,
-        sent_ms: None,
+        sent: None,
         attempted: false,
     }
 }
@@ -84,17 +84,17 @@ pub(crate) fn outcome_columns(result: &DeliveryResult, now: Timestamp) -> Outcom
         DeliveryResult::Sent { provider_id } => OutcomeColumns {
             status: MessageStatus::Sent,
             reason: None,
-            due_ms: None,
+            due: None,
             provider_id: provider_id.as_deref(),
-            sent_ms: Some(now),
+            sent: Some(now),
             attempted: true,
         },
-        DeliveryResult::Retry { due_ms, reason } => OutcomeColumns {
+        DeliveryResult::Retry { due, reason } => OutcomeColumns {
             status: MessageStatus::Queued,
             reason: Some(reason),
-            due_ms: Some(*due_ms),
+            due: Some(*due),
             provider_id: None,
-            sent_ms: None,
+            sent: None,
             attempted: true,
         },
         DeliveryResult::Failed { reason } => OutcomeColumns {

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 #[derive(Debug, Clone)]
 pub struct NewEvent {
     pub event: CourseEvent,
-    pub received_ms: Timestamp,
+    pub received: Timestamp,
 }
 
 /// The answer for one stored event.
@@ -131,7 +131,7 @@ pub struct RunWrite {
     pub reason: Option<String>,
     pub pc: i64,
     pub wait_event: Option<String>,
-    pub due_ms: Option<Timestamp>,
+    pub due: Option<Timestamp>,
     pub steps: Vec<StepRecord>,
     pub messages: Vec<NewMessage>,
 }
@@ -159,7 +159,7 @@ pub struct NewMessage {
     pub header_message_id: String,
     pub status: MessageStatus,
     pub reason: Option<String>,
-    pub due_ms: Option<Timestamp>,
+    pub due: Option<Timestamp>,
 }
 
 /// A run claimed for advancing, with what the engine needs to advance it.
@@ -235,9 +235,9 @@ pub enum DeliveryResult {
     Sent {
         provider_id: Option<String>,
     },
-    /// A transient failure: try again at `due_ms`.
+    /// A transient failure: try again at `due`.
     Retry {
-        due_ms: Timestamp,
+        due: Timestamp,
         reason: String,
     },
     Failed {
@@ -388,7 +388,7 @@ pub struct NewLink {
     /// The message it was minted for, if any (one link per message).
     pub message_id: Option<MessageId>,
     pub max_uses: Option<i64>,
-    pub expires_ms: Option<Timestamp>,
+    pub expires: Option<Timestamp>,
 }
 
 /// Of links to mint for messages, whether each one's contact is entitled (holds an active offer
@@ -443,7 +443,7 @@ pub struct LinkHolder {
 #[derive(Debug, Clone)]
 pub struct NewSession {
     pub id_hash: String,
-    pub expires_ms: Timestamp,
+    pub expires: Timestamp,
 }
 
 /// A product as the portal lists it.
@@ -478,7 +478,7 @@ pub fn login_event(source: &str, contact_id: &str, at: Timestamp) -> NewEvent {
             time_raw: at.to_string(),
             data,
         },
-        received_ms: at,
+        received: at,
     }
 }
 

@@ -114,7 +114,7 @@ pub fn preview(
             continue;
         };
         let on_path = run.messages.iter().find(|m| m.pc as usize == pc);
-        let when = match on_path.map(|m| (m.status, m.due_ms, m.reason.as_deref())) {
+        let when = match on_path.map(|m| (m.status, m.due, m.reason.as_deref())) {
             Some((MessageStatus::Queued, Some(due), _)) => format!("goes {}", local(due)),
             Some((_, _, reason)) => format!("skipped: {}", reason.unwrap_or("no address")),
             None => "not on this event's path".to_owned(),

@@ -132,7 +132,7 @@ pub async fn replay(
                 if to_enroll.contains(&(*seq, i)) {
                     events.push(NewEvent {
                         event: CourseEvent::replayed(event, &wf.id),
-                        received_ms: now,
+                        received: now,
                     });
                 }
             }

@@ -103,7 +103,7 @@ impl Shared {
                     "schedule",
                     tick.at,
                 ),
-                received_ms: now,
+                received: now,
             })
             .collect();
         let stored = !events.is_empty();

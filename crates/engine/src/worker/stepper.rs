@@ -47,7 +47,7 @@ impl Shared {
                 RunWrite {
                     state: RunState::Dead,
                     reason: Some(reason),
-                    due_ms: None,
+                    due: None,
                     ..blank_write(run)
                 }
             });
@@ -137,7 +137,7 @@ impl Shared {
             Some(_) if !snapshot.is_enabled(&run.workflow_id) => {
                 // Disabled after the claim query ran: park it where it stands.
                 write.state = RunState::Parked;
-                write.due_ms = Some(now);
+                write.due = Some(now);
             }
             Some(wf) => {
                 // A run claimed while still waiting for an event has reached its timeout.
@@ -170,7 +170,7 @@ impl Shared {
                 write.state = advanced.state;
                 write.pc = advanced.pc as i64;
                 write.wait_event = advanced.wait_event;
-                write.due_ms = advanced.due_ms;
+                write.due = advanced.due;
                 write.steps = advanced.steps;
                 write.messages = advanced.messages;
             }
@@ -191,7 +191,7 @@ fn blank_write(run: &ClaimedRun) -> RunWrite {
         reason: None,
         pc: run.pc,
         wait_event: None,
-        due_ms: None,
+        due: None,
         steps: Vec::new(),
         messages: Vec::new(),
     }

@@ -56,7 +56,7 @@ pub async fn post_events(
             .with("field", e.field)
     })?;
 
-    let received_ms = Timestamp::from_datetime(now);
+    let received = Timestamp::from_datetime(now);
     let ids: Vec<(String, String)> = events
         .iter()
         .map(|e| (e.source.clone(), e.id.clone()))
@@ -66,7 +66,7 @@ pub async fn post_events(
         .accept_events(
             events
                 .into_iter()
-                .map(|event| NewEvent { event, received_ms })
+                .map(|event| NewEvent { event, received })
                 .collect(),
         )
         .await?;

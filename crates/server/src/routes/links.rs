@@ -67,7 +67,7 @@ pub async fn redeem(
     }
     let now = state.clock.now();
     let session = links::generate();
-    let expires_ms = now + SESSION_TTL;
+    let expires = now + SESSION_TTL;
     let redeemed = state
         .store
         .redeem_link(
@@ -75,7 +75,7 @@ pub async fn redeem(
             now,
             NewSession {
                 id_hash: session.hash,
-                expires_ms,
+                expires,
             },
             state.engine.public_url.clone(),
         )

@@ -184,7 +184,7 @@ async fn mint_message_links_on(
         Column::texts(kept.clone(), |l| l.contact_id.as_deref()),
         Column::texts(kept.clone(), |l| l.message_id.as_ref()),
         Column::ints(kept.clone(), |l| l.max_uses),
-        Column::times(kept.clone(), |l| l.expires_ms),
+        Column::times(kept.clone(), |l| l.expires),
     ];
     tx.at()
         .execute(
@@ -308,7 +308,7 @@ async fn redeem(
         text(kind.as_str()),
         Param::Text(contact_id.as_deref()),
         Param::from(now),
-        Param::from(session.expires_ms),
+        Param::from(session.expires),
     ];
     tx.at().execute(START_SESSION, &params).await?;
     let entry = Audit {
@@ -469,7 +469,7 @@ async fn insert_link(tx: &mut Tx<'_>, link: &NewLink, now: Timestamp) -> Result<
         Param::Text(link.contact_id.as_deref()),
         Param::Text(link.message_id.as_ref().map(MessageId::as_str)),
         Param::OptInt(link.max_uses),
-        Param::from(link.expires_ms),
+        Param::from(link.expires),
         Param::from(now),
     ];
     tx.at().execute(INSERT_LINK, &params).await?;

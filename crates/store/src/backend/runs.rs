@@ -99,7 +99,7 @@ async fn finish_on(mut tx: Tx<'_>, now: Timestamp, advances: &[RunAdvance]) -> R
         Column::texts(written.iter().copied(), |w| w.reason.as_deref()),
         Column::ints(written.iter().copied(), |w| Some(w.pc)),
         Column::texts(written.iter().copied(), |w| w.wait_event.as_deref()),
-        Column::times(written.iter().copied(), |w| w.due_ms),
+        Column::times(written.iter().copied(), |w| w.due),
         Column::times(written.iter().copied(), |w| ended_at(w, now)),
     ];
     tx.at()
@@ -132,7 +132,7 @@ pub(crate) async fn insert_runs(mut tx: Tx<'_>, runs: &[RunWrite], now: Timestam
         Column::texts(runs, |w| w.reason.as_deref()),
         Column::ints(runs, |w| Some(w.pc)),
         Column::texts(runs, |w| w.wait_event.as_deref()),
-        Column::times(runs, |w| w.due_ms),
+        Column::times(runs, |w| w.due),
         Column::times(runs, |w| ended_at(w, now)),
     ];
     let mut inserted: HashSet<RunId> = tx
@@ -189,7 +189,7 @@ pub(crate) async fn insert_run_effects(
             Column::texts(&messages, |(_, m)| Some(&m.header_message_id)),
             Column::texts(&messages, |(_, m)| Some(m.status.as_str())),
             Column::texts(&messages, |(_, m)| m.reason.as_deref()),
-            Column::times(&messages, |(_, m)| m.due_ms),
+            Column::times(&messages, |(_, m)| m.due),
         ];
         tx.at()
             .execute(

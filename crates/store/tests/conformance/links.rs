@@ -16,7 +16,7 @@ fn learner_link(
     contact: &str,
     message: Option<&str>,
     max_uses: Option<i64>,
-    expires_ms: Option<Timestamp>,
+    expires: Option<Timestamp>,
 ) -> NewLink {
     NewLink {
         token_hash: hash.into(),
@@ -24,7 +24,7 @@ fn learner_link(
         contact_id: Some(contact.into()),
         message_id: message.map(Into::into),
         max_uses,
-        expires_ms,
+        expires,
     }
 }
 
@@ -35,7 +35,7 @@ fn user_link(hash: &str) -> NewLink {
         contact_id: None,
         message_id: None,
         max_uses: None,
-        expires_ms: None,
+        expires: None,
     }
 }
 
@@ -46,10 +46,10 @@ fn learner(contact: &str) -> LinkHolder {
     }
 }
 
-fn session(id: &str, expires_ms: Timestamp) -> NewSession {
+fn session(id: &str, expires: Timestamp) -> NewSession {
     NewSession {
         id_hash: id.into(),
-        expires_ms,
+        expires,
     }
 }
 

@@ -77,7 +77,7 @@ fn course_event(id: &str, ty: &str, time: Timestamp, data: Value) -> CourseEvent
 fn new_event(id: &str, ty: &str, time: Timestamp, data: Value) -> NewEvent {
     NewEvent {
         event: course_event(id, ty, time, data),
-        received_ms: T0,
+        received: T0,
     }
 }
 
@@ -116,7 +116,7 @@ fn run_write(
     contact: &str,
     event_seq: i64,
     state: RunState,
-    due_ms: Option<Timestamp>,
+    due: Option<Timestamp>,
 ) -> RunWrite {
     RunWrite {
         run_id: run_id.into(),
@@ -128,7 +128,7 @@ fn run_write(
         reason: None,
         pc: 0,
         wait_event: None,
-        due_ms,
+        due,
         steps: Vec::new(),
         messages: Vec::new(),
     }
@@ -143,7 +143,7 @@ fn step(step_id: &str, outcome: &str, at_ms: Timestamp) -> StepRecord {
     }
 }
 
-fn queued_email(id: &str, step_id: &str, due_ms: Timestamp) -> NewMessage {
+fn queued_email(id: &str, step_id: &str, due: Timestamp) -> NewMessage {
     NewMessage {
         id: id.into(),
         step_id: step_id.into(),
@@ -153,7 +153,7 @@ fn queued_email(id: &str, step_id: &str, due_ms: Timestamp) -> NewMessage {
         header_message_id: format!("<{id}@herald.test>"),
         status: MessageStatus::Queued,
         reason: None,
-        due_ms: Some(due_ms),
+        due: Some(due),
     }
 }
 

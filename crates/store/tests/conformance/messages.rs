@@ -51,7 +51,7 @@ async fn claim_and_complete_messages_for_every_result(db: &TestDb) {
     let mut skipped = queued_email("m_skipped_at_creation", "step_x", T0);
     skipped.status = MessageStatus::Skipped;
     skipped.reason = Some("no email address".into());
-    skipped.due_ms = None;
+    skipped.due = None;
     run.messages.push(skipped);
     seed_runs(s, vec![run], T0).await;
 
@@ -141,7 +141,7 @@ async fn claim_and_complete_messages_for_every_result(db: &TestDb) {
             outcome(
                 &by_id("m_retry"),
                 DeliveryResult::Retry {
-                    due_ms: T0 + ms(60_000),
+                    due: T0 + ms(60_000),
                     reason: "421 try later".into(),
                 },
             ),

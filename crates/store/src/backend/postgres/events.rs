@@ -39,7 +39,7 @@ pub(crate) async fn insert_event_rows<'c>(
         types.push(ev.event_type.trigger_name());
         contacts.push(ev.contact_id());
         times.push(ev.time.timestamp_millis());
-        received.push(e.received_ms.millis());
+        received.push(e.received.millis());
         bodies.push(ev.to_json().to_string());
     }
     let rows = sqlx::query(

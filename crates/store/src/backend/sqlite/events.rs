@@ -35,7 +35,7 @@ pub(crate) async fn insert_event_rows(
             ev.event_type.trigger_name(),
             ev.contact_id(),
             ev.time.timestamp_millis(),
-            e.received_ms.millis(),
+            e.received.millis(),
             ev.to_json().to_string(),
         ])
     }));
