@@ -7,7 +7,8 @@ use std::time::Duration;
 
 /// A point in time: milliseconds since the Unix epoch, UTC. Its own type so that a time cannot be
 /// passed where a span, a count or a limit is expected (all three are integers too); spans are
-/// [`std::time::Duration`]. Serialised as the bare number, the way the admin API shows times.
+/// [`std::time::Duration`]. Serialised as the bare number, as a row's `*_ms` field always was in
+/// JSON (the admin API's `*_at` fields are RFC 3339, from [`Display`](fmt::Display)).
 #[derive(
     Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize, serde::Deserialize,
 )]

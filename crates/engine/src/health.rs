@@ -125,7 +125,6 @@ impl Loops {
         now: Timestamp,
     ) -> Vec<(&'static str, LoopStatus)> {
         let elapsed = self.started.elapsed().as_millis() as u64;
-        let limit_ms = stall_limit.as_millis() as u64;
         self.loops
             .iter()
             .map(|l| {
@@ -137,10 +136,12 @@ impl Loops {
                     _ => Some(Timestamp::from_millis(i64::MIN)),
                 };
                 let due_for = oldest_due.map_or(Duration::ZERO, |at| now.since(at));
-                let idle_for = elapsed.saturating_sub(l.last_progress.load(Ordering::SeqCst));
+                let idle_for = Duration::from_millis(
+                    elapsed.saturating_sub(l.last_progress.load(Ordering::SeqCst)),
+                );
                 let status = if !l.alive.load(Ordering::SeqCst) {
                     LoopStatus::Dead
-                } else if idle_for > limit_ms && due_for > stall_limit {
+                } else if idle_for > stall_limit && due_for > stall_limit {
                     LoopStatus::Stalled
                 } else {
                     LoopStatus::Ok

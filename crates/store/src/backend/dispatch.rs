@@ -223,7 +223,7 @@ async fn opt_out_suppressed_addresses(
     if hashes.is_empty() {
         return Ok(());
     }
-    let all: Vec<String> = hashes.iter().map(|(_, _, h)| h.clone()).collect();
+    let all: Vec<&str> = hashes.iter().map(|(_, _, h)| h.as_str()).collect();
     let suppressed: HashMap<String, String> = tx
         .at()
         .fetch_all::<(String, String)>(statement!(dispatch::SUPPRESSED), &[text_list(&all)])

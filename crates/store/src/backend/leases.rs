@@ -77,7 +77,7 @@ pub(crate) async fn under_current_lease<'a, T>(
     key: impl Fn(&'a T) -> (&'a str, &'a LeaseToken),
     lost: impl Fn(&T),
 ) -> Result<Vec<&'a T>> {
-    let ids: Vec<String> = items.iter().map(|i| key(i).0.to_owned()).collect();
+    let ids: Vec<&str> = items.iter().map(|i| key(i).0).collect();
     let rows: Vec<LeaseRow> = tx.fetch_all(leases, &[text_list(&ids)]).await?;
     let mut held: HashMap<String, Option<LeaseToken>> =
         rows.into_iter().map(|r| (r.id, r.lease_token)).collect();

@@ -132,7 +132,7 @@ async fn project_offers<'e>(
     }
     let lists = projection::offer_lists(events, &newer);
     if !lists.final_list.is_empty() {
-        let offers: Vec<String> = lists.final_list.keys().map(|o| (*o).to_owned()).collect();
+        let offers: Vec<&str> = lists.final_list.keys().copied().collect();
         tx.at()
             .execute(
                 statement!(membership::DELETE_OFFER_PRODUCTS),

@@ -10,10 +10,6 @@ use crate::{
 };
 use std::collections::HashMap;
 
-fn text(s: &Option<String>) -> Param<'_> {
-    Param::Text(s.as_deref())
-}
-
 pub(crate) async fn next_due(conn: Conn<'_>) -> Result<Option<Timestamp>> {
     conn.fetch_scalar(statement!(read::NEXT_DUE_MS), &[]).await
 }
@@ -97,9 +93,9 @@ pub(crate) async fn mailbox(conn: Conn<'_>, limit: i64) -> Result<Vec<MailboxIte
 fn list_params(f: &ListFilter) -> [Param<'_>; 5] {
     [
         Param::Text(f.contact_id.as_deref()),
-        text(&f.workflow_id),
-        text(&f.status),
-        text(&f.after),
+        Param::Text(f.workflow_id.as_deref()),
+        Param::Text(f.status.as_deref()),
+        Param::Text(f.after.as_deref()),
         limit_param(f.limit),
     ]
 }

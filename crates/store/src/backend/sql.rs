@@ -250,8 +250,8 @@ pub(crate) fn text_list<S: AsRef<str>>(items: &[S]) -> Param<'_> {
 }
 
 /// A text parameter that is never NULL.
-pub(crate) fn text<S: AsRef<str> + ?Sized>(s: &S) -> Param<'_> {
-    Param::Text(Some(s.as_ref()))
+pub(crate) fn text(s: &str) -> Param<'_> {
+    Param::Text(Some(s))
 }
 
 /// A row type both backends can decode.
