@@ -82,6 +82,14 @@ impl fmt::Debug for Timestamp {
     }
 }
 
+/// Read as the integer it is stored as, as `sqlx(transparent)` does for the store's readers.
+#[cfg(feature = "rusqlite")]
+impl rusqlite::types::FromSql for Timestamp {
+    fn column_result(value: rusqlite::types::ValueRef<'_>) -> rusqlite::types::FromSqlResult<Self> {
+        i64::column_result(value).map(Self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -22,6 +22,16 @@ macro_rules! text_id {
             }
         }
 
+        /// Read by the SQLite writer as the text it is stored as (`sqlx(transparent)` for the
+        /// readers).
+        impl rusqlite::types::FromSql for $name {
+            fn column_result(
+                value: rusqlite::types::ValueRef<'_>,
+            ) -> rusqlite::types::FromSqlResult<Self> {
+                String::column_result(value).map(Self)
+            }
+        }
+
         /// An id read from elsewhere: a request's path, a stored row, a test.
         impl From<String> for $name {
             fn from(id: String) -> Self {

@@ -30,6 +30,9 @@ use std::time::Duration;
 pub enum StoreError {
     #[error("database error: {0}")]
     Database(#[from] sqlx::Error),
+    /// From SQLite's writer connection (see `backend/sqlite/connection.rs`).
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
     #[error("could not apply database migrations: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://USER@HOST/DB")]
@@ -59,8 +62,7 @@ impl StoreError {
                 let code = e.code();
                 let code = code.as_deref().unwrap_or_default();
                 match code.parse::<i32>() {
-                    // SQLite (extended) result codes: busy, locked, I/O, full, cannot open.
-                    Ok(n) => !matches!(n & 0xff, 5 | 6 | 10 | 13 | 14),
+                    Ok(n) => !is_sqlite_unavailable(n),
                     // PostgreSQL SQLSTATEs: connection, resources, operator intervention,
                     // serialization and deadlock, lock not available.
                     Err(_) => {
@@ -74,9 +76,24 @@ impl StoreError {
             Self::Database(
                 sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. },
             ) => true,
+            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
+                !is_sqlite_unavailable(e.extended_code)
+            }
+            Self::Sqlite(
+                rusqlite::Error::FromSqlConversionFailure(..)
+                | rusqlite::Error::IntegralValueOutOfRange(..)
+                | rusqlite::Error::InvalidColumnType(..)
+                | rusqlite::Error::ToSqlConversionFailure(_),
+            ) => true,
             _ => false,
         }
     }
+}
+
+/// SQLite (extended) result codes that say the database could not be used, not that it refused
+/// the work: busy, locked, I/O, full, cannot open.
+fn is_sqlite_unavailable(code: i32) -> bool {
+    matches!(code & 0xff, 5 | 6 | 10 | 13 | 14)
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

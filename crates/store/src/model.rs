@@ -1,6 +1,7 @@
 //! The rows herald stores and the batches its engine hands the store. Plain data: the store
 //! knows SQL, the engine knows the rules, and these types are the contract between them.
 
+use crate::backend::sqlite::FromSqliteRow;
 pub use crate::ids::{ContactId, LeaseToken, MessageId, RunId};
 use herald_core::CourseEvent;
 pub use herald_core::{Channel, MessageStatus, RunState, Timestamp};
@@ -22,7 +23,7 @@ pub enum Accepted {
 }
 
 /// Latest known details of a contact (the membership projection).
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct ContactRow {
     // Named apart from the id of a row it is read beside (a message's source).
     #[sqlx(rename = "contact_id")]
@@ -39,7 +40,7 @@ pub struct ContactRow {
 }
 
 /// A live run of a contact, as the dispatcher needs to see it (exits and event waits).
-#[derive(Debug, Clone, sqlx::FromRow)]
+#[derive(Debug, Clone, sqlx::FromRow, FromSqliteRow)]
 pub struct LiveRun {
     #[sqlx(rename = "id")]
     pub run_id: RunId,
@@ -137,7 +138,7 @@ pub struct RunWrite {
 }
 
 /// One line of a run's history.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct StepRecord {
     pub step_id: String,
     pub kind: String,
@@ -274,7 +275,7 @@ pub struct MessageOutcome {
 }
 
 /// A message in the dev mailbox.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct MailboxItem {
     pub id: String,
     pub message_id: Option<String>,
@@ -289,7 +290,7 @@ pub struct MailboxItem {
 }
 
 /// A message as the admin API and tests read it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct MessageRow {
     pub id: MessageId,
     pub run_id: RunId,
@@ -314,7 +315,7 @@ pub struct MessageRow {
 }
 
 /// A run as the admin API and tests read it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct RunRow {
     pub id: RunId,
     pub workflow_id: String,
@@ -345,7 +346,7 @@ pub struct ListFilter {
 }
 
 /// One grant of a contact.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct GrantRow {
     pub kind: String,
     pub item_id: String,
@@ -447,7 +448,7 @@ pub struct NewSession {
 }
 
 /// A product as the portal lists it.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct ProductRow {
     pub id: String,
     pub title: Option<String>,
@@ -455,7 +456,7 @@ pub struct ProductRow {
 }
 
 /// One line of the link audit trail.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct LinkAuditRow {
     pub at_ms: Timestamp,
     pub kind: String,
@@ -483,7 +484,7 @@ pub fn login_event(source: &str, contact_id: &str, at: Timestamp) -> NewEvent {
 }
 
 /// An opt-out with the contact's current addresses (the suppression list).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct SuppressionRow {
     pub contact_id: ContactId,
     pub email: Option<String>,
@@ -494,7 +495,7 @@ pub struct SuppressionRow {
 }
 
 /// A contact's opt-out of one channel.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct OptOutRow {
     #[sqlx(try_from = "String")]
     pub channel: Channel,
@@ -503,7 +504,7 @@ pub struct OptOutRow {
 }
 
 /// Work waiting in the queues, for `/metrics`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, sqlx::FromRow, FromSqliteRow)]
 pub struct QueueStats {
     /// Stored events the dispatcher has not handled yet.
     pub undispatched_events: i64,
@@ -531,7 +532,7 @@ impl QueueStats {
 
 /// An event set aside because its dispatch kept failing. Decoded by column name, in one place
 /// for both backends.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct DeadEventRow {
     pub seq: i64,
     pub source: String,
@@ -546,7 +547,7 @@ pub struct DeadEventRow {
 }
 
 /// A contact's stored event, for their timeline.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct ContactEventRow {
     pub source: String,
     pub id: String,

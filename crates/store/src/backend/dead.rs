@@ -3,6 +3,7 @@
 
 use super::Backend;
 use super::sql::{Param, Statement, limit_param, text};
+use crate::backend::sqlite::FromSqliteRow;
 use crate::{DeadEventRow, MessageId, MessageStatus, Result, RunId, RunState, Timestamp};
 
 /// Each backend's spelling of "not dispatched" is the one its partial index is declared with.
@@ -47,7 +48,7 @@ const DEAD_EVENTS: Statement = Statement::portable(
      FROM events WHERE dead_error IS NOT NULL AND seq > $1 ORDER BY seq LIMIT $2",
 );
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct EventKey {
     source: String,
     id: String,

@@ -6,6 +6,7 @@
 
 use super::sql::{Column, On, Param, Tx, limit_param, statement, text, text_list};
 use super::{Backend, distinct, first_per_key};
+use crate::backend::sqlite::FromSqliteRow;
 use crate::decode::parse_stored_event;
 use crate::erasure::AddressKey;
 use crate::{
@@ -56,13 +57,13 @@ enum Dispatched {
     Postponed,
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct EventRow {
     seq: i64,
     body: String,
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct CountRow {
     contact_id: ContactId,
     workflow_id: String,

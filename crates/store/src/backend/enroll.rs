@@ -2,12 +2,13 @@
 //! the held and completed state of named contacts, and stored course events to replay.
 
 use super::Backend;
-use super::sql::{On, Param, Statement, limit_param, text, text_list};
+use super::sql::{On, Param, SqliteSide, Statement, limit_param, text, text_list};
+use crate::backend::sqlite::FromSqliteRow;
 use crate::decode::{self, parse_stored_event};
 use crate::{AudienceQuery, ContactId, EnrollmentCounts, Result, Timestamp};
 use herald_core::CourseEvent;
 use herald_core::workflow::ContactState;
-use sqlx::{Executor, Postgres, Sqlite};
+use sqlx::{Executor, Postgres};
 use std::collections::HashMap;
 
 /// `(contact_id, fact, id)`: what each asked contact holds (fact `offer` or `product`) and the
@@ -108,7 +109,7 @@ pub(crate) async fn contact_states_on<'e, S, P>(
     contact_ids: &[ContactId],
 ) -> Result<HashMap<ContactId, ContactState>>
 where
-    S: Executor<'e, Database = Sqlite>,
+    S: SqliteSide,
     P: Executor<'e, Database = Postgres>,
 {
     let rows: Vec<(String, String, Option<String>)> = on
@@ -135,7 +136,7 @@ pub(crate) async fn audience(backend: &Backend, query: AudienceQuery) -> Result<
     backend.reader().fetch_scalars(AUDIENCE, &params).await
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct CountsRow {
     contact_id: ContactId,
     total: i64,

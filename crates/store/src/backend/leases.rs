@@ -3,6 +3,7 @@
 
 use super::Backend;
 use super::sql::{Conn, Decoded, Param, Statement, Tx, limit_param, text, text_list};
+use crate::backend::sqlite::FromSqliteRow;
 use crate::{LeaseToken, Result, Timestamp};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,10 +35,7 @@ pub(crate) async fn claim<T: Decoded + 'static>(
                         if ids.is_empty() {
                             return Ok(Vec::new());
                         }
-                        Ok(sqlx::query_as(sqlite_read)
-                            .bind(super::sqlite::json_list(ids.iter().map(String::as_str)))
-                            .fetch_all(&mut *conn)
-                            .await?)
+                        conn.fetch_all(sqlite_read, &[text_list(&ids)])
                     })
                 })
                 .await?
@@ -59,7 +57,7 @@ fn claim_params(token: &LeaseToken, now: Timestamp, limit: i64, lease: Duration)
     ]
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct LeaseRow {
     id: String,
     lease_token: Option<LeaseToken>,

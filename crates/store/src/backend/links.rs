@@ -6,6 +6,7 @@
 
 use super::Backend;
 use super::sql::{Column, Param, Statement, Tx, limit_param, statement, text, text_list};
+use crate::backend::sqlite::FromSqliteRow;
 use crate::{
     ContactId, LinkAuditRow, LinkHolder, LinkKind, LinkRefusal, MessageId, NewLink, NewSession,
     ProductRow, Result, Timestamp,
@@ -326,7 +327,7 @@ async fn redeem(
     Ok(Ok(LinkHolder { kind, contact_id }))
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct HolderRow {
     #[sqlx(try_from = "String")]
     kind: LinkKind,
@@ -375,7 +376,7 @@ pub(crate) async fn portal_products(
     }
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct Resends {
     short: i64,
     day: i64,
@@ -504,7 +505,7 @@ impl Audit<'_> {
     }
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct LinkState {
     #[sqlx(try_from = "String")]
     kind: LinkKind,

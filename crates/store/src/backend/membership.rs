@@ -6,6 +6,7 @@
 
 use super::distinct;
 use super::sql::{Column, Param, Tx, statement, text_list};
+use crate::backend::sqlite::FromSqliteRow;
 use crate::{Result, projection};
 use herald_core::CourseEvent;
 use std::collections::HashSet;
@@ -86,7 +87,7 @@ pub(crate) async fn project(mut tx: Tx<'_>, events: &[(i64, CourseEvent)]) -> Re
     Ok(())
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct OfferRow {
     id: String,
     title: Option<String>,

@@ -4,6 +4,7 @@
 use super::Backend;
 use super::leases::{claim, under_current_lease};
 use super::sql::{Column, Param, Statement, Tx, statement, text, text_list};
+use crate::backend::sqlite::FromSqliteRow;
 use crate::decode::{outcome_columns, parse_stored_event};
 use crate::{
     Channel, ClaimedMessage, ContactRow, DeliveryResult, LeaseToken, MailboxItem, MessageId,
@@ -11,7 +12,7 @@ use crate::{
 };
 use std::time::Duration;
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct ClaimedMessageRow {
     id: MessageId,
     run_id: RunId,

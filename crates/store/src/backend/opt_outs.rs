@@ -2,6 +2,7 @@
 
 use super::Backend;
 use super::sql::{Param, Statement, Tx, text, text_list};
+use crate::backend::sqlite::FromSqliteRow;
 use crate::erasure::{AddressKey, Erased};
 use crate::{Channel, ContactId, OptOutRow, Result, SuppressionRow, Timestamp};
 
@@ -135,13 +136,13 @@ pub(crate) async fn suppression_list(backend: &Backend) -> Result<Vec<Suppressio
     backend.reader().fetch_all(SUPPRESSION_LIST, &[]).await
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct Addresses {
     email: Option<String>,
     phone: Option<String>,
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct OptOutSource {
     #[sqlx(try_from = "String")]
     channel: Channel,

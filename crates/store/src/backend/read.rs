@@ -3,6 +3,7 @@
 //! are decoded by column name into the model's types.
 
 use super::sql::{Conn, Param, limit_param, statement, text_list};
+use crate::backend::sqlite::FromSqliteRow;
 use crate::decode::parse_stored_event;
 use crate::{
     Channel, ContactEventRow, ContactId, ContactRow, GrantRow, ListFilter, MailboxItem, MessageId,
@@ -14,7 +15,7 @@ pub(crate) async fn next_due(conn: Conn<'_>) -> Result<Option<Timestamp>> {
     conn.fetch_scalar(statement!(read::NEXT_DUE_MS), &[]).await
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct VersionRow {
     workflow_id: String,
     version: String,
@@ -49,7 +50,7 @@ pub(crate) async fn contact_events(
     Ok(rows)
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct BundleRow {
     bundle: String,
 }
@@ -68,7 +69,7 @@ pub(crate) async fn workflow_version(
     Ok(row.map(|r| r.bundle))
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct StateRow {
     workflow_id: String,
     enabled: bool,
@@ -105,7 +106,7 @@ pub(crate) async fn messages(conn: Conn<'_>, f: ListFilter) -> Result<Vec<Messag
         .await
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct StepRow {
     run_id: RunId,
     #[sqlx(flatten)]
@@ -154,7 +155,7 @@ pub(crate) async fn queue_stats(conn: Conn<'_>, now: Timestamp) -> Result<QueueS
         .await
 }
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct MessageSourceRow {
     id: MessageId,
     workflow_id: String,

@@ -5,6 +5,7 @@
 use super::Backend;
 use super::leases::{claim, under_current_lease};
 use super::sql::{Column, Param, Tx, statement};
+use crate::backend::sqlite::FromSqliteRow;
 use crate::decode::parse_stored_event;
 use crate::{
     ClaimedRun, ContactRow, LeaseToken, Result, RunAdvance, RunId, RunState, RunWrite, Timestamp,
@@ -12,7 +13,7 @@ use crate::{
 use std::collections::HashSet;
 use std::time::Duration;
 
-#[derive(sqlx::FromRow)]
+#[derive(sqlx::FromRow, FromSqliteRow)]
 struct ClaimedRunRow {
     id: RunId,
     workflow_id: String,

@@ -2,14 +2,15 @@
 //! its text for each, typed parameters, and fetches that decode rows by column name (each type's
 //! `sqlx::FromRow`). The reads themselves are written once, in [`super::read`], over this.
 
+use super::sqlite::{FromSqliteRow, WriterConnection};
 use crate::{Result, Timestamp};
 use sqlx::postgres::{PgArguments, PgRow};
 use sqlx::sqlite::{SqliteArguments, SqliteRow};
 use sqlx::{
-    Arguments, Decode, Executor, FromRow, PgConnection, PgPool, Postgres, Sqlite, SqliteConnection,
-    SqlitePool, Type,
+    Arguments, Decode, Executor, FromRow, PgConnection, PgPool, Postgres, Sqlite, SqlitePool, Type,
 };
 use std::collections::HashMap;
+use std::future::{Future, ready};
 use std::hash::Hash;
 
 /// A database handle of either backend: a pool ([`Conn`], where reads run) or a connection inside
@@ -22,9 +23,9 @@ pub(crate) enum On<S, P> {
 /// Where a read runs: SQLite's reader pool or the PostgreSQL pool.
 pub(crate) type Conn<'a> = On<&'a SqlitePool, &'a PgPool>;
 
-/// A write transaction's connection: SQLite's writer (inside its group's transaction) or a
-/// PostgreSQL transaction. Each statement borrows it through [`Tx::at`].
-pub(crate) type Tx<'a> = On<&'a mut SqliteConnection, &'a mut PgConnection>;
+/// A write transaction's connection: SQLite's writer (inside its group's transaction, on the
+/// writer's thread) or a PostgreSQL transaction. Each statement borrows it through [`Tx::at`].
+pub(crate) type Tx<'a> = On<&'a mut WriterConnection, &'a mut PgConnection>;
 
 impl Clone for Conn<'_> {
     fn clone(&self) -> Self {
@@ -63,7 +64,7 @@ impl Tx<'_> {
         events: &[&crate::NewEvent],
     ) -> Result<Vec<crate::Accepted>> {
         match self {
-            Self::Sqlite(conn) => super::sqlite::events::insert_event_rows(conn, events).await,
+            Self::Sqlite(conn) => super::sqlite::events::insert_event_rows(conn, events),
             Self::Postgres(conn) => {
                 super::postgres::events::insert_event_rows(&mut **conn, events).await
             }
@@ -229,7 +230,7 @@ impl<'a> Column<'a> {
 }
 
 /// The columns as SQLite reads them: a JSON array of row arrays.
-fn json_rows(columns: &[Column<'_>]) -> String {
+pub(crate) fn json_rows(columns: &[Column<'_>]) -> String {
     let rows = columns.first().map_or(0, Column::len);
     debug_assert!(columns.iter().all(|c| c.len() == rows), "ragged rows");
     let rows: Vec<serde_json::Value> = (0..rows)
@@ -256,11 +257,11 @@ pub(crate) fn text(s: &str) -> Param<'_> {
 
 /// A row type both backends can decode.
 pub(crate) trait Decoded:
-    for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + Send + Unpin
+    for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + FromSqliteRow + Send + Unpin
 {
 }
 impl<T> Decoded for T where
-    T: for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + Send + Unpin
+    T: for<'r> FromRow<'r, SqliteRow> + for<'r> FromRow<'r, PgRow> + FromSqliteRow + Send + Unpin
 {
 }
 
@@ -270,6 +271,7 @@ pub(crate) trait Scalar:
     + Type<Sqlite>
     + for<'r> Decode<'r, Postgres>
     + Type<Postgres>
+    + rusqlite::types::FromSql
     + Send
     + Unpin
 {
@@ -279,6 +281,7 @@ impl<T> Scalar for T where
         + Type<Sqlite>
         + for<'r> Decode<'r, Postgres>
         + Type<Postgres>
+        + rusqlite::types::FromSql
         + Send
         + Unpin
 {
@@ -328,16 +331,140 @@ fn pg_args(params: &[Param<'_>]) -> Result<PgArguments> {
     Ok(args)
 }
 
-/// Runs `$statement` with `$params` on either backend: `$query` builds it (`query_with`,
-/// `query_as_with`, `query_scalar_with`), `$fetch` runs it.
+/// SQLite's half of a handle: the reader pool (sqlx) or the writer's connection (rusqlite, whose
+/// statements run at once on the writer's thread: their futures are ready when made).
+pub(crate) trait SqliteSide {
+    fn execute(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<u64>> + Send;
+    fn fetch_all<T: Decoded>(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Vec<T>>> + Send;
+    fn fetch_optional<T: Decoded>(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Option<T>>> + Send;
+    fn fetch_scalars<T: Scalar>(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Vec<T>>> + Send;
+    fn fetch_optional_scalar<T: Scalar>(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Option<T>>> + Send;
+}
+
+impl SqliteSide for &SqlitePool {
+    fn execute(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<u64>> + Send {
+        let args = sqlite_args(params);
+        async move {
+            Ok(sqlx::query_with(sql, args?)
+                .execute(self)
+                .await?
+                .rows_affected())
+        }
+    }
+
+    fn fetch_all<T: Decoded>(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Vec<T>>> + Send {
+        let args = sqlite_args(params);
+        async move { Ok(sqlx::query_as_with(sql, args?).fetch_all(self).await?) }
+    }
+
+    fn fetch_optional<T: Decoded>(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Option<T>>> + Send {
+        let args = sqlite_args(params);
+        async move { Ok(sqlx::query_as_with(sql, args?).fetch_optional(self).await?) }
+    }
+
+    fn fetch_scalars<T: Scalar>(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Vec<T>>> + Send {
+        let args = sqlite_args(params);
+        async move { Ok(sqlx::query_scalar_with(sql, args?).fetch_all(self).await?) }
+    }
+
+    fn fetch_optional_scalar<T: Scalar>(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Option<T>>> + Send {
+        let args = sqlite_args(params);
+        async move {
+            Ok(sqlx::query_scalar_with(sql, args?)
+                .fetch_optional(self)
+                .await?)
+        }
+    }
+}
+
+impl SqliteSide for &mut WriterConnection {
+    fn execute(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<u64>> + Send {
+        ready(WriterConnection::execute(self, sql, params))
+    }
+
+    fn fetch_all<T: Decoded>(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Vec<T>>> + Send {
+        ready(WriterConnection::fetch_all(self, sql, params))
+    }
+
+    fn fetch_optional<T: Decoded>(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Option<T>>> + Send {
+        ready(WriterConnection::fetch_optional(self, sql, params))
+    }
+
+    fn fetch_scalars<T: Scalar>(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Vec<T>>> + Send {
+        ready(WriterConnection::fetch_scalars(self, sql, params))
+    }
+
+    fn fetch_optional_scalar<T: Scalar>(
+        self,
+        sql: &'static str,
+        params: &[Param<'_>],
+    ) -> impl Future<Output = Result<Option<T>>> + Send {
+        ready(WriterConnection::fetch_optional_scalar(self, sql, params))
+    }
+}
+
+/// Runs `$statement` with `$params` on either backend: `$method` of [`SqliteSide`] on SQLite,
+/// `$query` (`query_as_with`, `query_scalar_with`) then `$fetch` on PostgreSQL.
 macro_rules! on_either {
-    ($on:expr, $query:ident, $fetch:ident, $statement:expr, $params:expr) => {
+    ($on:expr, $method:ident, $query:ident, $fetch:ident, $statement:expr, $params:expr) => {
         match $on {
-            On::Sqlite(e) => {
-                sqlx::$query($statement.sqlite, sqlite_args($params)?)
-                    .$fetch(e)
-                    .await?
-            }
+            On::Sqlite(e) => e.$method($statement.sqlite, $params).await?,
             On::Postgres(e) => {
                 sqlx::$query($statement.postgres, pg_args($params)?)
                     .$fetch(e)
@@ -349,16 +476,13 @@ macro_rules! on_either {
 
 impl<'e, S, P> On<S, P>
 where
-    S: Executor<'e, Database = Sqlite>,
+    S: SqliteSide,
     P: Executor<'e, Database = Postgres>,
 {
     /// Runs a statement that returns no rows; how many rows it changed.
     pub(crate) async fn execute(self, st: Statement, params: &[Param<'_>]) -> Result<u64> {
         Ok(match self {
-            On::Sqlite(e) => sqlx::query_with(st.sqlite, sqlite_args(params)?)
-                .execute(e)
-                .await?
-                .rows_affected(),
+            On::Sqlite(e) => e.execute(st.sqlite, params).await?,
             On::Postgres(e) => sqlx::query_with(st.postgres, pg_args(params)?)
                 .execute(e)
                 .await?
@@ -371,7 +495,14 @@ where
         st: Statement,
         params: &[Param<'_>],
     ) -> Result<Vec<T>> {
-        Ok(on_either!(self, query_as_with, fetch_all, st, params))
+        Ok(on_either!(
+            self,
+            fetch_all,
+            query_as_with,
+            fetch_all,
+            st,
+            params
+        ))
     }
 
     pub(crate) async fn fetch_optional<T: Decoded>(
@@ -379,7 +510,14 @@ where
         st: Statement,
         params: &[Param<'_>],
     ) -> Result<Option<T>> {
-        Ok(on_either!(self, query_as_with, fetch_optional, st, params))
+        Ok(on_either!(
+            self,
+            fetch_optional,
+            query_as_with,
+            fetch_optional,
+            st,
+            params
+        ))
     }
 
     /// The one row the statement returns.
@@ -400,7 +538,14 @@ where
         st: Statement,
         params: &[Param<'_>],
     ) -> Result<Vec<T>> {
-        Ok(on_either!(self, query_scalar_with, fetch_all, st, params))
+        Ok(on_either!(
+            self,
+            fetch_scalars,
+            query_scalar_with,
+            fetch_all,
+            st,
+            params
+        ))
     }
 
     /// The first column of the row the statement returns, if any.
@@ -411,6 +556,7 @@ where
     ) -> Result<Option<T>> {
         Ok(on_either!(
             self,
+            fetch_optional_scalar,
             query_scalar_with,
             fetch_optional,
             st,
@@ -424,6 +570,9 @@ where
         st: Statement,
         params: &[Param<'_>],
     ) -> Result<T> {
-        Ok(on_either!(self, query_scalar_with, fetch_one, st, params))
+        Ok(self
+            .fetch_optional_scalar(st, params)
+            .await?
+            .ok_or(sqlx::Error::RowNotFound)?)
     }
 }

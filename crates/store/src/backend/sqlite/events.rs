@@ -1,9 +1,9 @@
 //! Storing events on SQLite: one multi-row insert per batch.
 
-use super::json_rows;
+use super::{WriterConnection, json_rows};
+use crate::backend::sql::Param;
 use crate::{Accepted, NewEvent, Result};
 use serde_json::json;
-use sqlx::{Row, SqliteConnection};
 
 impl super::SqliteStore {
     pub(crate) async fn insert_events(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>> {
@@ -11,7 +11,7 @@ impl super::SqliteStore {
             .run(move |conn| {
                 Box::pin(async move {
                     let events: Vec<&NewEvent> = events.iter().collect();
-                    insert_event_rows(conn, &events).await
+                    insert_event_rows(conn, &events)
                 })
             })
             .await
@@ -20,8 +20,8 @@ impl super::SqliteStore {
 
 /// Inserts events with one multi-row statement, in batch order (their `seq` is the dispatch
 /// order); `RETURNING` names the rows that were new.
-pub(crate) async fn insert_event_rows(
-    conn: &mut SqliteConnection,
+pub(crate) fn insert_event_rows(
+    conn: &mut WriterConnection,
     events: &[&NewEvent],
 ) -> Result<Vec<Accepted>> {
     if events.is_empty() {
@@ -39,18 +39,16 @@ pub(crate) async fn insert_event_rows(
             ev.to_json().to_string(),
         ])
     }));
-    let new = sqlx::query(
+    let new: Vec<(String, String)> = conn.fetch_all(
         "INSERT INTO events (source, id, type, contact_id, time_ms, received_ms, body)
          SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6
          FROM json_each(?) WHERE true ORDER BY key
          ON CONFLICT (source, id) DO NOTHING
          RETURNING source, id",
-    )
-    .bind(rows)
-    .fetch_all(&mut *conn)
-    .await?
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect();
-    Ok(crate::ingest::accepted_in_order(events, new))
+        &[Param::Text(Some(&rows))],
+    )?;
+    Ok(crate::ingest::accepted_in_order(
+        events,
+        new.into_iter().collect(),
+    ))
 }

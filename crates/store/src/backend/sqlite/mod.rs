@@ -1,9 +1,10 @@
 //! SQLite backend: the embedded default. WAL with `synchronous=FULL`, so a committed event is on
 //! disk before its `202`. All writes go through one connection (SQLite has one writer anyway;
-//! queueing here beats spinning on SQLITE_BUSY), on a thread of its own; every write
-//! transaction is `BEGIN IMMEDIATE`, the engine's writes share commits (see [`writer`]), and reads
-//! use a separate pool beside the writer.
+//! queueing here beats spinning on SQLITE_BUSY), a rusqlite connection driven on a thread of its
+//! own ([`connection`]); every write transaction is `BEGIN IMMEDIATE`, the engine's writes share
+//! commits (see [`writer`]), and reads use a separate sqlx pool beside the writer.
 
+mod connection;
 pub(super) mod dispatch;
 pub(super) mod events;
 pub(super) mod links;
@@ -13,11 +14,13 @@ pub(super) mod read;
 pub(super) mod runs;
 pub(super) mod writer;
 
+pub(crate) use connection::{FromSqliteRow, WriterConnection, converted};
+
 use crate::Result;
-use sqlx::ConnectOptions;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
+use sqlx::{ConnectOptions, Connection};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +37,8 @@ pub struct SqliteStore {
     pub(super) writer: Arc<Writer>,
     /// Connections for reads (admin API, mailbox, health); WAL lets them run beside the writer.
     pub(super) readers: SqlitePool,
+    /// How to open the database with sqlx, for the migrations (boxed: it is large and read once).
+    options: Box<SqliteConnectOptions>,
 }
 
 impl SqliteStore {
@@ -46,21 +51,27 @@ impl SqliteStore {
             .foreign_keys(true)
             .pragma("temp_store", "memory")
             .pragma("cache_size", "-32000");
-        let writer = options.clone().connect().await?;
+        // Opened first: it creates the file and puts it in WAL mode for the readers.
+        let writer = WriterConnection::open(options.get_filename())?;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
-            .connect_with(options.read_only(true))
+            .connect_with(options.clone().read_only(true))
             .await?;
         Ok(Self {
             writer: Writer::start(writer)?,
             readers,
+            options: Box::new(options),
         })
     }
 
+    /// Applies the migrations on a sqlx connection of their own (sqlx's migrator drives it),
+    /// while the writer waits: nothing else writes meanwhile.
     pub async fn migrate(&self) -> Result<()> {
-        let mut conn = self.writer.lock().await;
-        MIGRATOR.run(&mut *conn).await?;
+        let _writer = self.writer.lock().await;
+        let mut conn = self.options.connect().await?;
+        MIGRATOR.run(&mut conn).await?;
+        conn.close().await?;
         Ok(())
     }
 

@@ -7,19 +7,20 @@
 //! only after that commit, so nothing is reported stored that is not on disk.
 //!
 //! The writer has a thread of its own, with a single-threaded runtime: queued units are handed
-//! to it whole ([`Writer::run`]) and it leads their groups, so that a unit's statements follow
-//! one another without waiting in the main runtime's queue behind HTTP requests. The dispatcher,
-//! which leads the largest groups with its own work ([`Writer::lead`], whose planner borrows from
-//! its caller), runs there too (see [`Writer::executor`]).
+//! to it whole ([`Writer::run`]) and it leads their groups. Its connection is rusqlite's, so a
+//! unit's statements run right there, one after the other, with no hand-off to another thread
+//! and no wait in the main runtime's queue behind HTTP requests. The dispatcher, which leads the
+//! largest groups with its own work ([`Writer::lead`], whose planner borrows from its caller),
+//! runs there too (see [`Writer::executor`]).
 
+use super::WriterConnection;
 use crate::{Result, StoreError};
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use sqlx::SqliteConnection;
 use std::any::Any;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex as SyncMutex, Weak};
-use tokio::runtime::Handle;
+use tokio::runtime::{Handle, RuntimeFlavor};
 use tokio::sync::{Mutex, MutexGuard, Notify, oneshot};
 
 /// Queued units one transaction takes at most, so that one commit stays short.
@@ -27,7 +28,7 @@ const MAX_GROUP: usize = 64;
 
 type Output = Box<dyn Any + Send>;
 type Work =
-    Box<dyn for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<Output>> + Send>;
+    Box<dyn for<'c> FnOnce(&'c mut WriterConnection) -> BoxFuture<'c, Result<Output>> + Send>;
 
 struct Unit {
     work: Work,
@@ -35,7 +36,7 @@ struct Unit {
 }
 
 pub(in crate::backend) struct Writer {
-    conn: Mutex<SqliteConnection>,
+    conn: Mutex<WriterConnection>,
     queue: SyncMutex<Vec<Unit>>,
     /// A group was dropped before it finished (its caller was cancelled): the connection may
     /// still be inside its transaction, which the next leader rolls back.
@@ -50,7 +51,7 @@ pub(in crate::backend) struct Writer {
 
 impl Writer {
     /// Starts the writer thread for `conn`.
-    pub(super) fn start(conn: SqliteConnection) -> std::io::Result<Arc<Self>> {
+    pub(super) fn start(conn: WriterConnection) -> std::io::Result<Arc<Self>> {
         let (stop, stopped) = oneshot::channel::<()>();
         let (started, runtime) = std::sync::mpsc::sync_channel(1);
         // The runtime is built and dropped on the thread: dropping it here, in async code, would
@@ -96,11 +97,11 @@ impl Writer {
         &self.executor
     }
 
-    /// The connection alone, outside any group, for work that runs its own transaction
-    /// (migrations, administrative writes).
-    pub(super) async fn lock(&self) -> MutexGuard<'_, SqliteConnection> {
+    /// The connection alone, outside any group: holding it keeps every other write waiting (the
+    /// migrations, which run on a connection of their own).
+    pub(super) async fn lock(&self) -> MutexGuard<'_, WriterConnection> {
         let mut conn = self.conn.lock().await;
-        self.recover(&mut conn).await;
+        self.recover(&mut conn);
         conn
     }
 
@@ -109,7 +110,7 @@ impl Writer {
     pub(in crate::backend) async fn run<T, W>(&self, work: W) -> Result<T>
     where
         T: Send + 'static,
-        W: for<'c> FnOnce(&'c mut SqliteConnection) -> BoxFuture<'c, Result<T>> + Send + 'static,
+        W: for<'c> FnOnce(&'c mut WriterConnection) -> BoxFuture<'c, Result<T>> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
         let work: Work = Box::new(move |conn| {
@@ -132,29 +133,28 @@ impl Writer {
     pub(in crate::backend) async fn lead(&self) -> Result<Group<'_>> {
         let conn = self.conn.lock().await;
         Ok(self
-            .begin(conn, true)
-            .await?
+            .begin(conn, true)?
             .expect("a leader with work always opens a group"))
     }
 
     /// Begins a group's transaction (`None`: nothing to do). With `own_work`, the caller's work
     /// follows under a savepoint of its own; the queued units are taken at the commit, so that
     /// those arriving meanwhile join it.
-    async fn begin<'w>(
+    fn begin<'w>(
         &'w self,
-        mut conn: MutexGuard<'w, SqliteConnection>,
+        mut conn: MutexGuard<'w, WriterConnection>,
         own_work: bool,
     ) -> Result<Option<Group<'w>>> {
-        self.recover(&mut conn).await;
+        self.recover(&mut conn);
         if !own_work && !self.has_queued() {
             return Ok(None);
         }
-        let begun = match execute(&mut conn, "BEGIN IMMEDIATE").await {
-            Ok(()) if own_work => execute(&mut conn, "SAVEPOINT unit").await,
+        let begun = match wait_for_lock(|| conn.batch("BEGIN IMMEDIATE")) {
+            Ok(()) if own_work => conn.batch("SAVEPOINT unit"),
             begun => begun,
         };
         if let Err(e) = begun {
-            let _ = execute(&mut conn, "ROLLBACK").await;
+            let _ = conn.batch("ROLLBACK");
             if !own_work {
                 answer_all(self.take_queued(), &e);
             }
@@ -179,10 +179,10 @@ impl Writer {
         queue.drain(..take).collect()
     }
 
-    async fn recover(&self, conn: &mut SqliteConnection) {
+    fn recover(&self, conn: &mut WriterConnection) {
         if self.abandoned.swap(false, Ordering::Relaxed) {
             // Fails harmlessly when the abandoned group had finished after all.
-            let _ = execute(conn, "ROLLBACK").await;
+            let _ = conn.batch("ROLLBACK");
         }
     }
 }
@@ -190,7 +190,7 @@ impl Writer {
 /// One open write transaction and the queued units it will run before its commit.
 pub(in crate::backend) struct Group<'w> {
     writer: &'w Writer,
-    conn: MutexGuard<'w, SqliteConnection>,
+    conn: MutexGuard<'w, WriterConnection>,
     /// Queued units taken at the commit and not run yet.
     taken: Vec<Unit>,
     /// The leader's own work runs under a savepoint of its own (see [`Writer::begin`]).
@@ -198,7 +198,7 @@ pub(in crate::backend) struct Group<'w> {
 }
 
 impl Group<'_> {
-    pub(in crate::backend) fn conn(&mut self) -> &mut SqliteConnection {
+    pub(in crate::backend) fn conn(&mut self) -> &mut WriterConnection {
         &mut self.conn
     }
 
@@ -223,7 +223,7 @@ impl Group<'_> {
     async fn commit(&mut self, own_ok: bool) -> Result<()> {
         let mut broken = None;
         if self.own_savepoint {
-            broken = execute(&mut self.conn, savepoint_end(own_ok)).await.err();
+            broken = self.conn.batch(savepoint_end(own_ok)).err();
         }
         self.taken = self.writer.take_queued();
         self.taken.reverse();
@@ -240,10 +240,10 @@ impl Group<'_> {
         }
         let failure = match broken {
             Some(e) => Some(e),
-            None => execute(&mut self.conn, "COMMIT").await.err(),
+            None => self.conn.batch("COMMIT").err(),
         };
         if let Some(e) = failure {
-            let _ = execute(&mut self.conn, "ROLLBACK").await;
+            let _ = self.conn.batch("ROLLBACK");
             let message = e.to_string();
             for (reply, _) in done {
                 let _ = reply.send(Err(StoreError::Batch(message.clone())));
@@ -282,7 +282,7 @@ async fn lead_queued(writer: Weak<Writer>, queued: Arc<Notify>) {
         while writer.has_queued() {
             let conn = writer.conn.lock().await;
             // A failed group has answered its units with the error.
-            if let Ok(Some(group)) = writer.begin(conn, false).await {
+            if let Ok(Some(group)) = writer.begin(conn, false) {
                 let _ = group.finish(Ok(())).await;
             }
         }
@@ -291,8 +291,8 @@ async fn lead_queued(writer: Weak<Writer>, queued: Arc<Notify>) {
 
 /// Runs one unit under a savepoint: kept if it succeeds, undone alone if not. The outer error
 /// means the transaction itself broke (a savepoint statement failed).
-async fn isolated(conn: &mut SqliteConnection, work: Work) -> Result<Result<Output>> {
-    execute(conn, "SAVEPOINT unit").await?;
+async fn isolated(conn: &mut WriterConnection, work: Work) -> Result<Result<Output>> {
+    conn.batch("SAVEPOINT unit")?;
     // A unit that panics is undone alone, like one that fails: the writer thread goes on.
     let outcome = match std::panic::AssertUnwindSafe(work(conn))
         .catch_unwind()
@@ -304,8 +304,21 @@ async fn isolated(conn: &mut SqliteConnection, work: Work) -> Result<Result<Outp
             herald_core::panic_message(&*panic)
         ))),
     };
-    execute(conn, savepoint_end(outcome.is_ok())).await?;
+    conn.batch(savepoint_end(outcome.is_ok()))?;
     Ok(outcome)
+}
+
+/// Runs `begin`, which may wait (up to the busy timeout) while another process holds SQLite's
+/// write lock. The writer's own thread just waits; a caller on a multi-threaded runtime (a
+/// dispatcher leading from a test or a tool) lets that runtime move its other tasks to another
+/// thread meanwhile, rather than stall them.
+fn wait_for_lock<T>(begin: impl FnOnce() -> T) -> T {
+    match Handle::try_current() {
+        Ok(runtime) if runtime.runtime_flavor() == RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(begin)
+        }
+        _ => begin(),
+    }
 }
 
 fn savepoint_end(keep: bool) -> &'static str {
@@ -323,16 +336,12 @@ fn answer_all(units: Vec<Unit>, error: &StoreError) {
     }
 }
 
-async fn execute(conn: &mut SqliteConnection, sql: &'static str) -> Result<()> {
-    sqlx::raw_sql(sql).execute(conn).await?;
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::sql::Param;
     use sqlx::sqlite::SqliteConnectOptions;
-    use sqlx::{ConnectOptions, Connection};
+    use sqlx::{ConnectOptions, SqliteConnection};
 
     struct Db {
         writer: Arc<Writer>,
@@ -342,30 +351,26 @@ mod tests {
 
     async fn db() -> Db {
         let dir = tempfile::tempdir().unwrap();
-        let options = SqliteConnectOptions::new()
-            .filename(dir.path().join("w.db"))
-            .create_if_missing(true)
-            .journal_mode(sqlx::sqlite::SqliteJournalMode::Wal);
-        let mut conn = options.clone().connect().await.unwrap();
-        sqlx::raw_sql("CREATE TABLE t (x INTEGER NOT NULL UNIQUE)")
-            .execute(&mut conn)
-            .await
+        let path = dir.path().join("w.db");
+        let mut conn = WriterConnection::open(&path).unwrap();
+        conn.batch("CREATE TABLE t (x INTEGER NOT NULL UNIQUE)")
             .unwrap();
         Db {
             writer: Writer::start(conn).unwrap(),
-            reader: options.connect().await.unwrap(),
+            reader: SqliteConnectOptions::new()
+                .filename(path)
+                .connect()
+                .await
+                .unwrap(),
             _dir: dir,
         }
     }
 
-    async fn insert(conn: &mut SqliteConnection, x: i64) -> Result<i64> {
-        sqlx::query("INSERT INTO t (x) VALUES (?)")
-            .bind(x)
-            .execute(&mut *conn)
-            .await?;
-        Ok(sqlx::query_scalar("SELECT count(*) FROM t")
-            .fetch_one(&mut *conn)
-            .await?)
+    fn insert(conn: &mut WriterConnection, x: i64) -> Result<i64> {
+        conn.execute("INSERT INTO t (x) VALUES ($1)", &[Param::Int(x)])?;
+        Ok(conn
+            .fetch_optional_scalar("SELECT count(*) FROM t", &[])?
+            .expect("a count"))
     }
 
     async fn stored(reader: &mut SqliteConnection) -> Vec<i64> {
@@ -384,7 +389,7 @@ mod tests {
         let writer = writer.clone();
         tokio::spawn(async move {
             writer
-                .run(move |conn| Box::pin(async move { insert(conn, x).await }))
+                .run(move |conn| Box::pin(async move { insert(conn, x) }))
                 .await
         })
     }
@@ -404,7 +409,7 @@ mod tests {
                     Box::pin(async move {
                         let _ = running.send(());
                         let _ = go.await;
-                        insert(conn, x).await
+                        insert(conn, x)
                     })
                 })
                 .await
@@ -429,7 +434,7 @@ mod tests {
         until_queued(&db.writer, 2).await;
         let second = spawn_insert(&db.writer, 2);
         until_queued(&db.writer, 3).await;
-        let own = insert(group.conn(), 10).await;
+        let own = insert(group.conn(), 10);
         // Nothing is visible before the one commit.
         assert_eq!(stored(&mut db.reader).await, Vec::<i64>::new());
         assert_eq!(group.finish(own).await.unwrap(), 1);
@@ -448,7 +453,7 @@ mod tests {
         let mut group = db.writer.lead().await.unwrap();
         let queued_insert = spawn_insert(&db.writer, 3);
         until_queued(&db.writer, 1).await;
-        insert(group.conn(), 10).await.unwrap();
+        insert(group.conn(), 10).unwrap();
         assert_eq!(group.undo("postponed").await.unwrap(), "postponed");
         assert_eq!(queued_insert.await.unwrap().unwrap(), 1);
         assert_eq!(stored(&mut db.reader).await, vec![3]);
@@ -458,13 +463,13 @@ mod tests {
     async fn an_abandoned_group_is_rolled_back_by_the_next_writer() {
         let mut db = db().await;
         let mut group = db.writer.lead().await.unwrap();
-        insert(group.conn(), 10).await.unwrap();
+        insert(group.conn(), 10).unwrap();
         drop(group);
         assert_eq!(spawn_insert(&db.writer, 4).await.unwrap().unwrap(), 1);
         let mut conn = db.writer.lock().await;
-        let mut tx = conn.begin().await.unwrap();
-        insert(&mut tx, 5).await.unwrap();
-        tx.commit().await.unwrap();
+        conn.batch("BEGIN").unwrap();
+        insert(&mut conn, 5).unwrap();
+        conn.batch("COMMIT").unwrap();
         drop(conn);
         assert_eq!(stored(&mut db.reader).await, vec![4, 5]);
     }
@@ -477,7 +482,7 @@ mod tests {
         let (queued_tx, queued_rx) = oneshot::channel();
         let leader = tokio::spawn(async move {
             let mut group = writer.lead().await.unwrap();
-            insert(group.conn(), 10).await.unwrap();
+            insert(group.conn(), 10).unwrap();
             leading_tx.send(()).unwrap();
             queued_rx.await.unwrap();
             panic!("the leader's own work panics");
@@ -524,7 +529,7 @@ mod tests {
             .writer
             .run(|conn| {
                 Box::pin(async move {
-                    insert(conn, 2).await?;
+                    insert(conn, 2)?;
                     panic!("a write that panics");
                     #[allow(unreachable_code)]
                     Ok(())

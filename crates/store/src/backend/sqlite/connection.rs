@@ -1,0 +1,317 @@
+//! The writer's connection: rusqlite, driven on the writer's own thread. A statement runs there
+//! and then, with no hand-off to another thread, and is prepared once and kept (the batches bind
+//! one JSON parameter whatever their size, so their text never changes).
+//!
+//! Statements are the same text sqlx runs on the readers: parameters are numbered `$n` (or
+//! anonymous `?`) and bound by that number, as sqlx does on SQLite. Rows are decoded by column
+//! name (`#[derive(FromSqliteRow)]`, which reads the same `#[sqlx(...)]` attributes as
+//! `sqlx::FromRow`).
+
+use crate::backend::sql::{Param, json_rows};
+use crate::{Result, StoreError};
+use rusqlite::types::{FromSql, Type};
+use rusqlite::{Connection, OpenFlags, Row};
+use std::path::Path;
+use std::time::Duration;
+
+pub(crate) use herald_store_derive::FromSqliteRow;
+
+/// Prepared statements kept: more than herald's writer ever runs, so none is prepared twice.
+const STATEMENTS_KEPT: usize = 256;
+
+/// A row type the writer's connection can decode.
+pub(crate) trait FromSqliteRow: Sized {
+    fn from_sqlite_row(row: &Row<'_>) -> rusqlite::Result<Self>;
+}
+
+/// Tuples read their columns in order, as sqlx's tuples do.
+macro_rules! tuple_rows {
+    ($($t:ident $i:tt),+) => {
+        impl<$($t: FromSql),+> FromSqliteRow for ($($t,)+) {
+            fn from_sqlite_row(row: &Row<'_>) -> rusqlite::Result<Self> {
+                Ok(($(row.get::<_, $t>($i)?,)+))
+            }
+        }
+    };
+}
+tuple_rows!(A 0);
+tuple_rows!(A 0, B 1);
+tuple_rows!(A 0, B 1, C 2);
+tuple_rows!(A 0, B 1, C 2, D 3);
+
+/// The column `column` read as `S` and converted to `T` (`#[sqlx(try_from = "S")]`).
+pub(crate) fn converted<S, T>(row: &Row<'_>, column: &str) -> rusqlite::Result<T>
+where
+    S: FromSql,
+    T: TryFrom<S>,
+    T::Error: std::error::Error + Send + Sync + 'static,
+{
+    let index = row.as_ref().column_index(column)?;
+    T::try_from(row.get::<_, S>(index)?)
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(index, Type::Text, Box::new(e)))
+}
+
+pub(crate) struct WriterConnection(Connection);
+
+impl WriterConnection {
+    /// Opens (creating it if missing) the database file for writing: WAL with
+    /// `synchronous=FULL`, so a commit is on disk when it returns.
+    pub(super) fn open(path: &Path) -> Result<Self> {
+        let conn = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE
+                | OpenFlags::SQLITE_OPEN_CREATE
+                | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(Duration::from_secs(10))?;
+        let mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
+        if !mode.eq_ignore_ascii_case("wal") {
+            return Err(StoreError::Database(sqlx::Error::Configuration(
+                format!(
+                    "{} could not be put in WAL mode (it stays {mode}); herald needs WAL to read \
+                     beside its writer",
+                    path.display()
+                )
+                .into(),
+            )));
+        }
+        conn.execute_batch(
+            "PRAGMA synchronous = FULL; PRAGMA foreign_keys = ON; PRAGMA temp_store = MEMORY;
+             PRAGMA cache_size = -32000;",
+        )?;
+        conn.set_prepared_statement_cache_capacity(STATEMENTS_KEPT);
+        Ok(Self(conn))
+    }
+
+    /// Runs statements that take no parameters and return no rows (`BEGIN`, `SAVEPOINT`, ...).
+    pub(crate) fn batch(&mut self, sql: &str) -> Result<()> {
+        Ok(self.0.execute_batch(sql)?)
+    }
+
+    /// Runs a statement; how many rows it changed. Rows it returns are read and dropped.
+    pub(crate) fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
+        {
+            let mut statement = self.prepared(sql, params)?;
+            let mut rows = statement.raw_query();
+            while rows.next()?.is_some() {}
+        }
+        Ok(self.0.changes())
+    }
+
+    /// Every row, decoded.
+    pub(crate) fn fetch_all<T: FromSqliteRow>(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<T>> {
+        let mut statement = self.prepared(sql, params)?;
+        let mut rows = statement.raw_query();
+        let mut all = Vec::new();
+        while let Some(row) = rows.next()? {
+            all.push(T::from_sqlite_row(row)?);
+        }
+        Ok(all)
+    }
+
+    /// The first row, decoded, if there is one.
+    pub(crate) fn fetch_optional<T: FromSqliteRow>(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Option<T>> {
+        let mut statement = self.prepared(sql, params)?;
+        let mut rows = statement.raw_query();
+        Ok(match rows.next()? {
+            Some(row) => Some(T::from_sqlite_row(row)?),
+            None => None,
+        })
+    }
+
+    /// The first column of every row.
+    pub(crate) fn fetch_scalars<T: FromSql>(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Vec<T>> {
+        Ok(self
+            .fetch_all::<(T,)>(sql, params)?
+            .into_iter()
+            .map(|(t,)| t)
+            .collect())
+    }
+
+    /// The first column of the first row, if there is one.
+    pub(crate) fn fetch_optional_scalar<T: FromSql>(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+    ) -> Result<Option<T>> {
+        Ok(self.fetch_optional::<(T,)>(sql, params)?.map(|(t,)| t))
+    }
+
+    /// The statement, prepared once and kept, with `params` bound.
+    fn prepared(&self, sql: &str, params: &[Param<'_>]) -> Result<rusqlite::CachedStatement<'_>> {
+        let mut statement = self.0.prepare_cached(sql)?;
+        let mut anonymous = 0;
+        for index in 1..=statement.parameter_count() {
+            // `$n` and `?n` name the n-th parameter; an anonymous `?` the next one.
+            let number = match statement.parameter_name(index) {
+                Some(name) => name
+                    .strip_prefix(['$', '?'])
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .ok_or_else(|| rusqlite::Error::InvalidParameterName(name.to_owned()))?,
+                None => {
+                    anonymous += 1;
+                    anonymous
+                }
+            };
+            let param = params
+                .get(number.wrapping_sub(1))
+                .ok_or(rusqlite::Error::InvalidParameterCount(number, params.len()))?;
+            bind(&mut statement, index, param)?;
+        }
+        Ok(statement)
+    }
+}
+
+fn bind(statement: &mut rusqlite::Statement<'_>, index: usize, param: &Param<'_>) -> Result<()> {
+    match param {
+        Param::Bool(b) => statement.raw_bind_parameter(index, b),
+        Param::Int(n) => statement.raw_bind_parameter(index, n),
+        Param::OptInt(n) => statement.raw_bind_parameter(index, n),
+        Param::Text(s) => statement.raw_bind_parameter(index, s),
+        Param::Texts(items) => {
+            statement.raw_bind_parameter(index, super::json_list(items.iter().copied()))
+        }
+        Param::Ints(items) => {
+            statement.raw_bind_parameter(index, serde_json::Value::from(*items).to_string())
+        }
+        Param::Rows(columns) => statement.raw_bind_parameter(index, json_rows(columns)),
+    }?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::sql::{Column, text};
+
+    #[derive(Debug, PartialEq, FromSqliteRow)]
+    struct Inner {
+        note: Option<String>,
+    }
+
+    #[derive(Debug, PartialEq, FromSqliteRow)]
+    struct Decoded {
+        #[sqlx(rename = "run")]
+        id: crate::RunId,
+        at_ms: crate::Timestamp,
+        #[sqlx(try_from = "String")]
+        state: herald_core::status::RunState,
+        active: bool,
+        #[sqlx(flatten)]
+        inner: Inner,
+        #[sqlx(skip)]
+        unread: Vec<u8>,
+    }
+
+    fn open() -> (WriterConnection, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = WriterConnection::open(&dir.path().join("c.db")).unwrap();
+        (conn, dir)
+    }
+
+    #[test]
+    fn rows_are_decoded_by_column_name_as_sqlx_attributes_say() {
+        let (mut conn, _dir) = open();
+        // Columns in another order than the fields, and one the type does not read.
+        let row: Decoded = conn
+            .fetch_optional(
+                "SELECT 'x' AS extra, 1 AS active, 'waiting_event' AS state, NULL AS note, 'r1' AS run,
+                        42 AS at_ms",
+                &[],
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            row,
+            Decoded {
+                id: "r1".into(),
+                at_ms: crate::Timestamp::from_millis(42),
+                state: herald_core::status::RunState::WaitingEvent,
+                active: true,
+                inner: Inner { note: None },
+                unread: Vec::new(),
+            }
+        );
+    }
+
+    #[test]
+    fn a_value_the_type_refuses_is_a_rejection_naming_it() {
+        let (mut conn, _dir) = open();
+        let err = conn
+            .fetch_all::<Decoded>(
+                "SELECT 1 AS active, 'sleeping' AS state, NULL AS note, 'r1' AS run, 42 AS at_ms",
+                &[],
+            )
+            .unwrap_err();
+        assert!(err.is_rejection(), "{err}");
+        assert!(err.to_string().contains("sleeping"), "{err}");
+        let missing = conn
+            .fetch_all::<Decoded>("SELECT 1 AS active", &[])
+            .unwrap_err();
+        assert!(missing.to_string().contains("run"), "{missing}");
+    }
+
+    #[test]
+    fn parameters_are_bound_by_their_number_as_sqlx_binds_them() {
+        let (mut conn, _dir) = open();
+        let row: (String, i64, String) = conn
+            .fetch_optional(
+                "SELECT $2 || $2, $1, $3",
+                &[Param::Int(7), text("b"), Param::Text(Some("c"))],
+            )
+            .unwrap()
+            .unwrap();
+        assert_eq!(row, ("bb".to_owned(), 7, "c".to_owned()));
+        let anonymous: Option<(i64, i64)> = conn
+            .fetch_optional("SELECT ?, ?", &[Param::Int(1), Param::Int(2)])
+            .unwrap();
+        assert_eq!(anonymous, Some((1, 2)));
+        let missing = conn
+            .fetch_scalars::<i64>("SELECT $2", &[Param::Int(1)])
+            .unwrap_err();
+        assert!(
+            !missing.is_rejection(),
+            "a statement of herald's own is wrong: {missing}"
+        );
+    }
+
+    #[test]
+    fn a_batch_is_one_json_parameter_and_counts_its_changes() {
+        let (mut conn, _dir) = open();
+        conn.batch("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER, ok INTEGER NOT NULL)")
+            .unwrap();
+        let columns = [
+            Column::Texts(vec![Some("a"), Some("b")]),
+            Column::Ints(vec![Some(1), None]),
+            Column::Bools(vec![true, false]),
+        ];
+        let insert = "INSERT INTO t SELECT value ->> 0, value ->> 1, value ->> 2
+                      FROM json_each($1)";
+        assert_eq!(conn.execute(insert, &[Param::Rows(&columns)]).unwrap(), 2);
+        let ids: Vec<String> = conn
+            .fetch_scalars(
+                "SELECT id FROM t WHERE id IN (SELECT value FROM json_each($1)) AND ok ORDER BY id",
+                &[Param::Texts(vec!["a", "b", "z"])],
+            )
+            .unwrap();
+        assert_eq!(ids, ["a"]);
+        // The same statement again, taken from the kept ones, with new values.
+        let err = conn.execute(insert, &[Param::Rows(&columns)]).unwrap_err();
+        assert!(
+            err.is_rejection(),
+            "a duplicate key is the row's fault: {err}"
+        );
+    }
+}
