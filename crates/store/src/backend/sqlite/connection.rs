@@ -83,9 +83,11 @@ impl WriterConnection {
         Ok(Self(conn))
     }
 
-    /// Runs statements that take no parameters and return no rows (`BEGIN`, `SAVEPOINT`, ...).
-    pub(crate) fn batch(&mut self, sql: &str) -> Result<()> {
-        Ok(self.0.execute_batch(sql)?)
+    /// Runs one statement that takes no parameters and returns no rows (`BEGIN`, `SAVEPOINT`,
+    /// `COMMIT`, ...), kept prepared like the others: each unit runs a few.
+    pub(crate) fn command(&mut self, sql: &str) -> Result<()> {
+        self.0.prepare_cached(sql)?.raw_execute()?;
+        Ok(())
     }
 
     /// Runs a statement; how many rows it changed. Rows it returns are read and dropped.
@@ -290,7 +292,7 @@ mod tests {
     #[test]
     fn a_batch_is_one_json_parameter_and_counts_its_changes() {
         let (mut conn, _dir) = open();
-        conn.batch("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER, ok INTEGER NOT NULL)")
+        conn.command("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER, ok INTEGER NOT NULL)")
             .unwrap();
         let columns = [
             Column::Texts(vec![Some("a"), Some("b")]),

@@ -149,12 +149,12 @@ impl Writer {
         if !own_work && !self.has_queued() {
             return Ok(None);
         }
-        let begun = match wait_for_lock(|| conn.batch("BEGIN IMMEDIATE")) {
-            Ok(()) if own_work => conn.batch("SAVEPOINT unit"),
+        let begun = match wait_for_lock(|| conn.command("BEGIN IMMEDIATE")) {
+            Ok(()) if own_work => conn.command("SAVEPOINT unit"),
             begun => begun,
         };
         if let Err(e) = begun {
-            let _ = conn.batch("ROLLBACK");
+            let _ = conn.command("ROLLBACK");
             if !own_work {
                 answer_all(self.take_queued(), &e);
             }
@@ -182,7 +182,7 @@ impl Writer {
     fn recover(&self, conn: &mut WriterConnection) {
         if self.abandoned.swap(false, Ordering::Relaxed) {
             // Fails harmlessly when the abandoned group had finished after all.
-            let _ = conn.batch("ROLLBACK");
+            let _ = conn.command("ROLLBACK");
         }
     }
 }
@@ -223,7 +223,7 @@ impl Group<'_> {
     async fn commit(&mut self, own_ok: bool) -> Result<()> {
         let mut broken = None;
         if self.own_savepoint {
-            broken = self.conn.batch(savepoint_end(own_ok)).err();
+            broken = end_savepoint(&mut self.conn, own_ok).err();
         }
         self.taken = self.writer.take_queued();
         self.taken.reverse();
@@ -240,10 +240,10 @@ impl Group<'_> {
         }
         let failure = match broken {
             Some(e) => Some(e),
-            None => self.conn.batch("COMMIT").err(),
+            None => self.conn.command("COMMIT").err(),
         };
         if let Some(e) = failure {
-            let _ = self.conn.batch("ROLLBACK");
+            let _ = self.conn.command("ROLLBACK");
             let message = e.to_string();
             for (reply, _) in done {
                 let _ = reply.send(Err(StoreError::Batch(message.clone())));
@@ -292,7 +292,7 @@ async fn lead_queued(writer: Weak<Writer>, queued: Arc<Notify>) {
 /// Runs one unit under a savepoint: kept if it succeeds, undone alone if not. The outer error
 /// means the transaction itself broke (a savepoint statement failed).
 async fn isolated(conn: &mut WriterConnection, work: Work) -> Result<Result<Output>> {
-    conn.batch("SAVEPOINT unit")?;
+    conn.command("SAVEPOINT unit")?;
     // A unit that panics is undone alone, like one that fails: the writer thread goes on.
     let outcome = match std::panic::AssertUnwindSafe(work(conn))
         .catch_unwind()
@@ -304,7 +304,7 @@ async fn isolated(conn: &mut WriterConnection, work: Work) -> Result<Result<Outp
             herald_core::panic_message(&*panic)
         ))),
     };
-    conn.batch(savepoint_end(outcome.is_ok()))?;
+    end_savepoint(conn, outcome.is_ok())?;
     Ok(outcome)
 }
 
@@ -321,12 +321,12 @@ fn wait_for_lock<T>(begin: impl FnOnce() -> T) -> T {
     }
 }
 
-fn savepoint_end(keep: bool) -> &'static str {
-    if keep {
-        "RELEASE unit"
-    } else {
-        "ROLLBACK TO unit; RELEASE unit"
+/// Ends a unit's savepoint, keeping its work or undoing it.
+fn end_savepoint(conn: &mut WriterConnection, keep: bool) -> Result<()> {
+    if !keep {
+        conn.command("ROLLBACK TO unit")?;
     }
+    conn.command("RELEASE unit")
 }
 
 fn answer_all(units: Vec<Unit>, error: &StoreError) {
@@ -353,7 +353,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("w.db");
         let mut conn = WriterConnection::open(&path).unwrap();
-        conn.batch("CREATE TABLE t (x INTEGER NOT NULL UNIQUE)")
+        conn.command("CREATE TABLE t (x INTEGER NOT NULL UNIQUE)")
             .unwrap();
         Db {
             writer: Writer::start(conn).unwrap(),
@@ -467,9 +467,9 @@ mod tests {
         drop(group);
         assert_eq!(spawn_insert(&db.writer, 4).await.unwrap().unwrap(), 1);
         let mut conn = db.writer.lock().await;
-        conn.batch("BEGIN").unwrap();
+        conn.command("BEGIN").unwrap();
         insert(&mut conn, 5).unwrap();
-        conn.batch("COMMIT").unwrap();
+        conn.command("COMMIT").unwrap();
         drop(conn);
         assert_eq!(stored(&mut db.reader).await, vec![4, 5]);
     }
