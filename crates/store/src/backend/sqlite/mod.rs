@@ -50,7 +50,9 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(10))
             .foreign_keys(true)
             .pragma("temp_store", "memory")
-            .pragma("cache_size", "-32000");
+            // 8 MB of pages each for the readers and the migrations, so that four readers
+            // scanning a large database stay within 32 MB; the writer keeps 32 MB of its own.
+            .pragma("cache_size", "-8000");
         // Opened first: it creates the file and puts it in WAL mode for the readers.
         let writer = WriterConnection::open(options.get_filename())?;
         let readers = SqlitePoolOptions::new()
