@@ -210,6 +210,11 @@ impl Herald {
         }
     }
 
+    /// The process id, while it runs.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the process runs").id()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!(
             "http://127.0.0.1:{}{path}",

@@ -8,5 +8,6 @@ mod harness;
 
 mod crash;
 mod dkim;
+mod memory;
 mod replay;
 mod scale_out;
