@@ -11,14 +11,19 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
+    // Before the runtime's threads and their heaps exist: the flag covers later faults only.
     no_transparent_huge_pages();
     let args = cli::Cli::parse();
     config::init_tracing();
     // reqwest is built without a default TLS provider; pick ring once for the process.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    match commands::run(args).await {
+    let outcome = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(anyhow::Error::from)
+        .and_then(|runtime| runtime.block_on(commands::run(args)));
+    match outcome {
         Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");

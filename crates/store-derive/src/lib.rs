@@ -43,6 +43,14 @@ fn expand(input: &DeriveInput) -> syn::Result<proc_macro2::TokenStream> {
             "FromSqliteRow reads columns by the names of the struct's fields; give them names",
         ));
     };
+    // sqlx's struct attributes (`rename_all`, `default`, ...) would change its decoding and not
+    // this one: refused until taught, like unknown field attributes.
+    if let Some(attr) = input.attrs.iter().find(|a| a.path().is_ident("sqlx")) {
+        return Err(syn::Error::new_spanned(
+            attr,
+            "FromSqliteRow reads no struct-level sqlx attribute; teach it this one before using it",
+        ));
+    }
     let mut inits = Vec::with_capacity(fields.named.len());
     for field in &fields.named {
         let ident = field.ident.as_ref().expect("named fields have names");

@@ -76,13 +76,17 @@ impl StoreError {
             Self::Database(
                 sqlx::Error::Encode(_) | sqlx::Error::Decode(_) | sqlx::Error::ColumnDecode { .. },
             ) => true,
-            Self::Sqlite(rusqlite::Error::SqliteFailure(e, _)) => {
-                !is_sqlite_unavailable(e.extended_code)
-            }
+            // As sqlx's errors are read above: SQLite's own result codes, and values that cannot
+            // be encoded or decoded.
+            Self::Sqlite(
+                rusqlite::Error::SqliteFailure(e, _)
+                | rusqlite::Error::SqlInputError { error: e, .. },
+            ) => !is_sqlite_unavailable(e.extended_code),
             Self::Sqlite(
                 rusqlite::Error::FromSqlConversionFailure(..)
                 | rusqlite::Error::IntegralValueOutOfRange(..)
                 | rusqlite::Error::InvalidColumnType(..)
+                | rusqlite::Error::Utf8Error(..)
                 | rusqlite::Error::ToSqlConversionFailure(_),
             ) => true,
             _ => false,

@@ -1,6 +1,8 @@
 //! What herald asks of the kernel for its memory.
 
+#[cfg(target_os = "linux")]
 use crate::harness::*;
+#[cfg(target_os = "linux")]
 use herald_test_support::smtp::SmtpSink;
 
 /// herald turns transparent huge pages off for itself, so that on a host whose THP setting is
@@ -8,6 +10,11 @@ use herald_test_support::smtp::SmtpSink;
 #[cfg(target_os = "linux")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn herald_runs_without_transparent_huge_pages() {
+    // A kernel without THP reports 0 for every process, which would prove nothing.
+    if !std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
+        eprintln!("SKIPPED: this kernel has no transparent huge pages to turn off");
+        return;
+    }
     let Some(site) = Site::new(false, &[]).await else {
         return;
     };

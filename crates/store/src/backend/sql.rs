@@ -1,6 +1,7 @@
-//! What the backends share to run one read: a connection of either kind, a statement carrying
+//! What the backends share to run a statement: a connection of either kind, a statement carrying
 //! its text for each, typed parameters, and fetches that decode rows by column name (each type's
-//! `sqlx::FromRow`). The reads themselves are written once, in [`super::read`], over this.
+//! `sqlx::FromRow`, and on SQLite's writer connection its `FromSqliteRow`, derived from the same
+//! attributes). The domain operations are written once over this.
 
 use super::sqlite::{FromSqliteRow, WriterConnection};
 use crate::{Result, Timestamp};
@@ -23,8 +24,8 @@ pub(crate) enum On<S, P> {
 /// Where a read runs: SQLite's reader pool or the PostgreSQL pool.
 pub(crate) type Conn<'a> = On<&'a SqlitePool, &'a PgPool>;
 
-/// A write transaction's connection: SQLite's writer (inside its group's transaction, on the
-/// writer's thread) or a PostgreSQL transaction. Each statement borrows it through [`Tx::at`].
+/// A write transaction's connection: SQLite's writer connection (inside its group's
+/// transaction) or a PostgreSQL transaction. Each statement borrows it through [`Tx::at`].
 pub(crate) type Tx<'a> = On<&'a mut WriterConnection, &'a mut PgConnection>;
 
 impl Clone for Conn<'_> {
@@ -124,8 +125,8 @@ pub(crate) struct Statement {
 }
 
 impl Statement {
-    /// A query both backends read alike: `$n` parameters, which sqlx binds by number on SQLite
-    /// as on PostgreSQL.
+    /// A query both backends read alike: `$n` parameters, bound by number on SQLite (by sqlx and
+    /// by the writer's connection) as on PostgreSQL.
     pub(crate) const fn portable(sql: &'static str) -> Self {
         Self {
             sqlite: sql,
@@ -230,7 +231,7 @@ impl<'a> Column<'a> {
 }
 
 /// The columns as SQLite reads them: a JSON array of row arrays.
-pub(crate) fn json_rows(columns: &[Column<'_>]) -> String {
+pub(crate) fn column_rows_json(columns: &[Column<'_>]) -> String {
     let rows = columns.first().map_or(0, Column::len);
     debug_assert!(columns.iter().all(|c| c.len() == rows), "ragged rows");
     let rows: Vec<serde_json::Value> = (0..rows)
@@ -297,7 +298,7 @@ fn sqlite_args(params: &[Param<'_>]) -> Result<SqliteArguments> {
             Param::Text(s) => args.add(*s),
             Param::Texts(items) => args.add(super::sqlite::json_list(items.iter().copied())),
             Param::Ints(items) => args.add(serde_json::Value::from(*items).to_string()),
-            Param::Rows(columns) => args.add(json_rows(columns)),
+            Param::Rows(columns) => args.add(column_rows_json(columns)),
         }
         .map_err(sqlx::Error::Encode)?;
     }

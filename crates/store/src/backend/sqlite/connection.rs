@@ -3,13 +3,14 @@
 //! one JSON parameter whatever their size, so their text never changes).
 //!
 //! Statements are the same text sqlx runs on the readers: parameters are numbered `$n` (or
-//! anonymous `?`) and bound by that number, as sqlx does on SQLite. Rows are decoded by column
-//! name (`#[derive(FromSqliteRow)]`, which reads the same `#[sqlx(...)]` attributes as
+//! anonymous `?`) and bound by that number, as sqlx does on SQLite, except that a parameter
+//! with no value is an error here rather than NULL. Rows are decoded by column name
+//! (`#[derive(FromSqliteRow)]`, which reads the same `#[sqlx(...)]` attributes as
 //! `sqlx::FromRow`).
 
-use crate::backend::sql::{Param, json_rows};
+use crate::backend::sql::{Param, column_rows_json};
 use crate::{Result, StoreError};
-use rusqlite::types::{FromSql, Type};
+use rusqlite::types::FromSql;
 use rusqlite::{Connection, OpenFlags, Row};
 use std::path::Path;
 use std::time::Duration;
@@ -47,8 +48,9 @@ where
     T::Error: std::error::Error + Send + Sync + 'static,
 {
     let index = row.as_ref().column_index(column)?;
+    let stored = row.get_ref(index)?.data_type();
     T::try_from(row.get::<_, S>(index)?)
-        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(index, Type::Text, Box::new(e)))
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(index, stored, Box::new(e)))
 }
 
 pub(crate) struct WriterConnection(Connection);
@@ -169,7 +171,7 @@ impl WriterConnection {
             };
             let param = params
                 .get(number.wrapping_sub(1))
-                .ok_or(rusqlite::Error::InvalidParameterCount(number, params.len()))?;
+                .ok_or(rusqlite::Error::InvalidParameterCount(params.len(), number))?;
             bind(&mut statement, index, param)?;
         }
         Ok(statement)
@@ -188,7 +190,7 @@ fn bind(statement: &mut rusqlite::Statement<'_>, index: usize, param: &Param<'_>
         Param::Ints(items) => {
             statement.raw_bind_parameter(index, serde_json::Value::from(*items).to_string())
         }
-        Param::Rows(columns) => statement.raw_bind_parameter(index, json_rows(columns)),
+        Param::Rows(columns) => statement.raw_bind_parameter(index, column_rows_json(columns)),
     }?;
     Ok(())
 }
@@ -265,8 +267,58 @@ mod tests {
         assert!(missing.to_string().contains("run"), "{missing}");
     }
 
+    #[derive(Debug, PartialEq, sqlx::FromRow, FromSqliteRow)]
+    struct Both {
+        id: crate::RunId,
+        at_ms: crate::Timestamp,
+        due_ms: Option<crate::Timestamp>,
+        #[sqlx(try_from = "String")]
+        state: herald_core::status::RunState,
+        active: bool,
+        attempts: i64,
+        note: Option<String>,
+        flag: bool,
+    }
+
+    #[tokio::test]
+    async fn the_writer_decodes_a_row_as_the_readers_sqlx_decodes_it() {
+        use sqlx::ConnectOptions;
+        let (mut conn, dir) = open();
+        conn.command(
+            "CREATE TABLE r (id TEXT NOT NULL, at_ms INTEGER NOT NULL, due_ms INTEGER,
+             state TEXT NOT NULL, active INTEGER NOT NULL, attempts INTEGER NOT NULL, note TEXT)",
+        )
+        .unwrap();
+        let columns = [
+            Column::Texts(vec![Some("r1"), Some("r2")]),
+            Column::Ints(vec![Some(1_700_000_000_123), Some(-5)]),
+            Column::Ints(vec![None, Some(i64::MAX)]),
+            Column::Texts(vec![Some("active"), Some("waiting_event")]),
+            Column::Bools(vec![true, false]),
+            Column::Ints(vec![Some(0), Some(3)]),
+            Column::Texts(vec![None, Some("Grüße, \"quoted\" ✓")]),
+        ];
+        conn.execute(
+            "INSERT INTO r SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4,
+                    value ->> 5, value ->> 6 FROM json_each($1) ORDER BY key",
+            &[Param::Rows(&columns)],
+        )
+        .unwrap();
+        // A flag computed in the statement, as claims and lease checks compute theirs.
+        let sql = "SELECT *, attempts > 0 AS flag FROM r ORDER BY id";
+        let written: Vec<Both> = conn.fetch_all(sql, &[]).unwrap();
+        let mut reader = sqlx::sqlite::SqliteConnectOptions::new()
+            .filename(dir.path().join("c.db"))
+            .connect()
+            .await
+            .unwrap();
+        let read: Vec<Both> = sqlx::query_as(sql).fetch_all(&mut reader).await.unwrap();
+        assert_eq!(written.len(), 2);
+        assert_eq!(written, read);
+    }
+
     #[test]
-    fn parameters_are_bound_by_their_number_as_sqlx_binds_them() {
+    fn parameters_are_bound_by_their_number_and_a_missing_one_is_an_error() {
         let (mut conn, _dir) = open();
         let row: (String, i64, String) = conn
             .fetch_optional(
@@ -309,7 +361,7 @@ mod tests {
             )
             .unwrap();
         assert_eq!(ids, ["a"]);
-        // The same statement again, taken from the kept ones, with new values.
+        // The same statement again, taken from the kept ones: its rows are there already.
         let err = conn.execute(insert, &[Param::Rows(&columns)]).unwrap_err();
         assert!(
             err.is_rejection(),

@@ -16,7 +16,7 @@ pub(super) mod writer;
 
 pub(crate) use connection::{FromSqliteRow, WriterConnection, converted};
 
-use crate::Result;
+use crate::{Result, StoreError};
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
@@ -43,6 +43,11 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     pub async fn connect(url: &str) -> Result<Self> {
+        // A file only: the writer and the readers are separate connections, and a `202`
+        // promises a commit on disk.
+        if url.contains(":memory:") || url.contains("mode=memory") {
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        }
         let options = SqliteConnectOptions::from_str(url)?
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
@@ -54,7 +59,11 @@ impl SqliteStore {
             // scanning a large database stay within 32 MB; the writer keeps 32 MB of its own.
             .pragma("cache_size", "-8000");
         // Opened first: it creates the file and puts it in WAL mode for the readers.
-        let writer = WriterConnection::open(options.get_filename())?;
+        // Waits (up to the busy timeout) while another process holds the database.
+        let path = options.get_filename().to_owned();
+        let writer = tokio::task::spawn_blocking(move || WriterConnection::open(&path))
+            .await
+            .map_err(|e| StoreError::Thread(std::io::Error::other(e)))??;
         let readers = SqlitePoolOptions::new()
             .max_connections(4)
             .min_connections(1)
@@ -98,4 +107,21 @@ pub(super) fn json_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String 
 /// so that a batch is one statement with one parameter.
 fn json_rows(rows: impl IntoIterator<Item = serde_json::Value>) -> String {
     serde_json::Value::Array(rows.into_iter().collect()).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn an_in_memory_database_is_refused_naming_what_to_use() {
+        for url in ["sqlite::memory:", "sqlite://herald.db?mode=memory"] {
+            let err = super::SqliteStore::connect(url)
+                .await
+                .err()
+                .expect("refused");
+            assert!(
+                err.to_string().contains("use sqlite://PATH"),
+                "{url}: {err}"
+            );
+        }
+    }
 }
