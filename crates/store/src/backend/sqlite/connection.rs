@@ -88,18 +88,22 @@ impl WriterConnection {
     /// Runs one statement that takes no parameters and returns no rows (`BEGIN`, `SAVEPOINT`,
     /// `COMMIT`, ...), kept prepared like the others: each unit runs a few.
     pub(crate) fn command(&mut self, sql: &str) -> Result<()> {
-        self.0.prepare_cached(sql)?.raw_execute()?;
-        Ok(())
+        logged(sql, || {
+            self.0.prepare_cached(sql)?.raw_execute()?;
+            Ok(())
+        })
     }
 
     /// Runs a statement; how many rows it changed. Rows it returns are read and dropped.
     pub(crate) fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
-        {
-            let mut statement = self.prepared(sql, params)?;
-            let mut rows = statement.raw_query();
-            while rows.next()?.is_some() {}
-        }
-        Ok(self.0.changes())
+        logged(sql, || {
+            {
+                let mut statement = self.prepared(sql, params)?;
+                let mut rows = statement.raw_query();
+                while rows.next()?.is_some() {}
+            }
+            Ok(self.0.changes())
+        })
     }
 
     /// Every row, decoded.
@@ -108,13 +112,15 @@ impl WriterConnection {
         sql: &str,
         params: &[Param<'_>],
     ) -> Result<Vec<T>> {
-        let mut statement = self.prepared(sql, params)?;
-        let mut rows = statement.raw_query();
-        let mut all = Vec::new();
-        while let Some(row) = rows.next()? {
-            all.push(T::from_sqlite_row(row)?);
-        }
-        Ok(all)
+        logged(sql, || {
+            let mut statement = self.prepared(sql, params)?;
+            let mut rows = statement.raw_query();
+            let mut all = Vec::new();
+            while let Some(row) = rows.next()? {
+                all.push(T::from_sqlite_row(row)?);
+            }
+            Ok(all)
+        })
     }
 
     /// The first row, decoded, if there is one.
@@ -123,11 +129,13 @@ impl WriterConnection {
         sql: &str,
         params: &[Param<'_>],
     ) -> Result<Option<T>> {
-        let mut statement = self.prepared(sql, params)?;
-        let mut rows = statement.raw_query();
-        Ok(match rows.next()? {
-            Some(row) => Some(T::from_sqlite_row(row)?),
-            None => None,
+        logged(sql, || {
+            let mut statement = self.prepared(sql, params)?;
+            let mut rows = statement.raw_query();
+            Ok(match rows.next()? {
+                Some(row) => Some(T::from_sqlite_row(row)?),
+                None => None,
+            })
         })
     }
 
@@ -176,6 +184,27 @@ impl WriterConnection {
         }
         Ok(statement)
     }
+}
+
+/// Where the writer's statements are logged, with their execution time, at debug level
+/// (`HERALD_LOG=warn,herald_store::sqlite_writer=debug`), as sqlx logs the readers' under
+/// `sqlx::query`.
+const STATEMENT_LOG: &str = "herald_store::sqlite_writer";
+
+/// Runs a statement's `work`, logging it when its log is on (the clock is read only then).
+fn logged<T>(sql: &str, work: impl FnOnce() -> Result<T>) -> Result<T> {
+    if !tracing::enabled!(target: STATEMENT_LOG, tracing::Level::DEBUG) {
+        return work();
+    }
+    let started = std::time::Instant::now();
+    let outcome = work();
+    tracing::debug!(
+        target: STATEMENT_LOG,
+        elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+        ok = outcome.is_ok(),
+        "{sql}"
+    );
+    outcome
 }
 
 fn bind(statement: &mut rusqlite::Statement<'_>, index: usize, param: &Param<'_>) -> Result<()> {
@@ -339,6 +368,40 @@ mod tests {
             !missing.is_rejection(),
             "a statement of herald's own is wrong: {missing}"
         );
+    }
+
+    #[test]
+    fn statements_are_logged_with_their_time_only_when_asked() {
+        #[derive(Clone, Default)]
+        struct Lines(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Lines {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let (mut conn, _dir) = open();
+        let logged = |filter: &str, conn: &mut WriterConnection| {
+            let lines = Lines::default();
+            let sink = lines.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_ansi(false)
+                .with_writer(move || sink.clone())
+                .finish();
+            tracing::subscriber::with_default(subscriber, || {
+                conn.fetch_scalars::<i64>("SELECT 40 + $1", &[Param::Int(2)])
+                    .unwrap()
+            });
+            String::from_utf8(lines.0.lock().unwrap().clone()).unwrap()
+        };
+        let on = logged("warn,herald_store::sqlite_writer=debug", &mut conn);
+        assert!(on.contains("SELECT 40 + $1"), "{on}");
+        assert!(on.contains("elapsed_us="), "{on}");
+        assert_eq!(logged("warn", &mut conn), "");
     }
 
     #[test]
