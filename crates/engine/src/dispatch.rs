@@ -8,7 +8,7 @@ use crate::runner::{self, RunContext};
 use herald_core::workflow::ContactState;
 use herald_store::{
     ContactId, DispatchInput, DispatchPlan, EnrollmentCounts, LiveRun, RunExit, RunId, RunResume,
-    RunState, RunWrite, StepRecord, Timestamp,
+    RunState, RunWrite, StepRecord, Timestamp, WorkflowId,
 };
 use std::collections::HashMap;
 use std::time::Duration;
@@ -33,7 +33,7 @@ impl Planner<'_> {
         let mut plan = DispatchPlan::default();
         // Runs and counts as they stand after the events planned so far in this batch.
         let mut live: Vec<LiveRun> = input.live_runs.clone();
-        let mut counts: HashMap<(ContactId, String), EnrollmentCounts> = input.counts.clone();
+        let mut counts: HashMap<(ContactId, WorkflowId), EnrollmentCounts> = input.counts.clone();
         let now = self.now.to_datetime();
         // A live run's `exit_when` and event waits are in its pinned version: without it, the
         // run would miss this batch's events.
@@ -122,7 +122,7 @@ impl Planner<'_> {
                 .into_iter()
                 .filter(|wf| self.workflows.is_enabled(&wf.id))
             {
-                let key = (ContactId::from(contact), wf.id.clone());
+                let key = (ContactId::from(contact), WorkflowId::from(wf.id.as_str()));
                 let c = counts.entry(key).or_default();
                 if c.live || (!wf.re_entry && c.total > 0) {
                     continue;
@@ -130,7 +130,7 @@ impl Planner<'_> {
                 let run_id = RunId::fresh();
                 let mut write = RunWrite {
                     run_id: run_id.clone(),
-                    workflow_id: wf.id.clone(),
+                    workflow_id: wf.id.as_str().into(),
                     workflow_version: wf.version.clone(),
                     contact_id: ContactId::from(contact),
                     event_seq: *seq,
@@ -175,7 +175,7 @@ impl Planner<'_> {
                 if c.live {
                     live.push(LiveRun {
                         run_id,
-                        workflow_id: wf.id.clone(),
+                        workflow_id: wf.id.as_str().into(),
                         workflow_version: wf.version.clone(),
                         contact_id: ContactId::from(contact),
                         state: write.state,

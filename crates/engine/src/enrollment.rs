@@ -74,7 +74,7 @@ pub async fn enroll(
     contacts.sort();
     contacts.dedup();
     let known: std::collections::HashMap<ContactId, herald_store::EnrollmentCounts> = store
-        .enrollment_counts(workflow_id.to_owned(), contacts.clone(), now - LOOP_WINDOW)
+        .enrollment_counts(workflow_id.into(), contacts.clone(), now - LOOP_WINDOW)
         .await?
         .into_iter()
         .collect();

@@ -3,7 +3,7 @@
 //! not check is refused as a whole and the running set stays.
 
 use herald_core::workflow::{self, CompiledWorkflow, Diagnostic, Severity, WorkflowBundle};
-use herald_store::{Signals, Store, Timestamp};
+use herald_store::{Signals, Store, Timestamp, WorkflowId};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -168,7 +168,10 @@ impl Registry {
     pub async fn reload(&self, now: Timestamp) -> Result<Vec<Diagnostic>, RegistryError> {
         let _one_at_a_time = self.reloading.lock().await;
         let (compiled, warnings) = self.read_and_store(now).await?;
-        let states = compiled.iter().map(|w| (w.id.clone(), w.enabled)).collect();
+        let states = compiled
+            .iter()
+            .map(|w| (WorkflowId::from(w.id.as_str()), w.enabled))
+            .collect();
         self.swap(compiled, HashMap::new());
         // Enabled or disabled is kept in the database: a workflow whose state there differs
         // from its file (toggled now, or while this process was down, or by another process's
@@ -218,8 +221,13 @@ impl Registry {
         &self,
         compiled: Option<Vec<CompiledWorkflow>>,
     ) -> Result<(), RegistryError> {
-        let stored: HashMap<String, bool> =
-            self.store.workflow_states().await?.into_iter().collect();
+        let stored: HashMap<String, bool> = self
+            .store
+            .workflow_states()
+            .await?
+            .into_iter()
+            .map(|(id, enabled)| (id.into(), enabled))
+            .collect();
         match compiled {
             Some(compiled) => self.swap(compiled, stored),
             None => {
@@ -252,7 +260,7 @@ impl Registry {
         for (id, version) in missing {
             if let Some(bundle) = self
                 .store
-                .workflow_version(id.clone(), version.clone())
+                .workflow_version(id.as_str().into(), version.clone())
                 .await?
             {
                 loaded.push(self.compile_stored(id, version, &bundle)?);
@@ -316,7 +324,7 @@ impl Registry {
             .iter()
             .map(|w| {
                 (
-                    w.id.clone(),
+                    WorkflowId::from(w.id.as_str()),
                     w.version.clone(),
                     serde_json::to_string(&w.bundle).expect("bundle serializes"),
                 )

@@ -112,6 +112,11 @@ text_id! {
 }
 
 text_id! {
+    /// A workflow, as its YAML file names it (`id:`).
+    WorkflowId
+}
+
+text_id! {
     /// A workflow run.
     RunId
 }

@@ -290,13 +290,13 @@ reads! {
     /// The earliest due time of any run or queued message, to sleep until then.
     fn next_due(&self) -> Option<Timestamp>;
     /// The bundles (id, version, bundle JSON) of every version a live run is pinned to.
-    fn live_workflow_versions(&self) -> Vec<(String, String, String)>;
+    fn live_workflow_versions(&self) -> Vec<(WorkflowId, String, String)>;
     /// The contact's newest `limit` events, oldest first.
     fn contact_events(&self, contact_id: ContactId, limit: i64) -> Vec<ContactEventRow>;
     /// The bundle JSON of one stored workflow version.
-    fn workflow_version(&self, id: String, version: String) -> Option<String>;
+    fn workflow_version(&self, id: WorkflowId, version: String) -> Option<String>;
     /// Whether each workflow is enabled, as the last reload of any process recorded it.
-    fn workflow_states(&self) -> Vec<(String, bool)>;
+    fn workflow_states(&self) -> Vec<(WorkflowId, bool)>;
     /// The dev mailbox, newest first.
     fn mailbox(&self, limit: i64) -> Vec<MailboxItem>;
     fn messages(&self, filter: ListFilter) -> Vec<MessageRow>;
@@ -337,12 +337,12 @@ written_once! {
     /// Puts a message straight into the dev mailbox (system emails outside a workflow run).
     fn messages::add_to_mailbox(&self, item: MailboxItem) -> ();
     /// Stores workflow versions (id, version, bundle JSON); existing ones are kept.
-    fn workflows::save_workflow_versions(&self, versions: Vec<(String, String, String)>, now: Timestamp) -> ();
+    fn workflows::save_workflow_versions(&self, versions: Vec<(WorkflowId, String, String)>, now: Timestamp) -> ();
     /// Records whether each workflow is enabled and, for each whose stored state changed (or was
     /// unknown), parks its live runs (cancelling the messages they had queued) or resumes its
     /// parked ones, in the same transaction. Returns those (id, enabled,
     /// runs parked or resumed).
-    fn workflows::sync_workflow_states(&self, states: Vec<(String, bool)>, now: Timestamp) -> Vec<(String, bool, u64)>;
+    fn workflows::sync_workflow_states(&self, states: Vec<(WorkflowId, bool)>, now: Timestamp) -> Vec<(WorkflowId, bool, u64)>;
     /// Whether the contact holds at least one active offer grant (what a learner link needs).
     fn links::has_active_offer(&self, contact_id: ContactId) -> bool;
     /// Stores a freshly minted link (replacing the one of the same message) and audits the mint.
@@ -381,12 +381,12 @@ written_once! {
     fn enroll::contact_states(&self, contact_ids: Vec<ContactId>) -> std::collections::HashMap<ContactId, herald_core::workflow::ContactState>;
     /// The enrollment counts in one workflow of each of `contact_ids` that herald knows (an
     /// unknown id has no row).
-    fn enroll::enrollment_counts(&self, workflow_id: String, contact_ids: Vec<ContactId>, window_start: Timestamp) -> Vec<(ContactId, EnrollmentCounts)>;
+    fn enroll::enrollment_counts(&self, workflow_id: WorkflowId, contact_ids: Vec<ContactId>, window_start: Timestamp) -> Vec<(ContactId, EnrollmentCounts)>;
     /// Course events received since `since` (not herald's enrollments, not set-aside ones),
     /// after `after_seq`, in order: what a replay matches again.
     fn enroll::course_events_since(&self, since: Timestamp, after_seq: i64, limit: i64) -> Vec<(i64, herald_core::CourseEvent)>;
     /// The triggering event (its `seq`) and workflow of every run of these contacts.
-    fn enroll::runs_started_by_events(&self, contact_ids: Vec<ContactId>) -> Vec<(i64, String)>;
+    fn enroll::runs_started_by_events(&self, contact_ids: Vec<ContactId>) -> Vec<(i64, WorkflowId)>;
     /// Which of `ids` are stored as events of `source`.
     fn enroll::stored_event_ids(&self, source: String, ids: Vec<String>) -> Vec<String>;
     /// Sets aside the oldest undispatched event (its dispatch keeps failing) with the error, so

@@ -2,7 +2,7 @@
 //! knows SQL, the engine knows the rules, and these types are the contract between them.
 
 use crate::backend::sqlite::FromSqliteRow;
-pub use crate::ids::{ContactId, LeaseToken, MessageId, RunId};
+pub use crate::ids::{ContactId, LeaseToken, MessageId, RunId, WorkflowId};
 use herald_core::CourseEvent;
 pub use herald_core::{Channel, MessageStatus, RunState, Timestamp};
 use std::collections::HashMap;
@@ -44,7 +44,7 @@ pub struct ContactRow {
 pub struct LiveRun {
     #[sqlx(rename = "id")]
     pub run_id: RunId,
-    pub workflow_id: String,
+    pub workflow_id: WorkflowId,
     pub workflow_version: String,
     pub contact_id: ContactId,
     #[sqlx(try_from = "String")]
@@ -83,7 +83,7 @@ pub struct DispatchInput {
     pub events: Vec<(i64, CourseEvent)>,
     pub live_runs: Vec<LiveRun>,
     /// Keyed by (contact id, workflow id).
-    pub counts: HashMap<(ContactId, String), EnrollmentCounts>,
+    pub counts: HashMap<(ContactId, WorkflowId), EnrollmentCounts>,
     /// The batch's contacts as the projection left them (this batch's events applied), so that
     /// messages go to the latest address even when an event carries only the contact's id.
     pub contacts: HashMap<ContactId, ContactRow>,
@@ -124,7 +124,7 @@ pub struct RunExit {
 #[derive(Debug, Clone)]
 pub struct RunWrite {
     pub run_id: RunId,
-    pub workflow_id: String,
+    pub workflow_id: WorkflowId,
     pub workflow_version: String,
     pub contact_id: ContactId,
     pub event_seq: i64,
@@ -167,7 +167,7 @@ pub struct NewMessage {
 #[derive(Debug, Clone)]
 pub struct ClaimedRun {
     pub run_id: RunId,
-    pub workflow_id: String,
+    pub workflow_id: WorkflowId,
     pub workflow_version: String,
     pub contact_id: ContactId,
     pub event_seq: i64,
@@ -184,7 +184,7 @@ pub struct ClaimedRun {
 #[derive(Debug, Clone)]
 pub struct MessageSource {
     pub id: MessageId,
-    pub workflow_id: String,
+    pub workflow_id: WorkflowId,
     pub workflow_version: String,
     pub pc: i64,
     pub channel: Channel,
@@ -208,7 +208,7 @@ pub struct ClaimedMessage {
     pub run_id: RunId,
     pub step_id: String,
     pub pc: i64,
-    pub workflow_id: String,
+    pub workflow_id: WorkflowId,
     pub workflow_version: String,
     pub channel: Channel,
     pub recipient: Option<String>,
@@ -295,7 +295,7 @@ pub struct MessageRow {
     pub id: MessageId,
     pub run_id: RunId,
     pub step_id: String,
-    pub workflow_id: String,
+    pub workflow_id: WorkflowId,
     pub contact_id: ContactId,
     #[sqlx(try_from = "String")]
     pub channel: Channel,
@@ -318,7 +318,7 @@ pub struct MessageRow {
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct RunRow {
     pub id: RunId,
-    pub workflow_id: String,
+    pub workflow_id: WorkflowId,
     pub workflow_version: String,
     pub contact_id: ContactId,
     #[sqlx(try_from = "String")]
@@ -338,7 +338,7 @@ pub struct RunRow {
 #[derive(Debug, Clone, Default)]
 pub struct ListFilter {
     pub contact_id: Option<ContactId>,
-    pub workflow_id: Option<String>,
+    pub workflow_id: Option<WorkflowId>,
     pub status: Option<String>,
     /// Return rows with an id greater than this (cursor pagination on time-ordered ids).
     pub after: Option<String>,

@@ -12,7 +12,7 @@ use herald_core::event::HERALD_SOURCE;
 use herald_core::workflow::{CompiledWorkflow, ContactState};
 use herald_engine::enrollment::store_enrollments;
 use herald_engine::registry::{Sources, compile_all, read_bundles};
-use herald_store::{ContactId, NewEvent, Store, Timestamp};
+use herald_store::{ContactId, NewEvent, Store, Timestamp, WorkflowId};
 use secrecy::ExposeSecret;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::process::ExitCode;
@@ -54,7 +54,7 @@ pub async fn replay(
             .iter()
             .map(|(_, e)| ContactId::from(e.contact_id()))
             .collect();
-        let ran: HashSet<(i64, String)> = store
+        let ran: HashSet<(i64, WorkflowId)> = store
             .runs_started_by_events(contacts.clone())
             .await?
             .into_iter()
@@ -73,7 +73,7 @@ pub async fn replay(
                 if !wf.trigger_matches(event, state) {
                     continue;
                 }
-                if ran.contains(&(*seq, wf.id.clone())) {
+                if ran.contains(&(*seq, WorkflowId::from(wf.id.as_str()))) {
                     per_workflow.entry(&wf.id).or_default().1 += 1;
                 } else {
                     candidates.push((*seq, i, CourseEvent::replay_id(event, &wf.id)));

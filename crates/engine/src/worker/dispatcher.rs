@@ -140,7 +140,7 @@ impl Shared {
                             .version(&r.workflow_id, &r.workflow_version)
                             .is_none()
                     })
-                    .map(|r| (r.workflow_id.clone(), r.workflow_version.clone()))
+                    .map(|r| (r.workflow_id.to_string(), r.workflow_version.clone()))
                     .collect()
             });
             let mut started = started.lock().unwrap_or_else(|p| p.into_inner());

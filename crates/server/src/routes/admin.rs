@@ -8,7 +8,7 @@ use axum::extract::{Path, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::Next;
 use axum::response::Response;
-use herald_store::{ContactId, MessageId, RunId, Timestamp};
+use herald_store::{ContactId, MessageId, RunId, Timestamp, WorkflowId};
 use serde_json::{Value, json};
 use subtle::ConstantTimeEq;
 
@@ -94,7 +94,7 @@ pub async fn regenerate_user_link(State(state): State<AppState>) -> Result<Json<
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
     contact_id: Option<ContactId>,
-    workflow: Option<String>,
+    workflow: Option<WorkflowId>,
     status: Option<String>,
     state: Option<String>,
     after: Option<String>,
@@ -217,7 +217,7 @@ pub struct RetryFilter {
     status: Option<String>,
     /// Only messages whose last change is at or after this RFC 3339 time.
     since: Option<String>,
-    workflow: Option<String>,
+    workflow: Option<WorkflowId>,
     contact_id: Option<ContactId>,
 }
 
@@ -533,7 +533,7 @@ async fn reviewed_contents(
     let sources = state.store.message_sources(ids).await?;
     let mut versions: Vec<(String, String)> = sources
         .iter()
-        .map(|s| (s.workflow_id.clone(), s.workflow_version.clone()))
+        .map(|s| (s.workflow_id.to_string(), s.workflow_version.clone()))
         .collect();
     versions.sort();
     versions.dedup();

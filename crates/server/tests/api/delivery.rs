@@ -300,7 +300,7 @@ steps:
         .messages()
         .await
         .into_iter()
-        .map(|m| (m.workflow_id, m.contact_id.into()))
+        .map(|m| (m.workflow_id.into(), m.contact_id.into()))
         .collect();
     got.sort();
     let expected = [

@@ -11,7 +11,7 @@ use crate::decode::parse_stored_event;
 use crate::erasure::AddressKey;
 use crate::{
     ContactId, ContactRow, DispatchInput, DispatchRequest, EnrollmentCounts, LiveRun, Result,
-    Timestamp, projection,
+    Timestamp, WorkflowId, projection,
 };
 use herald_core::CourseEvent;
 use std::collections::HashMap;
@@ -66,7 +66,7 @@ struct EventRow {
 #[derive(sqlx::FromRow, FromSqliteRow)]
 struct CountRow {
     contact_id: ContactId,
-    workflow_id: String,
+    workflow_id: WorkflowId,
     total: i64,
     recent: i64,
     live: bool,

@@ -5,7 +5,7 @@ use super::Backend;
 use super::sql::{On, Param, SqliteSide, Statement, limit_param, text, text_list};
 use crate::backend::sqlite::FromSqliteRow;
 use crate::decode::{self, parse_stored_event};
-use crate::{AudienceQuery, ContactId, EnrollmentCounts, Result, Timestamp};
+use crate::{AudienceQuery, ContactId, EnrollmentCounts, Result, Timestamp, WorkflowId};
 use herald_core::CourseEvent;
 use herald_core::workflow::ContactState;
 use sqlx::{Executor, Postgres};
@@ -146,7 +146,7 @@ struct CountsRow {
 
 pub(crate) async fn enrollment_counts(
     backend: &Backend,
-    workflow_id: String,
+    workflow_id: WorkflowId,
     contact_ids: Vec<ContactId>,
     window_start: Timestamp,
 ) -> Result<Vec<(ContactId, EnrollmentCounts)>> {
@@ -195,7 +195,7 @@ pub(crate) async fn course_events_since(
 pub(crate) async fn runs_started_by_events(
     backend: &Backend,
     contact_ids: Vec<ContactId>,
-) -> Result<Vec<(i64, String)>> {
+) -> Result<Vec<(i64, WorkflowId)>> {
     backend
         .reader()
         .fetch_all(RUNS_STARTED_BY_EVENTS, &[text_list(&contact_ids)])

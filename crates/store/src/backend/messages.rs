@@ -8,7 +8,7 @@ use crate::backend::sqlite::FromSqliteRow;
 use crate::decode::{outcome_columns, parse_stored_event};
 use crate::{
     Channel, ClaimedMessage, ContactRow, DeliveryResult, LeaseToken, MailboxItem, MessageId,
-    MessageOutcome, Result, RunId, RunState, Timestamp,
+    MessageOutcome, Result, RunId, RunState, Timestamp, WorkflowId,
 };
 use std::time::Duration;
 
@@ -18,7 +18,7 @@ struct ClaimedMessageRow {
     run_id: RunId,
     step_id: String,
     pc: i64,
-    workflow_id: String,
+    workflow_id: WorkflowId,
     workflow_version: String,
     #[sqlx(try_from = "String")]
     channel: Channel,

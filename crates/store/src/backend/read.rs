@@ -8,6 +8,7 @@ use crate::decode::parse_stored_event;
 use crate::{
     Channel, ContactEventRow, ContactId, ContactRow, GrantRow, ListFilter, MailboxItem, MessageId,
     MessageRow, MessageSource, QueueStats, Result, RunId, RunRow, StepRecord, Timestamp,
+    WorkflowId,
 };
 use std::collections::HashMap;
 
@@ -17,14 +18,14 @@ pub(crate) async fn next_due(conn: Conn<'_>) -> Result<Option<Timestamp>> {
 
 #[derive(sqlx::FromRow, FromSqliteRow)]
 struct VersionRow {
-    workflow_id: String,
+    workflow_id: WorkflowId,
     version: String,
     bundle: String,
 }
 
 pub(crate) async fn live_workflow_versions(
     conn: Conn<'_>,
-) -> Result<Vec<(String, String, String)>> {
+) -> Result<Vec<(WorkflowId, String, String)>> {
     let rows: Vec<VersionRow> = conn
         .fetch_all(statement!(read::LIVE_WORKFLOW_VERSIONS), &[])
         .await?;
@@ -57,7 +58,7 @@ struct BundleRow {
 
 pub(crate) async fn workflow_version(
     conn: Conn<'_>,
-    id: String,
+    id: WorkflowId,
     version: String,
 ) -> Result<Option<String>> {
     let row: Option<BundleRow> = conn
@@ -71,11 +72,11 @@ pub(crate) async fn workflow_version(
 
 #[derive(sqlx::FromRow, FromSqliteRow)]
 struct StateRow {
-    workflow_id: String,
+    workflow_id: WorkflowId,
     enabled: bool,
 }
 
-pub(crate) async fn workflow_states(conn: Conn<'_>) -> Result<Vec<(String, bool)>> {
+pub(crate) async fn workflow_states(conn: Conn<'_>) -> Result<Vec<(WorkflowId, bool)>> {
     let rows: Vec<StateRow> = conn
         .fetch_all(statement!(read::WORKFLOW_STATES), &[])
         .await?;
@@ -158,7 +159,7 @@ pub(crate) async fn queue_stats(conn: Conn<'_>, now: Timestamp) -> Result<QueueS
 #[derive(sqlx::FromRow, FromSqliteRow)]
 struct MessageSourceRow {
     id: MessageId,
-    workflow_id: String,
+    workflow_id: WorkflowId,
     workflow_version: String,
     pc: i64,
     #[sqlx(try_from = "String")]

@@ -9,6 +9,7 @@ use crate::backend::sqlite::FromSqliteRow;
 use crate::decode::parse_stored_event;
 use crate::{
     ClaimedRun, ContactRow, LeaseToken, Result, RunAdvance, RunId, RunState, RunWrite, Timestamp,
+    WorkflowId,
 };
 use std::collections::HashSet;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use std::time::Duration;
 #[derive(sqlx::FromRow, FromSqliteRow)]
 struct ClaimedRunRow {
     id: RunId,
-    workflow_id: String,
+    workflow_id: WorkflowId,
     workflow_version: String,
     event_seq: i64,
     #[sqlx(try_from = "String")]

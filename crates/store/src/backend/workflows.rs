@@ -2,7 +2,7 @@
 
 use super::Backend;
 use super::sql::{Param, Statement, Tx, text};
-use crate::{Result, Timestamp};
+use crate::{Result, Timestamp, WorkflowId};
 
 const SAVE_VERSION: Statement = Statement::portable(
     "INSERT INTO workflow_versions (workflow_id, version, bundle, created_ms) VALUES ($1, $2, $3, $4)
@@ -37,7 +37,7 @@ const CANCEL_PARKED_MESSAGES: Statement = Statement::portable(
 /// handful, so one statement each is cheap.
 pub(crate) async fn save_workflow_versions(
     backend: &Backend,
-    versions: Vec<(String, String, String)>,
+    versions: Vec<(WorkflowId, String, String)>,
     now: Timestamp,
 ) -> Result<()> {
     if versions.is_empty() {
@@ -65,9 +65,9 @@ pub(crate) async fn save_workflow_versions(
 /// no run, and one with changed files catches up. Returns those (id, enabled, runs changed).
 pub(crate) async fn sync_workflow_states(
     backend: &Backend,
-    states: Vec<(String, bool)>,
+    states: Vec<(WorkflowId, bool)>,
     now: Timestamp,
-) -> Result<Vec<(String, bool, u64)>> {
+) -> Result<Vec<(WorkflowId, bool, u64)>> {
     backend
         .write(
             "sync workflow states",
@@ -93,7 +93,7 @@ pub(crate) async fn sync_workflow_states(
 /// parked ones where they stood.
 async fn park_or_resume(
     tx: &mut Tx<'_>,
-    workflow_id: &str,
+    workflow_id: &WorkflowId,
     parked: bool,
     now: Timestamp,
 ) -> Result<u64> {

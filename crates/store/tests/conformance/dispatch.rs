@@ -2,7 +2,7 @@
 //! resumes, event order, and dispatchers taking turns.
 
 use super::*;
-use herald_store::{ContactId, RunExit, RunResume};
+use herald_store::{ContactId, RunExit, RunResume, WorkflowId};
 
 conformance! {
     dispatch_applies_the_plan_in_one_go,
@@ -240,7 +240,7 @@ async fn dispatch_keeps_one_live_run_per_workflow_and_contact(db: &TestDb) {
             ),
             ("v1", "c1", None)
         );
-        let counts = input.counts[&(ContactId::from("c1"), WELCOME.to_owned())];
+        let counts = input.counts[&(ContactId::from("c1"), WorkflowId::from(WELCOME))];
         assert_eq!((counts.total, counts.recent, counts.live), (1, 1, true));
     }
     assert_eq!(s.runs(all()).await.unwrap().len(), 1);
@@ -255,7 +255,7 @@ async fn dispatch_keeps_one_live_run_per_workflow_and_contact(db: &TestDb) {
     accept(s, vec![granted("e5", "c1", T0 + ms(3))]).await;
     assert_eq!(planner.dispatch(s, 100, now + ms(86_400_010)).await, 1);
     let seen = planner.last();
-    let counts = seen.last().unwrap().counts[&(ContactId::from("c1"), WELCOME.to_owned())];
+    let counts = seen.last().unwrap().counts[&(ContactId::from("c1"), WorkflowId::from(WELCOME))];
     assert_eq!(
         (counts.total, counts.recent, counts.live),
         (1, 0, true),
@@ -266,7 +266,7 @@ async fn dispatch_keeps_one_live_run_per_workflow_and_contact(db: &TestDb) {
             .last()
             .unwrap()
             .counts
-            .contains_key(&(ContactId::from("c2"), WELCOME.to_owned())),
+            .contains_key(&(ContactId::from("c2"), WorkflowId::from(WELCOME))),
         "only the batch's contacts"
     );
 }

@@ -60,7 +60,7 @@ async fn list_filters_and_cursor_pagination(db: &TestDb) {
         let mut r = run_write(&format!("run_{i}"), workflow, contact, 0, state, Some(T0));
         if i != 5 {
             // One live run per workflow and contact: make the others distinct workflows.
-            r.workflow_id = format!("{workflow}{i}");
+            r.workflow_id = format!("{workflow}{i}").into();
         }
         r.messages = vec![queued_email(&format!("msg_{i}"), "s", T0 + ms(i))];
         runs.push(r);

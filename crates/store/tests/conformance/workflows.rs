@@ -1,7 +1,7 @@
 //! Workflow versions and states, and parking a disabled workflow's runs.
 
 use super::*;
-use herald_store::RunId;
+use herald_store::{RunId, WorkflowId};
 
 conformance! {
     workflow_versions_are_kept_and_live_ones_listed,
@@ -12,7 +12,7 @@ conformance! {
 async fn workflow_versions_are_kept_and_live_ones_listed(db: &TestDb) {
     let s = &db.store;
     let v = |id: &str, version: &str, bundle: &str| {
-        (id.to_owned(), version.to_owned(), bundle.to_owned())
+        (WorkflowId::from(id), version.to_owned(), bundle.to_owned())
     };
     s.save_workflow_versions(
         vec![
@@ -210,6 +210,6 @@ async fn workflow_states_and_versions_are_read_back(db: &TestDb) {
     states.sort();
     assert_eq!(
         states,
-        vec![("nudge".to_owned(), true), ("welcome".to_owned(), false)]
+        vec![("nudge".into(), true), ("welcome".into(), false)]
     );
 }
