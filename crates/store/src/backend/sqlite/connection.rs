@@ -112,15 +112,7 @@ impl WriterConnection {
         sql: &str,
         params: &[Param<'_>],
     ) -> Result<Vec<T>> {
-        logged(sql, || {
-            let mut statement = self.prepared(sql, params)?;
-            let mut rows = statement.raw_query();
-            let mut all = Vec::new();
-            while let Some(row) = rows.next()? {
-                all.push(T::from_sqlite_row(row)?);
-            }
-            Ok(all)
-        })
+        self.decoded(sql, params, usize::MAX)
     }
 
     /// The first row, decoded, if there is one.
@@ -129,13 +121,26 @@ impl WriterConnection {
         sql: &str,
         params: &[Param<'_>],
     ) -> Result<Option<T>> {
+        Ok(self.decoded(sql, params, 1)?.pop())
+    }
+
+    /// The first `most` rows, decoded (the statement is reset after them, as it is when kept).
+    fn decoded<T: FromSqliteRow>(
+        &mut self,
+        sql: &str,
+        params: &[Param<'_>],
+        most: usize,
+    ) -> Result<Vec<T>> {
         logged(sql, || {
             let mut statement = self.prepared(sql, params)?;
             let mut rows = statement.raw_query();
-            Ok(match rows.next()? {
-                Some(row) => Some(T::from_sqlite_row(row)?),
-                None => None,
-            })
+            let mut decoded = Vec::new();
+            while decoded.len() < most
+                && let Some(row) = rows.next()?
+            {
+                decoded.push(T::from_sqlite_row(row)?);
+            }
+            Ok(decoded)
         })
     }
 
