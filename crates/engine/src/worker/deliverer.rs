@@ -105,7 +105,17 @@ pub(crate) struct Deliverer {
     reports: mpsc::UnboundedSender<Report>,
     /// Taken by `start_background`.
     inbox: Mutex<Option<mpsc::UnboundedReceiver<Report>>>,
-    sends: Mutex<JoinSet<()>>,
+    sends: Mutex<Sends>,
+}
+
+/// The send tasks, and whether they were stopped for good ([`Deliverer::abort_sends`]).
+#[derive(Default)]
+struct Sends {
+    tasks: JoinSet<()>,
+    /// Set by a crash-like stop: a claim loop that was mid-pass on another thread and comes to
+    /// spawn its sends afterwards must not, or they would run on, unrecorded, beside the next
+    /// process (its claim stands until its lease runs out, as a killed process's would).
+    stopped: bool,
 }
 
 impl Deliverer {
@@ -121,7 +131,7 @@ impl Deliverer {
             leases: Arc::default(),
             reports,
             inbox: Mutex::new(Some(inbox)),
-            sends: Mutex::new(JoinSet::new()),
+            sends: Mutex::default(),
         }
     }
 
@@ -166,10 +176,9 @@ impl Deliverer {
 
     /// Stops every send where it stands (a crash, as far as delivery is concerned).
     pub(crate) fn abort_sends(&self) {
-        self.sends
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .abort_all();
+        let mut sends = self.sends.lock().unwrap_or_else(|p| p.into_inner());
+        sends.stopped = true;
+        sends.tasks.abort_all();
     }
 }
 
@@ -179,7 +188,7 @@ impl Shared {
         // Forget finished send tasks.
         {
             let mut sends = d.sends.lock().unwrap_or_else(|p| p.into_inner());
-            while sends.try_join_next().is_some() {}
+            while sends.tasks.try_join_next().is_some() {}
         }
         let room = d.room.available_permits();
         if room == 0 {
@@ -220,6 +229,9 @@ impl Shared {
         }
         let links = self.mint_links(&claimed, now).await;
         let mut sends = d.sends.lock().unwrap_or_else(|p| p.into_inner());
+        if sends.stopped {
+            return Ok(Pass::Idle);
+        }
         for (m, login) in claimed.into_iter().zip(links) {
             let room = d
                 .room
@@ -233,7 +245,7 @@ impl Shared {
                 reports: d.reports.clone(),
                 lease,
             };
-            sends.spawn(task.run(m, login, room));
+            sends.tasks.spawn(task.run(m, login, room));
         }
         Ok(Pass::Worked)
     }
