@@ -1,9 +1,8 @@
 //! Storing events on SQLite: one multi-row insert per batch.
 
-use super::{WriterConnection, json_rows};
-use crate::backend::sql::Param;
+use super::WriterConnection;
+use crate::backend::sql::{Column, Param};
 use crate::{Accepted, NewEvent, Result};
-use serde_json::json;
 
 impl super::SqliteStore {
     pub(crate) async fn insert_events(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>> {
@@ -27,25 +26,26 @@ pub(crate) fn insert_event_rows(
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = json_rows(events.iter().map(|e| {
-        let ev = &e.event;
-        json!([
-            ev.source,
-            ev.id,
-            ev.event_type.trigger_name(),
-            ev.contact_id(),
-            ev.time.timestamp_millis(),
-            e.received.millis(),
-            ev.to_json().to_string(),
-        ])
-    }));
+    let bodies: Vec<String> = events
+        .iter()
+        .map(|e| e.event.to_json().to_string())
+        .collect();
+    let columns = [
+        Column::texts(events, |e| Some(e.event.source.as_str())),
+        Column::texts(events, |e| Some(e.event.id.as_str())),
+        Column::texts(events, |e| Some(e.event.event_type.trigger_name())),
+        Column::texts(events, |e| Some(e.event.contact_id())),
+        Column::ints(events, |e| Some(e.event.time.timestamp_millis())),
+        Column::times(events, |e| Some(e.received)),
+        Column::texts(&bodies, |b| Some(b.as_str())),
+    ];
     let new: Vec<(String, String)> = conn.fetch_all(
         "INSERT INTO events (source, id, type, contact_id, time_ms, received_ms, body)
          SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6
          FROM json_each(?) WHERE true ORDER BY key
          ON CONFLICT (source, id) DO NOTHING
          RETURNING source, id",
-        &[Param::Text(Some(&rows))],
+        &[Param::Rows(&columns)],
     )?;
     Ok(crate::ingest::accepted_in_order(
         events,

@@ -103,12 +103,6 @@ pub(super) fn json_list<'a>(items: impl IntoIterator<Item = &'a str>) -> String 
     .to_string()
 }
 
-/// Rows for `json_each(?)`: a JSON array of row arrays, read back as `value ->> n` in `key` order,
-/// so that a batch is one statement with one parameter.
-fn json_rows(rows: impl IntoIterator<Item = serde_json::Value>) -> String {
-    serde_json::Value::Array(rows.into_iter().collect()).to_string()
-}
-
 #[cfg(test)]
 mod tests {
     #[tokio::test]
