@@ -237,8 +237,10 @@ async fn read_timeline(
         Ok(())
     };
     submit("not-the-token").await?;
+    // The answer is a new page: wait for it rather than read the form page still showing.
     let alert = browser
-        .find(Locator::Css("[role=alert]"))
+        .wait()
+        .for_element(Locator::Css("[role=alert]"))
         .await?
         .text()
         .await?;
