@@ -157,10 +157,11 @@ pub(crate) enum Param<'a> {
     Texts(Vec<&'a str>),
     /// A list of numbers, bound as [`Param::Texts`] is.
     Ints(&'a [i64]),
-    /// Rows, given column by column, so that a batch is one statement: on SQLite one JSON array
-    /// of rows (read with `json_each`, `value ->> n` being the row's n-th column, in `key`
-    /// order), on PostgreSQL one array per column (read with `UNNEST`). A statement numbers its
-    /// parameters accordingly: this is one parameter on SQLite and one per column on PostgreSQL.
+    /// Rows, given column by column, so that a batch is one statement: on PostgreSQL one array
+    /// per column (read with `UNNEST`); on SQLite's writer connection one value per column, the
+    /// statement being run once per row, in order (prepared once, on the writer's own thread,
+    /// so a run costs a bind and a step). Either way it stands for one parameter per column in
+    /// the statement's `$n` numbering.
     Rows(&'a [Column<'a>]),
 }
 
@@ -213,31 +214,13 @@ impl<'a> Column<'a> {
         )
     }
 
-    fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         match self {
             Self::Texts(v) => v.len(),
             Self::Ints(v) => v.len(),
             Self::Bools(v) => v.len(),
         }
     }
-
-    fn json(&self, row: usize) -> serde_json::Value {
-        match self {
-            Self::Texts(v) => v[row].into(),
-            Self::Ints(v) => v[row].into(),
-            Self::Bools(v) => v[row].into(),
-        }
-    }
-}
-
-/// The columns as SQLite reads them: a JSON array of row arrays.
-pub(crate) fn column_rows_json(columns: &[Column<'_>]) -> String {
-    let rows = columns.first().map_or(0, Column::len);
-    debug_assert!(columns.iter().all(|c| c.len() == rows), "ragged rows");
-    let rows: Vec<serde_json::Value> = (0..rows)
-        .map(|i| columns.iter().map(|c| c.json(i)).collect())
-        .collect();
-    serde_json::Value::Array(rows).to_string()
 }
 
 /// A `LIMIT` the same on both: a negative limit means no limit (SQLite's reading; PostgreSQL
@@ -298,7 +281,10 @@ fn sqlite_args(params: &[Param<'_>]) -> Result<SqliteArguments> {
             Param::Text(s) => args.add(*s),
             Param::Texts(items) => args.add(super::sqlite::json_list(items.iter().copied())),
             Param::Ints(items) => args.add(serde_json::Value::from(*items).to_string()),
-            Param::Rows(columns) => args.add(column_rows_json(columns)),
+            // Batches are written, and only the writer's connection writes (see `Param::Rows`).
+            Param::Rows(_) => {
+                Err("a batch of rows is bound on SQLite's writer connection only".into())
+            }
         }
         .map_err(sqlx::Error::Encode)?;
     }

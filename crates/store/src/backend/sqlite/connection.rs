@@ -8,7 +8,7 @@
 //! (`#[derive(FromSqliteRow)]`, which reads the same `#[sqlx(...)]` attributes as
 //! `sqlx::FromRow`).
 
-use crate::backend::sql::{Param, column_rows_json};
+use crate::backend::sql::{Column, Param};
 use crate::{Result, StoreError};
 use rusqlite::config::DbConfig;
 use rusqlite::types::FromSql;
@@ -104,14 +104,7 @@ impl WriterConnection {
 
     /// Runs a statement; how many rows it changed. Rows it returns are read and dropped.
     pub(crate) fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
-        logged(sql, || {
-            {
-                let mut statement = self.prepared(sql, params)?;
-                let mut rows = statement.raw_query();
-                while rows.next()?.is_some() {}
-            }
-            Ok(self.0.changes())
-        })
+        logged(sql, || self.each_row(sql, params, |_| Ok(true)))
     }
 
     /// Every row, decoded.
@@ -140,14 +133,11 @@ impl WriterConnection {
         most: usize,
     ) -> Result<Vec<T>> {
         logged(sql, || {
-            let mut statement = self.prepared(sql, params)?;
-            let mut rows = statement.raw_query();
             let mut decoded = Vec::new();
-            while decoded.len() < most
-                && let Some(row) = rows.next()?
-            {
+            self.each_row(sql, params, |row| {
                 decoded.push(T::from_sqlite_row(row)?);
-            }
+                Ok(decoded.len() < most)
+            })?;
             Ok(decoded)
         })
     }
@@ -174,28 +164,111 @@ impl WriterConnection {
         Ok(self.fetch_optional::<(T,)>(sql, params)?.map(|(t,)| t))
     }
 
-    /// The statement, prepared once and kept, with `params` bound.
-    fn prepared(&self, sql: &str, params: &[Param<'_>]) -> Result<rusqlite::CachedStatement<'_>> {
+    /// Runs the statement, prepared once and kept, once for each row of its [`Param::Rows`] (or
+    /// once if it has none), handing each returned row to `row` until that says stop; how many
+    /// rows the runs changed.
+    fn each_row(
+        &self,
+        sql: &str,
+        params: &[Param<'_>],
+        mut row: impl FnMut(&Row<'_>) -> Result<bool>,
+    ) -> Result<u64> {
         let mut statement = self.0.prepare_cached(sql)?;
-        let mut anonymous = 0;
-        for index in 1..=statement.parameter_count() {
-            // `$n` and `?n` name the n-th parameter; an anonymous `?` the next one.
-            let number = match statement.parameter_name(index) {
-                Some(name) => name
-                    .strip_prefix(['$', '?'])
-                    .and_then(|n| n.parse::<usize>().ok())
-                    .ok_or_else(|| rusqlite::Error::InvalidParameterName(name.to_owned()))?,
-                None => {
-                    anonymous += 1;
-                    anonymous
+        let slots = Slots::of(params)?;
+        let numbers = parameter_numbers(&statement)?;
+        let mut changed = 0;
+        for at in 0..slots.rows {
+            for (index, number) in numbers.iter().enumerate() {
+                slots.bind(&mut statement, index + 1, *number, at)?;
+            }
+            let mut rows = statement.raw_query();
+            while let Some(r) = rows.next()? {
+                if !row(r)? {
+                    return Ok(changed + self.0.changes());
                 }
-            };
-            let param = params
-                .get(number.wrapping_sub(1))
-                .ok_or(rusqlite::Error::InvalidParameterCount(params.len(), number))?;
-            bind(&mut statement, index, param)?;
+            }
+            changed += self.0.changes();
         }
-        Ok(statement)
+        Ok(changed)
+    }
+}
+
+/// The number each of a statement's parameters names: `$n` and `?n` the n-th value, an
+/// anonymous `?` the next one.
+fn parameter_numbers(statement: &rusqlite::Statement<'_>) -> Result<Vec<usize>> {
+    let mut anonymous = 0;
+    (1..=statement.parameter_count())
+        .map(|index| match statement.parameter_name(index) {
+            Some(name) => name
+                .strip_prefix(['$', '?'])
+                .and_then(|n| n.parse::<usize>().ok())
+                .ok_or_else(|| rusqlite::Error::InvalidParameterName(name.to_owned()).into()),
+            None => {
+                anonymous += 1;
+                Ok(anonymous)
+            }
+        })
+        .collect()
+}
+
+/// The values a statement's parameters are numbered over: one per [`Param`], except that
+/// [`Param::Rows`] stands for one per column (the value of the row being run), as on
+/// PostgreSQL it stands for one array per column.
+struct Slots<'p> {
+    values: Vec<Slot<'p>>,
+    /// How many times the statement runs: the rows of its batch, or once.
+    rows: usize,
+}
+
+enum Slot<'p> {
+    Value(&'p Param<'p>),
+    Column(&'p Column<'p>),
+}
+
+impl<'p> Slots<'p> {
+    fn of(params: &'p [Param<'p>]) -> Result<Self> {
+        let mut values = Vec::with_capacity(params.len());
+        let mut rows = None;
+        for param in params {
+            match param {
+                Param::Rows(columns) => {
+                    for column in *columns {
+                        // Ragged columns are herald's mistake, not the rows': not a rejection.
+                        if let Some(n) = rows.filter(|n| *n != column.len()) {
+                            return Err(
+                                rusqlite::Error::InvalidParameterCount(column.len(), n).into()
+                            );
+                        }
+                        rows = Some(column.len());
+                        values.push(Slot::Column(column));
+                    }
+                }
+                value => values.push(Slot::Value(value)),
+            }
+        }
+        Ok(Self {
+            values,
+            rows: rows.unwrap_or(1),
+        })
+    }
+
+    /// Binds value `number` (counted from 1) of row `row` as the statement's parameter `index`.
+    fn bind(
+        &self,
+        statement: &mut rusqlite::Statement<'_>,
+        index: usize,
+        number: usize,
+        row: usize,
+    ) -> Result<()> {
+        let slot = self.values.get(number.wrapping_sub(1)).ok_or(
+            rusqlite::Error::InvalidParameterCount(self.values.len(), number),
+        )?;
+        match slot {
+            Slot::Value(param) => bind(statement, index, param),
+            Slot::Column(Column::Texts(v)) => Ok(statement.raw_bind_parameter(index, v[row])?),
+            Slot::Column(Column::Ints(v)) => Ok(statement.raw_bind_parameter(index, v[row])?),
+            Slot::Column(Column::Bools(v)) => Ok(statement.raw_bind_parameter(index, v[row])?),
+        }
     }
 }
 
@@ -232,7 +305,7 @@ fn bind(statement: &mut rusqlite::Statement<'_>, index: usize, param: &Param<'_>
         Param::Ints(items) => {
             statement.raw_bind_parameter(index, serde_json::Value::from(*items).to_string())
         }
-        Param::Rows(columns) => statement.raw_bind_parameter(index, column_rows_json(columns)),
+        Param::Rows(_) => unreachable!("a batch is bound column by column (`Slots`)"),
     }?;
     Ok(())
 }
@@ -341,8 +414,7 @@ mod tests {
             Column::Texts(vec![None, Some("Grüße, \"quoted\" ✓")]),
         ];
         conn.execute(
-            "INSERT INTO r SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4,
-                    value ->> 5, value ->> 6 FROM json_each($1) ORDER BY key",
+            "INSERT INTO r VALUES ($1, $2, $3, $4, $5, $6, $7)",
             &[Param::Rows(&columns)],
         )
         .unwrap();
@@ -418,30 +490,81 @@ mod tests {
     }
 
     #[test]
-    fn a_batch_is_one_json_parameter_and_counts_its_changes() {
+    fn a_batch_runs_once_per_row_in_order_numbered_as_on_postgres() {
         let (mut conn, _dir) = open();
-        conn.command("CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER, ok INTEGER NOT NULL)")
-            .unwrap();
+        conn.command(
+            "CREATE TABLE t (id TEXT PRIMARY KEY, n INTEGER, ok INTEGER NOT NULL, at INTEGER)",
+        )
+        .unwrap();
         let columns = [
-            Column::Texts(vec![Some("a"), Some("b")]),
-            Column::Ints(vec![Some(1), None]),
-            Column::Bools(vec![true, false]),
+            Column::Texts(vec![Some("a"), Some("b"), Some("a")]),
+            Column::Ints(vec![Some(1), None, Some(3)]),
+            Column::Bools(vec![true, false, true]),
         ];
-        let insert = "INSERT INTO t SELECT value ->> 0, value ->> 1, value ->> 2
-                      FROM json_each($1)";
-        assert_eq!(conn.execute(insert, &[Param::Rows(&columns)]).unwrap(), 2);
+        // The batch's columns are $1..$3, the parameter after it $4; a later row sees an
+        // earlier one's write.
+        let upsert = "INSERT INTO t VALUES ($1, $2, $3, $4)
+                      ON CONFLICT (id) DO UPDATE SET n = t.n * 10 + excluded.n
+                      RETURNING id, n";
+        let returned: Vec<(String, Option<i64>)> = conn
+            .fetch_all(upsert, &[Param::Rows(&columns), Param::Int(7)])
+            .unwrap();
+        assert_eq!(
+            returned,
+            [
+                ("a".into(), Some(1)),
+                ("b".into(), None),
+                ("a".into(), Some(13))
+            ]
+        );
+        let changed = conn
+            .execute(
+                "UPDATE t SET at = $2 WHERE id = $1",
+                &[
+                    Param::Rows(&[Column::Texts(vec![Some("a"), Some("b"), Some("z")])]),
+                    Param::Int(9),
+                ],
+            )
+            .unwrap();
+        assert_eq!(changed, 2, "changes are summed over the rows");
         let ids: Vec<String> = conn
             .fetch_scalars(
-                "SELECT id FROM t WHERE id IN (SELECT value FROM json_each($1)) AND ok ORDER BY id",
+                "SELECT id FROM t WHERE id IN (SELECT value FROM json_each($1)) AND ok AND at = 9
+                 ORDER BY id",
                 &[Param::Texts(vec!["a", "b", "z"])],
             )
             .unwrap();
         assert_eq!(ids, ["a"]);
-        // The same statement again, taken from the kept ones: its rows are there already.
+        let none = conn
+            .execute(
+                upsert,
+                &[
+                    Param::Rows(&[
+                        Column::Texts(vec![]),
+                        Column::Ints(vec![]),
+                        Column::Bools(vec![]),
+                    ]),
+                    Param::Int(7),
+                ],
+            )
+            .unwrap();
+        assert_eq!(none, 0, "an empty batch runs nothing");
+        // The same statement again, taken from the kept ones: a row it refuses fails it.
+        let insert = "INSERT INTO t (id, n, ok) VALUES ($1, $2, $3)";
         let err = conn.execute(insert, &[Param::Rows(&columns)]).unwrap_err();
         assert!(
             err.is_rejection(),
             "a duplicate key is the row's fault: {err}"
+        );
+        let ragged = [
+            Column::Texts(vec![Some("c")]),
+            Column::Ints(vec![]),
+            Column::Bools(vec![true]),
+        ];
+        let err = conn.execute(insert, &[Param::Rows(&ragged)]).unwrap_err();
+        assert!(
+            !err.is_rejection(),
+            "ragged columns are herald's own mistake: {err}"
         );
     }
 

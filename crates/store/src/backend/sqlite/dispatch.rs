@@ -27,26 +27,23 @@ pub(crate) const END_LEARNER_SESSIONS: &str = "UPDATE sessions SET ended_ms = $1
    AND contact_id IN (SELECT value FROM json_each($2))
    AND NOT EXISTS (SELECT 1 FROM grants g WHERE g.contact_id = sessions.contact_id AND g.kind = 'offer' AND g.active)";
 
-/// Rows (run id, reason); then now.
+/// Per row (run id, reason); then now.
 pub(crate) const EXIT_RUNS: &str =
-    "UPDATE runs SET state = 'exited', reason = j.value ->> 1, due_ms = NULL, ended_ms = $2,
-        updated_ms = $2, locked_until_ms = NULL, lease_token = NULL
- FROM json_each($1) AS j
- WHERE runs.id = j.value ->> 0 AND runs.state IN ('active', 'waiting_event', 'parked')";
+    "UPDATE runs SET state = 'exited', reason = $2, due_ms = NULL, ended_ms = $3,
+        updated_ms = $3, locked_until_ms = NULL, lease_token = NULL
+ WHERE id = $1 AND state IN ('active', 'waiting_event', 'parked')";
 
-/// Rows (run id, reason); then now.
-pub(crate) const CANCEL_EXITED_MESSAGES: &str = "UPDATE messages SET status = 'cancelled', reason = 'run exited: ' || (j.value ->> 1), due_ms = NULL,
-        updated_ms = $2, locked_until_ms = NULL, lease_token = NULL
- FROM json_each($1) AS j
- WHERE messages.run_id = j.value ->> 0 AND messages.status = 'queued'
-   AND (messages.locked_until_ms IS NULL OR messages.locked_until_ms <= $2)";
+/// Per row (run id, reason); then now.
+pub(crate) const CANCEL_EXITED_MESSAGES: &str =
+    "UPDATE messages SET status = 'cancelled', reason = 'run exited: ' || $2, due_ms = NULL,
+        updated_ms = $3, locked_until_ms = NULL, lease_token = NULL
+ WHERE run_id = $1 AND status = 'queued' AND (locked_until_ms IS NULL OR locked_until_ms <= $3)";
 
-/// Rows (run id, awaited event seq); then now.
+/// Per row (run id, awaited event seq); then now.
 pub(crate) const RESUME_RUNS: &str =
-    "UPDATE runs SET state = 'active', wait_event = NULL, due_ms = $2, updated_ms = $2,
-        awaited_seq = j.value ->> 1
- FROM json_each($1) AS j
- WHERE runs.id = j.value ->> 0 AND runs.state = 'waiting_event'";
+    "UPDATE runs SET state = 'active', wait_event = NULL, due_ms = $3, updated_ms = $3,
+        awaited_seq = $2
+ WHERE id = $1 AND state = 'waiting_event'";
 
 pub(crate) const MARK_DISPATCHED: &str =
     "UPDATE events SET dispatched = 1 WHERE seq IN (SELECT value FROM json_each($1))";

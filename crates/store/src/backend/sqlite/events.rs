@@ -1,4 +1,4 @@
-//! Storing events on SQLite: one multi-row insert per batch.
+//! Storing events on SQLite: one insert statement per batch, run once per event.
 
 use super::WriterConnection;
 use crate::backend::sql::{Column, Param};
@@ -6,30 +6,49 @@ use crate::{Accepted, NewEvent, Result};
 
 impl super::SqliteStore {
     pub(crate) async fn insert_events(&self, events: Vec<NewEvent>) -> Result<Vec<Accepted>> {
-        self.writer
+        // Serialised, and handed back to be freed, on the caller's thread: the writer's thread
+        // only writes.
+        let bodies = stored_bodies(&events);
+        let (accepted, _events) = self
+            .writer
             .run(move |conn| {
                 Box::pin(async move {
-                    let events: Vec<&NewEvent> = events.iter().collect();
-                    insert_event_rows(conn, &events)
+                    let rows: Vec<&NewEvent> = events.iter().collect();
+                    let accepted = insert_rows(conn, &rows, &bodies);
+                    drop(rows);
+                    accepted.map(|accepted| (accepted, (events, bodies)))
                 })
             })
-            .await
+            .await?;
+        Ok(accepted)
     }
 }
 
-/// Inserts events with one multi-row statement, in batch order (their `seq` is the dispatch
-/// order); `RETURNING` names the rows that were new.
+/// The body each event is stored with.
+fn stored_bodies<'e>(events: impl IntoIterator<Item = &'e NewEvent>) -> Vec<String> {
+    events
+        .into_iter()
+        .map(|e| e.event.to_json().to_string())
+        .collect()
+}
+
+/// Inserts events, in batch order (their `seq` is the dispatch order); `RETURNING` names the
+/// rows that were new.
 pub(crate) fn insert_event_rows(
     conn: &mut WriterConnection,
     events: &[&NewEvent],
 ) -> Result<Vec<Accepted>> {
+    insert_rows(conn, events, &stored_bodies(events.iter().copied()))
+}
+
+fn insert_rows(
+    conn: &mut WriterConnection,
+    events: &[&NewEvent],
+    bodies: &[String],
+) -> Result<Vec<Accepted>> {
     if events.is_empty() {
         return Ok(Vec::new());
     }
-    let bodies: Vec<String> = events
-        .iter()
-        .map(|e| e.event.to_json().to_string())
-        .collect();
     let columns = [
         Column::texts(events, |e| Some(e.event.source.as_str())),
         Column::texts(events, |e| Some(e.event.id.as_str())),
@@ -37,12 +56,11 @@ pub(crate) fn insert_event_rows(
         Column::texts(events, |e| Some(e.event.contact_id())),
         Column::ints(events, |e| Some(e.event.time.timestamp_millis())),
         Column::times(events, |e| Some(e.received)),
-        Column::texts(&bodies, |b| Some(b.as_str())),
+        Column::texts(bodies, |b| Some(b.as_str())),
     ];
     let new: Vec<(String, String)> = conn.fetch_all(
         "INSERT INTO events (source, id, type, contact_id, time_ms, received_ms, body)
-         SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6
-         FROM json_each(?) WHERE true ORDER BY key
+         VALUES ($1, $2, $3, $4, $5, $6, $7)
          ON CONFLICT (source, id) DO NOTHING
          RETURNING source, id",
         &[Param::Rows(&columns)],

@@ -25,20 +25,19 @@ pub(crate) const CLAIMED_MESSAGES: &str = "SELECT m.id, m.run_id, m.step_id, m.p
 pub(crate) const MESSAGE_LEASES: &str =
     "SELECT id, lease_token FROM messages WHERE id IN (SELECT value FROM json_each($1))";
 
-/// Rows (id, status, reason, due, provider id, sent at, subject, segments, attempted 0 or 1);
-/// then now.
-pub(crate) const COMPLETE_MESSAGES: &str = "UPDATE messages SET status = j.value ->> 1, reason = j.value ->> 2, due_ms = j.value ->> 3,
-        provider_id = COALESCE(j.value ->> 4, provider_id), sent_ms = COALESCE(j.value ->> 5, sent_ms),
-        subject = COALESCE(j.value ->> 6, subject), segments = COALESCE(j.value ->> 7, segments),
-        attempts = attempts + (j.value ->> 8),
-        updated_ms = $2, locked_until_ms = NULL, lease_token = NULL
- FROM json_each($1) AS j
- WHERE messages.id = j.value ->> 0";
+/// Per row (id, status, reason, due, provider id, sent at, subject, segments, attempted 0 or
+/// 1); then now.
+pub(crate) const COMPLETE_MESSAGES: &str =
+    "UPDATE messages SET status = $2, reason = $3, due_ms = $4,
+        provider_id = COALESCE($5, provider_id), sent_ms = COALESCE($6, sent_ms),
+        subject = COALESCE($7, subject), segments = COALESCE($8, segments),
+        attempts = attempts + $9,
+        updated_ms = $10, locked_until_ms = NULL, lease_token = NULL
+ WHERE id = $1";
 
-/// Rows (id, Message-ID, channel, sender, recipient, subject, text, HTML, created).
+/// Per row (id, Message-ID, channel, sender, recipient, subject, text, HTML, created).
 pub(crate) const INSERT_MAILBOX: &str = "INSERT INTO mailbox (id, message_id, channel, sender, recipient, subject, text_body, html_body, created_ms)
- SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6, value ->> 7, value ->> 8
- FROM json_each($1) WHERE true ORDER BY key
+ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
  ON CONFLICT (id) DO NOTHING";
 
 /// (now, message ids).

@@ -1,35 +1,26 @@
-//! The statements of `backend/runs.rs` on SQLite: rows arrive as one JSON array
+//! The statements of `backend/runs.rs` on SQLite: a batch runs its statement once per row
 //! (see [`crate::backend::sql::Param::Rows`]).
 
-/// Rows (id, workflow id, version, contact id, event seq, state, reason, pc, wait event, due,
-/// ended); then now. Returns the ids inserted.
+/// Per row (id, workflow id, version, contact id, event seq, state, reason, pc, wait event, due,
+/// ended); then now. Returns the id if the run was inserted.
 pub(crate) const INSERT_RUNS: &str =
     "INSERT INTO runs (id, workflow_id, workflow_version, contact_id, event_seq, state, reason, pc,
                    wait_event, due_ms, created_ms, updated_ms, ended_ms)
- SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-        value ->> 7, value ->> 8, value ->> 9, $2, $2, value ->> 10
- FROM json_each($1) WHERE true ORDER BY key
+ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $12, $11)
  ON CONFLICT DO NOTHING
  RETURNING id";
 
-/// Rows (run id, step id, kind, outcome, at). SQLite computes the whole `SELECT` before inserting
-/// (it reads the table it fills), so the numbering sees only earlier batches' steps.
+/// Per row (run id, step id, kind, outcome, at): numbered after the run's last step.
 pub(crate) const INSERT_RUN_STEPS: &str =
     "INSERT INTO run_steps (run_id, seq, step_id, kind, outcome, at_ms)
- SELECT value ->> 0,
-        COALESCE((SELECT MAX(s.seq) FROM run_steps s WHERE s.run_id = value ->> 0), 0)
-          + ROW_NUMBER() OVER (PARTITION BY value ->> 0 ORDER BY key),
-        value ->> 1, value ->> 2, value ->> 3, value ->> 4
- FROM json_each($1)";
+ VALUES ($1, COALESCE((SELECT MAX(seq) FROM run_steps WHERE run_id = $1), 0) + 1, $2, $3, $4, $5)";
 
-/// Rows (id, run id, step id, pc, workflow id, contact id, channel, recipient, Message-ID header,
-/// status, reason, due); then now.
+/// Per row (id, run id, step id, pc, workflow id, contact id, channel, recipient, Message-ID
+/// header, status, reason, due); then now.
 pub(crate) const INSERT_MESSAGES: &str =
     "INSERT INTO messages (id, run_id, step_id, pc, workflow_id, contact_id, channel, recipient,
                        header_message_id, status, reason, due_ms, created_ms, updated_ms)
- SELECT value ->> 0, value ->> 1, value ->> 2, value ->> 3, value ->> 4, value ->> 5, value ->> 6,
-        value ->> 7, value ->> 8, value ->> 9, value ->> 10, value ->> 11, $2, $2
- FROM json_each($1) WHERE true ORDER BY key
+ VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $13)
  ON CONFLICT (run_id, step_id) DO NOTHING";
 
 /// Leases due runs: (lease until, token, now, limit). Returns the ids; SQLite's `RETURNING`
@@ -50,12 +41,10 @@ pub(crate) const CLAIMED_RUNS: &str = "SELECT r.id, r.workflow_id, r.workflow_ve
 pub(crate) const RUN_LEASES: &str =
     "SELECT id, lease_token FROM runs WHERE id IN (SELECT value FROM json_each($1))";
 
-/// Rows (id, state, reason, pc, wait event, due, ended); then now. A run advanced from
+/// Per row (id, state, reason, pc, wait event, due, ended); then now. A run advanced from
 /// `waiting_event` timed out: its last event wait received nothing.
-pub(crate) const FINISH_RUNS: &str =
-    "UPDATE runs SET state = j.value ->> 1, reason = j.value ->> 2, pc = j.value ->> 3,
-        wait_event = j.value ->> 4, due_ms = j.value ->> 5, updated_ms = $2,
-        ended_ms = j.value ->> 6, locked_until_ms = NULL, lease_token = NULL,
-        awaited_seq = CASE WHEN runs.state = 'waiting_event' THEN NULL ELSE runs.awaited_seq END
- FROM json_each($1) AS j
- WHERE runs.id = j.value ->> 0";
+pub(crate) const FINISH_RUNS: &str = "UPDATE runs SET state = $2, reason = $3, pc = $4,
+        wait_event = $5, due_ms = $6, updated_ms = $8,
+        ended_ms = $7, locked_until_ms = NULL, lease_token = NULL,
+        awaited_seq = CASE WHEN state = 'waiting_event' THEN NULL ELSE awaited_seq END
+ WHERE id = $1";
