@@ -11,7 +11,6 @@ use crate::{
     ClaimedRun, ContactRow, LeaseToken, Result, RunAdvance, RunId, RunState, RunWrite, Timestamp,
     WorkflowId,
 };
-use std::collections::HashSet;
 use std::time::Duration;
 
 #[derive(sqlx::FromRow, FromSqliteRow)]
@@ -137,17 +136,20 @@ pub(crate) async fn insert_runs(mut tx: Tx<'_>, runs: &[RunWrite], now: Timestam
         Column::times(runs, |w| w.due),
         Column::times(runs, |w| ended_at(w, now)),
     ];
-    let mut inserted: HashSet<RunId> = tx
-        .at()
-        .fetch_scalars(
+    let ids: Vec<&str> = runs.iter().map(|w| w.run_id.as_str()).collect();
+    let stored = tx
+        .inserted(
             statement!(runs::INSERT_RUNS),
             &[Param::Rows(&columns), Param::from(now)],
+            &ids,
         )
-        .await?
-        .into_iter()
-        .collect();
+        .await?;
     // Of two writes with one run id only the first was inserted.
-    let written: Vec<&RunWrite> = runs.iter().filter(|w| inserted.remove(&w.run_id)).collect();
+    let written: Vec<&RunWrite> = runs
+        .iter()
+        .zip(stored)
+        .filter_map(|(w, stored)| stored.then_some(w))
+        .collect();
     insert_run_effects(tx, &written, now).await
 }
 

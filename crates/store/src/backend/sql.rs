@@ -72,6 +72,31 @@ impl Tx<'_> {
         }
     }
 
+    /// Which rows of a batch an insert stored (a conflict stores none), given each row's key:
+    /// on PostgreSQL the statement returns the keys of the rows it stored; on SQLite's writer it
+    /// runs once per row without `RETURNING` (which would open and truncate a statement journal
+    /// for every row) and a row was stored when its run changed one. Of several rows with one
+    /// key, the first stored is the one marked.
+    pub(crate) async fn inserted(
+        &mut self,
+        st: Statement,
+        params: &[Param<'_>],
+        keys: &[&str],
+    ) -> Result<Vec<bool>> {
+        match self {
+            Self::Sqlite(conn) => conn.changed_rows(st.sqlite, params),
+            Self::Postgres(conn) => {
+                let mut stored: std::collections::HashSet<String> =
+                    sqlx::query_scalar_with(st.postgres, pg_args(params)?)
+                        .fetch_all(&mut **conn)
+                        .await?
+                        .into_iter()
+                        .collect();
+                Ok(keys.iter().map(|k| stored.remove(*k)).collect())
+            }
+        }
+    }
+
     /// Splits keyed writes into the batches one multi-row upsert can take, in order, each
     /// applying its writes in order: SQLite applies a statement's rows one after the other, so
     /// the whole batch is one; PostgreSQL refuses to touch a row twice in one statement, so

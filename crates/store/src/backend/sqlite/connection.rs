@@ -104,7 +104,20 @@ impl WriterConnection {
 
     /// Runs a statement; how many rows it changed. Rows it returns are read and dropped.
     pub(crate) fn execute(&mut self, sql: &str, params: &[Param<'_>]) -> Result<u64> {
-        logged(sql, || self.each_row(sql, params, |_| Ok(true)))
+        logged(sql, || {
+            Ok(self.each_row(sql, params, |_| Ok(true))?.iter().sum())
+        })
+    }
+
+    /// Runs a statement once per row of its batch; whether each run changed a row.
+    pub(crate) fn changed_rows(&mut self, sql: &str, params: &[Param<'_>]) -> Result<Vec<bool>> {
+        logged(sql, || {
+            Ok(self
+                .each_row(sql, params, |_| Ok(true))?
+                .into_iter()
+                .map(|n| n > 0)
+                .collect())
+        })
     }
 
     /// Every row, decoded.
@@ -166,28 +179,30 @@ impl WriterConnection {
 
     /// Runs the statement, prepared once and kept, once for each row of its [`Param::Rows`] (or
     /// once if it has none), handing each returned row to `row` until that says stop; how many
-    /// rows the runs changed.
+    /// rows each run changed.
     fn each_row(
         &self,
         sql: &str,
         params: &[Param<'_>],
         mut row: impl FnMut(&Row<'_>) -> Result<bool>,
-    ) -> Result<u64> {
+    ) -> Result<Vec<u64>> {
         let mut statement = self.0.prepare_cached(sql)?;
         let slots = Slots::of(params)?;
         let numbers = parameter_numbers(&statement)?;
-        let mut changed = 0;
+        let mut changed = Vec::with_capacity(slots.rows);
         for at in 0..slots.rows {
             for (index, number) in numbers.iter().enumerate() {
                 slots.bind(&mut statement, index + 1, *number, at)?;
             }
             let mut rows = statement.raw_query();
-            while let Some(r) = rows.next()? {
-                if !row(r)? {
-                    return Ok(changed + self.0.changes());
-                }
+            let mut more = true;
+            while more && let Some(r) = rows.next()? {
+                more = row(r)?;
             }
-            changed += self.0.changes();
+            changed.push(self.0.changes());
+            if !more {
+                break;
+            }
         }
         Ok(changed)
     }
@@ -565,6 +580,24 @@ mod tests {
         assert!(
             !err.is_rejection(),
             "ragged columns are herald's own mistake: {err}"
+        );
+    }
+
+    #[test]
+    fn a_batch_says_which_rows_it_stored() {
+        let (mut conn, _dir) = open();
+        conn.command("CREATE TABLE k (id TEXT PRIMARY KEY)")
+            .unwrap();
+        let insert = "INSERT INTO k VALUES ($1) ON CONFLICT DO NOTHING";
+        let first = [Column::Texts(vec![Some("a"), Some("b"), Some("a")])];
+        assert_eq!(
+            conn.changed_rows(insert, &[Param::Rows(&first)]).unwrap(),
+            [true, true, false]
+        );
+        let second = [Column::Texts(vec![Some("b"), Some("c")])];
+        assert_eq!(
+            conn.changed_rows(insert, &[Param::Rows(&second)]).unwrap(),
+            [false, true]
         );
     }
 

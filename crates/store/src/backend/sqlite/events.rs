@@ -32,8 +32,8 @@ fn stored_bodies<'e>(events: impl IntoIterator<Item = &'e NewEvent>) -> Vec<Stri
         .collect()
 }
 
-/// Inserts events, in batch order (their `seq` is the dispatch order); `RETURNING` names the
-/// rows that were new.
+/// Inserts events, in batch order (their `seq` is the dispatch order); of several copies of
+/// one event in the batch the first is the new one.
 pub(crate) fn insert_event_rows(
     conn: &mut WriterConnection,
     events: &[&NewEvent],
@@ -58,15 +58,22 @@ fn insert_rows(
         Column::times(events, |e| Some(e.received)),
         Column::texts(bodies, |b| Some(b.as_str())),
     ];
-    let new: Vec<(String, String)> = conn.fetch_all(
+    // No `RETURNING`: it would open (and truncate) a statement journal for every row; a row
+    // is new when its run stored it.
+    let stored = conn.changed_rows(
         "INSERT INTO events (source, id, type, contact_id, time_ms, received_ms, body)
          VALUES ($1, $2, $3, $4, $5, $6, $7)
-         ON CONFLICT (source, id) DO NOTHING
-         RETURNING source, id",
+         ON CONFLICT (source, id) DO NOTHING",
         &[Param::Rows(&columns)],
     )?;
-    Ok(crate::ingest::accepted_in_order(
-        events,
-        new.into_iter().collect(),
-    ))
+    Ok(stored
+        .into_iter()
+        .map(|new| {
+            if new {
+                Accepted::New
+            } else {
+                Accepted::Duplicate
+            }
+        })
+        .collect())
 }

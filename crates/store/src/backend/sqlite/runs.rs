@@ -2,13 +2,12 @@
 //! (see [`crate::backend::sql::Param::Rows`]).
 
 /// Per row (id, workflow id, version, contact id, event seq, state, reason, pc, wait event, due,
-/// ended); then now. Returns the id if the run was inserted.
+/// ended); then now. A run that stored nothing met a conflict (see `Tx::inserted`).
 pub(crate) const INSERT_RUNS: &str =
     "INSERT INTO runs (id, workflow_id, workflow_version, contact_id, event_seq, state, reason, pc,
                    wait_event, due_ms, created_ms, updated_ms, ended_ms)
  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $12, $12, $11)
- ON CONFLICT DO NOTHING
- RETURNING id";
+ ON CONFLICT DO NOTHING";
 
 /// Per row (run id, step id, kind, outcome, at): numbered after the run's last step.
 pub(crate) const INSERT_RUN_STEPS: &str =
