@@ -2,8 +2,9 @@
 //!
 //! Same methods and semantics as the SQLite backend, with SQL for PostgreSQL: `= ANY($1)` over a
 //! bound array instead of `json_each`, `GREATEST` instead of two-argument `MAX`, and batches
-//! written as one multi-row statement (`… FROM UNNEST($1::text[], …)`) rather than a statement per
-//! row, so a batch costs a handful of round trips whatever its size. Commits are durable (the
+//! written as one multi-row statement (`… FROM UNNEST($1::text[], …)`) rather than run once per
+//! row as on SQLite's writer (where a run is a bind and a step on the same thread), so a batch
+//! costs a handful of round trips to the server whatever its size. Commits are durable (the
 //! server's default `synchronous_commit`), except those of work that is redone from durable rows
 //! if a crash of the database server loses it (see [`PgStore::relaxed`]).
 //!

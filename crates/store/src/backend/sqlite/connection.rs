@@ -1,6 +1,6 @@
 //! The writer's connection: rusqlite, driven on the writer's own thread. A statement runs there
-//! and then, with no hand-off to another thread, and is prepared once and kept (the batches bind
-//! one JSON parameter whatever their size, so their text never changes).
+//! and then, with no hand-off to another thread, and is prepared once and kept; a batch
+//! ([`Param::Rows`]) runs its statement once per row, so its text never changes with its size.
 //!
 //! Statements are the same text sqlx runs on the readers: parameters are numbered `$n` (or
 //! anonymous `?`) and bound by that number, as sqlx does on SQLite, except that a parameter
