@@ -19,8 +19,11 @@ async fn migrations_apply_and_reapply(db: &TestDb) {
     db.store.ping().await.expect("ping");
 
     let applied = strings(
-        db.text_rows("SELECT CAST(version AS TEXT) FROM _sqlx_migrations ORDER BY version")
-            .await,
+        // Qualified: PostgreSQL would order by the output column, the text, putting 10 before 2.
+        db.text_rows(
+            "SELECT CAST(version AS TEXT) FROM _sqlx_migrations ORDER BY _sqlx_migrations.version",
+        )
+        .await,
     );
     let expected: Vec<Vec<String>> = migration_numbers(db.kind)
         .into_iter()
