@@ -1,7 +1,7 @@
 //! The membership projection of a batch of events as rows to write, the same for every backend.
 //!
-//! Each backend writes these with a few multi-row statements per batch instead of several
-//! statements per event; the rows keep event order, and every write is guarded by event time so
+//! Each backend writes these with a few statements per batch (multi-row on PostgreSQL, run once
+//! per row on SQLite's writer) instead of several statements per event; the rows keep event order, and every write is guarded by event time so
 //! that a late, older event never overwrites a newer fact. Pure: no I/O here.
 
 use herald_core::CourseEvent;

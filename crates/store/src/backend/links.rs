@@ -2,7 +2,7 @@
 //! Where SQLite relies on its single writer, PostgreSQL takes a row lock (the counting `UPDATE`
 //! of a redemption) or an advisory lock (a contact's resend budget). The statements that take a
 //! batch of message links are in each backend's `links.rs`; storing the login event is each
-//! backend's multi-row event insert (`events.rs`).
+//! backend's event insert (`events.rs`).
 
 use super::Backend;
 use super::sql::{Column, Param, Statement, Tx, limit_param, statement, text, text_list};

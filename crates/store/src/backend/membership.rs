@@ -1,6 +1,6 @@
 //! The membership projection's writes, written once for both backends: the rows
 //! [`crate::projection`] computes from a batch of events (contacts, grants, offers with their
-//! product lists, products), each table in a few multi-row statements whose SQL each backend
+//! product lists, products), each table in a few statements, one per batch, whose SQL each backend
 //! keeps in its `membership.rs`. Every write is guarded by event time, and the rows keep event
 //! order: a batch has exactly the effect of its events projected one by one.
 

@@ -1,5 +1,5 @@
 //! Runs, written once for both backends over [`super::sql`]: new runs with their steps and
-//! messages (one multi-row statement per table whatever the batch's size), and the stepper's
+//! messages (one statement per table whatever the batch's size), and the stepper's
 //! claims and results.
 
 use super::Backend;

@@ -58,8 +58,8 @@ impl Tx<'_> {
         Ok(())
     }
 
-    /// Stores events inside this transaction, as the intake does (each backend's multi-row
-    /// insert).
+    /// Stores events inside this transaction, as the intake does (each backend's event insert:
+    /// one statement per batch).
     pub(crate) async fn insert_events(
         &mut self,
         events: &[&crate::NewEvent],
@@ -76,7 +76,8 @@ impl Tx<'_> {
     /// on PostgreSQL the statement returns the keys of the rows it stored; on SQLite's writer it
     /// runs once per row without `RETURNING` (which would open and truncate a statement journal
     /// for every row) and a row was stored when its run changed one. Of several rows with one
-    /// key, the first stored is the one marked.
+    /// key, SQLite marks the one stored (the first, a later one conflicting with it) and
+    /// PostgreSQL the first occurrence of each key it returns.
     pub(crate) async fn inserted(
         &mut self,
         st: Statement,
@@ -97,9 +98,9 @@ impl Tx<'_> {
         }
     }
 
-    /// Splits keyed writes into the batches one multi-row upsert can take, in order, each
-    /// applying its writes in order: SQLite applies a statement's rows one after the other, so
-    /// the whole batch is one; PostgreSQL refuses to touch a row twice in one statement, so
+    /// Splits keyed writes into the batches one upsert statement can take, in order, each
+    /// applying its writes in order: SQLite's writer runs a statement once per row, one after
+    /// the other, so the whole batch is one; PostgreSQL refuses to touch a row twice in one statement, so
     /// batch `k` holds the `k`-th write of every key.
     pub(crate) fn rounds<K: Eq + Hash, T>(
         &self,
@@ -297,6 +298,14 @@ impl<T> Scalar for T where
 }
 
 fn sqlite_args(params: &[Param<'_>]) -> Result<SqliteArguments> {
+    // Batches are written, and only the writer's connection writes; herald's own mistake, not a
+    // rejection of the rows (a protocol error is not one).
+    if params.iter().any(|p| matches!(p, Param::Rows(_))) {
+        return Err(sqlx::Error::Protocol(
+            "a batch of rows is bound on SQLite's writer connection only".into(),
+        )
+        .into());
+    }
     let mut args = SqliteArguments::default();
     for p in params {
         match p {
@@ -306,10 +315,7 @@ fn sqlite_args(params: &[Param<'_>]) -> Result<SqliteArguments> {
             Param::Text(s) => args.add(*s),
             Param::Texts(items) => args.add(super::sqlite::json_list(items.iter().copied())),
             Param::Ints(items) => args.add(serde_json::Value::from(*items).to_string()),
-            // Batches are written, and only the writer's connection writes (see `Param::Rows`).
-            Param::Rows(_) => {
-                Err("a batch of rows is bound on SQLite's writer connection only".into())
-            }
+            Param::Rows(_) => unreachable!("refused above"),
         }
         .map_err(sqlx::Error::Encode)?;
     }

@@ -179,7 +179,9 @@ impl WriterConnection {
 
     /// Runs the statement, prepared once and kept, once for each row of its [`Param::Rows`] (or
     /// once if it has none), handing each returned row to `row` until that says stop; how many
-    /// rows each run changed.
+    /// rows each run changed. Every run of a batch is made: a run's write is done at its first
+    /// step (`RETURNING` rows included), so once `row` has said stop each later run is stepped
+    /// once and its rows are not read.
     fn each_row(
         &self,
         sql: &str,
@@ -189,20 +191,26 @@ impl WriterConnection {
         let mut statement = self.0.prepare_cached(sql)?;
         let slots = Slots::of(params)?;
         let numbers = parameter_numbers(&statement)?;
+        // What does not change from row to row is bound once (a binding outlives a reset).
+        for (index, number) in numbers.iter().enumerate() {
+            slots.bind(&mut statement, index + 1, *number, None)?;
+        }
         let mut changed = Vec::with_capacity(slots.rows);
+        let mut more = true;
         for at in 0..slots.rows {
             for (index, number) in numbers.iter().enumerate() {
-                slots.bind(&mut statement, index + 1, *number, at)?;
+                slots.bind(&mut statement, index + 1, *number, Some(at))?;
             }
             let mut rows = statement.raw_query();
-            let mut more = true;
-            while more && let Some(r) = rows.next()? {
-                more = row(r)?;
+            while let Some(r) = rows.next()? {
+                if more {
+                    more = row(r)?;
+                }
+                if !more {
+                    break;
+                }
             }
             changed.push(self.0.changes());
-            if !more {
-                break;
-            }
         }
         Ok(changed)
     }
@@ -228,7 +236,8 @@ fn parameter_numbers(statement: &rusqlite::Statement<'_>) -> Result<Vec<usize>> 
 
 /// The values a statement's parameters are numbered over: one per [`Param`], except that
 /// [`Param::Rows`] stands for one per column (the value of the row being run), as on
-/// PostgreSQL it stands for one array per column.
+/// PostgreSQL it stands for one array per column. Two batches in one statement run in step,
+/// row by row, and must be as long as each other.
 struct Slots<'p> {
     values: Vec<Slot<'p>>,
     /// How many times the statement runs: the rows of its batch, or once.
@@ -267,22 +276,30 @@ impl<'p> Slots<'p> {
         })
     }
 
-    /// Binds value `number` (counted from 1) of row `row` as the statement's parameter `index`.
+    /// Binds value `number` (counted from 1) as the statement's parameter `index`: with no `row`
+    /// if it is the same for every row, with `Some(row)` if it is a batch's column.
     fn bind(
         &self,
         statement: &mut rusqlite::Statement<'_>,
         index: usize,
         number: usize,
-        row: usize,
+        row: Option<usize>,
     ) -> Result<()> {
         let slot = self.values.get(number.wrapping_sub(1)).ok_or(
             rusqlite::Error::InvalidParameterCount(self.values.len(), number),
         )?;
-        match slot {
-            Slot::Value(param) => bind(statement, index, param),
-            Slot::Column(Column::Texts(v)) => Ok(statement.raw_bind_parameter(index, v[row])?),
-            Slot::Column(Column::Ints(v)) => Ok(statement.raw_bind_parameter(index, v[row])?),
-            Slot::Column(Column::Bools(v)) => Ok(statement.raw_bind_parameter(index, v[row])?),
+        match (slot, row) {
+            (Slot::Value(param), None) => bind(statement, index, param),
+            (Slot::Column(Column::Texts(v)), Some(row)) => {
+                Ok(statement.raw_bind_parameter(index, v[row])?)
+            }
+            (Slot::Column(Column::Ints(v)), Some(row)) => {
+                Ok(statement.raw_bind_parameter(index, v[row])?)
+            }
+            (Slot::Column(Column::Bools(v)), Some(row)) => {
+                Ok(statement.raw_bind_parameter(index, v[row])?)
+            }
+            (Slot::Value(_), Some(_)) | (Slot::Column(_), None) => Ok(()),
         }
     }
 }
@@ -599,6 +616,25 @@ mod tests {
             conn.changed_rows(insert, &[Param::Rows(&second)]).unwrap(),
             [false, true]
         );
+    }
+
+    #[test]
+    fn reading_one_row_of_a_batch_still_writes_every_row() {
+        let (mut conn, _dir) = open();
+        conn.command("CREATE TABLE w (id TEXT PRIMARY KEY)")
+            .unwrap();
+        let ids = [Column::Texts(vec![Some("a"), Some("b"), Some("c")])];
+        let first: Option<String> = conn
+            .fetch_optional_scalar(
+                "INSERT INTO w VALUES ($1) RETURNING id",
+                &[Param::Rows(&ids)],
+            )
+            .unwrap();
+        assert_eq!(first.as_deref(), Some("a"));
+        let all: Vec<String> = conn
+            .fetch_scalars("SELECT id FROM w ORDER BY id", &[])
+            .unwrap();
+        assert_eq!(all, ["a", "b", "c"]);
     }
 
     #[test]
