@@ -8,7 +8,6 @@
 
 use crate::announce::{Announcer, Signals};
 use crate::{Accepted, Backend, NewEvent, Result, StoreError};
-use std::collections::HashSet;
 use std::sync::Arc;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -107,23 +106,4 @@ async fn commit(backend: &Backend, mut batch: Vec<Request>) -> bool {
             false
         }
     }
-}
-
-/// Each event's status after a multi-row insert that returned the (source, id) of the rows it
-/// wrote: of several copies of one event in the batch, the first is the new one.
-pub(crate) fn accepted_in_order(
-    events: &[&NewEvent],
-    mut new: HashSet<(String, String)>,
-) -> Vec<Accepted> {
-    events
-        .iter()
-        .map(|e| {
-            // Removing marks the first copy new; later copies of the same event find nothing.
-            if new.remove(&(e.event.source.clone(), e.event.id.clone())) {
-                Accepted::New
-            } else {
-                Accepted::Duplicate
-            }
-        })
-        .collect()
 }

@@ -22,6 +22,13 @@ pub enum Accepted {
     Duplicate,
 }
 
+impl Accepted {
+    /// The answer for an event whose insert stored a row (new) or met its (source, id).
+    pub(crate) fn of_stored(stored: bool) -> Self {
+        if stored { Self::New } else { Self::Duplicate }
+    }
+}
+
 /// Latest known details of a contact (the membership projection).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, sqlx::FromRow, FromSqliteRow)]
 pub struct ContactRow {

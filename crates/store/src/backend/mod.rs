@@ -154,6 +154,15 @@ pub(crate) fn distinct<'a>(items: impl IntoIterator<Item = &'a str>) -> Vec<&'a 
     items.into_iter().filter(|i| seen.insert(*i)).collect()
 }
 
+/// Whether each of `keys`, in order, is one a statement returned as stored: of several equal
+/// keys only the first is (a later row with that key met the first and stored nothing).
+pub(crate) fn stored_in_order<K: Eq + Hash>(
+    keys: impl IntoIterator<Item = K>,
+    mut stored: HashSet<K>,
+) -> Vec<bool> {
+    keys.into_iter().map(|k| stored.remove(&k)).collect()
+}
+
 /// The first item of each key, in order: what applying keyed writes one by one keeps, where a
 /// write consumes what a later one of the same key would need.
 pub(crate) fn first_per_key<'a, T, K: Eq + Hash>(

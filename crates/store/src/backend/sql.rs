@@ -87,13 +87,13 @@ impl Tx<'_> {
         match self {
             Self::Sqlite(conn) => conn.changed_rows(st.sqlite, params),
             Self::Postgres(conn) => {
-                let mut stored: std::collections::HashSet<String> =
-                    sqlx::query_scalar_with(st.postgres, pg_args(params)?)
-                        .fetch_all(&mut **conn)
-                        .await?
-                        .into_iter()
-                        .collect();
-                Ok(keys.iter().map(|k| stored.remove(*k)).collect())
+                let stored: Vec<String> = sqlx::query_scalar_with(st.postgres, pg_args(params)?)
+                    .fetch_all(&mut **conn)
+                    .await?;
+                Ok(super::stored_in_order(
+                    keys.iter().copied(),
+                    stored.iter().map(String::as_str).collect(),
+                ))
             }
         }
     }

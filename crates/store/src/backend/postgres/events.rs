@@ -57,6 +57,12 @@ pub(crate) async fn insert_event_rows<'c>(
     .bind(&bodies)
     .fetch_all(exec)
     .await?;
-    let new = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
-    Ok(crate::ingest::accepted_in_order(events, new))
+    let stored = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let keys = events
+        .iter()
+        .map(|e| (e.event.source.as_str(), e.event.id.as_str()));
+    Ok(crate::backend::stored_in_order(keys, stored)
+        .into_iter()
+        .map(Accepted::of_stored)
+        .collect())
 }

@@ -189,17 +189,16 @@ impl WriterConnection {
         mut row: impl FnMut(&Row<'_>) -> Result<bool>,
     ) -> Result<Vec<u64>> {
         let mut statement = self.0.prepare_cached(sql)?;
-        let slots = Slots::of(params)?;
-        let numbers = parameter_numbers(&statement)?;
+        let bound = Bindings::of(&statement, params)?;
         // What does not change from row to row is bound once (a binding outlives a reset).
-        for (index, number) in numbers.iter().enumerate() {
-            slots.bind(&mut statement, index + 1, *number, None)?;
+        for (index, param) in &bound.fixed {
+            bind(&mut statement, *index, param)?;
         }
-        let mut changed = Vec::with_capacity(slots.rows);
+        let mut changed = Vec::with_capacity(bound.rows);
         let mut more = true;
-        for at in 0..slots.rows {
-            for (index, number) in numbers.iter().enumerate() {
-                slots.bind(&mut statement, index + 1, *number, Some(at))?;
+        for at in 0..bound.rows {
+            for (index, column) in &bound.columns {
+                column.bind(&mut statement, *index, at)?;
             }
             let mut rows = statement.raw_query();
             while let Some(r) = rows.next()? {
@@ -216,41 +215,26 @@ impl WriterConnection {
     }
 }
 
-/// The number each of a statement's parameters names: `$n` and `?n` the n-th value, an
-/// anonymous `?` the next one.
-fn parameter_numbers(statement: &rusqlite::Statement<'_>) -> Result<Vec<usize>> {
-    let mut anonymous = 0;
-    (1..=statement.parameter_count())
-        .map(|index| match statement.parameter_name(index) {
-            Some(name) => name
-                .strip_prefix(['$', '?'])
-                .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| rusqlite::Error::InvalidParameterName(name.to_owned()).into()),
-            None => {
-                anonymous += 1;
-                Ok(anonymous)
-            }
-        })
-        .collect()
-}
-
-/// The values a statement's parameters are numbered over: one per [`Param`], except that
-/// [`Param::Rows`] stands for one per column (the value of the row being run), as on
-/// PostgreSQL it stands for one array per column. Two batches in one statement run in step,
-/// row by row, and must be as long as each other.
-struct Slots<'p> {
-    values: Vec<Slot<'p>>,
+/// What each of a statement's parameters is bound to. Parameters are numbered over the values
+/// of `params`, one per [`Param`] except that [`Param::Rows`] stands for one per column (the
+/// value of the row being run), as on PostgreSQL it stands for one array per column; `$n` and
+/// `?n` name the n-th value, an anonymous `?` the next one. Two batches in one statement run in
+/// step, row by row, and must be as long as each other.
+struct Bindings<'p> {
+    /// (parameter index, value) of the values that are the same for every row.
+    fixed: Vec<(usize, &'p Param<'p>)>,
+    /// (parameter index, column) of the batch's columns.
+    columns: Vec<(usize, &'p Column<'p>)>,
     /// How many times the statement runs: the rows of its batch, or once.
     rows: usize,
 }
 
-enum Slot<'p> {
-    Value(&'p Param<'p>),
-    Column(&'p Column<'p>),
-}
-
-impl<'p> Slots<'p> {
-    fn of(params: &'p [Param<'p>]) -> Result<Self> {
+impl<'p> Bindings<'p> {
+    fn of(statement: &rusqlite::Statement<'_>, params: &'p [Param<'p>]) -> Result<Self> {
+        enum Value<'p> {
+            Fixed(&'p Param<'p>),
+            Column(&'p Column<'p>),
+        }
         let mut values = Vec::with_capacity(params.len());
         let mut rows = None;
         for param in params {
@@ -264,43 +248,55 @@ impl<'p> Slots<'p> {
                             );
                         }
                         rows = Some(column.len());
-                        values.push(Slot::Column(column));
+                        values.push(Value::Column(column));
                     }
                 }
-                value => values.push(Slot::Value(value)),
+                fixed => values.push(Value::Fixed(fixed)),
             }
         }
-        Ok(Self {
-            values,
+        let mut bound = Self {
+            fixed: Vec::new(),
+            columns: Vec::new(),
             rows: rows.unwrap_or(1),
-        })
+        };
+        let mut anonymous = 0;
+        for index in 1..=statement.parameter_count() {
+            let number = match statement.parameter_name(index) {
+                Some(name) => name
+                    .strip_prefix(['$', '?'])
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .ok_or_else(|| rusqlite::Error::InvalidParameterName(name.to_owned()))?,
+                None => {
+                    anonymous += 1;
+                    anonymous
+                }
+            };
+            match values.get(number.wrapping_sub(1)) {
+                Some(Value::Fixed(param)) => bound.fixed.push((index, *param)),
+                Some(Value::Column(column)) => bound.columns.push((index, *column)),
+                None => {
+                    return Err(rusqlite::Error::InvalidParameterCount(values.len(), number).into());
+                }
+            }
+        }
+        Ok(bound)
     }
+}
 
-    /// Binds value `number` (counted from 1) as the statement's parameter `index`: with no `row`
-    /// if it is the same for every row, with `Some(row)` if it is a batch's column.
+impl Column<'_> {
+    /// Binds row `row` of this column as the statement's parameter `index`.
     fn bind(
         &self,
         statement: &mut rusqlite::Statement<'_>,
         index: usize,
-        number: usize,
-        row: Option<usize>,
+        row: usize,
     ) -> Result<()> {
-        let slot = self.values.get(number.wrapping_sub(1)).ok_or(
-            rusqlite::Error::InvalidParameterCount(self.values.len(), number),
-        )?;
-        match (slot, row) {
-            (Slot::Value(param), None) => bind(statement, index, param),
-            (Slot::Column(Column::Texts(v)), Some(row)) => {
-                Ok(statement.raw_bind_parameter(index, v[row])?)
-            }
-            (Slot::Column(Column::Ints(v)), Some(row)) => {
-                Ok(statement.raw_bind_parameter(index, v[row])?)
-            }
-            (Slot::Column(Column::Bools(v)), Some(row)) => {
-                Ok(statement.raw_bind_parameter(index, v[row])?)
-            }
-            (Slot::Value(_), Some(_)) | (Slot::Column(_), None) => Ok(()),
-        }
+        match self {
+            Self::Texts(v) => statement.raw_bind_parameter(index, v[row]),
+            Self::Ints(v) => statement.raw_bind_parameter(index, v[row]),
+            Self::Bools(v) => statement.raw_bind_parameter(index, v[row]),
+        }?;
+        Ok(())
     }
 }
 
@@ -337,7 +333,7 @@ fn bind(statement: &mut rusqlite::Statement<'_>, index: usize, param: &Param<'_>
         Param::Ints(items) => {
             statement.raw_bind_parameter(index, serde_json::Value::from(*items).to_string())
         }
-        Param::Rows(_) => unreachable!("a batch is bound column by column (`Slots`)"),
+        Param::Rows(_) => unreachable!("a batch is bound column by column (`Bindings`)"),
     }?;
     Ok(())
 }

@@ -66,14 +66,5 @@ fn insert_rows(
          ON CONFLICT (source, id) DO NOTHING",
         &[Param::Rows(&columns)],
     )?;
-    Ok(stored
-        .into_iter()
-        .map(|new| {
-            if new {
-                Accepted::New
-            } else {
-                Accepted::Duplicate
-            }
-        })
-        .collect())
+    Ok(stored.into_iter().map(Accepted::of_stored).collect())
 }
